@@ -1,0 +1,26 @@
+"""jaxem: expectation-maximization for NumPyro models with discrete latent variables."""
+
+from jaxem.closed_form import Cells, ClosedFormUpdate, contract_cells, register_closed_form
+from jaxem.diagnostics import aic, bic, num_free_params, num_observations
+from jaxem.em import EM, EMResult, EMState
+from jaxem.estep import log_likelihood, posterior
+from jaxem.tracing import ModelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EM",
+    "EMResult",
+    "EMState",
+    "Cells",
+    "ClosedFormUpdate",
+    "ModelError",
+    "aic",
+    "bic",
+    "contract_cells",
+    "log_likelihood",
+    "num_free_params",
+    "num_observations",
+    "posterior",
+    "register_closed_form",
+]

@@ -1,0 +1,520 @@
+"""Closed-form M-steps: the registry of exponential-family updates.
+
+For a distribution argument ``a`` reached from a parameter ``theta`` by a
+selection map ``g`` (``a = g(theta)``, e.g. ``mu[z]``), the expected
+complete-data log-likelihood is maximized in closed form from weighted
+sufficient statistics. Each registered update says
+
+* ``stats_fn(cells, target)``: the weighted statistics of the cells, summed
+  over the cell dims along which the argument is broadcast (``target`` is the
+  argument's batch shape aligned to the cells), e.g. ``sum_n w_kn x_n``;
+* ``solve_fn(stats, old, reg_covar)``: the maximizer, from the statistics of
+  each parameter entry (the VJP of ``g`` applied to the cell statistics).
+
+Contracting over the broadcast dims before the VJP keeps memory at
+O(data + parameters): a full-covariance mixture never builds an N x K x D x D
+tensor. Arguments of one distribution are updated in stages (location before
+scale), which is an ECM step: each stage maximizes Q given the others, so the
+log-likelihood still never decreases.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jax.scipy.linalg import solve_triangular
+from numpyro.distributions import constraints
+
+__all__ = [
+    "Cells",
+    "ClosedFormUpdate",
+    "register_closed_form",
+    "registered_closed_forms",
+    "contract_cells",
+]
+
+_BATCH_LETTERS = string.ascii_uppercase
+
+
+def contract_cells(cell_shape, target, *operands, out=""):
+    """Sum a product of cell-wise arrays down to ``target`` without broadcasting them.
+
+    Each operand is ``(array, event_subscripts)``: the array's leading dims are
+    cell (batch) dims, right-aligned to ``cell_shape``, and its trailing dims are
+    named by the lowercase ``event_subscripts``. The product of the operands is
+    summed over every cell dim where ``target`` is 1 and over the event letters
+    not in ``out``; it is computed with one einsum over the operands' own
+    (unbroadcast) shapes, so ``w_kn x_nd x_ne -> S_kde`` never builds a K x N x D x D
+    array.
+
+    Args:
+        cell_shape: the full cell shape (the batch shape of the distribution's
+            log-probability).
+        target: shape to reduce to, same length as ``cell_shape``, 1 on summed dims.
+        *operands: ``(array, event_subscripts)`` pairs.
+        out: the event letters to keep, in order.
+
+    Returns:
+        Array of shape ``target + (sizes of out letters)``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> w, x = jnp.ones((3, 5)), jnp.ones((5, 2))
+        >>> contract_cells((3, 5), (3, 1), (w, ""), (x, "d"), out="d").shape
+        (3, 1, 2)
+    """
+    num_cell = len(cell_shape)
+    if len(target) != num_cell:
+        raise ValueError(f"target {target} and cell shape {cell_shape} differ in length")
+    specs, arrays, varying = [], [], set()
+    for array, event in operands:
+        array = jnp.asarray(array)
+        batch_ndim = array.ndim - len(event)
+        if batch_ndim > num_cell:
+            raise ValueError(f"operand of shape {array.shape} has more dims than the cells")
+        spec, squeeze = "", []
+        for i, size in enumerate(array.shape[:batch_ndim]):
+            cell_dim = num_cell - batch_ndim + i
+            if size == 1:
+                squeeze.append(i)
+            else:
+                spec += _BATCH_LETTERS[cell_dim]
+                varying.add(cell_dim)
+        arrays.append(jnp.squeeze(array, axis=tuple(squeeze)) if squeeze else array)
+        specs.append(spec + event)
+    kept = [i for i in range(num_cell) if target[i] != 1 and i in varying]
+    result = jnp.einsum(
+        ",".join(specs) + "->" + "".join(_BATCH_LETTERS[i] for i in kept) + out, *arrays
+    )
+    # Summed dims along which no operand varies contribute their size as a factor.
+    multiplicity = math.prod(
+        cell_shape[i] for i in range(num_cell) if target[i] == 1 and i not in varying
+    )
+    if multiplicity != 1:
+        result = result * multiplicity
+    event_shape = result.shape[len(kept):]
+    shape = tuple(target[i] if i in kept else 1 for i in range(num_cell)) + event_shape
+    return jnp.broadcast_to(result.reshape(shape), tuple(target) + event_shape)
+
+
+class Cells(NamedTuple):
+    """The cells of one distribution in one site, with their posterior weights.
+
+    Attributes:
+        weight: posterior weight of every cell (the marginal of the site's
+            factor), broadcastable to ``shape``.
+        value: the site's value: observed data, or the enumerated values of a
+            latent site; its batch dims broadcast to ``shape``.
+        args: the distribution's constructor arguments as the model passed them
+            (defaults filled in), batch dims right-aligned to ``shape``.
+        shape: the cell shape: the distribution's batch shape over the
+            enumeration and plate dims.
+    """
+
+    weight: jax.Array
+    value: jax.Array
+    args: dict
+    shape: tuple
+
+    def sum(self, target, *operands, out=""):
+        """``contract_cells(self.shape, target, *operands, out=out)``."""
+        return contract_cells(self.shape, target, *operands, out=out)
+
+    def count(self, target):
+        """Total weight of the cells mapped to each entry of ``target``."""
+        return self.sum(target, (self.weight, ""))
+
+
+class ClosedFormUpdate(NamedTuple):
+    """Closed-form conditional maximizer of one distribution argument.
+
+    Attributes:
+        stats_fn: ``(cells, target) -> tuple of arrays`` shaped ``target +
+            argument event shape + extra dims``: weighted statistics summed to
+            ``target``.
+        solve_fn: ``(stats, old_value, reg_covar) -> new_value``: the maximizer
+            given the statistics summed per parameter entry (shaped ``param
+            shape + extra dims``). Entries without weight must keep ``old_value``.
+        event_ndim: number of trailing event dims of the argument (1 for the
+            probabilities of a Categorical or the loc of a MultivariateNormal).
+        stage: arguments are updated in increasing stage order, each given the
+            others (location before scale). Arguments of one distribution in one
+            stage must not depend on each other.
+        domain: predicate on the param's constraint: the update's values must
+            satisfy it.
+    """
+
+    stats_fn: Callable
+    solve_fn: Callable
+    event_ndim: int = 0
+    stage: int = 1
+    domain: Callable[[Any], bool] = lambda constraint: True
+
+
+_REGISTRY: dict = {}
+
+
+def register_closed_form(dist_class, arg_name, update: ClosedFormUpdate) -> None:
+    """Register a closed-form update of argument ``arg_name`` of ``dist_class``.
+
+    The argument name is the constructor keyword of the distribution. The
+    registration applies to every ``EM`` created afterwards.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpyro.distributions as dist
+        >>> from jaxem.closed_form import Cells, ClosedFormUpdate, register_closed_form
+        >>> def stats(cells, target):  # Rayleigh: sigma^2 = sum w x^2 / (2 sum w)
+        ...     return cells.sum(target, (cells.weight, ""), (cells.value**2, "")), cells.count(target)
+        >>> def solve(stats, old, reg_covar):
+        ...     sxx, n = stats
+        ...     return jnp.where(n > 0, jnp.sqrt(sxx / (2 * jnp.where(n > 0, n, 1))), old)
+        >>> class Rayleigh(dist.Weibull):  # a toy family for the example
+        ...     def __init__(self, scale):
+        ...         super().__init__(scale * jnp.sqrt(2.0), 2.0)
+        >>> register_closed_form(Rayleigh, "scale", ClosedFormUpdate(stats, solve))
+    """
+    if not isinstance(update, ClosedFormUpdate):
+        raise TypeError("update must be a jaxem.closed_form.ClosedFormUpdate")
+    _REGISTRY.setdefault(dist_class, {})[arg_name] = update
+
+
+def registered_closed_forms() -> dict:
+    """A copy of the registry: ``{distribution class: {argument name: update}}``."""
+    return {cls: dict(updates) for cls, updates in _REGISTRY.items()}
+
+
+# ---------------------------------------------------------------------------
+# Constraint domains.
+# ---------------------------------------------------------------------------
+
+
+def _base(constraint):
+    while isinstance(constraint, constraints._IndependentConstraint):
+        constraint = constraint.base_constraint
+    return constraint
+
+
+def _unconstrained(c) -> bool:
+    return isinstance(_base(c), constraints._Real)
+
+
+def _positive(c) -> bool:
+    c = _base(c)
+    return _unconstrained(c) or (
+        isinstance(c, constraints._GreaterThan) and float(c.lower_bound) == 0.0
+    )
+
+
+def _unit_interval(c) -> bool:
+    c = _base(c)
+    return _unconstrained(c) or (
+        isinstance(c, constraints._Interval)
+        and float(c.lower_bound) == 0.0
+        and float(c.upper_bound) == 1.0
+    )
+
+
+def _simplex(c) -> bool:
+    return isinstance(c, constraints._Simplex)
+
+
+def _positive_definite(c) -> bool:
+    return isinstance(c, constraints._PositiveDefinite)
+
+
+def _lower_cholesky(c) -> bool:
+    return isinstance(c, constraints._LowerCholesky)
+
+
+# ---------------------------------------------------------------------------
+# Shared solvers.
+# ---------------------------------------------------------------------------
+
+
+def _safe_div(num, den):
+    return num / jnp.where(den > 0, den, 1)
+
+
+def _ratio(stats, old, reg_covar):
+    num, den = stats
+    return jnp.where(den > 0, _safe_div(num, den), old)
+
+
+def _inverse_ratio(stats, old, reg_covar):
+    num, den = stats
+    return jnp.where(num > 0, _safe_div(num, den), old)
+
+
+def _positive_ratio(stats, old, reg_covar):
+    num, den = stats
+    tiny = jnp.finfo(jnp.result_type(old)).tiny
+    return jnp.where(den > 0, jnp.maximum(_safe_div(num, den), tiny), old)
+
+
+def _logit(p):
+    eps = jnp.finfo(jnp.result_type(p)).eps
+    p = jnp.clip(p, eps, 1 - eps)
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def _ratio_logits(stats, old, reg_covar):
+    num, den = stats
+    return jnp.where(den > 0, _logit(_safe_div(num, den)), old)
+
+
+def _normalize(stats, old, reg_covar):
+    (counts,) = stats
+    total = jnp.sum(counts, axis=-1, keepdims=True)
+    return jnp.where(total > 0, _safe_div(counts, total), old)
+
+
+def _normalize_logits(stats, old, reg_covar):
+    (counts,) = stats
+    total = jnp.sum(counts, axis=-1, keepdims=True)
+    tiny = jnp.finfo(jnp.result_type(old)).tiny
+    logits = jnp.log(jnp.maximum(_safe_div(counts, total), tiny))
+    return jnp.where(total > 0, logits, old)
+
+
+def _arr(x, like):
+    return jnp.asarray(x, dtype=jnp.result_type(like))
+
+
+# ---------------------------------------------------------------------------
+# Families.
+# ---------------------------------------------------------------------------
+
+
+def _mean_stats(transform=lambda x: x):
+    def stats(cells, target):
+        x = transform(cells.value)
+        return cells.sum(target, (cells.weight, ""), (x, "")), cells.count(target)
+
+    return stats
+
+
+def _count_stats(cells, target):
+    """sum w and sum w x: rates of Exponential, probabilities of Geometric."""
+    return cells.count(target), cells.sum(target, (cells.weight, ""), (cells.value, ""))
+
+
+def _geometric_stats(cells, target):
+    n = cells.count(target)
+    return n, n + cells.sum(target, (cells.weight, ""), (cells.value, ""))
+
+
+def _binomial_stats(cells, target):
+    total = _arr(cells.args["total_count"], cells.weight)
+    num = cells.sum(target, (cells.weight, ""), (cells.value, ""))
+    return num, cells.sum(target, (cells.weight, ""), (total, ""))
+
+
+def _gamma_rate_stats(cells, target):
+    concentration = _arr(cells.args["concentration"], cells.weight)
+    num = cells.sum(target, (cells.weight, ""), (concentration, ""))
+    return num, cells.sum(target, (cells.weight, ""), (cells.value, ""))
+
+
+def _categorical_stats(probs_key):
+    def stats(cells, target):
+        num_categories = jnp.shape(cells.args[probs_key])[-1]
+        one_hot = jax.nn.one_hot(cells.value, num_categories, dtype=cells.weight.dtype)
+        return (cells.sum(target, (cells.weight, ""), (one_hot, "c"), out="c"),)
+
+    return stats
+
+
+def _vector_count_stats(cells, target):
+    """sum w x over count vectors (Multinomial)."""
+    return (cells.sum(target, (cells.weight, ""), (cells.value, "c"), out="c"),)
+
+
+def _normal_loc_stats(transform=lambda x: x):
+    def stats(cells, target):
+        scale = _arr(cells.args["scale"], cells.weight)
+        precision = 1.0 / scale**2
+        x = transform(cells.value)
+        num = cells.sum(target, (cells.weight, ""), (precision, ""), (x, ""))
+        return num, cells.sum(target, (cells.weight, ""), (precision, ""))
+
+    return stats
+
+
+def _normal_scale_stats(transform=lambda x: x):
+    def stats(cells, target):
+        residual = transform(cells.value) - _arr(cells.args["loc"], cells.weight)
+        sq = cells.sum(target, (cells.weight, ""), (residual, ""), (residual, ""))
+        return sq, cells.count(target)
+
+    return stats
+
+
+def _normal_scale_solve(stats, old, reg_covar):
+    sq, n = stats
+    return jnp.where(n > 0, jnp.sqrt(_safe_div(sq, n) + reg_covar), old)
+
+
+def _mvn_precision(args, like):
+    if args.get("precision_matrix") is not None:
+        return _arr(args["precision_matrix"], like)
+    if args.get("scale_tril") is not None:
+        scale_tril = _arr(args["scale_tril"], like)
+    else:
+        scale_tril = jnp.linalg.cholesky(_arr(args["covariance_matrix"], like))
+    eye = jnp.broadcast_to(jnp.eye(scale_tril.shape[-1], dtype=scale_tril.dtype), scale_tril.shape)
+    inv_tril = solve_triangular(scale_tril, eye, lower=True)
+    return jnp.swapaxes(inv_tril, -1, -2) @ inv_tril
+
+
+def _align(shape, ndim):
+    return (1,) * (ndim - len(shape)) + tuple(shape)
+
+
+def _mvn_loc_stats(cells, target):
+    # Precision-weighted means: sum_c w_c P_c x_c and sum_c w_c P_c, contracting
+    # over the dims where neither loc nor the precision varies first.
+    precision = _mvn_precision(cells.args, cells.weight)
+    ndim = len(cells.shape)
+    prec_batch = _align(precision.shape[:-2], ndim)
+    joint = tuple(max(t, p) for t, p in zip(target, prec_batch))
+    s0 = cells.count(joint)
+    s1 = cells.sum(joint, (cells.weight, ""), (cells.value, "d"), out="d")
+    precision = precision.reshape(prec_batch + precision.shape[-2:])
+    num = jnp.einsum("...de,...e->...d", precision, s1)
+    den = s0[..., None, None] * precision
+    extra = tuple(i for i in range(ndim) if target[i] == 1 and joint[i] != 1)
+    return jnp.sum(num, axis=extra, keepdims=True), jnp.sum(den, axis=extra, keepdims=True)
+
+
+def _mvn_loc_solve(stats, old, reg_covar):
+    num, den = stats
+    weight = jnp.trace(den, axis1=-2, axis2=-1)
+    eye = jnp.eye(den.shape[-1], dtype=den.dtype)
+    safe_den = jnp.where((weight > 0)[..., None, None], den, eye)
+    return jnp.where((weight > 0)[..., None], jnp.linalg.solve(safe_den, num[..., None])[..., 0], old)
+
+
+def _mvn_scatter_stats(cells, target):
+    residual = cells.value - _arr(cells.args["loc"], cells.weight)
+    dim = residual.shape[-1]
+    scatter = cells.sum(
+        target, (cells.weight, ""), (residual, "d"), (residual, "e"), out="de"
+    )
+    count = cells.count(target)[..., None, None]
+    return scatter, jnp.broadcast_to(count, count.shape[:-2] + (dim, dim))
+
+
+def _mvn_covariance(stats, old, reg_covar):
+    scatter, count = stats
+    valid = count[..., :1, :1] > 0
+    cov = _safe_div(scatter, count)
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    cov = cov + reg_covar * jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    # Keep the solve well-posed where a component has no weight; masked below.
+    return valid, jnp.where(valid, cov, jnp.eye(cov.shape[-1], dtype=cov.dtype))
+
+
+def _solve_covariance(stats, old, reg_covar):
+    valid, cov = _mvn_covariance(stats, old, reg_covar)
+    return jnp.where(valid, cov, old)
+
+
+def _solve_scale_tril(stats, old, reg_covar):
+    valid, cov = _mvn_covariance(stats, old, reg_covar)
+    return jnp.where(valid, jnp.linalg.cholesky(cov), old)
+
+
+def _solve_precision(stats, old, reg_covar):
+    valid, cov = _mvn_covariance(stats, old, reg_covar)
+    tril = jnp.linalg.cholesky(cov)
+    eye = jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype), cov.shape)
+    inv_tril = solve_triangular(tril, eye, lower=True)
+    return jnp.where(valid, jnp.swapaxes(inv_tril, -1, -2) @ inv_tril, old)
+
+
+def _register_builtins() -> None:
+    ratio = ClosedFormUpdate(_mean_stats(), _positive_ratio, domain=_positive)
+    probs = ClosedFormUpdate(_mean_stats(), _ratio, domain=_unit_interval)
+    logits = ClosedFormUpdate(_mean_stats(), _ratio_logits, domain=_unconstrained)
+
+    register_closed_form(dist.Poisson, "rate", ratio)
+    register_closed_form(dist.BernoulliProbs, "probs", probs)
+    register_closed_form(dist.BernoulliLogits, "logits", logits)
+    register_closed_form(
+        dist.BinomialProbs, "probs", ClosedFormUpdate(_binomial_stats, _ratio, domain=_unit_interval)
+    )
+    register_closed_form(
+        dist.BinomialLogits,
+        "logits",
+        ClosedFormUpdate(_binomial_stats, _ratio_logits, domain=_unconstrained),
+    )
+    register_closed_form(
+        dist.Exponential, "rate", ClosedFormUpdate(_count_stats, _positive_ratio, domain=_positive)
+    )
+    register_closed_form(
+        dist.GeometricProbs,
+        "probs",
+        ClosedFormUpdate(_geometric_stats, _ratio, domain=_unit_interval),
+    )
+    register_closed_form(
+        dist.GeometricLogits,
+        "logits",
+        ClosedFormUpdate(_geometric_stats, _ratio_logits, domain=_unconstrained),
+    )
+    register_closed_form(
+        dist.Gamma, "rate", ClosedFormUpdate(_gamma_rate_stats, _positive_ratio, domain=_positive)
+    )
+
+    for cls, key in ((dist.CategoricalProbs, "probs"), (dist.CategoricalLogits, "logits")):
+        solve = _normalize if key == "probs" else _normalize_logits
+        domain = _simplex if key == "probs" else _unconstrained
+        register_closed_form(
+            cls, key, ClosedFormUpdate(_categorical_stats(key), solve, event_ndim=1, domain=domain)
+        )
+    for cls, key in (
+        (dist.MultinomialProbs, "probs"),
+        (dist.MultinomialLogits, "logits"),
+    ):
+        solve = _normalize if key == "probs" else _normalize_logits
+        domain = _simplex if key == "probs" else _unconstrained
+        register_closed_form(
+            cls, key, ClosedFormUpdate(_vector_count_stats, solve, event_ndim=1, domain=domain)
+        )
+
+    for cls, transform in ((dist.Normal, lambda x: x), (dist.LogNormal, jnp.log)):
+        register_closed_form(
+            cls,
+            "loc",
+            ClosedFormUpdate(_normal_loc_stats(transform), _ratio, domain=_unconstrained),
+        )
+        register_closed_form(
+            cls,
+            "scale",
+            ClosedFormUpdate(
+                _normal_scale_stats(transform), _normal_scale_solve, stage=2, domain=_positive
+            ),
+        )
+
+    mvn = dist.MultivariateNormal
+    register_closed_form(
+        mvn,
+        "loc",
+        ClosedFormUpdate(_mvn_loc_stats, _mvn_loc_solve, event_ndim=1, domain=_unconstrained),
+    )
+    for key, solve, domain in (
+        ("covariance_matrix", _solve_covariance, _positive_definite),
+        ("scale_tril", _solve_scale_tril, _lower_cholesky),
+        ("precision_matrix", _solve_precision, _positive_definite),
+    ):
+        register_closed_form(
+            mvn, key, ClosedFormUpdate(_mvn_scatter_stats, solve, event_ndim=2, stage=2, domain=domain)
+        )
+
+
+_register_builtins()

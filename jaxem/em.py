@@ -1,0 +1,389 @@
+"""The ``EM`` class: init / update / get_params / run, mirroring NumPyro's ``SVI``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxem.closed_form import registered_closed_forms
+from jaxem.estep import e_step
+from jaxem.gradient import default_optimizer, gradient_m_step, to_unconstrained
+from jaxem.mstep import closed_form_m_step, plan_m_step
+from jaxem.tracing import ModelError, inspect_model, merge_args, split_args
+
+__all__ = ["EM", "EMState", "EMResult"]
+
+
+class EMState(NamedTuple):
+    """What the EM loop carries from one iteration to the next (a pytree).
+
+    Attributes:
+        params: ``{param name: constrained value}``.
+        opt_state: optax state of the gradient-path parameters (in
+            unconstrained space), carried across iterations.
+        iteration: number of updates done.
+    """
+
+    params: dict
+    opt_state: Any
+    iteration: jax.Array
+
+
+class EMResult(NamedTuple):
+    """Result of :meth:`EM.run`.
+
+    Attributes:
+        params: ``{param name: constrained value}`` of the best restart.
+        log_likelihood: marginal log-likelihood at ``params`` (for hard EM,
+            the complete-data log-likelihood at the MAP assignment).
+        history: shape ``(max_iter,)``: the log-likelihood at the start of every
+            iteration of the best restart, NaN after ``num_iters``.
+        num_iters: number of EM updates done.
+        converged: whether the relative change of the log-likelihood fell
+            below ``tol``.
+        diverged: whether the run stopped on a non-finite value; ``params``
+            are then the last parameters with a finite log-likelihood.
+        restart_log_likelihoods: shape ``(num_restarts,)``: the final
+            log-likelihood of every restart.
+    """
+
+    params: dict
+    log_likelihood: jax.Array
+    history: jax.Array
+    num_iters: jax.Array
+    converged: jax.Array
+    diverged: jax.Array
+    restart_log_likelihoods: jax.Array
+
+
+class _Carry(NamedTuple):
+    state: EMState
+    good_params: dict
+    history: jax.Array
+    i: jax.Array
+    previous: jax.Array
+    converged: jax.Array
+    diverged: jax.Array
+
+
+_PROGRESS_BARS: list = []
+
+
+def _report_progress(iteration) -> None:
+    if _PROGRESS_BARS:
+        bar = _PROGRESS_BARS[-1]
+        bar.n = max(bar.n, int(np.max(iteration)))
+        bar.refresh()
+
+
+def _tree_where(condition, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(condition, x, y), a, b)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _is_concrete(tree) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+class EM:
+    """Expectation-maximization for NumPyro models with discrete latent sites.
+
+    The E-step enumerates the discrete latents exactly (NumPyro's enumeration,
+    configured automatically) and obtains every posterior marginal as a
+    gradient of the log marginal likelihood. The M-step updates each parameter
+    in closed form where its distribution and the way it reaches the
+    distribution allow it (see :func:`jaxem.register_closed_form`), and by
+    optax steps on the expected complete-data log-likelihood otherwise.
+
+    Args:
+        model: a NumPyro model with ``numpyro.param`` sites.
+        m_step: ``"auto"`` (closed form where detected, gradient steps
+            otherwise) or ``"gradient"`` (gradient steps for every parameter).
+        optimizer: optax optimizer for the gradient path; default
+            ``optax.lbfgs()``.
+        m_step_iters: optimizer steps per EM iteration.
+        hard: hard (classification) EM: the E-step takes the MAP assignment
+            (max-product) instead of the posterior.
+        reg_covar: added to variances and covariance diagonals, as in
+            scikit-learn.
+        frozen: names of parameters to keep at their initial values.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> from numpyro.distributions import constraints
+        >>> from jaxem import EM
+        >>> def mixture(x, K=2):
+        ...     w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+        ...     mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+        ...     sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         z = numpyro.sample("z", dist.Categorical(w))
+        ...         numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+        >>> x = jnp.concatenate([jnp.full(50, -3.0), jnp.full(50, 3.0)]) + jnp.tile(jnp.array([-0.5, 0.5]), 50)
+        >>> result = EM(mixture).run(jax.random.PRNGKey(0), x, max_iter=50)
+        >>> [round(float(m), 3) for m in result.params["mu"]]
+        [-3.0, 3.0]
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        m_step: str = "auto",
+        optimizer: optax.GradientTransformation | None = None,
+        m_step_iters: int = 10,
+        hard: bool = False,
+        reg_covar: float = 1e-6,
+        frozen: Sequence[str] = (),
+    ):
+        if m_step not in ("auto", "gradient"):
+            raise ValueError(f"m_step must be 'auto' or 'gradient', got {m_step!r}")
+        if m_step_iters < 1:
+            raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
+        self.model = model
+        self.m_step = m_step
+        self.optimizer = optax.with_extra_args_support(optimizer or default_optimizer())
+        self.m_step_iters = int(m_step_iters)
+        self.hard = bool(hard)
+        self.reg_covar = float(reg_covar)
+        self.frozen = tuple(frozen)
+        self._registry = registered_closed_forms()
+        self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
+        self._run_jit = jax.jit(
+            self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
+        )
+
+    # -- building blocks -----------------------------------------------------
+
+    def _plan(self, params, arrays, spec, structure):
+        return plan_m_step(
+            self.model, params, arrays, spec, structure, self._registry,
+            frozen=self.frozen, mode=self.m_step,
+        )
+
+    def _init_arrays(self, rng_key, arrays, spec, init_params, validate=False):
+        args, kwargs = merge_args(arrays, spec)
+        structure, params = inspect_model(self.model, rng_key, args, kwargs, validate=validate)
+        unknown = set(self.frozen) - set(structure.param_names)
+        if unknown:
+            raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
+        params = _merge_init_params(params, init_params, structure, validate)
+        plan = self._plan(params, arrays, spec, structure)
+        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
+        opt_state = ()
+        if gradient_names:
+            unconstrained = to_unconstrained(params, structure.constraints, gradient_names)
+            opt_state = self.optimizer.init(unconstrained)
+        return EMState(params, opt_state, jnp.zeros((), jnp.int32))
+
+    def _update_arrays(self, state, arrays, spec):
+        args, kwargs = merge_args(arrays, spec)
+        structure, _ = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs, validate=False)
+        nesting = structure.max_plate_nesting
+        result = e_step(self.model, state.params, args, kwargs, nesting, hard=self.hard)
+        plan = self._plan(state.params, arrays, spec, structure)
+        params = closed_form_m_step(
+            self.model, state.params, result.marginals, plan, args, kwargs, nesting,
+            self.reg_covar,
+        )
+        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
+        opt_state = state.opt_state
+        if gradient_names:
+            params, opt_state = gradient_m_step(
+                self.model, params, result.marginals, gradient_names, structure.constraints,
+                self.optimizer, opt_state, self.m_step_iters, args, kwargs, nesting,
+            )
+        return EMState(params, opt_state, state.iteration + 1), result.log_likelihood
+
+    def _objective(self, params, arrays, spec):
+        args, kwargs = merge_args(arrays, spec)
+        structure, _ = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs, validate=False)
+        return e_step(
+            self.model, params, args, kwargs, structure.max_plate_nesting, hard=self.hard
+        ).log_likelihood
+
+    def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
+        state = self._init_arrays(rng_key, arrays, spec, init_params)
+        dtype = jnp.result_type(float)
+
+        def cond(c):
+            return (c.i < max_iter) & ~c.converged & ~c.diverged
+
+        def body(c):
+            new_state, log_lik = self._update_arrays(c.state, arrays, spec)
+            finite_log_lik = jnp.isfinite(log_lik)
+            ok = finite_log_lik & _all_finite(new_state.params)
+            change = jnp.abs(log_lik - c.previous)
+            converged = ok & (c.i > 0) & (change <= tol * jnp.abs(log_lik))
+            if progress_bar:
+                jax.debug.callback(_report_progress, c.i + 1)
+            return _Carry(
+                state=_tree_where(ok, new_state, c.state),
+                good_params=_tree_where(finite_log_lik, c.state.params, c.good_params),
+                history=c.history.at[c.i].set(log_lik.astype(dtype)),
+                i=c.i + 1,
+                previous=log_lik.astype(dtype),
+                converged=converged,
+                diverged=~ok,
+            )
+
+        carry = _Carry(
+            state=state,
+            good_params=state.params,
+            history=jnp.full((max_iter,), jnp.nan, dtype),
+            i=jnp.zeros((), jnp.int32),
+            previous=jnp.array(jnp.nan, dtype),
+            converged=jnp.array(False),
+            diverged=jnp.array(False),
+        )
+        carry = jax.lax.while_loop(cond, body, carry)
+        params = _tree_where(carry.diverged, carry.good_params, carry.state.params)
+        final = self._objective(params, arrays, spec).astype(dtype)
+        return EMResult(
+            params, final, carry.history, carry.i, carry.converged, carry.diverged, final[None]
+        )
+
+    def _run_arrays(self, rng_key, arrays, init_params, tol, *, spec, max_iter, num_restarts,
+                    progress_bar):
+        # One restart starts where ``init(rng_key)`` does.
+        keys = rng_key[None] if num_restarts == 1 else jax.random.split(rng_key, num_restarts)
+        fits = jax.vmap(
+            lambda key: self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
+        )(keys)
+        scores = jnp.where(jnp.isnan(fits.log_likelihood), -jnp.inf, fits.log_likelihood)
+        best = jnp.argmax(scores)
+        result = jax.tree.map(lambda x: x[best], fits)
+        return result._replace(restart_log_likelihoods=fits.log_likelihood)
+
+    # -- public API ----------------------------------------------------------
+
+    def init(self, rng_key, *args, init_params=None, **kwargs) -> EMState:
+        """Initial state: params from their ``numpyro.param`` initial values.
+
+        Args:
+            rng_key: PRNG key passed to callable initial values.
+            *args, **kwargs: the model's arguments.
+            init_params: optional ``{param name: constrained value}`` overriding
+                some or all initial values.
+
+        Returns:
+            An :class:`EMState`.
+        """
+        arrays, spec = split_args(args, kwargs)
+        return self._init_arrays(rng_key, arrays, spec, init_params, validate=True)
+
+    def update(self, state: EMState, *args, **kwargs):
+        """One EM iteration (compiled once per argument shape).
+
+        Returns:
+            ``(new_state, log_likelihood)``, the log-likelihood being that of
+            ``state`` (the value computed by this iteration's E-step).
+        """
+        arrays, spec = split_args(args, kwargs)
+        return self._update_jit(state, arrays, spec)
+
+    def get_params(self, state: EMState) -> dict:
+        """Constrained parameter values ``{param name: value}`` of a state."""
+        return dict(state.params)
+
+    def run(
+        self,
+        rng_key,
+        *args,
+        max_iter: int = 100,
+        tol: float = 1e-5,
+        num_restarts: int = 1,
+        init_params: dict | None = None,
+        progress_bar: bool = False,
+        **kwargs,
+    ) -> EMResult:
+        """Run EM to convergence inside one compiled ``lax.while_loop``.
+
+        Restarts run under ``vmap`` (each with its own key for callable
+        initial values) and the best final log-likelihood is kept.
+
+        Args:
+            rng_key: PRNG key; split into one key per restart.
+            *args, **kwargs: the model's arguments.
+            max_iter: maximum number of EM iterations.
+            tol: stop when ``|ll_t - ll_{t-1}| <= tol * |ll_t|``; 0 runs exactly
+                ``max_iter`` iterations.
+            num_restarts: number of restarts.
+            init_params: ``{param name: constrained value}`` overriding the
+                initial values of some parameters in every restart.
+            progress_bar: show a tqdm progress bar (iterations done).
+
+        Returns:
+            An :class:`EMResult`.
+        """
+        if max_iter < 1 or num_restarts < 1:
+            raise ValueError("max_iter and num_restarts must be at least 1")
+        arrays, spec = split_args(args, kwargs)
+        if _is_concrete((rng_key, arrays, init_params)):
+            self._init_arrays(rng_key, arrays, spec, init_params, validate=True)
+        init_params = None if init_params is None else dict(init_params)
+        call = lambda: self._run_jit(  # noqa: E731
+            rng_key, arrays, init_params, jnp.asarray(tol, jnp.result_type(float)),
+            spec=spec, max_iter=int(max_iter), num_restarts=int(num_restarts),
+            progress_bar=bool(progress_bar),
+        )
+        if not progress_bar:
+            return call()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, desc="EM", unit="it")
+        _PROGRESS_BARS.append(bar)
+        try:
+            return jax.block_until_ready(call())
+        finally:
+            _PROGRESS_BARS.remove(bar)
+            bar.close()
+
+    def m_step_paths(self, *args, **kwargs) -> dict:
+        """How each parameter is updated: ``{name: "closed-form (...)" | "gradient (...)" |
+        "frozen" | "unused (...)"}``, for the model called with these arguments."""
+        arrays, spec = split_args(args, kwargs)
+        structure, params = inspect_model(
+            self.model, jax.random.PRNGKey(0), *merge_args(arrays, spec), validate=False
+        )
+        plan = self._plan(params, arrays, spec, structure)
+        return {name: f"{path.kind} ({path.reason})" for name, path in plan.items()}
+
+
+def _merge_init_params(params, init_params, structure, validate):
+    if not init_params:
+        return params
+    unknown = set(init_params) - set(params)
+    if unknown:
+        raise ModelError(
+            f"jaxem: init_params names {sorted(unknown)} that are not params of the model "
+            f"(params: {list(params)})."
+        )
+    merged = dict(params)
+    for name, value in init_params.items():
+        value = jnp.asarray(value, dtype=jnp.result_type(params[name]))
+        if jnp.shape(value) != jnp.shape(params[name]):
+            raise ModelError(
+                f"jaxem: init_params['{name}'] has shape {jnp.shape(value)} but the model's "
+                f"param '{name}' has shape {jnp.shape(params[name])}."
+            )
+        if validate and _is_concrete(value):
+            constraint = structure.constraints[name]
+            if not bool(jnp.all(jnp.isfinite(value))) or not bool(
+                jnp.all(constraint.check(value))
+            ):
+                raise ModelError(
+                    f"jaxem: init_params['{name}'] lies outside the constraint {constraint} "
+                    f"of param '{name}' (or is not finite). Give a value that satisfies it."
+                )
+        merged[name] = value
+    return merged

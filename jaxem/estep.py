@@ -1,0 +1,154 @@
+"""The E-step: enumeration, contraction, and posteriors by autodiff.
+
+The log marginal likelihood is the sum-product contraction of the site
+factors of an enumerated trace. Following Eisner (2016), the posterior
+marginal of every factor is the gradient of the log marginal likelihood with
+respect to that factor's log-probability tensor, so one ``value_and_grad``
+gives the log-likelihood and every responsibility. Replacing the log-sum-exp
+semiring by max gives hard (classification) EM: the gradient is then the
+indicator of the MAP assignment.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import funsor
+import jax
+import jax.numpy as jnp
+
+from jaxem.tracing import EnumTrace, enumerated_trace, inspect_model
+
+funsor.set_backend("jax")
+
+__all__ = ["EStep", "e_step", "log_likelihood", "posterior"]
+
+
+class EStep(NamedTuple):
+    """Result of an E-step.
+
+    Attributes:
+        log_likelihood: the log marginal likelihood (max-product value for hard EM).
+        marginals: ``{site name: posterior marginal of the site's factor}``,
+            shaped like the site's log-probability tensor.
+        trace: the enumerated trace the factors came from.
+    """
+
+    log_likelihood: jax.Array
+    marginals: dict
+    trace: EnumTrace
+
+
+def _contract(log_factors: dict, trace: EnumTrace, hard: bool):
+    sum_op = funsor.ops.max if hard else funsor.ops.logaddexp
+    factors, sum_vars, plates = [], set(), set()
+    for name, site in trace.sites.items():
+        log_prob = log_factors[name]
+        dim_to_name = site.dim_to_name
+        if not dim_to_name:
+            log_prob = jnp.sum(log_prob)
+        factors.append(funsor.to_funsor(log_prob, output=funsor.Real, dim_to_name=dim_to_name))
+        if not site.is_observed:
+            sum_vars.add(name)
+        plates.update(site.plates)
+    plates = frozenset(plates)
+    with funsor.interpretations.lazy:
+        lazy = funsor.sum_product.sum_product(
+            sum_op, funsor.ops.add, factors, eliminate=frozenset(sum_vars) | plates, plates=plates
+        )
+    result = funsor.optimizer.apply_optimizer(lazy)
+    return result.data
+
+
+def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False) -> EStep:
+    """Log-likelihood and posterior marginals of every factor at ``params``."""
+    trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
+    log_factors = {name: jax.lax.stop_gradient(s.log_prob) for name, s in trace.sites.items()}
+    value, marginals = jax.value_and_grad(_contract)(log_factors, trace, hard)
+    return EStep(value, marginals, trace)
+
+
+def _site_posterior(site, marginal):
+    """Marginal of a latent site from its factor's marginal.
+
+    The factor spans the site's own enumeration dim, the enumeration dims of
+    the latents it depends on, and the plate dims; sum out the other latents
+    and put the site's enumerated values on the last axis.
+    """
+    ndim = jnp.ndim(marginal)
+    own_axis = ndim + next(d for d, n in site.dim_to_name.items() if n == site.name)
+    plate_ndim = max((-d for d, n in site.dim_to_name.items() if n in site.plates), default=0)
+    enum_axes = tuple(a for a in range(ndim - plate_ndim) if a != own_axis)
+    return jnp.moveaxis(jnp.sum(marginal, axis=enum_axes), 0, -1)
+
+
+def _structure_and_params(model, params, args, kwargs):
+    structure, _ = inspect_model(model, jax.random.PRNGKey(0), args, kwargs, validate=False)
+    missing = set(structure.param_names) - set(params)
+    if missing:
+        raise ValueError(f"jaxem: params are missing values for {sorted(missing)}.")
+    return structure
+
+
+def log_likelihood(model, params, *args, **kwargs):
+    """Marginal log-likelihood of a model at given parameter values.
+
+    The discrete latent sites are summed out exactly by enumeration.
+
+    Args:
+        model: a NumPyro model with ``numpyro.param`` sites and discrete latents.
+        params: ``{param name: constrained value}``, e.g. ``EM.get_params(state)``.
+        *args, **kwargs: the model's arguments.
+
+    Returns:
+        Scalar log p(data | params).
+
+    Examples:
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> import jaxem
+        >>> def model(x):
+        ...     w = numpyro.param("w", jnp.array([0.5, 0.5]))
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         z = numpyro.sample("z", dist.Categorical(w))
+        ...         numpyro.sample("x", dist.Normal(jnp.array([-1.0, 1.0])[z], 1.0), obs=x)
+        >>> ll = jaxem.log_likelihood(model, {"w": jnp.array([0.5, 0.5])}, jnp.zeros(3))
+        >>> round(float(ll), 4)
+        -4.2568
+    """
+    structure = _structure_and_params(model, params, args, kwargs)
+    trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
+    log_factors = {name: s.log_prob for name, s in trace.sites.items()}
+    return _contract(log_factors, trace, False)
+
+
+def posterior(model, params, *args, hard=False, **kwargs):
+    """Posterior marginal probabilities of every discrete latent site.
+
+    Args:
+        model: a NumPyro model with ``numpyro.param`` sites and discrete latents.
+        params: ``{param name: constrained value}``.
+        *args, **kwargs: the model's arguments.
+        hard: if True, return the indicator of the joint MAP assignment instead.
+
+    Returns:
+        ``{latent site name: probabilities}``, the enumerated values on the last
+        axis and the site's plate shape in front, e.g. ``(N, K)`` for the
+        assignment of N points to K components.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> import jaxem
+        >>> def model(x):
+        ...     w = numpyro.param("w", jnp.array([0.5, 0.5]))
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         z = numpyro.sample("z", dist.Categorical(w))
+        ...         numpyro.sample("x", dist.Normal(jnp.array([-1.0, 1.0])[z], 1.0), obs=x)
+        >>> jaxem.posterior(model, {"w": jnp.array([0.5, 0.5])}, jnp.zeros(3))["z"].shape
+        (3, 2)
+    """
+    structure = _structure_and_params(model, params, args, kwargs)
+    result = e_step(model, params, args, kwargs, structure.max_plate_nesting, hard=hard)
+    return {
+        name: _site_posterior(result.trace.sites[name], result.marginals[name])
+        for name in structure.latent_sites
+    }

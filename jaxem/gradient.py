@@ -1,0 +1,70 @@
+"""The gradient M-step: optax on the expected complete-data log-likelihood.
+
+Parameters without a closed-form update take ``m_step_iters`` optax steps on
+
+.. math:: -Q(\\theta) = -\\sum_f \\langle \\mathrm{sg}(q_f), \\log f(\\theta) \\rangle
+
+in unconstrained space (NumPyro's ``biject_to``), the optimizer state carried
+across EM iterations. The step is accepted only if Q did not decrease, so
+the log-likelihood stays monotone (generalized EM) whatever the optimizer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from numpyro.distributions.transforms import biject_to
+
+from jaxem.tracing import enumerated_trace
+
+__all__ = ["default_optimizer", "expected_log_joint", "gradient_m_step", "to_unconstrained"]
+
+
+def default_optimizer() -> optax.GradientTransformationExtraArgs:
+    """L-BFGS with a zoom line search: Q is smooth and deterministic, so a
+    quasi-Newton method converges in a few steps where Adam would oscillate."""
+    return optax.lbfgs()
+
+
+def expected_log_joint(model, params, marginals, args, kwargs, max_plate_nesting):
+    """Q(params) = sum over sites of <marginal, log-probability>."""
+    trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
+    total = 0.0
+    for name, site in trace.sites.items():
+        weight = jax.lax.stop_gradient(marginals[name])
+        total = total + jnp.sum(jnp.where(weight > 0, weight * site.log_prob, 0.0))
+    return total
+
+
+def to_unconstrained(params, constraints, names):
+    return {n: biject_to(constraints[n]).inv(params[n]) for n in names}
+
+
+def gradient_m_step(model, params, marginals, names, constraints, optimizer, opt_state,
+                    num_steps, args, kwargs, max_plate_nesting):
+    """Take ``num_steps`` optax steps on -Q for the parameters ``names``."""
+    transforms = {n: biject_to(constraints[n]) for n in names}
+
+    def constrained(unconstrained):
+        return {**params, **{n: transforms[n](u) for n, u in unconstrained.items()}}
+
+    def loss(unconstrained):
+        return -expected_log_joint(
+            model, constrained(unconstrained), marginals, args, kwargs, max_plate_nesting
+        )
+
+    def step(carry, _):
+        unconstrained, state = carry
+        value, grad = jax.value_and_grad(loss)(unconstrained)
+        updates, state = optimizer.update(
+            grad, state, unconstrained, value=value, grad=grad, value_fn=loss
+        )
+        return (optax.apply_updates(unconstrained, updates), state), None
+
+    start = to_unconstrained(params, constraints, names)
+    (end, opt_state), _ = jax.lax.scan(step, (start, opt_state), None, length=num_steps)
+    start_loss, end_loss = loss(start), loss(end)
+    accept = jnp.isfinite(end_loss) & (end_loss <= start_loss)
+    chosen = jax.tree.map(lambda a, b: jnp.where(accept, a, b), end, start)
+    return constrained(chosen), opt_state

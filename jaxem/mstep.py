@@ -1,0 +1,301 @@
+"""M-step planning and the closed-form M-step.
+
+For every parameter, decide (once per compilation, from the model's jaxpr)
+whether it takes a closed-form update or gradient steps, then execute the
+closed-form updates stage by stage: per-cell statistics from the posterior
+weights, summed per parameter entry by the VJP of the selection map.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from jaxem.closed_form import Cells, ClosedFormUpdate
+from jaxem.selection import dependencies, probe_selection
+from jaxem.tracing import enumerated_trace, merge_args
+
+__all__ = ["ParamPath", "plan_m_step", "closed_form_m_step"]
+
+
+class ParamPath(NamedTuple):
+    """How one parameter is updated.
+
+    Attributes:
+        kind: ``"closed-form"``, ``"gradient"``, ``"frozen"`` or ``"unused"``.
+        reason: a human-readable explanation (which sites and arguments, or why
+            no closed form applies).
+        update: the closed-form update, for ``"closed-form"``.
+        consumers: ``(site name, argument name)`` pairs the parameter reaches.
+    """
+
+    kind: str
+    reason: str
+    update: ClosedFormUpdate | None = None
+    consumers: tuple = ()
+
+
+class _Family(NamedTuple):
+    cls: type
+    args: dict
+    reinterpreted_ndim: int
+    mask: object
+
+
+def _family(fn, records, registry=None):
+    """Unwrap plate expansion, ``to_event`` and masks down to a registered family
+    (any recorded distribution when ``registry`` is None)."""
+    reinterpreted, masks = 0, []
+    while True:
+        if isinstance(fn, dist.ExpandedDistribution):
+            fn = fn.base_dist
+        elif isinstance(fn, dist.Independent):
+            reinterpreted += fn.reinterpreted_batch_ndims
+            fn = fn.base_dist
+        elif isinstance(fn, dist.MaskedDistribution):
+            masks.append((fn._mask, reinterpreted))
+            fn = fn.base_dist
+        else:
+            break
+    record = records.get(id(fn))
+    if (registry is not None and type(fn) not in registry) or record is None or record[2] is not fn:
+        return None, fn
+    cls, arguments, _ = record
+    args = {k: v for k, v in arguments.items() if k != "validate_args"}
+    mask = None
+    for m, depth in masks:
+        if m is None or isinstance(m, bool):
+            if m is False:
+                mask = jnp.zeros(())
+            continue
+        m = jnp.asarray(m).reshape(jnp.shape(m) + (1,) * (reinterpreted - depth))
+        mask = m if mask is None else mask * m
+    return _Family(cls, args, reinterpreted, mask), fn
+
+
+def _site_cells(site, family, weight):
+    """Weights and shape of a family's cells from the site marginal."""
+    extra = family.reinterpreted_ndim
+    event = jnp.shape(site.value)[jnp.ndim(site.value) - extra:] if extra else ()
+    shape = tuple(jnp.shape(weight)) + tuple(event)
+    weight = jnp.reshape(weight, jnp.shape(weight) + (1,) * extra)
+    if family.mask is not None:
+        weight = weight * family.mask
+    args = dict(family.args)
+    return Cells(weight, site.value, args, shape)
+
+
+def _array_args(args):
+    return {
+        k: jnp.asarray(v)
+        for k, v in args.items()
+        if v is not None and isinstance(v, (jax.Array, np.ndarray, float, int, np.generic))
+        and not isinstance(v, bool)
+    }
+
+
+def plan_m_step(model, params, arrays, spec, structure, registry, *, frozen=(), mode="auto"):
+    """Decide how each parameter is updated.
+
+    Traces ``params -> (log-probabilities, distribution arguments)`` once,
+    labels each output with the parameters it depends on (and whether through
+    selection only), then checks every consumer against the registry.
+
+    Returns:
+        ``{param name: ParamPath}`` in model order.
+    """
+    layout = []
+
+    def traced(flat_params, flat_arrays):
+        p = dict(zip(structure.param_names, flat_params))
+        args, kwargs = merge_args(flat_arrays, spec)
+        trace = enumerated_trace(model, p, args, kwargs, structure.max_plate_nesting)
+        keys, outputs = [], []
+        for name, site in trace.sites.items():
+            keys.append(("log_prob", name, None))
+            outputs.append(site.log_prob)
+            family, base = _family(site.fn, trace.constructor_args, registry)
+            keys.append(("value", name, None))
+            outputs.append(jnp.asarray(site.value))
+            if family is None:
+                keys.append(("family", name, type(base).__name__))
+                outputs.append(jnp.zeros(()))
+                continue
+            for arg_name, value in _array_args(family.args).items():
+                keys.append(("arg", name, (family.cls, arg_name)))
+                outputs.append(value)
+        layout.append(keys)
+        return outputs
+
+    def struct(x):
+        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+    flat_params = [struct(params[n]) for n in structure.param_names]
+    flat_arrays = [struct(a) for a in arrays]
+    closed = jax.make_jaxpr(traced)(flat_params, flat_arrays)
+    keys = layout[-1]
+    labels = dependencies(
+        closed, [{n: True} for n in structure.param_names] + [{}] * len(flat_arrays)
+    )
+    unsupported_site = {k[1]: k[2] for k in keys if k[0] == "family"}
+
+    plan = {}
+    for index, name in enumerate(structure.param_names):
+        if name in frozen:
+            plan[name] = ParamPath("frozen", "frozen by the user")
+            continue
+        reached = [(k, lab[name]) for k, lab in zip(keys, labels) if name in lab]
+        sites = sorted({k[1] for k, _ in reached if k[0] == "log_prob"})
+        if not sites:
+            plan[name] = ParamPath("unused", "does not reach any sample site")
+            continue
+        if mode == "gradient":
+            plan[name] = ParamPath("gradient", "m_step='gradient'")
+            continue
+        plan[name] = _decide(
+            name, index, reached, sites, unsupported_site, registry, structure, closed,
+            params, arrays, keys,
+        )
+    return plan
+
+
+def _decide(name, index, reached, sites, unsupported_site, registry, structure, closed,
+            params, arrays, keys):
+    def gradient(reason):
+        return ParamPath("gradient", reason)
+
+    consumers, updates = [], set()
+    for key, is_selection in reached:
+        kind, site, detail = key
+        if kind == "value":
+            return gradient(f"reaches the value of site '{site}'")
+        if kind != "arg":
+            continue
+        cls, arg_name = detail
+        update = registry.get(cls, {}).get(arg_name)
+        if update is None:
+            return gradient(f"reaches argument '{arg_name}' of {cls.__name__} at site '{site}', "
+                            "which has no closed-form update")
+        if not is_selection:
+            return gradient(f"reaches {cls.__name__}.{arg_name} at site '{site}' through "
+                            "operations other than indexing/broadcasting/reshaping")
+        consumers.append((site, arg_name, cls, keys.index(key)))
+        updates.add(update)
+    for site in sites:
+        if site in unsupported_site:
+            return gradient(f"reaches site '{site}' ({unsupported_site[site]}), which has no "
+                            "closed-form update")
+        if not any(c[0] == site for c in consumers):
+            return gradient(f"reaches site '{site}' other than through a distribution argument")
+    if len(updates) != 1:
+        return gradient("reaches different kinds of distribution arguments: "
+                        + ", ".join(sorted({f"{c[2].__name__}.{c[1]}" for c in consumers})))
+    (update,) = updates
+    constraint = structure.constraints[name]
+    if not update.domain(constraint):
+        return gradient(f"its constraint {constraint} does not contain the closed-form "
+                        "solution's values")
+    if update.event_ndim and not _event_blocks_intact(
+        closed, index, params, arrays, structure, consumers, update.event_ndim
+    ):
+        return gradient("the selection map does not keep the distribution's event dims whole")
+    description = ", ".join(f"{c[2].__name__}.{c[1]} at site '{c[0]}'" for c in consumers)
+    return ParamPath("closed-form", description, update, tuple((c[0], c[1]) for c in consumers))
+
+
+def _event_blocks_intact(closed, index, params, arrays, structure, consumers, event_ndim):
+    """Check that each cell's event block is one whole trailing block of the param."""
+    value = params[structure.param_names[index]]
+    shape, dtype = jnp.shape(value), jnp.result_type(value)
+    if len(shape) < event_ndim:
+        return False
+    size = int(np.prod(shape))
+    if size >= 2 ** (24 if dtype == jnp.float32 else 53):
+        return True
+    inputs = []
+    for i, n in enumerate(structure.param_names):
+        p = params[n]
+        if i == index:
+            inputs.append(np.arange(size, dtype=dtype).reshape(shape))
+        else:
+            inputs.append(np.zeros(jnp.shape(p), jnp.result_type(p)))
+    inputs += [np.zeros(jnp.shape(a), jnp.result_type(a)) for a in arrays]
+    block = int(np.prod(shape[len(shape) - event_ndim:]))
+    for consumer in consumers:
+        out = probe_selection(closed, inputs, consumer[3])
+        if out is None:
+            continue
+        if tuple(out.shape[out.ndim - event_ndim:]) != tuple(shape[len(shape) - event_ndim:]):
+            return False
+        rows = out.reshape(-1, block)
+        if not (np.all(rows - rows[:, :1] == np.arange(block)) and np.all(rows[:, 0] % block == 0)):
+            return False
+    return True
+
+
+def closed_form_m_step(model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar):
+    """Update every closed-form parameter, stage by stage (ECM)."""
+    params = dict(params)
+    closed = {n: p for n, p in plan.items() if p.kind == "closed-form"}
+    for stage in sorted({p.update.stage for p in closed.values()}):
+        new_values = {}
+        for name, path in closed.items():
+            if path.update.stage == stage:
+                new_values[name] = _update_param(
+                    model, params, marginals, name, path, args, kwargs, max_plate_nesting,
+                    reg_covar,
+                )
+        params.update(new_values)
+    return params
+
+
+def _update_param(model, params, marginals, name, path, args, kwargs, max_plate_nesting,
+                  reg_covar):
+    update = path.update
+
+    def arguments(value):
+        trace = enumerated_trace(model, {**params, name: value}, args, kwargs, max_plate_nesting)
+        outs = {}
+        for site_name, arg_name in path.consumers:
+            family, _ = _family(trace.sites[site_name].fn, trace.constructor_args)
+            outs[(site_name, arg_name)] = jnp.asarray(family.args[arg_name])
+        return outs
+
+    outs, vjp_fn = jax.vjp(arguments, params[name])
+    trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
+    totals = None
+    for key, arg in outs.items():
+        site = trace.sites[key[0]]
+        family, _ = _family(site.fn, trace.constructor_args)
+        cells = _site_cells(site, family, jax.lax.stop_gradient(marginals[key[0]]))
+        num_cells = len(cells.shape)
+        arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - update.event_ndim]
+        target = (1,) * (num_cells - len(arg_batch)) + tuple(arg_batch)
+        stats = update.stats_fn(cells, target)
+        stats = tuple(
+            jnp.reshape(s, jnp.shape(arg) + jnp.shape(s)[num_cells + update.event_ndim:])
+            for s in stats
+        )
+        per_entry = tuple(_pullback(vjp_fn, outs, key, s, jnp.ndim(arg)) for s in stats)
+        totals = per_entry if totals is None else tuple(a + b for a, b in zip(totals, per_entry))
+    old = params[name]
+    return update.solve_fn(totals, old, reg_covar).astype(jnp.result_type(old))
+
+
+def _pullback(vjp_fn, outs, key, stat, arg_ndim):
+    """VJP of the selection map for one statistic, vectorized over its extra dims."""
+    extra_shape = jnp.shape(stat)[arg_ndim:]
+    flat = jnp.reshape(stat, jnp.shape(stat)[:arg_ndim] + (-1,))
+
+    def one(cotangent):
+        cts = {k: jnp.zeros_like(v) for k, v in outs.items()}
+        cts[key] = cotangent.astype(outs[key].dtype)
+        (result,) = vjp_fn(cts)
+        return result
+
+    pulled = jax.vmap(one, in_axes=-1, out_axes=-1)(flat)
+    return jnp.reshape(pulled, jnp.shape(pulled)[:-1] + extra_shape)

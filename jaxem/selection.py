@@ -1,0 +1,126 @@
+"""Which parameters reach which distribution arguments, and how.
+
+A parameter admits a closed-form M-step when it reaches the arguments of
+supported distributions only through *selection*: indexing by a latent,
+broadcasting, reshaping, slicing, transposing, concatenating. Such a map is
+linear with 0/1 coefficients, so its VJP sums per-cell sufficient statistics
+into per-parameter-entry statistics, which covers mixtures, tied parameters
+and transition matrices with one mechanism.
+
+This module walks the jaxpr of ``params -> (log-probs, distribution
+arguments)`` and labels every variable with the parameters it depends on and
+whether the dependence is a pure selection.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.extend import core as jex_core
+from jax.interpreters import partial_eval as pe
+
+__all__ = ["dependencies", "probe_selection"]
+
+_ALL = None
+# primitive name -> operand positions that carry selected values (None: all).
+# A parameter reaching any other position (an index, a predicate) is not a selection.
+_SELECTION_PRIMITIVES = {
+    "broadcast_in_dim": (0,),
+    "reshape": (0,),
+    "squeeze": (0,),
+    "expand_dims": (0,),
+    "transpose": (0,),
+    "rev": (0,),
+    "slice": (0,),
+    "dynamic_slice": (0,),
+    "gather": (0,),
+    "concatenate": _ALL,
+    "pad": (0,),
+    "split": (0,),
+    "copy": (0,),
+    "copy_p": (0,),
+    "convert_element_type": (0,),
+    "device_put": _ALL,
+    "optimization_barrier": _ALL,
+}
+
+
+def _merge(into: dict, labels: dict, selection: bool = True) -> None:
+    for name, is_selection in labels.items():
+        into[name] = into.get(name, True) and is_selection and selection
+
+
+def _sub_jaxpr(eqn):
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        if sub is None:
+            continue
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars):
+            return sub
+    return None
+
+
+def _propagate(jaxpr, in_labels):
+    env = {}
+
+    def read(var):
+        if isinstance(var, jex_core.Literal):
+            return {}
+        return env.get(var, {})
+
+    for var, labels in zip(jaxpr.invars, in_labels):
+        env[var] = labels
+    for eqn in jaxpr.eqns:
+        inputs = [read(v) for v in eqn.invars]
+        if not any(inputs):
+            continue
+        sub = _sub_jaxpr(eqn)
+        if sub is not None:
+            outputs = _propagate(sub, inputs)
+        else:
+            positions = _SELECTION_PRIMITIVES.get(eqn.primitive.name, ())
+            merged: dict = {}
+            for pos, labels in enumerate(inputs):
+                if labels:
+                    is_operand = positions is _ALL or pos in positions
+                    if eqn.primitive.name == "select_n":
+                        is_operand = pos > 0
+                    _merge(merged, labels, is_operand)
+            outputs = [merged] * len(eqn.outvars)
+        for var, labels in zip(eqn.outvars, outputs):
+            env[var] = labels
+    return [read(v) for v in jaxpr.outvars]
+
+
+def dependencies(closed_jaxpr, input_labels):
+    """Label every output of a jaxpr with the inputs it depends on.
+
+    Args:
+        closed_jaxpr: the jaxpr of a function of flat inputs.
+        input_labels: one ``{name: True}`` dict per input (``{}`` for inputs
+            that are not parameters).
+
+    Returns:
+        One dict per output: ``{param name: True if the output depends on the
+        parameter only through selection operations, else False}``.
+    """
+    return _propagate(closed_jaxpr.jaxpr, list(input_labels))
+
+
+def probe_selection(closed_jaxpr, inputs, output_index):
+    """Evaluate one output of a jaxpr on concrete inputs (parameter entry ids).
+
+    Used on selection maps: feeding ``arange(size)`` as the parameter tells
+    which parameter entry lands in each cell of the distribution argument.
+    Returns None where the jaxpr closes over traced values.
+    """
+    used = [i == output_index for i in range(len(closed_jaxpr.jaxpr.outvars))]
+    jaxpr, used_inputs = pe.dce_jaxpr(closed_jaxpr.jaxpr, used, instantiate=True)
+    consts = closed_jaxpr.consts
+    if any(isinstance(c, jax.core.Tracer) for c in consts):
+        return None
+    args = [x for x, u in zip(inputs, used_inputs) if u]
+    with jax.ensure_compile_time_eval():
+        (out,) = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, consts))(*args)
+    return np.asarray(out)

@@ -1,0 +1,354 @@
+"""Model tracing and site classification.
+
+Everything jaxem knows about a model comes from running it under NumPyro's
+effect handlers:
+
+* a seeded trace gives the ``numpyro.param`` sites (initial values and
+  constraints), the plates and the kinds of the sample sites;
+* an enumerated trace (NumPyro's ``enum`` with ``first_available_dim`` worked
+  out from the plate nesting) gives one log-probability tensor per sample
+  site, over the enumerated values of the discrete latents and the plates;
+* while tracing, the constructor arguments of every distribution are
+  recorded, so the M-step sees ``covariance_matrix=Sigma[z]`` as the user
+  wrote it rather than the Cholesky factor NumPyro stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.contrib.funsor import config_enumerate, enum
+from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
+from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
+from numpyro.distributions.distribution import COERCIONS
+
+__all__ = [
+    "ModelError",
+    "ModelStructure",
+    "EnumTrace",
+    "Site",
+    "split_args",
+    "merge_args",
+    "inspect_model",
+    "enumerated_trace",
+]
+
+
+class ModelError(ValueError):
+    """A model or its data cannot be fitted by EM; the message says why and what to do."""
+
+
+class ModelStructure(NamedTuple):
+    """What a seeded trace of the model tells about it (static information).
+
+    Attributes:
+        param_names: names of the ``numpyro.param`` sites, in model order.
+        constraints: ``{param name: constraint}``.
+        latent_sites: names of the discrete latent sample sites, in model order.
+        observed_sites: names of the observed sample sites.
+        max_plate_nesting: number of batch dimensions used by plates.
+    """
+
+    param_names: tuple[str, ...]
+    constraints: dict
+    latent_sites: tuple[str, ...]
+    observed_sites: tuple[str, ...]
+    max_plate_nesting: int
+
+
+class Site(NamedTuple):
+    """One sample site of an enumerated trace.
+
+    Attributes:
+        name: site name.
+        fn: the distribution (after NumPyro's plate broadcasting).
+        value: observed data, or the enumerated support values of a latent.
+        log_prob: log-probability tensor (scale applied), shaped by the
+            enumeration dims and the plate dims.
+        dim_to_name: ``{negative dim: enum variable or plate name}``.
+        is_observed: whether the site is observed.
+        plates: names of the plates the site sits in.
+    """
+
+    name: str
+    fn: Any
+    value: Any
+    log_prob: Any
+    dim_to_name: dict
+    is_observed: bool
+    plates: tuple[str, ...]
+
+
+class EnumTrace(NamedTuple):
+    """The sample sites of an enumerated trace and the constructor arguments of
+    their distributions (``{id(distribution): (class, {arg name: value})}``)."""
+
+    sites: dict
+    constructor_args: dict
+
+
+# ---------------------------------------------------------------------------
+# Static / traced model arguments.
+# ---------------------------------------------------------------------------
+
+
+class _StaticLeaves(NamedTuple):
+    """Hashable description of the non-array leaves of (args, kwargs)."""
+
+    treedef: Any
+    is_array: tuple[bool, ...]
+    static_values: tuple[Hashable, ...]
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__")
+
+
+def split_args(args: tuple, kwargs: dict):
+    """Split model arguments into traced array leaves and a hashable static spec.
+
+    Arrays are traced (a new dataset of the same shape does not recompile);
+    everything else (ints such as a number of components, strings, callables)
+    is static, as NumPyro users expect.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    is_array = tuple(_is_array(leaf) for leaf in leaves)
+    arrays = [leaf for leaf, a in zip(leaves, is_array) if a]
+    static = tuple(leaf for leaf, a in zip(leaves, is_array) if not a)
+    try:
+        hash(static)
+    except TypeError as err:
+        raise ModelError(
+            "jaxem: a non-array model argument is not hashable, so it cannot be treated as "
+            f"static ({err}). Pass data as arrays (jnp.asarray) and static options as ints, "
+            "floats, strings or tuples."
+        ) from None
+    return arrays, _StaticLeaves(treedef, is_array, static)
+
+
+def merge_args(arrays, spec: _StaticLeaves):
+    """Inverse of :func:`split_args`."""
+    arrays = iter(arrays)
+    static = iter(spec.static_values)
+    leaves = [next(arrays) if a else next(static) for a in spec.is_array]
+    return jax.tree_util.tree_unflatten(spec.treedef, leaves)
+
+
+# ---------------------------------------------------------------------------
+# Seeded trace: params, plates, site kinds.
+# ---------------------------------------------------------------------------
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _describe(fn) -> str:
+    base = fn
+    while hasattr(base, "base_dist"):
+        base = base.base_dist
+    return type(base).__name__
+
+
+def inspect_model(model, rng_key, args, kwargs, *, validate=True):
+    """Run the model once under ``seed`` and classify its sites.
+
+    Returns:
+        ``(structure, initial_params)``: a :class:`ModelStructure` and the
+        initial (constrained) values of the params, callable initial values
+        called with keys derived from ``rng_key``.
+
+    Raises:
+        ModelError: no params, a continuous or non-enumerable latent site,
+            non-finite observed data, an initial value outside its constraint.
+    """
+    try:
+        tr = handlers.trace(handlers.seed(model, rng_key)).get_trace(*args, **kwargs)
+    except ModelError:
+        raise
+    except ValueError as err:
+        raise ModelError(f"jaxem: running the model failed: {err}") from err
+
+    params, constraints_, latent, observed = {}, {}, [], []
+    nesting = 0
+    for name, site in tr.items():
+        if site["type"] == "param":
+            params[name] = site["value"]
+            constraints_[name] = site["kwargs"].get("constraint", dist.constraints.real)
+        elif site["type"] == "sample":
+            for frame in site["cond_indep_stack"]:
+                if frame.dim is not None:
+                    nesting = max(nesting, -frame.dim)
+            if site["is_observed"]:
+                observed.append(name)
+                continue
+            fn = site["fn"]
+            if not fn.support.is_discrete:
+                raise ModelError(
+                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is continuous. EM "
+                    "enumerates discrete latent sites only: observe it (obs=...), make it a "
+                    "numpyro.param, or integrate it out of the model analytically."
+                )
+            if not fn.has_enumerate_support:
+                raise ModelError(
+                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is discrete but its "
+                    "support cannot be enumerated (it is infinite or too large). Use a "
+                    "distribution with finite support (e.g. Categorical over a truncated "
+                    "range) or observe the site."
+                )
+            latent.append(name)
+    if not params:
+        raise ModelError(
+            "jaxem: the model has no numpyro.param sites, so there are no parameters to fit. "
+            "Declare each parameter with numpyro.param(name, init_value, constraint=...)."
+        )
+    structure = ModelStructure(
+        tuple(params), constraints_, tuple(latent), tuple(observed), nesting
+    )
+    if validate:
+        _validate(tr, structure)
+    return structure, params
+
+
+def _validate(tr, structure: ModelStructure) -> None:
+    for name in structure.observed_sites:
+        value = tr[name]["value"]
+        if _is_concrete(value) and jnp.issubdtype(jnp.result_type(value), jnp.inexact):
+            if not bool(jnp.all(jnp.isfinite(value))):
+                bad = int(jnp.size(value) - jnp.sum(jnp.isfinite(value)))
+                raise ModelError(
+                    f"jaxem: observed site '{name}' contains {bad} NaN or infinite value(s). "
+                    "Remove or impute those entries before fitting."
+                )
+    for name in structure.param_names:
+        value = tr[name]["value"]
+        if not _is_concrete(value):
+            continue
+        if not bool(jnp.all(jnp.isfinite(value))):
+            raise ModelError(
+                f"jaxem: the initial value of param '{name}' contains NaN or inf; give a "
+                "finite initial value."
+            )
+        constraint = structure.constraints[name]
+        ok = constraint.check(value)
+        if not bool(jnp.all(ok)):
+            raise ModelError(
+                f"jaxem: the initial value of param '{name}' lies outside its constraint "
+                f"{constraint}. Give an initial value that satisfies it (e.g. "
+                "a simplex sums to 1 along its last axis, lower_cholesky needs a positive "
+                "diagonal)."
+            )
+
+
+# ---------------------------------------------------------------------------
+# Enumerated trace with recorded constructor arguments.
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _record_constructor_args(records: dict):
+    """Record the constructor arguments of every distribution built in the block.
+
+    NumPyro's ``DistributionMeta`` consults ``COERCIONS`` before constructing a
+    distribution (``handlers.collapse`` uses the same hook); this coercion builds
+    the instance itself and keeps its bound arguments by ``id``.
+    """
+
+    def coerce(cls, args, kwargs):
+        instance = type.__call__(cls, *args, **kwargs)
+        try:
+            bound = inspect.signature(cls).bind(*args, **kwargs)
+            arguments = dict(bound.arguments)
+        except TypeError:
+            arguments = {}
+        records[id(instance)] = (cls, arguments, instance)
+        return instance
+
+    COERCIONS.append(coerce)
+    try:
+        yield records
+    finally:
+        COERCIONS.remove(coerce)
+
+
+def enumerated_trace(model, params, args, kwargs, max_plate_nesting) -> EnumTrace:
+    """Trace ``model`` with ``params`` substituted and every latent enumerated.
+
+    The discrete latents are enumerated in parallel in the dims left of the
+    plates (``first_available_dim = -max_plate_nesting - 1``); each site's
+    log-probability tensor is computed here.
+    """
+    substituted = handlers.substitute(model, data=params)
+    enumerated = enum(config_enumerate(substituted), first_available_dim=-max_plate_nesting - 1)
+    records: dict = {}
+    with _record_constructor_args(records), plate_to_enum_plate():
+        try:
+            tr = packed_trace(enumerated).get_trace(*args, **kwargs)
+        except ValueError as err:
+            raise ModelError(_explain_trace_error(err)) from err
+    sites = {}
+    for name, site in tr.items():
+        if site["type"] != "sample":
+            continue
+        _check_no_markov(name, site)
+        fn, value = site["fn"], site["value"]
+        try:
+            if site["intermediates"]:
+                log_prob = fn.log_prob(value, site["intermediates"])
+            else:
+                log_prob = fn.log_prob(value)
+        except ValueError as err:
+            raise ModelError(
+                f"jaxem: cannot evaluate site '{name}': {err}. Check that the data of this "
+                "site matches the shape of its plates and of its distribution."
+            ) from err
+        scale = site["scale"]
+        if scale is not None:
+            log_prob = scale * log_prob
+        dim_to_name = dict(site["infer"].get("dim_to_name", {}))
+        plates = tuple(f.name for f in site["cond_indep_stack"] if f.dim is not None)
+        _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting)
+        sites[name] = Site(name, fn, value, log_prob, dim_to_name, site["is_observed"], plates)
+    return EnumTrace(sites, records)
+
+
+def _explain_trace_error(err: Exception) -> str:
+    text = str(err)
+    if "shape" in text or "broadcast" in text:
+        return (
+            f"jaxem: the model failed under enumeration: {text}. This usually means that "
+            "data disagrees with the size of its plate: check that every observed array has "
+            "the plate's size along the plate's dim."
+        )
+    return f"jaxem: the model failed under enumeration: {text}"
+
+
+def _check_no_markov(name, site) -> None:
+    dim_to_name = site["infer"].get("dim_to_name", {})
+    if any(str(n).startswith(("_time", "_PREV_")) for n in dim_to_name.values()):
+        raise ModelError(
+            f"jaxem: site '{name}' is inside a numpyro.contrib.control_flow.scan (a Markov "
+            "chain). Markov chains are not supported by this version of jaxem yet."
+        )
+
+
+def _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting) -> None:
+    # Batch dims of a site beyond its plates and enumeration dims mean the data
+    # has more dimensions than the model declares plates for.
+    shape = jnp.shape(log_prob)
+    for pos, size in enumerate(shape):
+        dim = pos - len(shape)
+        if size != 1 and dim not in dim_to_name:
+            raise ModelError(
+                f"jaxem: site '{name}' has batch shape {shape} but dim {dim} (size {size}) "
+                "belongs to no plate. Wrap the site in a numpyro.plate for that dim, or declare "
+                "the extra dims as event dims with .to_event()."
+            )
