@@ -14,7 +14,7 @@ from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, gradient_m_step, to_unconstrained
 from jaxem.mstep import closed_form_m_step, plan_m_step
-from jaxem.tracing import ModelError, inspect_model, merge_args, split_args
+from jaxem.tracing import ModelError, inspect_model, merge_args, model_structure, split_args
 
 __all__ = ["EM", "EMState", "EMResult"]
 
@@ -187,13 +187,13 @@ class EM:
 
     def _update_arrays(self, state, arrays, spec):
         args, kwargs = merge_args(arrays, spec)
-        structure, _ = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs, validate=False)
+        structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
         result = e_step(self.model, state.params, args, kwargs, nesting, hard=self.hard)
         plan = self._plan(state.params, arrays, spec, structure)
         params = closed_form_m_step(
             self.model, state.params, result.marginals, plan, args, kwargs, nesting,
-            self.reg_covar,
+            self.reg_covar, result.trace,
         )
         gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
         opt_state = state.opt_state
@@ -206,7 +206,7 @@ class EM:
 
     def _objective(self, params, arrays, spec):
         args, kwargs = merge_args(arrays, spec)
-        structure, _ = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs, validate=False)
+        structure = model_structure(self.model, args, kwargs)
         return e_step(
             self.model, params, args, kwargs, structure.max_plate_nesting, hard=self.hard
         ).log_likelihood
@@ -249,16 +249,19 @@ class EM:
         params = _tree_where(carry.diverged, carry.good_params, carry.state.params)
         final = self._objective(params, arrays, spec).astype(dtype)
         return EMResult(
-            params, final, carry.history, carry.i, carry.converged, carry.diverged, final[None]
+            params, final, carry.history, carry.i, carry.converged, carry.diverged, final
         )
 
     def _run_arrays(self, rng_key, arrays, init_params, tol, *, spec, max_iter, num_restarts,
                     progress_bar):
-        # One restart starts where ``init(rng_key)`` does.
-        keys = rng_key[None] if num_restarts == 1 else jax.random.split(rng_key, num_restarts)
-        fits = jax.vmap(
-            lambda key: self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
-        )(keys)
+        def fit(key):
+            return self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
+
+        if num_restarts == 1:
+            # One restart starts where ``init(rng_key)`` does, and needs no vmap.
+            fit_one = fit(rng_key)
+            return fit_one._replace(restart_log_likelihoods=fit_one.log_likelihood[None])
+        fits = jax.vmap(fit)(jax.random.split(rng_key, num_restarts))
         scores = jnp.where(jnp.isnan(fits.log_likelihood), -jnp.inf, fits.log_likelihood)
         best = jnp.argmax(scores)
         result = jax.tree.map(lambda x: x[best], fits)

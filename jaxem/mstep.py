@@ -237,28 +237,40 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
     return True
 
 
-def closed_form_m_step(model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar):
-    """Update every closed-form parameter, stage by stage (ECM)."""
+def closed_form_m_step(model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar,
+                       trace=None):
+    """Update every closed-form parameter, stage by stage (ECM).
+
+    ``trace`` is an enumerated trace at ``params`` (the E-step's), reused by the
+    first stage.
+    """
     params = dict(params)
     closed = {n: p for n, p in plan.items() if p.kind == "closed-form"}
     for stage in sorted({p.update.stage for p in closed.values()}):
+        if trace is None:
+            trace = enumerated_trace(
+                model, params, args, kwargs, max_plate_nesting, log_probs=False
+            )
         new_values = {}
         for name, path in closed.items():
             if path.update.stage == stage:
                 new_values[name] = _update_param(
                     model, params, marginals, name, path, args, kwargs, max_plate_nesting,
-                    reg_covar,
+                    reg_covar, trace,
                 )
         params.update(new_values)
+        trace = None
     return params
 
 
 def _update_param(model, params, marginals, name, path, args, kwargs, max_plate_nesting,
-                  reg_covar):
+                  reg_covar, trace):
     update = path.update
 
     def arguments(value):
-        trace = enumerated_trace(model, {**params, name: value}, args, kwargs, max_plate_nesting)
+        trace = enumerated_trace(
+            model, {**params, name: value}, args, kwargs, max_plate_nesting, log_probs=False
+        )
         outs = {}
         for site_name, arg_name in path.consumers:
             family, _ = _family(trace.sites[site_name].fn, trace.constructor_args)
@@ -266,7 +278,6 @@ def _update_param(model, params, marginals, name, path, args, kwargs, max_plate_
         return outs
 
     outs, vjp_fn = jax.vjp(arguments, params[name])
-    trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
     totals = None
     for key, arg in outs.items():
         site = trace.sites[key[0]]
