@@ -29,7 +29,7 @@ from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, enum
 from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
-from numpyro.distributions.distribution import COERCIONS
+from numpyro.distributions.distribution import COERCIONS, validation_enabled
 
 __all__ = [
     "ModelError",
@@ -188,7 +188,10 @@ def inspect_model(model, rng_key, args, kwargs, *, validate=True):
     # into every compiled program that inspects the model.
     no_sampling = handlers.substitute(model, substitute_fn=_support_value)
     try:
-        tr = handlers.trace(handlers.seed(no_sampling, rng_key)).get_trace(*args, **kwargs)
+        # NumPyro's own argument checks would reject an invalid initial value
+        # without naming the param; jaxem's checks below do.
+        with validation_enabled(False):
+            tr = handlers.trace(handlers.seed(no_sampling, rng_key)).get_trace(*args, **kwargs)
     except ModelError:
         raise
     except ValueError as err:
@@ -205,6 +208,7 @@ def inspect_model(model, rng_key, args, kwargs, *, validate=True):
                 if frame.dim is not None:
                     nesting = max(nesting, -frame.dim)
             if site["is_observed"]:
+                _check_data_shape(name, site)
                 observed.append(name)
                 continue
             fn = site["fn"]
@@ -252,6 +256,26 @@ def model_structure(model, args, kwargs) -> ModelStructure:
 
     jax.eval_shape(structure_only, arrays)
     return found[0]
+
+
+def _check_data_shape(name, site) -> None:
+    fn, value = site["fn"], site["value"]
+    data_batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
+    plates = ", ".join(
+        f"'{f.name}' (size {f.size}, dim {f.dim})" for f in site["cond_indep_stack"]
+    )
+    try:
+        ok = jnp.broadcast_shapes(data_batch, fn.batch_shape) == tuple(fn.batch_shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ModelError(
+            f"jaxem: observed site '{name}' has data of shape {jnp.shape(value)}, which does not "
+            f"fit its distribution's batch shape {tuple(fn.batch_shape)} (event shape "
+            f"{tuple(fn.event_shape)}; plates: {plates or 'none'}). Give the data the plate's "
+            "size along each plate dim, or declare trailing data dims as event dims with "
+            ".to_event()."
+        )
 
 
 def _validate(tr, structure: ModelStructure) -> None:
