@@ -246,6 +246,11 @@ def _ratio(stats, old, reg_covar):
     return jnp.where(den > 0, _safe_div(num, den), old)
 
 
+def _probability(stats, old, reg_covar):
+    # num <= den exactly, but the two sums round separately.
+    return jnp.clip(_ratio(stats, old, reg_covar), 0.0, 1.0)
+
+
 def _inverse_ratio(stats, old, reg_covar):
     num, den = stats
     return jnp.where(num > 0, _safe_div(num, den), old)
@@ -440,14 +445,16 @@ def _solve_precision(stats, old, reg_covar):
 
 def _register_builtins() -> None:
     ratio = ClosedFormUpdate(_mean_stats(), _positive_ratio, domain=_positive)
-    probs = ClosedFormUpdate(_mean_stats(), _ratio, domain=_unit_interval)
+    probs = ClosedFormUpdate(_mean_stats(), _probability, domain=_unit_interval)
     logits = ClosedFormUpdate(_mean_stats(), _ratio_logits, domain=_unconstrained)
 
     register_closed_form(dist.Poisson, "rate", ratio)
     register_closed_form(dist.BernoulliProbs, "probs", probs)
     register_closed_form(dist.BernoulliLogits, "logits", logits)
     register_closed_form(
-        dist.BinomialProbs, "probs", ClosedFormUpdate(_binomial_stats, _ratio, domain=_unit_interval)
+        dist.BinomialProbs,
+        "probs",
+        ClosedFormUpdate(_binomial_stats, _probability, domain=_unit_interval),
     )
     register_closed_form(
         dist.BinomialLogits,
@@ -460,7 +467,7 @@ def _register_builtins() -> None:
     register_closed_form(
         dist.GeometricProbs,
         "probs",
-        ClosedFormUpdate(_geometric_stats, _ratio, domain=_unit_interval),
+        ClosedFormUpdate(_geometric_stats, _probability, domain=_unit_interval),
     )
     register_closed_form(
         dist.GeometricLogits,

@@ -223,7 +223,8 @@ class EM:
             finite_log_lik = jnp.isfinite(log_lik)
             ok = finite_log_lik & _all_finite(new_state.params)
             change = jnp.abs(log_lik - c.previous)
-            converged = ok & (c.i > 0) & (change <= tol * jnp.abs(log_lik))
+            # tol = 0 runs exactly max_iter iterations, even at a fixed point.
+            converged = ok & (c.i > 0) & (tol > 0) & (change <= tol * jnp.abs(log_lik))
             if progress_bar:
                 jax.debug.callback(_report_progress, c.i + 1)
             return _Carry(

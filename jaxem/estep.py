@@ -11,17 +11,21 @@ indicator of the MAP assignment.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import funsor
 import jax
 import jax.numpy as jnp
 
-from jaxem.tracing import EnumTrace, enumerated_trace, inspect_model
+from numpyro import handlers
+from numpyro.contrib.funsor import config_enumerate, infer_discrete
+
+from jaxem.tracing import EnumTrace, enumerated_trace, inspect_model, merge_args, split_args
 
 funsor.set_backend("jax")
 
-__all__ = ["EStep", "e_step", "log_likelihood", "posterior"]
+__all__ = ["EStep", "e_step", "log_likelihood", "map_values", "posterior"]
 
 
 class EStep(NamedTuple):
@@ -39,8 +43,7 @@ class EStep(NamedTuple):
     trace: EnumTrace
 
 
-def _contract(log_factors: dict, trace: EnumTrace, hard: bool):
-    sum_op = funsor.ops.max if hard else funsor.ops.logaddexp
+def _contract(log_factors: dict, trace: EnumTrace):
     factors, sum_vars, plates = [], set(), set()
     for name, site in trace.sites.items():
         log_prob = log_factors[name]
@@ -54,7 +57,7 @@ def _contract(log_factors: dict, trace: EnumTrace, hard: bool):
     plates = frozenset(plates)
     with funsor.interpretations.lazy:
         lazy = funsor.sum_product.sum_product(
-            sum_op, funsor.ops.add, factors, eliminate=frozenset(sum_vars) | plates, plates=plates
+            funsor.ops.logaddexp, funsor.ops.add, factors, eliminate=frozenset(sum_vars) | plates, plates=plates
         )
     result = funsor.optimizer.apply_optimizer(lazy)
     return result.data
@@ -64,8 +67,51 @@ def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False) -> ESt
     """Log-likelihood and posterior marginals of every factor at ``params``."""
     trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
     log_factors = {name: jax.lax.stop_gradient(s.log_prob) for name, s in trace.sites.items()}
-    value, marginals = jax.value_and_grad(_contract)(log_factors, trace, hard)
+    if not hard:
+        value, marginals = jax.value_and_grad(_contract)(log_factors, trace)
+        return EStep(value, marginals, trace)
+    # Hard EM: the derivative of a max-product contraction is the indicator of
+    # the MAP assignment, but autodiff finds it by testing ``x == max(x)``, which
+    # fails when XLA recomputes x in two fusions with different rounding. The
+    # MAP assignment is found by max-product with argmax backtracking instead.
+    assignment = map_values(model, params, args, kwargs, max_plate_nesting)
+    marginals = {
+        name: _indicator(site, trace, assignment) for name, site in trace.sites.items()
+    }
+    value = sum(
+        jnp.sum(jnp.where(marginals[name] > 0, log_factors[name], 0.0)) for name in log_factors
+    )
     return EStep(value, marginals, trace)
+
+
+def map_values(model, params, args, kwargs, max_plate_nesting) -> dict:
+    """The joint MAP assignment of the latent sites (max-product, then argmax
+    backtracking through funsor's adjoint), ``{site name: values}``."""
+    substituted = handlers.substitute(model, data=params)
+    decoded = infer_discrete(
+        config_enumerate(substituted),
+        temperature=0,
+        first_available_dim=-max_plate_nesting - 1,
+        rng_key=jax.random.PRNGKey(0),
+    )
+    trace = handlers.trace(decoded).get_trace(*args, **kwargs)
+    return {
+        name: site["value"]
+        for name, site in trace.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+
+
+def _indicator(site, trace, assignment):
+    """Indicator, over a factor's cells, of the cells that agree with the MAP
+    assignment of every latent the factor is enumerated over."""
+    shape = jnp.shape(site.log_prob)
+    indicator = jnp.ones(shape, dtype=jnp.result_type(site.log_prob))
+    for name in site.dim_to_name.values():
+        if name in assignment:
+            support = trace.sites[name].value
+            indicator = indicator * (support == assignment[name])
+    return jnp.broadcast_to(indicator, shape)
 
 
 def _site_posterior(site, marginal):
@@ -82,12 +128,35 @@ def _site_posterior(site, marginal):
     return jnp.moveaxis(jnp.sum(marginal, axis=enum_axes), 0, -1)
 
 
-def _structure_and_params(model, params, args, kwargs):
+def _structure(model, arrays, spec):
+    args, kwargs = merge_args(arrays, spec)
     structure, _ = inspect_model(model, jax.random.PRNGKey(0), args, kwargs, validate=False)
+    return structure, args, kwargs
+
+
+def _check_params(structure, params):
     missing = set(structure.param_names) - set(params)
     if missing:
         raise ValueError(f"jaxem: params are missing values for {sorted(missing)}.")
-    return structure
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _log_likelihood(model, params, arrays, spec):
+    structure, args, kwargs = _structure(model, arrays, spec)
+    _check_params(structure, params)
+    trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
+    return _contract({name: s.log_prob for name, s in trace.sites.items()}, trace)
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _posterior(model, params, arrays, spec, hard):
+    structure, args, kwargs = _structure(model, arrays, spec)
+    _check_params(structure, params)
+    result = e_step(model, params, args, kwargs, structure.max_plate_nesting, hard=hard)
+    return {
+        name: _site_posterior(result.trace.sites[name], result.marginals[name])
+        for name in structure.latent_sites
+    }
 
 
 def log_likelihood(model, params, *args, **kwargs):
@@ -115,10 +184,8 @@ def log_likelihood(model, params, *args, **kwargs):
         >>> round(float(ll), 4)
         -4.2568
     """
-    structure = _structure_and_params(model, params, args, kwargs)
-    trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
-    log_factors = {name: s.log_prob for name, s in trace.sites.items()}
-    return _contract(log_factors, trace, False)
+    arrays, spec = split_args(args, kwargs)
+    return _log_likelihood(model, dict(params), arrays, spec)
 
 
 def posterior(model, params, *args, hard=False, **kwargs):
@@ -146,9 +213,5 @@ def posterior(model, params, *args, hard=False, **kwargs):
         >>> jaxem.posterior(model, {"w": jnp.array([0.5, 0.5])}, jnp.zeros(3))["z"].shape
         (3, 2)
     """
-    structure = _structure_and_params(model, params, args, kwargs)
-    result = e_step(model, params, args, kwargs, structure.max_plate_nesting, hard=hard)
-    return {
-        name: _site_posterior(result.trace.sites[name], result.marginals[name])
-        for name in structure.latent_sites
-    }
+    arrays, spec = split_args(args, kwargs)
+    return _posterior(model, dict(params), arrays, spec, bool(hard))
