@@ -98,7 +98,7 @@ def contract_cells(cell_shape, target, *operands, out=""):
     )
     if multiplicity != 1:
         result = result * multiplicity
-    event_shape = result.shape[len(kept):]
+    event_shape = result.shape[len(kept) :]
     shape = tuple(target[i] if i in kept else 1 for i in range(num_cell)) + event_shape
     return jnp.broadcast_to(result.reshape(shape), tuple(target) + event_shape)
 
@@ -167,16 +167,26 @@ def register_closed_form(dist_class, arg_name, update: ClosedFormUpdate) -> None
     registration applies to every ``EM`` created afterwards.
 
     Examples:
+        A Rayleigh family, whose scale has the closed form
+        :math:`\\hat\\sigma^2 = \\sum_c w_c x_c^2 / (2 \\sum_c w_c)`:
+
         >>> import jax.numpy as jnp, numpyro.distributions as dist
-        >>> from jaxem.closed_form import Cells, ClosedFormUpdate, register_closed_form
-        >>> def stats(cells, target):  # Rayleigh: sigma^2 = sum w x^2 / (2 sum w)
-        ...     return cells.sum(target, (cells.weight, ""), (cells.value**2, "")), cells.count(target)
-        >>> def solve(stats, old, reg_covar):
-        ...     sxx, n = stats
-        ...     return jnp.where(n > 0, jnp.sqrt(sxx / (2 * jnp.where(n > 0, n, 1))), old)
-        >>> class Rayleigh(dist.Weibull):  # a toy family for the example
+        >>> from numpyro.distributions import constraints
+        >>> from jaxem import ClosedFormUpdate, register_closed_form
+        >>> class Rayleigh(dist.Distribution):
+        ...     arg_constraints = {"scale": constraints.positive}
+        ...     support = constraints.positive
         ...     def __init__(self, scale):
-        ...         super().__init__(scale * jnp.sqrt(2.0), 2.0)
+        ...         self.scale = scale
+        ...         super().__init__(jnp.shape(scale))
+        ...     def log_prob(self, x):
+        ...         return jnp.log(x) - 2 * jnp.log(self.scale) - x**2 / (2 * self.scale**2)
+        >>> def stats(cells, target):
+        ...     sum_sq = cells.sum(target, (cells.weight, ""), (cells.value**2, ""))
+        ...     return sum_sq, cells.count(target)
+        >>> def solve(stats, old, reg_covar):
+        ...     sum_sq, count = stats
+        ...     return jnp.where(count > 0, jnp.sqrt(sum_sq / (2 * count)), old)
         >>> register_closed_form(Rayleigh, "scale", ClosedFormUpdate(stats, solve))
     """
     if not isinstance(update, ClosedFormUpdate):
@@ -402,15 +412,15 @@ def _mvn_loc_solve(stats, old, reg_covar):
     weight = jnp.trace(den, axis1=-2, axis2=-1)
     eye = jnp.eye(den.shape[-1], dtype=den.dtype)
     safe_den = jnp.where((weight > 0)[..., None, None], den, eye)
-    return jnp.where((weight > 0)[..., None], jnp.linalg.solve(safe_den, num[..., None])[..., 0], old)
+    return jnp.where(
+        (weight > 0)[..., None], jnp.linalg.solve(safe_den, num[..., None])[..., 0], old
+    )
 
 
 def _mvn_scatter_stats(cells, target):
     residual = cells.value - _arr(cells.args["loc"], cells.weight)
     dim = residual.shape[-1]
-    scatter = cells.sum(
-        target, (cells.weight, ""), (residual, "d"), (residual, "e"), out="de"
-    )
+    scatter = cells.sum(target, (cells.weight, ""), (residual, "d"), (residual, "e"), out="de")
     count = cells.count(target)[..., None, None]
     return scatter, jnp.broadcast_to(count, count.shape[:-2] + (dim, dim))
 
@@ -520,7 +530,9 @@ def _register_builtins() -> None:
         ("precision_matrix", _solve_precision, _positive_definite),
     ):
         register_closed_form(
-            mvn, key, ClosedFormUpdate(_mvn_scatter_stats, solve, event_ndim=2, stage=2, domain=domain)
+            mvn,
+            key,
+            ClosedFormUpdate(_mvn_scatter_stats, solve, event_ndim=2, stage=2, domain=domain),
         )
 
 

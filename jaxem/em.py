@@ -128,7 +128,8 @@ class EM:
         ...     with numpyro.plate("data", x.shape[0]):
         ...         z = numpyro.sample("z", dist.Categorical(w))
         ...         numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
-        >>> x = jnp.concatenate([jnp.full(50, -3.0), jnp.full(50, 3.0)]) + jnp.tile(jnp.array([-0.5, 0.5]), 50)
+        >>> noise = jnp.tile(jnp.array([-0.5, 0.5]), 50)
+        >>> x = jnp.concatenate([jnp.full(50, -3.0), jnp.full(50, 3.0)]) + noise
         >>> result = EM(mixture).run(jax.random.PRNGKey(0), x, max_iter=50)
         >>> [round(float(m), 3) for m in result.params["mu"]]
         [-3.0, 3.0]
@@ -166,8 +167,14 @@ class EM:
 
     def _plan(self, params, arrays, spec, structure):
         return plan_m_step(
-            self.model, params, arrays, spec, structure, self._registry,
-            frozen=self.frozen, mode=self.m_step,
+            self.model,
+            params,
+            arrays,
+            spec,
+            structure,
+            self._registry,
+            frozen=self.frozen,
+            mode=self.m_step,
         )
 
     def _init_arrays(self, rng_key, arrays, spec, init_params, validate=False):
@@ -192,15 +199,31 @@ class EM:
         result = e_step(self.model, state.params, args, kwargs, nesting, hard=self.hard)
         plan = self._plan(state.params, arrays, spec, structure)
         params = closed_form_m_step(
-            self.model, state.params, result.marginals, plan, args, kwargs, nesting,
-            self.reg_covar, result.trace,
+            self.model,
+            state.params,
+            result.marginals,
+            plan,
+            args,
+            kwargs,
+            nesting,
+            self.reg_covar,
+            result.trace,
         )
         gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
         opt_state = state.opt_state
         if gradient_names:
             params, opt_state = gradient_m_step(
-                self.model, params, result.marginals, gradient_names, structure.constraints,
-                self.optimizer, opt_state, self.m_step_iters, args, kwargs, nesting,
+                self.model,
+                params,
+                result.marginals,
+                gradient_names,
+                structure.constraints,
+                self.optimizer,
+                opt_state,
+                self.m_step_iters,
+                args,
+                kwargs,
+                nesting,
             )
         return EMState(params, opt_state, state.iteration + 1), result.log_likelihood
 
@@ -253,8 +276,9 @@ class EM:
             params, final, carry.history, carry.i, carry.converged, carry.diverged, final
         )
 
-    def _run_arrays(self, rng_key, arrays, init_params, tol, *, spec, max_iter, num_restarts,
-                    progress_bar):
+    def _run_arrays(
+        self, rng_key, arrays, init_params, tol, *, spec, max_iter, num_restarts, progress_bar
+    ):
         def fit(key):
             return self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
 
@@ -336,8 +360,13 @@ class EM:
             self._init_arrays(rng_key, arrays, spec, init_params, validate=True)
         init_params = None if init_params is None else dict(init_params)
         call = lambda: self._run_jit(  # noqa: E731
-            rng_key, arrays, init_params, jnp.asarray(tol, jnp.result_type(float)),
-            spec=spec, max_iter=int(max_iter), num_restarts=int(num_restarts),
+            rng_key,
+            arrays,
+            init_params,
+            jnp.asarray(tol, jnp.result_type(float)),
+            spec=spec,
+            max_iter=int(max_iter),
+            num_restarts=int(num_restarts),
             progress_bar=bool(progress_bar),
         )
         if not progress_bar:
@@ -382,9 +411,7 @@ def _merge_init_params(params, init_params, structure, validate):
             )
         if validate and _is_concrete(value):
             constraint = structure.constraints[name]
-            if not bool(jnp.all(jnp.isfinite(value))) or not bool(
-                jnp.all(constraint.check(value))
-            ):
+            if not bool(jnp.all(jnp.isfinite(value))) or not bool(jnp.all(constraint.check(value))):
                 raise ModelError(
                     f"jaxem: init_params['{name}'] lies outside the constraint {constraint} "
                     f"of param '{name}' (or is not finite). Give a value that satisfies it."

@@ -17,7 +17,6 @@ from typing import NamedTuple
 import funsor
 import jax
 import jax.numpy as jnp
-
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
@@ -57,7 +56,11 @@ def _contract(log_factors: dict, trace: EnumTrace):
     plates = frozenset(plates)
     with funsor.interpretations.lazy:
         lazy = funsor.sum_product.sum_product(
-            funsor.ops.logaddexp, funsor.ops.add, factors, eliminate=frozenset(sum_vars) | plates, plates=plates
+            funsor.ops.logaddexp,
+            funsor.ops.add,
+            factors,
+            eliminate=frozenset(sum_vars) | plates,
+            plates=plates,
         )
     result = funsor.optimizer.apply_optimizer(lazy)
     return result.data
@@ -75,9 +78,7 @@ def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False) -> ESt
     # fails when XLA recomputes x in two fusions with different rounding. The
     # MAP assignment is found by max-product with argmax backtracking instead.
     assignment = map_values(model, params, args, kwargs, max_plate_nesting)
-    marginals = {
-        name: _indicator(site, trace, assignment) for name, site in trace.sites.items()
-    }
+    marginals = {name: _indicator(site, trace, assignment) for name, site in trace.sites.items()}
     value = sum(
         jnp.sum(jnp.where(marginals[name] > 0, log_factors[name], 0.0)) for name in log_factors
     )

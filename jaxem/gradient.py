@@ -41,8 +41,19 @@ def to_unconstrained(params, constraints, names):
     return {n: biject_to(constraints[n]).inv(params[n]) for n in names}
 
 
-def gradient_m_step(model, params, marginals, names, constraints, optimizer, opt_state,
-                    num_steps, args, kwargs, max_plate_nesting):
+def gradient_m_step(
+    model,
+    params,
+    marginals,
+    names,
+    constraints,
+    optimizer,
+    opt_state,
+    num_steps,
+    args,
+    kwargs,
+    max_plate_nesting,
+):
     """Take ``num_steps`` optax steps on -Q for the parameters ``names``."""
     transforms = {n: biject_to(constraints[n]) for n in names}
 

@@ -80,7 +80,7 @@ def _family(fn, records, registry=None):
 def _site_cells(site, family, weight):
     """Weights and shape of a family's cells from the site marginal."""
     extra = family.reinterpreted_ndim
-    event = jnp.shape(site.value)[jnp.ndim(site.value) - extra:] if extra else ()
+    event = jnp.shape(site.value)[jnp.ndim(site.value) - extra :] if extra else ()
     shape = tuple(jnp.shape(weight)) + tuple(event)
     weight = jnp.reshape(weight, jnp.shape(weight) + (1,) * extra)
     if family.mask is not None:
@@ -93,7 +93,8 @@ def _array_args(args):
     return {
         k: jnp.asarray(v)
         for k, v in args.items()
-        if v is not None and isinstance(v, (jax.Array, np.ndarray, float, int, np.generic))
+        if v is not None
+        and isinstance(v, (jax.Array, np.ndarray, float, int, np.generic))
         and not isinstance(v, bool)
     }
 
@@ -157,14 +158,24 @@ def plan_m_step(model, params, arrays, spec, structure, registry, *, frozen=(), 
             plan[name] = ParamPath("gradient", "m_step='gradient'")
             continue
         plan[name] = _decide(
-            name, index, reached, sites, unsupported_site, registry, structure, closed,
-            params, arrays, keys,
+            name,
+            index,
+            reached,
+            sites,
+            unsupported_site,
+            registry,
+            structure,
+            closed,
+            params,
+            arrays,
+            keys,
         )
     return plan
 
 
-def _decide(name, index, reached, sites, unsupported_site, registry, structure, closed,
-            params, arrays, keys):
+def _decide(
+    name, index, reached, sites, unsupported_site, registry, structure, closed, params, arrays, keys
+):
     def gradient(reason):
         return ParamPath("gradient", reason)
 
@@ -178,27 +189,35 @@ def _decide(name, index, reached, sites, unsupported_site, registry, structure, 
         cls, arg_name = detail
         update = registry.get(cls, {}).get(arg_name)
         if update is None:
-            return gradient(f"reaches argument '{arg_name}' of {cls.__name__} at site '{site}', "
-                            "which has no closed-form update")
+            return gradient(
+                f"reaches argument '{arg_name}' of {cls.__name__} at site '{site}', "
+                "which has no closed-form update"
+            )
         if not is_selection:
-            return gradient(f"reaches {cls.__name__}.{arg_name} at site '{site}' through "
-                            "operations other than indexing/broadcasting/reshaping")
+            return gradient(
+                f"reaches {cls.__name__}.{arg_name} at site '{site}' through "
+                "operations other than indexing/broadcasting/reshaping"
+            )
         consumers.append((site, arg_name, cls, keys.index(key)))
         updates.add(update)
     for site in sites:
         if site in unsupported_site:
-            return gradient(f"reaches site '{site}' ({unsupported_site[site]}), which has no "
-                            "closed-form update")
+            return gradient(
+                f"reaches site '{site}' ({unsupported_site[site]}), which has no closed-form update"
+            )
         if not any(c[0] == site for c in consumers):
             return gradient(f"reaches site '{site}' other than through a distribution argument")
     if len(updates) != 1:
-        return gradient("reaches different kinds of distribution arguments: "
-                        + ", ".join(sorted({f"{c[2].__name__}.{c[1]}" for c in consumers})))
+        return gradient(
+            "reaches different kinds of distribution arguments: "
+            + ", ".join(sorted({f"{c[2].__name__}.{c[1]}" for c in consumers}))
+        )
     (update,) = updates
     constraint = structure.constraints[name]
     if not update.domain(constraint):
-        return gradient(f"its constraint {constraint} does not contain the closed-form "
-                        "solution's values")
+        return gradient(
+            f"its constraint {constraint} does not contain the closed-form solution's values"
+        )
     if update.event_ndim and not _event_blocks_intact(
         closed, index, params, arrays, structure, consumers, update.event_ndim
     ):
@@ -224,12 +243,12 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
         else:
             inputs.append(np.zeros(jnp.shape(p), jnp.result_type(p)))
     inputs += [np.zeros(jnp.shape(a), jnp.result_type(a)) for a in arrays]
-    block = int(np.prod(shape[len(shape) - event_ndim:]))
+    block = int(np.prod(shape[len(shape) - event_ndim :]))
     for consumer in consumers:
         out = probe_selection(closed, inputs, consumer[3])
         if out is None:
             continue
-        if tuple(out.shape[out.ndim - event_ndim:]) != tuple(shape[len(shape) - event_ndim:]):
+        if tuple(out.shape[out.ndim - event_ndim :]) != tuple(shape[len(shape) - event_ndim :]):
             return False
         rows = out.reshape(-1, block)
         if not (np.all(rows - rows[:, :1] == np.arange(block)) and np.all(rows[:, 0] % block == 0)):
@@ -237,8 +256,9 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
     return True
 
 
-def closed_form_m_step(model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar,
-                       trace=None):
+def closed_form_m_step(
+    model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace=None
+):
     """Update every closed-form parameter, stage by stage (ECM).
 
     ``trace`` is an enumerated trace at ``params`` (the E-step's), reused by the
@@ -255,16 +275,25 @@ def closed_form_m_step(model, params, marginals, plan, args, kwargs, max_plate_n
         for name, path in closed.items():
             if path.update.stage == stage:
                 new_values[name] = _update_param(
-                    model, params, marginals, name, path, args, kwargs, max_plate_nesting,
-                    reg_covar, trace,
+                    model,
+                    params,
+                    marginals,
+                    name,
+                    path,
+                    args,
+                    kwargs,
+                    max_plate_nesting,
+                    reg_covar,
+                    trace,
                 )
         params.update(new_values)
         trace = None
     return params
 
 
-def _update_param(model, params, marginals, name, path, args, kwargs, max_plate_nesting,
-                  reg_covar, trace):
+def _update_param(
+    model, params, marginals, name, path, args, kwargs, max_plate_nesting, reg_covar, trace
+):
     update = path.update
 
     def arguments(value):
@@ -288,7 +317,7 @@ def _update_param(model, params, marginals, name, path, args, kwargs, max_plate_
         target = (1,) * (num_cells - len(arg_batch)) + tuple(arg_batch)
         stats = update.stats_fn(cells, target)
         stats = tuple(
-            jnp.reshape(s, jnp.shape(arg) + jnp.shape(s)[num_cells + update.event_ndim:])
+            jnp.reshape(s, jnp.shape(arg) + jnp.shape(s)[num_cells + update.event_ndim :])
             for s in stats
         )
         per_entry = tuple(_pullback(vjp_fn, outs, key, s, jnp.ndim(arg)) for s in stats)

@@ -231,9 +231,7 @@ def inspect_model(model, rng_key, args, kwargs, *, validate=True):
             "jaxem: the model has no numpyro.param sites, so there are no parameters to fit. "
             "Declare each parameter with numpyro.param(name, init_value, constraint=...)."
         )
-    structure = ModelStructure(
-        tuple(params), constraints_, tuple(latent), tuple(observed), nesting
-    )
+    structure = ModelStructure(tuple(params), constraints_, tuple(latent), tuple(observed), nesting)
     if validate:
         _validate(tr, structure)
     return structure, params
@@ -250,7 +248,9 @@ def model_structure(model, args, kwargs) -> ModelStructure:
 
     def structure_only(arrays):
         args, kwargs = merge_args(arrays, spec)
-        structure, params = inspect_model(model, jax.random.PRNGKey(0), args, kwargs, validate=False)
+        structure, params = inspect_model(
+            model, jax.random.PRNGKey(0), args, kwargs, validate=False
+        )
         found.append(structure)
         return params
 
@@ -261,9 +261,7 @@ def model_structure(model, args, kwargs) -> ModelStructure:
 def _check_data_shape(name, site) -> None:
     fn, value = site["fn"], site["value"]
     data_batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
-    plates = ", ".join(
-        f"'{f.name}' (size {f.size}, dim {f.dim})" for f in site["cond_indep_stack"]
-    )
+    plates = ", ".join(f"'{f.name}' (size {f.size}, dim {f.dim})" for f in site["cond_indep_stack"])
     try:
         ok = jnp.broadcast_shapes(data_batch, fn.batch_shape) == tuple(fn.batch_shape)
     except ValueError:

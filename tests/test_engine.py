@@ -25,19 +25,21 @@ from jaxem import EM, ClosedFormUpdate, contract_cells, register_closed_form
 def test_contract_cells_equals_broadcast_sum(cell_shape, target, shapes, events, out):
     rng = np.random.default_rng(0)
     operands = [(rng.normal(size=s), e) for s, e in zip(shapes, events)]
-    result = contract_cells(cell_shape, target, *[(jnp.asarray(a), e) for a, e in operands], out=out)
+    result = contract_cells(
+        cell_shape, target, *[(jnp.asarray(a), e) for a, e in operands], out=out
+    )
     # Reference: broadcast every operand to the full cells, multiply, then sum.
     letters = "ABCDEFG"[: len(cell_shape)]
     specs, full = [], []
     for a, e in operands:
         batch = a.shape[: a.ndim - len(e)]
         a = a.reshape((1,) * (len(cell_shape) - len(batch)) + a.shape)
-        full.append(np.broadcast_to(a, cell_shape + a.shape[len(cell_shape):]))
+        full.append(np.broadcast_to(a, cell_shape + a.shape[len(cell_shape) :]))
         specs.append(letters + e)
     product = np.einsum(",".join(specs) + "->" + letters + out, *full)
     summed = tuple(i for i, t in enumerate(target) if t == 1)
     expected = product.sum(axis=summed, keepdims=True)
-    expected = np.broadcast_to(expected, tuple(target) + expected.shape[len(cell_shape):])
+    expected = np.broadcast_to(expected, tuple(target) + expected.shape[len(cell_shape) :])
     np.testing.assert_allclose(np.asarray(result), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -83,8 +85,10 @@ def test_m_step_paths_detects_selection_and_reports_why_not():
         "mu": "closed-form (Normal.loc at site 'x')",
         "sigma": "closed-form (Normal.scale at site 'x')",
     }
-    assert all(p.startswith("gradient") for p in EM(_normal_mixture, m_step="gradient")
-               .m_step_paths(x).values())
+    assert all(
+        p.startswith("gradient")
+        for p in EM(_normal_mixture, m_step="gradient").m_step_paths(x).values()
+    )
 
 
 def test_frozen_parameters_stay_put_and_others_fit():
@@ -154,8 +158,9 @@ def test_component_without_mass_keeps_its_parameters_and_no_nan():
         L = numpyro.param("L", jnp.ones((3, 1, 1)), constraint=constraints.lower_cholesky)
         with numpyro.plate("data", x.shape[0]):
             z = numpyro.sample("z", dist.Categorical(w))
-            numpyro.sample("x", dist.MultivariateNormal(mu[z][..., None], scale_tril=L[z]),
-                           obs=x[:, None])
+            numpyro.sample(
+                "x", dist.MultivariateNormal(mu[z][..., None], scale_tril=L[z]), obs=x[:, None]
+            )
 
     result = EM(model).run(jax.random.PRNGKey(0), x, max_iter=20, tol=0.0)
     assert not bool(result.diverged)
@@ -171,7 +176,10 @@ def test_non_finite_step_stops_and_returns_last_finite_params():
     x = jnp.array([-50.0, 0.1, 0.5, 0.9, 1.3, 1.7, 2.1])
     model = _normal_mixture
     result = EM(model, reg_covar=0.0).run(
-        jax.random.PRNGKey(0), x, max_iter=50, tol=0.0,
+        jax.random.PRNGKey(0),
+        x,
+        max_iter=50,
+        tol=0.0,
         init_params={"mu": jnp.array([-50.0, 1.0]), "sigma": jnp.array([1.0, 1.0])},
     )
     assert bool(result.diverged)
