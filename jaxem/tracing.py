@@ -31,6 +31,8 @@ from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
 from numpyro.distributions.distribution import COERCIONS, validation_enabled
 
+from jaxem.closed_form import contract_cells
+
 __all__ = [
     "ModelError",
     "ModelStructure",
@@ -406,7 +408,12 @@ def _mvn_log_prob(loc, scale_tril, value):
     dim = scale_tril.shape[-1]
     eye = jnp.broadcast_to(jnp.eye(dim, dtype=scale_tril.dtype), scale_tril.shape)
     inv_tril = solve_triangular(scale_tril, eye, lower=True)
-    whitened = jnp.einsum("...de,...e->...d", inv_tril, value - loc)
+    # L^-1 (x - loc) = L^-1 x - L^-1 loc, each contracted on the operands' own
+    # batch shapes: (K, 1) factors against (N,) points is one matmul, with no
+    # K x N x D x D broadcast.
+    batch = jnp.broadcast_shapes(scale_tril.shape[:-2], value.shape[:-1], loc.shape[:-1])
+    whitened = contract_cells(batch, batch, (inv_tril, "de"), (value, "e"), out="d")
+    whitened = whitened - contract_cells(batch, batch, (inv_tril, "de"), (loc, "e"), out="d")
     half_log_det = jnp.sum(jnp.log(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)), axis=-1)
     return -0.5 * jnp.sum(whitened**2, axis=-1) - half_log_det - 0.5 * dim * jnp.log(2 * jnp.pi)
 
