@@ -21,7 +21,7 @@ def num_free_params(model, params, *args, **kwargs) -> int:
     A simplex of size K has K - 1 free entries, a D x D ``lower_cholesky`` or
     ``positive_definite`` matrix D (D + 1) / 2, an unconstrained array its size.
     """
-    structure, _ = inspect_model(model, jax.random.PRNGKey(0), args, kwargs, validate=False)
+    structure, _ = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
     total = 0
     for name in structure.param_names:
         transform = biject_to(structure.constraints[name])

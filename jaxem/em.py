@@ -14,7 +14,15 @@ from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, gradient_m_step, to_unconstrained
 from jaxem.mstep import closed_form_m_step, plan_m_step
-from jaxem.tracing import ModelError, inspect_model, merge_args, model_structure, split_args
+from jaxem.tracing import (
+    ModelError,
+    check_values,
+    inspect_model,
+    merge_args,
+    model_structure,
+    raise_for_invalid,
+    split_args,
+)
 
 __all__ = ["EM", "EMState", "EMResult"]
 
@@ -159,6 +167,7 @@ class EM:
         self.frozen = tuple(frozen)
         self._registry = registered_closed_forms()
         self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
+        self._validity_jit = jax.jit(self._validity, static_argnums=(3,))
         self._run_jit = jax.jit(
             self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
         )
@@ -177,13 +186,32 @@ class EM:
             mode=self.m_step,
         )
 
-    def _init_arrays(self, rng_key, arrays, spec, init_params, validate=False):
+    def _initial_params(self, rng_key, arrays, spec, init_params):
         args, kwargs = merge_args(arrays, spec)
-        structure, params = inspect_model(self.model, rng_key, args, kwargs, validate=validate)
+        structure, params = inspect_model(self.model, rng_key, args, kwargs)
         unknown = set(self.frozen) - set(structure.param_names)
         if unknown:
             raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
-        params = _merge_init_params(params, init_params, structure, validate)
+        return structure, _merge_init_params(params, init_params)
+
+    def _validity(self, rng_key, arrays, init_params, spec):
+        args, kwargs = merge_args(arrays, spec)
+        structure, params, observed = inspect_model(
+            self.model, rng_key, args, kwargs, observed_values=True
+        )
+        return check_values(structure, _merge_init_params(params, init_params), observed)
+
+    def _validate(self, rng_key, arrays, spec, init_params) -> None:
+        """Raise a named error for bad data or initial values: one compiled check
+        (eager checks would compile op by op), skipped under a transformation."""
+        if not _is_concrete((rng_key, arrays, init_params)):
+            return
+        bad_data, good_params = self._validity_jit(rng_key, arrays, init_params, spec)
+        args, kwargs = merge_args(arrays, spec)
+        raise_for_invalid(model_structure(self.model, args, kwargs), bad_data, good_params)
+
+    def _init_arrays(self, rng_key, arrays, spec, init_params):
+        structure, params = self._initial_params(rng_key, arrays, spec, init_params)
         plan = self._plan(params, arrays, spec, structure)
         gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
         opt_state = ()
@@ -307,7 +335,8 @@ class EM:
             An :class:`EMState`.
         """
         arrays, spec = split_args(args, kwargs)
-        return self._init_arrays(rng_key, arrays, spec, init_params, validate=True)
+        self._validate(rng_key, arrays, spec, init_params)
+        return self._init_arrays(rng_key, arrays, spec, init_params)
 
     def update(self, state: EMState, *args, **kwargs):
         """One EM iteration (compiled once per argument shape).
@@ -356,9 +385,10 @@ class EM:
         if max_iter < 1 or num_restarts < 1:
             raise ValueError("max_iter and num_restarts must be at least 1")
         arrays, spec = split_args(args, kwargs)
-        if _is_concrete((rng_key, arrays, init_params)):
-            self._init_arrays(rng_key, arrays, spec, init_params, validate=True)
         init_params = None if init_params is None else dict(init_params)
+        # Bad data and invalid initial values are reported here, with the site or
+        # param named: the compiled run cannot raise.
+        self._validate(rng_key, arrays, spec, init_params)
         call = lambda: self._run_jit(  # noqa: E731
             rng_key,
             arrays,
@@ -386,13 +416,13 @@ class EM:
         "frozen" | "unused (...)"}``, for the model called with these arguments."""
         arrays, spec = split_args(args, kwargs)
         structure, params = inspect_model(
-            self.model, jax.random.PRNGKey(0), *merge_args(arrays, spec), validate=False
+            self.model, jax.random.PRNGKey(0), *merge_args(arrays, spec)
         )
         plan = self._plan(params, arrays, spec, structure)
         return {name: f"{path.kind} ({path.reason})" for name, path in plan.items()}
 
 
-def _merge_init_params(params, init_params, structure, validate):
+def _merge_init_params(params, init_params):
     if not init_params:
         return params
     unknown = set(init_params) - set(params)
@@ -409,12 +439,5 @@ def _merge_init_params(params, init_params, structure, validate):
                 f"jaxem: init_params['{name}'] has shape {jnp.shape(value)} but the model's "
                 f"param '{name}' has shape {jnp.shape(params[name])}."
             )
-        if validate and _is_concrete(value):
-            constraint = structure.constraints[name]
-            if not bool(jnp.all(jnp.isfinite(value))) or not bool(jnp.all(constraint.check(value))):
-                raise ModelError(
-                    f"jaxem: init_params['{name}'] lies outside the constraint {constraint} "
-                    f"of param '{name}' (or is not finite). Give a value that satisfies it."
-                )
         merged[name] = value
     return merged

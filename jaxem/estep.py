@@ -131,7 +131,7 @@ def _site_posterior(site, marginal):
 
 def _structure(model, arrays, spec):
     args, kwargs = merge_args(arrays, spec)
-    structure, _ = inspect_model(model, jax.random.PRNGKey(0), args, kwargs, validate=False)
+    structure, _ = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
     return structure, args, kwargs
 
 

@@ -40,7 +40,9 @@ __all__ = [
     "Site",
     "split_args",
     "merge_args",
+    "check_values",
     "inspect_model",
+    "raise_for_invalid",
     "model_structure",
     "enumerated_trace",
     "site_log_prob",
@@ -173,17 +175,19 @@ def _support_value(msg):
     return jnp.broadcast_to(first, fn.shape(msg["kwargs"].get("sample_shape", ())))
 
 
-def inspect_model(model, rng_key, args, kwargs, *, validate=True):
+def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     """Run the model once under ``seed`` and classify its sites.
 
     Returns:
         ``(structure, initial_params)``: a :class:`ModelStructure` and the
         initial (constrained) values of the params, callable initial values
-        called with keys derived from ``rng_key``.
+        called with keys derived from ``rng_key``; with ``observed_values``,
+        also ``{observed site: data}``.
 
     Raises:
-        ModelError: no params, a continuous or non-enumerable latent site,
-            non-finite observed data, an initial value outside its constraint.
+        ModelError: no params, a continuous or non-enumerable latent site, data
+            whose shape disagrees with its plates. Checks of values (NaN data,
+            initial values outside their constraints) are in :func:`check_values`.
     """
     # Latent sites take a value of their support instead of a prior draw: the
     # trace is for params and structure, and sampling N labels would be staged
@@ -234,8 +238,8 @@ def inspect_model(model, rng_key, args, kwargs, *, validate=True):
             "Declare each parameter with numpyro.param(name, init_value, constraint=...)."
         )
     structure = ModelStructure(tuple(params), constraints_, tuple(latent), tuple(observed), nesting)
-    if validate:
-        _validate(tr, structure)
+    if observed_values:
+        return structure, params, {name: tr[name]["value"] for name in observed}
     return structure, params
 
 
@@ -250,9 +254,7 @@ def model_structure(model, args, kwargs) -> ModelStructure:
 
     def structure_only(arrays):
         args, kwargs = merge_args(arrays, spec)
-        structure, params = inspect_model(
-            model, jax.random.PRNGKey(0), args, kwargs, validate=False
-        )
+        structure, params = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
         found.append(structure)
         return params
 
@@ -278,33 +280,41 @@ def _check_data_shape(name, site) -> None:
         )
 
 
-def _validate(tr, structure: ModelStructure) -> None:
-    for name in structure.observed_sites:
-        value = tr[name]["value"]
-        if _is_concrete(value) and jnp.issubdtype(jnp.result_type(value), jnp.inexact):
-            if not bool(jnp.all(jnp.isfinite(value))):
-                bad = int(jnp.size(value) - jnp.sum(jnp.isfinite(value)))
-                raise ModelError(
-                    f"jaxem: observed site '{name}' contains {bad} NaN or infinite value(s). "
-                    "Remove or impute those entries before fitting."
-                )
-    for name in structure.param_names:
-        value = tr[name]["value"]
-        if not _is_concrete(value):
-            continue
-        if not bool(jnp.all(jnp.isfinite(value))):
+def check_values(structure: ModelStructure, params: dict, observed: dict):
+    """Validity of data and initial values as arrays (jittable).
+
+    Returns:
+        ``({observed site: number of non-finite entries}, {param: finite and
+        inside its constraint})``.
+    """
+    bad_data = {
+        name: jnp.sum(~jnp.isfinite(value))
+        for name, value in observed.items()
+        if jnp.issubdtype(jnp.result_type(value), jnp.inexact)
+    }
+    good_params = {
+        name: jnp.all(jnp.isfinite(params[name]))
+        & jnp.all(structure.constraints[name].check(params[name]))
+        for name in structure.param_names
+    }
+    return bad_data, good_params
+
+
+def raise_for_invalid(structure: ModelStructure, bad_data: dict, good_params: dict) -> None:
+    """Raise a :class:`ModelError` naming the first invalid site or param."""
+    for name, count in bad_data.items():
+        if int(count):
             raise ModelError(
-                f"jaxem: the initial value of param '{name}' contains NaN or inf; give a "
-                "finite initial value."
+                f"jaxem: observed site '{name}' contains {int(count)} NaN or infinite "
+                "value(s). Remove or impute those entries before fitting."
             )
-        constraint = structure.constraints[name]
-        ok = constraint.check(value)
-        if not bool(jnp.all(ok)):
+    for name, ok in good_params.items():
+        if not bool(ok):
             raise ModelError(
-                f"jaxem: the initial value of param '{name}' lies outside its constraint "
-                f"{constraint}. Give an initial value that satisfies it (e.g. "
-                "a simplex sums to 1 along its last axis, lower_cholesky needs a positive "
-                "diagonal)."
+                f"jaxem: the initial value of param '{name}' is not finite or lies outside its "
+                f"constraint {structure.constraints[name]}. Give an initial value (in the "
+                "model or in init_params) that satisfies it: e.g. a simplex sums to 1 along "
+                "its last axis, lower_cholesky needs a positive diagonal."
             )
 
 
