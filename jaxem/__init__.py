@@ -3,7 +3,7 @@
 from jaxem.closed_form import Cells, ClosedFormUpdate, contract_cells, register_closed_form
 from jaxem.diagnostics import aic, bic, num_free_params, num_observations
 from jaxem.em import EM, EMResult, EMState
-from jaxem.estep import log_likelihood, posterior
+from jaxem.estep import log_likelihood, map_assignment, posterior
 from jaxem.tracing import ModelError
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "bic",
     "contract_cells",
     "log_likelihood",
+    "map_assignment",
     "num_free_params",
     "num_observations",
     "posterior",

@@ -203,3 +203,32 @@ def test_posterior_and_log_likelihood_of_global_and_local_latents():
     assert post["g"].shape == (2,) and post["z"].shape == (3, 2)
     np.testing.assert_allclose(post["g"].sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(post["z"].sum(-1), np.ones(3), rtol=1e-6)
+
+
+def test_map_assignment_is_the_joint_argmax_by_brute_force(x64):
+    # z2 depends on z1: the joint MAP differs from the per-site posterior argmax.
+    def model(x):
+        w1 = numpyro.param("w1", jnp.array([0.55, 0.45]), constraint=constraints.simplex)
+        A = numpyro.param(
+            "A", jnp.array([[0.5, 0.5], [0.05, 0.95]]), constraint=constraints.simplex
+        )
+        with numpyro.plate("data", x.shape[0]):
+            z1 = numpyro.sample("z1", dist.Categorical(w1))
+            z2 = numpyro.sample("z2", dist.Categorical(A[z1]))
+            numpyro.sample("x", dist.Normal(jnp.array([0.0, 0.3])[z2] + 0.1 * z1, 1.0), obs=x)
+
+    params = {"w1": jnp.array([0.55, 0.45]), "A": jnp.array([[0.5, 0.5], [0.05, 0.95]])}
+    x = jnp.array([0.2, -1.0, 2.5])
+    result = jaxem.map_assignment(model, params, x)
+    w1, A, mu = np.asarray(params["w1"]), np.asarray(params["A"]), np.array([0.0, 0.3])
+    for n, xn in enumerate(np.asarray(x)):
+        scores = {
+            (a, b): np.log(w1[a]) + np.log(A[a, b]) - 0.5 * (xn - mu[b] - 0.1 * a) ** 2
+            for a in range(2)
+            for b in range(2)
+        }
+        best = max(scores, key=scores.get)
+        assert (int(result["z1"][n]), int(result["z2"][n])) == best
+    post = jaxem.posterior(model, params, x)
+    per_site = (np.argmax(post["z1"], -1), np.argmax(post["z2"], -1))
+    assert not np.array_equal(np.stack(per_site), np.stack([result["z1"], result["z2"]]))
