@@ -442,6 +442,8 @@ def _explain_trace_error(err: Exception) -> str:
 def _check_no_markov(name, site) -> None:
     dim_to_name = site["infer"].get("dim_to_name", {})
     if any(str(n).startswith(("_time", "_PREV_")) for n in dim_to_name.values()):
+        while name.startswith("_PREV_"):  # NumPyro's name for the previous step's copy
+            name = name[len("_PREV_") :]
         raise ModelError(
             f"jaxem: site '{name}' is inside a numpyro.contrib.control_flow.scan (a Markov "
             "chain). Markov chains are not supported by this version of jaxem yet."

@@ -1,0 +1,128 @@
+"""Compilation and batching: ``update`` traces the model once, ``run`` vmaps, restarts, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+import jaxem
+from jaxem import EM
+
+MODEL_TRACES = []
+
+
+def counting_mixture(x, K):
+    MODEL_TRACES.append(1)  # runs once per Python-level trace of the model
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.linspace(-1.0, 1.0, K))
+    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+
+
+def random_init_mixture(x, K):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", lambda key: 3.0 * jax.random.normal(key, (K,)))
+    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+
+
+def _mixture_data(seed, N=120):
+    rng = np.random.default_rng(seed)
+    z = rng.choice(3, size=N)
+    return rng.normal(np.array([-4.0, 0.0, 3.0])[z], np.array([1.0, 0.5, 1.0])[z])
+
+
+def test_update_traces_model_once(x32):
+    em = EM(counting_mixture)
+    x1 = jnp.asarray(_mixture_data(0), jnp.float32)
+    x2 = jnp.asarray(_mixture_data(1), jnp.float32)
+    assert x1.shape == x2.shape and not np.allclose(x1, x2)
+
+    state = em.init(jax.random.PRNGKey(0), x1, 3)
+    state, ll1 = em.update(state, x1, 3)
+    traces_after_first = len(MODEL_TRACES)
+    assert traces_after_first > 0  # the counter does see traces
+    state, ll2 = em.update(state, x2, 3)  # new values, same shape: no retrace
+    state, ll3 = em.update(state, x1, 3)
+    assert len(MODEL_TRACES) == traces_after_first
+    # The new data really went in (the count check is not vacuous).
+    assert float(ll2) != float(ll1) and float(ll3) != float(ll2)
+
+
+def test_vmap_over_datasets(x32):
+    em = EM(random_init_mixture)
+    key = jax.random.PRNGKey(3)
+    xs = jnp.asarray(np.stack([_mixture_data(s) for s in range(3)]), jnp.float32)
+
+    batched = jax.vmap(lambda x: em.run(key, x, 3, max_iter=20, tol=0.0).log_likelihood)(xs)
+    assert batched.shape == (3,)
+    single = np.array([float(em.run(key, x, 3, max_iter=20, tol=0.0).log_likelihood) for x in xs])
+    np.testing.assert_allclose(np.asarray(batched), single, rtol=1e-4)
+    # The datasets differ, so equal values above cannot come from one repeated fit.
+    assert len(set(np.round(single, 3))) == 3
+
+
+def test_restarts_keep_the_best(x32):
+    em = EM(random_init_mixture)
+    x = jnp.asarray(_mixture_data(5), jnp.float32)
+    result = em.run(jax.random.PRNGKey(11), x, 3, max_iter=3, tol=0.0, num_restarts=4)
+    restart_lls = np.asarray(result.restart_log_likelihoods)
+    assert restart_lls.shape == (4,)
+    # Callable initial values get a different key per restart, so the restarts differ.
+    assert len(np.unique(restart_lls)) > 1, restart_lls
+    np.testing.assert_allclose(float(result.log_likelihood), restart_lls.max(), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(jaxem.log_likelihood(random_init_mixture, result.params, x, 3)),
+        restart_lls.max(),
+        rtol=1e-5,
+    )
+
+
+def test_float32_by_default(x32):
+    x = jnp.asarray(_mixture_data(2), jnp.float32)
+    result = EM(random_init_mixture).run(jax.random.PRNGKey(0), x, 3, max_iter=5, tol=0.0)
+    assert result.log_likelihood.dtype == jnp.float32
+    assert result.history.dtype == jnp.float32
+    assert all(v.dtype == jnp.float32 for v in result.params.values())
+    assert result.history.shape == (5,)
+
+
+def test_float64_when_enabled(x64):
+    x = jnp.asarray(_mixture_data(2))
+    assert x.dtype == jnp.float64
+    result = EM(random_init_mixture).run(jax.random.PRNGKey(0), x, 3, max_iter=5, tol=0.0)
+    assert result.log_likelihood.dtype == jnp.float64
+    assert result.history.dtype == jnp.float64
+    assert all(v.dtype == jnp.float64 for v in result.params.values())
+
+
+def test_run_stops_on_relative_tolerance(x32):
+    x = jnp.asarray(_mixture_data(0), jnp.float32)
+    tol = 1e-6
+    result = EM(random_init_mixture).run(jax.random.PRNGKey(0), x, 3, max_iter=200, tol=tol)
+    n = int(result.num_iters)
+    history = np.asarray(result.history)
+    assert bool(result.converged) and 2 < n < 200
+    assert np.all(np.isnan(history[n:])) and np.all(np.isfinite(history[:n]))
+    # Relative changes of the recorded log-likelihoods (the final value appended): the stop
+    # is at the first change <= tol, whichever of the last two pairs the loop compares.
+    seq = np.append(history[:n].astype(np.float64), float(result.log_likelihood))
+    rel_change = np.abs(np.diff(seq)) / np.abs(seq[1:])
+    assert rel_change[-2:].min() <= tol, rel_change[-4:]
+    assert np.all(rel_change[:-2] > tol), rel_change
+
+
+def test_run_under_user_jit(x32):
+    em = EM(random_init_mixture)
+    x = jnp.asarray(_mixture_data(4), jnp.float32)
+    key = jax.random.PRNGKey(1)
+    jitted = jax.jit(lambda data: em.run(key, data, 3, max_iter=10, tol=0.0).log_likelihood)
+    np.testing.assert_allclose(
+        float(jitted(x)), float(em.run(key, x, 3, max_iter=10, tol=0.0).log_likelihood), rtol=1e-5
+    )
