@@ -363,9 +363,29 @@ def _normal_loc_stats(transform=lambda x: x):
 
 def _normal_scale_stats(transform=lambda x: x):
     def stats(cells, target):
-        residual = transform(cells.value) - _arr(cells.args["loc"], cells.weight)
-        sq = cells.sum(target, (cells.weight, ""), (residual, ""), (residual, ""))
-        return sq, cells.count(target)
+        x = transform(cells.value)
+        loc = _arr(cells.args["loc"], cells.weight)
+        num_cells = len(cells.shape)
+        summed = [i for i in range(num_cells) if target[i] == 1]
+        if any(_align(jnp.shape(loc), num_cells)[i] != 1 for i in summed):
+            # loc varies where the scale is shared (a regression): residuals.
+            residual = x - loc
+            sq = cells.sum(target, (cells.weight, ""), (residual, ""), (residual, ""))
+            return sq, cells.count(target)
+        # sum w (x - m)^2 = sum w x^2 - 2 m sum w x + m^2 sum w, as contractions;
+        # shifting x and m by the data mean over the summed dims (exact) keeps the
+        # expansion accurate in float32.
+        x_aligned = jnp.reshape(x, _align(jnp.shape(x), num_cells))
+        axes = tuple(i for i in summed if x_aligned.shape[i] != 1)
+        shift = jax.lax.stop_gradient(jnp.mean(x_aligned, axis=axes, keepdims=True))
+        x, loc = x_aligned - shift, loc - shift
+        w = cells.weight
+        sq = (
+            cells.sum(target, (w, ""), (x**2, ""))
+            - 2 * cells.sum(target, (w, ""), (x, ""), (loc, ""))
+            + cells.sum(target, (w, ""), (loc**2, ""))
+        )
+        return jnp.maximum(sq, 0.0), cells.count(target)
 
     return stats
 

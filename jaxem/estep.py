@@ -43,6 +43,41 @@ class EStep(NamedTuple):
 
 
 def _contract(log_factors: dict, trace: EnumTrace):
+    latent = [name for name, site in trace.sites.items() if not site.is_observed]
+    if len(latent) == 1:
+        return _contract_mixture(log_factors, trace, latent[0])
+    return _contract_funsor(log_factors, trace)
+
+
+def _contract_mixture(log_factors: dict, trace: EnumTrace, name: str):
+    """Contraction for one latent site (mixtures): a logsumexp over its values.
+
+    Factors of sites in plates nested inside the latent's are summed over those
+    plates first (conditional independence). The enumeration axis is moved last
+    so that the reduction runs over contiguous memory: XLA's CPU reduction over
+    a leading axis is several times slower.
+    """
+    latent = trace.sites[name]
+    enum_dim = next(d for d, n in latent.dim_to_name.items() if n == name)
+    involved, rest = [], 0.0
+    for site_name, site in trace.sites.items():
+        log_prob = log_factors[site_name]
+        if name not in site.dim_to_name.values():
+            rest = rest + jnp.sum(log_prob)
+            continue
+        inner = tuple(
+            jnp.ndim(log_prob) + d
+            for d, n in site.dim_to_name.items()
+            if n in site.plates and n not in latent.plates
+        )
+        involved.append(jnp.sum(log_prob, axis=inner, keepdims=True) if inner else log_prob)
+    joint = sum(involved[1:], involved[0])
+    joint = jnp.moveaxis(joint, jnp.ndim(joint) + enum_dim, -1)
+    return jnp.sum(jax.nn.logsumexp(joint, axis=-1)) + rest
+
+
+def _contract_funsor(log_factors: dict, trace: EnumTrace):
+    """General contraction: funsor's sum-product over plates and enumerated dims."""
     factors, sum_vars, plates = [], set(), set()
     for name, site in trace.sites.items():
         log_prob = log_factors[name]

@@ -407,11 +407,46 @@ def site_log_prob(fn, value):
         batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
         return jnp.broadcast_to(log_prob, jnp.broadcast_shapes(fn.batch_shape, batch))
     if isinstance(fn, dist.Independent):
+        base = fn.base_dist
+        while isinstance(base, dist.ExpandedDistribution):  # plates expand inside to_event
+            base = base.base_dist
+        if fn.reinterpreted_batch_ndims == 1 and type(base) is dist.Normal:
+            log_prob = _diagonal_normal_log_prob(base.loc, base.scale, value)
+            return jnp.broadcast_to(log_prob, fn.batch_shape)
         log_prob = site_log_prob(fn.base_dist, value)
         return jnp.sum(log_prob, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
     if type(fn) is dist.MultivariateNormal:
         return _mvn_log_prob(fn.loc, fn.scale_tril, value)
     return fn.log_prob(value)
+
+
+def _diagonal_normal_log_prob(loc, scale, value):
+    """log N(value | loc, diag(scale^2)) summed over the last dim, as matmuls.
+
+    sum_d (x_d - m_d)^2 / s_d^2 expands into three contractions over d, so K
+    components against N points cost matmuls instead of a K x N x D array of
+    elementwise work. Both x and m are first shifted by the data mean, which
+    cancels exactly and keeps the expansion accurate in float32.
+    """
+    dim = value.shape[-1]
+    loc = _with_last_dim(loc, dim)
+    precision = _with_last_dim(scale, dim) ** -2
+    shift = jax.lax.stop_gradient(jnp.mean(value.reshape(-1, dim), axis=0))
+    x, m = value - shift, loc - shift
+    batch = jnp.broadcast_shapes(loc.shape[:-1], precision.shape[:-1], value.shape[:-1])
+    quadratic = (
+        contract_cells(batch, batch, (x**2, "d"), (precision, "d"))
+        - 2 * contract_cells(batch, batch, (x, "d"), (m * precision, "d"))
+        + contract_cells(batch, batch, (m**2 * precision, "d"))
+    )
+    log_det = -0.5 * contract_cells(batch, batch, (jnp.log(precision), "d"))
+    return -0.5 * quadratic - log_det - 0.5 * dim * jnp.log(2 * jnp.pi)
+
+
+def _with_last_dim(a, dim):
+    a = jnp.asarray(a)
+    a = a[None] if a.ndim == 0 else a
+    return jnp.broadcast_to(a, a.shape[:-1] + (dim,))
 
 
 def _mvn_log_prob(loc, scale_tril, value):
