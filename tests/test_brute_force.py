@@ -14,6 +14,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from models import normal_mixture
 from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
 from scipy import stats
@@ -318,15 +319,6 @@ def test_hmm_scan(x64):
 
 
 # --- hard EM: the max-product E-step and the classification M-step ---------------------------
-
-
-def normal_mixture(x, K):
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros(K))
-    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
 
 
 def test_hard_em_first_update(x64):

@@ -6,6 +6,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from models import normal_mixture_spread
 from numpyro.distributions import constraints
 
 import jaxem
@@ -43,15 +44,6 @@ def test_contract_cells_equals_broadcast_sum(cell_shape, target, shapes, events,
     np.testing.assert_allclose(np.asarray(result), expected, rtol=1e-5, atol=1e-5)
 
 
-def _normal_mixture(x, K=2):
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.linspace(-1.0, 1.0, K))
-    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
-
-
 def _reversed_loc(x):
     mu = numpyro.param("mu", jnp.array([[0.0, 1.0], [1.0, 0.0]]))
     with numpyro.plate("data", x.shape[0]):
@@ -79,7 +71,7 @@ def test_m_step_paths_detects_selection_and_reports_why_not():
     assert paths["shared"].startswith("frozen")
     assert paths["unused"].startswith("unused")
 
-    paths = EM(_normal_mixture).m_step_paths(x)
+    paths = EM(normal_mixture_spread).m_step_paths(x)
     assert paths == {
         "w": "closed-form (CategoricalProbs.probs at site 'z')",
         "mu": "closed-form (Normal.loc at site 'x')",
@@ -87,7 +79,7 @@ def test_m_step_paths_detects_selection_and_reports_why_not():
     }
     assert all(
         p.startswith("gradient")
-        for p in EM(_normal_mixture, m_step="gradient").m_step_paths(x).values()
+        for p in EM(normal_mixture_spread, m_step="gradient").m_step_paths(x).values()
     )
 
 
@@ -174,7 +166,7 @@ def test_non_finite_step_stops_and_returns_last_finite_params():
     # With reg_covar=0 a component that captures a single point collapses to
     # zero variance: the next log-likelihood is infinite.
     x = jnp.array([-50.0, 0.1, 0.5, 0.9, 1.3, 1.7, 2.1])
-    model = _normal_mixture
+    model = normal_mixture_spread
     result = EM(model, reg_covar=0.0).run(
         jax.random.PRNGKey(0),
         x,

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from models import normal_mixture_spread
 from numpyro.distributions import constraints
 
 import jaxem
@@ -15,12 +16,7 @@ MODEL_TRACES = []
 
 def counting_mixture(x, K):
     MODEL_TRACES.append(1)  # runs once per Python-level trace of the model
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.linspace(-1.0, 1.0, K))
-    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+    normal_mixture_spread(x, K)
 
 
 def random_init_mixture(x, K):

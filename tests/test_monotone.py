@@ -13,6 +13,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from models import gmm_scale_tril, normal_mixture, poisson_mixture
 from numpyro.distributions import constraints
 from scipy import stats
 from scipy.special import logsumexp, xlog1py, xlogy
@@ -24,27 +25,7 @@ MAX_ITER = 30
 
 
 # --- the zoo: module-level models, data, deliberately poor starting points, scipy density ---
-
-
-def normal_mix(x, K):
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros(K))
-    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
-
-
-def mvn_mix(x, K):
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros((K, D)))
-    L = numpyro.param(
-        "L", jnp.broadcast_to(jnp.eye(D), (K, D, D)), constraint=constraints.lower_cholesky
-    )
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x)
+# (the normal, mvn and poisson models are shared with other modules: models.py)
 
 
 def latent_class(x, K):
@@ -72,14 +53,6 @@ def categorical_mix(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.Categorical(probs=theta[z]).to_event(1), obs=x)
-
-
-def poisson_mix(x, K):
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    rate = numpyro.param("rate", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Poisson(rate[z]), obs=x)
 
 
 def exponential_mix(x, K):
@@ -259,12 +232,12 @@ def _tied_scale_case(rng):
 
 
 ZOO = {
-    "normal": (normal_mix, _normal_case),
-    "mvn": (mvn_mix, _mvn_case),
+    "normal": (normal_mixture, _normal_case),
+    "mvn": (gmm_scale_tril, _mvn_case),
     "bernoulli_latent_class": (latent_class, _latent_class_case),
     "binomial": (binomial_mix, _binomial_case),
     "categorical": (categorical_mix, _categorical_case),
-    "poisson": (poisson_mix, _poisson_case),
+    "poisson": (poisson_mixture, _poisson_case),
     "exponential": (exponential_mix, _exponential_case),
     "geometric": (geometric_mix, _geometric_case),
     "lognormal": (lognormal_mix, _lognormal_case),

@@ -12,6 +12,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from models import normal_mixture, poisson_mixture
 from numpyro.distributions import constraints
 from scipy import optimize, stats
 from scipy.special import log_softmax, logsumexp, softmax
@@ -19,23 +20,6 @@ from sklearn.cluster import KMeans
 
 import jaxem
 from jaxem import EM
-
-
-def poisson_mix(x, K):
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    rate = numpyro.param("rate", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Poisson(rate[z]), obs=x)
-
-
-def normal_mix(x, K):
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros(K))
-    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
 
 
 def regression_mix(X, y, K):
@@ -63,14 +47,19 @@ def kmeans_model(x, K):
 def _poisson_case(rng):
     z = rng.choice(3, size=200, p=[0.3, 0.4, 0.3])
     x = rng.poisson(np.array([1.0, 6.0, 15.0])[z]).astype(np.float64)
-    return poisson_mix, x, 3, {"w": np.array([0.4, 0.3, 0.3]), "rate": np.array([2.0, 5.0, 10.0])}
+    return (
+        poisson_mixture,
+        x,
+        3,
+        {"w": np.array([0.4, 0.3, 0.3]), "rate": np.array([2.0, 5.0, 10.0])},
+    )
 
 
 def _normal_case(rng):
     z = rng.choice(2, size=200, p=[0.4, 0.6])
     x = rng.normal(np.array([-2.0, 2.0])[z], np.array([0.7, 1.2])[z])
     return (
-        normal_mix,
+        normal_mixture,
         x,
         2,
         {"w": np.array([0.5, 0.5]), "mu": np.array([-1.0, 1.0]), "sigma": np.array([1.5, 1.5])},
@@ -184,7 +173,7 @@ def test_frozen_params_stay_put(x64, rng):
     _, x, K, init = _normal_case(rng)
     x = jnp.asarray(x)
     init = {k: jnp.asarray(v) for k, v in init.items()}
-    em = EM(normal_mix, frozen=("mu",))
+    em = EM(normal_mixture, frozen=("mu",))
     assert em.m_step_paths(x, K)["mu"].startswith("frozen")
 
     state = em.init(jax.random.PRNGKey(0), x, K, init_params=init)

@@ -13,6 +13,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from models import gmm_scale_tril, normal_mixture
 from numpyro.distributions import constraints
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
@@ -26,18 +27,7 @@ RTOL = 1e-6
 
 
 # --- models (module level so jit caches are shared between tests) -----------------------
-
-
-def gmm_scale_tril(x, K):
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros((K, D)))
-    L = numpyro.param(
-        "L", jnp.broadcast_to(jnp.eye(D), (K, D, D)), constraint=constraints.lower_cholesky
-    )
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x)
+# gmm_scale_tril and the univariate normal_mixture are shared with other modules (models.py).
 
 
 def gmm_covariance_matrix(x, K):
@@ -92,15 +82,6 @@ def gmm_spherical(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.Normal(mu[z], sigma[z][..., None]).to_event(1), obs=x)
-
-
-def normal_mixture_1d(x, K):
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros(K))
-    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
 
 
 # --- covariance parameterisations ------------------------------------------------------
@@ -278,7 +259,7 @@ def test_acidity_univariate_matches_sklearn(K, x64, load_csv):
     gm = _fit_sklearn(x[:, None], K, "diag", w, mu[:, None], 1.0 / sigma[:, None] ** 2)
 
     init = {"w": jnp.asarray(w), "mu": jnp.asarray(mu), "sigma": jnp.asarray(sigma)}
-    result = EM(normal_mixture_1d).run(
+    result = EM(normal_mixture).run(
         jax.random.PRNGKey(0), jnp.asarray(x), K, max_iter=NUM_ITERS, tol=0.0, init_params=init
     )
     params = result.params
@@ -289,7 +270,7 @@ def test_acidity_univariate_matches_sklearn(K, x64, load_csv):
         float(result.log_likelihood), gm.score(x[:, None]) * x.shape[0], rtol=RTOL
     )
     np.testing.assert_allclose(
-        float(jaxem.log_likelihood(normal_mixture_1d, params, jnp.asarray(x), K)),
+        float(jaxem.log_likelihood(normal_mixture, params, jnp.asarray(x), K)),
         gm.score(x[:, None]) * x.shape[0],
         rtol=RTOL,
     )
