@@ -81,6 +81,11 @@ def contract_cells(cell_shape, target, *operands, out=""):
         spec, squeeze = "", []
         for i, size in enumerate(array.shape[:batch_ndim]):
             cell_dim = num_cell - batch_ndim + i
+            if size not in (1, cell_shape[cell_dim]):
+                raise ValueError(
+                    f"operand of shape {array.shape} (event '{event}') does not broadcast to "
+                    f"the cells {tuple(cell_shape)}"
+                )
             if size == 1:
                 squeeze.append(i)
             else:
@@ -261,11 +266,6 @@ def _probability(stats, old, reg_covar):
     return jnp.clip(_ratio(stats, old, reg_covar), 0.0, 1.0)
 
 
-def _inverse_ratio(stats, old, reg_covar):
-    num, den = stats
-    return jnp.where(num > 0, _safe_div(num, den), old)
-
-
 def _positive_ratio(stats, old, reg_covar):
     num, den = stats
     tiny = jnp.finfo(jnp.result_type(old)).tiny
@@ -315,7 +315,7 @@ def _mean_stats(transform=lambda x: x):
 
 
 def _count_stats(cells, target):
-    """sum w and sum w x: rates of Exponential, probabilities of Geometric."""
+    """sum w and sum w x: the rate of an Exponential."""
     return cells.count(target), cells.sum(target, (cells.weight, ""), (cells.value, ""))
 
 
@@ -367,14 +367,16 @@ def _normal_scale_stats(transform=lambda x: x):
         loc = _arr(cells.args["loc"], cells.weight)
         num_cells = len(cells.shape)
         summed = [i for i in range(num_cells) if target[i] == 1]
-        if any(_align(jnp.shape(loc), num_cells)[i] != 1 for i in summed):
-            # loc varies where the scale is shared (a regression): residuals.
+        varies = any(_align(jnp.shape(loc), num_cells)[i] != 1 for i in summed)
+        if varies or jnp.result_type(x) != jnp.float64:
+            # Residuals: where loc varies along the shared dims (a regression), and
+            # in float32, where the expansion below would cancel catastrophically.
             residual = x - loc
             sq = cells.sum(target, (cells.weight, ""), (residual, ""), (residual, ""))
             return sq, cells.count(target)
-        # sum w (x - m)^2 = sum w x^2 - 2 m sum w x + m^2 sum w, as contractions;
-        # shifting x and m by the data mean over the summed dims (exact) keeps the
-        # expansion accurate in float32.
+        # sum w (x - m)^2 = sum w x^2 - 2 m sum w x + m^2 sum w, as contractions
+        # (matmuls); shifting x and m by the data mean over the summed dims is
+        # exact and reduces the cancellation.
         x_aligned = jnp.reshape(x, _align(jnp.shape(x), num_cells))
         axes = tuple(i for i in summed if x_aligned.shape[i] != 1)
         shift = jax.lax.stop_gradient(jnp.mean(x_aligned, axis=axes, keepdims=True))

@@ -41,6 +41,9 @@ def num_observations(model, *args, **kwargs) -> int:
     return int(max(sizes, default=1))
 
 
+_count_observations = num_observations  # bic's keyword argument shadows the function
+
+
 def bic(model, params, *args, num_observations=None, **kwargs):
     """Bayesian information criterion ``-2 log L + k log n`` (lower is better).
 
@@ -62,17 +65,41 @@ def bic(model, params, *args, num_observations=None, **kwargs):
         ...         z = numpyro.sample("z", dist.Categorical(w))
         ...         numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
         >>> params = {"w": jnp.array([0.5, 0.5]), "mu": jnp.array([-1.0, 1.0])}
-        >>> jaxem.num_free_params(model, params, jnp.zeros(4))
-        3
+        >>> x = jnp.array([-1.0, -1.2, 0.9, 1.1])
+        >>> k, n = jaxem.num_free_params(model, params, x), jaxem.num_observations(model, x)
+        >>> (k, n)
+        (3, 4)
+        >>> bool(jnp.isclose(jaxem.bic(model, params, x),
+        ...                  -2 * jaxem.log_likelihood(model, params, x) + k * jnp.log(n)))
+        True
     """
     n = num_observations
     if n is None:
-        n = globals()["num_observations"](model, *args, **kwargs)
+        n = _count_observations(model, *args, **kwargs)
     k = num_free_params(model, params, *args, **kwargs)
     return -2.0 * log_likelihood(model, params, *args, **kwargs) + k * math.log(n)
 
 
 def aic(model, params, *args, **kwargs):
-    """Akaike information criterion ``-2 log L + 2 k`` (lower is better)."""
+    """Akaike information criterion ``-2 log L + 2 k`` (lower is better).
+
+    Args:
+        model: the model.
+        params: fitted ``{param name: value}``.
+        *args, **kwargs: the model's arguments.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> import jaxem
+        >>> def model(x):
+        ...     mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         z = numpyro.sample("z", dist.Categorical(jnp.array([0.5, 0.5])))
+        ...         numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+        >>> params, x = {"mu": jnp.array([-1.0, 1.0])}, jnp.array([-1.0, 1.0])
+        >>> bool(jnp.isclose(jaxem.aic(model, params, x),
+        ...                  -2 * jaxem.log_likelihood(model, params, x) + 2 * 2))
+        True
+    """
     k = num_free_params(model, params, *args, **kwargs)
     return -2.0 * log_likelihood(model, params, *args, **kwargs) + 2.0 * k

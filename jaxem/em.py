@@ -300,8 +300,9 @@ class EM:
         carry = jax.lax.while_loop(cond, body, carry)
         params = _tree_where(carry.diverged, carry.good_params, carry.state.params)
         final = self._objective(params, arrays, spec).astype(dtype)
+        num_iters = carry.i - carry.diverged.astype(carry.i.dtype)  # the rejected one is not
         return EMResult(
-            params, final, carry.history, carry.i, carry.converged, carry.diverged, final
+            params, final, carry.history, num_iters, carry.converged, carry.diverged, final
         )
 
     def _run_arrays(

@@ -4,9 +4,9 @@ The log marginal likelihood is the sum-product contraction of the site
 factors of an enumerated trace. Following Eisner (2016), the posterior
 marginal of every factor is the gradient of the log marginal likelihood with
 respect to that factor's log-probability tensor, so one ``value_and_grad``
-gives the log-likelihood and every responsibility. Replacing the log-sum-exp
-semiring by max gives hard (classification) EM: the gradient is then the
-indicator of the MAP assignment.
+gives the log-likelihood and every responsibility. Hard (classification) EM
+takes the joint MAP assignment instead, found by max-product with argmax
+backtracking; its "marginals" are the indicators of that assignment.
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ def _contract_mixture(log_factors: dict, trace: EnumTrace, name: str):
     a leading axis is several times slower.
     """
     latent = trace.sites[name]
-    enum_dim = next(d for d, n in latent.dim_to_name.items() if n == name)
+    enum_dims = [d for d, n in latent.dim_to_name.items() if n == name]
+    if not enum_dims:  # a support of one value: nothing to sum out
+        return sum(jnp.sum(log_prob) for log_prob in log_factors.values())
+    (enum_dim,) = enum_dims
     involved, rest = [], 0.0
     for site_name, site in trace.sites.items():
         log_prob = log_factors[site_name]
@@ -158,8 +161,11 @@ def _site_posterior(site, marginal):
     and put the site's enumerated values on the last axis.
     """
     ndim = jnp.ndim(marginal)
-    own_axis = ndim + next(d for d, n in site.dim_to_name.items() if n == site.name)
     plate_ndim = max((-d for d, n in site.dim_to_name.items() if n in site.plates), default=0)
+    own = [d for d, n in site.dim_to_name.items() if n == site.name]
+    if not own:  # a support of one value, which NumPyro does not name
+        return jnp.ones(jnp.shape(marginal)[ndim - plate_ndim :] + (1,), jnp.result_type(marginal))
+    own_axis = ndim + own[0]
     enum_axes = tuple(a for a in range(ndim - plate_ndim) if a != own_axis)
     return jnp.moveaxis(jnp.sum(marginal, axis=enum_axes), 0, -1)
 
@@ -184,11 +190,11 @@ def _log_likelihood(model, params, arrays, spec):
     return _contract({name: s.log_prob for name, s in trace.sites.items()}, trace)
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
-def _posterior(model, params, arrays, spec, hard):
+@partial(jax.jit, static_argnums=(0, 3))
+def _posterior(model, params, arrays, spec):
     structure, args, kwargs = _structure(model, arrays, spec)
     _check_params(structure, params)
-    result = e_step(model, params, args, kwargs, structure.max_plate_nesting, hard=hard)
+    result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
     return {
         name: _site_posterior(result.trace.sites[name], result.marginals[name])
         for name in structure.latent_sites
@@ -261,14 +267,13 @@ def log_likelihood(model, params, *args, **kwargs):
     return _log_likelihood(model, dict(params), arrays, spec)
 
 
-def posterior(model, params, *args, hard=False, **kwargs):
+def posterior(model, params, *args, **kwargs):
     """Posterior marginal probabilities of every discrete latent site.
 
     Args:
         model: a NumPyro model with ``numpyro.param`` sites and discrete latents.
         params: ``{param name: constrained value}``.
         *args, **kwargs: the model's arguments.
-        hard: if True, return the indicator of the joint MAP assignment instead.
 
     Returns:
         ``{latent site name: probabilities}``, the enumerated values on the last
@@ -287,4 +292,4 @@ def posterior(model, params, *args, hard=False, **kwargs):
         (3, 2)
     """
     arrays, spec = split_args(args, kwargs)
-    return _posterior(model, dict(params), arrays, spec, bool(hard))
+    return _posterior(model, dict(params), arrays, spec)

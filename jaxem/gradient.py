@@ -74,8 +74,26 @@ def gradient_m_step(
         return (optax.apply_updates(unconstrained, updates), state), None
 
     start = to_unconstrained(params, constraints, names)
-    (end, opt_state), _ = jax.lax.scan(step, (start, opt_state), None, length=num_steps)
+    (end, end_state), _ = jax.lax.scan(step, (start, opt_state), None, length=num_steps)
     start_loss, end_loss = loss(start), loss(end)
     accept = jnp.isfinite(end_loss) & (end_loss <= start_loss)
-    chosen = jax.tree.map(lambda a, b: jnp.where(accept, a, b), end, start)
-    return constrained(chosen), opt_state
+    # A rejected trajectory's optimizer state (momenta, curvature pairs) is
+    # dropped with it: it may hold the non-finite values that got it rejected.
+    chosen, state = jax.tree.map(
+        lambda a, b: jnp.where(accept, a, b), (end, end_state), (start, opt_state)
+    )
+    # A state that is non-finite all the same (handed in so) would reject every
+    # later step: start the optimizer afresh.
+    finite = jnp.all(
+        jnp.stack(
+            [
+                jnp.all(jnp.isfinite(x))
+                for x in jax.tree.leaves(state)
+                if jnp.issubdtype(x.dtype, jnp.inexact)
+            ]
+            or [jnp.array(True)]
+        )
+    )
+    fresh = optimizer.init(chosen)
+    state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), state, fresh)
+    return constrained(chosen), state

@@ -4,6 +4,12 @@ For every parameter, decide (once per compilation, from the model's jaxpr)
 whether it takes a closed-form update or gradient steps, then execute the
 closed-form updates stage by stage: per-cell statistics from the posterior
 weights, summed per parameter entry by the VJP of the selection map.
+
+The order within one M-step is: closed-form stage 1 (locations, rates,
+probabilities), closed-form stage 2 (scales, covariances) given stage 1, then
+the gradient-path parameters given all closed-form ones. Each step maximizes
+(or, for gradient steps, does not decrease) Q with the others fixed: an ECM
+step, so the log-likelihood never decreases.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class _Family(NamedTuple):
     args: dict
     reinterpreted_ndim: int
     mask: object
+    event_ndim: int
 
 
 def _family(fn, records, registry=None):
@@ -74,13 +81,15 @@ def _family(fn, records, registry=None):
             continue
         m = jnp.asarray(m).reshape(jnp.shape(m) + (1,) * (reinterpreted - depth))
         mask = m if mask is None else mask * m
-    return _Family(cls, args, reinterpreted, mask), fn
+    return _Family(cls, args, reinterpreted, mask, fn.event_dim), fn
 
 
 def _site_cells(site, family, weight):
     """Weights and shape of a family's cells from the site marginal."""
-    extra = family.reinterpreted_ndim
-    event = jnp.shape(site.value)[jnp.ndim(site.value) - extra :] if extra else ()
+    # to_event dims sit just left of the family's own event dims in the value.
+    extra, own = family.reinterpreted_ndim, family.event_ndim
+    ndim = jnp.ndim(site.value)
+    event = jnp.shape(site.value)[ndim - own - extra : ndim - own] if extra else ()
     shape = tuple(jnp.shape(weight)) + tuple(event)
     weight = jnp.reshape(weight, jnp.shape(weight) + (1,) * extra)
     if family.mask is not None:
@@ -234,7 +243,7 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
         return False
     size = int(np.prod(shape))
     if size >= 2 ** (24 if dtype == jnp.float32 else 53):
-        return True
+        return False  # ids would not be exact: no proof, no closed form
     inputs = []
     for i, n in enumerate(structure.param_names):
         p = params[n]
@@ -247,7 +256,7 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
     for consumer in consumers:
         out = probe_selection(closed, inputs, consumer[3])
         if out is None:
-            continue
+            return False  # the map closes over traced values: unproven, so gradient
         if tuple(out.shape[out.ndim - event_ndim :]) != tuple(shape[len(shape) - event_ndim :]):
             return False
         rows = out.reshape(-1, block)

@@ -38,8 +38,8 @@ _SELECTION_PRIMITIVES = {
     "pad": (0,),
     "split": (0,),
     "copy": (0,),
-    "copy_p": (0,),
     "convert_element_type": (0,),
+    "stack": _ALL,
     "device_put": _ALL,
     "optimization_barrier": _ALL,
 }
@@ -50,7 +50,24 @@ def _merge(into: dict, labels: dict, selection: bool = True) -> None:
         into[name] = into.get(name, True) and is_selection and selection
 
 
+# Primitives that call a sub-jaxpr once with their own inputs; loops (scan,
+# while) and branches are opaque: a label crossing them is not a selection.
+_CALL_PRIMITIVES = {
+    "jit",
+    "pjit",
+    "closed_call",
+    "core_call",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "remat",
+    "checkpoint",
+}
+
+
 def _sub_jaxpr(eqn):
+    if eqn.primitive.name not in _CALL_PRIMITIVES:
+        return None
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         sub = eqn.params.get(key)
         if sub is None:
@@ -80,6 +97,10 @@ def _propagate(jaxpr, in_labels):
             outputs = _propagate(sub, inputs)
         else:
             positions = _SELECTION_PRIMITIVES.get(eqn.primitive.name, ())
+            if eqn.primitive.name == "convert_element_type" and not np.issubdtype(
+                eqn.params["new_dtype"], np.floating
+            ):
+                positions = ()  # to an integer or bool: the VJP is zero, not a selection
             merged: dict = {}
             for pos, labels in enumerate(inputs):
                 if labels:

@@ -30,6 +30,7 @@ from numpyro.contrib.funsor import config_enumerate, enum
 from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
 from numpyro.distributions.distribution import COERCIONS, validation_enabled
+from numpyro.distributions.util import is_identically_one
 
 from jaxem.closed_form import contract_cells
 
@@ -152,10 +153,6 @@ def merge_args(arrays, spec: _StaticLeaves):
 # ---------------------------------------------------------------------------
 # Seeded trace: params, plates, site kinds.
 # ---------------------------------------------------------------------------
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _describe(fn) -> str:
@@ -336,6 +333,7 @@ def _record_constructor_args(records: dict):
         instance = type.__call__(cls, *args, **kwargs)
         try:
             bound = inspect.signature(cls).bind(*args, **kwargs)
+            bound.apply_defaults()
             arguments = dict(bound.arguments)
         except TypeError:
             arguments = {}
@@ -367,6 +365,9 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         except ValueError as err:
             raise ModelError(_explain_trace_error(err)) from err
     sites = {}
+    latent_names = {
+        n for n, site in tr.items() if site["type"] == "sample" and not site["is_observed"]
+    }
     for name, site in tr.items():
         if site["type"] != "sample":
             continue
@@ -388,7 +389,14 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                 "site matches the shape of its plates and of its distribution."
             ) from err
         scale = site["scale"]
-        if scale is not None:
+        if scale is not None and not is_identically_one(scale):
+            if any(n in latent_names for n in dim_to_name.values()):
+                raise ModelError(
+                    f"jaxem: site '{name}' is scaled (numpyro.handlers.scale or a subsampled "
+                    "plate) and depends on an enumerated latent. A scale there changes the "
+                    "marginal likelihood itself (c * log sum_z p rather than log sum_z p^c), so "
+                    "jaxem rejects it: remove the scale, or replicate weighted data points."
+                )
             log_prob = scale * log_prob
         _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting)
         sites[name] = Site(name, fn, value, log_prob, dim_to_name, site["is_observed"], plates)
@@ -410,7 +418,14 @@ def site_log_prob(fn, value):
         base = fn.base_dist
         while isinstance(base, dist.ExpandedDistribution):  # plates expand inside to_event
             base = base.base_dist
-        if fn.reinterpreted_batch_ndims == 1 and type(base) is dist.Normal:
+        # The expansion into matmuls cancels catastrophically in float32 when
+        # clusters sit far from the data mean (relative error ~ eps (offset /
+        # scale)^2); float32 keeps NumPyro's exact elementwise density.
+        if (
+            fn.reinterpreted_batch_ndims == 1
+            and type(base) is dist.Normal
+            and jnp.result_type(value) == jnp.float64
+        ):
             log_prob = _diagonal_normal_log_prob(base.loc, base.scale, value)
             return jnp.broadcast_to(log_prob, fn.batch_shape)
         log_prob = site_log_prob(fn.base_dist, value)
@@ -425,8 +440,9 @@ def _diagonal_normal_log_prob(loc, scale, value):
 
     sum_d (x_d - m_d)^2 / s_d^2 expands into three contractions over d, so K
     components against N points cost matmuls instead of a K x N x D array of
-    elementwise work. Both x and m are first shifted by the data mean, which
-    cancels exactly and keeps the expansion accurate in float32.
+    elementwise work (as scikit-learn does). Both x and m are first shifted by
+    the data mean, which cancels exactly and reduces the cancellation. Used in
+    float64 only.
     """
     dim = value.shape[-1]
     loc = _with_last_dim(loc, dim)

@@ -224,3 +224,134 @@ def test_map_assignment_is_the_joint_argmax_by_brute_force(x64):
     post = jaxem.posterior(model, params, x)
     per_site = (np.argmax(post["z1"], -1), np.argmax(post["z2"], -1))
     assert not np.array_equal(np.stack(per_site), np.stack([result["z1"], result["z2"]]))
+
+
+# --- regressions found in review ----------------------------------------------------------
+
+
+def test_scaled_site_depending_on_a_latent_is_rejected():
+    def model(x):
+        mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+        with numpyro.handlers.scale(scale=3.0), numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+    with pytest.raises(jaxem.ModelError, match="'z' is scaled"):
+        EM(model).run(jax.random.PRNGKey(0), jnp.zeros(4), max_iter=2)
+
+
+def test_to_event_over_a_multivariate_family_uses_the_right_cells():
+    K, J, D, N = 2, 3, 2, 60
+
+    def shared_over_repeats(x):
+        mu = numpyro.param("mu", jnp.array([[-1.0, -1.0], [1.0, 1.0]]))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(K) / K))
+            loc = jnp.expand_dims(mu[z], -2)  # one mean for all J repeats
+            numpyro.sample("x", dist.MultivariateNormal(loc, jnp.eye(D)).to_event(1), obs=x)
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, K, N)
+    x = jnp.asarray(np.where(labels[:, None, None] == 0, -2.0, 2.0) + rng.normal(size=(N, J, D)))
+    em = EM(shared_over_repeats)
+    assert em.m_step_paths(x)["mu"].startswith("closed-form")
+    closed = em.run(jax.random.PRNGKey(0), x, max_iter=50)
+    gradient = EM(shared_over_repeats, m_step="gradient").run(jax.random.PRNGKey(0), x, max_iter=50)
+    np.testing.assert_allclose(closed.log_likelihood, gradient.log_likelihood, rtol=1e-5)
+    means = [np.asarray(x)[labels == k].mean((0, 1)) for k in range(K)]
+    np.testing.assert_allclose(closed.params["mu"], means, atol=1e-4)
+
+
+def test_dependence_through_a_loop_carry_is_not_taken_for_a_selection():
+    def model(x):
+        mu = numpyro.param("mu", jnp.array([-0.5, 0.5]))
+        loc, _ = jax.lax.fori_loop(0, 2, lambda i, c: (c[1], mu), (jnp.zeros(2), jnp.zeros(2)))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Normal(loc[z], 1.0), obs=x)
+
+    x = jnp.concatenate([jnp.full(50, -3.0), jnp.full(50, 3.0)])
+    assert EM(model).m_step_paths(x)["mu"].startswith("gradient")
+    result = EM(model).run(jax.random.PRNGKey(0), x, max_iter=50)
+    np.testing.assert_allclose(result.params["mu"], [-3.0, 3.0], atol=1e-3)
+
+
+def test_distribution_defaults_are_recorded():
+    def model(x):  # Normal's scale left at its default
+        mu = numpyro.param("mu", jnp.array([-0.5, 0.5]))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Normal(mu[z]), obs=x)
+
+    x = jnp.concatenate([jnp.full(50, -2.0), jnp.full(50, 2.0)])
+    assert EM(model).m_step_paths(x)["mu"].startswith("closed-form")
+    closed = EM(model).run(jax.random.PRNGKey(0), x, max_iter=200, tol=1e-7)
+    gradient = EM(model, m_step="gradient").run(jax.random.PRNGKey(0), x, max_iter=200, tol=1e-7)
+    np.testing.assert_allclose(closed.params["mu"], gradient.params["mu"], rtol=1e-4)
+    assert float(closed.params["mu"][1]) > 1.99  # overlapping tails pull it in a little
+
+
+def test_float32_diagonal_mixture_is_accurate_far_from_the_origin():
+    # Clusters at +-1000 with scale 0.1: an expanded quadratic form would lose
+    # ~eps * (1000 / 0.1)^2 in float32.
+    def model(x):
+        mu = numpyro.param("mu", jnp.array([[-999.0, -999.0], [999.0, 999.0]]))
+        s = numpyro.param("s", jnp.full((2, 2), 0.2), constraint=constraints.positive)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Normal(mu[z], s[z]).to_event(1), obs=x)
+
+    rng = np.random.default_rng(0)
+    x64 = np.concatenate([rng.normal(-1000, 0.1, (100, 2)), rng.normal(1000, 0.1, (100, 2))])
+    result = EM(model).run(jax.random.PRNGKey(0), jnp.asarray(x64, jnp.float32), max_iter=30)
+    halves = (x64[:100], x64[100:])
+    np.testing.assert_allclose(result.params["s"], [h.std(0) for h in halves], rtol=1e-3)
+    reference = sum(
+        -0.5 * np.sum(((h - h.mean(0)) / h.std(0)) ** 2) - len(h) * np.sum(np.log(h.std(0)))
+        for h in halves
+    ) - 200 * (np.log(2 * np.pi) + np.log(2))
+    np.testing.assert_allclose(float(result.log_likelihood), reference, rtol=1e-4)
+
+
+def test_rejected_gradient_steps_leave_no_non_finite_optimizer_state():
+    import optax
+
+    def regression_mixture(X, y):
+        w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
+        beta = numpyro.param("beta", jnp.array([[0.5, 1.0], [-0.5, -1.0]]))
+        with numpyro.plate("data", y.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("y", dist.Normal(jnp.sum(X * beta[z], -1), 0.1), obs=y)
+
+    rng = np.random.default_rng(0)
+    X = np.stack([np.ones(200), rng.uniform(-1, 1, 200)], 1)
+    labels = rng.integers(0, 2, 200)
+    y = np.where(labels == 0, X @ [1.0, 3.0], X @ [-1.0, -2.0]) + 0.1 * rng.normal(size=200)
+    em = EM(regression_mixture, optimizer=optax.sgd(5.0, momentum=0.9))  # far too large
+    state = em.init(jax.random.PRNGKey(0), jnp.asarray(X), jnp.asarray(y))
+    for _ in range(5):
+        state, _ = em.update(state, jnp.asarray(X), jnp.asarray(y))
+        for leaf in jax.tree.leaves(state.opt_state):
+            if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                assert np.all(np.isfinite(leaf))
+        assert np.all(np.isfinite(state.params["beta"]))
+
+
+def test_one_component_model_matches_the_closed_form_fit(x64):
+    def model(x, K=1):
+        w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+        mu = numpyro.param("mu", jnp.zeros(K))
+        sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, 50))
+    result = EM(model).run(jax.random.PRNGKey(0), x, max_iter=5)
+    np.testing.assert_allclose(result.params["mu"], [np.mean(x)], rtol=1e-10)
+    np.testing.assert_allclose(result.params["sigma"], [np.sqrt(np.var(x) + 1e-6)], rtol=1e-10)
+    expected = np.sum(-0.5 * ((x - np.mean(x)) / result.params["sigma"][0]) ** 2) - 50 * np.log(
+        np.sqrt(2 * np.pi) * result.params["sigma"][0]
+    )
+    np.testing.assert_allclose(result.log_likelihood, expected, rtol=1e-10)
+    assert jaxem.posterior(model, result.params, x)["z"].shape == (50, 1)
