@@ -367,27 +367,34 @@ def _normal_scale_stats(transform=lambda x: x):
         loc = _arr(cells.args["loc"], cells.weight)
         num_cells = len(cells.shape)
         summed = [i for i in range(num_cells) if target[i] == 1]
-        varies = any(_align(jnp.shape(loc), num_cells)[i] != 1 for i in summed)
-        if varies or jnp.result_type(x) != jnp.float64:
-            # Residuals: where loc varies along the shared dims (a regression), and
-            # in float32, where the expansion below would cancel catastrophically.
+
+        def residuals():
             residual = x - loc
-            sq = cells.sum(target, (cells.weight, ""), (residual, ""), (residual, ""))
-            return sq, cells.count(target)
+            return cells.sum(target, (cells.weight, ""), (residual, ""), (residual, ""))
+
+        if any(_align(jnp.shape(loc), num_cells)[i] != 1 for i in summed):
+            # loc varies along the dims the scale is shared over (a regression).
+            return residuals(), cells.count(target)
         # sum w (x - m)^2 = sum w x^2 - 2 m sum w x + m^2 sum w, as contractions
         # (matmuls); shifting x and m by the data mean over the summed dims is
         # exact and reduces the cancellation.
         x_aligned = jnp.reshape(x, _align(jnp.shape(x), num_cells))
         axes = tuple(i for i in summed if x_aligned.shape[i] != 1)
         shift = jax.lax.stop_gradient(jnp.mean(x_aligned, axis=axes, keepdims=True))
-        x, loc = x_aligned - shift, loc - shift
+        xs, ls = x_aligned - shift, loc - shift
         w = cells.weight
-        sq = (
-            cells.sum(target, (w, ""), (x**2, ""))
-            - 2 * cells.sum(target, (w, ""), (x, ""), (loc, ""))
-            + cells.sum(target, (w, ""), (loc**2, ""))
+        x_term, m_term = (
+            cells.sum(target, (w, ""), (xs**2, "")),
+            cells.sum(target, (w, ""), (ls**2, "")),
         )
-        return jnp.maximum(sq, 0.0), cells.count(target)
+        sq = x_term - 2 * cells.sum(target, (w, ""), (xs, ""), (ls, "")) + m_term
+        # Where the expansion's rounding could exceed 1e-5 of the result (float32,
+        # clusters far from the data mean), take the residuals.
+        error = (
+            jnp.finfo(sq.dtype).eps * (x_term + m_term) / jnp.maximum(sq, jnp.finfo(sq.dtype).tiny)
+        )
+        sq = jax.lax.cond(jnp.max(error) < 1e-5, lambda: jnp.maximum(sq, 0.0), residuals)
+        return sq, cells.count(target)
 
     return stats
 

@@ -11,6 +11,7 @@ backtracking; its "marginals" are the indicators of that assignment.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import NamedTuple
 
@@ -53,9 +54,8 @@ def _contract_mixture(log_factors: dict, trace: EnumTrace, name: str):
     """Contraction for one latent site (mixtures): a logsumexp over its values.
 
     Factors of sites in plates nested inside the latent's are summed over those
-    plates first (conditional independence). The enumeration axis is moved last
-    so that the reduction runs over contiguous memory: XLA's CPU reduction over
-    a leading axis is several times slower.
+    plates first (conditional independence). The enumeration axis is moved first
+    and the values summed out by :func:`_logsumexp_leading`.
     """
     latent = trace.sites[name]
     enum_dims = [d for d, n in latent.dim_to_name.items() if n == name]
@@ -75,8 +75,19 @@ def _contract_mixture(log_factors: dict, trace: EnumTrace, name: str):
         )
         involved.append(jnp.sum(log_prob, axis=inner, keepdims=True) if inner else log_prob)
     joint = sum(involved[1:], involved[0])
-    joint = jnp.moveaxis(joint, jnp.ndim(joint) + enum_dim, -1)
-    return jnp.sum(jax.nn.logsumexp(joint, axis=-1)) + rest
+    joint = jnp.moveaxis(joint, jnp.ndim(joint) + enum_dim, 0)
+    return jnp.sum(_logsumexp_leading(joint.reshape(joint.shape[0], -1))) + rest
+
+
+def _logsumexp_leading(x):
+    """``logsumexp(x, axis=0)`` for a (K, M) array without a reduction over its
+    leading axis, which XLA's CPU backend (YNNPACK) runs many times slower than
+    the same work as elementwise maxima and a (K,) x (K, M) matmul."""
+    if x.shape[0] > 64:  # an unrolled fold this long costs more to compile than it saves
+        return jax.nn.logsumexp(x, axis=0)
+    shift = jax.lax.stop_gradient(functools.reduce(jnp.maximum, list(x)))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    return jnp.log(jnp.ones(x.shape[:1], x.dtype) @ jnp.exp(x - shift)) + shift
 
 
 def _contract_funsor(log_factors: dict, trace: EnumTrace):

@@ -418,15 +418,17 @@ def site_log_prob(fn, value):
         base = fn.base_dist
         while isinstance(base, dist.ExpandedDistribution):  # plates expand inside to_event
             base = base.base_dist
-        # The expansion into matmuls cancels catastrophically in float32 when
-        # clusters sit far from the data mean (relative error ~ eps (offset /
-        # scale)^2); float32 keeps NumPyro's exact elementwise density.
-        if (
-            fn.reinterpreted_batch_ndims == 1
-            and type(base) is dist.Normal
-            and jnp.result_type(value) == jnp.float64
-        ):
-            log_prob = _diagonal_normal_log_prob(base.loc, base.scale, value)
+        if fn.reinterpreted_batch_ndims == 1 and type(base) is dist.Normal:
+            log_prob, error = _diagonal_normal_log_prob(base.loc, base.scale, value)
+            # The expansion into matmuls cancels when clusters sit far from the
+            # data mean; where its worst-case rounding error could reach 1e-3 nats
+            # in some cell (float32 with far-apart, tight clusters), evaluate the
+            # exact density instead.
+            log_prob = jax.lax.cond(
+                error < 1e-3,
+                lambda: log_prob,
+                lambda: site_log_prob(fn.base_dist, value).sum(-1),
+            )
             return jnp.broadcast_to(log_prob, fn.batch_shape)
         log_prob = site_log_prob(fn.base_dist, value)
         return jnp.sum(log_prob, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
@@ -441,22 +443,26 @@ def _diagonal_normal_log_prob(loc, scale, value):
     sum_d (x_d - m_d)^2 / s_d^2 expands into three contractions over d, so K
     components against N points cost matmuls instead of a K x N x D array of
     elementwise work (as scikit-learn does). Both x and m are first shifted by
-    the data mean, which cancels exactly and reduces the cancellation. Used in
-    float64 only.
+    the data mean, which cancels exactly and reduces the cancellation.
+
+    Returns:
+        ``(log_prob, error)``: the densities and a bound on their rounding error.
     """
     dim = value.shape[-1]
     loc = _with_last_dim(loc, dim)
     precision = _with_last_dim(scale, dim) ** -2
-    shift = jax.lax.stop_gradient(jnp.mean(value.reshape(-1, dim), axis=0))
+    flat = value.reshape(-1, dim)
+    # The mean as a matmul: XLA's CPU reduction over a leading axis is slow.
+    shift = jax.lax.stop_gradient(jnp.ones(flat.shape[:1], flat.dtype) @ flat / flat.shape[0])
     x, m = value - shift, loc - shift
     batch = jnp.broadcast_shapes(loc.shape[:-1], precision.shape[:-1], value.shape[:-1])
-    quadratic = (
-        contract_cells(batch, batch, (x**2, "d"), (precision, "d"))
-        - 2 * contract_cells(batch, batch, (x, "d"), (m * precision, "d"))
-        + contract_cells(batch, batch, (m**2 * precision, "d"))
-    )
+    x_term = contract_cells(batch, batch, (x**2, "d"), (precision, "d"))
+    m_term = contract_cells(batch, batch, (m**2 * precision, "d"))
+    quadratic = x_term - 2 * contract_cells(batch, batch, (x, "d"), (m * precision, "d")) + m_term
     log_det = -0.5 * contract_cells(batch, batch, (jnp.log(precision), "d"))
-    return -0.5 * quadratic - log_det - 0.5 * dim * jnp.log(2 * jnp.pi)
+    log_prob = -0.5 * quadratic - log_det - 0.5 * dim * jnp.log(2 * jnp.pi)
+    error = jnp.finfo(log_prob.dtype).eps * jnp.max(x_term + m_term)
+    return log_prob, jax.lax.stop_gradient(error)
 
 
 def _with_last_dim(a, dim):
