@@ -447,11 +447,45 @@ def _mvn_loc_solve(stats, old, reg_covar):
 
 
 def _mvn_scatter_stats(cells, target):
-    residual = cells.value - _arr(cells.args["loc"], cells.weight)
-    dim = residual.shape[-1]
-    scatter = cells.sum(target, (cells.weight, ""), (residual, "d"), (residual, "e"), out="de")
+    x, loc, w = cells.value, _arr(cells.args["loc"], cells.weight), cells.weight
+    dim, num_cells = x.shape[-1], len(cells.shape)
     count = cells.count(target)[..., None, None]
-    return scatter, jnp.broadcast_to(count, count.shape[:-2] + (dim, dim))
+    count = jnp.broadcast_to(count, count.shape[:-2] + (dim, dim))
+
+    def residuals():
+        residual = x - loc
+        return cells.sum(target, (w, ""), (residual, "d"), (residual, "e"), out="de")
+
+    x_batch = _align(x.shape[:-1], num_cells)
+    loc_batch = _align(loc.shape[:-1], num_cells)
+    summed = [i for i in range(num_cells) if target[i] == 1]
+    residual_size = math.prod(max(a, b) for a, b in zip(x_batch, loc_batch)) * dim
+    if any(loc_batch[i] != 1 for i in summed) or math.prod(x_batch) * dim * dim > residual_size:
+        return residuals(), count
+    # sum w (x - m)(x - m)^T from the points' second moments x x^T: one matmul
+    # with the weights, the moments depending on the data alone (inside ``run``
+    # XLA computes them once, outside the loop), and no larger than the
+    # K x N x D residuals. Shifted by the data mean (exact) to reduce the
+    # cancellation; where its rounding bound is too large, residuals after all.
+    x_aligned = jnp.reshape(x, x_batch + (dim,))
+    axes = tuple(i for i in summed if x_batch[i] != 1)
+    shift = jax.lax.stop_gradient(jnp.mean(x_aligned, axis=axes, keepdims=True))
+    xs, ls = x_aligned - shift, jnp.reshape(loc, loc_batch + (dim,)) - shift
+    moments = cells.sum(target, (w, ""), (xs[..., :, None] * xs[..., None, :], "de"), out="de")
+    first = cells.sum(target, (w, ""), (xs, "d"), out="d")
+    ls = jnp.broadcast_to(ls, first.shape)
+    cross = ls[..., :, None] * first[..., None, :]
+    scatter = (
+        moments
+        - cross
+        - jnp.swapaxes(cross, -1, -2)
+        + count * (ls[..., :, None] * ls[..., None, :])
+    )
+    eps = jnp.finfo(scatter.dtype).eps
+    trace = lambda a: jnp.trace(a, axis1=-2, axis2=-1)  # noqa: E731
+    error = eps * trace(moments) / jnp.maximum(trace(scatter), jnp.finfo(scatter.dtype).tiny)
+    scatter = jax.lax.cond(jnp.max(error) < 1e-5, lambda: scatter, residuals)
+    return scatter, count
 
 
 def _mvn_covariance(stats, old, reg_covar):
