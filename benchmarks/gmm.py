@@ -353,7 +353,7 @@ def run_dtype(args):
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    from common import initial_params, sample_gmm
+    from common import initial_params, metadata, sample_gmm
 
     impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
     unknown = set(impls) - set(IMPLS)
@@ -376,6 +376,8 @@ def run_dtype(args):
                     "dtype": args.dtype,
                     "impl": impl,
                     **results[impl],
+                    "jaxem_sources_sha256": metadata()["jaxem_sources_sha256"],
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
                 }
                 if "sklearn" in means and impl not in SKLEARN_IMPLS:
                     record["max_abs_mean_diff_vs_sklearn"] = float(
