@@ -76,6 +76,12 @@ def _parse_args(argv):
     parser.add_argument(
         "--repeats", type=int, default=3, help="warm runs per timing; the best is kept"
     )
+    parser.add_argument(
+        "--matmul-precision",
+        choices=("default", "high", "highest"),
+        default="default",
+        help="jax_default_matmul_precision for the JAX rows; 'highest' disables TF32 on GPUs",
+    )
     parser.add_argument("--json", type=str, default=None, help="write the results to this file")
     return parser.parse_args(argv)
 
@@ -349,10 +355,15 @@ def bench_config(impls, x, init, cov_type, num_iters, repeats):
 
 def run_dtype(args):
     """Runs every configuration of one dtype in this process."""
-    if args.dtype == "float64":
-        import jax
+    import jax
 
+    if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    if args.matmul_precision != "default":
+        # On GPUs the default lets float32 matmuls run in TF32 (10-bit
+        # mantissa), which moves the float32 log-likelihoods ~1e-4 away from
+        # scikit-learn's.
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     from common import initial_params, metadata, sample_gmm
 
     impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
@@ -378,6 +389,8 @@ def run_dtype(args):
                     **results[impl],
                     "jaxem_sources_sha256": metadata()["jaxem_sources_sha256"],
                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "matmul_precision": args.matmul_precision,
+                    "backend": jax.default_backend(),
                 }
                 if "sklearn" in means and impl not in SKLEARN_IMPLS:
                     record["max_abs_mean_diff_vs_sklearn"] = float(
