@@ -371,7 +371,6 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     for name, site in tr.items():
         if site["type"] != "sample":
             continue
-        _check_no_markov(name, site)
         fn, value = site["fn"], site["value"]
         dim_to_name = dict(site["infer"].get("dim_to_name", {}))
         plates = tuple(f.name for f in site["cond_indep_stack"] if f.dim is not None)
@@ -494,17 +493,6 @@ def _explain_trace_error(err: Exception) -> str:
             "the plate's size along the plate's dim."
         )
     return f"jaxem: the model failed under enumeration: {text}"
-
-
-def _check_no_markov(name, site) -> None:
-    dim_to_name = site["infer"].get("dim_to_name", {})
-    if any(str(n).startswith(("_time", "_PREV_")) for n in dim_to_name.values()):
-        while name.startswith("_PREV_"):  # NumPyro's name for the previous step's copy
-            name = name[len("_PREV_") :]
-        raise ModelError(
-            f"jaxem: site '{name}' is inside a numpyro.contrib.control_flow.scan (a Markov "
-            "chain). Markov chains are not supported by this version of jaxem yet."
-        )
 
 
 def _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting) -> None:

@@ -293,11 +293,6 @@ def gaussian_hmm(x):
     scan(transition, z0, x[1:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ModelError,
-    reason="Markov chains written with scan are issue #3; until then jaxem rejects them",
-)
 def test_hmm_scan(x64):
     params = {
         "pi": np.array([0.7, 0.3]),
