@@ -29,7 +29,14 @@ import numpyro.distributions as dist
 
 from jaxem.tracing import ModelError
 
-__all__ = ["Chain", "find_chain", "contract_chain", "chain_posterior", "chain_map", "chain_indicators"]
+__all__ = [
+    "Chain",
+    "find_chain",
+    "contract_chain",
+    "chain_posterior",
+    "chain_map",
+    "chain_indicators",
+]
 
 _PREV = "_PREV_"
 
@@ -62,7 +69,9 @@ class Chain(NamedTuple):
 def _enumerated(site):
     """The enumeration variables of a site's factor (not its plates, not time)."""
     return {
-        n for n in site.dim_to_name.values() if n not in site.plates and not str(n).startswith("_time")
+        n
+        for n in site.dim_to_name.values()
+        if n not in site.plates and not str(n).startswith("_time")
     }
 
 
@@ -82,7 +91,9 @@ def find_chain(trace) -> Chain | None:
             chain's plate).
     """
     sites = trace.sites
-    times = {n for s in sites.values() for n in s.dim_to_name.values() if str(n).startswith("_time")}
+    times = {
+        n for s in sites.values() for n in s.dim_to_name.values() if str(n).startswith("_time")
+    }
     firsts = [n for n in sites if n.startswith(_PREV)]
     if not times and not firsts:
         return None
@@ -95,7 +106,9 @@ def find_chain(trace) -> Chain | None:
         )
     first_latents = [n for n in firsts if not sites[n].is_observed]
     if len(first_latents) != 1:
-        names = sorted(_base_name(n) for n in first_latents) or sorted(_base_name(n) for n in firsts)
+        names = sorted(_base_name(n) for n in first_latents) or sorted(
+            _base_name(n) for n in firsts
+        )
         raise ModelError(
             f"jaxem: the scan body has latent sites {names}; jaxem contracts scan bodies with "
             "exactly one discrete latent site (a first-order chain). Combine several latents "
@@ -104,7 +117,9 @@ def find_chain(trace) -> Chain | None:
     first = first_latents[0]
     name = first[len(_PREV) :]
     time = next(iter(times), None)
-    stacked = tuple(n for n, s in sites.items() if time is not None and time in s.dim_to_name.values())
+    stacked = tuple(
+        n for n, s in sites.items() if time is not None and time in s.dim_to_name.values()
+    )
     global_sites = tuple(n for n in sites if n not in stacked and n not in firsts)
     global_latents = [n for n in global_sites if not sites[n].is_observed]
     if len(global_latents) > 1:
@@ -133,7 +148,9 @@ def find_chain(trace) -> Chain | None:
         (-d for s in sites.values() for d, n in s.dim_to_name.items() if n in s.plates), default=0
     )
     if initial is not None:
-        initial_plates = {d for d, n in sites[initial].dim_to_name.items() if n in sites[initial].plates}
+        initial_plates = {
+            d for d, n in sites[initial].dim_to_name.items() if n in sites[initial].plates
+        }
         shared = set(plate_dims) - initial_plates
         if shared:
             raise ModelError(
@@ -327,12 +344,13 @@ def chain_posterior(marginals: dict, trace, chain: Chain):
     first = _arrange(marginals[chain.first], sites[chain.first], [chain.first], chain)
     steps = [first[..., None, :]]
     if chain.stacked_sites:
-        pairs = _arrange(
-            marginals[chain.name], sites[chain.name], [chain.time, chain.name], chain
-        )
+        pairs = _arrange(marginals[chain.name], sites[chain.name], [chain.time, chain.name], chain)
         steps.append(pairs)
     out = jnp.concatenate(
-        [jnp.broadcast_to(s, jnp.broadcast_shapes(*(x.shape[:-2] for x in steps)) + s.shape[-2:]) for s in steps],
+        [
+            jnp.broadcast_to(s, jnp.broadcast_shapes(*(x.shape[:-2] for x in steps)) + s.shape[-2:])
+            for s in steps
+        ],
         axis=-2,
     )
     return out.reshape(out.shape[chain.num_plate_dims - _chain_plate_ndim(chain) :])
@@ -383,7 +401,9 @@ def chain_map(log_factors: dict, trace, chain: Chain) -> dict:
         init = jnp.take_along_axis(initial_arg, states[0][..., None], axis=-1)[..., 0]
         site = trace.sites[chain.initial]
         init_ndim = max((-d for d, n in site.dim_to_name.items() if n in site.plates), default=0)
-        values[chain.initial] = init.reshape(init.shape[init.ndim - init_ndim :]) if init_ndim else init.reshape(())
+        values[chain.initial] = (
+            init.reshape(init.shape[init.ndim - init_ndim :]) if init_ndim else init.reshape(())
+        )
     return values
 
 
@@ -393,7 +413,9 @@ def chain_indicators(values: dict, trace, chain: Chain) -> dict:
     sites = trace.sites
     num_plates = chain.num_plate_dims
     states = values[chain.name]  # (T, *chain plates)
-    states = states.reshape(states.shape[:1] + (1,) * (num_plates - (states.ndim - 1)) + states.shape[1:])
+    states = states.reshape(
+        states.shape[:1] + (1,) * (num_plates - (states.ndim - 1)) + states.shape[1:]
+    )
     mask = _step_mask(sites[chain.name], chain) if chain.stacked_sites else None
     out = {}
     for name, site in sites.items():

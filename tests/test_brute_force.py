@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import pytest
 from models import normal_mixture
 from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
@@ -21,7 +20,7 @@ from scipy import stats
 from scipy.special import logsumexp
 
 import jaxem
-from jaxem import EM, ModelError
+from jaxem import EM
 
 RTOL64 = 1e-9
 ATOL64 = 1e-10
