@@ -50,8 +50,9 @@ def _merge(into: dict, labels: dict, selection: bool = True) -> None:
         into[name] = into.get(name, True) and is_selection and selection
 
 
-# Primitives that call a sub-jaxpr once with their own inputs; loops (scan,
-# while) and branches are opaque: a label crossing them is not a selection.
+# Primitives that call a sub-jaxpr once with their own inputs; ``scan`` is
+# followed by _propagate_scan; other loops and branches are opaque: a label
+# crossing them is not a selection.
 _CALL_PRIMITIVES = {
     "jit",
     "pjit",
@@ -78,6 +79,30 @@ def _sub_jaxpr(eqn):
     return None
 
 
+def _propagate_scan(eqn, inputs):
+    """Labels through a ``lax.scan``: its stacked outputs select the body's
+    per-step outputs, and the carry takes the labels of every step (iterated
+    to a fixed point, which exists because labels only gain names and lose
+    selection flags)."""
+    body = eqn.params["jaxpr"].jaxpr
+    num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    consts, carry, xs = (
+        inputs[:num_consts],
+        inputs[num_consts : num_consts + num_carry],
+        inputs[num_consts + num_carry :],
+    )
+    while True:
+        outputs = _propagate(body, consts + carry + xs)
+        new_carry = []
+        for before, after in zip(carry, outputs[:num_carry]):
+            merged = dict(before)
+            _merge(merged, after)
+            new_carry.append(merged)
+        if new_carry == carry:
+            return carry + outputs[num_carry:]
+        carry = new_carry
+
+
 def _propagate(jaxpr, in_labels):
     env = {}
 
@@ -95,6 +120,8 @@ def _propagate(jaxpr, in_labels):
         sub = _sub_jaxpr(eqn)
         if sub is not None:
             outputs = _propagate(sub, inputs)
+        elif eqn.primitive.name == "scan":
+            outputs = _propagate_scan(eqn, inputs)
         else:
             positions = _SELECTION_PRIMITIVES.get(eqn.primitive.name, ())
             if eqn.primitive.name == "convert_element_type" and not np.issubdtype(

@@ -31,6 +31,7 @@ from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
 from numpyro.distributions.distribution import COERCIONS, validation_enabled
 from numpyro.distributions.util import is_identically_one
+from numpyro.primitives import Messenger
 
 from jaxem.closed_form import contract_cells
 
@@ -347,6 +348,111 @@ def _record_constructor_args(records: dict):
         COERCIONS.remove(coerce)
 
 
+@jax.tree_util.register_pytree_node_class
+class _RecordedArgs:
+    """Constructor arguments of one distribution, carried out of a ``scan`` body.
+
+    Recorded arguments inside a ``lax.scan`` body are tracers of the body; as a
+    pytree in the site's ``args`` slot (unused once a site has its value) they
+    are stacked over time by the scan like the distribution itself.
+    """
+
+    def __init__(self, cls, arguments):
+        self.cls = cls
+        self.arguments = arguments
+
+    def tree_flatten(self):
+        keys = tuple(self.arguments)
+        return tuple(self.arguments[k] for k in keys), (self.cls, keys)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0], dict(zip(aux[1], children)))
+
+
+def _unwrap(fn):
+    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+class _StashArgs(Messenger):
+    """Inside a scan body: put each sample site's recorded constructor arguments
+    (array-valued ones) in its ``args`` slot."""
+
+    def __init__(self, fn, records):
+        self.records = records
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        # A latent site's value comes later from enumeration (config_enumerate
+        # sits outside this handler); the slot is free once a site has a value.
+        if msg["type"] != "sample" or (
+            msg["value"] is None and not msg["fn"].has_enumerate_support
+        ):
+            return
+        base = _unwrap(msg["fn"])
+        record = self.records.get(id(base))
+        if record is None or record[2] is not base:
+            return
+        arguments = {
+            k: v
+            for k, v in record[1].items()
+            if _is_array(v) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        }
+        msg["args"] = (_RecordedArgs(record[0], arguments),)
+
+
+class _RecordScanArgs(Messenger):
+    """Run every ``scan`` body under :class:`_StashArgs`."""
+
+    def __init__(self, fn, records):
+        self.records = records
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] == "control_flow":
+            body, *rest = msg["args"]
+            msg["args"] = (_StashArgs(body, self.records), *rest)
+
+
+def _adopt_stacked_args(site, records) -> None:
+    """Register the stacked constructor arguments of a scanned site under its
+    (stacked) distribution, each argument's time axis placed at the site's time
+    dim and its per-step batch dims right-aligned under the site's."""
+    stash = site["args"][0] if len(site["args"]) == 1 else None
+    if not isinstance(stash, _RecordedArgs):
+        return
+    time_dims = [
+        d for d, n in site["infer"].get("dim_to_name", {}).items() if str(n).startswith("_time")
+    ]
+    if not time_dims:
+        return
+    base, reinterpreted = site["fn"], 0
+    while isinstance(base, (dist.ExpandedDistribution, dist.Independent, dist.MaskedDistribution)):
+        if isinstance(base, dist.Independent):
+            reinterpreted += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    if type(base) is not stash.cls:
+        return
+    # to_event dims are batch dims of the base distribution, right of the site's.
+    batch_ndim = -time_dims[0] + reinterpreted
+    arguments = {}
+    for name, value in stash.arguments.items():
+        constraint = base.arg_constraints.get(name)
+        try:
+            event_ndim = constraint.event_dim if constraint is not None else 0
+        except NotImplementedError:
+            return
+        value = jnp.asarray(value)
+        step_batch_ndim = value.ndim - 1 - event_ndim
+        pad = batch_ndim - 1 - step_batch_ndim
+        if pad < 0:
+            return
+        arguments[name] = jnp.reshape(value, value.shape[:1] + (1,) * pad + value.shape[1:])
+    records[id(base)] = (stash.cls, arguments, base)
+
+
 def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_probs=True):
     """Trace ``model`` with ``params`` substituted and every latent enumerated.
 
@@ -357,13 +463,19 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     keeps the compiled program small).
     """
     substituted = handlers.substitute(model, data=params)
-    enumerated = enum(config_enumerate(substituted), first_available_dim=-max_plate_nesting - 1)
     records: dict = {}
+    enumerated = enum(
+        config_enumerate(_RecordScanArgs(substituted, records)),
+        first_available_dim=-max_plate_nesting - 1,
+    )
     with _record_constructor_args(records), plate_to_enum_plate():
         try:
             tr = packed_trace(enumerated).get_trace(*args, **kwargs)
         except ValueError as err:
             raise ModelError(_explain_trace_error(err)) from err
+    for site in tr.values():
+        if site["type"] == "sample":
+            _adopt_stacked_args(site, records)
     sites = {}
     latent_names = {
         n for n, site in tr.items() if site["type"] == "sample" and not site["is_observed"]
