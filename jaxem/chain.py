@@ -143,14 +143,10 @@ def find_chain(trace) -> Chain | None:
                     f"'{name}' may depend on {what} only."
                 )
     chain_site = sites[name] if name in sites else sites[first]
-    plate_dims = {d: n for d, n in chain_site.dim_to_name.items() if n in chain_site.plates}
-    num_plate_dims = max(
-        (-d for s in sites.values() for d, n in s.dim_to_name.items() if n in s.plates), default=0
-    )
+    plate_dims = dict(chain_site.plate_dims)
+    num_plate_dims = max((-d for s in sites.values() for d in s.plate_dims), default=0)
     if initial is not None:
-        initial_plates = {
-            d for d, n in sites[initial].dim_to_name.items() if n in sites[initial].plates
-        }
+        initial_plates = set(sites[initial].plate_dims)
         shared = set(plate_dims) - initial_plates
         if shared:
             raise ModelError(
@@ -400,7 +396,7 @@ def chain_map(log_factors: dict, trace, chain: Chain) -> dict:
     if tensors.initial is not None:
         init = jnp.take_along_axis(initial_arg, states[0][..., None], axis=-1)[..., 0]
         site = trace.sites[chain.initial]
-        init_ndim = max((-d for d, n in site.dim_to_name.items() if n in site.plates), default=0)
+        init_ndim = max((-d for d in site.plate_dims), default=0)
         values[chain.initial] = (
             init.reshape(init.shape[init.ndim - init_ndim :]) if init_ndim else init.reshape(())
         )

@@ -85,6 +85,8 @@ class Site(NamedTuple):
         dim_to_name: ``{negative dim: enum variable or plate name}``.
         is_observed: whether the site is observed.
         plates: names of the plates the site sits in.
+        plate_dims: ``{dim: plate name}`` of those plates, including plates of
+            size 1 (which ``dim_to_name`` leaves out).
     """
 
     name: str
@@ -94,6 +96,7 @@ class Site(NamedTuple):
     dim_to_name: dict
     is_observed: bool
     plates: tuple[str, ...]
+    plate_dims: dict = {}
 
 
 class EnumTrace(NamedTuple):
@@ -486,8 +489,11 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         fn, value = site["fn"], site["value"]
         dim_to_name = dict(site["infer"].get("dim_to_name", {}))
         plates = tuple(f.name for f in site["cond_indep_stack"] if f.dim is not None)
+        plate_dims = {f.dim: f.name for f in site["cond_indep_stack"] if f.dim is not None}
         if not log_probs:
-            sites[name] = Site(name, fn, value, None, dim_to_name, site["is_observed"], plates)
+            sites[name] = Site(
+                name, fn, value, None, dim_to_name, site["is_observed"], plates, plate_dims
+            )
             continue
         try:
             if site["intermediates"]:
@@ -510,7 +516,9 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                 )
             log_prob = scale * log_prob
         _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting)
-        sites[name] = Site(name, fn, value, log_prob, dim_to_name, site["is_observed"], plates)
+        sites[name] = Site(
+            name, fn, value, log_prob, dim_to_name, site["is_observed"], plates, plate_dims
+        )
     return EnumTrace(sites, records)
 
 
