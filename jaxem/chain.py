@@ -117,9 +117,9 @@ def find_chain(trace) -> Chain | None:
     first = first_latents[0]
     name = first[len(_PREV) :]
     time = next(iter(times), None)
-    stacked = tuple(
-        n for n, s in sites.items() if time is not None and time in s.dim_to_name.values()
-    )
+    # The later steps of the body's sites: their time dim is left out of
+    # dim_to_name where it has size 1 (a site that is the same at every step).
+    stacked = tuple(n for n in sites if not n.startswith(_PREV) and _PREV + n in sites)
     global_sites = tuple(n for n in sites if n not in stacked and n not in firsts)
     global_latents = [n for n in global_sites if not sites[n].is_observed]
     if len(global_latents) > 1:
@@ -327,28 +327,37 @@ def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = F
         chain: its :class:`Chain`.
         parallel: a parallel (log-depth) reduction over time instead of a scan.
     """
-    tensors = _tensors(log_factors, trace, chain)
-    alpha = _initial_log_messages(tensors)
+    return _contract_tensors(_tensors(log_factors, trace, chain), parallel)
+
+
+def _contract_tensors(tensors, parallel, first_probe=0.0, stacked_probe=0.0):
+    alpha = _initial_log_messages(tensors) + first_probe
+    stacked = tensors.stacked
+    if stacked is not None:
+        stacked = stacked + stacked_probe
     forward = _forward_parallel if parallel else _forward_sequential
-    return forward(alpha, tensors.stacked, tensors.mask) + tensors.constant
+    return forward(alpha, stacked, tensors.mask) + tensors.constant
 
 
-def chain_posterior(marginals: dict, trace, chain: Chain):
-    """Per-step marginals of the chain's latent, ``(*plates, T, K)``, from the
-    factors' marginals (padded steps: zeros)."""
-    sites = trace.sites
-    first = _arrange(marginals[chain.first], sites[chain.first], [chain.first], chain)
-    steps = [first[..., None, :]]
-    if chain.stacked_sites:
-        pairs = _arrange(marginals[chain.name], sites[chain.name], [chain.time, chain.name], chain)
-        steps.append(pairs)
-    out = jnp.concatenate(
-        [
-            jnp.broadcast_to(s, jnp.broadcast_shapes(*(x.shape[:-2] for x in steps)) + s.shape[-2:])
-            for s in steps
-        ],
-        axis=-2,
+def chain_posterior(log_factors: dict, trace, chain: Chain):
+    """Per-step marginals of the chain's latent, ``(*plates, T, K)`` (zeros at
+    padded steps).
+
+    A factor that is the same at every step (a time dim of size 1) has one
+    marginal summed over the steps; the per-step marginals are the gradients
+    with respect to zero tensors added to the first step's messages and to
+    every later step's factor.
+    """
+    tensors = _tensors(log_factors, trace, chain)
+    first = jnp.zeros(jnp.shape(_initial_log_messages(tensors)), tensors.first.dtype)
+    stacked = None if tensors.stacked is None else jnp.zeros_like(tensors.stacked)
+    first, stacked = jax.grad(lambda a, b: _contract_tensors(tensors, False, a, b), argnums=(0, 1))(
+        first, stacked
     )
+    steps = [first[None]]
+    if stacked is not None:
+        steps.append(jnp.sum(stacked, axis=-2))
+    out = jnp.moveaxis(jnp.concatenate(steps), 0, -2)  # (*plates, T, K)
     return out.reshape(out.shape[chain.num_plate_dims - _chain_plate_ndim(chain) :])
 
 
@@ -404,8 +413,9 @@ def chain_map(log_factors: dict, trace, chain: Chain) -> dict:
 
 
 def chain_indicators(values: dict, trace, chain: Chain) -> dict:
-    """Hard-EM "marginals": for every factor, the indicator of the cells that
-    agree with the Viterbi path (zero at padded steps)."""
+    """Hard-EM "marginals": for every factor, the number of steps whose cell
+    agrees with the Viterbi path (1 or 0 for a factor with a full time dim;
+    padded steps count 0)."""
     sites = trace.sites
     num_plates = chain.num_plate_dims
     states = values[chain.name]  # (T, *chain plates)
@@ -416,23 +426,35 @@ def chain_indicators(values: dict, trace, chain: Chain) -> dict:
     out = {}
     for name, site in sites.items():
         shape = jnp.shape(site.log_prob)
-        indicator = jnp.ones(shape, jnp.result_type(site.log_prob))
-        time_dim = next((d for d, n in site.dim_to_name.items() if n == chain.time), None)
+        stacked = name in chain.stacked_sites
+        time_dim = _time_dim(site) if stacked else None
+        indicator = jnp.ones((), jnp.result_type(site.log_prob))
         for var in _enumerated(site):
             if var == chain.initial:
                 assigned = values[chain.initial]
-            elif name in chain.stacked_sites:
+            elif stacked:
                 assigned = states[1:] if var == chain.name else states[:-1]
             else:
                 assigned = states[0]
-            if name in chain.stacked_sites:
+            if stacked:
                 assigned = _place_time(assigned, time_dim, num_plates)
-            support = sites[var].value
-            indicator = indicator * (support == assigned)
-        if mask is not None and name in chain.stacked_sites:
+            indicator = indicator * (sites[var].value == assigned)
+        if mask is not None and stacked:
             indicator = indicator * _place_time(mask, time_dim, num_plates)
-        out[name] = jnp.broadcast_to(indicator, shape)
+        # Sum over the dims along which the factor itself does not vary.
+        full = jnp.broadcast_shapes(jnp.shape(indicator), shape)
+        indicator = jnp.broadcast_to(indicator, full)
+        ndim = len(full)
+        aligned = (1,) * (ndim - len(shape)) + tuple(shape)
+        summed = tuple(a for a in range(ndim) if aligned[a] == 1 and full[a] != 1)
+        out[name] = jnp.sum(indicator, axis=summed, keepdims=True).reshape(shape)
     return out
+
+
+def _time_dim(site):
+    """The time dim of a scanned site, where NumPyro's scan puts it."""
+    fn = site.fn
+    return -min(len(fn.batch_shape), jnp.ndim(site.value) - fn.event_dim)
 
 
 def _place_time(x, time_dim, num_plates):

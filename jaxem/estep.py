@@ -134,8 +134,10 @@ def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False, parall
     if chain is not None:
         # Viterbi by max-product with backpointers, as for mixtures below.
         marginals = chain_indicators(chain_map(log_factors, trace, chain), trace, chain)
+        # The indicators count steps where a factor is the same at every step.
         value = sum(
-            jnp.sum(jnp.where(marginals[name] > 0, log_factors[name], 0.0)) for name in log_factors
+            jnp.sum(jnp.where(marginals[name] > 0, marginals[name] * log_factors[name], 0.0))
+            for name in log_factors
         )
         return EStep(value, marginals, trace)
     # Hard EM: the derivative of a max-product contraction is the indicator of
@@ -228,8 +230,9 @@ def _posterior(model, params, arrays, spec):
     _check_params(structure, params)
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
     chain = find_chain(result.trace)
+    log_factors = {name: site.log_prob for name, site in result.trace.sites.items()}
     return {
-        name: chain_posterior(result.marginals, result.trace, chain)
+        name: chain_posterior(log_factors, result.trace, chain)
         if chain is not None and name == chain.name
         else _site_posterior(result.trace.sites[name], result.marginals[name])
         for name in structure.latent_sites

@@ -26,6 +26,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 from numpyro import handlers
+from numpyro.contrib.control_flow.scan import scan_wrapper
 from numpyro.contrib.funsor import config_enumerate, enum
 from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
@@ -34,6 +35,7 @@ from numpyro.distributions.util import is_identically_one
 from numpyro.primitives import Messenger
 
 from jaxem.closed_form import contract_cells
+from jaxem.scan import enumerated_scan
 
 __all__ = [
     "ModelError",
@@ -406,17 +408,19 @@ class _StashArgs(Messenger):
         msg["args"] = (_RecordedArgs(record[0], arguments),)
 
 
-class _RecordScanArgs(Messenger):
-    """Run every ``scan`` body under :class:`_StashArgs`."""
+class _EnumeratedScan(Messenger):
+    """Run every ``scan`` by :func:`jaxem.scan.enumerated_scan`, its body under
+    :class:`_StashArgs`."""
 
     def __init__(self, fn, records):
         self.records = records
         super().__init__(fn)
 
     def process_message(self, msg):
-        if msg["type"] == "control_flow":
+        if msg["type"] == "control_flow" and msg["fn"] is scan_wrapper:
             body, *rest = msg["args"]
             msg["args"] = (_StashArgs(body, self.records), *rest)
+            msg["fn"] = enumerated_scan
 
 
 def _adopt_stacked_args(site, records) -> None:
@@ -424,13 +428,8 @@ def _adopt_stacked_args(site, records) -> None:
     (stacked) distribution, each argument's time axis placed at the site's time
     dim and its per-step batch dims right-aligned under the site's."""
     stash = site["args"][0] if len(site["args"]) == 1 else None
-    if not isinstance(stash, _RecordedArgs):
-        return
-    time_dims = [
-        d for d, n in site["infer"].get("dim_to_name", {}).items() if str(n).startswith("_time")
-    ]
-    if not time_dims:
-        return
+    if not isinstance(stash, _RecordedArgs) or site["name"].startswith("_PREV_"):
+        return  # not in a scan body, or its first step (recorded as it ran)
     base, reinterpreted = site["fn"], 0
     while isinstance(base, (dist.ExpandedDistribution, dist.Independent, dist.MaskedDistribution)):
         if isinstance(base, dist.Independent):
@@ -438,8 +437,11 @@ def _adopt_stacked_args(site, records) -> None:
         base = base.base_dist
     if type(base) is not stash.cls:
         return
-    # to_event dims are batch dims of the base distribution, right of the site's.
-    batch_ndim = -time_dims[0] + reinterpreted
+    # The time dim as NumPyro's scan places it; to_event dims are batch dims of
+    # the base distribution, right of the site's.
+    fn = site["fn"]
+    time_ndim = min(len(fn.batch_shape), jnp.ndim(site["value"]) - fn.event_dim)
+    batch_ndim = time_ndim + reinterpreted
     arguments = {}
     for name, value in stash.arguments.items():
         constraint = base.arg_constraints.get(name)
@@ -468,7 +470,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     substituted = handlers.substitute(model, data=params)
     records: dict = {}
     enumerated = enum(
-        config_enumerate(_RecordScanArgs(substituted, records)),
+        config_enumerate(_EnumeratedScan(substituted, records)),
         first_available_dim=-max_plate_nesting - 1,
     )
     with _record_constructor_args(records), plate_to_enum_plate():
