@@ -266,30 +266,29 @@ def _finite_max(x, axis):
 
 def _forward_sequential(alpha, stacked, mask):
     """Scaled forward pass: probabilities normalized at every step, the log
-    normalizers summed. A step multiplies by ``exp(F_t - max F_t)``, a K x K
-    matrix, so it is a matvec rather than a logsumexp."""
+    normalizers summed. The step matrices ``exp(F_t - max F_t)`` are computed
+    for all steps at once, so a step of the scan is one K x K matvec and a
+    normalization."""
     shift = _finite_max(alpha, -1)
     a = jnp.exp(alpha - shift)
     norm = jnp.sum(a, -1, keepdims=True)
-    a, log_z = a / norm, jnp.log(norm) + shift
+    a, log_z = a / norm, jnp.sum(jnp.log(norm) + shift)
+    if stacked is None:
+        return log_z
+    step_shift = _finite_max(stacked, (-2, -1))
+    matrices = jnp.exp(stacked - step_shift)
+    keep = jnp.ones(stacked.shape[:-2], bool) if mask is None else mask
 
-    def step(carry, inputs):
-        a, log_z = carry
-        factor, keep = inputs
-        shift = _finite_max(factor, (-2, -1))
-        b = jnp.einsum("...p,...ps->...s", a, jnp.exp(factor - shift))
+    def step(a, inputs):
+        matrix, keep = inputs
+        b = jnp.einsum("...p,...ps->...s", a, matrix)
         norm = jnp.sum(b, -1, keepdims=True)
         # A zero normalizer (an impossible step) gives log 0 = -inf, not NaN.
         b = b / jnp.where(norm > 0, norm, 1.0)
-        new_log_z = log_z + jnp.log(norm) + shift[..., 0]
-        if keep is not None:
-            b = jnp.where(keep[..., None], b, a)
-            new_log_z = jnp.where(keep[..., None], new_log_z, log_z)
-        return (b, new_log_z), None
+        return jnp.where(keep[..., None], b, a), jnp.where(keep, jnp.log(norm[..., 0]), 0.0)
 
-    if stacked is not None:
-        (a, log_z), _ = jax.lax.scan(step, (a, log_z), (stacked, mask))
-    return jnp.sum(log_z)
+    _, log_norms = jax.lax.scan(step, a, (matrices, keep), unroll=8)
+    return log_z + jnp.sum(log_norms) + jnp.sum(jnp.where(keep, step_shift[..., 0, 0], 0.0))
 
 
 def _log_matmul(x, y):

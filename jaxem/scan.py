@@ -21,7 +21,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax, random
 from jax.extend import core as jex_core
 from numpyro import handlers
@@ -62,27 +61,31 @@ def enumerated_scan(
     )
 
 
-def _depends_on_inputs(jaxpr):
-    """For each output of a jaxpr, whether it depends on any of its inputs."""
-    tainted = set(jaxpr.invars)
+def _depends_on(jaxpr, sources):
+    """For each output of a jaxpr, whether it depends on any of ``sources``."""
+    tainted = set(sources)
     for eqn in jaxpr.eqns:
         if any(not isinstance(v, jex_core.Literal) and v in tainted for v in eqn.invars):
             tainted.update(eqn.outvars)
     return [not isinstance(v, jex_core.Literal) and v in tainted for v in jaxpr.outvars]
 
 
-def _concrete(x):
-    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
-
-
 def _scan_steps(body_fn, wrapped_carry, xs, length, reverse):
     """``lax.scan(body_fn, wrapped_carry, xs, length, reverse)``, evaluated for all
-    steps at once when the carry is the same concrete array at every step."""
+    steps at once when the carry is the same at every step.
+
+    The body is traced once. Its new carry must be computed from constants
+    alone (the enumerated support of the step's latent, as for a Markov
+    chain): not from the step's inputs, the incoming carry or any traced value
+    such as a parameter. It is then the same at every step, the incoming
+    carry of the first scanned step included (the previous step ran the same
+    body), and the body is a function of the step's slice of ``xs`` only.
+    """
     i, rng_key, carry = wrapped_carry
-    concrete_carry = [_concrete(c) for c in jax.tree.leaves(carry)]
-    if rng_key is not None or reverse or any(c is None for c in concrete_carry):
+    if rng_key is not None or reverse:
         return lax.scan(body_fn, wrapped_carry, xs, length, reverse)
     x_leaves, x_tree = jax.tree.flatten(xs)
+    carry_ids = {id(leaf) for leaf in jax.tree.leaves(carry)}
     trees = []
 
     def step(index, *x_step):
@@ -98,16 +101,17 @@ def _scan_steps(body_fn, wrapped_carry, xs, length, reverse):
     closed = jax.make_jaxpr(step)(index, *x_step)
     carry_tree, trace_tree, y_tree = trees[-1]
     num_carry, num_trace = carry_tree.num_leaves, trace_tree.num_leaves
-    varies = _depends_on_inputs(closed.jaxpr)
+    jaxpr = closed.jaxpr
+    traced_consts = [
+        v
+        for v, c in zip(jaxpr.constvars, closed.consts)
+        if isinstance(c, jax.core.Tracer) or id(c) in carry_ids
+    ]
+    if any(_depends_on(jaxpr, list(jaxpr.invars) + traced_consts)[:num_carry]):
+        return lax.scan(body_fn, wrapped_carry, xs, length, reverse)
+    varies = _depends_on(jaxpr, jaxpr.invars)
     run = jex_core.jaxpr_as_fun(closed)
     once = run(jnp.asarray(i, jnp.int32), *[x[0] for x in x_leaves])
-    new_carry = [_concrete(c) for c in once[:num_carry]]
-    same_carry = not any(varies[:num_carry]) and all(
-        n is not None and np.shape(n) == np.shape(c) and np.array_equal(n, c)
-        for n, c in zip(new_carry, concrete_carry)
-    )
-    if not same_carry:
-        return lax.scan(body_fn, wrapped_carry, xs, length, reverse)
     steps = jnp.asarray(i, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
     stepped = jax.vmap(run)(steps, *x_leaves) if any(varies) else None
     # The time dim of the trace is the length of the chain only if some site varies.
