@@ -231,7 +231,10 @@ def _step_mask(site, chain):
     while True:
         if isinstance(fn, dist.MaskedDistribution):
             if fn._mask is not None and not isinstance(fn._mask, bool):
-                masks.append(jnp.broadcast_to(jnp.asarray(fn._mask), fn.batch_shape))
+                mask = jnp.asarray(fn._mask)
+                masks.append(
+                    jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, fn.batch_shape))
+                )
             elif fn._mask is False:
                 masks.append(jnp.zeros(fn.batch_shape, bool))
             fn = fn.base_dist

@@ -485,6 +485,12 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     latent_names = {
         n for n, site in tr.items() if site["type"] == "sample" and not site["is_observed"]
     }
+    time_names = {
+        n
+        for site in tr.values()
+        for n in site.get("infer", {}).get("dim_to_name", {}).values()
+        if str(n).startswith("_time")
+    }
     for name, site in tr.items():
         if site["type"] != "sample":
             continue
@@ -517,6 +523,8 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                     "jaxem rejects it: remove the scale, or replicate weighted data points."
                 )
             log_prob = scale * log_prob
+        if "_PREV_" + name in tr:
+            _name_time_dim(name, site, log_prob, dim_to_name, time_names)
         _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting)
         sites[name] = Site(
             name, fn, value, log_prob, dim_to_name, site["is_observed"], plates, plate_dims
@@ -615,6 +623,17 @@ def _explain_trace_error(err: Exception) -> str:
             "the plate's size along the plate's dim."
         )
     return f"jaxem: the model failed under enumeration: {text}"
+
+
+def _name_time_dim(name, site, log_prob, dim_to_name, time_names) -> None:
+    """Name the time dim of a scanned site whose distribution is the same at
+    every step but whose log-probability is not (a mask that varies): NumPyro
+    names the time dim from the distribution's batch shape, where it has size 1."""
+    fn = site["fn"]
+    time_dim = -min(len(fn.batch_shape), jnp.ndim(site["value"]) - fn.event_dim)
+    shape = jnp.shape(log_prob)
+    if -time_dim <= len(shape) and shape[time_dim] != 1 and time_dim not in dim_to_name:
+        dim_to_name[time_dim] = next(iter(sorted(time_names)), f"_time_{name}")
 
 
 def _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting) -> None:
