@@ -299,11 +299,10 @@ def main(argv=None):
         for dtype in ("float32", "float64"):
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "rows.json")
-                child = [a for a in sys.argv[1:] if a != "--all"]
-                child = [a for a in child if not a.startswith("--json")]
-                subprocess.run(
-                    [sys.executable, __file__, *child, "--dtype", dtype, "--json", out], check=True
-                )
+                child = ["--impls", args.impls, "--dtype", dtype, "--json", out]
+                child += ["--quick"] if args.quick else []
+                child += ["--configs", args.configs] if args.configs else []
+                subprocess.run([sys.executable, __file__, *child], check=True)
                 with open(out) as f:
                     rows += json.load(f)
     else:
