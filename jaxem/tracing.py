@@ -33,6 +33,7 @@ from numpyro.distributions.distribution import COERCIONS, validation_enabled
 from numpyro.distributions.util import is_identically_one
 
 from jaxem.closed_form import contract_cells
+from jaxem.missing import MissingData, MissingEntries, missing_log_prob
 
 __all__ = [
     "ModelError",
@@ -189,7 +190,7 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     # Latent sites take a value of their support instead of a prior draw: the
     # trace is for params and structure, and sampling N labels would be staged
     # into every compiled program that inspects the model.
-    no_sampling = handlers.substitute(model, substitute_fn=_support_value)
+    no_sampling = handlers.substitute(MissingEntries(model), substitute_fn=_support_value)
     try:
         # NumPyro's own argument checks would reject an invalid initial value
         # without naming the param; jaxem's checks below do.
@@ -356,7 +357,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     M-step only needs distribution arguments; not building the densities
     keeps the compiled program small).
     """
-    substituted = handlers.substitute(model, data=params)
+    substituted = handlers.substitute(MissingEntries(model), data=params)
     enumerated = enum(config_enumerate(substituted), first_available_dim=-max_plate_nesting - 1)
     records: dict = {}
     with _record_constructor_args(records), plate_to_enum_plate():
@@ -410,6 +411,8 @@ def site_log_prob(fn, value):
     data point, which XLA runs slowly on CPU; inverting the K small Cholesky
     factors once and multiplying is much faster (as scikit-learn does).
     """
+    if isinstance(fn, MissingData):
+        return missing_log_prob(fn.base_dist, fn.observed, value, kernel=site_log_prob)
     if isinstance(fn, dist.ExpandedDistribution):
         log_prob = site_log_prob(fn.base_dist, value)
         batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]

@@ -1,0 +1,292 @@
+"""Missing observations: marginalized exactly in the E-step.
+
+An observed site may have missing entries in two ways:
+
+* NumPyro's ``obs_mask`` (always honoured): NumPyro splits the site into an
+  observed part, masked by ``obs_mask``, and a latent ``<name>_unobserved``
+  part. The latent part's density integrates to one, so jaxem drops it; the
+  masked entries then simply drop out of the observed factor. ``obs_mask``
+  masks whole events (a row of a MultivariateNormal), as in NumPyro.
+* NaN entries, when the model is wrapped with :func:`nan_as_missing` (an
+  explicit opt-in: without it NaN data stay an error, so a NaN typo never
+  silently fits a different model). Entries are missing one by one, also
+  inside an event: a MultivariateNormal row is scored by the marginal of its
+  observed coordinates.
+
+Missing entries are replaced by a value in the distribution's support before
+any density is evaluated, so no NaN reaches values or gradients. The site's
+distribution is wrapped in :class:`MissingData`, which records which entries
+are observed; the closed-form M-step of a MultivariateNormal then uses the
+conditional moments of the missing coordinates given the observed ones
+(:func:`conditional_moments`). Everything happens per site, so it applies to
+any model structure: mixtures, several latents, models with no latent at all.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jax.scipy.linalg import cho_solve
+from numpyro.primitives import Messenger
+
+__all__ = [
+    "MissingData",
+    "conditional_moments",
+    "missing_log_prob",
+    "nan_as_missing",
+    "observed_entries",
+]
+
+
+class MissingData(dist.Distribution):
+    """A distribution whose value has missing entries, marginalized out.
+
+    Args:
+        base_dist: the site's distribution.
+        observed: boolean array shaped like the value (batch and event dims):
+            which entries are observed.
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(self, base_dist, observed):
+        self.base_dist = base_dist
+        self.observed = observed
+        super().__init__(base_dist.batch_shape, base_dist.event_shape)
+
+    @property
+    def support(self):
+        return self.base_dist.support
+
+    def sample(self, key, sample_shape=()):
+        return self.base_dist.sample(key, sample_shape)
+
+    def log_prob(self, value):
+        return missing_log_prob(self.base_dist, self.observed, value)
+
+
+def missing_log_prob(fn, observed, value, kernel=None):
+    """Log-density of the observed entries of ``value`` (the others marginalized).
+
+    Args:
+        fn: the site's distribution (plate expansion, ``to_event`` and masks
+            are unwrapped here).
+        observed: boolean array broadcastable to ``value``'s shape.
+        value: the data, missing entries filled with any value in the support.
+        kernel: ``(fn, value) -> log_prob`` for fully observed values (default
+            ``fn.log_prob``); jaxem passes its faster kernels.
+
+    Returns:
+        The log-density, shaped like ``fn.log_prob(value)``.
+    """
+    kernel = kernel or (lambda f, v: f.log_prob(v))
+    if isinstance(fn, dist.ExpandedDistribution):
+        log_prob = missing_log_prob(fn.base_dist, observed, value, kernel)
+        batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
+        return jnp.broadcast_to(log_prob, jnp.broadcast_shapes(fn.batch_shape, batch))
+    if isinstance(fn, dist.MaskedDistribution):
+        log_prob = missing_log_prob(fn.base_dist, observed, value, kernel)
+        if fn._mask is False:
+            return jnp.zeros_like(log_prob)
+        if fn._mask is True:
+            return log_prob
+        return jnp.where(fn._mask, log_prob, 0.0)
+    if isinstance(fn, dist.Independent):
+        log_prob = missing_log_prob(fn.base_dist, observed, value, kernel)
+        return jnp.sum(log_prob, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
+    if type(fn) is dist.MultivariateNormal:
+        observed = jnp.broadcast_to(observed, jnp.shape(value))
+        return jax.lax.cond(
+            jnp.all(observed),
+            lambda: jnp.broadcast_to(kernel(fn, value), _mvn_batch(fn, value)),
+            lambda: _masked_mvn_log_prob(fn.loc, fn.covariance_matrix, observed, value),
+        )
+    if fn.event_dim:
+        # A family without a closed-form marginal: an event is either observed
+        # (all its entries) or missing. Partly missing events are reported
+        # before fitting (tracing.check_values).
+        observed = jnp.all(observed, axis=tuple(range(-fn.event_dim, 0)))
+    return jnp.where(observed, kernel(fn, value), 0.0)
+
+
+def _mvn_batch(fn, value):
+    return jnp.broadcast_shapes(fn.batch_shape, jnp.shape(value)[:-1])
+
+
+def _observed_block(covariance, observed):
+    """``A = M S M + (I - M)``, M the diagonal indicator of the observed
+    coordinates: its inverse is ``S_vv^-1`` on the observed block and the
+    identity on the missing one, and ``log det A = log det S_vv``. One
+    Cholesky factorization per row keeps every row's marginal exact without
+    grouping rows by their pattern of missing coordinates (a data-dependent
+    number of groups, which ``jit`` cannot shape)."""
+    m = observed.astype(covariance.dtype)
+    eye = jnp.eye(covariance.shape[-1], dtype=covariance.dtype)
+    return m[..., :, None] * covariance * m[..., None, :] + eye * (1 - m)[..., None, :]
+
+
+def _masked_mvn_log_prob(loc, covariance, observed, value):
+    """log N(x_v | mu_v, S_vv) for every row, v its observed coordinates."""
+    m = observed.astype(covariance.dtype)
+    tril = jnp.linalg.cholesky(_observed_block(covariance, observed))
+    residual = m * (value - loc)
+    whitened = jax.scipy.linalg.solve_triangular(tril, residual[..., None], lower=True)[..., 0]
+    log_det = jnp.sum(jnp.log(jnp.diagonal(tril, axis1=-2, axis2=-1)), axis=-1)
+    num_observed = jnp.sum(m, axis=-1)
+    return -0.5 * jnp.sum(whitened**2, axis=-1) - log_det - 0.5 * num_observed * jnp.log(2 * jnp.pi)
+
+
+def conditional_moments(loc, covariance, observed, value):
+    """Mean and covariance of the missing coordinates given the observed ones.
+
+    For a row with observed coordinates v and missing ones h,
+
+    .. math::
+
+        m_h = \\mu_h + \\Sigma_{hv} \\Sigma_{vv}^{-1} (x_v - \\mu_v), \\qquad
+        V_{hh} = \\Sigma_{hh} - \\Sigma_{hv} \\Sigma_{vv}^{-1} \\Sigma_{vh},
+
+    and ``m_v = x_v``, ``V`` zero in the observed rows and columns, so that
+    ``E[x] = m`` and ``E[x x^T] = m m^T + V``.
+
+    Args:
+        loc: ``(..., D)`` means.
+        covariance: ``(..., D, D)`` covariances.
+        observed: ``(..., D)`` boolean, which coordinates are observed.
+        value: ``(..., D)`` data (missing coordinates filled with finite values).
+
+    Returns:
+        ``(m, V)`` shaped ``(..., D)`` and ``(..., D, D)`` (the broadcast batch).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> cov = jnp.array([[1.0, 0.5], [0.5, 1.0]])
+        >>> m, V = conditional_moments(jnp.zeros(2), cov, jnp.array([True, False]),
+        ...                            jnp.array([2.0, 0.0]))
+        >>> m.tolist(), V.tolist()
+        ([2.0, 1.0], [[0.0, 0.0], [0.0, 0.75]])
+    """
+    m = observed.astype(covariance.dtype)
+    missing = 1 - m
+    tril = jnp.linalg.cholesky(_observed_block(covariance, observed))
+    # S_vv^-1 embedded in D x D (zero on the missing block).
+    eye = jnp.broadcast_to(jnp.eye(covariance.shape[-1], dtype=covariance.dtype), tril.shape)
+    inverse = m[..., :, None] * cho_solve((tril, True), eye) * m[..., None, :]
+    gain = covariance @ inverse  # S P: row h is S_hv S_vv^-1
+    mean = jnp.where(observed, value, loc + jnp.einsum("...de,...e->...d", gain, value - loc))
+    cov = missing[..., :, None] * (covariance - gain @ covariance) * missing[..., None, :]
+    return mean, 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+
+
+def observed_entries(fn):
+    """The observed-entries mask of a site's distribution, or None if complete."""
+    return fn.observed if isinstance(fn, MissingData) else None
+
+
+def _fill(fn, value, observed):
+    """Missing entries replaced by a point of the support: ``where`` on the data
+    itself, so neither the density nor its gradient ever sees a NaN."""
+    fill = fn.support.feasible_like(value)
+    return jnp.where(observed, value, jnp.asarray(fill, jnp.result_type(value)))
+
+
+class MissingEntries(Messenger):
+    """Handler that prepares observed sites with missing entries (see the module).
+
+    Args:
+        fn: the model.
+        nan_sites: ``None`` (NaN is data, reported as an error before fitting),
+            ``True`` (NaN is missing in every observed site) or a tuple of
+            site names where NaN is missing.
+    """
+
+    def __init__(self, fn=None, nan_sites=None):
+        self.nan_sites = nan_sites
+        self._observed_parts = set()
+        super().__init__(fn)
+
+    def _nan_is_missing(self, name):
+        if self.nan_sites is True:
+            return True
+        return bool(self.nan_sites) and name in self.nan_sites
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or msg["infer"].get("_jaxem_missing"):
+            return
+        fn, name = msg["fn"], msg["name"]
+        if not msg["is_observed"]:
+            # NumPyro's obs_mask: "<name>_unobserved" follows "<name>_observed" and
+            # is masked to the missing events. Its density integrates to one:
+            # an observed site with no weight, rather than a continuous latent.
+            base = name[: -len("_unobserved")]
+            if name.endswith("_unobserved") and base in self._observed_parts:
+                msg["value"] = fn.support.feasible_like(jnp.zeros(fn.shape(), jnp.result_type(float)))
+                msg["fn"] = fn.mask(False)
+                msg["is_observed"] = True
+                msg["infer"]["_jaxem_missing"] = True
+            return
+        value = msg["value"]
+        msg["infer"]["_jaxem_missing"] = True
+        if name.endswith("_observed") and isinstance(fn, dist.MaskedDistribution):
+            self._observed_parts.add(name[: -len("_observed")])
+            mask = fn._mask
+            if not isinstance(mask, bool):
+                mask = jnp.reshape(mask, jnp.shape(mask) + (1,) * fn.event_dim)
+                value = _fill(fn, value, mask)
+        if self._nan_is_missing(name) and jnp.issubdtype(jnp.result_type(value), jnp.inexact):
+            observed = ~jnp.isnan(value)
+            value = _fill(fn, value, observed)
+            fn = MissingData(fn, jnp.broadcast_to(observed, jnp.shape(value)))
+        msg["value"], msg["fn"] = value, fn
+
+
+class nan_as_missing:  # noqa: N801 (used like a function, as NumPyro's handlers)
+    """Treat NaN entries of observed sites as missing values.
+
+    The wrapped model is the same model with every NaN entry marginalized
+    out: a missing discrete or univariate value drops out of its factor, a
+    MultivariateNormal row is scored by the marginal of its observed
+    coordinates, and the closed-form M-steps use the conditional expectations
+    of the missing entries. Without the wrapper NaN data is an error.
+
+    Args:
+        model: a NumPyro model.
+        sites: names of the observed sites where NaN means missing; default
+            every observed site.
+
+    Returns:
+        A model (hashable, so ``jit`` caches keyed on it are reused).
+
+    Examples:
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> import jaxem
+        >>> def model(x):
+        ...     mu = numpyro.param("mu", jnp.zeros(2))
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         numpyro.sample("x", dist.MultivariateNormal(mu, jnp.eye(2)), obs=x)
+        >>> x = jnp.array([[1.0, jnp.nan], [jnp.nan, jnp.nan]])
+        >>> ll = jaxem.log_likelihood(jaxem.nan_as_missing(model), {"mu": jnp.zeros(2)}, x)
+        >>> round(float(ll), 4)  # log N(1 | 0, 1): the other entries are marginalized
+        -1.4189
+    """
+
+    def __init__(self, model, sites=None):
+        self.model = model
+        self.sites = True if sites is None else tuple(sites)
+
+    def __call__(self, *args, **kwargs):
+        return MissingEntries(self.model, nan_sites=self.sites)(*args, **kwargs)
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, nan_as_missing)
+            and self.model == other.model
+            and self.sites == other.sites
+        )
+
+    def __hash__(self):
+        return hash((nan_as_missing, self.model, self.sites))
+
+    def __repr__(self):
+        return f"nan_as_missing({self.model!r}, sites={self.sites!r})"
