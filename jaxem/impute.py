@@ -39,9 +39,7 @@ def _impute_site(site, marginal, rng_key):
     # Cells: the site's log-probability dims (enumerated latents and plates);
     # the enumerated ones are summed out with the posterior weights.
     num_cells = jnp.ndim(marginal)
-    enum_axes = tuple(
-        num_cells + d for d, n in site.dim_to_name.items() if n not in site.plates
-    )
+    enum_axes = tuple(num_cells + d for d, n in site.dim_to_name.items() if n not in site.plates)
     cell_shape = jnp.shape(marginal)
     mean = jnp.broadcast_to(mean, cell_shape + jnp.shape(mean)[jnp.ndim(mean) - event_ndim :])
     weight = jnp.reshape(marginal, cell_shape + (1,) * event_ndim)

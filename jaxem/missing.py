@@ -187,8 +187,12 @@ def observed_entries(fn):
 def _fill(fn, value, observed):
     """Missing entries replaced by a point of the support: ``where`` on the data
     itself, so neither the density nor its gradient ever sees a NaN."""
-    fill = fn.support.feasible_like(value)
-    return jnp.where(observed, value, jnp.asarray(fill, jnp.result_type(value)))
+    shape = jnp.shape(value)
+    prototype = jnp.zeros(jnp.broadcast_shapes(fn.shape(), shape), jnp.result_type(value))
+    fill = fn.support.feasible_like(prototype)
+    # Dims of the distribution left of the data's (enumerated latents): any entry.
+    fill = jnp.broadcast_to(fill[(0,) * (jnp.ndim(fill) - len(shape))], shape)
+    return jnp.where(observed, value, fill.astype(jnp.result_type(value)))
 
 
 class MissingEntries(Messenger):
@@ -221,7 +225,8 @@ class MissingEntries(Messenger):
             # an observed site with no weight, rather than a continuous latent.
             base = name[: -len("_unobserved")]
             if name.endswith("_unobserved") and base in self._observed_parts:
-                msg["value"] = fn.support.feasible_like(jnp.zeros(fn.shape(), jnp.result_type(float)))
+                prototype = jnp.zeros(fn.shape(), jnp.result_type(float))
+                msg["value"] = fn.support.feasible_like(prototype)
                 msg["fn"] = fn.mask(False)
                 msg["is_observed"] = True
                 msg["infer"]["_jaxem_missing"] = True
