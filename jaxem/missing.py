@@ -224,7 +224,8 @@ class MissingEntries(Messenger):
             # is masked to the missing events. Its density integrates to one:
             # an observed site with no weight, rather than a continuous latent.
             base = name[: -len("_unobserved")]
-            if name.endswith("_unobserved") and base in self._observed_parts:
+            split = name.endswith("_unobserved") and base in self._observed_parts
+            if split and isinstance(fn, dist.MaskedDistribution):
                 prototype = jnp.zeros(fn.shape(), jnp.result_type(float))
                 msg["value"] = fn.support.feasible_like(prototype)
                 msg["fn"] = fn.mask(False)

@@ -135,13 +135,16 @@ def _mvn_conditional_moments(args, observed, value):
         covariance = jnp.linalg.inv(jnp.asarray(args["precision_matrix"]))
     dtype = jnp.result_type(covariance)
     loc = jnp.asarray(loc, dtype)
-    batch = jnp.broadcast_shapes(loc.shape[:-1], covariance.shape[:-2], observed.shape[:-1])
+    # The covariance of the missing coordinates does not depend on the location:
+    # with a covariance shared by the components it is one per row, not per cell.
+    cov_batch = jnp.broadcast_shapes(covariance.shape[:-2], observed.shape[:-1])
+    batch = jnp.broadcast_shapes(loc.shape[:-1], cov_batch)
     dim = value.shape[-1]
     return jax.lax.cond(
         jnp.all(observed),
         lambda: (
             jnp.broadcast_to(value, batch + (dim,)).astype(dtype),
-            jnp.zeros(batch + (dim, dim), dtype),
+            jnp.zeros(cov_batch + (dim, dim), dtype),
         ),
         lambda: conditional_moments(loc, covariance, observed, value),
     )
