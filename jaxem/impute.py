@@ -16,8 +16,8 @@ __all__ = ["impute"]
 
 
 def _core(fn):
-    """The distribution under plate expansion and masks."""
-    while isinstance(fn, (dist.ExpandedDistribution, dist.MaskedDistribution)):
+    """The distribution under plate expansion, masks and ``to_event``."""
+    while isinstance(fn, (dist.ExpandedDistribution, dist.MaskedDistribution, dist.Independent)):
         fn = fn.base_dist
     return fn
 

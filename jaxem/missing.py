@@ -35,7 +35,6 @@ __all__ = [
     "conditional_moments",
     "missing_log_prob",
     "nan_as_missing",
-    "observed_entries",
 ]
 
 
@@ -66,7 +65,7 @@ class MissingData(dist.Distribution):
         return missing_log_prob(self.base_dist, self.observed, value)
 
 
-def missing_log_prob(fn, observed, value, kernel=None):
+def missing_log_prob(fn, observed, value):
     """Log-density of the observed entries of ``value`` (the others marginalized).
 
     Args:
@@ -74,44 +73,33 @@ def missing_log_prob(fn, observed, value, kernel=None):
             are unwrapped here).
         observed: boolean array broadcastable to ``value``'s shape.
         value: the data, missing entries filled with any value in the support.
-        kernel: ``(fn, value) -> log_prob`` for fully observed values (default
-            ``fn.log_prob``); jaxem passes its faster kernels.
 
     Returns:
         The log-density, shaped like ``fn.log_prob(value)``.
     """
-    kernel = kernel or (lambda f, v: f.log_prob(v))
     if isinstance(fn, dist.ExpandedDistribution):
-        log_prob = missing_log_prob(fn.base_dist, observed, value, kernel)
+        log_prob = missing_log_prob(fn.base_dist, observed, value)
         batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
         return jnp.broadcast_to(log_prob, jnp.broadcast_shapes(fn.batch_shape, batch))
     if isinstance(fn, dist.MaskedDistribution):
-        log_prob = missing_log_prob(fn.base_dist, observed, value, kernel)
+        log_prob = missing_log_prob(fn.base_dist, observed, value)
         if fn._mask is False:
             return jnp.zeros_like(log_prob)
         if fn._mask is True:
             return log_prob
         return jnp.where(fn._mask, log_prob, 0.0)
     if isinstance(fn, dist.Independent):
-        log_prob = missing_log_prob(fn.base_dist, observed, value, kernel)
+        log_prob = missing_log_prob(fn.base_dist, observed, value)
         return jnp.sum(log_prob, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
     if type(fn) is dist.MultivariateNormal:
         observed = jnp.broadcast_to(observed, jnp.shape(value))
-        return jax.lax.cond(
-            jnp.all(observed),
-            lambda: jnp.broadcast_to(kernel(fn, value), _mvn_batch(fn, value)),
-            lambda: _masked_mvn_log_prob(fn.loc, fn.covariance_matrix, observed, value),
-        )
+        return _masked_mvn_log_prob(fn.loc, fn.covariance_matrix, observed, value)
     if fn.event_dim:
         # A family without a closed-form marginal: an event is either observed
         # (all its entries) or missing. Partly missing events are reported
         # before fitting (tracing.check_values).
         observed = jnp.all(observed, axis=tuple(range(-fn.event_dim, 0)))
-    return jnp.where(observed, kernel(fn, value), 0.0)
-
-
-def _mvn_batch(fn, value):
-    return jnp.broadcast_shapes(fn.batch_shape, jnp.shape(value)[:-1])
+    return jnp.where(observed, fn.log_prob(value), 0.0)
 
 
 def _observed_block(covariance, observed):
@@ -177,11 +165,6 @@ def conditional_moments(loc, covariance, observed, value):
     mean = jnp.where(observed, value, loc + jnp.einsum("...de,...e->...d", gain, value - loc))
     cov = missing[..., :, None] * (covariance - gain @ covariance) * missing[..., None, :]
     return mean, 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-
-
-def observed_entries(fn):
-    """The observed-entries mask of a site's distribution, or None if complete."""
-    return fn.observed if isinstance(fn, MissingData) else None
 
 
 def _fill(fn, value, observed):

@@ -478,7 +478,15 @@ def site_log_prob(fn, value):
     factors once and multiplying is much faster (as scikit-learn does).
     """
     if isinstance(fn, MissingData):
-        return missing_log_prob(fn.base_dist, fn.observed, value, kernel=site_log_prob)
+        # Complete data (checked at run time) takes the kernels below, exactly
+        # as without the wrapper.
+        complete = lambda: site_log_prob(fn.base_dist, value)  # noqa: E731
+        shape = jax.eval_shape(complete).shape
+        return jax.lax.cond(
+            jnp.all(fn.observed),
+            complete,
+            lambda: jnp.broadcast_to(missing_log_prob(fn.base_dist, fn.observed, value), shape),
+        )
     if isinstance(fn, dist.ExpandedDistribution):
         log_prob = site_log_prob(fn.base_dist, value)
         batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
