@@ -24,6 +24,8 @@ any model structure: mixtures, several latents, models with no latent at all.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
@@ -102,27 +104,75 @@ def missing_log_prob(fn, observed, value):
     return jnp.where(observed, fn.log_prob(value), 0.0)
 
 
-def _observed_block(covariance, observed):
-    """``A = M S M + (I - M)``, M the diagonal indicator of the observed
-    coordinates: its inverse is ``S_vv^-1`` on the observed block and the
-    identity on the missing one, and ``log det A = log det S_vv``. One
-    Cholesky factorization per row keeps every row's marginal exact without
-    grouping rows by their pattern of missing coordinates (a data-dependent
-    number of groups, which ``jit`` cannot shape)."""
+# Up to this many coordinates, quantities that depend on a row only through its
+# pattern of observed coordinates are computed once per possible pattern (2^D of
+# them, a static number) and gathered per row by a one-hot contraction, instead
+# of one D x D factorization per row.
+_MAX_TABLE_DIM = 6
+
+
+def _per_pattern(compute_fn, covariance, observed):
+    """``compute_fn(covariance, observed)`` for every row, where the result depends
+    on the row through its observed coordinates only.
+
+    Rows are not grouped by their actual patterns (a data-dependent number of
+    groups, which ``jit`` cannot shape): with few coordinates every possible
+    pattern is computed and each row picks its own; otherwise each row is
+    computed directly.
+    """
+    dim = covariance.shape[-1]
+    num_patterns = 2**dim
+    num_rows = math.prod(observed.shape[:-1])
+    if dim > _MAX_TABLE_DIM or num_patterns > num_rows:
+        return compute_fn(covariance, observed)
+    bits = jnp.arange(dim)
+    patterns = ((jnp.arange(num_patterns)[:, None] >> bits) & 1).astype(bool)
+    table = compute_fn(covariance[..., None, :, :], patterns)
+    index = jnp.sum(observed.astype(jnp.int32) << bits, axis=-1)
+    one_hot = jax.nn.one_hot(index, num_patterns, dtype=covariance.dtype)
+    return jax.tree.map(lambda t: _gather(one_hot, t, jnp.ndim(covariance) - 2), table)
+
+
+def _gather(one_hot, table, cov_batch_ndim):
+    """Row-wise entries of a per-pattern table (pattern axis after the covariance's
+    batch dims), broadcast against the rows' batch dims."""
+    event = "de"[: jnp.ndim(table) - cov_batch_ndim - 1]
+    return jnp.einsum(f"...p,...p{event}->...{event}", one_hot, table)
+
+
+def _observed_inverse(covariance, observed):
+    """``(S_vv^-1 embedded in D x D, log det S_vv)`` for the observed coordinates v.
+
+    ``A = M S M + (I - M)``, M the diagonal indicator of the observed
+    coordinates, has inverse ``S_vv^-1`` on the observed block and the identity
+    on the missing one, and ``log det A = log det S_vv``.
+    """
     m = observed.astype(covariance.dtype)
     eye = jnp.eye(covariance.shape[-1], dtype=covariance.dtype)
-    return m[..., :, None] * covariance * m[..., None, :] + eye * (1 - m)[..., None, :]
+    block = m[..., :, None] * covariance * m[..., None, :] + eye * (1 - m)[..., None, :]
+    tril = jnp.linalg.cholesky(block)
+    inverse = cho_solve((tril, True), jnp.broadcast_to(eye, tril.shape))
+    log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(tril, axis1=-2, axis2=-1)), axis=-1)
+    return m[..., :, None] * inverse * m[..., None, :], log_det
 
 
 def _masked_mvn_log_prob(loc, covariance, observed, value):
     """log N(x_v | mu_v, S_vv) for every row, v its observed coordinates."""
-    m = observed.astype(covariance.dtype)
-    tril = jnp.linalg.cholesky(_observed_block(covariance, observed))
-    residual = m * (value - loc)
-    whitened = jax.scipy.linalg.solve_triangular(tril, residual[..., None], lower=True)[..., 0]
-    log_det = jnp.sum(jnp.log(jnp.diagonal(tril, axis1=-2, axis2=-1)), axis=-1)
-    num_observed = jnp.sum(m, axis=-1)
-    return -0.5 * jnp.sum(whitened**2, axis=-1) - log_det - 0.5 * num_observed * jnp.log(2 * jnp.pi)
+    inverse, log_det = _per_pattern(_observed_inverse, covariance, observed)
+    residual = value - loc  # the inverse is zero on the missing coordinates
+    quadratic = jnp.einsum("...d,...de,...e->...", residual, inverse, residual)
+    num_observed = jnp.sum(observed, axis=-1).astype(log_det.dtype)
+    return -0.5 * (quadratic + log_det + num_observed * jnp.log(2 * jnp.pi))
+
+
+def _regression(covariance, observed):
+    """``(S P, V)``: P = S_vv^-1 embedded, so row h of S P is S_hv S_vv^-1, and V the
+    conditional covariance of the missing coordinates (zero on the observed ones)."""
+    inverse, _ = _observed_inverse(covariance, observed)
+    gain = covariance @ inverse
+    missing = 1 - observed.astype(covariance.dtype)
+    cov = missing[..., :, None] * (covariance - gain @ covariance) * missing[..., None, :]
+    return gain, 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
 
 
 def conditional_moments(loc, covariance, observed, value):
@@ -155,16 +205,9 @@ def conditional_moments(loc, covariance, observed, value):
         >>> m.tolist(), V.tolist()
         ([2.0, 1.0], [[0.0, 0.0], [0.0, 0.75]])
     """
-    m = observed.astype(covariance.dtype)
-    missing = 1 - m
-    tril = jnp.linalg.cholesky(_observed_block(covariance, observed))
-    # S_vv^-1 embedded in D x D (zero on the missing block).
-    eye = jnp.broadcast_to(jnp.eye(covariance.shape[-1], dtype=covariance.dtype), tril.shape)
-    inverse = m[..., :, None] * cho_solve((tril, True), eye) * m[..., None, :]
-    gain = covariance @ inverse  # S P: row h is S_hv S_vv^-1
+    gain, cov = _per_pattern(_regression, covariance, observed)
     mean = jnp.where(observed, value, loc + jnp.einsum("...de,...e->...d", gain, value - loc))
-    cov = missing[..., :, None] * (covariance - gain @ covariance) * missing[..., None, :]
-    return mean, 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    return mean, cov
 
 
 def _fill(fn, value, observed):

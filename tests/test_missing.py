@@ -430,3 +430,27 @@ def test_missing_values_under_restarts(rng):
     fit = EM(nan_as_missing(gmm)).run(jax.random.PRNGKey(0), x, max_iter=10, num_restarts=2)
     assert np.isfinite(fit.restart_log_likelihoods).all()
     assert all(np.isfinite(v).all() for v in fit.params.values())
+
+
+def test_pattern_table_equals_per_row_factorization(x64, rng, monkeypatch):
+    """Up to 6 coordinates, per-row quantities come from a table over all 2^D patterns."""
+    from jaxem import missing
+
+    x = mcar(rng, rng.normal(size=(40, 3)), 0.4)
+    observed, value = jnp.asarray(~np.isnan(x)), jnp.asarray(np.nan_to_num(x))
+    loc = jnp.asarray(rng.normal(size=(2, 1, 3)))
+    tril = jnp.asarray(np.tril(rng.normal(size=(2, 1, 3, 3)) * 0.3) + np.eye(3))
+    cov = tril @ jnp.swapaxes(tril, -1, -2)
+
+    def compute():
+        return (
+            missing._masked_mvn_log_prob(loc, cov, observed, value),
+            *missing.conditional_moments(loc, cov, observed, value),
+        )
+
+    table = compute()
+    monkeypatch.setattr(missing, "_MAX_TABLE_DIM", 0)
+    per_row = compute()
+    assert [a.shape for a in table] == [(2, 40), (2, 40, 3), (2, 40, 3, 3)]
+    for a, b in zip(table, per_row):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
