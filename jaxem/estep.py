@@ -22,6 +22,7 @@ from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
 from jaxem.chain import chain_indicators, chain_map, chain_posterior, contract_chain, find_chain
+from jaxem.missing import MissingEntries
 from jaxem.tracing import EnumTrace, enumerated_trace, inspect_model, merge_args, split_args
 
 funsor.set_backend("jax")
@@ -160,7 +161,7 @@ def map_values(model, params, args, kwargs, max_plate_nesting) -> dict:
     chain = find_chain(trace)
     if chain is not None:
         return chain_map({name: s.log_prob for name, s in trace.sites.items()}, trace, chain)
-    substituted = handlers.substitute(model, data=params)
+    substituted = handlers.substitute(MissingEntries(model), data=params)
     decoded = infer_discrete(
         config_enumerate(substituted),
         temperature=0,
