@@ -469,3 +469,95 @@ def test_unsupported_chains_are_rejected(model, x, message):
     params = {"A": jnp.ones((2, 2)) / 2, "pi": jnp.ones(2) / 2}
     with pytest.raises(ModelError, match=message.replace("[", r"\[").replace("]", r"\]")):
         jaxem.log_likelihood(model, params, x)
+
+
+# --- a carry that changes: the steps run in lax.scan -------------------------------------
+
+
+def ar_hmm(x):
+    """Autoregressive HMM: the carry holds the previous observation, so the steps cannot be
+    evaluated all at once; ``phi`` reaches the emission through a product (gradient path)."""
+    pi = numpyro.param("pi", jnp.ones(2) / 2, constraint=constraints.simplex)
+    A = numpyro.param("A", jnp.array([[0.8, 0.2], [0.3, 0.7]]), constraint=constraints.simplex)
+    phi = numpyro.param("phi", jnp.array([0.2, 0.8]))
+    sigma = numpyro.param("sigma", jnp.ones(()), constraint=constraints.positive)
+    z0 = numpyro.sample("z0", dist.Categorical(pi))
+    numpyro.sample("x0", dist.Normal(0.0, sigma), obs=x[0])
+
+    def step(carry, x_t):
+        z_prev, x_prev = carry
+        z = numpyro.sample("z", dist.Categorical(A[z_prev]))
+        numpyro.sample("x", dist.Normal(phi[z] * x_prev, sigma), obs=x_t)
+        return (z, x_t), None
+
+    scan(step, (z0, x[0]), x[1:])
+
+
+def test_autoregressive_chain_against_brute_force(x64):
+    params = {
+        "pi": np.array([0.6, 0.4]),
+        "A": np.array([[0.8, 0.2], [0.3, 0.7]]),
+        "phi": np.array([-0.5, 0.9]),
+        "sigma": np.array(0.7),
+    }
+    x = np.array([0.3, -0.4, 0.9, 1.1, 0.2])
+
+    def log_joint(z):
+        path = np.concatenate([z["z0"][:, None], z["z"]], axis=1)  # (C, T)
+        lp = np.log(params["pi"][path[:, 0]]) + stats.norm.logpdf(x[0], 0.0, params["sigma"])
+        lp = lp + np.log(params["A"][path[:, :-1], path[:, 1:]]).sum(-1)
+        loc = params["phi"][path[:, 1:]] * x[:-1]
+        return lp + stats.norm.logpdf(x[1:], loc, params["sigma"]).sum(-1)
+
+    latents = {"z0": ((), 2), "z": ((4,), 2)}
+    expected_ll, expected_post, _, best = brute_force(latents, log_joint)
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    xj = jnp.asarray(x)
+    np.testing.assert_allclose(float(jaxem.log_likelihood(ar_hmm, p, xj)), expected_ll, rtol=1e-10)
+    post = jaxem.posterior(ar_hmm, p, xj)
+    np.testing.assert_allclose(post["z"], expected_post["z"], atol=1e-10)
+    decoded = jaxem.map_assignment(ar_hmm, p, xj)
+    np.testing.assert_array_equal(decoded["z"], best["z"])
+
+
+# --- log-likelihood never decreases --------------------------------------------------------
+
+
+def poisson_hmm(c):
+    pi = numpyro.param("pi", jnp.ones(2) / 2, constraint=constraints.simplex)
+    A = numpyro.param("A", jnp.array([[0.7, 0.3], [0.3, 0.7]]), constraint=constraints.simplex)
+    rate = numpyro.param("rate", jnp.array([1.0, 3.0]), constraint=constraints.positive)
+    z0 = numpyro.sample("z0", dist.Categorical(pi))
+    numpyro.sample("c0", dist.Poisson(rate[z0]), obs=c[0])
+
+    def step(z_prev, c_t):
+        z = numpyro.sample("z", dist.Categorical(A[z_prev]))
+        numpyro.sample("c", dist.Poisson(rate[z]), obs=c_t)
+        return z, None
+
+    scan(step, z0, c[1:])
+
+
+@pytest.mark.parametrize(
+    "model, data, options",
+    [
+        (ar_hmm, "ar", {}),
+        (poisson_hmm, "counts", {"hard": True}),
+        (two_emissions_hmm, "two", {"chain_contraction": "parallel"}),
+    ],
+)
+def test_log_likelihood_never_decreases(x64, model, data, options):
+    rng = np.random.default_rng(7)
+    if data == "ar":
+        args = (jnp.asarray(np.cumsum(rng.normal(size=60)) * 0.3),)
+    elif data == "counts":
+        args = (jnp.asarray(np.concatenate([rng.poisson(1.0, 40), rng.poisson(6.0, 40)])),)
+    else:
+        x = np.concatenate([rng.normal(-1.5, 1.0, (20, 4)), rng.normal(1.5, 1.0, (20, 4))])
+        c = rng.poisson(np.where(x > 0, 4.0, 1.0))
+        args = (jnp.asarray(x), jnp.asarray(c))
+    result = EM(model, **options).run(jax.random.PRNGKey(0), *args, max_iter=15, tol=0.0)
+    history = np.asarray(result.history)
+    assert np.all(np.isfinite(history))
+    assert np.all(np.diff(history) >= -1e-9 * np.abs(history[1:])), history
+    assert history[-1] > history[0]
