@@ -258,7 +258,7 @@ def _initial_log_messages(tensors):
     """Log forward messages of the first step, ``(*plates, K)``."""
     first = tensors.first
     if tensors.initial is not None:
-        return jax.nn.logsumexp(first, axis=-2)
+        return _logsumexp(first, axis=-2)
     return first
 
 
@@ -294,18 +294,27 @@ def _forward_sequential(alpha, stacked, mask):
     return log_z + jnp.sum(log_norms) + jnp.sum(jnp.where(keep, step_shift[..., 0, 0], 0.0))
 
 
+def _logsumexp(x, axis):
+    """``logsumexp`` whose gradient is 0, not NaN, where every term is -inf (an
+    impossible cell, e.g. after a transition probability reached 0)."""
+    shift = _finite_max(x, axis)
+    total = jnp.sum(jnp.exp(x - shift), axis=axis, keepdims=True)
+    out = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + shift, -jnp.inf)
+    return jnp.squeeze(out, axis)
+
+
 def _log_matmul(x, y):
-    """``log(exp(x) @ exp(y))`` over the last two axes, scaled by row and column maxima."""
-    x_max = _finite_max(x, -1)
-    y_max = _finite_max(y, -2)
-    return jnp.log(jnp.exp(x - x_max) @ jnp.exp(y - y_max)) + x_max + y_max
+    """``log(exp(x) @ exp(y))`` over the last two axes, as a logsumexp over the
+    inner index: a product of many steps spans thousands of nats, more than a
+    matmul of exponentials scaled by row and column maxima can represent."""
+    return _logsumexp(x[..., :, :, None] + y[..., None, :, :], axis=-2)
 
 
 def _forward_parallel(alpha, stacked, mask):
     """The product of the step matrices as a balanced tree of log-matmuls:
     log2(T) sequential levels of K^3 work, which a GPU runs in parallel."""
     if stacked is None:
-        return jnp.sum(jax.nn.logsumexp(alpha, -1))
+        return jnp.sum(_logsumexp(alpha, -1))
     if mask is not None:
         # A padded step is the identity: log 1 on the diagonal, log 0 elsewhere.
         eye = jnp.where(jnp.eye(stacked.shape[-1], dtype=bool), 0.0, -jnp.inf).astype(stacked.dtype)
@@ -317,7 +326,7 @@ def _forward_parallel(alpha, stacked, mask):
             mats = jnp.concatenate([mats, jnp.broadcast_to(eye, (1,) + mats.shape[1:])])
         mats = _log_matmul(mats[0::2], mats[1::2])
     final = _log_matmul(alpha[..., None, :], mats[0])[..., 0, :]
-    return jnp.sum(jax.nn.logsumexp(final, -1))
+    return jnp.sum(_logsumexp(final, -1))
 
 
 def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = False):

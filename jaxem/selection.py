@@ -51,8 +51,9 @@ def _merge(into: dict, labels: dict, selection: bool = True) -> None:
 
 
 # Primitives that call a sub-jaxpr once with their own inputs; ``scan`` is
-# followed by _propagate_scan; other loops and branches are opaque: a label
-# crossing them is not a selection.
+# followed by _propagate_scan (selection only from constants to stacked
+# outputs); other loops and branches are opaque: a label crossing them is not a
+# selection.
 _CALL_PRIMITIVES = {
     "jit",
     "pjit",
@@ -80,10 +81,13 @@ def _sub_jaxpr(eqn):
 
 
 def _propagate_scan(eqn, inputs):
-    """Labels through a ``lax.scan``: its stacked outputs select the body's
-    per-step outputs, and the carry takes the labels of every step (iterated
-    to a fixed point, which exists because labels only gain names and lose
-    selection flags)."""
+    """Labels through a ``lax.scan``. Its stacked outputs select the body's
+    per-step outputs, so a parameter that enters the body as a constant and
+    reaches a stacked output through selections only is selected (``A[z_prev]``
+    inside a Markov chain's step). A value that passes through the carry is
+    not a selection (each iteration composes the map anew); the carry's labels
+    are iterated to a fixed point, which exists because labels only gain names.
+    """
     body = eqn.params["jaxpr"].jaxpr
     num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
     consts, carry, xs = (
@@ -91,13 +95,13 @@ def _propagate_scan(eqn, inputs):
         inputs[num_consts : num_consts + num_carry],
         inputs[num_consts + num_carry :],
     )
+    carry = [dict.fromkeys(labels, False) for labels in carry]
     while True:
         outputs = _propagate(body, consts + carry + xs)
-        new_carry = []
-        for before, after in zip(carry, outputs[:num_carry]):
-            merged = dict(before)
-            _merge(merged, after)
-            new_carry.append(merged)
+        new_carry = [
+            {**before, **dict.fromkeys(after, False)}
+            for before, after in zip(carry, outputs[:num_carry])
+        ]
         if new_carry == carry:
             return carry + outputs[num_carry:]
         carry = new_carry

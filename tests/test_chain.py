@@ -561,3 +561,46 @@ def test_log_likelihood_never_decreases(x64, model, data, options):
     assert np.all(np.isfinite(history))
     assert np.all(np.diff(history) >= -1e-9 * np.abs(history[1:])), history
     assert history[-1] > history[0]
+
+
+def test_parallel_contraction_of_a_long_chain_in_float32():
+    # A product of many steps spans thousands of nats: the parallel reduction must not
+    # underflow where the sequential pass (normalized at every step) does not.
+    seqs = _gaussian_data(400, 3, seed=2)
+    x = jnp.asarray(np.stack(seqs, axis=1), jnp.float32)
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in _GAUSSIAN_INIT.items()}
+    structure, _ = inspect_model(gaussian_hmm, jax.random.PRNGKey(0), (x,), {})
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def log_lik(p, parallel):
+        return e_step(
+            gaussian_hmm, p, (x,), {}, structure.max_plate_nesting, parallel=parallel
+        ).log_likelihood
+
+    ref = hmm.GaussianHMM(3, "diag")
+    ref.startprob_, ref.transmat_ = _GAUSSIAN_INIT["pi"], _GAUSSIAN_INIT["A"]
+    ref.means_, ref.covars_ = _GAUSSIAN_INIT["mu"], _GAUSSIAN_INIT["sigma"] ** 2
+    expected = ref.score(np.concatenate(seqs), [400] * 3)
+    for parallel in (False, True):
+        np.testing.assert_allclose(float(log_lik(p, parallel)), expected, rtol=1e-5)
+
+
+def test_impossible_transitions_give_finite_posteriors(x64):
+    # Transition probabilities of exactly 0 make some cells of the parallel reduction
+    # sums of -inf only; their gradient (a posterior) must be 0, not NaN.
+    params, args, _, _ = _two_emissions_case()
+    params = dict(params, A=np.array([[0.7, 0.3, 0.0], [0.0, 0.6, 0.4], [0.2, 0.0, 0.8]]))
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    jargs = tuple(jnp.asarray(a) for a in args)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def marginals(p, parallel):
+        result = e_step(two_emissions_hmm, p, jargs, {}, 1, parallel=parallel)
+        return result.log_likelihood, result.marginals
+
+    ll_seq, seq = marginals(p, False)
+    ll_par, par = marginals(p, True)
+    np.testing.assert_allclose(float(ll_par), float(ll_seq), rtol=1e-10)
+    for name in seq:
+        assert bool(jnp.all(jnp.isfinite(par[name]))), name
+        np.testing.assert_allclose(par[name], seq[name], atol=1e-10, err_msg=name)
