@@ -1,5 +1,6 @@
 """jaxem: expectation-maximization for NumPyro models with discrete latent variables."""
 
+from jaxem import init
 from jaxem.closed_form import Cells, ClosedFormUpdate, contract_cells, register_closed_form
 from jaxem.diagnostics import aic, bic, num_free_params, num_observations
 from jaxem.em import EM, EMResult, EMState
@@ -22,6 +23,7 @@ __all__ = [
     "map_assignment",
     "num_free_params",
     "num_observations",
+    "init",
     "posterior",
     "register_closed_form",
 ]
