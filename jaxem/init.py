@@ -92,7 +92,9 @@ def kmeans_plusplus(x, num_components: int) -> Callable[[jax.Array], jax.Array]:
     def init(rng_key):
         keys = jax.random.split(rng_key, num_components)
         first = jax.random.randint(keys[0], (), 0, points.shape[0])
-        centers = jnp.zeros((num_components, points.shape[1]), points.dtype).at[0].set(points[first])
+        centers = (
+            jnp.zeros((num_components, points.shape[1]), points.dtype).at[0].set(points[first])
+        )
         nearest = jnp.sum((points - points[first]) ** 2, axis=-1)
 
         def add_center(k, carry):

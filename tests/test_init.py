@@ -55,7 +55,9 @@ def test_random_points_are_distinct_rows(x32):
     keys = jax.random.split(jax.random.PRNGKey(2), 30)
     points = np.asarray(jax.vmap(random_points(x, 20))(keys))
     # K = N: a permutation of the rows, every time
-    np.testing.assert_array_equal(np.sort(points[:, :, 0], -1), np.tile(np.asarray(x)[:, 0], (30, 1)))
+    np.testing.assert_array_equal(
+        np.sort(points[:, :, 0], -1), np.tile(np.asarray(x)[:, 0], (30, 1))
+    )
     assert len({tuple(p[:, 0]) for p in points}) > 1
 
 
@@ -88,9 +90,7 @@ def test_restarts_from_kmeans_plusplus(x32):
     result = em.run(key, x, 4, max_iter=40, num_restarts=3)
     restart_lls = np.asarray(result.restart_log_likelihoods)
     assert restart_lls.shape == (3,)
-    singles = [
-        float(em.run(k, x, 4, max_iter=40).log_likelihood) for k in jax.random.split(key, 3)
-    ]
+    singles = [float(em.run(k, x, 4, max_iter=40).log_likelihood) for k in jax.random.split(key, 3)]
     np.testing.assert_allclose(restart_lls, singles, rtol=1e-5)
     assert float(result.log_likelihood) == restart_lls.max()
     # The restarts really started apart (one k-means++ draw per key).
