@@ -5,6 +5,7 @@ from jaxem.closed_form import Cells, ClosedFormUpdate, contract_cells, register_
 from jaxem.diagnostics import aic, bic, num_free_params, num_observations
 from jaxem.em import EM, EMResult, EMState
 from jaxem.estep import log_likelihood, map_assignment, posterior
+from jaxem.online import OnlineEM, OnlineEMResult, OnlineEMState
 from jaxem.tracing import ModelError
 
 __version__ = "0.1.0"
@@ -16,6 +17,9 @@ __all__ = [
     "Cells",
     "ClosedFormUpdate",
     "ModelError",
+    "OnlineEM",
+    "OnlineEMResult",
+    "OnlineEMState",
     "aic",
     "bic",
     "contract_cells",
