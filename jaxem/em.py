@@ -246,34 +246,22 @@ class EM:
         args, kwargs = merge_args(arrays, spec)
         constraints = model_structure(self.model, args, kwargs).constraints
         squarem = state.acceleration
-
-        def extrapolate(first_params, second_params):
-            return squarem_extrapolate(
-                state.params, first_params, second_params, constraints, squarem.step_max
-            )
-
-        # The three EM steps are one scanned step, so the EM map is compiled once:
-        # the third starts from the SQUAREM point instead of the second's result.
-        def em_step(carry, i):
-            current, first_params = carry
-            extrapolated, _ = extrapolate(first_params, current.params)
-            start = current._replace(params=_tree_where(i == 2, extrapolated, current.params))
-            new, log_lik = self._em_step(start, arrays, spec)
-            first_params = _tree_where(i == 0, new.params, first_params)
-            return (new, first_params), (new.params, new.opt_state, log_lik)
-
-        _, (params, opt_states, log_liks) = jax.lax.scan(
-            em_step, (state, state.params), jnp.arange(3)
+        first, log_lik = self._em_step(state, arrays, spec)
+        second, _ = self._em_step(first, arrays, spec)
+        extrapolated, alpha = squarem_extrapolate(
+            state.params, first.params, second.params, constraints, squarem.step_max
         )
-        first, second, third = (jax.tree.map(lambda x, i=i: x[i], params) for i in range(3))
-        _, alpha = extrapolate(first, second)
-        log_lik, extrapolated_log_lik = log_liks[0], log_liks[2]
+        third, extrapolated_log_lik = self._em_step(
+            second._replace(params=extrapolated), arrays, spec
+        )
         accepted = (
             jnp.isfinite(extrapolated_log_lik)
             & (extrapolated_log_lik >= log_lik)
-            & _all_finite(third)
+            & _all_finite(third.params)
         )
-        chosen = jax.tree.map(lambda x: jnp.where(accepted, x[2], x[1]), (params, opt_states))
+        chosen = _tree_where(
+            accepted, (third.params, third.opt_state), (second.params, second.opt_state)
+        )
         squarem = squarem_step_max(squarem, alpha, accepted)
         return EMState(*chosen, state.iteration + 1, squarem), log_lik
 

@@ -163,3 +163,20 @@ def test_squarem_restarts_under_vmap(x32):
 def test_bad_acceleration_name():
     with pytest.raises(ValueError, match="acceleration must be None or 'squarem', got 'anderson'"):
         EM(normal_mixture, acceleration="anderson")
+
+
+def test_squarem_hard_em(x64):
+    """Hard EM: the accelerated classification likelihood never decreases, and the fit ends
+    at a fixed point of plain hard EM."""
+    model, x, K, init, _ = _case("normal")
+    fast = EM(model, hard=True, acceleration="squarem")
+    result = fast.run(jax.random.PRNGKey(0), x, K, max_iter=50, tol=1e-12, init_params=init)
+    assert bool(result.converged) and not bool(result.diverged)
+    history = np.asarray(result.history)[: int(result.num_iters)]
+    assert_monotone(history, 1e-12)
+    assert history[-1] - history[0] > 5.0
+    plain = EM(model, hard=True)
+    state = plain.init(jax.random.PRNGKey(0), x, K, init_params=result.params)
+    state, _ = plain.update(state, x, K)
+    for pname, value in result.params.items():
+        np.testing.assert_allclose(np.asarray(state.params[pname]), np.asarray(value), atol=1e-8)
