@@ -388,7 +388,8 @@ class EM:
         return self._init_arrays(rng_key, arrays, spec, init_params)
 
     def update(self, state: EMState, *args, **kwargs):
-        """One EM iteration (compiled once per argument shape).
+        """One EM iteration (compiled once per argument shape); with
+        ``acceleration="squarem"``, one SQUAREM cycle of three EM steps.
 
         Returns:
             ``(new_state, log_likelihood)``, the log-likelihood being that of
