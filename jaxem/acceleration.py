@@ -48,6 +48,7 @@ class SquaremState(NamedTuple):
 
 
 def init_squarem(dtype) -> SquaremState:
+    """``alpha_max = 1`` (the first cycle is three plain EM steps), no rejections."""
     return SquaremState(jnp.ones((), dtype), jnp.zeros((), jnp.int32))
 
 
