@@ -270,7 +270,8 @@ def _tractable(trace, max_cells):
 
 
 def _guide_q(guide, guide_params, args, kwargs, nesting, model_trace):
-    """The guide's marginals, by enumerating its sites (checked against the model)."""
+    """The guide's marginals and their logarithms, by enumerating its sites
+    (checked against the model)."""
     gtrace = enumerated_trace(guide, guide_params, args, kwargs, nesting)
     latents = _latents(model_trace)
     observed = [n for n, s in gtrace.sites.items() if s.is_observed]
@@ -287,7 +288,7 @@ def _guide_q(guide, guide_params, args, kwargs, nesting, model_trace):
             f"jaxem: the guide must sample exactly the model's latent sites {latents}; it "
             f"misses {missing} and has {extra} which the model does not sample."
         )
-    q = {}
+    q, log_q = {}, {}
     for name in latents:
         site = gtrace.sites[name]
         others = [n for n in site.dim_to_name.values() if n != name and n not in site.plates]
@@ -307,8 +308,15 @@ def _guide_q(guide, guide_params, args, kwargs, nesting, model_trace):
                 f"values) but the model's site has {expected}. Use the model's plates and "
                 "distribution support for the guide's site."
             )
-        q[name] = probs
-    return q
+        q[name], log_q[name] = probs, _site_posterior(site, site.log_prob)
+    return q, log_q
+
+
+def _guide_elbo(q, log_q, log_factors, trace):
+    # The entropy from the guide's log-probabilities: entr(q) has an infinite
+    # derivative where a probability underflows to 0.
+    entropy = -sum(jnp.sum(q[n] * jnp.where(q[n] > 0, log_q[n], 0.0)) for n in q)
+    return _expected_log_joint(q, log_factors, trace) + entropy
 
 
 # ---------------------------------------------------------------------------
@@ -436,15 +444,16 @@ class VariationalEM:
                 return {n: transforms[n](u) for n, u in unconstrained.items()}
 
             def loss(unconstrained):
-                q = _guide_q(self.guide, constrained(unconstrained), args, kwargs, nesting, trace)
-                return -_elbo(q, log_factors, trace)
+                guide_params = constrained(unconstrained)
+                q, log_q = _guide_q(self.guide, guide_params, args, kwargs, nesting, trace)
+                return -_guide_elbo(q, log_q, log_factors, trace)
 
             start = {n: transforms[n].inv(state.guide_params[n]) for n in names}
             chosen, guide_opt_state = safeguarded_steps(
                 loss, start, self.guide_optimizer, state.guide_opt_state, self.e_step_iters
             )
             guide_params = constrained(chosen)
-            q = _guide_q(self.guide, guide_params, args, kwargs, nesting, trace)
+            q, _ = _guide_q(self.guide, guide_params, args, kwargs, nesting, trace)
             state = state._replace(q=q, guide_params=guide_params, guide_opt_state=guide_opt_state)
         return (
             state,
@@ -477,7 +486,7 @@ class VariationalEM:
         guide_structure, guide_params = self._guide_structure(
             jax.random.fold_in(rng_key, 1), args, kwargs, params
         )
-        q = _guide_q(self.guide, guide_params, args, kwargs, nesting, trace)
+        q, _ = _guide_q(self.guide, guide_params, args, kwargs, nesting, trace)
         guide_opt_state = self.guide_optimizer.init(
             {n: biject_to(guide_structure.constraints[n]).inv(v) for n, v in guide_params.items()}
         )
