@@ -20,6 +20,8 @@ log-likelihood still never decreases.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import string
 from collections.abc import Callable
@@ -350,13 +352,68 @@ def _vector_count_stats(cells, target):
     return (cells.sum(target, (cells.weight, ""), (cells.value, "c"), out="c"),)
 
 
+_SHIFTED = contextvars.ContextVar("jaxem_shifted", default=None)
+
+
+@contextlib.contextmanager
+def shared_statistics():
+    """Within this context, stages of one M-step share their shifted data.
+
+    The location and scale stages both contract the weights with the
+    mean-shifted data. XLA merges the two identical matmuls in a plain ``jit``,
+    but inside ``run``'s while loop it hoists each copy of the loop-invariant
+    shifted data on its own, and then keeps both matmuls. Computing the shifted
+    data once per traced M-step keeps one.
+    """
+    token = _SHIFTED.set({})
+    try:
+        yield
+    finally:
+        _SHIFTED.reset(token)
+
+
+def _shifted(x, cells, target, event_ndim):
+    """``x`` minus its mean over the summed dims it varies along, and that mean.
+
+    The scale stages expand their statistics around this shift to limit the
+    cancellation, and the location stages use the same shifted first moment.
+    """
+    cache = _SHIFTED.get()
+    key = (id(x), tuple(target), event_ndim, len(cells.shape))
+    if cache is not None and key in cache:
+        return cache[key][1]
+    result = _shift(x, cells, target, event_ndim)
+    if cache is not None:
+        cache[key] = (x, result)  # holding x keeps its id from being reused
+    return result
+
+
+def _shift(x, cells, target, event_ndim):
+    num_cells = len(cells.shape)
+    batch = _align(jnp.shape(x)[: jnp.ndim(x) - event_ndim], num_cells)
+    x_aligned = jnp.reshape(x, batch + jnp.shape(x)[jnp.ndim(x) - event_ndim :])
+    axes = tuple(i for i in range(num_cells) if target[i] == 1 and batch[i] != 1)
+    shift = jax.lax.stop_gradient(jnp.mean(x_aligned, axis=axes, keepdims=True))
+    return x_aligned - shift, shift
+
+
 def _normal_loc_stats(transform=lambda x: x):
     def stats(cells, target):
         scale = _arr(cells.args["scale"], cells.weight)
         precision = 1.0 / scale**2
         x = transform(cells.value)
-        num = cells.sum(target, (cells.weight, ""), (precision, ""), (x, ""))
-        return num, cells.sum(target, (cells.weight, ""), (precision, ""))
+        num_cells = len(cells.shape)
+        precision = jnp.reshape(precision, _align(jnp.shape(precision), num_cells))
+        if any(precision.shape[i] != 1 for i in range(num_cells) if target[i] == 1):
+            # The precision varies along the summed dims (a heteroscedastic model).
+            num = cells.sum(target, (cells.weight, ""), (precision, ""), (x, ""))
+            return num, cells.sum(target, (cells.weight, ""), (precision, ""))
+        # sum w p x = p (sum w (x - s) + s sum w) with p constant over the sum: the
+        # first moment the scale stage needs too, so XLA computes it once.
+        xs, shift = _shifted(x, cells, target, 0)
+        first = cells.sum(target, (cells.weight, ""), (xs, ""))
+        count = cells.count(target)
+        return precision * (first + shift * count), precision * count
 
     return stats
 
@@ -378,23 +435,21 @@ def _normal_scale_stats(transform=lambda x: x):
         # sum w (x - m)^2 = sum w x^2 - 2 m sum w x + m^2 sum w, as contractions
         # (matmuls); shifting x and m by the data mean over the summed dims is
         # exact and reduces the cancellation.
-        x_aligned = jnp.reshape(x, _align(jnp.shape(x), num_cells))
-        axes = tuple(i for i in summed if x_aligned.shape[i] != 1)
-        shift = jax.lax.stop_gradient(jnp.mean(x_aligned, axis=axes, keepdims=True))
-        xs, ls = x_aligned - shift, loc - shift
+        xs, shift = _shifted(x, cells, target, 0)
+        ls = loc - shift
         w = cells.weight
-        x_term, m_term = (
-            cells.sum(target, (w, ""), (xs**2, "")),
-            cells.sum(target, (w, ""), (ls**2, "")),
-        )
-        sq = x_term - 2 * cells.sum(target, (w, ""), (xs, ""), (ls, "")) + m_term
+        first = cells.sum(target, (w, ""), (xs, ""))
+        count = cells.count(target)
+        x_term = cells.sum(target, (w, ""), (xs**2, ""))
+        m_term = count * ls**2
+        sq = x_term - 2 * ls * first + m_term
         # Where the expansion's rounding could exceed 1e-5 of the result (float32,
         # clusters far from the data mean), take the residuals.
         error = (
             jnp.finfo(sq.dtype).eps * (x_term + m_term) / jnp.maximum(sq, jnp.finfo(sq.dtype).tiny)
         )
         sq = jax.lax.cond(jnp.max(error) < 1e-5, lambda: jnp.maximum(sq, 0.0), residuals)
-        return sq, cells.count(target)
+        return sq, count
 
     return stats
 
@@ -428,7 +483,9 @@ def _mvn_loc_stats(cells, target):
     prec_batch = _align(precision.shape[:-2], ndim)
     joint = tuple(max(t, p) for t, p in zip(target, prec_batch))
     s0 = cells.count(joint)
-    s1 = cells.sum(joint, (cells.weight, ""), (cells.value, "d"), out="d")
+    # sum w x = sum w (x - s) + s sum w: the scatter stage's first moment.
+    xs, shift = _shifted(cells.value, cells, joint, 1)
+    s1 = cells.sum(joint, (cells.weight, ""), (xs, "d"), out="d") + shift * s0[..., None]
     precision = precision.reshape(prec_batch + precision.shape[-2:])
     num = jnp.einsum("...de,...e->...d", precision, s1)
     den = s0[..., None, None] * precision
@@ -467,10 +524,8 @@ def _mvn_scatter_stats(cells, target):
     # XLA computes them once, outside the loop), and no larger than the
     # K x N x D residuals. Shifted by the data mean (exact) to reduce the
     # cancellation; where its rounding bound is too large, residuals after all.
-    x_aligned = jnp.reshape(x, x_batch + (dim,))
-    axes = tuple(i for i in summed if x_batch[i] != 1)
-    shift = jax.lax.stop_gradient(jnp.mean(x_aligned, axis=axes, keepdims=True))
-    xs, ls = x_aligned - shift, jnp.reshape(loc, loc_batch + (dim,)) - shift
+    xs, shift = _shifted(x, cells, target, 1)
+    ls = jnp.reshape(loc, loc_batch + (dim,)) - shift
     moments = cells.sum(target, (w, ""), (xs[..., :, None] * xs[..., None, :], "de"), out="de")
     first = cells.sum(target, (w, ""), (xs, "d"), out="d")
     ls = jnp.broadcast_to(ls, first.shape)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from jaxem.closed_form import Cells, ClosedFormUpdate
+from jaxem.closed_form import Cells, ClosedFormUpdate, shared_statistics
 from jaxem.selection import dependencies, probe_selection
 from jaxem.tracing import enumerated_trace, merge_args
 
@@ -273,6 +273,15 @@ def closed_form_m_step(
     ``trace`` is an enumerated trace at ``params`` (the E-step's), reused by the
     first stage.
     """
+    with shared_statistics():
+        return _closed_form_stages(
+            model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace
+        )
+
+
+def _closed_form_stages(
+    model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace
+):
     params = dict(params)
     closed = {n: p for n, p in plan.items() if p.kind == "closed-form"}
     for stage in sorted({p.update.stage for p in closed.values()}):

@@ -16,6 +16,7 @@ effect handlers:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Hashable
 from typing import Any, NamedTuple
@@ -244,10 +245,22 @@ def model_structure(model, args, kwargs) -> ModelStructure:
     """The :class:`ModelStructure` of a model, from an abstract trace.
 
     Nothing of the trace (initial values, latent samples) is staged into an
-    enclosing ``jit``: only the static structure comes out.
+    enclosing ``jit``: only the static structure comes out. The structure depends
+    on the arrays' shapes and dtypes alone, so it is traced once per model and
+    signature (``run`` checks its inputs against it on every call).
     """
-    found = []
     arrays, spec = split_args(args, kwargs)
+    leaves, treedef = jax.tree.flatten(arrays)
+    signature = tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in leaves)
+    try:
+        hash(model)
+    except TypeError:  # a callable object without a hash: trace it every time
+        return _trace_structure(model, spec, treedef, signature)
+    return _cached_structure(model, spec, treedef, signature)
+
+
+def _trace_structure(model, spec, treedef, signature) -> ModelStructure:
+    found = []
 
     def structure_only(arrays):
         args, kwargs = merge_args(arrays, spec)
@@ -255,8 +268,12 @@ def model_structure(model, args, kwargs) -> ModelStructure:
         found.append(structure)
         return params
 
-    jax.eval_shape(structure_only, arrays)
+    shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
+    jax.eval_shape(structure_only, jax.tree.unflatten(treedef, shapes))
     return found[0]
+
+
+_cached_structure = functools.lru_cache(maxsize=256)(_trace_structure)
 
 
 def _check_data_shape(name, site) -> None:
