@@ -130,7 +130,11 @@ def _own_dim(site):
 
 def _latents(trace):
     """Latent sites with more than one value (a single value needs no q)."""
-    return [name for name, site in trace.sites.items() if not site.is_observed and _own_dim(site)]
+    return [
+        name
+        for name, site in trace.sites.items()
+        if not site.is_observed and _own_dim(site) is not None
+    ]
 
 
 def _to_factor_layout(probs, site):
