@@ -4,6 +4,8 @@ from jaxem.closed_form import Cells, ClosedFormUpdate, contract_cells, register_
 from jaxem.diagnostics import aic, bic, num_free_params, num_observations
 from jaxem.em import EM, EMResult, EMState
 from jaxem.estep import log_likelihood, map_assignment, posterior
+from jaxem.impute import impute
+from jaxem.missing import nan_as_missing
 from jaxem.tracing import ModelError
 from jaxem.variational import VariationalEM, VEMResult, VEMState, elbo
 
@@ -23,8 +25,10 @@ __all__ = [
     "bic",
     "contract_cells",
     "elbo",
+    "impute",
     "log_likelihood",
     "map_assignment",
+    "nan_as_missing",
     "num_free_params",
     "num_observations",
     "posterior",

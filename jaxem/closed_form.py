@@ -122,12 +122,19 @@ class Cells(NamedTuple):
             (defaults filled in), batch dims right-aligned to ``shape``.
         shape: the cell shape: the distribution's batch shape over the
             enumeration and plate dims.
+        value_cov: None for complete data. For a MultivariateNormal site with
+            missing coordinates (:func:`jaxem.nan_as_missing`), ``value`` holds
+            each cell's conditional mean E[x | observed coordinates] and
+            ``value_cov`` its conditional covariance, broadcastable to ``cells.shape + (D, D)``
+            (zero in the observed rows and columns), so E[x x^T] is
+            ``value value^T + value_cov``.
     """
 
     weight: jax.Array
     value: jax.Array
     args: dict
     shape: tuple
+    value_cov: jax.Array | None = None
 
     def sum(self, target, *operands, out=""):
         """``contract_cells(self.shape, target, *operands, out=out)``."""
@@ -513,6 +520,10 @@ def _mvn_scatter_stats(cells, target):
         residual = x - loc
         return cells.sum(target, (w, ""), (residual, "d"), (residual, "e"), out="de")
 
+    if cells.value_cov is not None:
+        # Missing coordinates: E[(x - m)(x - m)^T] = (E[x] - m)(E[x] - m)^T + Cov[x].
+        spread = cells.sum(target, (w, ""), (cells.value_cov, "de"), out="de")
+        return residuals() + spread, count
     x_batch = _align(x.shape[:-1], num_cells)
     loc_batch = _align(loc.shape[:-1], num_cells)
     summed = [i for i in range(num_cells) if target[i] == 1]

@@ -196,19 +196,19 @@ class EM:
 
     def _validity(self, rng_key, arrays, init_params, spec):
         args, kwargs = merge_args(arrays, spec)
-        structure, params, observed = inspect_model(
+        structure, params, observed, missing = inspect_model(
             self.model, rng_key, args, kwargs, observed_values=True
         )
-        return check_values(structure, _merge_init_params(params, init_params), observed)
+        return check_values(structure, _merge_init_params(params, init_params), observed, missing)
 
     def _validate(self, rng_key, arrays, spec, init_params) -> None:
         """Raise a named error for bad data or initial values: one compiled check
         (eager checks would compile op by op), skipped under a transformation."""
         if not _is_concrete((rng_key, arrays, init_params)):
             return
-        bad_data, good_params = self._validity_jit(rng_key, arrays, init_params, spec)
+        bad_data, good_params, missing = self._validity_jit(rng_key, arrays, init_params, spec)
         args, kwargs = merge_args(arrays, spec)
-        raise_for_invalid(model_structure(self.model, args, kwargs), bad_data, good_params)
+        raise_for_invalid(model_structure(self.model, args, kwargs), bad_data, good_params, missing)
 
     def _init_arrays(self, rng_key, arrays, spec, init_params):
         structure, params = self._initial_params(rng_key, arrays, spec, init_params)

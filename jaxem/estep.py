@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
+from jaxem.missing import MissingEntries
 from jaxem.tracing import EnumTrace, enumerated_trace, inspect_model, merge_args, split_args
 
 funsor.set_backend("jax")
@@ -137,7 +138,7 @@ def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False) -> ESt
 def map_values(model, params, args, kwargs, max_plate_nesting) -> dict:
     """The joint MAP assignment of the latent sites (max-product, then argmax
     backtracking through funsor's adjoint), ``{site name: values}``."""
-    substituted = handlers.substitute(model, data=params)
+    substituted = handlers.substitute(MissingEntries(model), data=params)
     decoded = infer_discrete(
         config_enumerate(substituted),
         temperature=0,

@@ -22,6 +22,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from jaxem.closed_form import Cells, ClosedFormUpdate, shared_statistics
+from jaxem.missing import MissingData, conditional_moments
 from jaxem.selection import dependencies, probe_selection
 from jaxem.tracing import enumerated_trace, merge_args
 
@@ -51,12 +52,16 @@ class _Family(NamedTuple):
     reinterpreted_ndim: int
     mask: object
     event_ndim: int
+    observed: object = None
 
 
 def _family(fn, records, registry=None):
-    """Unwrap plate expansion, ``to_event`` and masks down to a registered family
-    (any recorded distribution when ``registry`` is None)."""
-    reinterpreted, masks = 0, []
+    """Unwrap missing entries, plate expansion, ``to_event`` and masks down to a
+    registered family (any recorded distribution when ``registry`` is None)."""
+    reinterpreted, masks, observed = 0, [], None
+    if isinstance(fn, MissingData):
+        observed = fn.observed
+        fn = fn.base_dist
     while True:
         if isinstance(fn, dist.ExpandedDistribution):
             fn = fn.base_dist
@@ -81,7 +86,17 @@ def _family(fn, records, registry=None):
             continue
         m = jnp.asarray(m).reshape(jnp.shape(m) + (1,) * (reinterpreted - depth))
         mask = m if mask is None else mask * m
-    return _Family(cls, args, reinterpreted, mask, fn.event_dim), fn
+    if observed is not None:
+        # Missing entries drop out of the statistics (their factor is marginalized),
+        # except inside a MultivariateNormal event, whose statistics take the
+        # conditional moments of the missing coordinates instead (_site_cells);
+        # a MultivariateNormal row with nothing observed drops out too.
+        event_axes = tuple(range(-fn.event_dim, 0))
+        entries = jnp.any(observed, axis=event_axes) if fn.event_dim else observed
+        mask = entries if mask is None else mask * entries
+        if not (cls is dist.MultivariateNormal and fn.event_dim == 1):
+            observed = None
+    return _Family(cls, args, reinterpreted, mask, fn.event_dim, observed), fn
 
 
 def _site_cells(site, family, weight):
@@ -95,7 +110,44 @@ def _site_cells(site, family, weight):
     if family.mask is not None:
         weight = weight * family.mask
     args = dict(family.args)
-    return Cells(weight, site.value, args, shape)
+    if family.observed is None:
+        return Cells(weight, site.value, args, shape)
+    value, value_cov = _mvn_conditional_moments(args, family.observed, site.value)
+    return Cells(weight, value, args, shape, value_cov)
+
+
+def _mvn_conditional_moments(args, observed, value):
+    """E[x] and Cov[x] of a MultivariateNormal's cells given their observed
+    coordinates, at the distribution's current arguments.
+
+    In a staged (ECM) M-step the covariance stage sees the updated location:
+    its moments are those of the missing coordinates at (new location, old
+    covariance). That is an extra partial E-step, which only raises the lower
+    bound, so the log-likelihood stays monotone.
+    """
+    loc = jnp.asarray(args["loc"])
+    if args.get("covariance_matrix") is not None:
+        covariance = jnp.asarray(args["covariance_matrix"])
+    elif args.get("scale_tril") is not None:
+        tril = jnp.asarray(args["scale_tril"])
+        covariance = tril @ jnp.swapaxes(tril, -1, -2)
+    else:
+        covariance = jnp.linalg.inv(jnp.asarray(args["precision_matrix"]))
+    dtype = jnp.result_type(covariance)
+    loc = jnp.asarray(loc, dtype)
+    # The covariance of the missing coordinates does not depend on the location:
+    # with a covariance shared by the components it is one per row, not per cell.
+    cov_batch = jnp.broadcast_shapes(covariance.shape[:-2], observed.shape[:-1])
+    batch = jnp.broadcast_shapes(loc.shape[:-1], cov_batch)
+    dim = value.shape[-1]
+    return jax.lax.cond(
+        jnp.all(observed),
+        lambda: (
+            jnp.broadcast_to(value, batch + (dim,)).astype(dtype),
+            jnp.zeros(cov_batch + (dim, dim), dtype),
+        ),
+        lambda: conditional_moments(loc, covariance, observed, value),
+    )
 
 
 def _array_args(args):

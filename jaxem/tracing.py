@@ -34,6 +34,7 @@ from numpyro.distributions.distribution import COERCIONS, validation_enabled
 from numpyro.distributions.util import is_identically_one
 
 from jaxem.closed_form import contract_cells
+from jaxem.missing import MissingData, MissingEntries, missing_log_prob
 
 __all__ = [
     "ModelError",
@@ -190,7 +191,7 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     # Latent sites take a value of their support instead of a prior draw: the
     # trace is for params and structure, and sampling N labels would be staged
     # into every compiled program that inspects the model.
-    no_sampling = handlers.substitute(model, substitute_fn=_support_value)
+    no_sampling = handlers.substitute(MissingEntries(model), substitute_fn=_support_value)
     try:
         # NumPyro's own argument checks would reject an invalid initial value
         # without naming the param; jaxem's checks below do.
@@ -237,7 +238,9 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
         )
     structure = ModelStructure(tuple(params), constraints_, tuple(latent), tuple(observed), nesting)
     if observed_values:
-        return structure, params, {name: tr[name]["value"] for name in observed}
+        values = {name: tr[name]["value"] for name in observed}
+        missing = {n: tr[n]["fn"] for n in observed if isinstance(tr[n]["fn"], MissingData)}
+        return structure, params, values, missing
     return structure, params
 
 
@@ -294,12 +297,21 @@ def _check_data_shape(name, site) -> None:
         )
 
 
-def check_values(structure: ModelStructure, params: dict, observed: dict):
+def check_values(structure: ModelStructure, params: dict, observed: dict, missing=None):
     """Validity of data and initial values as arrays (jittable).
+
+    Args:
+        structure: the model's structure.
+        params: initial values.
+        observed: ``{observed site: data}`` (missing entries already filled).
+        missing: ``{observed site: its MissingData distribution}`` for the
+            sites with missing entries (:func:`jaxem.nan_as_missing`).
 
     Returns:
         ``({observed site: number of non-finite entries}, {param: finite and
-        inside its constraint})``.
+        inside its constraint}, {site with missing entries: (number of
+        MultivariateNormal coordinates missing in every row, number of events
+        partly missing in a family without a closed-form marginal)})``.
     """
     bad_data = {
         name: jnp.sum(~jnp.isfinite(value))
@@ -311,16 +323,54 @@ def check_values(structure: ModelStructure, params: dict, observed: dict):
         & jnp.all(structure.constraints[name].check(params[name]))
         for name in structure.param_names
     }
-    return bad_data, good_params
+    problems = {}
+    for name, fn in (missing or {}).items():
+        core = _core_family(fn.base_dist)
+        entries = fn.observed
+        if type(core) is dist.MultivariateNormal:
+            rows = tuple(range(jnp.ndim(entries) - 1))
+            never = jnp.sum(~jnp.any(entries, axis=rows)) if rows else jnp.sum(~entries)
+            problems[name] = (never, jnp.zeros((), never.dtype))
+        elif core.event_dim:
+            axes = tuple(range(-core.event_dim, 0))
+            partial = jnp.sum(jnp.any(entries, axis=axes) & ~jnp.all(entries, axis=axes))
+            problems[name] = (jnp.zeros((), partial.dtype), partial)
+    return bad_data, good_params, problems
 
 
-def raise_for_invalid(structure: ModelStructure, bad_data: dict, good_params: dict) -> None:
+def _core_family(fn):
+    while isinstance(fn, (dist.ExpandedDistribution, dist.MaskedDistribution, dist.Independent)):
+        fn = fn.base_dist
+    return fn
+
+
+def raise_for_invalid(
+    structure: ModelStructure, bad_data: dict, good_params: dict, missing_problems=None
+) -> None:
     """Raise a :class:`ModelError` naming the first invalid site or param."""
     for name, count in bad_data.items():
         if int(count):
             raise ModelError(
                 f"jaxem: observed site '{name}' contains {int(count)} NaN or infinite "
-                "value(s). Remove or impute those entries before fitting."
+                "value(s). If NaN marks missing values, fit jaxem.nan_as_missing(model) (NaN "
+                "entries are then marginalized) or pass obs_mask= to numpyro.sample; otherwise "
+                "remove or correct those entries before fitting. Infinite values are never "
+                "treated as missing."
+            )
+    for name, (never, partial) in (missing_problems or {}).items():
+        if int(never):
+            raise ModelError(
+                f"jaxem: observed site '{name}' (MultivariateNormal) has {int(never)} "
+                "coordinate(s) missing in every row, so the data say nothing about their means "
+                "and covariances. Drop those coordinates from the data and the model."
+            )
+        if int(partial):
+            raise ModelError(
+                f"jaxem: observed site '{name}' has {int(partial)} event(s) with some but not "
+                "all entries missing, and its distribution has no closed-form marginal over "
+                "part of an event (jaxem marginalizes partly missing events of a "
+                "MultivariateNormal or of independent univariate entries, .to_event()). "
+                "Mark whole events missing, or model the entries as separate sites."
             )
     for name, ok in good_params.items():
         if not bool(ok):
@@ -373,7 +423,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     M-step only needs distribution arguments; not building the densities
     keeps the compiled program small).
     """
-    substituted = handlers.substitute(model, data=params)
+    substituted = handlers.substitute(MissingEntries(model), data=params)
     enumerated = enum(config_enumerate(substituted), first_available_dim=-max_plate_nesting - 1)
     records: dict = {}
     with _record_constructor_args(records), plate_to_enum_plate():
@@ -427,6 +477,16 @@ def site_log_prob(fn, value):
     data point, which XLA runs slowly on CPU; inverting the K small Cholesky
     factors once and multiplying is much faster (as scikit-learn does).
     """
+    if isinstance(fn, MissingData):
+        # Complete data (checked at run time) takes the kernels below, exactly
+        # as without the wrapper.
+        complete = lambda: site_log_prob(fn.base_dist, value)  # noqa: E731
+        shape = jax.eval_shape(complete).shape
+        return jax.lax.cond(
+            jnp.all(fn.observed),
+            complete,
+            lambda: jnp.broadcast_to(missing_log_prob(fn.base_dist, fn.observed, value), shape),
+        )
     if isinstance(fn, dist.ExpandedDistribution):
         log_prob = site_log_prob(fn.base_dist, value)
         batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]

@@ -1,0 +1,130 @@
+"""Imputation of missing observations from a fitted model."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+
+from jaxem.estep import _check_params, _structure, e_step
+from jaxem.missing import MissingData, conditional_moments
+from jaxem.tracing import split_args
+
+__all__ = ["impute"]
+
+
+def _core(fn):
+    """The distribution under plate expansion, masks and ``to_event``."""
+    while isinstance(fn, (dist.ExpandedDistribution, dist.MaskedDistribution, dist.Independent)):
+        fn = fn.base_dist
+    return fn
+
+
+def _cell_moments(fn, value):
+    """Per-cell conditional mean (and, for a MultivariateNormal, covariance) of
+    the value given its observed entries."""
+    core = _core(fn.base_dist)
+    if type(core) is dist.MultivariateNormal:
+        return conditional_moments(core.loc, core.covariance_matrix, fn.observed, value)
+    mean = jnp.broadcast_to(fn.base_dist.mean, fn.base_dist.shape())
+    return jnp.where(fn.observed, value, mean), None
+
+
+def _impute_site(site, marginal, rng_key):
+    fn, value = site.fn, site.value
+    mean, cov = _cell_moments(fn, value)
+    event_ndim = fn.event_dim
+    # Cells: the site's log-probability dims (enumerated latents and plates);
+    # the enumerated ones are summed out with the posterior weights.
+    num_cells = jnp.ndim(marginal)
+    enum_axes = tuple(num_cells + d for d, n in site.dim_to_name.items() if n not in site.plates)
+    cell_shape = jnp.shape(marginal)
+    mean = jnp.broadcast_to(mean, cell_shape + jnp.shape(mean)[jnp.ndim(mean) - event_ndim :])
+    weight = jnp.reshape(marginal, cell_shape + (1,) * event_ndim)
+    if rng_key is None:
+        filled = jnp.sum(weight * mean, axis=enum_axes)
+    else:
+        # One cell per row, drawn from the row's posterior over the latents its
+        # factor depends on, then the missing entries from their conditional.
+        choice_key, draw_key = jax.random.split(rng_key)
+        moved = jnp.moveaxis(marginal, enum_axes, tuple(range(len(enum_axes))))
+        rows = moved.shape[len(enum_axes) :]
+        flat = jnp.reshape(moved, (-1,) + rows)
+        index = jax.random.categorical(choice_key, jnp.log(flat), axis=0)
+        chosen = (jnp.arange(flat.shape[0]).reshape((-1,) + (1,) * len(rows)) == index).astype(
+            flat.dtype
+        )
+        indicator = jnp.moveaxis(
+            jnp.reshape(chosen, moved.shape), tuple(range(len(enum_axes))), enum_axes
+        )
+        indicator = jnp.reshape(indicator, cell_shape + (1,) * event_ndim)
+        if cov is None:
+            draws = jnp.broadcast_to(fn.base_dist.sample(draw_key), jnp.shape(mean))
+            draws = jnp.where(fn.observed, value, draws)
+        else:
+            cov = jnp.broadcast_to(cov, jnp.shape(mean) + jnp.shape(mean)[-1:])
+            observed = fn.observed.astype(cov.dtype)
+            # V is zero on the observed block: factor V + diag(observed) and
+            # keep the noise of the missing coordinates only.
+            eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
+            tril = jnp.linalg.cholesky(cov + eye * observed[..., None, :])
+            noise = jax.random.normal(draw_key, jnp.shape(mean), cov.dtype)
+            draws = mean + jnp.einsum("...de,...e->...d", tril, noise * (1 - observed))
+        filled = jnp.sum(indicator * draws, axis=enum_axes)
+    filled = jnp.reshape(filled, jnp.shape(filled)[jnp.ndim(filled) - jnp.ndim(value) :])
+    return jnp.where(fn.observed, value, filled.astype(jnp.result_type(value)))
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _impute(model, params, rng_key, arrays, spec):
+    structure, args, kwargs = _structure(model, arrays, spec)
+    _check_params(structure, params)
+    result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
+    keys = {}
+    for name, site in result.trace.sites.items():
+        if site.is_observed and isinstance(site.fn, MissingData):
+            keys[name] = None if rng_key is None else jax.random.fold_in(rng_key, len(keys))
+    return {
+        name: _impute_site(result.trace.sites[name], result.marginals[name], key)
+        for name, key in keys.items()
+    }
+
+
+def impute(model, params, *args, rng_key=None, **kwargs):
+    """Fill the missing entries of every site of a :func:`jaxem.nan_as_missing` model.
+
+    Without ``rng_key``, each missing entry becomes its conditional expectation
+    given the observed data, averaged over the posterior of the discrete
+    latents: :math:`\\sum_z p(z \\mid x_{obs}) \\, E[x_{mis} \\mid x_{obs}, z]`
+    (for a MultivariateNormal, the regression of the missing coordinates on
+    the observed ones). With ``rng_key``, one draw instead: a latent value
+    from each row's posterior, then the missing entries from their
+    conditional distribution (rows are drawn independently given the data,
+    from their posterior marginals).
+
+    Args:
+        model: a model wrapped with :func:`jaxem.nan_as_missing`.
+        params: ``{param name: constrained value}``, e.g. ``EMResult.params``.
+        *args, **kwargs: the model's arguments.
+        rng_key: PRNG key to draw imputations instead of expectations.
+
+    Returns:
+        ``{site name: data with the missing entries filled}`` for every observed
+        site with missing entries under the wrapper.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> import jaxem
+        >>> def model(x):
+        ...     mu = numpyro.param("mu", jnp.zeros(2))
+        ...     cov = jnp.array([[1.0, 0.5], [0.5, 1.0]])
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         numpyro.sample("x", dist.MultivariateNormal(mu, cov), obs=x)
+        >>> x = jnp.array([[2.0, jnp.nan]])
+        >>> jaxem.impute(jaxem.nan_as_missing(model), {"mu": jnp.zeros(2)}, x)["x"].tolist()
+        [[2.0, 1.0]]
+    """
+    arrays, spec = split_args(args, kwargs)
+    return _impute(model, dict(params), rng_key, arrays, spec)
