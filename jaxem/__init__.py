@@ -7,6 +7,7 @@ from jaxem.estep import log_likelihood, map_assignment, posterior
 from jaxem.impute import impute
 from jaxem.missing import nan_as_missing
 from jaxem.tracing import ModelError
+from jaxem.variational import VariationalEM, VEMResult, VEMState, elbo
 
 __version__ = "0.1.0"
 
@@ -14,12 +15,16 @@ __all__ = [
     "EM",
     "EMResult",
     "EMState",
+    "VariationalEM",
+    "VEMResult",
+    "VEMState",
     "Cells",
     "ClosedFormUpdate",
     "ModelError",
     "aic",
     "bic",
     "contract_cells",
+    "elbo",
     "impute",
     "log_likelihood",
     "map_assignment",
