@@ -9,6 +9,7 @@ from jaxem.impute import impute
 from jaxem.missing import nan_as_missing
 from jaxem.online import OnlineEM, OnlineEMResult, OnlineEMState
 from jaxem.tracing import ModelError
+from jaxem.variational import VariationalEM, VEMResult, VEMState, elbo
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,9 @@ __all__ = [
     "EM",
     "EMResult",
     "EMState",
+    "VariationalEM",
+    "VEMResult",
+    "VEMState",
     "Cells",
     "ClosedFormUpdate",
     "ModelError",
@@ -25,6 +29,7 @@ __all__ = [
     "aic",
     "bic",
     "contract_cells",
+    "elbo",
     "impute",
     "log_likelihood",
     "map_assignment",
