@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxem.acceleration import init_squarem, squarem_extrapolate, squarem_step_max
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, gradient_m_step, to_unconstrained
@@ -35,11 +36,14 @@ class EMState(NamedTuple):
         opt_state: optax state of the gradient-path parameters (in
             unconstrained space), carried across iterations.
         iteration: number of updates done.
+        acceleration: a :class:`jaxem.acceleration.SquaremState` with
+            ``acceleration="squarem"``, else ``()``.
     """
 
     params: dict
     opt_state: Any
     iteration: jax.Array
+    acceleration: Any = ()
 
 
 class EMResult(NamedTuple):
@@ -124,6 +128,11 @@ class EM:
         reg_covar: added to variances and covariance diagonals, as in
             scikit-learn.
         frozen: names of parameters to keep at their initial values.
+        acceleration: ``None`` (plain EM) or ``"squarem"``: each iteration is
+            one SQUAREM cycle (Varadhan and Roland 2008; see
+            :mod:`jaxem.acceleration`) of three EM steps, extrapolated in
+            unconstrained space, the plain EM point kept whenever the
+            extrapolation would lower the log-likelihood.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -153,9 +162,12 @@ class EM:
         hard: bool = False,
         reg_covar: float = 1e-6,
         frozen: Sequence[str] = (),
+        acceleration: str | None = None,
     ):
         if m_step not in ("auto", "gradient"):
             raise ValueError(f"m_step must be 'auto' or 'gradient', got {m_step!r}")
+        if acceleration not in (None, "squarem"):
+            raise ValueError(f"acceleration must be None or 'squarem', got {acceleration!r}")
         if m_step_iters < 1:
             raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
         self.model = model
@@ -165,6 +177,7 @@ class EM:
         self.hard = bool(hard)
         self.reg_covar = float(reg_covar)
         self.frozen = tuple(frozen)
+        self.acceleration = acceleration
         self._registry = registered_closed_forms()
         self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
         self._validity_jit = jax.jit(self._validity, static_argnums=(3,))
@@ -218,9 +231,41 @@ class EM:
         if gradient_names:
             unconstrained = to_unconstrained(params, structure.constraints, gradient_names)
             opt_state = self.optimizer.init(unconstrained)
-        return EMState(params, opt_state, jnp.zeros((), jnp.int32))
+        acceleration = init_squarem(jnp.result_type(float)) if self.acceleration else ()
+        return EMState(params, opt_state, jnp.zeros((), jnp.int32), acceleration)
 
     def _update_arrays(self, state, arrays, spec):
+        if self.acceleration == "squarem":
+            return self._squarem_update(state, arrays, spec)
+        return self._em_step(state, arrays, spec)
+
+    def _squarem_update(self, state, arrays, spec):
+        """One SQUAREM cycle: two EM steps, the extrapolation, one EM step from it;
+        the plain two-step point instead when the extrapolation lowers the
+        log-likelihood or is not finite."""
+        args, kwargs = merge_args(arrays, spec)
+        constraints = model_structure(self.model, args, kwargs).constraints
+        squarem = state.acceleration
+        first, log_lik = self._em_step(state, arrays, spec)
+        second, _ = self._em_step(first, arrays, spec)
+        extrapolated, alpha = squarem_extrapolate(
+            state.params, first.params, second.params, constraints, squarem.step_max
+        )
+        third, extrapolated_log_lik = self._em_step(
+            second._replace(params=extrapolated), arrays, spec
+        )
+        accepted = (
+            jnp.isfinite(extrapolated_log_lik)
+            & (extrapolated_log_lik >= log_lik)
+            & _all_finite(third.params)
+        )
+        chosen = _tree_where(
+            accepted, (third.params, third.opt_state), (second.params, second.opt_state)
+        )
+        squarem = squarem_step_max(squarem, alpha, accepted)
+        return EMState(*chosen, state.iteration + 1, squarem), log_lik
+
+    def _em_step(self, state, arrays, spec):
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
@@ -253,7 +298,10 @@ class EM:
                 kwargs,
                 nesting,
             )
-        return EMState(params, opt_state, state.iteration + 1), result.log_likelihood
+        new_state = state._replace(
+            params=params, opt_state=opt_state, iteration=state.iteration + 1
+        )
+        return new_state, result.log_likelihood
 
     def _objective(self, params, arrays, spec):
         args, kwargs = merge_args(arrays, spec)
@@ -340,7 +388,8 @@ class EM:
         return self._init_arrays(rng_key, arrays, spec, init_params)
 
     def update(self, state: EMState, *args, **kwargs):
-        """One EM iteration (compiled once per argument shape).
+        """One EM iteration (compiled once per argument shape); with
+        ``acceleration="squarem"``, one SQUAREM cycle of three EM steps.
 
         Returns:
             ``(new_state, log_likelihood)``, the log-likelihood being that of
