@@ -17,12 +17,12 @@ from jaxem.gradient import default_optimizer, gradient_m_step, to_unconstrained
 from jaxem.mstep import closed_form_m_step, plan_m_step
 from jaxem.tracing import (
     ModelError,
-    check_values,
     inspect_model,
     merge_args,
+    merge_init_params,
     model_structure,
-    raise_for_invalid,
     split_args,
+    validate,
 )
 
 __all__ = ["EM", "EMState", "EMResult"]
@@ -180,7 +180,6 @@ class EM:
         self.acceleration = acceleration
         self._registry = registered_closed_forms()
         self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
-        self._validity_jit = jax.jit(self._validity, static_argnums=(3,))
         self._run_jit = jax.jit(
             self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
         )
@@ -205,23 +204,11 @@ class EM:
         unknown = set(self.frozen) - set(structure.param_names)
         if unknown:
             raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
-        return structure, _merge_init_params(params, init_params)
-
-    def _validity(self, rng_key, arrays, init_params, spec):
-        args, kwargs = merge_args(arrays, spec)
-        structure, params, observed, missing = inspect_model(
-            self.model, rng_key, args, kwargs, observed_values=True
-        )
-        return check_values(structure, _merge_init_params(params, init_params), observed, missing)
+        return structure, merge_init_params(params, init_params)
 
     def _validate(self, rng_key, arrays, spec, init_params) -> None:
-        """Raise a named error for bad data or initial values: one compiled check
-        (eager checks would compile op by op), skipped under a transformation."""
-        if not _is_concrete((rng_key, arrays, init_params)):
-            return
-        bad_data, good_params, missing = self._validity_jit(rng_key, arrays, init_params, spec)
-        args, kwargs = merge_args(arrays, spec)
-        raise_for_invalid(model_structure(self.model, args, kwargs), bad_data, good_params, missing)
+        """Raise a named error for bad data or initial values (concrete inputs only)."""
+        validate(self.model, rng_key, arrays, spec, init_params)
 
     def _init_arrays(self, rng_key, arrays, spec, init_params):
         structure, params = self._initial_params(rng_key, arrays, spec, init_params)
@@ -470,24 +457,3 @@ class EM:
         )
         plan = self._plan(params, arrays, spec, structure)
         return {name: f"{path.kind} ({path.reason})" for name, path in plan.items()}
-
-
-def _merge_init_params(params, init_params):
-    if not init_params:
-        return params
-    unknown = set(init_params) - set(params)
-    if unknown:
-        raise ModelError(
-            f"jaxem: init_params names {sorted(unknown)} that are not params of the model "
-            f"(params: {list(params)})."
-        )
-    merged = dict(params)
-    for name, value in init_params.items():
-        value = jnp.asarray(value, dtype=jnp.result_type(params[name]))
-        if jnp.shape(value) != jnp.shape(params[name]):
-            raise ModelError(
-                f"jaxem: init_params['{name}'] has shape {jnp.shape(value)} but the model's "
-                f"param '{name}' has shape {jnp.shape(params[name])}."
-            )
-        merged[name] = value
-    return merged

@@ -30,11 +30,18 @@ import jax.numpy as jnp
 import optax
 
 from jaxem.closed_form import registered_closed_forms
-from jaxem.em import _merge_init_params
 from jaxem.estep import e_step
 from jaxem.gradient import gradient_m_step, to_unconstrained
 from jaxem.mstep import closed_form_statistics_m_step, plan_m_step
-from jaxem.tracing import ModelError, inspect_model, merge_args, model_structure, split_args
+from jaxem.tracing import (
+    ModelError,
+    inspect_model,
+    merge_args,
+    merge_init_params,
+    model_structure,
+    split_args,
+    validate,
+)
 
 __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
 
@@ -220,12 +227,13 @@ class OnlineEM:
                 some or all initial values.
         """
         arrays, spec = split_args(args, kwargs)
+        validate(self.model, rng_key, arrays, spec, init_params)
         merged_args, merged_kwargs = merge_args(arrays, spec)
         structure, params = inspect_model(self.model, rng_key, merged_args, merged_kwargs)
         unknown = set(self.frozen) - set(structure.param_names)
         if unknown:
             raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
-        params = _merge_init_params(params, init_params)
+        params = merge_init_params(params, init_params)
         plan = self._plan(params, arrays, spec, structure)
         gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
         opt_state = ()
@@ -284,6 +292,11 @@ class OnlineEM:
             batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
             if state is None:
                 state = self.init(rng_key, *batch, init_params=init_params, **kwargs)
+            else:
+                # NaN in a later minibatch must stop the run with a named error
+                # rather than turn every parameter into NaN.
+                arrays, spec = split_args(batch, kwargs)
+                validate(self.model, rng_key, arrays, spec)
             state, log_lik = self.update(state, *batch, **kwargs)
             log_liks.append(log_lik)
         if state is None:

@@ -109,3 +109,17 @@ def test_bad_online_arguments():
         power_decay(0.4)
     with pytest.raises(ValueError, match="OnlineEM.run got no minibatches"):
         OnlineEM(gmm_scale_tril).run(jax.random.PRNGKey(0), [])
+
+
+def test_online_em_names_bad_data_and_initial_values():
+    x = jnp.asarray(_data()[:200], jnp.float32)
+    bad = x.at[150, 0].set(jnp.nan)
+    online = OnlineEM(gmm_scale_tril)
+    key = jax.random.PRNGKey(0)
+    # NaN in the first minibatch (init) and in a later one (run) both name the site.
+    with pytest.raises(jaxem.ModelError, match="observed site 'x' contains 1 NaN"):
+        online.init(key, bad[100:], 3)
+    with pytest.raises(jaxem.ModelError, match="observed site 'x' contains 1 NaN"):
+        online.run(key, [(x[:100], 3), (bad[100:], 3)])
+    with pytest.raises(jaxem.ModelError, match="initial value of param 'w'"):
+        online.init(key, x[:100], 3, init_params={"w": jnp.array([0.5, 0.6, 0.1])})
