@@ -1,12 +1,15 @@
 """jaxem: expectation-maximization for NumPyro models with discrete latent variables."""
 
+from jaxem import init
 from jaxem.closed_form import Cells, ClosedFormUpdate, contract_cells, register_closed_form
 from jaxem.diagnostics import aic, bic, num_free_params, num_observations
 from jaxem.em import EM, EMResult, EMState
 from jaxem.estep import log_likelihood, map_assignment, posterior
 from jaxem.impute import impute
 from jaxem.missing import nan_as_missing
+from jaxem.online import OnlineEM, OnlineEMResult, OnlineEMState
 from jaxem.tracing import ModelError
+from jaxem.variational import VariationalEM, VEMResult, VEMState, elbo
 
 __version__ = "0.1.0"
 
@@ -14,18 +17,26 @@ __all__ = [
     "EM",
     "EMResult",
     "EMState",
+    "VariationalEM",
+    "VEMResult",
+    "VEMState",
     "Cells",
     "ClosedFormUpdate",
     "ModelError",
+    "OnlineEM",
+    "OnlineEMResult",
+    "OnlineEMState",
     "aic",
     "bic",
     "contract_cells",
+    "elbo",
     "impute",
     "log_likelihood",
     "map_assignment",
     "nan_as_missing",
     "num_free_params",
     "num_observations",
+    "init",
     "posterior",
     "register_closed_form",
 ]

@@ -10,18 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxem.acceleration import init_squarem, squarem_extrapolate, squarem_step_max
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, gradient_m_step, to_unconstrained
 from jaxem.mstep import closed_form_m_step, plan_m_step
 from jaxem.tracing import (
     ModelError,
-    check_values,
     inspect_model,
     merge_args,
+    merge_init_params,
     model_structure,
-    raise_for_invalid,
     split_args,
+    validate,
 )
 
 __all__ = ["EM", "EMState", "EMResult"]
@@ -35,11 +36,14 @@ class EMState(NamedTuple):
         opt_state: optax state of the gradient-path parameters (in
             unconstrained space), carried across iterations.
         iteration: number of updates done.
+        acceleration: a :class:`jaxem.acceleration.SquaremState` with
+            ``acceleration="squarem"``, else ``()``.
     """
 
     params: dict
     opt_state: Any
     iteration: jax.Array
+    acceleration: Any = ()
 
 
 class EMResult(NamedTuple):
@@ -128,6 +132,11 @@ class EM:
             ``"sequential"`` (a forward pass in a ``lax.scan``, T steps) or
             ``"parallel"`` (a balanced reduction of the step matrices,
             log2 T steps of K^3 work each; faster on GPUs for long chains).
+        acceleration: ``None`` (plain EM) or ``"squarem"``: each iteration is
+            one SQUAREM cycle (Varadhan and Roland 2008; see
+            :mod:`jaxem.acceleration`) of three EM steps, extrapolated in
+            unconstrained space, the plain EM point kept whenever the
+            extrapolation would lower the log-likelihood.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -158,6 +167,7 @@ class EM:
         reg_covar: float = 1e-6,
         frozen: Sequence[str] = (),
         chain_contraction: str = "sequential",
+        acceleration: str | None = None,
     ):
         if m_step not in ("auto", "gradient"):
             raise ValueError(f"m_step must be 'auto' or 'gradient', got {m_step!r}")
@@ -165,6 +175,8 @@ class EM:
             raise ValueError(
                 f"chain_contraction must be 'sequential' or 'parallel', got {chain_contraction!r}"
             )
+        if acceleration not in (None, "squarem"):
+            raise ValueError(f"acceleration must be None or 'squarem', got {acceleration!r}")
         if m_step_iters < 1:
             raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
         self.model = model
@@ -175,9 +187,9 @@ class EM:
         self.reg_covar = float(reg_covar)
         self.frozen = tuple(frozen)
         self.parallel = chain_contraction == "parallel"
+        self.acceleration = acceleration
         self._registry = registered_closed_forms()
         self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
-        self._validity_jit = jax.jit(self._validity, static_argnums=(3,))
         self._run_jit = jax.jit(
             self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
         )
@@ -202,23 +214,11 @@ class EM:
         unknown = set(self.frozen) - set(structure.param_names)
         if unknown:
             raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
-        return structure, _merge_init_params(params, init_params)
-
-    def _validity(self, rng_key, arrays, init_params, spec):
-        args, kwargs = merge_args(arrays, spec)
-        structure, params, observed, missing = inspect_model(
-            self.model, rng_key, args, kwargs, observed_values=True
-        )
-        return check_values(structure, _merge_init_params(params, init_params), observed, missing)
+        return structure, merge_init_params(params, init_params)
 
     def _validate(self, rng_key, arrays, spec, init_params) -> None:
-        """Raise a named error for bad data or initial values: one compiled check
-        (eager checks would compile op by op), skipped under a transformation."""
-        if not _is_concrete((rng_key, arrays, init_params)):
-            return
-        bad_data, good_params, missing = self._validity_jit(rng_key, arrays, init_params, spec)
-        args, kwargs = merge_args(arrays, spec)
-        raise_for_invalid(model_structure(self.model, args, kwargs), bad_data, good_params, missing)
+        """Raise a named error for bad data or initial values (concrete inputs only)."""
+        validate(self.model, rng_key, arrays, spec, init_params)
 
     def _init_arrays(self, rng_key, arrays, spec, init_params):
         structure, params = self._initial_params(rng_key, arrays, spec, init_params)
@@ -228,9 +228,41 @@ class EM:
         if gradient_names:
             unconstrained = to_unconstrained(params, structure.constraints, gradient_names)
             opt_state = self.optimizer.init(unconstrained)
-        return EMState(params, opt_state, jnp.zeros((), jnp.int32))
+        acceleration = init_squarem(jnp.result_type(float)) if self.acceleration else ()
+        return EMState(params, opt_state, jnp.zeros((), jnp.int32), acceleration)
 
     def _update_arrays(self, state, arrays, spec):
+        if self.acceleration == "squarem":
+            return self._squarem_update(state, arrays, spec)
+        return self._em_step(state, arrays, spec)
+
+    def _squarem_update(self, state, arrays, spec):
+        """One SQUAREM cycle: two EM steps, the extrapolation, one EM step from it;
+        the plain two-step point instead when the extrapolation lowers the
+        log-likelihood or is not finite."""
+        args, kwargs = merge_args(arrays, spec)
+        constraints = model_structure(self.model, args, kwargs).constraints
+        squarem = state.acceleration
+        first, log_lik = self._em_step(state, arrays, spec)
+        second, _ = self._em_step(first, arrays, spec)
+        extrapolated, alpha = squarem_extrapolate(
+            state.params, first.params, second.params, constraints, squarem.step_max
+        )
+        third, extrapolated_log_lik = self._em_step(
+            second._replace(params=extrapolated), arrays, spec
+        )
+        accepted = (
+            jnp.isfinite(extrapolated_log_lik)
+            & (extrapolated_log_lik >= log_lik)
+            & _all_finite(third.params)
+        )
+        chosen = _tree_where(
+            accepted, (third.params, third.opt_state), (second.params, second.opt_state)
+        )
+        squarem = squarem_step_max(squarem, alpha, accepted)
+        return EMState(*chosen, state.iteration + 1, squarem), log_lik
+
+    def _em_step(self, state, arrays, spec):
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
@@ -265,7 +297,10 @@ class EM:
                 kwargs,
                 nesting,
             )
-        return EMState(params, opt_state, state.iteration + 1), result.log_likelihood
+        new_state = state._replace(
+            params=params, opt_state=opt_state, iteration=state.iteration + 1
+        )
+        return new_state, result.log_likelihood
 
     def _objective(self, params, arrays, spec):
         args, kwargs = merge_args(arrays, spec)
@@ -358,7 +393,8 @@ class EM:
         return self._init_arrays(rng_key, arrays, spec, init_params)
 
     def update(self, state: EMState, *args, **kwargs):
-        """One EM iteration (compiled once per argument shape).
+        """One EM iteration (compiled once per argument shape); with
+        ``acceleration="squarem"``, one SQUAREM cycle of three EM steps.
 
         Returns:
             ``(new_state, log_likelihood)``, the log-likelihood being that of
@@ -439,24 +475,3 @@ class EM:
         )
         plan = self._plan(params, arrays, spec, structure)
         return {name: f"{path.kind} ({path.reason})" for name, path in plan.items()}
-
-
-def _merge_init_params(params, init_params):
-    if not init_params:
-        return params
-    unknown = set(init_params) - set(params)
-    if unknown:
-        raise ModelError(
-            f"jaxem: init_params names {sorted(unknown)} that are not params of the model "
-            f"(params: {list(params)})."
-        )
-    merged = dict(params)
-    for name, value in init_params.items():
-        value = jnp.asarray(value, dtype=jnp.result_type(params[name]))
-        if jnp.shape(value) != jnp.shape(params[name]):
-            raise ModelError(
-                f"jaxem: init_params['{name}'] has shape {jnp.shape(value)} but the model's "
-                f"param '{name}' has shape {jnp.shape(params[name])}."
-            )
-        merged[name] = value
-    return merged

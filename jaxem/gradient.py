@@ -18,7 +18,13 @@ from numpyro.distributions.transforms import biject_to
 
 from jaxem.tracing import enumerated_trace
 
-__all__ = ["default_optimizer", "expected_log_joint", "gradient_m_step", "to_unconstrained"]
+__all__ = [
+    "default_optimizer",
+    "expected_log_joint",
+    "gradient_m_step",
+    "safeguarded_steps",
+    "to_unconstrained",
+]
 
 
 def default_optimizer() -> optax.GradientTransformationExtraArgs:
@@ -65,17 +71,32 @@ def gradient_m_step(
             model, constrained(unconstrained), marginals, args, kwargs, max_plate_nesting
         )
 
-    def step(carry, _):
-        unconstrained, state = carry
-        value, grad = jax.value_and_grad(loss)(unconstrained)
-        updates, state = optimizer.update(
-            grad, state, unconstrained, value=value, grad=grad, value_fn=loss
-        )
-        return (optax.apply_updates(unconstrained, updates), state), None
+    chosen, state = safeguarded_steps(
+        loss, to_unconstrained(params, constraints, names), optimizer, opt_state, num_steps
+    )
+    return constrained(chosen), state
 
-    start = to_unconstrained(params, constraints, names)
+
+def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
+    """Take ``num_steps`` optax steps on ``loss_fn`` from ``start``, kept only if
+    the loss did not increase (so the objective of the enclosing EM loop stays
+    monotone whatever the optimizer).
+
+    Returns:
+        ``(chosen, opt_state)``: the end point and the optimizer state after the
+        steps, or ``start`` and the incoming state when the steps were rejected.
+    """
+
+    def step(carry, _):
+        point, state = carry
+        value, grad = jax.value_and_grad(loss_fn)(point)
+        updates, state = optimizer.update(
+            grad, state, point, value=value, grad=grad, value_fn=loss_fn
+        )
+        return (optax.apply_updates(point, updates), state), None
+
     (end, end_state), _ = jax.lax.scan(step, (start, opt_state), None, length=num_steps)
-    start_loss, end_loss = loss(start), loss(end)
+    start_loss, end_loss = loss_fn(start), loss_fn(end)
     accept = jnp.isfinite(end_loss) & (end_loss <= start_loss)
     # A rejected trajectory's optimizer state (momenta, curvature pairs) is
     # dropped with it: it may hold the non-finite values that got it rejected.
@@ -96,4 +117,4 @@ def gradient_m_step(
     )
     fresh = optimizer.init(chosen)
     state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), state, fresh)
-    return constrained(chosen), state
+    return chosen, state

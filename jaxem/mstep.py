@@ -26,7 +26,7 @@ from jaxem.missing import MissingData, conditional_moments
 from jaxem.selection import dependencies, probe_selection
 from jaxem.tracing import enumerated_trace, merge_args
 
-__all__ = ["ParamPath", "plan_m_step", "closed_form_m_step"]
+__all__ = ["ParamPath", "plan_m_step", "closed_form_m_step", "closed_form_statistics_m_step"]
 
 
 class ParamPath(NamedTuple):
@@ -325,16 +325,54 @@ def closed_form_m_step(
     ``trace`` is an enumerated trace at ``params`` (the E-step's), reused by the
     first stage.
     """
+    params, _ = closed_form_statistics_m_step(
+        model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace
+    )
+    return params
+
+
+def closed_form_statistics_m_step(
+    model,
+    params,
+    marginals,
+    plan,
+    args,
+    kwargs,
+    max_plate_nesting,
+    reg_covar,
+    trace=None,
+    combine_fn=None,
+):
+    """:func:`closed_form_m_step` that also returns each parameter's statistics.
+
+    Every closed-form update solves from statistics summed over the data (the
+    sufficient statistics, pulled back to the parameter's entries).
+    ``combine_fn(name, statistics) -> statistics``, when given, maps them
+    before the solve; online EM uses it to mix a minibatch's statistics into
+    running averages.
+
+    Returns:
+        ``(params, {name: statistics solved from})``.
+    """
     with shared_statistics():
         return _closed_form_stages(
-            model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace
+            model,
+            params,
+            marginals,
+            plan,
+            args,
+            kwargs,
+            max_plate_nesting,
+            reg_covar,
+            trace,
+            combine_fn,
         )
 
 
 def _closed_form_stages(
-    model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace
+    model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace, combine_fn
 ):
-    params = dict(params)
+    params, solved_from = dict(params), {}
     closed = {n: p for n, p in plan.items() if p.kind == "closed-form"}
     for stage in sorted({p.update.stage for p in closed.values()}):
         if trace is None:
@@ -344,7 +382,7 @@ def _closed_form_stages(
         new_values = {}
         for name, path in closed.items():
             if path.update.stage == stage:
-                new_values[name] = _update_param(
+                statistics = _param_statistics(
                     model,
                     params,
                     marginals,
@@ -353,17 +391,21 @@ def _closed_form_stages(
                     args,
                     kwargs,
                     max_plate_nesting,
-                    reg_covar,
                     trace,
+                )
+                if combine_fn is not None:
+                    statistics = combine_fn(name, statistics)
+                solved_from[name] = statistics
+                old = params[name]
+                new_values[name] = path.update.solve_fn(statistics, old, reg_covar).astype(
+                    jnp.result_type(old)
                 )
         params.update(new_values)
         trace = None
-    return params
+    return params, solved_from
 
 
-def _update_param(
-    model, params, marginals, name, path, args, kwargs, max_plate_nesting, reg_covar, trace
-):
+def _param_statistics(model, params, marginals, name, path, args, kwargs, max_plate_nesting, trace):
     update = path.update
 
     def arguments(value):
@@ -392,8 +434,7 @@ def _update_param(
         )
         per_entry = tuple(_pullback(vjp_fn, outs, key, s, jnp.ndim(arg)) for s in stats)
         totals = per_entry if totals is None else tuple(a + b for a, b in zip(totals, per_entry))
-    old = params[name]
-    return update.solve_fn(totals, old, reg_covar).astype(jnp.result_type(old))
+    return totals
 
 
 def _pullback(vjp_fn, outs, key, stat, arg_ndim):

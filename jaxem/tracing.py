@@ -388,6 +388,60 @@ def raise_for_invalid(
             )
 
 
+def merge_init_params(params: dict, init_params: dict | None) -> dict:
+    """``params`` with the entries of ``init_params`` (checked names and shapes)."""
+    if not init_params:
+        return params
+    unknown = set(init_params) - set(params)
+    if unknown:
+        raise ModelError(
+            f"jaxem: init_params names {sorted(unknown)} that are not params of the model "
+            f"(params: {list(params)})."
+        )
+    merged = dict(params)
+    for name, value in init_params.items():
+        value = jnp.asarray(value, dtype=jnp.result_type(params[name]))
+        if jnp.shape(value) != jnp.shape(params[name]):
+            raise ModelError(
+                f"jaxem: init_params['{name}'] has shape {jnp.shape(value)} but the model's "
+                f"param '{name}' has shape {jnp.shape(params[name])}."
+            )
+        merged[name] = value
+    return merged
+
+
+def validate(model, rng_key, arrays, spec, params=None) -> None:
+    """Raise a :class:`ModelError` for bad data or parameter values.
+
+    Checks the observed data (NaN or infinite entries, missing-data problems)
+    and the parameters: the model's initial values, overridden by ``params``
+    (a partial or full ``{param name: value}``). One compiled check per model
+    and argument signature (eager checks would compile op by op); skipped when
+    any input is a tracer (under ``jit``/``vmap`` nothing can be raised).
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
+        return
+    try:
+        hash(model)
+    except TypeError:
+        flags = _validity(model, spec, rng_key, arrays, params)
+    else:
+        flags = _validity_jit(model, spec, rng_key, arrays, params)
+    args, kwargs = merge_args(arrays, spec)
+    raise_for_invalid(model_structure(model, args, kwargs), *flags)
+
+
+def _validity(model, spec, rng_key, arrays, params):
+    args, kwargs = merge_args(arrays, spec)
+    structure, initial, observed, missing = inspect_model(
+        model, rng_key, args, kwargs, observed_values=True
+    )
+    return check_values(structure, merge_init_params(initial, params), observed, missing)
+
+
+_validity_jit = jax.jit(_validity, static_argnums=(0, 1))
+
+
 # ---------------------------------------------------------------------------
 # Enumerated trace with recorded constructor arguments.
 # ---------------------------------------------------------------------------

@@ -1,0 +1,304 @@
+"""Online (stochastic) EM for data streamed in minibatches (Cappé and Moulines 2009).
+
+Batch EM solves every closed-form M-step from sufficient statistics summed
+over the whole dataset. Online EM keeps a running average of those statistics
+instead, updated from one minibatch at a time with a decreasing step size
+``gamma_t``,
+
+.. math:: s_t = (1 - \\gamma_t)\\, s_{t-1} + \\gamma_t\\, \\bar s(Y_t; \\theta_{t-1}),
+          \\qquad \\theta_t = \\bar\\theta(s_t),
+
+where ``s_bar`` is the minibatch's statistics averaged per data point, and
+``theta_bar`` the closed-form solve, as in batch EM. With ``sum gamma_t =
+inf`` and ``sum gamma_t^2 < inf`` (``gamma_t = (t + 1)^{-kappa}``,
+``0.5 < kappa <= 1``) the iterates converge to a stationary point of the
+likelihood of the data distribution. Staged updates (scales given the new
+locations) follow the batch ECM order, each stage's statistics taken at the
+parameters of the stages before. Parameters without a closed form take
+optax steps on the minibatch's expected complete-data log-likelihood per data
+point (a stochastic gradient of the log-likelihood, by Fisher's identity).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxem.closed_form import registered_closed_forms
+from jaxem.estep import e_step
+from jaxem.gradient import gradient_m_step, to_unconstrained
+from jaxem.mstep import closed_form_statistics_m_step, plan_m_step
+from jaxem.tracing import (
+    ModelError,
+    inspect_model,
+    merge_args,
+    merge_init_params,
+    model_structure,
+    split_args,
+    validate,
+)
+
+__all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
+
+
+def power_decay(kappa: float = 0.6) -> Callable[[jax.Array], jax.Array]:
+    """The step-size schedule ``gamma_t = (t + 1)^(-kappa)`` (``gamma_0 = 1``).
+
+    Examples:
+        >>> from jaxem.online import power_decay
+        >>> [round(float(power_decay(1.0)(t)), 3) for t in range(3)]
+        [1.0, 0.5, 0.333]
+    """
+    if not 0.5 < kappa <= 1.0:
+        raise ValueError(f"kappa must be in (0.5, 1] for online EM to converge, got {kappa}")
+    return lambda t: (jnp.asarray(t, jnp.result_type(float)) + 1.0) ** -kappa
+
+
+class OnlineEMState(NamedTuple):
+    """What online EM carries from one minibatch to the next (a pytree).
+
+    Attributes:
+        params: ``{param name: constrained value}``.
+        statistics: ``{closed-form param name: tuple of running statistics}``,
+            averages per data point of the statistics batch EM sums.
+        opt_state: optax state of the gradient-path parameters.
+        iteration: number of minibatches processed.
+    """
+
+    params: dict
+    statistics: dict
+    opt_state: Any
+    iteration: jax.Array
+
+
+class OnlineEMResult(NamedTuple):
+    """Result of :meth:`OnlineEM.run`.
+
+    Attributes:
+        params: ``{param name: constrained value}`` after the last minibatch.
+        state: the final :class:`OnlineEMState` (to go on streaming).
+        log_likelihoods: shape ``(num_batches,)``: every minibatch's
+            log-likelihood at the parameters it was processed with.
+    """
+
+    params: dict
+    state: OnlineEMState
+    log_likelihoods: jax.Array
+
+
+def _num_data_cells(trace) -> int:
+    """The largest number of plate cells of any site: the number of data points
+    the minibatch's statistics are averaged over."""
+    sizes = [1]
+    for site in trace.sites.values():
+        shape = jnp.shape(site.log_prob)
+        sizes.append(
+            math.prod(shape[d] for d, name in site.dim_to_name.items() if name in site.plates)
+        )
+    return max(sizes)
+
+
+class OnlineEM:
+    """Online EM: one update per minibatch, streamed from the host.
+
+    Args:
+        model: a NumPyro model with ``numpyro.param`` sites, written for one
+            minibatch (its plates sized by the minibatch).
+        step_size: schedule ``t -> gamma_t`` with ``gamma_0 = 1``; default
+            :func:`power_decay` with ``kappa = 0.6``.
+        optimizer: optax optimizer for the parameters without a closed form;
+            default ``optax.adam(1e-2)``, carried across minibatches.
+        m_step_iters: optimizer steps per minibatch.
+        reg_covar: added to variances and covariance diagonals.
+        frozen: names of parameters to keep at their initial values.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> from numpyro.distributions import constraints
+        >>> from jaxem import OnlineEM
+        >>> def mixture(x):
+        ...     w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
+        ...     mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         z = numpyro.sample("z", dist.Categorical(w))
+        ...         numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+        >>> x = jnp.concatenate([jnp.full(500, -3.0), jnp.full(500, 3.0)])
+        >>> x = jax.random.permutation(jax.random.PRNGKey(0), x)
+        >>> batches = [(x[i : i + 100],) for i in range(0, 1000, 100)] * 3
+        >>> result = OnlineEM(mixture).run(jax.random.PRNGKey(1), batches)
+        >>> [round(float(m), 1) for m in result.params["mu"]]
+        [-3.0, 3.0]
+
+    References:
+        O. Cappé and E. Moulines (2009). On-line expectation-maximization
+        algorithm for latent data models. JRSS B 71(3), 593-613.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        step_size: Callable | None = None,
+        optimizer: optax.GradientTransformation | None = None,
+        m_step_iters: int = 1,
+        reg_covar: float = 1e-6,
+        frozen: Sequence[str] = (),
+    ):
+        if m_step_iters < 1:
+            raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
+        self.model = model
+        self.step_size = step_size or power_decay(0.6)
+        self.optimizer = optax.with_extra_args_support(optimizer or optax.adam(1e-2))
+        self.m_step_iters = int(m_step_iters)
+        self.reg_covar = float(reg_covar)
+        self.frozen = tuple(frozen)
+        self._registry = registered_closed_forms()
+        self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
+
+    def _plan(self, params, arrays, spec, structure):
+        return plan_m_step(
+            self.model, params, arrays, spec, structure, self._registry, frozen=self.frozen
+        )
+
+    def _m_step(self, state, arrays, spec, step_size):
+        args, kwargs = merge_args(arrays, spec)
+        structure = model_structure(self.model, args, kwargs)
+        nesting = structure.max_plate_nesting
+        result = e_step(self.model, state.params, args, kwargs, nesting)
+        plan = self._plan(state.params, arrays, spec, structure)
+        scale = 1.0 / _num_data_cells(result.trace)
+
+        def combine(name, statistics):
+            running = state.statistics[name]
+            return tuple(
+                (1 - step_size) * old + step_size * scale * new
+                for old, new in zip(running, statistics)
+            )
+
+        params, statistics = closed_form_statistics_m_step(
+            self.model,
+            state.params,
+            result.marginals,
+            plan,
+            args,
+            kwargs,
+            nesting,
+            self.reg_covar,
+            result.trace,
+            combine_fn=combine if state.statistics else None,
+        )
+        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
+        opt_state = state.opt_state
+        if gradient_names:
+            # Q per data point: step sizes that do not depend on the batch size.
+            marginals = {n: m * scale for n, m in result.marginals.items()}
+            params, opt_state = gradient_m_step(
+                self.model,
+                params,
+                marginals,
+                gradient_names,
+                structure.constraints,
+                self.optimizer,
+                opt_state,
+                self.m_step_iters,
+                args,
+                kwargs,
+                nesting,
+            )
+        return params, statistics, opt_state, result.log_likelihood
+
+    def _update_arrays(self, state, arrays, spec):
+        step_size = jnp.asarray(self.step_size(state.iteration), jnp.result_type(float))
+        params, statistics, opt_state, log_lik = self._m_step(state, arrays, spec, step_size)
+        return OnlineEMState(params, statistics, opt_state, state.iteration + 1), log_lik
+
+    def init(self, rng_key, *args, init_params=None, **kwargs) -> OnlineEMState:
+        """Initial state from the ``numpyro.param`` initial values, shaped by one
+        minibatch (``*args, **kwargs``: the model's arguments for it).
+
+        Args:
+            rng_key: PRNG key passed to callable initial values.
+            init_params: optional ``{param name: constrained value}`` overriding
+                some or all initial values.
+        """
+        arrays, spec = split_args(args, kwargs)
+        validate(self.model, rng_key, arrays, spec, init_params)
+        merged_args, merged_kwargs = merge_args(arrays, spec)
+        structure, params = inspect_model(self.model, rng_key, merged_args, merged_kwargs)
+        unknown = set(self.frozen) - set(structure.param_names)
+        if unknown:
+            raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
+        params = merge_init_params(params, init_params)
+        plan = self._plan(params, arrays, spec, structure)
+        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
+        opt_state = ()
+        if gradient_names:
+            opt_state = self.optimizer.init(
+                to_unconstrained(params, structure.constraints, gradient_names)
+            )
+        empty = OnlineEMState(params, {}, opt_state, jnp.zeros((), jnp.int32))
+        shapes = jax.eval_shape(lambda a: self._m_step(empty, a, spec, jnp.ones(()))[1], arrays)
+        statistics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return OnlineEMState(params, statistics, opt_state, jnp.zeros((), jnp.int32))
+
+    def update(self, state: OnlineEMState, *args, **kwargs):
+        """Process one minibatch (compiled once per minibatch shape).
+
+        Returns:
+            ``(new_state, log_likelihood)``: the minibatch's log-likelihood at
+            ``state``'s parameters.
+        """
+        arrays, spec = split_args(args, kwargs)
+        return self._update_jit(state, arrays, spec)
+
+    def get_params(self, state: OnlineEMState) -> dict:
+        """Constrained parameter values ``{param name: value}`` of a state."""
+        return dict(state.params)
+
+    def run(
+        self,
+        rng_key,
+        batches: Iterable,
+        *,
+        init_params: dict | None = None,
+        state: OnlineEMState | None = None,
+        **kwargs,
+    ) -> OnlineEMResult:
+        """Stream minibatches from the host, one update each.
+
+        Each update is dispatched asynchronously, so the next minibatch is
+        read and copied to the device while the current one is processed.
+
+        Args:
+            rng_key: PRNG key for callable initial values.
+            batches: iterable of tuples of the model's positional arguments,
+                one tuple per minibatch (e.g. ``(x_batch,)``); several epochs
+                are several passes, e.g. ``itertools.chain``.
+            init_params: ``{param name: constrained value}`` overriding initial
+                values.
+            state: go on from this state instead of initializing.
+            **kwargs: keyword arguments of the model, the same for every batch.
+
+        Returns:
+            An :class:`OnlineEMResult`.
+        """
+        log_liks = []
+        for batch in batches:
+            batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            if state is None:
+                state = self.init(rng_key, *batch, init_params=init_params, **kwargs)
+            else:
+                # NaN in a later minibatch must stop the run with a named error
+                # rather than turn every parameter into NaN.
+                arrays, spec = split_args(batch, kwargs)
+                validate(self.model, rng_key, arrays, spec)
+            state, log_lik = self.update(state, *batch, **kwargs)
+            log_liks.append(log_lik)
+        if state is None:
+            raise ValueError("jaxem: OnlineEM.run got no minibatches.")
+        return OnlineEMResult(dict(state.params), state, jnp.stack(log_liks))

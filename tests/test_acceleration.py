@@ -1,0 +1,182 @@
+"""SQUAREM-accelerated EM: the same optimum as plain EM, never lower, safeguard exercised.
+
+Plain EM and SQUAREM run to convergence in float64 over the zoo of tests/test_monotone.py;
+the final values are checked against the scipy log-likelihood of the zoo, and the cycle on
+which the safeguard fires is replayed by hand with plain EM steps.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from models import normal_mixture
+from numpyro.distributions import constraints
+from test_monotone import ZOO, assert_monotone, reference_log_likelihood
+
+import jaxem
+from jaxem import EM
+from jaxem.acceleration import squarem_extrapolate
+
+
+def _case(name):
+    model, make_case = ZOO[name]
+    x, K, init, component_logpdf = make_case(np.random.default_rng(sorted(ZOO).index(name) + 17))
+    x = jnp.asarray(x)
+    return model, x, K, {k: jnp.asarray(v) for k, v in init.items()}, component_logpdf
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_squarem_reaches_the_plain_em_optimum(name, x64):
+    model, x, K, init, component_logpdf = _case(name)
+    key = jax.random.PRNGKey(0)
+    kw = dict(max_iter=3000, tol=1e-13, init_params=init)
+    plain = EM(model).run(key, x, K, **kw)
+    fast = EM(model, acceleration="squarem").run(key, x, K, **kw)
+    assert bool(plain.converged) and bool(fast.converged)
+    assert not bool(fast.diverged)
+    ll_plain, ll_fast = float(plain.log_likelihood), float(fast.log_likelihood)
+    # Never lower than plain EM (to rounding), and the same optimum.
+    assert ll_fast >= ll_plain - 1e-11 * abs(ll_plain), (ll_fast, ll_plain)
+    np.testing.assert_allclose(ll_fast, ll_plain, rtol=1e-9)
+    np.testing.assert_allclose(
+        ll_fast, reference_log_likelihood(component_logpdf, fast.params), rtol=1e-10
+    )
+    for pname in plain.params:
+        np.testing.assert_allclose(
+            np.asarray(fast.params[pname]), np.asarray(plain.params[pname]), atol=2e-4
+        )
+    history = np.asarray(fast.history)[: int(fast.num_iters)]
+    assert_monotone(np.append(history, ll_fast), 1e-12)
+    # The start is poor, so the fit moved a long way.
+    assert ll_fast - history[0] > 5.0
+
+
+def test_squarem_cuts_em_steps_on_an_overlapping_mixture(x64):
+    """Each SQUAREM cycle costs three EM steps; on this slow mixture it still needs less
+    than half the EM steps plain EM needs to get within 1e-9 of the optimum."""
+    model, x, K, init, _ = _case("normal")
+    plain = EM(model).run(jax.random.PRNGKey(0), x, K, max_iter=800, tol=0.0, init_params=init)
+    fast = EM(model, acceleration="squarem").run(
+        jax.random.PRNGKey(0), x, K, max_iter=60, tol=0.0, init_params=init
+    )
+    best = max(float(plain.log_likelihood), float(fast.log_likelihood))
+
+    def steps_to_reach(history):
+        return int(np.argmax(np.asarray(history) >= best - 1e-9 * abs(best)))
+
+    plain_steps, fast_steps = steps_to_reach(plain.history), 3 * steps_to_reach(fast.history)
+    assert 0 < 2 * fast_steps < plain_steps, (fast_steps, plain_steps)
+
+
+def test_safeguard_falls_back_to_plain_em(x64):
+    """On the full-covariance mixture the third cycle's extrapolation overshoots: the
+    safeguard must reject it and keep exactly the point of two plain EM steps."""
+    model, x, K, init, _ = _case("mvn")
+    fast, plain = EM(model, acceleration="squarem"), EM(model)
+    state = fast.init(jax.random.PRNGKey(0), x, K, init_params=init)
+    for _ in range(10):
+        before = state
+        state, log_lik = fast.update(state, x, K)
+        if int(state.acceleration.num_rejected) > int(before.acceleration.num_rejected):
+            break
+    else:
+        pytest.fail("the safeguard never fired in 10 cycles")
+    # Replay the cycle with plain EM: two steps, then the SQUAREM point by hand.
+    first, ll0 = plain.update(before._replace(acceleration=()), x, K)
+    second, _ = plain.update(first, x, K)
+    np.testing.assert_allclose(float(log_lik), float(ll0), rtol=1e-14)
+    for pname, value in second.params.items():
+        np.testing.assert_allclose(np.asarray(state.params[pname]), np.asarray(value), rtol=1e-12)
+    constraints_ = {
+        "w": constraints.simplex,
+        "mu": constraints.real,
+        "L": constraints.lower_cholesky,
+    }
+    extrapolated, alpha = squarem_extrapolate(
+        before.params, first.params, second.params, constraints_, before.acceleration.step_max
+    )
+    assert float(alpha) > 1.0
+    assert float(jaxem.log_likelihood(model, extrapolated, x, K)) < float(ll0)
+    # A step at alpha_max was rejected: alpha_max shrinks.
+    assert float(state.acceleration.step_max) < float(before.acceleration.step_max)
+
+
+def shifted_means(x, K):
+    """Means on a grid mu_k = a + b k: a, b take gradient steps, w and sigma closed form."""
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    a = numpyro.param("a", jnp.array(-0.5))
+    b = numpyro.param("b", jnp.array(0.5))
+    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
+    mu = a + b * jnp.arange(K)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+
+
+@pytest.mark.parametrize(
+    "model, m_step",
+    [(normal_mixture, "gradient"), (shifted_means, "auto")],
+    ids=["gradient", "mixed"],
+)
+def test_squarem_with_gradient_m_steps(model, m_step, x64):
+    """Gradient-path parameters: the accelerated fit reaches the optimum of plain EM (with
+    closed-form updates where the model allows them)."""
+    rng = np.random.default_rng(5)
+    z = rng.integers(0, 3, 300)
+    x = jnp.asarray(rng.normal(np.array([-4.0, 0.0, 4.0])[z], 1.0))
+    init = {"mu": jnp.array([-1.0, 0.0, 1.0])} if model is normal_mixture else None
+    reference = EM(model).run(
+        jax.random.PRNGKey(0), x, 3, max_iter=1000, tol=1e-13, init_params=init
+    )
+    fast = EM(model, m_step=m_step, m_step_iters=5, acceleration="squarem").run(
+        jax.random.PRNGKey(0), x, 3, max_iter=100, tol=1e-12, init_params=init
+    )
+    assert bool(reference.converged) and bool(fast.converged) and not bool(fast.diverged)
+    ll_ref, ll_fast = float(reference.log_likelihood), float(fast.log_likelihood)
+    assert ll_fast >= ll_ref - 1e-9 * abs(ll_ref)
+    np.testing.assert_allclose(ll_fast, ll_ref, rtol=1e-9)
+    assert_monotone(np.asarray(fast.history)[: int(fast.num_iters)], 1e-12)
+    paths = EM(model, m_step=m_step).m_step_paths(x, 3)
+    assert paths["w"].startswith("gradient" if m_step == "gradient" else "closed-form")
+    if model is shifted_means:
+        assert paths["a"].startswith("gradient") and paths["b"].startswith("gradient")
+        np.testing.assert_allclose(float(fast.params["b"]), float(reference.params["b"]), rtol=1e-4)
+
+
+def test_squarem_restarts_under_vmap(x32):
+    """Restarts under vmap equal one-at-a-time accelerated fits, in float32."""
+    model, x, K, _, _ = _case("normal")
+    x = x.astype(jnp.float32)
+    em = EM(model, acceleration="squarem")
+    init = {"mu": jnp.array([-1.0, 0.0, 1.0], jnp.float32)}
+    key = jax.random.PRNGKey(1)
+    result = em.run(key, x, K, max_iter=30, tol=0.0, num_restarts=2, init_params=init)
+    single = em.run(key, x, K, max_iter=30, tol=0.0, init_params=init)
+    np.testing.assert_allclose(
+        np.asarray(result.restart_log_likelihoods), float(single.log_likelihood), rtol=1e-5
+    )
+    assert_monotone(np.asarray(result.history), 1e-5)
+
+
+def test_bad_acceleration_name():
+    with pytest.raises(ValueError, match="acceleration must be None or 'squarem', got 'anderson'"):
+        EM(normal_mixture, acceleration="anderson")
+
+
+def test_squarem_hard_em(x64):
+    """Hard EM: the accelerated classification likelihood never decreases, and the fit ends
+    at a fixed point of plain hard EM."""
+    model, x, K, init, _ = _case("normal")
+    fast = EM(model, hard=True, acceleration="squarem")
+    result = fast.run(jax.random.PRNGKey(0), x, K, max_iter=50, tol=1e-12, init_params=init)
+    assert bool(result.converged) and not bool(result.diverged)
+    history = np.asarray(result.history)[: int(result.num_iters)]
+    assert_monotone(history, 1e-12)
+    assert history[-1] - history[0] > 5.0
+    plain = EM(model, hard=True)
+    state = plain.init(jax.random.PRNGKey(0), x, K, init_params=result.params)
+    state, _ = plain.update(state, x, K)
+    for pname, value in result.params.items():
+        np.testing.assert_allclose(np.asarray(state.params[pname]), np.asarray(value), atol=1e-8)
