@@ -10,31 +10,43 @@ over time, the others once, with a time dim of size 1 that broadcasts. When
 the carry changes from step to step (e.g. an autoregressive model carrying
 the previous observation), the steps run in ``lax.scan`` as in NumPyro.
 
-``_scan_enum`` is NumPyro's ``numpyro.contrib.control_flow.scan.scan_enum``
-(Copyright Contributors to the Pyro project, Apache-2.0), unchanged except for
-the call of :func:`_scan_steps` in place of ``lax.scan``.
+Only first-order chains (``history=1``) scanned forward take this path
+(:func:`_first_order_scan`); it produces traces in the format of NumPyro's
+enumerated scan, which :mod:`jaxem.chain` reads. Any other ``scan`` runs
+NumPyro's own implementation.
 """
 
 from __future__ import annotations
 
+from contextlib import closing
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax import lax, random
+from jax import lax
 from jax.extend import core as jex_core
 from numpyro import handlers
+
+# NumPyro's scan internals (all of jaxem's private imports from NumPyro's scan
+# are here), shared so that the first-order scan substitutes and shapes its
+# sites exactly as NumPyro's enumerated scan does.
 from numpyro.contrib.control_flow.scan import (
     _promote_fn_shapes,
     _promote_scanned_value_shapes,
     _subs_wrapper,
+    scan_enum,
     scan_wrapper,
 )
+from numpyro.contrib.funsor import config_enumerate, enum, markov
+from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.distributions.batch_util import promote_batch_shape
 from numpyro.ops.pytree import PytreeTrace
-from numpyro.util import not_jax_tracer
 
 __all__ = ["enumerated_scan"]
+
+# The handlers around a scan that reach its body (``substitute_stack``) and
+# that the first-order scan applies itself.
+_STEP_HANDLERS = ("condition", "substitute")
 
 
 def enumerated_scan(
@@ -52,13 +64,136 @@ def enumerated_scan(
     """Drop-in for NumPyro's ``scan_wrapper`` (the ``fn`` of a ``scan`` message)."""
     if length is None:
         length = jnp.shape(jax.tree.flatten(xs)[0][0])[0]
-    if enum and history > 0:
-        return _scan_enum(
+    if not (enum and history > 0):
+        return scan_wrapper(
+            f,
+            init,
+            xs,
+            length,
+            reverse,
+            rng_key,
+            substitute_stack,
+            enum,
+            history,
+            first_available_dim,
+        )
+    substitute_stack = substitute_stack or []
+    first_order = (
+        history == 1
+        and length >= 1
+        and not reverse
+        and rng_key is None
+        and all(kind in _STEP_HANDLERS for kind, _ in substitute_stack)
+    )
+    if not first_order:
+        return scan_enum(
             f, init, xs, length, reverse, rng_key, substitute_stack, history, first_available_dim
         )
-    return scan_wrapper(
-        f, init, xs, length, reverse, rng_key, substitute_stack, enum, history, first_available_dim
+    return _first_order_scan(f, init, xs, length, substitute_stack, first_available_dim)
+
+
+def _first_order_scan(f, init, xs, length, substitute_stack, first_available_dim):
+    """An enumerated first-order Markov ``scan``, traced as NumPyro traces it.
+
+    NumPyro's sum-product over a scan pairs two sets of sites: those of the
+    first step, recorded as they run under the names ``_PREV_<name>``, and
+    those of the later steps, stacked over a leading time dim named
+    ``_time_<first sample site>``. The later steps are enumerated in a dim
+    frame nested in the first step's, so the latent of step t gets a
+    different dim from that of step t - 1; the carry therefore ends with the
+    dims of the first step after an odd number of steps and with those of the
+    later steps after an even number.
+    """
+    later_carry_shapes = []
+
+    def later_step(wrapped_carry, x):
+        index, _, carry = wrapped_carry
+        # Distributions take their values' batch rank here; the values (the
+        # new carry among them) are padded only once stacked, by _name_time_dim,
+        # so that the carry's shape is recorded as the step produced it.
+        with _promote_fn_shapes(), packed_trace() as trace:
+            new_carry, y = _step_model(f, index, length, substitute_stack)(carry, x)
+        if not later_carry_shapes:
+            later_carry_shapes.append(_leaf_shapes(new_carry))
+        # A scan's carry keeps its shape: same elements, the previous step's dims.
+        new_carry = jax.tree.map(lambda a, b: jnp.reshape(a, jnp.shape(b)), new_carry, carry)
+        return (index + 1, None, new_carry), (PytreeTrace(trace), y)
+
+    # The later steps' sites leave through the returned trace, stacked; only
+    # the first step's sites reach the handlers around the scan as they run.
+    with (
+        handlers.block(hide_fn=_not_first_step),
+        enum(first_available_dim=first_available_dim),
+    ):
+        # One markov frame for the first step, one nested in it for the rest.
+        dim_frames = iter(markov(range(2), history=1))
+        with closing(dim_frames):
+            next(dim_frames)
+            with handlers.scope(prefix="_PREV_", divider="", hide_types=["plate"]):
+                first_step = _step_model(f, 0, length, substitute_stack)
+                carry, y_first = first_step(init, jax.tree.map(lambda x: x[0], xs))
+            first_carry_shapes = _leaf_shapes(carry)
+            y_first = jax.tree.map(lambda y: jnp.stack([y]), y_first)
+            if length == 1:
+                return (1, None, carry), (PytreeTrace({}), y_first)
+            next(dim_frames)
+            (num_steps, _, carry), (stacked, ys) = _scan_steps(
+                later_step, (1, None, carry), jax.tree.map(lambda x: x[1:], xs), length - 1, False
+            )
+
+    _name_time_dim(stacked.trace)
+    ys = jax.tree.map(
+        lambda first, later: jnp.concatenate(
+            [first, jnp.reshape(later, later.shape[:1] + first.shape[1:])]
+        ),
+        y_first,
+        ys,
     )
+    carry_shapes = first_carry_shapes if length % 2 else later_carry_shapes[0]
+    leaves, tree = jax.tree.flatten(carry)
+    carry = jax.tree.unflatten(
+        tree, [jnp.reshape(leaf, shape) for leaf, shape in zip(leaves, carry_shapes)]
+    )
+    return (num_steps, None, carry), (stacked, ys)
+
+
+def _step_model(f, index, length, substitute_stack):
+    """The scan body at step ``index``, under the substitutions of the handlers
+    around the scan, with its discrete latents enumerated."""
+    # NumPyro's potential energy reads the step index to transform only the
+    # step's slice of a scanned value.
+    model = handlers.infer_config(f, config_fn=lambda msg: {"_scan_current_index": index})
+    for kind, source in substitute_stack:
+        step_values = partial(_subs_wrapper, source, index, length)
+        if kind == "condition":
+            model = handlers.condition(model, condition_fn=step_values)
+        else:
+            model = handlers.substitute(model, substitute_fn=step_values)
+    return config_enumerate(model)
+
+
+def _not_first_step(site) -> bool:
+    return not (site.get("name") or "").startswith("_PREV_")
+
+
+def _leaf_shapes(tree):
+    return [jnp.shape(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def _name_time_dim(trace) -> None:
+    """Give the stacked sample sites of a scan their time dim: the leftmost
+    batch dim once distribution and value have the same batch rank, named
+    after the first sample site (dims of size 1 have no name to go by)."""
+    time_name = None
+    for name, site in trace.items():
+        if site["type"] != "sample":
+            continue
+        time_name = time_name or f"_time_{name}"
+        fn = promote_batch_shape(site["fn"])
+        value = _promote_scanned_value_shapes(site["value"], fn)
+        batch_ndim = min(len(fn.batch_shape), jnp.ndim(value) - fn.event_dim)
+        site["fn"], site["value"] = fn, value
+        site["infer"]["dim_to_name"][-batch_ndim] = time_name
 
 
 def _depends_on(jaxpr, sources):
@@ -127,147 +262,3 @@ def _scan_steps(body_fn, wrapped_carry, xs, length, reverse):
     pytree_trace = jax.tree.unflatten(trace_tree, outputs[num_carry : num_carry + num_trace])
     ys = jax.tree.unflatten(y_tree, outputs[num_carry + num_trace :])
     return (i + length, rng_key, carry), (pytree_trace, ys)
-
-
-def _scan_enum(
-    f,
-    init,
-    xs,
-    length,
-    reverse,
-    rng_key=None,
-    substitute_stack=None,
-    history=1,
-    first_available_dim=None,
-):
-    from numpyro.contrib.funsor import (
-        config_enumerate,
-        enum,
-        markov,
-    )
-    from numpyro.contrib.funsor import (
-        trace as packed_trace,
-    )
-
-    if substitute_stack is None:
-        substitute_stack = []
-
-    # amount number of steps to unroll
-    history = min(history, length)
-    unroll_steps = min(2 * history - 1, length)
-    if reverse:
-        x0 = jax.tree.map(lambda x: x[-unroll_steps:][::-1], xs)
-        xs_ = jax.tree.map(lambda x: x[:-unroll_steps], xs)
-    else:
-        x0 = jax.tree.map(lambda x: x[:unroll_steps], xs)
-        xs_ = jax.tree.map(lambda x: x[unroll_steps:], xs)
-
-    carry_shapes = []
-
-    def body_fn(wrapped_carry, x, prefix=None):
-        i, rng_key, carry = wrapped_carry
-        init = True if (not_jax_tracer(i) and i in range(unroll_steps)) else False
-        rng_key, subkey = random.split(rng_key) if rng_key is not None else (None, None)
-
-        # we need to tell unconstrained messenger in potential energy computation
-        # that only the item at time `i` is needed when transforming
-        fn = handlers.infer_config(f, config_fn=lambda msg: {"_scan_current_index": i})
-
-        seeded_fn = handlers.seed(fn, subkey) if subkey is not None else fn
-        for subs_type, subs_map in substitute_stack:
-            subs_fn = partial(_subs_wrapper, subs_map, i, length)
-            if subs_type == "condition":
-                seeded_fn = handlers.condition(seeded_fn, condition_fn=subs_fn)
-            elif subs_type == "substitute":
-                seeded_fn = handlers.substitute(seeded_fn, substitute_fn=subs_fn)
-
-        if init:
-            # handler the name to match the pattern of sakkar_bilmes product
-            with handlers.scope(
-                prefix="_PREV_" * (unroll_steps - i), divider="", hide_types=["plate"]
-            ):
-                new_carry, y = config_enumerate(seeded_fn)(carry, x)
-                trace = {}
-        else:
-            # Like scan_wrapper, we collect the trace of scan's transition function
-            # `seeded_fn` here. To put time dimension to the correct position, we need to
-            # promote shapes to make `fn` and `value`
-            # at each site have the same batch dims (e.g. if `fn.batch_shape = (2, 3)`,
-            # and value's batch_shape is (3,), then we promote shape of
-            # value so that its batch shape is (1, 3)).
-            # Here we will promote `fn` shape first. `value` shape will be promoted after scanned.
-            # We don't promote `value` shape here because we need to store carry shape
-            # at this step. If we reshape the `value` here, output carry might get wrong shape.
-            with _promote_fn_shapes(), packed_trace() as trace:
-                new_carry, y = config_enumerate(seeded_fn)(carry, x)
-
-            # store shape of new_carry at a global variable
-            if len(carry_shapes) < (history + 1):
-                carry_shapes.append([jnp.shape(x) for x in jax.tree.flatten(new_carry)[0]])
-            # make new_carry have the same shape as carry
-            # FIXME: is this rigorous?
-            new_carry = jax.tree.map(lambda a, b: jnp.reshape(a, jnp.shape(b)), new_carry, carry)
-        return (i + 1, rng_key, new_carry), (PytreeTrace(trace), y)
-
-    with (
-        handlers.block(hide_fn=lambda site: not site.get("name", "nameless").startswith("_PREV_")),
-        enum(first_available_dim=first_available_dim),
-    ):
-        wrapped_carry = (0, rng_key, init)
-        y0s = []
-        # We run unroll_steps + 1 where the last step is used for rolling with `lax.scan`
-        for i in markov(range(unroll_steps + 1), history=history):
-            if i < unroll_steps:
-                wrapped_carry, (_, y0) = body_fn(wrapped_carry, jax.tree.map(lambda z: z[i], x0))  # noqa: B023
-                if i > 0:
-                    # reshape y1, y2,... to have the same shape as y0
-                    y0 = jax.tree.map(lambda z0, z: jnp.reshape(z, jnp.shape(z0)), y0s[0], y0)
-                y0s.append(y0)
-                # shapes of the first `history - 1` steps are not useful to interpret the last carry
-                # shape so we don't need to record them here
-                if (i >= history - 1) and (len(carry_shapes) < history + 1):
-                    carry_shapes.append(
-                        [jnp.shape(x) for x in jax.tree.flatten(wrapped_carry[-1])[0]]
-                    )
-            else:
-                # this is the last rolling step
-                y0s = jax.tree.map(lambda *z: jnp.stack(z, axis=0), *y0s)
-                # return early if length = unroll_steps
-                if length == unroll_steps:
-                    return wrapped_carry, (PytreeTrace({}), y0s)
-                wrapped_carry, (pytree_trace, ys) = _scan_steps(
-                    body_fn, wrapped_carry, xs_, length - unroll_steps, reverse
-                )
-
-    first_var = None
-    for name, site in pytree_trace.trace.items():
-        # currently, we only record sample or deterministic in the trace
-        # we don't need to adjust `dim_to_name` for deterministic site
-        if site["type"] not in ("sample",):
-            continue
-        # add `time` dimension, the name will be '_time_{first variable in the trace}'
-        if first_var is None:
-            first_var = name
-
-        site["fn"] = promote_batch_shape(site["fn"])
-        # we haven't promote shapes of values yet during `lax.scan`, so we do it here
-        site["value"] = _promote_scanned_value_shapes(site["value"], site["fn"])
-
-        # Note: site['infer']['dim_to_name'] is not enough to determine leftmost dimension because
-        # we don't record 1-size dimensions in this field
-        time_dim = -min(len(site["fn"].batch_shape), jnp.ndim(site["value"]) - site["fn"].event_dim)
-        site["infer"]["dim_to_name"][time_dim] = f"_time_{first_var}"
-
-    # similar to carry, we need to reshape due to shape alternating in markov
-    ys = jax.tree.map(lambda z0, z: jnp.reshape(z, z.shape[:1] + jnp.shape(z0)[1:]), y0s, ys)
-    # then join with y0s
-    ys = jax.tree.map(lambda z0, z: jnp.concatenate([z0, z], axis=0), y0s, ys)
-    # we also need to reshape `carry` to match sequential behavior
-    i = (length + 1) % (history + 1)
-    t, rng_key, carry = wrapped_carry
-    carry_shape = carry_shapes[i]
-    flatten_carry, treedef = jax.tree.flatten(carry)
-    flatten_carry = [jnp.reshape(x, t1_shape) for x, t1_shape in zip(flatten_carry, carry_shape)]
-    carry = jax.tree.unflatten(treedef, flatten_carry)
-    wrapped_carry = (t, rng_key, carry)
-    return wrapped_carry, (pytree_trace, ys)
