@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
+from jaxem.chain import chain_indicators, chain_map, chain_posterior, contract_chain, find_chain
 from jaxem.missing import MissingEntries
 from jaxem.tracing import EnumTrace, enumerated_trace, inspect_model, merge_args, split_args
 
@@ -44,7 +45,10 @@ class EStep(NamedTuple):
     trace: EnumTrace
 
 
-def _contract(log_factors: dict, trace: EnumTrace):
+def _contract(log_factors: dict, trace: EnumTrace, parallel: bool = False):
+    chain = find_chain(trace)
+    if chain is not None:
+        return contract_chain(log_factors, trace, chain, parallel=parallel)
     latent = [name for name, site in trace.sites.items() if not site.is_observed]
     if len(latent) == 1:
         return _contract_mixture(log_factors, trace, latent[0])
@@ -116,12 +120,26 @@ def _contract_funsor(log_factors: dict, trace: EnumTrace):
     return result.data
 
 
-def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False) -> EStep:
-    """Log-likelihood and posterior marginals of every factor at ``params``."""
+def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False, parallel=False) -> EStep:
+    """Log-likelihood and posterior marginals of every factor at ``params``.
+
+    ``parallel`` contracts a Markov chain by a log-depth reduction over time
+    instead of a sequential scan (faster on GPUs for long sequences).
+    """
     trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
     log_factors = {name: jax.lax.stop_gradient(s.log_prob) for name, s in trace.sites.items()}
     if not hard:
-        value, marginals = jax.value_and_grad(_contract)(log_factors, trace)
+        value, marginals = jax.value_and_grad(_contract)(log_factors, trace, parallel)
+        return EStep(value, marginals, trace)
+    chain = find_chain(trace)
+    if chain is not None:
+        # Viterbi by max-product with backpointers, as for mixtures below.
+        marginals = chain_indicators(chain_map(log_factors, trace, chain), trace, chain)
+        # The indicators count steps where a factor is the same at every step.
+        value = sum(
+            jnp.sum(jnp.where(marginals[name] > 0, marginals[name] * log_factors[name], 0.0))
+            for name in log_factors
+        )
         return EStep(value, marginals, trace)
     # Hard EM: the derivative of a max-product contraction is the indicator of
     # the MAP assignment, but autodiff finds it by testing ``x == max(x)``, which
@@ -137,7 +155,12 @@ def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False) -> ESt
 
 def map_values(model, params, args, kwargs, max_plate_nesting) -> dict:
     """The joint MAP assignment of the latent sites (max-product, then argmax
-    backtracking through funsor's adjoint), ``{site name: values}``."""
+    backtracking through funsor's adjoint; Viterbi for a Markov chain),
+    ``{site name: values}``."""
+    trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
+    chain = find_chain(trace)
+    if chain is not None:
+        return chain_map({name: s.log_prob for name, s in trace.sites.items()}, trace, chain)
     substituted = handlers.substitute(MissingEntries(model), data=params)
     decoded = infer_discrete(
         config_enumerate(substituted),
@@ -207,8 +230,12 @@ def _posterior(model, params, arrays, spec):
     structure, args, kwargs = _structure(model, arrays, spec)
     _check_params(structure, params)
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
+    chain = find_chain(result.trace)
+    log_factors = {name: site.log_prob for name, site in result.trace.sites.items()}
     return {
-        name: _site_posterior(result.trace.sites[name], result.marginals[name])
+        name: chain_posterior(log_factors, result.trace, chain)
+        if chain is not None and name == chain.name
+        else _site_posterior(result.trace.sites[name], result.marginals[name])
         for name in structure.latent_sites
     }
 

@@ -50,8 +50,10 @@ def _merge(into: dict, labels: dict, selection: bool = True) -> None:
         into[name] = into.get(name, True) and is_selection and selection
 
 
-# Primitives that call a sub-jaxpr once with their own inputs; loops (scan,
-# while) and branches are opaque: a label crossing them is not a selection.
+# Primitives that call a sub-jaxpr once with their own inputs; ``scan`` is
+# followed by _propagate_scan (selection only from constants to stacked
+# outputs); other loops and branches are opaque: a label crossing them is not a
+# selection.
 _CALL_PRIMITIVES = {
     "jit",
     "pjit",
@@ -78,6 +80,33 @@ def _sub_jaxpr(eqn):
     return None
 
 
+def _propagate_scan(eqn, inputs):
+    """Labels through a ``lax.scan``. Its stacked outputs select the body's
+    per-step outputs, so a parameter that enters the body as a constant and
+    reaches a stacked output through selections only is selected (``A[z_prev]``
+    inside a Markov chain's step). A value that passes through the carry is
+    not a selection (each iteration composes the map anew); the carry's labels
+    are iterated to a fixed point, which exists because labels only gain names.
+    """
+    body = eqn.params["jaxpr"].jaxpr
+    num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    consts, carry, xs = (
+        inputs[:num_consts],
+        inputs[num_consts : num_consts + num_carry],
+        inputs[num_consts + num_carry :],
+    )
+    carry = [dict.fromkeys(labels, False) for labels in carry]
+    while True:
+        outputs = _propagate(body, consts + carry + xs)
+        new_carry = [
+            {**before, **dict.fromkeys(after, False)}
+            for before, after in zip(carry, outputs[:num_carry])
+        ]
+        if new_carry == carry:
+            return carry + outputs[num_carry:]
+        carry = new_carry
+
+
 def _propagate(jaxpr, in_labels):
     env = {}
 
@@ -95,6 +124,8 @@ def _propagate(jaxpr, in_labels):
         sub = _sub_jaxpr(eqn)
         if sub is not None:
             outputs = _propagate(sub, inputs)
+        elif eqn.primitive.name == "scan":
+            outputs = _propagate_scan(eqn, inputs)
         else:
             positions = _SELECTION_PRIMITIVES.get(eqn.primitive.name, ())
             if eqn.primitive.name == "convert_element_type" and not np.issubdtype(

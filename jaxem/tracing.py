@@ -27,14 +27,17 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 from numpyro import handlers
+from numpyro.contrib.control_flow.scan import scan_wrapper
 from numpyro.contrib.funsor import config_enumerate, enum
 from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
 from numpyro.distributions.distribution import COERCIONS, validation_enabled
 from numpyro.distributions.util import is_identically_one
+from numpyro.primitives import Messenger
 
 from jaxem.closed_form import contract_cells
 from jaxem.missing import MissingData, MissingEntries, missing_log_prob
+from jaxem.scan import enumerated_scan
 
 __all__ = [
     "ModelError",
@@ -86,6 +89,8 @@ class Site(NamedTuple):
         dim_to_name: ``{negative dim: enum variable or plate name}``.
         is_observed: whether the site is observed.
         plates: names of the plates the site sits in.
+        plate_dims: ``{dim: plate name}`` of those plates, including plates of
+            size 1 (which ``dim_to_name`` leaves out).
     """
 
     name: str
@@ -95,6 +100,7 @@ class Site(NamedTuple):
     dim_to_name: dict
     is_observed: bool
     plates: tuple[str, ...]
+    plate_dims: dict = {}
 
 
 class EnumTrace(NamedTuple):
@@ -468,6 +474,111 @@ def _record_constructor_args(records: dict):
         COERCIONS.remove(coerce)
 
 
+@jax.tree_util.register_pytree_node_class
+class _RecordedArgs:
+    """Constructor arguments of one distribution, carried out of a ``scan`` body.
+
+    Recorded arguments inside a ``lax.scan`` body are tracers of the body; as a
+    pytree in the site's ``args`` slot (unused once a site has its value) they
+    are stacked over time by the scan like the distribution itself.
+    """
+
+    def __init__(self, cls, arguments):
+        self.cls = cls
+        self.arguments = arguments
+
+    def tree_flatten(self):
+        keys = tuple(self.arguments)
+        return tuple(self.arguments[k] for k in keys), (self.cls, keys)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0], dict(zip(aux[1], children)))
+
+
+def _unwrap(fn):
+    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+class _StashArgs(Messenger):
+    """Inside a scan body: put each sample site's recorded constructor arguments
+    (array-valued ones) in its ``args`` slot."""
+
+    def __init__(self, fn, records):
+        self.records = records
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        # A latent site's value comes later from enumeration (config_enumerate
+        # sits outside this handler); the slot is free once a site has a value.
+        if msg["type"] != "sample" or (
+            msg["value"] is None and not msg["fn"].has_enumerate_support
+        ):
+            return
+        base = _unwrap(msg["fn"])
+        record = self.records.get(id(base))
+        if record is None or record[2] is not base:
+            return
+        arguments = {
+            k: v
+            for k, v in record[1].items()
+            if _is_array(v) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        }
+        msg["args"] = (_RecordedArgs(record[0], arguments),)
+
+
+class _EnumeratedScan(Messenger):
+    """Run every ``scan`` by :func:`jaxem.scan.enumerated_scan`, its body under
+    :class:`_StashArgs`."""
+
+    def __init__(self, fn, records):
+        self.records = records
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] == "control_flow" and msg["fn"] is scan_wrapper:
+            body, *rest = msg["args"]
+            msg["args"] = (_StashArgs(body, self.records), *rest)
+            msg["fn"] = enumerated_scan
+
+
+def _adopt_stacked_args(site, records) -> None:
+    """Register the stacked constructor arguments of a scanned site under its
+    (stacked) distribution, each argument's time axis placed at the site's time
+    dim and its per-step batch dims right-aligned under the site's."""
+    stash = site["args"][0] if len(site["args"]) == 1 else None
+    if not isinstance(stash, _RecordedArgs) or site["name"].startswith("_PREV_"):
+        return  # not in a scan body, or its first step (recorded as it ran)
+    base, reinterpreted = site["fn"], 0
+    while isinstance(base, (dist.ExpandedDistribution, dist.Independent, dist.MaskedDistribution)):
+        if isinstance(base, dist.Independent):
+            reinterpreted += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    if type(base) is not stash.cls:
+        return
+    # The time dim as NumPyro's scan places it; to_event dims are batch dims of
+    # the base distribution, right of the site's.
+    fn = site["fn"]
+    time_ndim = min(len(fn.batch_shape), jnp.ndim(site["value"]) - fn.event_dim)
+    batch_ndim = time_ndim + reinterpreted
+    arguments = {}
+    for name, value in stash.arguments.items():
+        constraint = base.arg_constraints.get(name)
+        try:
+            event_ndim = constraint.event_dim if constraint is not None else 0
+        except NotImplementedError:
+            return
+        value = jnp.asarray(value)
+        step_batch_ndim = value.ndim - 1 - event_ndim
+        pad = batch_ndim - 1 - step_batch_ndim
+        if pad < 0:
+            return
+        arguments[name] = jnp.reshape(value, value.shape[:1] + (1,) * pad + value.shape[1:])
+    records[id(base)] = (stash.cls, arguments, base)
+
+
 def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_probs=True):
     """Trace ``model`` with ``params`` substituted and every latent enumerated.
 
@@ -478,26 +589,40 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     keeps the compiled program small).
     """
     substituted = handlers.substitute(MissingEntries(model), data=params)
-    enumerated = enum(config_enumerate(substituted), first_available_dim=-max_plate_nesting - 1)
     records: dict = {}
+    enumerated = enum(
+        config_enumerate(_EnumeratedScan(substituted, records)),
+        first_available_dim=-max_plate_nesting - 1,
+    )
     with _record_constructor_args(records), plate_to_enum_plate():
         try:
             tr = packed_trace(enumerated).get_trace(*args, **kwargs)
         except ValueError as err:
             raise ModelError(_explain_trace_error(err)) from err
+    for site in tr.values():
+        if site["type"] == "sample":
+            _adopt_stacked_args(site, records)
     sites = {}
     latent_names = {
         n for n, site in tr.items() if site["type"] == "sample" and not site["is_observed"]
     }
+    time_names = {
+        n
+        for site in tr.values()
+        for n in site.get("infer", {}).get("dim_to_name", {}).values()
+        if str(n).startswith("_time")
+    }
     for name, site in tr.items():
         if site["type"] != "sample":
             continue
-        _check_no_markov(name, site)
         fn, value = site["fn"], site["value"]
         dim_to_name = dict(site["infer"].get("dim_to_name", {}))
         plates = tuple(f.name for f in site["cond_indep_stack"] if f.dim is not None)
+        plate_dims = {f.dim: f.name for f in site["cond_indep_stack"] if f.dim is not None}
         if not log_probs:
-            sites[name] = Site(name, fn, value, None, dim_to_name, site["is_observed"], plates)
+            sites[name] = Site(
+                name, fn, value, None, dim_to_name, site["is_observed"], plates, plate_dims
+            )
             continue
         try:
             if site["intermediates"]:
@@ -519,8 +644,12 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                     "jaxem rejects it: remove the scale, or replicate weighted data points."
                 )
             log_prob = scale * log_prob
+        if "_PREV_" + name in tr:
+            _name_time_dim(name, site, log_prob, dim_to_name, time_names)
         _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting)
-        sites[name] = Site(name, fn, value, log_prob, dim_to_name, site["is_observed"], plates)
+        sites[name] = Site(
+            name, fn, value, log_prob, dim_to_name, site["is_observed"], plates, plate_dims
+        )
     return EnumTrace(sites, records)
 
 
@@ -627,15 +756,15 @@ def _explain_trace_error(err: Exception) -> str:
     return f"jaxem: the model failed under enumeration: {text}"
 
 
-def _check_no_markov(name, site) -> None:
-    dim_to_name = site["infer"].get("dim_to_name", {})
-    if any(str(n).startswith(("_time", "_PREV_")) for n in dim_to_name.values()):
-        while name.startswith("_PREV_"):  # NumPyro's name for the previous step's copy
-            name = name[len("_PREV_") :]
-        raise ModelError(
-            f"jaxem: site '{name}' is inside a numpyro.contrib.control_flow.scan (a Markov "
-            "chain). Markov chains are not supported by this version of jaxem yet."
-        )
+def _name_time_dim(name, site, log_prob, dim_to_name, time_names) -> None:
+    """Name the time dim of a scanned site whose distribution is the same at
+    every step but whose log-probability is not (a mask that varies): NumPyro
+    names the time dim from the distribution's batch shape, where it has size 1."""
+    fn = site["fn"]
+    time_dim = -min(len(fn.batch_shape), jnp.ndim(site["value"]) - fn.event_dim)
+    shape = jnp.shape(log_prob)
+    if -time_dim <= len(shape) and shape[time_dim] != 1 and time_dim not in dim_to_name:
+        dim_to_name[time_dim] = next(iter(sorted(time_names)), f"_time_{name}")
 
 
 def _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting) -> None:

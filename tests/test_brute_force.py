@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import pytest
 from models import normal_mixture
 from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
@@ -21,7 +20,7 @@ from scipy import stats
 from scipy.special import logsumexp
 
 import jaxem
-from jaxem import EM, ModelError
+from jaxem import EM
 
 RTOL64 = 1e-9
 ATOL64 = 1e-10
@@ -293,11 +292,6 @@ def gaussian_hmm(x):
     scan(transition, z0, x[1:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ModelError,
-    reason="Markov chains written with scan are issue #3; until then jaxem rejects them",
-)
 def test_hmm_scan(x64):
     params = {
         "pi": np.array([0.7, 0.3]),

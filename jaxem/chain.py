@@ -1,0 +1,475 @@
+"""Markov chains written with ``numpyro.contrib.control_flow.scan``.
+
+Under enumeration NumPyro traces a ``scan`` as three groups of sites: the first
+step, unrolled, with its sites renamed ``_PREV_<name>``; the remaining steps,
+stacked along a ``_time_<name>`` dim, in which the previous step's latent is
+the enumeration variable ``_PREV_<name>``; and the sites outside the scan, such
+as an initial state ``z0`` carried into it. The factors of a first-order chain
+therefore fall into
+
+* global factors, over the latent outside the scan (if any),
+* first-step factors, over that latent and the chain's first state,
+* stacked factors, over the previous and the current state of every later step,
+
+and their sum-product is the forward algorithm: T K^2 work in a ``lax.scan``
+(or a parallel reduction of K x K matrices, log T deep). Its gradient with
+respect to the factors' log-probabilities is the posterior of every factor
+(Eisner 2016): backpropagation through the forward pass *is* the backward
+pass, and yields the pairwise marginals the transition M-step needs.
+Max-product with backpointers gives the Viterbi path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+
+from jaxem.tracing import ModelError
+
+__all__ = [
+    "Chain",
+    "find_chain",
+    "contract_chain",
+    "chain_posterior",
+    "chain_map",
+    "chain_indicators",
+]
+
+_PREV = "_PREV_"
+
+
+class Chain(NamedTuple):
+    """The Markov chain of an enumerated trace.
+
+    Attributes:
+        name: the latent site inside the scan body (its stacked steps).
+        first: the name of its first, unrolled step (``_PREV_<name>``); the
+            stacked factors name the previous state by it too.
+        time: the name of the stacked sites' time dim (None for a scan of length 1).
+        initial: the latent outside the scan carried into it, or None.
+        global_sites, first_sites, stacked_sites: the sites of each group.
+        plate_dims: ``{dim: plate name}`` of the chain's latent site.
+        num_plate_dims: the plate dims of the trace (its ``max_plate_nesting``).
+    """
+
+    name: str
+    first: str
+    time: str | None
+    initial: str | None
+    global_sites: tuple
+    first_sites: tuple
+    stacked_sites: tuple
+    plate_dims: dict
+    num_plate_dims: int
+
+
+def _enumerated(site):
+    """The enumeration variables of a site's factor (not its plates, not time)."""
+    return {
+        n
+        for n in site.dim_to_name.values()
+        if n not in site.plates and not str(n).startswith("_time")
+    }
+
+
+def _base_name(name):
+    while name.startswith(_PREV):
+        name = name[len(_PREV) :]
+    return name
+
+
+def find_chain(trace) -> Chain | None:
+    """The Markov chain of an enumerated trace; None when the model has no ``scan``.
+
+    Raises:
+        ModelError: a ``scan`` that is not a first-order chain of one latent
+            site (history above 1, several latent sites per step, several
+            latents outside the scan, a latent outside it shared across the
+            chain's plate).
+    """
+    sites = trace.sites
+    times = {
+        n for s in sites.values() for n in s.dim_to_name.values() if str(n).startswith("_time")
+    }
+    firsts = [n for n in sites if n.startswith(_PREV)]
+    if not times and not firsts:
+        return None
+    if any(n.startswith(_PREV + _PREV) for n in firsts) or len(times) > 1:
+        site = _base_name(next(iter(firsts), "?"))
+        raise ModelError(
+            f"jaxem: site '{site}' is inside a scan with history > 1 or inside several scans. "
+            "jaxem contracts one first-order Markov chain (scan(..., history=1)); write "
+            "higher-order chains with a tuple state of one latent site."
+        )
+    first_latents = [n for n in firsts if not sites[n].is_observed]
+    if len(first_latents) != 1:
+        names = sorted(_base_name(n) for n in first_latents) or sorted(
+            _base_name(n) for n in firsts
+        )
+        raise ModelError(
+            f"jaxem: the scan body has latent sites {names}; jaxem contracts scan bodies with "
+            "exactly one discrete latent site (a first-order chain). Combine several latents "
+            "per step into one Categorical over their joint values."
+        )
+    first = first_latents[0]
+    name = first[len(_PREV) :]
+    time = next(iter(times), None)
+    # The later steps of the body's sites: their time dim is left out of
+    # dim_to_name where it has size 1 (a site that is the same at every step).
+    stacked = tuple(n for n in sites if not n.startswith(_PREV) and _PREV + n in sites)
+    global_sites = tuple(n for n in sites if n not in stacked and n not in firsts)
+    global_latents = [n for n in global_sites if not sites[n].is_observed]
+    if len(global_latents) > 1:
+        raise ModelError(
+            f"jaxem: latent sites {global_latents} sit outside the scan of '{name}'; jaxem "
+            "supports at most one latent outside a scan (the initial state carried into it)."
+        )
+    initial = global_latents[0] if global_latents else None
+    allowed = (
+        (stacked, {name, first}, "its previous and current state"),
+        (tuple(firsts), {first, initial}, "the chain's first state and the initial state"),
+        (global_sites, {initial}, "the initial state"),
+    )
+    for group, names, what in allowed:
+        for site_name in group:
+            extra = _enumerated(sites[site_name]) - names
+            if extra:
+                raise ModelError(
+                    f"jaxem: site '{_base_name(site_name)}' depends on latent(s) "
+                    f"{sorted(map(_base_name, extra))}, but a factor of a Markov chain over "
+                    f"'{name}' may depend on {what} only."
+                )
+    chain_site = sites[name] if name in sites else sites[first]
+    plate_dims = dict(chain_site.plate_dims)
+    num_plate_dims = max((-d for s in sites.values() for d in s.plate_dims), default=0)
+    if initial is not None:
+        initial_plates = set(sites[initial].plate_dims)
+        shared = set(plate_dims) - initial_plates
+        if shared:
+            raise ModelError(
+                f"jaxem: the initial state '{initial}' is shared by the chain's plate(s) "
+                f"{sorted(plate_dims[d] for d in shared)}, which couples the sequences. Sample "
+                "the initial state inside a plate of the same size and dim as the chain's."
+            )
+    return Chain(
+        name, first, time, initial, global_sites, tuple(firsts), stacked, plate_dims, num_plate_dims
+    )
+
+
+def _arrange(x, site, names, chain):
+    """A factor tensor as ``(*plates, *[one axis per name])``.
+
+    The plates are the trace's plate dims (size 1 where the factor does not
+    vary); plate dims the chain does not have are summed (conditional
+    independence), as is every enumerated dim not in ``names``: this turns a
+    factor's marginal into the marginal of the named variables.
+    """
+    x = jnp.asarray(x)
+    num_plates = chain.num_plate_dims
+    need = max([num_plates] + [-d for d in site.dim_to_name])
+    x = jnp.reshape(x, (1,) * (need - x.ndim) + x.shape)
+    ndim = x.ndim
+    name_to_axis = {n: ndim + d for d, n in site.dim_to_name.items()}
+    x = jnp.reshape(x, x.shape + (1,) * sum(n not in name_to_axis for n in names))
+    extra = iter(range(ndim, x.ndim))
+    named = [name_to_axis[n] if n in name_to_axis else next(extra) for n in names]
+    plates = [ndim + d for d in range(-num_plates, 0)]
+    kept_plates = [ndim + d for d in chain.plate_dims]
+    summed = tuple(a for a in range(x.ndim) if a not in named and a not in kept_plates)
+    x = jnp.sum(x, axis=summed, keepdims=True)
+    rest = [a for a in range(x.ndim) if a not in named and a not in plates]
+    x = jnp.transpose(x, plates + named + rest)
+    return jnp.reshape(x, x.shape[: len(plates) + len(named)])
+
+
+class _Tensors(NamedTuple):
+    constant: jax.Array  # log-factors over no latent
+    initial: jax.Array | None  # (*plates, K0): factors over the initial state
+    first: jax.Array  # (*plates, [K0], K): first-step factors
+    stacked: jax.Array | None  # (T - 1, *plates, K, K): later steps, previous x current
+    mask: jax.Array | None  # (T - 1, *plates): False where a step is padding
+
+
+def _tensors(log_factors, trace, chain) -> _Tensors:
+    sites = trace.sites
+    constant, initial = 0.0, None
+    for n in chain.global_sites:
+        if chain.initial in sites[n].dim_to_name.values():
+            term = _arrange(log_factors[n], sites[n], [chain.initial], chain)
+            initial = term if initial is None else initial + term
+        else:
+            constant = constant + jnp.sum(log_factors[n])
+    first_names = [chain.initial, chain.first] if chain.initial else [chain.first]
+    first = sum(_arrange(log_factors[n], sites[n], first_names, chain) for n in chain.first_sites)
+    stacked = mask = None
+    if chain.stacked_sites:
+        names = [chain.time, chain.first, chain.name]
+        stacked = sum(_arrange(log_factors[n], sites[n], names, chain) for n in chain.stacked_sites)
+        stacked = jnp.moveaxis(stacked, chain.num_plate_dims, 0)
+        mask = _step_mask(sites[chain.name], chain)
+    plate_shapes = [jnp.shape(first)[: chain.num_plate_dims]]
+    if stacked is not None:
+        plate_shapes.append(jnp.shape(stacked)[1 : 1 + chain.num_plate_dims])
+    shape = jnp.broadcast_shapes(*plate_shapes)
+    if initial is not None:
+        first = first + initial[..., :, None]  # the initial state's factors join the first step
+    first = jnp.broadcast_to(first, shape + jnp.shape(first)[chain.num_plate_dims :])
+    if stacked is not None:
+        stacked = jnp.broadcast_to(stacked, stacked.shape[:1] + shape + stacked.shape[-2:])
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, stacked.shape[:-2])
+    return _Tensors(constant, initial, first, stacked, mask)
+
+
+def _step_mask(site, chain):
+    """``(T - 1, *plates)``: False at the steps where the chain's latent site is
+    masked (``numpyro.handlers.mask``), None if it is not masked."""
+    fn, masks = site.fn, []
+    while True:
+        if isinstance(fn, dist.MaskedDistribution):
+            if fn._mask is not None and not isinstance(fn._mask, bool):
+                mask = jnp.asarray(fn._mask)
+                masks.append(
+                    jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, fn.batch_shape))
+                )
+            elif fn._mask is False:
+                masks.append(jnp.zeros(fn.batch_shape, bool))
+            fn = fn.base_dist
+        elif isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
+            fn = fn.base_dist
+        else:
+            break
+    if not masks:
+        return None
+    shape = jnp.shape(site.log_prob) if site.log_prob is not None else None
+    full = None
+    for m in masks:
+        m = jnp.broadcast_to(m, jnp.broadcast_shapes(jnp.shape(m), shape)) if shape else m
+        full = m if full is None else full & m
+    # The mask may not depend on the enumerated states: take any state's entry.
+    arranged = _arrange(full.astype(jnp.int32), site, [chain.time, chain.first, chain.name], chain)
+    return jnp.moveaxis(arranged[..., 0, 0], chain.num_plate_dims, 0) > 0
+
+
+def _initial_log_messages(tensors):
+    """Log forward messages of the first step, ``(*plates, K)``."""
+    first = tensors.first
+    if tensors.initial is not None:
+        return _logsumexp(first, axis=-2)
+    return first
+
+
+def _finite_max(x, axis):
+    m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _forward_sequential(alpha, stacked, mask):
+    """Scaled forward pass: probabilities normalized at every step, the log
+    normalizers summed. The step matrices ``exp(F_t - max F_t)`` are computed
+    for all steps at once, so a step of the scan is one K x K matvec and a
+    normalization."""
+    shift = _finite_max(alpha, -1)
+    a = jnp.exp(alpha - shift)
+    norm = jnp.sum(a, -1, keepdims=True)
+    a, log_z = a / norm, jnp.sum(jnp.log(norm) + shift)
+    if stacked is None:
+        return log_z
+    step_shift = _finite_max(stacked, (-2, -1))
+    matrices = jnp.exp(stacked - step_shift)
+    keep = jnp.ones(stacked.shape[:-2], bool) if mask is None else mask
+
+    def step(a, inputs):
+        matrix, keep = inputs
+        b = jnp.einsum("...p,...ps->...s", a, matrix)
+        norm = jnp.sum(b, -1, keepdims=True)
+        # A zero normalizer (an impossible step) gives log 0 = -inf, not NaN.
+        b = b / jnp.where(norm > 0, norm, 1.0)
+        return jnp.where(keep[..., None], b, a), jnp.where(keep, jnp.log(norm[..., 0]), 0.0)
+
+    _, log_norms = jax.lax.scan(step, a, (matrices, keep), unroll=8)
+    return log_z + jnp.sum(log_norms) + jnp.sum(jnp.where(keep, step_shift[..., 0, 0], 0.0))
+
+
+def _logsumexp(x, axis):
+    """``logsumexp`` whose gradient is 0, not NaN, where every term is -inf (an
+    impossible cell, e.g. after a transition probability reached 0)."""
+    shift = _finite_max(x, axis)
+    total = jnp.sum(jnp.exp(x - shift), axis=axis, keepdims=True)
+    out = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + shift, -jnp.inf)
+    return jnp.squeeze(out, axis)
+
+
+def _log_matmul(x, y):
+    """``log(exp(x) @ exp(y))`` over the last two axes, as a logsumexp over the
+    inner index: a product of many steps spans thousands of nats, more than a
+    matmul of exponentials scaled by row and column maxima can represent."""
+    return _logsumexp(x[..., :, :, None] + y[..., None, :, :], axis=-2)
+
+
+def _forward_parallel(alpha, stacked, mask):
+    """The product of the step matrices as a balanced tree of log-matmuls:
+    log2(T) sequential levels of K^3 work, which a GPU runs in parallel."""
+    if stacked is None:
+        return jnp.sum(_logsumexp(alpha, -1))
+    if mask is not None:
+        # A padded step is the identity: log 1 on the diagonal, log 0 elsewhere.
+        eye = jnp.where(jnp.eye(stacked.shape[-1], dtype=bool), 0.0, -jnp.inf).astype(stacked.dtype)
+        stacked = jnp.where(mask[..., None, None], stacked, eye)
+    mats = stacked
+    while mats.shape[0] > 1:
+        if mats.shape[0] % 2:
+            eye = jnp.where(jnp.eye(mats.shape[-1], dtype=bool), 0.0, -jnp.inf).astype(mats.dtype)
+            mats = jnp.concatenate([mats, jnp.broadcast_to(eye, (1,) + mats.shape[1:])])
+        mats = _log_matmul(mats[0::2], mats[1::2])
+    final = _log_matmul(alpha[..., None, :], mats[0])[..., 0, :]
+    return jnp.sum(_logsumexp(final, -1))
+
+
+def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = False):
+    """log p(data): the sum-product of a chain's factors by the forward algorithm.
+
+    Args:
+        log_factors: ``{site name: log-probability tensor}`` of the trace.
+        trace: the enumerated trace.
+        chain: its :class:`Chain`.
+        parallel: a parallel (log-depth) reduction over time instead of a scan.
+    """
+    return _contract_tensors(_tensors(log_factors, trace, chain), parallel)
+
+
+def _contract_tensors(tensors, parallel, first_probe=0.0, stacked_probe=0.0):
+    alpha = _initial_log_messages(tensors) + first_probe
+    stacked = tensors.stacked
+    if stacked is not None:
+        stacked = stacked + stacked_probe
+    forward = _forward_parallel if parallel else _forward_sequential
+    return forward(alpha, stacked, tensors.mask) + tensors.constant
+
+
+def chain_posterior(log_factors: dict, trace, chain: Chain):
+    """Per-step marginals of the chain's latent, ``(*plates, T, K)`` (zeros at
+    padded steps).
+
+    A factor that is the same at every step (a time dim of size 1) has one
+    marginal summed over the steps; the per-step marginals are the gradients
+    with respect to zero tensors added to the first step's messages and to
+    every later step's factor.
+    """
+    tensors = _tensors(log_factors, trace, chain)
+    first = jnp.zeros(jnp.shape(_initial_log_messages(tensors)), tensors.first.dtype)
+    stacked = None if tensors.stacked is None else jnp.zeros_like(tensors.stacked)
+    first, stacked = jax.grad(lambda a, b: _contract_tensors(tensors, False, a, b), argnums=(0, 1))(
+        first, stacked
+    )
+    steps = [first[None]]
+    if stacked is not None:
+        steps.append(jnp.sum(stacked, axis=-2))
+    out = jnp.moveaxis(jnp.concatenate(steps), 0, -2)  # (*plates, T, K)
+    return out.reshape(out.shape[chain.num_plate_dims - _chain_plate_ndim(chain) :])
+
+
+def _chain_plate_ndim(chain):
+    return max((-d for d in chain.plate_dims), default=0)
+
+
+def chain_map(log_factors: dict, trace, chain: Chain) -> dict:
+    """Viterbi: the jointly most likely states, ``{chain site: (T, *plates)}`` and,
+    with an initial state outside the scan, ``{initial site: (*plates)}``."""
+    tensors = _tensors(log_factors, trace, chain)
+    first = tensors.first
+    if tensors.initial is not None:
+        initial_arg = jnp.argmax(first, axis=-2)
+        delta = jnp.max(first, axis=-2)
+    else:
+        delta = first
+    num_states = delta.shape[-1]
+    if tensors.stacked is not None:
+
+        def forward(delta, inputs):
+            factor, keep = inputs
+            scores = delta[..., :, None] + factor
+            pointer = jnp.argmax(scores, axis=-2)
+            new = jnp.max(scores, axis=-2)
+            if keep is not None:
+                new = jnp.where(keep[..., None], new, delta)
+                pointer = jnp.where(keep[..., None], pointer, jnp.arange(num_states))
+            return new, pointer
+
+        delta, pointers = jax.lax.scan(forward, delta, (tensors.stacked, tensors.mask))
+        last = jnp.argmax(delta, axis=-1)
+
+        def backward(state, pointer):
+            previous = jnp.take_along_axis(pointer, state[..., None], axis=-1)[..., 0]
+            return previous, state
+
+        start, later = jax.lax.scan(backward, last, pointers, reverse=True)
+        states = jnp.concatenate([start[None], later])
+    else:
+        states = jnp.argmax(delta, axis=-1)[None]
+    plate_ndim = _chain_plate_ndim(chain)
+    trim = chain.num_plate_dims - plate_ndim
+    values = {chain.name: states.reshape(states.shape[:1] + states.shape[1 + trim :])}
+    if tensors.initial is not None:
+        init = jnp.take_along_axis(initial_arg, states[0][..., None], axis=-1)[..., 0]
+        site = trace.sites[chain.initial]
+        init_ndim = max((-d for d in site.plate_dims), default=0)
+        values[chain.initial] = (
+            init.reshape(init.shape[init.ndim - init_ndim :]) if init_ndim else init.reshape(())
+        )
+    return values
+
+
+def chain_indicators(values: dict, trace, chain: Chain) -> dict:
+    """Hard-EM "marginals": for every factor, the number of steps whose cell
+    agrees with the Viterbi path (1 or 0 for a factor with a full time dim;
+    padded steps count 0)."""
+    sites = trace.sites
+    num_plates = chain.num_plate_dims
+    states = values[chain.name]  # (T, *chain plates)
+    states = states.reshape(
+        states.shape[:1] + (1,) * (num_plates - (states.ndim - 1)) + states.shape[1:]
+    )
+    mask = _step_mask(sites[chain.name], chain) if chain.stacked_sites else None
+    out = {}
+    for name, site in sites.items():
+        shape = jnp.shape(site.log_prob)
+        stacked = name in chain.stacked_sites
+        time_dim = _time_dim(site) if stacked else None
+        indicator = jnp.ones((), jnp.result_type(site.log_prob))
+        for var in _enumerated(site):
+            if var == chain.initial:
+                assigned = values[chain.initial]
+            elif stacked:
+                assigned = states[1:] if var == chain.name else states[:-1]
+            else:
+                assigned = states[0]
+            if stacked:
+                assigned = _place_time(assigned, time_dim, num_plates)
+            indicator = indicator * (sites[var].value == assigned)
+        if mask is not None and stacked:
+            indicator = indicator * _place_time(mask, time_dim, num_plates)
+        # Sum over the dims along which the factor itself does not vary.
+        full = jnp.broadcast_shapes(jnp.shape(indicator), shape)
+        indicator = jnp.broadcast_to(indicator, full)
+        ndim = len(full)
+        aligned = (1,) * (ndim - len(shape)) + tuple(shape)
+        summed = tuple(a for a in range(ndim) if aligned[a] == 1 and full[a] != 1)
+        out[name] = jnp.sum(indicator, axis=summed, keepdims=True).reshape(shape)
+    return out
+
+
+def _time_dim(site):
+    """The time dim of a scanned site, where NumPyro's scan puts it."""
+    fn = site.fn
+    return -min(len(fn.batch_shape), jnp.ndim(site.value) - fn.event_dim)
+
+
+def _place_time(x, time_dim, num_plates):
+    """``(T - 1, *plates)`` -> the time dim at ``time_dim``, plates rightmost."""
+    plates = x.shape[1:]
+    plates = (1,) * (num_plates - len(plates)) + plates
+    return x.reshape(x.shape[:1] + (1,) * (-time_dim - 1 - num_plates) + plates)
