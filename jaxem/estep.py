@@ -23,7 +23,14 @@ from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
 from jaxem.chain import chain_indicators, chain_map, chain_posterior, contract_chain, find_chain
 from jaxem.missing import MissingEntries
-from jaxem.tracing import EnumTrace, enumerated_trace, inspect_model, merge_args, split_args
+from jaxem.tracing import (
+    EnumTrace,
+    enumerated_trace,
+    inspect_model,
+    merge_args,
+    split_args,
+    validate,
+)
 
 funsor.set_backend("jax")
 
@@ -274,7 +281,15 @@ def map_assignment(model, params, *args, **kwargs):
         Array([0, 1], dtype=int32)
     """
     arrays, spec = split_args(args, kwargs)
+    _validate(model, params, arrays, spec)
     return _map_assignment(model, dict(params), arrays, spec)
+
+
+def _validate(model, params, arrays, spec) -> None:
+    """Named errors for NaN data and params outside their constraints, rather
+    than a NaN result (concrete inputs only: nothing can be raised under jit)."""
+    params = dict(params)
+    validate(model, jax.random.PRNGKey(0), arrays, spec, params)
 
 
 def log_likelihood(model, params, *args, **kwargs):
@@ -303,6 +318,7 @@ def log_likelihood(model, params, *args, **kwargs):
         -4.2568
     """
     arrays, spec = split_args(args, kwargs)
+    _validate(model, params, arrays, spec)
     return _log_likelihood(model, dict(params), arrays, spec)
 
 
@@ -331,4 +347,5 @@ def posterior(model, params, *args, **kwargs):
         (3, 2)
     """
     arrays, spec = split_args(args, kwargs)
+    _validate(model, params, arrays, spec)
     return _posterior(model, dict(params), arrays, spec)

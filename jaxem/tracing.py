@@ -381,10 +381,10 @@ def raise_for_invalid(
     for name, ok in good_params.items():
         if not bool(ok):
             raise ModelError(
-                f"jaxem: the initial value of param '{name}' is not finite or lies outside its "
-                f"constraint {structure.constraints[name]}. Give an initial value (in the "
-                "model or in init_params) that satisfies it: e.g. a simplex sums to 1 along "
-                "its last axis, lower_cholesky needs a positive diagonal."
+                f"jaxem: the value of param '{name}' is not finite or lies outside its "
+                f"constraint {structure.constraints[name]}. Give a value that satisfies it (the "
+                "model's initial value, init_params, or the params passed in): e.g. a simplex "
+                "sums to 1 along its last axis, lower_cholesky needs a positive diagonal."
             )
 
 

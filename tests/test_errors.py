@@ -14,6 +14,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.distributions import constraints
 
+import jaxem
 from jaxem import EM
 
 KEY = jax.random.PRNGKey(0)
@@ -145,3 +146,17 @@ def test_data_shape_disagrees_with_plate(entry, x32):
 def test_model_without_params(entry, x32):
     with pytest.raises(ValueError, match=r"(?i)\b(no|zero|any|without)\b.*param"):
         _call(entry, EM(no_param_model), _data())
+
+
+def test_public_functions_name_nan_data_and_bad_params():
+    # log_likelihood / posterior / map_assignment raise named errors rather than
+    # return NaN (outside jit; under jit nothing can be raised).
+    x = jnp.array([0.0, 1.0, jnp.nan])
+    good = {"weights": jnp.array([0.5, 0.5]), "loc": jnp.array([-1.0, 1.0])}
+    bad = {**good, "weights": jnp.array([0.5, 0.7])}
+    for fn in (jaxem.log_likelihood, jaxem.posterior, jaxem.map_assignment):
+        with pytest.raises(jaxem.ModelError, match="observed site 'height' contains 1 NaN"):
+            fn(good_model, good, x)
+        with pytest.raises(jaxem.ModelError, match="param 'weights' is not finite or lies outside"):
+            fn(good_model, bad, x[:2])
+    assert jnp.isfinite(jaxem.log_likelihood(good_model, good, x[:2]))

@@ -121,5 +121,5 @@ def test_online_em_names_bad_data_and_initial_values():
         online.init(key, bad[100:], 3)
     with pytest.raises(jaxem.ModelError, match="observed site 'x' contains 1 NaN"):
         online.run(key, [(x[:100], 3), (bad[100:], 3)])
-    with pytest.raises(jaxem.ModelError, match="initial value of param 'w'"):
+    with pytest.raises(jaxem.ModelError, match="value of param 'w' is not finite or lies outside"):
         online.init(key, x[:100], 3, init_params={"w": jnp.array([0.5, 0.6, 0.1])})
