@@ -28,6 +28,7 @@ from jaxem.tracing import (
     enumerated_trace,
     inspect_model,
     merge_args,
+    model_structure,
     split_args,
     validate,
 )
@@ -288,7 +289,10 @@ def map_assignment(model, params, *args, **kwargs):
 def _validate(model, params, arrays, spec) -> None:
     """Named errors for NaN data and params outside their constraints, rather
     than a NaN result (concrete inputs only: nothing can be raised under jit)."""
-    params = dict(params)
+    args, kwargs = merge_args(arrays, spec)
+    names = model_structure(model, args, kwargs).param_names
+    # Entries that are not params of the model are ignored, as by the E-step.
+    params = {name: params[name] for name in names if name in params}
     validate(model, jax.random.PRNGKey(0), arrays, spec, params)
 
 
