@@ -93,6 +93,21 @@ def _report_progress(iteration) -> None:
         bar.refresh()
 
 
+def run_with_progress(call, progress_bar: bool, max_iter: int, desc: str):
+    """``call()``, with a tqdm bar that the compiled loop advances when asked."""
+    if not progress_bar:
+        return call()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_iter, desc=desc, unit="it")
+    _PROGRESS_BARS.append(bar)
+    try:
+        return jax.block_until_ready(call())
+    finally:
+        _PROGRESS_BARS.remove(bar)
+        bar.close()
+
+
 def _tree_where(condition, a, b):
     return jax.tree.map(lambda x, y: jnp.where(condition, x, y), a, b)
 
@@ -454,17 +469,7 @@ class EM:
             num_restarts=int(num_restarts),
             progress_bar=bool(progress_bar),
         )
-        if not progress_bar:
-            return call()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_iter, desc="EM", unit="it")
-        _PROGRESS_BARS.append(bar)
-        try:
-            return jax.block_until_ready(call())
-        finally:
-            _PROGRESS_BARS.remove(bar)
-            bar.close()
+        return run_with_progress(call, progress_bar, max_iter, "EM")
 
     def m_step_paths(self, *args, **kwargs) -> dict:
         """How each parameter is updated: ``{name: "closed-form (...)" | "gradient (...)" |

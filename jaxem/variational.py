@@ -35,7 +35,7 @@ import optax
 from jax.scipy.special import entr
 from numpyro.distributions.transforms import biject_to
 
-from jaxem.em import EM, _all_finite, _report_progress, _tree_where
+from jaxem.em import EM, _all_finite, _report_progress, _tree_where, run_with_progress
 from jaxem.estep import _check_params, _contract, _site_posterior, _structure
 from jaxem.gradient import default_optimizer, gradient_m_step, safeguarded_steps
 from jaxem.mstep import closed_form_m_step
@@ -699,19 +699,7 @@ class VariationalEM:
             num_restarts=int(num_restarts),
             progress_bar=bool(progress_bar),
         )
-        if not progress_bar:
-            return call()
-        from tqdm.auto import tqdm
-
-        from jaxem.em import _PROGRESS_BARS
-
-        bar = tqdm(total=max_iter, desc="VEM", unit="it")
-        _PROGRESS_BARS.append(bar)
-        try:
-            return jax.block_until_ready(call())
-        finally:
-            _PROGRESS_BARS.remove(bar)
-            bar.close()
+        return run_with_progress(call, progress_bar, max_iter, "VEM")
 
     def m_step_paths(self, *args, **kwargs) -> dict:
         """How each model parameter is updated, as :meth:`jaxem.EM.m_step_paths`."""
