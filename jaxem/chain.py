@@ -21,6 +21,8 @@ Max-product with backpointers gives the Viterbi path.
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -189,7 +191,10 @@ class _Tensors(NamedTuple):
     constant: jax.Array  # log-factors over no latent
     initial: jax.Array | None  # (*plates, K0): factors over the initial state
     first: jax.Array  # (*plates, [K0], K): first-step factors
-    stacked: jax.Array | None  # (T - 1, *plates, K, K): later steps, previous x current
+    # The later steps' log-factors over the previous x the current state, one
+    # per site, unbroadcast: (T - 1 or 1, *plates or 1, K or 1, K or 1).
+    steps: tuple | None
+    shape: tuple | None  # their broadcast shape, (T - 1, *plates, K, K)
     mask: jax.Array | None  # (T - 1, *plates): False where a step is padding
 
 
@@ -204,24 +209,29 @@ def _tensors(log_factors, trace, chain) -> _Tensors:
             constant = constant + jnp.sum(log_factors[n])
     first_names = [chain.initial, chain.first] if chain.initial else [chain.first]
     first = sum(_arrange(log_factors[n], sites[n], first_names, chain) for n in chain.first_sites)
-    stacked = mask = None
+    steps = steps_shape = mask = None
+    plate_shapes = [jnp.shape(first)[: chain.num_plate_dims]]
     if chain.stacked_sites:
         names = [chain.time, chain.first, chain.name]
-        stacked = sum(_arrange(log_factors[n], sites[n], names, chain) for n in chain.stacked_sites)
-        stacked = jnp.moveaxis(stacked, chain.num_plate_dims, 0)
+        # Summing the sites' factors would materialize a (T - 1, K, K) array
+        # of mostly repeated values (a transition matrix plus per-step
+        # emissions); the forward pass multiplies them per step instead.
+        steps = tuple(
+            jnp.moveaxis(_arrange(log_factors[n], sites[n], names, chain), chain.num_plate_dims, 0)
+            for n in chain.stacked_sites
+        )
+        steps_shape = jnp.broadcast_shapes(*(jnp.shape(f) for f in steps))
+        plate_shapes.append(steps_shape[1:-2])
         mask = _step_mask(sites[chain.name], chain)
-    plate_shapes = [jnp.shape(first)[: chain.num_plate_dims]]
-    if stacked is not None:
-        plate_shapes.append(jnp.shape(stacked)[1 : 1 + chain.num_plate_dims])
     shape = jnp.broadcast_shapes(*plate_shapes)
     if initial is not None:
         first = first + initial[..., :, None]  # the initial state's factors join the first step
     first = jnp.broadcast_to(first, shape + jnp.shape(first)[chain.num_plate_dims :])
-    if stacked is not None:
-        stacked = jnp.broadcast_to(stacked, stacked.shape[:1] + shape + stacked.shape[-2:])
+    if steps is not None:
+        steps_shape = steps_shape[:1] + shape + steps_shape[-2:]
         if mask is not None:
-            mask = jnp.broadcast_to(mask, stacked.shape[:-2])
-    return _Tensors(constant, initial, first, stacked, mask)
+            mask = jnp.broadcast_to(mask, steps_shape[:-2])
+    return _Tensors(constant, initial, first, steps, steps_shape, mask)
 
 
 def _step_mask(site, chain):
@@ -267,31 +277,139 @@ def _finite_max(x, axis):
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _forward_sequential(alpha, stacked, mask):
-    """Scaled forward pass: probabilities normalized at every step, the log
-    normalizers summed. The step matrices ``exp(F_t - max F_t)`` are computed
-    for all steps at once, so a step of the scan is one K x K matvec and a
-    normalization."""
+def _forward_sequential(alpha, steps, shape, mask):
+    """log p(data) by the scaled forward pass (probabilities normalized at every
+    step, the log normalizers summed); its gradient is the scaled backward pass
+    of :func:`_scaled_forward`."""
+    if steps is None:
+        return jnp.sum(_logsumexp(alpha, -1))
+    keep = jnp.ones(shape[:-2], bool) if mask is None else mask
+    return _scaled_forward(alpha, steps, keep)
+
+
+def _step_exps(steps, num_steps):
+    """The step factors as ``exp(F - max F)`` and the sum of the maxima per step.
+
+    Returns ``(varying, matrix, shift)``: the exponentiated factors that vary
+    over time (scanned over), a function building one step's matrix from their
+    slices (the time-invariant factors closed over), and the shift.
+    """
+    exps, shift = [], 0.0
+    for factor in steps:
+        top = _finite_max(factor, (-2, -1))
+        exps.append(jnp.exp(factor - top))
+        shift = shift + top[..., 0, 0]
+    is_varying = [e.shape[0] == num_steps for e in exps]
+
+    def matrix(slices):
+        slices = iter(slices)
+        parts = [next(slices) if v else e[0] for e, v in zip(exps, is_varying)]
+        return functools.reduce(operator.mul, parts)
+
+    return tuple(e for e, v in zip(exps, is_varying) if v), matrix, shift
+
+
+def _matvec(a, matrix):
+    """``a @ M`` over the last axes as a broadcast product and a sum: XLA's CPU
+    backend fuses it (and the product of the step's factors) into one loop,
+    where a batched ``dot`` inside a scan pays a library call per step
+    (measured 5x slower at K = 8)."""
+    return jnp.sum(a[..., :, None] * matrix, axis=-2)
+
+
+def _safe(norm):
+    """A zero normalizer (an impossible step) divides by 1: its log is -inf, and
+    neither the messages nor the gradients become NaN."""
+    return jnp.where(norm > 0, norm, 1.0)
+
+
+@jax.custom_vjp
+def _scaled_forward(alpha, steps, keep):
+    return _forward_pass(alpha, steps, keep).log_z
+
+
+class _Forward(NamedTuple):
+    log_z: jax.Array
+    first: jax.Array  # (*plates, K): the first step's normalized messages
+    previous: jax.Array  # (T - 1, *plates, K): the messages entering each later step
+    last: jax.Array  # (*plates, K): the messages after the last step
+    norms: jax.Array  # (T - 1, *plates): each step's normalizer (1 at padded steps)
+
+
+def _forward_pass(alpha, steps, keep) -> _Forward:
+    """Forward messages ``a_t``, normalized to sum to 1. A step's matrix is the
+    product of its factors' ``exp(F - max F)``, so a step of the scan is a
+    K x K elementwise product, a vector-matrix product and a normalization. A
+    padded step (``keep`` False) is the identity."""
     shift = _finite_max(alpha, -1)
     a = jnp.exp(alpha - shift)
     norm = jnp.sum(a, -1, keepdims=True)
-    a, log_z = a / norm, jnp.sum(jnp.log(norm) + shift)
-    if stacked is None:
-        return log_z
-    step_shift = _finite_max(stacked, (-2, -1))
-    matrices = jnp.exp(stacked - step_shift)
-    keep = jnp.ones(stacked.shape[:-2], bool) if mask is None else mask
+    a = a / _safe(norm)
+    log_z = jnp.sum(jnp.log(norm) + shift)
+    varying, matrix, step_shift = _step_exps(steps, keep.shape[0])
 
     def step(a, inputs):
-        matrix, keep = inputs
-        b = jnp.einsum("...p,...ps->...s", a, matrix)
-        norm = jnp.sum(b, -1, keepdims=True)
-        # A zero normalizer (an impossible step) gives log 0 = -inf, not NaN.
-        b = b / jnp.where(norm > 0, norm, 1.0)
-        return jnp.where(keep[..., None], b, a), jnp.where(keep, jnp.log(norm[..., 0]), 0.0)
+        slices, keep = inputs
+        b = _matvec(a, matrix(slices))
+        norm = jnp.sum(b, -1)
+        b = b / _safe(norm)[..., None]
+        return jnp.where(keep[..., None], b, a), (a, jnp.where(keep, norm, 1.0))
 
-    _, log_norms = jax.lax.scan(step, a, (matrices, keep), unroll=8)
-    return log_z + jnp.sum(log_norms) + jnp.sum(jnp.where(keep, step_shift[..., 0, 0], 0.0))
+    last, (previous, norms) = jax.lax.scan(step, a, (varying, keep))
+    step_shift = jnp.broadcast_to(step_shift, keep.shape)
+    log_z = log_z + jnp.sum(jnp.log(norms)) + jnp.sum(jnp.where(keep, step_shift, 0.0))
+    return _Forward(log_z, a, previous, last, norms)
+
+
+def _backward_pass(steps, keep, forward):
+    """The scaled backward messages ``b_{t-1} = M_t b_t / n_t``, with the forward
+    pass's normalizers: ``(b_0, (b_1, ..., b_{T-1}))``."""
+    varying, matrix, _ = _step_exps(steps, keep.shape[0])
+
+    def step(b, inputs):
+        slices, norm, keep = inputs
+        back = jnp.sum(matrix(slices) * b[..., None, :], axis=-1) / norm[..., None]
+        return jnp.where(keep[..., None], back, b), b
+
+    norms = _safe(forward.norms)
+    return jax.lax.scan(step, jnp.ones_like(forward.first), (varying, norms, keep), reverse=True)
+
+
+def _scaled_forward_fwd(alpha, steps, keep):
+    forward = _forward_pass(alpha, steps, keep)
+    return forward.log_z, (steps, keep, forward)
+
+
+def _scaled_forward_bwd(residuals, cotangent):
+    """A step's pairwise posterior is ``a_{t-1}[p] M_t[p, s] b_t[s] / n_t``; the
+    gradient with respect to a step factor is that summed over the dims the
+    factor does not vary along, and with respect to the first step's
+    log-messages it is the first state's posterior ``a_0 b_0``."""
+    steps, keep, forward = residuals
+    b_first, later = _backward_pass(steps, keep, forward)
+    varying, matrix, _ = _step_exps(steps, keep.shape[0])
+    scale = cotangent * jnp.where(keep, 1.0 / _safe(forward.norms), 0.0)
+    pairwise = forward.previous[..., :, None] * _all_matrices(varying, matrix)
+    pairwise = pairwise * (later * scale[..., None])[..., None, :]
+    grads = tuple(_sum_to(pairwise, jnp.shape(f)) for f in steps)
+    return cotangent * forward.first * b_first, grads, None
+
+
+_scaled_forward.defvjp(_scaled_forward_fwd, _scaled_forward_bwd)
+
+
+def _all_matrices(varying, matrix):
+    """Every step's matrix at once, ``(T - 1, *plates, K, K)``."""
+    return jax.vmap(matrix)(varying) if varying else matrix(())[None]
+
+
+def _sum_to(x, shape):
+    """Sum ``x`` over the dims where ``shape`` (of equal length) is 1."""
+    axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+_scaled_forward.defvjp(_scaled_forward_fwd, _scaled_forward_bwd)
 
 
 def _logsumexp(x, axis):
@@ -310,11 +428,12 @@ def _log_matmul(x, y):
     return _logsumexp(x[..., :, :, None] + y[..., None, :, :], axis=-2)
 
 
-def _forward_parallel(alpha, stacked, mask):
+def _forward_parallel(alpha, steps, shape, mask):
     """The product of the step matrices as a balanced tree of log-matmuls:
     log2(T) sequential levels of K^3 work, which a GPU runs in parallel."""
-    if stacked is None:
+    if steps is None:
         return jnp.sum(_logsumexp(alpha, -1))
+    stacked = jnp.broadcast_to(sum(steps), shape)
     if mask is not None:
         # A padded step is the identity: log 1 on the diagonal, log 0 elsewhere.
         eye = jnp.where(jnp.eye(stacked.shape[-1], dtype=bool), 0.0, -jnp.inf).astype(stacked.dtype)
@@ -341,34 +460,30 @@ def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = F
     return _contract_tensors(_tensors(log_factors, trace, chain), parallel)
 
 
-def _contract_tensors(tensors, parallel, first_probe=0.0, stacked_probe=0.0):
-    alpha = _initial_log_messages(tensors) + first_probe
-    stacked = tensors.stacked
-    if stacked is not None:
-        stacked = stacked + stacked_probe
+def _contract_tensors(tensors, parallel):
+    alpha = _initial_log_messages(tensors)
     forward = _forward_parallel if parallel else _forward_sequential
-    return forward(alpha, stacked, tensors.mask) + tensors.constant
+    return forward(alpha, tensors.steps, tensors.shape, tensors.mask) + tensors.constant
 
 
 def chain_posterior(log_factors: dict, trace, chain: Chain):
     """Per-step marginals of the chain's latent, ``(*plates, T, K)`` (zeros at
-    padded steps).
-
-    A factor that is the same at every step (a time dim of size 1) has one
-    marginal summed over the steps; the per-step marginals are the gradients
-    with respect to zero tensors added to the first step's messages and to
-    every later step's factor.
-    """
+    padded steps), by the scaled forward-backward pass: ``a_t b_t``."""
     tensors = _tensors(log_factors, trace, chain)
-    first = jnp.zeros(jnp.shape(_initial_log_messages(tensors)), tensors.first.dtype)
-    stacked = None if tensors.stacked is None else jnp.zeros_like(tensors.stacked)
-    first, stacked = jax.grad(lambda a, b: _contract_tensors(tensors, False, a, b), argnums=(0, 1))(
-        first, stacked
-    )
-    steps = [first[None]]
-    if stacked is not None:
-        steps.append(jnp.sum(stacked, axis=-2))
-    out = jnp.moveaxis(jnp.concatenate(steps), 0, -2)  # (*plates, T, K)
+    alpha = _initial_log_messages(tensors)
+    if tensors.steps is None:
+        shift = _finite_max(alpha, -1)
+        first = jnp.exp(alpha - shift)
+        out = (first / _safe(jnp.sum(first, -1, keepdims=True)))[None]
+    else:
+        keep = jnp.ones(tensors.shape[:-2], bool) if tensors.mask is None else tensors.mask
+        forward = _forward_pass(alpha, tensors.steps, keep)
+        b_first, later = _backward_pass(tensors.steps, keep, forward)
+        # The message after step t is the one entering step t + 1.
+        after = jnp.concatenate([forward.previous[1:], forward.last[None]])
+        later = jnp.where(keep[..., None], after * later, 0.0)
+        out = jnp.concatenate([(forward.first * b_first)[None], later])
+    out = jnp.moveaxis(out, 0, -2)  # (*plates, T, K)
     return out.reshape(out.shape[chain.num_plate_dims - _chain_plate_ndim(chain) :])
 
 
@@ -387,10 +502,15 @@ def chain_map(log_factors: dict, trace, chain: Chain) -> dict:
     else:
         delta = first
     num_states = delta.shape[-1]
-    if tensors.stacked is not None:
+    if tensors.steps is not None:
+        num_steps = tensors.shape[0]
+        is_varying = [f.shape[0] == num_steps for f in tensors.steps]
+        varying = tuple(f for f, v in zip(tensors.steps, is_varying) if v)
 
         def forward(delta, inputs):
-            factor, keep = inputs
+            slices, keep = inputs
+            slices = iter(slices)
+            factor = sum(next(slices) if v else f[0] for f, v in zip(tensors.steps, is_varying))
             scores = delta[..., :, None] + factor
             pointer = jnp.argmax(scores, axis=-2)
             new = jnp.max(scores, axis=-2)
@@ -399,7 +519,7 @@ def chain_map(log_factors: dict, trace, chain: Chain) -> dict:
                 pointer = jnp.where(keep[..., None], pointer, jnp.arange(num_states))
             return new, pointer
 
-        delta, pointers = jax.lax.scan(forward, delta, (tensors.stacked, tensors.mask))
+        delta, pointers = jax.lax.scan(forward, delta, (varying, tensors.mask), length=num_steps)
         last = jnp.argmax(delta, axis=-1)
 
         def backward(state, pointer):

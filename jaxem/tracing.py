@@ -732,6 +732,22 @@ def _with_last_dim(a, dim):
 
 
 def _mvn_log_prob(loc, scale_tril, value):
+    batch = jnp.broadcast_shapes(scale_tril.shape[:-2], value.shape[:-1], loc.shape[:-1])
+    # Batch dims of size 1 (the enumeration and plate dims a site does not
+    # vary along, e.g. in a scan body) are dropped first: XLA's CPU backend
+    # lays a matmul's output with unit dims out in a slow order (measured 4x
+    # slower for a Gaussian HMM's emissions).
+    varying = [i for i, size in enumerate(batch) if size != 1]
+    if len(varying) < len(batch):
+        ndim = len(batch)
+
+        def squeeze(a, event_ndim):
+            a = jnp.asarray(a)
+            shape = (1,) * (ndim + event_ndim - a.ndim) + a.shape
+            return a.reshape(tuple(shape[i] for i in varying) + shape[ndim:])
+
+        log_prob = _mvn_log_prob(squeeze(loc, 1), squeeze(scale_tril, 2), squeeze(value, 1))
+        return log_prob.reshape(batch)
     dim = scale_tril.shape[-1]
     eye = jnp.broadcast_to(jnp.eye(dim, dtype=scale_tril.dtype), scale_tril.shape)
     inv_tril = solve_triangular(scale_tril, eye, lower=True)
