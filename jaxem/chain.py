@@ -287,19 +287,22 @@ def _forward_sequential(alpha, steps, shape, mask):
     return _scaled_forward(alpha, steps, keep)
 
 
-def _step_exps(steps, num_steps):
-    """The step factors as ``exp(F - max F)`` and the sum of the maxima per step.
-
-    Returns ``(varying, matrix, shift)``: the exponentiated factors that vary
-    over time (scanned over), a function building one step's matrix from their
-    slices (the time-invariant factors closed over), and the shift.
-    """
+def _exponentiate(steps, num_steps):
+    """The step factors as ``exp(F - max F)``, whether each varies over time,
+    and the sum of the maxima per step."""
     exps, shift = [], 0.0
     for factor in steps:
         top = _finite_max(factor, (-2, -1))
         exps.append(jnp.exp(factor - top))
         shift = shift + top[..., 0, 0]
-    is_varying = [e.shape[0] == num_steps for e in exps]
+    return exps, [e.shape[0] == num_steps for e in exps], shift
+
+
+def _step_exps(steps, num_steps):
+    """Returns ``(varying, matrix, shift)``: the exponentiated step factors that
+    vary over time (scanned over), a function building one step's matrix from
+    their slices (the time-invariant factors closed over), and the shift."""
+    exps, is_varying, shift = _exponentiate(steps, num_steps)
 
     def matrix(slices):
         slices = iter(slices)
@@ -309,12 +312,32 @@ def _step_exps(steps, num_steps):
     return tuple(e for e, v in zip(exps, is_varying) if v), matrix, shift
 
 
+# Up to this many states, a step's vector-matrix product is written as K
+# broadcast products and sums, which XLA's CPU backend fuses into one loop; a
+# batched ``dot`` or a ``reduce`` inside a scan instead pays a library call per
+# step (measured 2-30x slower for K = 8, depending on the number of sequences
+# and the dtype). Beyond it the products themselves dominate.
+_UNROLL_STATES = 16
+
+
 def _matvec(a, matrix):
-    """``a @ M`` over the last axes as a broadcast product and a sum: XLA's CPU
-    backend fuses it (and the product of the step's factors) into one loop,
-    where a batched ``dot`` inside a scan pays a library call per step
-    (measured 5x slower at K = 8)."""
-    return jnp.sum(a[..., :, None] * matrix, axis=-2)
+    """``a @ M`` over the last axes (summing the previous state)."""
+    num_states = a.shape[-1]
+    matrix = jnp.broadcast_to(matrix, matrix.shape[:-2] + (num_states, num_states))
+    if num_states > _UNROLL_STATES:
+        return jnp.einsum("...p,...ps->...s", a, matrix)
+    terms = [a[..., p, None] * matrix[..., p, :] for p in range(num_states)]
+    return functools.reduce(operator.add, terms)
+
+
+def _vecmat(matrix, b):
+    """``M @ b`` over the last axes (summing the current state)."""
+    num_states = b.shape[-1]
+    matrix = jnp.broadcast_to(matrix, matrix.shape[:-2] + (num_states, num_states))
+    if num_states > _UNROLL_STATES:
+        return jnp.einsum("...ps,...s->...p", matrix, b)
+    terms = [matrix[..., :, s] * b[..., s, None] for s in range(num_states)]
+    return functools.reduce(operator.add, terms)
 
 
 def _safe(norm):
@@ -368,7 +391,7 @@ def _backward_pass(steps, keep, forward):
 
     def step(b, inputs):
         slices, norm, keep = inputs
-        back = jnp.sum(matrix(slices) * b[..., None, :], axis=-1) / norm[..., None]
+        back = _vecmat(matrix(slices), b) / norm[..., None]
         return jnp.where(keep[..., None], back, b), b
 
     norms = _safe(forward.norms)
@@ -384,15 +407,41 @@ def _scaled_forward_bwd(residuals, cotangent):
     """A step's pairwise posterior is ``a_{t-1}[p] M_t[p, s] b_t[s] / n_t``; the
     gradient with respect to a step factor is that summed over the dims the
     factor does not vary along, and with respect to the first step's
-    log-messages it is the first state's posterior ``a_0 b_0``."""
+    log-messages it is the first state's posterior ``a_0 b_0``.
+
+    The usual factors are summed without building the (T - 1, K, K) pairwise
+    array: one over the current state only (an emission) gets the per-step
+    posterior ``a_t b_t``, and when every time-varying factor is such, a
+    time-invariant one (the transition matrix) gets
+    ``C[p, s] sum_t a_{t-1}[p] V_t[s] b_t[s] / n_t``, one matmul over time.
+    """
     steps, keep, forward = residuals
     b_first, later = _backward_pass(steps, keep, forward)
-    varying, matrix, _ = _step_exps(steps, keep.shape[0])
+    exps, is_varying, _ = _exponentiate(steps, keep.shape[0])
     scale = cotangent * jnp.where(keep, 1.0 / _safe(forward.norms), 0.0)
-    pairwise = forward.previous[..., :, None] * _all_matrices(varying, matrix)
-    pairwise = pairwise * (later * scale[..., None])[..., None, :]
-    grads = tuple(_sum_to(pairwise, jnp.shape(f)) for f in steps)
-    return cotangent * forward.first * b_first, grads, None
+    weighted = later * scale[..., None]  # b_t / n_t
+    after = jnp.concatenate([forward.previous[1:], forward.last[None]])  # a_t
+    current = cotangent * jnp.where(keep[..., None], after * later, 0.0)
+    varying = [e for e, v in zip(exps, is_varying) if v]
+    over_time = pairwise = None
+    if all(e.shape[-2] == 1 for e in varying):
+        emissions = functools.reduce(operator.mul, varying)[..., 0, :] if varying else 1.0
+        summed = jnp.einsum("t...p,t...s->...ps", forward.previous, emissions * weighted)
+        constant = [e[0] for e, v in zip(exps, is_varying) if not v]
+        over_time = functools.reduce(operator.mul, constant, summed)[None]
+    grads = []
+    for factor in steps:
+        shape = jnp.shape(factor)
+        if shape[-2] == 1:
+            grads.append(_sum_to(current[..., None, :], shape))
+        elif over_time is not None and shape[0] == 1:
+            grads.append(_sum_to(over_time, shape))
+        else:
+            if pairwise is None:
+                matrices = _all_matrices(*_step_exps(steps, keep.shape[0])[:2])
+                pairwise = forward.previous[..., :, None] * matrices * weighted[..., None, :]
+            grads.append(_sum_to(pairwise, shape))
+    return cotangent * forward.first * b_first, tuple(grads), None
 
 
 _scaled_forward.defvjp(_scaled_forward_fwd, _scaled_forward_bwd)
