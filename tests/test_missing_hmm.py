@@ -18,7 +18,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import jaxem
-from jaxem import EM, ModelError, nan_as_missing
+from jaxem import EM, nan_as_missing
 
 K = 2
 
@@ -30,7 +30,9 @@ def full_hmm(x):
     A = numpyro.param("A", jnp.full((K, K), 1.0 / K), constraint=constraints.simplex)
     mu = numpyro.param("mu", jnp.zeros((K, dim)))
     cov = numpyro.param(
-        "cov", jnp.broadcast_to(jnp.eye(dim), (K, dim, dim)), constraint=constraints.positive_definite
+        "cov",
+        jnp.broadcast_to(jnp.eye(dim), (K, dim, dim)),
+        constraint=constraints.positive_definite,
     )
     with numpyro.plate("seqs", x.shape[1]):
         z0 = numpyro.sample("z0", dist.Categorical(pi))
@@ -98,10 +100,7 @@ def sample_hmm(rng, num_steps, num_seqs, fraction, first_missing=True):
     for t in range(1, num_steps):
         z[t] = rng.random(num_seqs) < PARAMS["A"][z[t - 1], 1]
     x = np.stack(
-        [
-            [rng.multivariate_normal(PARAMS["mu"][k], PARAMS["cov"][k]) for k in row]
-            for row in z
-        ]
+        [[rng.multivariate_normal(PARAMS["mu"][k], PARAMS["cov"][k]) for k in row] for row in z]
     )
     missing = rng.random(x.shape) < fraction
     missing[3, 0] = True  # a step with nothing observed
