@@ -36,15 +36,20 @@ def _impute_site(site, marginal, rng_key):
     fn, value = site.fn, site.value
     mean, cov = _cell_moments(fn, value)
     event_ndim = fn.event_dim
-    # Cells: the site's log-probability dims (enumerated latents and plates);
-    # the enumerated ones are summed out with the posterior weights.
+    # Cells: the site's log-probability dims (enumerated latents, plates and the
+    # time dim of a scan's stacked site); the enumerated ones are summed out
+    # with the posterior weights.
     num_cells = jnp.ndim(marginal)
-    enum_axes = tuple(num_cells + d for d, n in site.dim_to_name.items() if n not in site.plates)
+    enum_axes = tuple(
+        num_cells + d
+        for d, n in site.dim_to_name.items()
+        if n not in site.plates and not str(n).startswith("_time")
+    )
     cell_shape = jnp.shape(marginal)
     mean = jnp.broadcast_to(mean, cell_shape + jnp.shape(mean)[jnp.ndim(mean) - event_ndim :])
     weight = jnp.reshape(marginal, cell_shape + (1,) * event_ndim)
     if rng_key is None:
-        filled = jnp.sum(weight * mean, axis=enum_axes)
+        filled = jnp.sum(weight * mean, axis=enum_axes, keepdims=True)
     else:
         # One cell per row, drawn from the row's posterior over the latents its
         # factor depends on, then the missing entries from their conditional.
@@ -72,7 +77,9 @@ def _impute_site(site, marginal, rng_key):
             tril = jnp.linalg.cholesky(cov + eye * observed[..., None, :])
             noise = jax.random.normal(draw_key, jnp.shape(mean), cov.dtype)
             draws = mean + jnp.einsum("...de,...e->...d", tril, noise * (1 - observed))
-        filled = jnp.sum(indicator * draws, axis=enum_axes)
+        filled = jnp.sum(indicator * draws, axis=enum_axes, keepdims=True)
+    # Summed dims left of the value's are of size 1 now; those among the value's
+    # dims (a scan's stacked site) broadcast against it.
     filled = jnp.reshape(filled, jnp.shape(filled)[jnp.ndim(filled) - jnp.ndim(value) :])
     return jnp.where(fn.observed, value, filled.astype(jnp.result_type(value)))
 
@@ -86,10 +93,30 @@ def _impute(model, params, rng_key, arrays, spec):
     for name, site in result.trace.sites.items():
         if site.is_observed and isinstance(site.fn, MissingData):
             keys[name] = None if rng_key is None else jax.random.fold_in(rng_key, len(keys))
-    return {
+    filled = {
         name: _impute_site(result.trace.sites[name], result.marginals[name], key)
         for name, key in keys.items()
     }
+    return _join_scanned_steps(filled)
+
+
+def _join_scanned_steps(filled):
+    """A site in a ``scan`` body appears as its first step (``_PREV_<name>``) and
+    its later steps, stacked on a leading time dim with unit dims after it
+    (enumeration and plate dims the data does not vary along); give it back
+    as one array over all steps, as the data was scanned."""
+    joined = {}
+    for name, value in filled.items():
+        if name.startswith("_PREV_") and name[len("_PREV_") :] in filled:
+            continue
+        first = filled.get("_PREV_" + name)
+        if first is not None:
+            later = jnp.reshape(value, jnp.shape(value)[:1] + jnp.shape(first))
+            value = jnp.concatenate([first[None], later])
+        elif name.startswith("_PREV_"):  # a scan of one step
+            name, value = name[len("_PREV_") :], value[None]
+        joined[name] = value
+    return joined
 
 
 def impute(model, params, *args, rng_key=None, **kwargs):
@@ -112,7 +139,9 @@ def impute(model, params, *args, rng_key=None, **kwargs):
 
     Returns:
         ``{site name: data with the missing entries filled}`` for every observed
-        site with missing entries under the wrapper.
+        site with missing entries under the wrapper. A site inside a ``scan``
+        body gives all its steps at once, stacked on a leading time axis (the
+        scanned data with its entries filled).
 
     Examples:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist

@@ -216,8 +216,11 @@ def _fill(fn, value, observed):
     shape = jnp.shape(value)
     prototype = jnp.zeros(jnp.broadcast_shapes(fn.shape(), shape), jnp.result_type(value))
     fill = fn.support.feasible_like(prototype)
-    # Dims of the distribution left of the data's (enumerated latents): any entry.
-    fill = jnp.broadcast_to(fill[(0,) * (jnp.ndim(fill) - len(shape))], shape)
+    # Dims along which the distribution varies but the data does not (enumerated
+    # latents: left of the data's dims, or inside them for a scan's stacked
+    # sites, whose data has a unit dim there): any entry.
+    fill = fill[(0,) * (jnp.ndim(fill) - len(shape))]
+    fill = fill[tuple(slice(0, 1) if n == 1 else slice(None) for n in shape)]
     return jnp.where(observed, value, fill.astype(jnp.result_type(value)))
 
 

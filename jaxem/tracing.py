@@ -552,6 +552,8 @@ def _adopt_stacked_args(site, records) -> None:
     if not isinstance(stash, _RecordedArgs) or site["name"].startswith("_PREV_"):
         return  # not in a scan body, or its first step (recorded as it ran)
     base, reinterpreted = site["fn"], 0
+    if isinstance(base, MissingData):
+        base = base.base_dist
     while isinstance(base, (dist.ExpandedDistribution, dist.Independent, dist.MaskedDistribution)):
         if isinstance(base, dist.Independent):
             reinterpreted += base.reinterpreted_batch_ndims
@@ -689,7 +691,10 @@ def site_log_prob(fn, value):
                 lambda: log_prob,
                 lambda: site_log_prob(fn.base_dist, value).sum(-1),
             )
-            return jnp.broadcast_to(log_prob, fn.batch_shape)
+            # The data may vary along a dim where the distribution does not (the
+            # time dim of a scan's stacked site, of size 1 in the distribution).
+            batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
+            return jnp.broadcast_to(log_prob, jnp.broadcast_shapes(fn.batch_shape, batch))
         log_prob = site_log_prob(fn.base_dist, value)
         return jnp.sum(log_prob, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
     if type(fn) is dist.MultivariateNormal:
