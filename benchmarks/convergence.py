@@ -26,7 +26,12 @@ Usage::
     python benchmarks/convergence.py                   # N=10 000, D=2, K=3, full, float64
     python benchmarks/convergence.py --json out.json   # also write every trajectory
 
-No HMM row: chain (``scan``) models are not supported by ``jaxem`` yet.
+The HMM row (``--models hmm``) fits a full-covariance Gaussian HMM written with
+``numpyro.contrib.control_flow.scan`` (``common.gaussian_hmm``; ``--hmm-*`` set T,
+N, K, D, the mean spread and the stickiness). Its SVI loss is the exact
+enumerated log-density of ``numpyro.contrib.funsor`` (see
+``_exact_log_likelihood_loss``): NumPyro's ``TraceEnum_ELBO`` gives wrong values
+over ``scan``.
 """
 
 import argparse
