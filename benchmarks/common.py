@@ -1,8 +1,9 @@
-"""Shared pieces of the mixture benchmarks: data, initial parameters, models, timing.
+"""Shared pieces of the benchmarks: data, initial parameters, models, timing.
 
 Every implementation in a benchmark receives the same data and the same initial
 parameters (mixture weights, means and covariance Cholesky factors, or standard
-deviations for diagonal covariances), all built here with NumPy from fixed seeds.
+deviations for diagonal covariances; for HMMs also the initial distribution and
+the transition matrix), all built here with NumPy from fixed seeds.
 """
 
 import hashlib
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
 
 COV_TYPES = ("full", "diag")
@@ -104,6 +106,90 @@ def gmm_diag(x, K):
 
 
 MODELS = {"full": gmm_full, "diag": gmm_diag}
+
+
+def sample_hmm(seed, num_steps, num_seqs, num_states, num_features, *, mean_scale=2.0, stay=0.9):
+    """Sequences of a random full-covariance Gaussian HMM.
+
+    Args:
+        seed: NumPy seed; the HMM and the sample both depend only on it.
+        num_steps: T.
+        num_seqs: N sequences.
+        num_states: K.
+        num_features: D.
+        mean_scale: standard deviation of the state means around the origin;
+            the covariances have eigenvalues of order one, so a small value
+            gives overlapping emissions (slow EM).
+        stay: weight of the identity in the transition matrix, the rest a random
+            Dirichlet row; near 1, long runs in one state make the states easy to
+            tell apart even where the emissions overlap.
+
+    Returns:
+        x, shape (T, N, D), float64.
+    """
+    rng = np.random.default_rng(seed)
+    transition = stay * np.eye(num_states) + (1 - stay) * rng.dirichlet(
+        np.ones(num_states), num_states
+    )
+    means = rng.normal(scale=mean_scale, size=(num_states, num_features))
+    a = rng.normal(size=(num_states, num_features, num_features)) / np.sqrt(num_features)
+    chol = np.linalg.cholesky(a @ np.swapaxes(a, -1, -2) + 0.3 * np.eye(num_features))
+    states = np.empty((num_steps, num_seqs), int)
+    states[0] = rng.integers(num_states, size=num_seqs)
+    uniform = rng.uniform(size=(num_steps, num_seqs))
+    cumulative = np.cumsum(transition, axis=1)
+    for t in range(1, num_steps):
+        states[t] = np.minimum(
+            (uniform[t, :, None] > cumulative[states[t - 1]]).sum(-1), num_states - 1
+        )
+    noise = rng.normal(size=(num_steps, num_seqs, num_features))
+    return means[states] + np.einsum("tnde,tne->tnd", chol[states], noise)
+
+
+def hmm_initial_params(seed, x, num_states):
+    """Initial HMM parameters shared by all implementations.
+
+    Uniform initial distribution, sticky transitions (half the mass on
+    staying), means at K distinct data points, every state's covariance equal
+    to the data covariance.
+
+    Returns:
+        dict with ``pi`` (K,), ``A`` (K, K), ``mu`` (K, D) and ``L`` (K, D, D)
+        lower Cholesky factors of the covariances, float64 NumPy arrays.
+    """
+    rng = np.random.default_rng(seed)
+    num_features = x.shape[-1]
+    flat = x.reshape(-1, num_features)
+    chol = np.linalg.cholesky(np.cov(flat, rowvar=False).reshape(num_features, num_features))
+    return {
+        "pi": np.full(num_states, 1.0 / num_states),
+        "A": np.full((num_states, num_states), 0.5 / num_states) + 0.5 * np.eye(num_states),
+        "mu": flat[rng.choice(flat.shape[0], num_states, replace=False)],
+        "L": np.broadcast_to(chol, (num_states, num_features, num_features)).copy(),
+    }
+
+
+def gaussian_hmm(x, K):
+    """Full-covariance Gaussian HMM over x of shape (T, N, D) as a NumPyro program: a
+    ``scan`` over time, the N sequences in a plate (jaxem and SVI)."""
+    D = x.shape[-1]
+    pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
+    A = numpyro.param("A", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.zeros((K, D)))
+    L = numpyro.param(
+        "L", jnp.broadcast_to(jnp.eye(D), (K, D, D)), constraint=constraints.lower_cholesky
+    )
+    with numpyro.plate("seqs", x.shape[1]):
+        z0 = numpyro.sample("z0", dist.Categorical(pi))
+        numpyro.sample("x0", dist.MultivariateNormal(mu[z0], scale_tril=L[z0]), obs=x[0])
+
+    def step(z_prev, x_t):
+        with numpyro.plate("seqs", x.shape[1]):
+            z = numpyro.sample("z", dist.Categorical(A[z_prev]))
+            numpyro.sample("x", dist.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x_t)
+        return z, None
+
+    scan(step, z0, x[1:])
 
 
 def metadata():

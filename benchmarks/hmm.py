@@ -70,32 +70,18 @@ def _configs(args):
 
 def sample_hmm(seed, num_steps, num_seqs):
     """Sequences of a random Gaussian HMM, shape (T, N, D), float64."""
-    rng = np.random.default_rng(seed)
-    transition = 0.9 * np.eye(NUM_STATES) + 0.1 * rng.dirichlet(np.ones(NUM_STATES), NUM_STATES)
-    means = rng.normal(scale=2.0, size=(NUM_STATES, DIM))
-    a = rng.normal(size=(NUM_STATES, DIM, DIM)) / np.sqrt(DIM)
-    chol = np.linalg.cholesky(a @ np.swapaxes(a, -1, -2) + 0.3 * np.eye(DIM))
-    states = np.empty((num_steps, num_seqs), int)
-    states[0] = rng.integers(NUM_STATES, size=num_seqs)
-    uniform = rng.uniform(size=(num_steps, num_seqs))
-    cumulative = np.cumsum(transition, axis=1)
-    for t in range(1, num_steps):
-        states[t] = np.minimum((uniform[t, :, None] > cumulative[states[t - 1]]).sum(-1), 7)
-    noise = rng.normal(size=(num_steps, num_seqs, DIM))
-    return means[states] + np.einsum("tnde,tne->tnd", chol[states], noise)
+    from common import sample_hmm as sample
+
+    return sample(seed, num_steps, num_seqs, NUM_STATES, DIM, mean_scale=2.0)
 
 
 def initial_params(seed, x):
     """Uniform start, sticky transitions, means at K data points, data covariance."""
-    rng = np.random.default_rng(seed)
-    flat = x.reshape(-1, DIM)
-    cov = np.cov(flat, rowvar=False)
-    return {
-        "pi": np.full(NUM_STATES, 1.0 / NUM_STATES),
-        "A": np.full((NUM_STATES, NUM_STATES), 0.5 / NUM_STATES) + 0.5 * np.eye(NUM_STATES),
-        "mu": flat[rng.choice(flat.shape[0], NUM_STATES, replace=False)],
-        "cov": np.broadcast_to(cov, (NUM_STATES, DIM, DIM)).copy(),
-    }
+    from common import hmm_initial_params
+
+    params = hmm_initial_params(seed, x, NUM_STATES)
+    L = params.pop("L")
+    return {**params, "cov": L @ np.swapaxes(L, -1, -2)}
 
 
 def _score(x, params):
@@ -131,33 +117,9 @@ def _timed(fn):
 def run_jaxem(x, init, dtype, parallel):
     import jax
     import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as dist
-    from numpyro.contrib.control_flow import scan
-    from numpyro.distributions import constraints
+    from common import gaussian_hmm
 
     import jaxem
-
-    def gaussian_hmm(x):
-        pi = numpyro.param("pi", jnp.ones(NUM_STATES) / NUM_STATES, constraint=constraints.simplex)
-        A = numpyro.param("A", jnp.eye(NUM_STATES), constraint=constraints.simplex)
-        mu = numpyro.param("mu", jnp.zeros((NUM_STATES, DIM)))
-        L = numpyro.param(
-            "L",
-            jnp.broadcast_to(jnp.eye(DIM), (NUM_STATES, DIM, DIM)),
-            constraint=constraints.lower_cholesky,
-        )
-        with numpyro.plate("seqs", x.shape[1]):
-            z0 = numpyro.sample("z0", dist.Categorical(pi))
-            numpyro.sample("x0", dist.MultivariateNormal(mu[z0], scale_tril=L[z0]), obs=x[0])
-
-        def step(z_prev, x_t):
-            with numpyro.plate("seqs", x.shape[1]):
-                z = numpyro.sample("z", dist.Categorical(A[z_prev]))
-                numpyro.sample("x", dist.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x_t)
-            return z, None
-
-        scan(step, z0, x[1:])
 
     params = {
         "pi": init["pi"],
@@ -171,7 +133,7 @@ def run_jaxem(x, init, dtype, parallel):
 
     def fit():
         result = em.run(
-            jax.random.PRNGKey(0), data, max_iter=NUM_ITERS, tol=0.0, init_params=params
+            jax.random.PRNGKey(0), data, NUM_STATES, max_iter=NUM_ITERS, tol=0.0, init_params=params
         )
         return jax.block_until_ready(result)
 

@@ -7,23 +7,22 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxem.acceleration import init_squarem, squarem_extrapolate, squarem_step_max
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
-from jaxem.gradient import default_optimizer, gradient_m_step, to_unconstrained
-from jaxem.mstep import closed_form_m_step, plan_m_step
-from jaxem.tracing import (
-    ModelError,
-    inspect_model,
-    merge_args,
-    merge_init_params,
-    model_structure,
-    split_args,
-    validate,
+from jaxem.gradient import default_optimizer, gradient_m_step, init_opt_state
+from jaxem.loop import (
+    all_finite,
+    best_restart,
+    initial_params,
+    iterate,
+    run_compiled,
+    tree_where,
 )
+from jaxem.mstep import closed_form_m_step, plan_m_step
+from jaxem.tracing import inspect_model, merge_args, model_structure, split_args, validate
 
 __all__ = ["EM", "EMState", "EMResult"]
 
@@ -71,54 +70,6 @@ class EMResult(NamedTuple):
     converged: jax.Array
     diverged: jax.Array
     restart_log_likelihoods: jax.Array
-
-
-class _Carry(NamedTuple):
-    state: EMState
-    good_params: dict
-    history: jax.Array
-    i: jax.Array
-    previous: jax.Array
-    converged: jax.Array
-    diverged: jax.Array
-
-
-_PROGRESS_BARS: list = []
-
-
-def _report_progress(iteration) -> None:
-    if _PROGRESS_BARS:
-        bar = _PROGRESS_BARS[-1]
-        bar.n = max(bar.n, int(np.max(iteration)))
-        bar.refresh()
-
-
-def run_with_progress(call, progress_bar: bool, max_iter: int, desc: str):
-    """``call()``, with a tqdm bar that the compiled loop advances when asked."""
-    if not progress_bar:
-        return call()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=max_iter, desc=desc, unit="it")
-    _PROGRESS_BARS.append(bar)
-    try:
-        return jax.block_until_ready(call())
-    finally:
-        _PROGRESS_BARS.remove(bar)
-        bar.close()
-
-
-def _tree_where(condition, a, b):
-    return jax.tree.map(lambda x, y: jnp.where(condition, x, y), a, b)
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _is_concrete(tree) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 class EM:
@@ -224,12 +175,7 @@ class EM:
         )
 
     def _initial_params(self, rng_key, arrays, spec, init_params):
-        args, kwargs = merge_args(arrays, spec)
-        structure, params = inspect_model(self.model, rng_key, args, kwargs)
-        unknown = set(self.frozen) - set(structure.param_names)
-        if unknown:
-            raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
-        return structure, merge_init_params(params, init_params)
+        return initial_params(self.model, self.frozen, rng_key, arrays, spec, init_params)
 
     def _validate(self, rng_key, arrays, spec, init_params) -> None:
         """Raise a named error for bad data or initial values (concrete inputs only)."""
@@ -238,11 +184,7 @@ class EM:
     def _init_arrays(self, rng_key, arrays, spec, init_params):
         structure, params = self._initial_params(rng_key, arrays, spec, init_params)
         plan = self._plan(params, arrays, spec, structure)
-        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
-        opt_state = ()
-        if gradient_names:
-            unconstrained = to_unconstrained(params, structure.constraints, gradient_names)
-            opt_state = self.optimizer.init(unconstrained)
+        opt_state = init_opt_state(self.optimizer, params, structure.constraints, plan)
         acceleration = init_squarem(jnp.result_type(float)) if self.acceleration else ()
         return EMState(params, opt_state, jnp.zeros((), jnp.int32), acceleration)
 
@@ -269,9 +211,9 @@ class EM:
         accepted = (
             jnp.isfinite(extrapolated_log_lik)
             & (extrapolated_log_lik >= log_lik)
-            & _all_finite(third.params)
+            & all_finite(third.params)
         )
-        chosen = _tree_where(
+        chosen = tree_where(
             accepted, (third.params, third.opt_state), (second.params, second.opt_state)
         )
         squarem = squarem_step_max(squarem, alpha, accepted)
@@ -285,37 +227,41 @@ class EM:
             self.model, state.params, args, kwargs, nesting, hard=self.hard, parallel=self.parallel
         )
         plan = self._plan(state.params, arrays, spec, structure)
-        params = closed_form_m_step(
-            self.model,
+        params, opt_state = self._m_step(
             state.params,
+            state.opt_state,
             result.marginals,
             plan,
             args,
             kwargs,
-            nesting,
-            self.reg_covar,
+            structure,
             result.trace,
         )
-        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
-        opt_state = state.opt_state
-        if gradient_names:
-            params, opt_state = gradient_m_step(
-                self.model,
-                params,
-                result.marginals,
-                gradient_names,
-                structure.constraints,
-                self.optimizer,
-                opt_state,
-                self.m_step_iters,
-                args,
-                kwargs,
-                nesting,
-            )
         new_state = state._replace(
             params=params, opt_state=opt_state, iteration=state.iteration + 1
         )
         return new_state, result.log_likelihood
+
+    def _m_step(self, params, opt_state, marginals, plan, args, kwargs, structure, trace):
+        """Closed-form updates (staged ECM), then optax steps on the gradient-path params,
+        from the E-step's (or a variational q's) factor marginals: ``(params, opt_state)``.
+        ``trace``: the enumerated trace at ``params``."""
+        nesting = structure.max_plate_nesting
+        params = closed_form_m_step(
+            self.model, params, marginals, plan, args, kwargs, nesting, self.reg_covar, trace
+        )
+        return gradient_m_step(
+            self.model,
+            params,
+            marginals,
+            plan,
+            structure,
+            self.optimizer,
+            opt_state,
+            self.m_step_iters,
+            args,
+            kwargs,
+        )
 
     def _objective(self, params, arrays, spec):
         args, kwargs = merge_args(arrays, spec)
@@ -331,46 +277,18 @@ class EM:
         ).log_likelihood
 
     def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
-        state = self._init_arrays(rng_key, arrays, spec, init_params)
-        dtype = jnp.result_type(float)
-
-        def cond(c):
-            return (c.i < max_iter) & ~c.converged & ~c.diverged
-
-        def body(c):
-            new_state, log_lik = self._update_arrays(c.state, arrays, spec)
-            finite_log_lik = jnp.isfinite(log_lik)
-            ok = finite_log_lik & _all_finite(new_state.params)
-            change = jnp.abs(log_lik - c.previous)
-            # tol = 0 runs exactly max_iter iterations, even at a fixed point.
-            converged = ok & (c.i > 0) & (tol > 0) & (change <= tol * jnp.abs(log_lik))
-            if progress_bar:
-                jax.debug.callback(_report_progress, c.i + 1)
-            return _Carry(
-                state=_tree_where(ok, new_state, c.state),
-                good_params=_tree_where(finite_log_lik, c.state.params, c.good_params),
-                history=c.history.at[c.i].set(log_lik.astype(dtype)),
-                i=c.i + 1,
-                previous=log_lik.astype(dtype),
-                converged=converged,
-                diverged=~ok,
-            )
-
-        carry = _Carry(
-            state=state,
-            good_params=state.params,
-            history=jnp.full((max_iter,), jnp.nan, dtype),
-            i=jnp.zeros((), jnp.int32),
-            previous=jnp.array(jnp.nan, dtype),
-            converged=jnp.array(False),
-            diverged=jnp.array(False),
+        loop = iterate(
+            lambda state: self._update_arrays(state, arrays, spec),
+            self._init_arrays(rng_key, arrays, spec, init_params),
+            lambda state: state.params,
+            max_iter=max_iter,
+            tol=tol,
+            progress_bar=progress_bar,
         )
-        carry = jax.lax.while_loop(cond, body, carry)
-        params = _tree_where(carry.diverged, carry.good_params, carry.state.params)
-        final = self._objective(params, arrays, spec).astype(dtype)
-        num_iters = carry.i - carry.diverged.astype(carry.i.dtype)  # the rejected one is not
+        params = loop.state.params
+        final = self._objective(params, arrays, spec).astype(loop.history.dtype)
         return EMResult(
-            params, final, carry.history, num_iters, carry.converged, carry.diverged, final
+            params, final, loop.history, loop.num_iters, loop.converged, loop.diverged, final
         )
 
     def _run_arrays(
@@ -379,15 +297,8 @@ class EM:
         def fit(key):
             return self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
 
-        if num_restarts == 1:
-            # One restart starts where ``init(rng_key)`` does, and needs no vmap.
-            fit_one = fit(rng_key)
-            return fit_one._replace(restart_log_likelihoods=fit_one.log_likelihood[None])
-        fits = jax.vmap(fit)(jax.random.split(rng_key, num_restarts))
-        scores = jnp.where(jnp.isnan(fits.log_likelihood), -jnp.inf, fits.log_likelihood)
-        best = jnp.argmax(scores)
-        result = jax.tree.map(lambda x: x[best], fits)
-        return result._replace(restart_log_likelihoods=fits.log_likelihood)
+        result, scores = best_restart(fit, rng_key, num_restarts, lambda r: r.log_likelihood)
+        return result._replace(restart_log_likelihoods=scores)
 
     # -- public API ----------------------------------------------------------
 
@@ -452,24 +363,19 @@ class EM:
         Returns:
             An :class:`EMResult`.
         """
-        if max_iter < 1 or num_restarts < 1:
-            raise ValueError("max_iter and num_restarts must be at least 1")
-        arrays, spec = split_args(args, kwargs)
-        init_params = None if init_params is None else dict(init_params)
-        # Bad data and invalid initial values are reported here, with the site or
-        # param named: the compiled run cannot raise.
-        self._validate(rng_key, arrays, spec, init_params)
-        call = lambda: self._run_jit(  # noqa: E731
+        return run_compiled(
+            self._run_jit,
+            self._validate,
             rng_key,
-            arrays,
-            init_params,
-            jnp.asarray(tol, jnp.result_type(float)),
-            spec=spec,
-            max_iter=int(max_iter),
-            num_restarts=int(num_restarts),
-            progress_bar=bool(progress_bar),
+            args,
+            kwargs,
+            max_iter=max_iter,
+            tol=tol,
+            num_restarts=num_restarts,
+            init_params=init_params,
+            progress_bar=progress_bar,
+            desc="EM",
         )
-        return run_with_progress(call, progress_bar, max_iter, "EM")
 
     def m_step_paths(self, *args, **kwargs) -> dict:
         """How each parameter is updated: ``{name: "closed-form (...)" | "gradient (...)" |

@@ -47,34 +47,49 @@ def to_unconstrained(params, constraints, names):
     return {n: biject_to(constraints[n]).inv(params[n]) for n in names}
 
 
+def gradient_names(plan) -> list:
+    """The params an M-step plan (:func:`jaxem.mstep.plan_m_step`) updates by optax steps."""
+    return [n for n, path in plan.items() if path.kind == "gradient"]
+
+
+def init_opt_state(optimizer, params, constraints, plan):
+    """Optax state over the unconstrained values of the plan's gradient-path params
+    (``()`` when every param has a closed form, is frozen or unused)."""
+    names = gradient_names(plan)
+    if not names:
+        return ()
+    return optimizer.init(to_unconstrained(params, constraints, names))
+
+
 def gradient_m_step(
-    model,
-    params,
-    marginals,
-    names,
-    constraints,
-    optimizer,
-    opt_state,
-    num_steps,
-    args,
-    kwargs,
-    max_plate_nesting,
+    model, params, marginals, plan, structure, optimizer, opt_state, num_steps, args, kwargs
 ):
-    """Take ``num_steps`` optax steps on -Q for the parameters ``names``."""
-    transforms = {n: biject_to(constraints[n]) for n in names}
+    """Take ``num_steps`` optax steps on -Q for the plan's gradient-path parameters.
+
+    Returns:
+        ``(params, opt_state)``, both unchanged when the plan has no gradient path.
+    """
+    names = gradient_names(plan)
+    if not names:
+        return params, opt_state
+    transforms = {n: biject_to(structure.constraints[n]) for n in names}
 
     def constrained(unconstrained):
         return {**params, **{n: transforms[n](u) for n, u in unconstrained.items()}}
 
     def loss(unconstrained):
         return -expected_log_joint(
-            model, constrained(unconstrained), marginals, args, kwargs, max_plate_nesting
+            model,
+            constrained(unconstrained),
+            marginals,
+            args,
+            kwargs,
+            structure.max_plate_nesting,
         )
 
-    chosen, state = safeguarded_steps(
-        loss, to_unconstrained(params, constraints, names), optimizer, opt_state, num_steps
-    )
-    return constrained(chosen), state
+    start = to_unconstrained(params, structure.constraints, names)
+    chosen, opt_state = safeguarded_steps(loss, start, optimizer, opt_state, num_steps)
+    return constrained(chosen), opt_state
 
 
 def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):

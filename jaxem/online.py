@@ -31,17 +31,10 @@ import optax
 
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
-from jaxem.gradient import gradient_m_step, to_unconstrained
+from jaxem.gradient import gradient_m_step, init_opt_state
+from jaxem.loop import initial_params
 from jaxem.mstep import closed_form_statistics_m_step, plan_m_step
-from jaxem.tracing import (
-    ModelError,
-    inspect_model,
-    merge_args,
-    merge_init_params,
-    model_structure,
-    split_args,
-    validate,
-)
+from jaxem.tracing import merge_args, model_structure, split_args, validate
 
 __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
 
@@ -192,24 +185,20 @@ class OnlineEM:
             result.trace,
             combine_fn=combine if state.statistics else None,
         )
-        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
-        opt_state = state.opt_state
-        if gradient_names:
-            # Q per data point: step sizes that do not depend on the batch size.
-            marginals = {n: m * scale for n, m in result.marginals.items()}
-            params, opt_state = gradient_m_step(
-                self.model,
-                params,
-                marginals,
-                gradient_names,
-                structure.constraints,
-                self.optimizer,
-                opt_state,
-                self.m_step_iters,
-                args,
-                kwargs,
-                nesting,
-            )
+        # Q per data point: step sizes that do not depend on the batch size.
+        marginals = {n: m * scale for n, m in result.marginals.items()}
+        params, opt_state = gradient_m_step(
+            self.model,
+            params,
+            marginals,
+            plan,
+            structure,
+            self.optimizer,
+            state.opt_state,
+            self.m_step_iters,
+            args,
+            kwargs,
+        )
         return params, statistics, opt_state, result.log_likelihood
 
     def _update_arrays(self, state, arrays, spec):
@@ -228,19 +217,11 @@ class OnlineEM:
         """
         arrays, spec = split_args(args, kwargs)
         validate(self.model, rng_key, arrays, spec, init_params)
-        merged_args, merged_kwargs = merge_args(arrays, spec)
-        structure, params = inspect_model(self.model, rng_key, merged_args, merged_kwargs)
-        unknown = set(self.frozen) - set(structure.param_names)
-        if unknown:
-            raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
-        params = merge_init_params(params, init_params)
+        structure, params = initial_params(
+            self.model, self.frozen, rng_key, arrays, spec, init_params
+        )
         plan = self._plan(params, arrays, spec, structure)
-        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
-        opt_state = ()
-        if gradient_names:
-            opt_state = self.optimizer.init(
-                to_unconstrained(params, structure.constraints, gradient_names)
-            )
+        opt_state = init_opt_state(self.optimizer, params, structure.constraints, plan)
         empty = OnlineEMState(params, {}, opt_state, jnp.zeros((), jnp.int32))
         shapes = jax.eval_shape(lambda a: self._m_step(empty, a, spec, jnp.ones(()))[1], arrays)
         statistics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

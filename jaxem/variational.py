@@ -35,10 +35,10 @@ import optax
 from jax.scipy.special import entr
 from numpyro.distributions.transforms import biject_to
 
-from jaxem.em import EM, _all_finite, _report_progress, _tree_where, run_with_progress
+from jaxem.em import EM
 from jaxem.estep import _check_params, _contract, _site_posterior, _structure
-from jaxem.gradient import default_optimizer, gradient_m_step, safeguarded_steps
-from jaxem.mstep import closed_form_m_step
+from jaxem.gradient import default_optimizer, init_opt_state, safeguarded_steps
+from jaxem.loop import best_restart, iterate, run_compiled
 from jaxem.tracing import (
     ModelError,
     enumerated_trace,
@@ -106,16 +106,6 @@ class VEMResult(NamedTuple):
     q: dict
     guide_params: dict
     restart_elbos: jax.Array
-
-
-class _Carry(NamedTuple):
-    state: VEMState
-    good: VEMState
-    history: jax.Array
-    i: jax.Array
-    previous: jax.Array
-    converged: jax.Array
-    diverged: jax.Array
 
 
 # ---------------------------------------------------------------------------
@@ -475,13 +465,7 @@ class VariationalEM:
     def _init_arrays(self, rng_key, arrays, spec, init_params):
         structure, params = self._em._initial_params(rng_key, arrays, spec, init_params)
         plan = self._em._plan(params, arrays, spec, structure)
-        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
-        opt_state = ()
-        if gradient_names:
-            unconstrained = {
-                n: biject_to(structure.constraints[n]).inv(params[n]) for n in gradient_names
-            }
-            opt_state = self._em.optimizer.init(unconstrained)
+        opt_state = init_opt_state(self._em.optimizer, params, structure.constraints, plan)
         args, kwargs = merge_args(arrays, spec)
         nesting = structure.max_plate_nesting
         trace = enumerated_trace(self.model, params, args, kwargs, nesting)
@@ -501,38 +485,13 @@ class VariationalEM:
     def _update_arrays(self, state, arrays, spec):
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
-        nesting = structure.max_plate_nesting
         state, value, marginals, trace = self._e_step(
             state, args, kwargs, structure, self._guide_constraints(args, kwargs)
         )
         plan = self._em._plan(state.params, arrays, spec, structure)
-        params = closed_form_m_step(
-            self.model,
-            state.params,
-            marginals,
-            plan,
-            args,
-            kwargs,
-            nesting,
-            self._em.reg_covar,
-            trace,
+        params, opt_state = self._em._m_step(
+            state.params, state.opt_state, marginals, plan, args, kwargs, structure, trace
         )
-        gradient_names = [n for n, path in plan.items() if path.kind == "gradient"]
-        opt_state = state.opt_state
-        if gradient_names:
-            params, opt_state = gradient_m_step(
-                self.model,
-                params,
-                marginals,
-                gradient_names,
-                structure.constraints,
-                self._em.optimizer,
-                opt_state,
-                self._em.m_step_iters,
-                args,
-                kwargs,
-                nesting,
-            )
         new_state = state._replace(
             params=params, opt_state=opt_state, iteration=state.iteration + 1
         )
@@ -554,53 +513,26 @@ class VariationalEM:
         return state, value, log_lik
 
     def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
-        state = self._init_arrays(rng_key, arrays, spec, init_params)
-        dtype = jnp.result_type(float)
-
-        def cond(c):
-            return (c.i < max_iter) & ~c.converged & ~c.diverged
-
-        def body(c):
-            new_state, value = self._update_arrays(c.state, arrays, spec)
-            finite = jnp.isfinite(value)
-            ok = finite & _all_finite((new_state.params, new_state.q, new_state.guide_params))
-            change = jnp.abs(value - c.previous)
-            converged = ok & (c.i > 0) & (tol > 0) & (change <= tol * jnp.abs(value))
-            if progress_bar:
-                jax.debug.callback(_report_progress, c.i + 1)
-            return _Carry(
-                state=_tree_where(ok, new_state, c.state),
-                good=_tree_where(finite, c.state, c.good),
-                history=c.history.at[c.i].set(value.astype(dtype)),
-                i=c.i + 1,
-                previous=value.astype(dtype),
-                converged=converged,
-                diverged=~ok,
-            )
-
-        carry = _Carry(
-            state=state,
-            good=state,
-            history=jnp.full((max_iter,), jnp.nan, dtype),
-            i=jnp.zeros((), jnp.int32),
-            previous=jnp.array(jnp.nan, dtype),
-            converged=jnp.array(False),
-            diverged=jnp.array(False),
+        loop = iterate(
+            lambda state: self._update_arrays(state, arrays, spec),
+            self._init_arrays(rng_key, arrays, spec, init_params),
+            lambda state: (state.params, state.q, state.guide_params),
+            max_iter=max_iter,
+            tol=tol,
+            progress_bar=progress_bar,
         )
-        carry = jax.lax.while_loop(cond, body, carry)
-        last = _tree_where(carry.diverged, carry.good, carry.state)
-        last, value, log_lik = self._final(last, arrays, spec)
+        dtype = loop.history.dtype
+        last, value, log_lik = self._final(loop.state, arrays, spec)
         value = value.astype(dtype)
         if log_lik is not None:
             log_lik = log_lik.astype(dtype)
-        num_iters = carry.i - carry.diverged.astype(carry.i.dtype)
         return VEMResult(
             last.params,
             value,
-            carry.history,
-            num_iters,
-            carry.converged,
-            carry.diverged,
+            loop.history,
+            loop.num_iters,
+            loop.converged,
+            loop.diverged,
             log_lik,
             last.q,
             last.guide_params,
@@ -613,13 +545,8 @@ class VariationalEM:
         def fit(key):
             return self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
 
-        if num_restarts == 1:
-            fit_one = fit(rng_key)
-            return fit_one._replace(restart_elbos=fit_one.elbo[None])
-        fits = jax.vmap(fit)(jax.random.split(rng_key, num_restarts))
-        scores = jnp.where(jnp.isnan(fits.elbo), -jnp.inf, fits.elbo)
-        result = jax.tree.map(lambda x: x[jnp.argmax(scores)], fits)
-        return result._replace(restart_elbos=fits.elbo)
+        result, scores = best_restart(fit, rng_key, num_restarts, lambda r: r.elbo)
+        return result._replace(restart_elbos=scores)
 
     # -- public API ----------------------------------------------------------
 
@@ -683,23 +610,19 @@ class VariationalEM:
         Returns:
             A :class:`VEMResult`.
         """
-        if max_iter < 1 or num_restarts < 1:
-            raise ValueError("max_iter and num_restarts must be at least 1")
-        arrays, spec = split_args(args, kwargs)
-        init_params = None if init_params is None else dict(init_params)
-        self._em._validate(rng_key, arrays, spec, init_params)
-        call = partial(
+        return run_compiled(
             self._run_jit,
+            self._em._validate,
             rng_key,
-            arrays,
-            init_params,
-            jnp.asarray(tol, jnp.result_type(float)),
-            spec=spec,
-            max_iter=int(max_iter),
-            num_restarts=int(num_restarts),
-            progress_bar=bool(progress_bar),
+            args,
+            kwargs,
+            max_iter=max_iter,
+            tol=tol,
+            num_restarts=num_restarts,
+            init_params=init_params,
+            progress_bar=progress_bar,
+            desc="VEM",
         )
-        return run_with_progress(call, progress_bar, max_iter, "VEM")
 
     def m_step_paths(self, *args, **kwargs) -> dict:
         """How each model parameter is updated, as :meth:`jaxem.EM.m_step_paths`."""
