@@ -288,29 +288,25 @@ def _forward_sequential(alpha, steps, shape, mask):
     return _scaled_forward(alpha, steps, keep)
 
 
-def _exponentiate(steps, num_steps):
-    """The step factors as ``exp(F - max F)``, whether each varies over time,
-    and the sum of the maxima per step."""
-    exps, shift = [], 0.0
+def _step_exps(steps, num_steps):
+    """The step factors as ``exp(F - max F)``: ``(varying, constant, shift)``,
+    the factors that vary over time (scanned over), the time-invariant ones
+    (their single step), and the sum of the maxima per step."""
+    varying, constant, shift = [], [], 0.0
     for factor in steps:
         top = _finite_max(factor, (-2, -1))
-        exps.append(jnp.exp(factor - top))
+        exp = jnp.exp(factor - top)
         shift = shift + top[..., 0, 0]
-    return exps, [e.shape[0] == num_steps for e in exps], shift
+        if exp.shape[0] == num_steps:
+            varying.append(exp)
+        else:
+            constant.append(exp[0])
+    return tuple(varying), tuple(constant), shift
 
 
-def _step_exps(steps, num_steps):
-    """Returns ``(varying, matrix, shift)``: the exponentiated step factors that
-    vary over time (scanned over), a function building one step's matrix from
-    their slices (the time-invariant factors closed over), and the shift."""
-    exps, is_varying, shift = _exponentiate(steps, num_steps)
-
-    def matrix(slices):
-        slices = iter(slices)
-        parts = [next(slices) if v else e[0] for e, v in zip(exps, is_varying)]
-        return functools.reduce(operator.mul, parts)
-
-    return tuple(e for e, v in zip(exps, is_varying) if v), matrix, shift
+def _step_matrix(slices, constant):
+    """One step's matrix: the product of its factors' exponentials."""
+    return functools.reduce(operator.mul, (*slices, *constant))
 
 
 def _matvec(a, matrix):
@@ -367,11 +363,11 @@ def _forward_pass(alpha, steps, keep) -> _Forward:
     norm = jnp.sum(a, -1, keepdims=True)
     a = a / _safe(norm)
     log_z = jnp.sum(jnp.log(norm) + shift)
-    varying, matrix, step_shift = _step_exps(steps, keep.shape[0])
+    varying, constant, step_shift = _step_exps(steps, keep.shape[0])
 
     def step(a, inputs):
         slices, keep = inputs
-        b = _matvec(a, matrix(slices))
+        b = _matvec(a, _step_matrix(slices, constant))
         norm = jnp.sum(b, -1)
         b = b / _safe(norm)[..., None]
         return jnp.where(keep[..., None], b, a), (a, jnp.where(keep, norm, 1.0))
@@ -382,14 +378,13 @@ def _forward_pass(alpha, steps, keep) -> _Forward:
     return _Forward(log_z, a, previous, last, norms)
 
 
-def _backward_pass(steps, keep, forward):
+def _backward_pass(varying, constant, keep, forward):
     """The scaled backward messages ``b_{t-1} = M_t b_t / n_t``, with the forward
     pass's normalizers: ``(b_0, (b_1, ..., b_{T-1}))``."""
-    varying, matrix, _ = _step_exps(steps, keep.shape[0])
 
     def step(b, inputs):
         slices, norm, keep = inputs
-        back = _vecmat(matrix(slices), b) / norm[..., None]
+        back = _vecmat(_step_matrix(slices, constant), b) / norm[..., None]
         return jnp.where(keep[..., None], back, b), b
 
     norms = _safe(forward.norms)
@@ -414,18 +409,16 @@ def _scaled_forward_bwd(residuals, cotangent):
     ``C[p, s] sum_t a_{t-1}[p] V_t[s] b_t[s] / n_t``, one matmul over time.
     """
     steps, keep, forward = residuals
-    b_first, later = _backward_pass(steps, keep, forward)
-    exps, is_varying, _ = _exponentiate(steps, keep.shape[0])
+    varying, constant, _ = _step_exps(steps, keep.shape[0])
+    b_first, later = _backward_pass(varying, constant, keep, forward)
     scale = cotangent * jnp.where(keep, 1.0 / _safe(forward.norms), 0.0)
     weighted = later * scale[..., None]  # b_t / n_t
     after = jnp.concatenate([forward.previous[1:], forward.last[None]])  # a_t
     current = cotangent * jnp.where(keep[..., None], after * later, 0.0)
-    varying = [e for e, v in zip(exps, is_varying) if v]
     over_time = pairwise = None
     if all(e.shape[-2] == 1 for e in varying):
         emissions = functools.reduce(operator.mul, varying)[..., 0, :] if varying else 1.0
         summed = jnp.einsum("t...p,t...s->...ps", forward.previous, emissions * weighted)
-        constant = [e[0] for e, v in zip(exps, is_varying) if not v]
         over_time = functools.reduce(operator.mul, constant, summed)[None]
     grads = []
     for factor in steps:
@@ -436,7 +429,7 @@ def _scaled_forward_bwd(residuals, cotangent):
             grads.append(_sum_to(over_time, shape))
         else:
             if pairwise is None:
-                matrices = _all_matrices(*_step_exps(steps, keep.shape[0])[:2])
+                matrices = _all_matrices(varying, constant)
                 pairwise = forward.previous[..., :, None] * matrices * weighted[..., None, :]
             grads.append(_sum_to(pairwise, shape))
     return cotangent * forward.first * b_first, tuple(grads), None
@@ -445,9 +438,9 @@ def _scaled_forward_bwd(residuals, cotangent):
 _scaled_forward.defvjp(_scaled_forward_fwd, _scaled_forward_bwd)
 
 
-def _all_matrices(varying, matrix):
-    """Every step's matrix at once, ``(T - 1, *plates, K, K)``."""
-    return jax.vmap(matrix)(varying) if varying else matrix(())[None]
+def _all_matrices(varying, constant):
+    """Every step's matrix at once, ``(T - 1 or 1, *plates, K, K)``."""
+    return functools.reduce(operator.mul, (*varying, *(c[None] for c in constant)))
 
 
 def _sum_to(x, shape):
@@ -525,7 +518,8 @@ def chain_posterior(log_factors: dict, trace, chain: Chain):
     else:
         keep = jnp.ones(tensors.shape[:-2], bool) if tensors.mask is None else tensors.mask
         forward = _forward_pass(alpha, tensors.steps, keep)
-        b_first, later = _backward_pass(tensors.steps, keep, forward)
+        varying, constant, _ = _step_exps(tensors.steps, keep.shape[0])
+        b_first, later = _backward_pass(varying, constant, keep, forward)
         # The message after step t is the one entering step t + 1.
         after = jnp.concatenate([forward.previous[1:], forward.last[None]])
         later = jnp.where(keep[..., None], after * later, 0.0)
