@@ -19,6 +19,31 @@ log-likelihood at ``theta'`` is not below that at ``theta_0``; otherwise the
 plain EM point ``theta_2`` is kept, so the log-likelihood never decreases.
 ``alpha_max`` grows fourfold each time the step reaches it and shrinks
 fourfold when such a step is rejected, as in R's SQUAREM package.
+
+Anderson acceleration (type II, Walker and Ni 2011; safeguarded for EM
+in the spirit of DAAREM, Henderson and Varadhan 2019) costs one EM step per
+iteration. With ``f(theta) = F(theta) - theta`` in unconstrained space and
+the last ``m`` differences ``dF_j = f(theta_{j+1}) - f(theta_j)``,
+``dG_j = F(theta_{j+1}) - F(theta_j)`` of accepted points, the next point to
+try is
+
+.. math::
+
+    \\theta' = F(\\theta_k) - \\sum_j \\gamma_j\\, dG_j, \\quad
+    \\gamma = \\arg\\min_\\gamma \\lVert f(\\theta_k) - \\textstyle\\sum_j \\gamma_j dF_j
+    \\rVert^2 + \\lambda \\lVert \\gamma \\rVert^2,
+
+with the smallest ridge ``lambda >= 0`` that keeps ``||gamma||`` within a
+bound adapted like SQUAREM's ``alpha_max`` (from 1, fourfold up after an
+accepted step at the bound, fourfold down after a rejected one). Anderson
+acceleration solves ``f(theta) = 0`` and is drawn to saddle points as much as
+to maxima; where the extrapolation would step back against the EM step
+(``<theta' - F(theta_k), f(theta_k)> < 0``: an unstable direction) the plain EM point is
+taken instead. The E-step and M-step of the next iteration run at
+``theta'``; they give its log-likelihood and ``F(theta')`` at once. If the
+log-likelihood is below that of ``theta_k`` (or not finite), ``theta'`` is
+rejected, the memory is cleared and the next iteration runs at the plain EM
+point ``F(theta_k)``, so the accepted log-likelihoods never decrease.
 """
 
 from __future__ import annotations
@@ -27,9 +52,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 
-__all__ = ["SquaremState", "init_squarem", "squarem_extrapolate", "squarem_step_max"]
+__all__ = [
+    "AndersonState",
+    "SquaremState",
+    "anderson_step",
+    "init_anderson",
+    "init_squarem",
+    "squarem_extrapolate",
+    "squarem_step_max",
+]
 
 STEP_FACTOR = 4.0
 
@@ -93,3 +127,220 @@ def squarem_step_max(state: SquaremState, alpha, accepted) -> SquaremState:
     shrunk = jnp.maximum(state.step_max / STEP_FACTOR, 1.0)
     step_max = jnp.where(at_max, jnp.where(accepted, grown, shrunk), state.step_max)
     return SquaremState(step_max, state.num_rejected + (~accepted).astype(jnp.int32))
+
+
+# -- Anderson acceleration -----------------------------------------------------
+
+ANDERSON_MEMORY = 5
+# Bisection steps for the ridge parameter (enough for float64).
+_RIDGE_STEPS = 60
+
+
+class AndersonState(NamedTuple):
+    """What Anderson acceleration carries across iterations.
+
+    Vectors are the parameters' unconstrained values (``biject_to``),
+    flattened; "the current point" is ``EMState.params``, the last accepted
+    one.
+
+    Attributes:
+        trial: ``{param name: constrained value}``: where the next iteration
+            runs its E-step and M-step (the Anderson point, or the plain EM
+            point after a rejection).
+        plain: whether ``trial`` is the plain EM point ``F(current)`` (then
+            accepted without the test: EM does not lower the likelihood): after
+            a rejection, with an empty memory, or where the extrapolation
+            stepped back against the EM step.
+        log_likelihood: at the current point; ``-inf`` before the first
+            iteration.
+        image: ``F(current)``, constrained: the fall-back after a rejection.
+        started: whether the current point has been evaluated.
+        residual: shape ``(n,)``: ``F(current) - current``, zero where either is
+            not finite.
+        value: shape ``(n,)``: ``F(current)``, zero where not finite.
+        finite: shape ``(n,)``: where both were finite.
+        residual_diffs: shape ``(m, n)``: ring buffer of differences of
+            successive residuals.
+        value_diffs: shape ``(m, n)``: the matching differences of ``F``.
+        count: valid rows of the ring buffers (0 after a restart).
+        position: the row the next difference goes to.
+        step_max: the current bound on ``||gamma||`` (starts at 1).
+        capped: whether the trial's ``gamma`` reached ``step_max``.
+        accepted: whether the last trial was accepted.
+        num_rejected: trials rejected by the monotonicity safeguard.
+    """
+
+    trial: dict
+    plain: jax.Array
+    log_likelihood: jax.Array
+    image: dict
+    started: jax.Array
+    residual: jax.Array
+    value: jax.Array
+    finite: jax.Array
+    residual_diffs: jax.Array
+    value_diffs: jax.Array
+    count: jax.Array
+    position: jax.Array
+    step_max: jax.Array
+    capped: jax.Array
+    accepted: jax.Array
+    num_rejected: jax.Array
+
+
+def _flat(params, constraints):
+    """Unconstrained values of ``params`` as one vector, and the function undoing it."""
+    return ravel_pytree({n: biject_to(constraints[n]).inv(v) for n, v in params.items()})
+
+
+def init_anderson(params, constraints, memory: int = ANDERSON_MEMORY) -> AndersonState:
+    """Empty memory; the first trial is ``params`` itself."""
+    flat, _ = _flat(params, constraints)
+    n, dtype = flat.shape[0], flat.dtype
+    zeros = jnp.zeros((n,), dtype)
+    return AndersonState(
+        trial=dict(params),
+        plain=jnp.array(True),
+        log_likelihood=jnp.array(-jnp.inf, dtype),
+        image=dict(params),
+        started=jnp.array(False),
+        residual=zeros,
+        value=zeros,
+        finite=jnp.zeros((n,), bool),
+        residual_diffs=jnp.zeros((memory, n), dtype),
+        value_diffs=jnp.zeros((memory, n), dtype),
+        count=jnp.zeros((), jnp.int32),
+        position=jnp.zeros((), jnp.int32),
+        step_max=jnp.ones((), dtype),
+        capped=jnp.array(False),
+        accepted=jnp.array(True),
+        num_rejected=jnp.zeros((), jnp.int32),
+    )
+
+
+def _coefficients(residual_diffs, valid, residual, step_max):
+    """``gamma`` minimizing ``||residual - D^T gamma||^2 + lambda ||gamma||^2`` over the
+    valid rows ``D`` of ``residual_diffs``, ``lambda >= 0`` the smallest such that
+    ``||gamma|| <= step_max``; and whether the bound was reached."""
+    a = jnp.where(valid[:, None], residual_diffs, 0.0).T  # (n, m)
+    u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+    eps = jnp.finfo(a.dtype).eps
+    kept = s > eps * max(a.shape) * s[0]
+    s = jnp.where(kept, s, 0.0)
+    sc = s * (u.T @ residual)
+    s2 = s**2
+
+    def norm2(ridge):
+        return jnp.sum(jnp.where(kept, (sc / jnp.where(kept, s2 + ridge, 1.0)) ** 2, 0.0))
+
+    capped = norm2(0.0) > step_max**2
+    target = jnp.minimum(norm2(0.0), step_max**2)
+    # norm2 decreases in lambda from norm2(0) and is below target at sqrt(sum(sc^2) / target).
+    high = jnp.sqrt(jnp.sum(sc**2) / jnp.where(target > 0, target, 1.0))
+
+    def bisect(_, bounds):
+        low, high = bounds
+        mid = 0.5 * (low + high)
+        above = norm2(mid) > target
+        return jnp.where(above, mid, low), jnp.where(above, high, mid)
+
+    low, high = jax.lax.fori_loop(0, _RIDGE_STEPS, bisect, (jnp.zeros_like(high), high))
+    ridge = jnp.where(capped, high, 0.0)
+    d = jnp.where(kept, sc / jnp.where(kept, s2 + ridge, 1.0), 0.0)
+    return vt.T @ d, capped
+
+
+def anderson_step(state: AndersonState, log_lik, image, constraints):
+    """Take the result of the E-step and M-step at ``state.trial``: accept or reject
+    the trial, update the memory, choose the next trial.
+
+    Args:
+        state: the :class:`AndersonState` whose ``trial`` was evaluated.
+        log_lik: the log-likelihood at ``state.trial``.
+        image: the EM map at ``state.trial`` (constrained values).
+        constraints: ``{param name: constraint}``.
+
+    Returns:
+        The new state; its ``accepted`` says whether the trial is now the
+        current point (else the current point stays, and the next trial is the
+        plain EM point from it).
+    """
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(image)]
+    finite_image = jnp.all(jnp.stack(leaves))
+    # A plain EM point is kept whatever its value, as plain EM would (a non-finite
+    # value then stops the loop as a divergence).
+    accepted = state.plain | (
+        jnp.isfinite(log_lik) & (log_lik >= state.log_likelihood) & finite_image
+    )
+    trial, _ = _flat(state.trial, constraints)
+    mapped, unflatten = _flat(image, constraints)
+    finite = jnp.isfinite(trial) & jnp.isfinite(mapped)
+    residual = jnp.where(finite, mapped - trial, 0.0)
+    value = jnp.where(finite, mapped, 0.0)
+
+    # Memory: the differences to the previous accepted point; cleared on a rejection.
+    memory = state.residual_diffs.shape[0]
+    both = finite & state.finite
+    push = accepted & state.started
+    row = state.position
+    residual_diffs = jnp.where(
+        push,
+        state.residual_diffs.at[row].set(jnp.where(both, residual - state.residual, 0.0)),
+        state.residual_diffs,
+    )
+    value_diffs = jnp.where(
+        push,
+        state.value_diffs.at[row].set(jnp.where(both, value - state.value, 0.0)),
+        state.value_diffs,
+    )
+    count = jnp.where(accepted, jnp.minimum(state.count + push.astype(jnp.int32), memory), 0)
+    position = jnp.where(accepted, (row + push.astype(jnp.int32)) % memory, 0)
+    grown = jnp.where(
+        accepted, state.step_max * STEP_FACTOR, jnp.maximum(state.step_max / STEP_FACTOR, 1.0)
+    )
+    step_max = jnp.where(state.capped & ~state.plain, grown, state.step_max)
+
+    # The Anderson point from the accepted trial.
+    valid = jnp.arange(memory) < count
+    gamma, capped = _coefficients(residual_diffs, valid, residual, step_max)
+    correction = jnp.where(finite, jnp.where(valid[:, None], value_diffs, 0.0).T @ gamma, 0.0)
+    # Stepping back against the EM step heads for a saddle: take the EM point.
+    backward = jnp.vdot(correction, residual) > 0
+    correction = jnp.where(backward, 0.0, correction)
+    point = unflatten(jnp.where(finite, mapped - correction, mapped))
+    corrections = unflatten(correction)
+    transforms = {n: biject_to(constraints[n]) for n in image}
+    # A param the correction leaves alone (frozen, unused, converged) keeps its EM
+    # value exactly rather than a round trip through unconstrained space.
+    anderson = {
+        n: jnp.where(
+            jnp.any(corrections[n] != 0),
+            transforms[n](point[n]).astype(jnp.result_type(image[n])),
+            image[n],
+        )
+        for n in image
+    }
+
+    def pick(a, b):
+        return jax.tree.map(lambda x, y: jnp.where(accepted, x, y), a, b)
+
+    return AndersonState(
+        trial=pick(anderson, state.image),
+        plain=~accepted | ~jnp.any(correction != 0),
+        log_likelihood=jnp.where(accepted, log_lik, state.log_likelihood).astype(
+            state.log_likelihood.dtype
+        ),
+        image=pick(dict(image), state.image),
+        started=state.started | accepted,
+        residual=jnp.where(accepted, residual, state.residual),
+        value=jnp.where(accepted, value, state.value),
+        finite=jnp.where(accepted, finite, state.finite),
+        residual_diffs=residual_diffs,
+        value_diffs=value_diffs,
+        count=count,
+        position=position,
+        step_max=step_max,
+        capped=accepted & capped & ~backward & (count > 0),
+        accepted=accepted,
+        num_rejected=state.num_rejected + (~accepted).astype(jnp.int32),
+    )

@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxem.acceleration import init_squarem, squarem_extrapolate, squarem_step_max
+from jaxem.acceleration import (
+    anderson_step,
+    init_anderson,
+    init_squarem,
+    squarem_extrapolate,
+    squarem_step_max,
+)
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, gradient_m_step, init_opt_state
@@ -36,7 +42,9 @@ class EMState(NamedTuple):
             unconstrained space), carried across iterations.
         iteration: number of updates done.
         acceleration: a :class:`jaxem.acceleration.SquaremState` with
-            ``acceleration="squarem"``, else ``()``.
+            ``acceleration="squarem"``, a
+            :class:`jaxem.acceleration.AndersonState` with
+            ``acceleration="anderson"``, else ``()``.
     """
 
     params: dict
@@ -53,7 +61,8 @@ class EMResult(NamedTuple):
         log_likelihood: marginal log-likelihood at ``params`` (for hard EM,
             the complete-data log-likelihood at the MAP assignment).
         history: shape ``(max_iter,)``: the log-likelihood at the start of every
-            iteration of the best restart, NaN after ``num_iters``.
+            iteration of the best restart (with ``acceleration="anderson"``: at
+            the point each iteration ends at), NaN after ``num_iters``.
         num_iters: number of EM updates done.
         converged: whether the relative change of the log-likelihood fell
             below ``tol``.
@@ -98,11 +107,16 @@ class EM:
             ``"sequential"`` (a forward pass in a ``lax.scan``, T steps) or
             ``"parallel"`` (a balanced reduction of the step matrices,
             log2 T steps of K^3 work each; faster on GPUs for long chains).
-        acceleration: ``None`` (plain EM) or ``"squarem"``: each iteration is
-            one SQUAREM cycle (Varadhan and Roland 2008; see
-            :mod:`jaxem.acceleration`) of three EM steps, extrapolated in
-            unconstrained space, the plain EM point kept whenever the
-            extrapolation would lower the log-likelihood.
+        acceleration: ``None`` (plain EM), ``"squarem"`` or ``"anderson"``
+            (see :mod:`jaxem.acceleration`). ``"squarem"``: each iteration is
+            one SQUAREM cycle (Varadhan and Roland 2008) of three EM steps,
+            extrapolated in unconstrained space, the plain EM point kept
+            whenever the extrapolation would lower the log-likelihood.
+            ``"anderson"``: each iteration is one EM step, at the damped
+            Anderson extrapolation of the last accepted points (DAAREM,
+            Henderson and Varadhan 2019) in unconstrained space; a point
+            whose log-likelihood is below the current one is rejected and
+            the next iteration takes the plain EM step instead.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -141,8 +155,10 @@ class EM:
             raise ValueError(
                 f"chain_contraction must be 'sequential' or 'parallel', got {chain_contraction!r}"
             )
-        if acceleration not in (None, "squarem"):
-            raise ValueError(f"acceleration must be None or 'squarem', got {acceleration!r}")
+        if acceleration not in (None, "squarem", "anderson"):
+            raise ValueError(
+                f"acceleration must be None, 'squarem' or 'anderson', got {acceleration!r}"
+            )
         if m_step_iters < 1:
             raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
         self.model = model
@@ -185,13 +201,36 @@ class EM:
         structure, params = self._initial_params(rng_key, arrays, spec, init_params)
         plan = self._plan(params, arrays, spec, structure)
         opt_state = init_opt_state(self.optimizer, params, structure.constraints, plan)
-        acceleration = init_squarem(jnp.result_type(float)) if self.acceleration else ()
+        acceleration = ()
+        if self.acceleration == "squarem":
+            acceleration = init_squarem(jnp.result_type(float))
+        elif self.acceleration == "anderson":
+            acceleration = init_anderson(params, structure.constraints)
         return EMState(params, opt_state, jnp.zeros((), jnp.int32), acceleration)
 
     def _update_arrays(self, state, arrays, spec):
         if self.acceleration == "squarem":
             return self._squarem_update(state, arrays, spec)
+        if self.acceleration == "anderson":
+            return self._anderson_update(state, arrays, spec)
         return self._em_step(state, arrays, spec)
+
+    def _anderson_update(self, state, arrays, spec):
+        """One EM step at the Anderson trial point; the point becomes the current one
+        if its log-likelihood is not below the current one's. Returns the new state and
+        the log-likelihood at its params."""
+        args, kwargs = merge_args(arrays, spec)
+        constraints = model_structure(self.model, args, kwargs).constraints
+        anderson = state.acceleration
+        evaluated, log_lik = self._em_step(state._replace(params=anderson.trial), arrays, spec)
+        anderson = anderson_step(anderson, log_lik, evaluated.params, constraints)
+        params, opt_state = tree_where(
+            anderson.accepted,
+            (dict(state.acceleration.trial), evaluated.opt_state),
+            (state.params, state.opt_state),
+        )
+        value = jnp.where(anderson.accepted, log_lik, state.acceleration.log_likelihood)
+        return EMState(params, opt_state, state.iteration + 1, anderson), value
 
     def _squarem_update(self, state, arrays, spec):
         """One SQUAREM cycle: two EM steps, the extrapolation, one EM step from it;
@@ -284,6 +323,11 @@ class EM:
             max_iter=max_iter,
             tol=tol,
             progress_bar=progress_bar,
+            moved_fn=(
+                (lambda state: state.acceleration.accepted)
+                if self.acceleration == "anderson"
+                else None
+            ),
         )
         params = loop.state.params
         final = self._objective(params, arrays, spec).astype(loop.history.dtype)
@@ -320,11 +364,13 @@ class EM:
 
     def update(self, state: EMState, *args, **kwargs):
         """One EM iteration (compiled once per argument shape); with
-        ``acceleration="squarem"``, one SQUAREM cycle of three EM steps.
+        ``acceleration="squarem"``, one SQUAREM cycle of three EM steps; with
+        ``acceleration="anderson"``, one EM step at the Anderson trial point.
 
         Returns:
             ``(new_state, log_likelihood)``, the log-likelihood being that of
-            ``state`` (the value computed by this iteration's E-step).
+            ``state`` (the value computed by this iteration's E-step); with
+            ``acceleration="anderson"``, that of ``new_state``'s params.
         """
         arrays, spec = split_args(args, kwargs)
         return self._update_jit(state, arrays, spec)

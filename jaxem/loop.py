@@ -104,6 +104,7 @@ def iterate(
     max_iter: int,
     tol,
     progress_bar: bool,
+    moved_fn: Callable | None = None,
 ) -> LoopResult:
     """Run ``update_fn`` in a ``lax.while_loop`` until convergence or ``max_iter``.
 
@@ -118,6 +119,10 @@ def iterate(
         tol: stop when ``|value_t - value_{t-1}| <= tol * |value_t|``; 0 runs
             exactly ``max_iter`` updates, even at a fixed point.
         progress_bar: advance the bar of :func:`run_with_progress`.
+        moved_fn: ``new_state -> bool``: whether the update moved to a new point.
+            After one that did not (an accelerated step its safeguard rejected,
+            ``value`` repeating the last one) the convergence test is skipped.
+            Default: every update moves.
 
     Returns:
         A :class:`LoopResult`.
@@ -133,6 +138,8 @@ def iterate(
         ok = finite & all_finite(checked_fn(new_state))
         change = jnp.abs(value - c.previous)
         converged = ok & (c.i > 0) & (tol > 0) & (change <= tol * jnp.abs(value))
+        if moved_fn is not None:
+            converged = converged & moved_fn(new_state)
         if progress_bar:
             jax.debug.callback(_report_progress, c.i + 1)
         return _Carry(
