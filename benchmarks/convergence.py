@@ -1,13 +1,14 @@
-"""Iterations and seconds to the optimum: plain EM, SQUAREM-accelerated EM, NumPyro SVI.
+"""Iterations and seconds to the optimum: plain EM, SQUAREM and Anderson EM, NumPyro SVI.
 
 All methods fit the same overlapping Gaussian mixture (``common.sample_gmm``,
 ``--mean-scale`` small) from the same initial parameters
 (``common.initial_params``). For each the script records the log-likelihood
 before every iteration (``EMResult.history`` of a ``tol=0`` run; SVI's
 ``-losses``) and reports the iterations, EM steps (E-step plus M-step; a
-SQUAREM cycle is three) and seconds from which on the log-likelihood stays
-within ``--rel-tol`` (default 1e-6) relative of the optimum, the optimum being
-the best final log-likelihood of long plain-EM and SQUAREM runs. Seconds =
+SQUAREM cycle is three, an Anderson iteration one) and seconds from which on
+the log-likelihood stays within ``--rel-tol`` (default 1e-6) relative of the
+optimum, the optimum being the best final log-likelihood of long plain-EM,
+SQUAREM and Anderson runs. Seconds =
 iterations x warm time per iteration (best of ``--repeats`` runs of
 ``--timing-steps`` iterations, compilation excluded).
 
@@ -70,6 +71,9 @@ def _parse_args(argv):
     parser.add_argument("--rel-tol", type=float, default=1e-6, help="relative gap to the optimum")
     parser.add_argument("--em-iters", type=int, default=3000, help="plain EM iterations recorded")
     parser.add_argument("--squarem-iters", type=int, default=300, help="SQUAREM cycles recorded")
+    parser.add_argument(
+        "--anderson-iters", type=int, default=1000, help="Anderson iterations recorded"
+    )
     parser.add_argument("--lrs", type=str, default="0.01,0.05,0.1", help="SVI Adam rates")
     parser.add_argument("--svi-steps", type=int, default=3000, help="SVI steps recorded per rate")
     parser.add_argument("--no-svi", action="store_true", help="skip SVI")
@@ -118,7 +122,7 @@ def _exact_log_likelihood_loss(max_plate_nesting):
 
 
 def _compare(args, model, model_args, init, svi_loss, extra=()):
-    """Plain EM, SQUAREM, the ``extra`` rows and SVI from ``init``.
+    """Plain EM, SQUAREM, Anderson, the ``extra`` rows and SVI from ``init``.
 
     Args:
         model: the NumPyro model, called as ``model(*model_args)``.
@@ -145,6 +149,7 @@ def _compare(args, model, model_args, init, svi_loss, extra=()):
     for name, acceleration, num_iters, steps_per_iter in (
         ("EM", None, args.em_iters, 1),
         ("EM + SQUAREM", "squarem", args.squarem_iters, 3),
+        ("EM + Anderson", "anderson", args.anderson_iters, 1),
     ):
         em = jaxem.EM(model, acceleration=acceleration)
         result = em.run(key, *model_args, max_iter=num_iters, tol=0.0, init_params=init)
@@ -365,7 +370,8 @@ def main(argv=None):
         output["results"][name] = result
     print(
         "\niters: first t with loglik_s >= optimum - rel_tol |optimum| for all s >= t (a SQUAREM"
-        " iteration is one cycle of 3 EM steps); seconds = iters x ms/iter (warm, no compile)."
+        " iteration is one cycle of 3 EM steps, an Anderson one 1); seconds = iters x ms/iter"
+        " (warm, no compile)."
     )
     if args.json:
         output["meta"]["load_average_end"] = os.getloadavg()
