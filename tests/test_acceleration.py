@@ -1,8 +1,10 @@
-"""SQUAREM-accelerated EM: the same optimum as plain EM, never lower, safeguard exercised.
+"""Accelerated EM (SQUAREM, Anderson): the same optimum as plain EM, never lower, safeguard
+exercised.
 
-Plain EM and SQUAREM run to convergence in float64 over the zoo of tests/test_monotone.py;
-the final values are checked against the scipy log-likelihood of the zoo, and the cycle on
-which the safeguard fires is replayed by hand with plain EM steps.
+Plain EM and SQUAREM run to convergence in float64 over the zoo of tests/test_monotone.py
+(Anderson over its models shared in tests/models.py); the final values are checked against
+the scipy log-likelihood of the zoo, and the iterations on which the safeguards fire are
+replayed by hand with plain EM steps.
 """
 
 import jax
@@ -161,8 +163,10 @@ def test_squarem_restarts_under_vmap(x32):
 
 
 def test_bad_acceleration_name():
-    with pytest.raises(ValueError, match="acceleration must be None or 'squarem', got 'anderson'"):
-        EM(normal_mixture, acceleration="anderson")
+    with pytest.raises(
+        ValueError, match="acceleration must be None, 'squarem' or 'anderson', got 'nesterov'"
+    ):
+        EM(normal_mixture, acceleration="nesterov")
 
 
 def test_squarem_hard_em(x64):
@@ -205,3 +209,130 @@ def test_squarem_on_a_scan_hmm(x64):
     ref.means_ = np.asarray(fast.params["mu"])
     ref.covars_ = np.asarray(fast.params["sigma"]) ** 2
     np.testing.assert_allclose(ll_fast, ref.score(np.concatenate(seqs), [150, 150]), rtol=1e-9)
+
+
+# -- Anderson acceleration ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["normal", "mvn", "poisson"])
+def test_anderson_reaches_the_plain_em_optimum(name, x64):
+    """The zoo models of tests/models.py: Anderson ends at plain EM's optimum (the scipy
+    log-likelihood at its params), never lower, with a monotone history."""
+    model, x, K, init, component_logpdf = _case(name)
+    key = jax.random.PRNGKey(0)
+    kw = dict(max_iter=3000, tol=1e-13, init_params=init)
+    plain = EM(model).run(key, x, K, **kw)
+    fast = EM(model, acceleration="anderson").run(key, x, K, **kw)
+    assert bool(plain.converged) and bool(fast.converged)
+    assert not bool(fast.diverged)
+    ll_plain, ll_fast = float(plain.log_likelihood), float(fast.log_likelihood)
+    assert ll_fast >= ll_plain - 1e-11 * abs(ll_plain), (ll_fast, ll_plain)
+    np.testing.assert_allclose(ll_fast, ll_plain, rtol=1e-9)
+    np.testing.assert_allclose(
+        ll_fast, reference_log_likelihood(component_logpdf, fast.params), rtol=1e-10
+    )
+    for pname in plain.params:
+        np.testing.assert_allclose(
+            np.asarray(fast.params[pname]), np.asarray(plain.params[pname]), atol=2e-4
+        )
+    history = np.asarray(fast.history)[: int(fast.num_iters)]
+    assert_monotone(np.append(history, ll_fast), 1e-12)
+    assert ll_fast - history[0] > 5.0
+
+
+def test_anderson_safeguard_rejects_and_falls_back(x64):
+    """On the univariate mixture's poor start an Anderson point lowers the
+    log-likelihood: it must be rejected (counted), the current point kept, and the next
+    iteration must run at exactly the plain EM point from it."""
+    model, x, K, init, _ = _case("normal")
+    fast, plain = EM(model, acceleration="anderson"), EM(model)
+    state = fast.init(jax.random.PRNGKey(0), x, K, init_params=init)
+    for _ in range(60):
+        before = state
+        state, log_lik = fast.update(state, x, K)
+        if not bool(state.acceleration.accepted):
+            break
+    else:
+        pytest.fail("the safeguard never fired in 60 iterations")
+    assert int(state.acceleration.num_rejected) == int(before.acceleration.num_rejected) + 1
+    assert not bool(before.acceleration.plain)
+    # The rejected trial really is worse than the current point (independent E-step).
+    current = float(jaxem.log_likelihood(model, before.params, x, K))
+    trial = float(jaxem.log_likelihood(model, before.acceleration.trial, x, K))
+    assert trial < current
+    np.testing.assert_allclose(float(log_lik), current, rtol=1e-13)
+    for pname, value in before.params.items():
+        np.testing.assert_array_equal(np.asarray(state.params[pname]), np.asarray(value))
+    # Next: the plain EM point from the current one, accepted without the test.
+    expected, _ = plain.update(before._replace(acceleration=()), x, K)
+    assert bool(state.acceleration.plain) and int(state.acceleration.count) == 0
+    for pname, value in expected.params.items():
+        np.testing.assert_allclose(
+            np.asarray(state.acceleration.trial[pname]), np.asarray(value), rtol=1e-12
+        )
+    after, after_ll = fast.update(state, x, K)
+    assert bool(after.acceleration.accepted)
+    assert float(after_ll) >= current
+
+
+def test_anderson_on_a_scan_hmm(x64):
+    """A Gaussian HMM written with ``scan``: Anderson reaches plain EM's optimum in fewer
+    EM steps, never ends lower, and hmmlearn scores its fit the same."""
+    from hmmlearn import hmm
+    from test_chain import _GAUSSIAN_INIT, _gaussian_data, gaussian_hmm
+
+    seqs = _gaussian_data(150, 2)
+    x = jnp.asarray(np.stack(seqs, axis=1))
+    init = {k: jnp.asarray(v) for k, v in _GAUSSIAN_INIT.items()}
+    kw = dict(max_iter=2000, tol=1e-13, init_params=init)
+    plain = EM(gaussian_hmm).run(jax.random.PRNGKey(0), x, **kw)
+    fast = EM(gaussian_hmm, acceleration="anderson").run(jax.random.PRNGKey(0), x, **kw)
+    assert bool(plain.converged) and bool(fast.converged) and not bool(fast.diverged)
+    ll_plain, ll_fast = float(plain.log_likelihood), float(fast.log_likelihood)
+    assert ll_fast >= ll_plain - 1e-11 * abs(ll_plain), (ll_fast, ll_plain)
+    np.testing.assert_allclose(ll_fast, ll_plain, rtol=1e-9)
+    assert_monotone(np.asarray(fast.history)[: int(fast.num_iters)], 1e-12)
+    assert int(fast.num_iters) < int(plain.num_iters)
+    ref = hmm.GaussianHMM(3, "diag")
+    ref.startprob_, ref.transmat_ = np.asarray(fast.params["pi"]), np.asarray(fast.params["A"])
+    ref.means_ = np.asarray(fast.params["mu"])
+    ref.covars_ = np.asarray(fast.params["sigma"]) ** 2
+    np.testing.assert_allclose(ll_fast, ref.score(np.concatenate(seqs), [150, 150]), rtol=1e-9)
+
+
+def test_anderson_with_gradient_m_steps(x64):
+    """Every parameter on the gradient path (optax state carried through accepted and
+    rejected points): the fit reaches the closed-form EM optimum, monotonically."""
+    rng = np.random.default_rng(5)
+    z = rng.integers(0, 3, 300)
+    x = jnp.asarray(rng.normal(np.array([-4.0, 0.0, 4.0])[z], 1.0))
+    init = {"mu": jnp.array([-1.0, 0.0, 1.0])}
+    reference = EM(normal_mixture).run(
+        jax.random.PRNGKey(0), x, 3, max_iter=1000, tol=1e-13, init_params=init
+    )
+    fast = EM(normal_mixture, m_step="gradient", m_step_iters=5, acceleration="anderson").run(
+        jax.random.PRNGKey(0), x, 3, max_iter=300, tol=1e-12, init_params=init
+    )
+    assert bool(fast.converged) and not bool(fast.diverged)
+    ll_ref, ll_fast = float(reference.log_likelihood), float(fast.log_likelihood)
+    assert ll_fast >= ll_ref - 1e-9 * abs(ll_ref)
+    np.testing.assert_allclose(ll_fast, ll_ref, rtol=1e-9)
+    assert_monotone(np.asarray(fast.history)[: int(fast.num_iters)], 1e-12)
+
+
+def test_anderson_restarts_under_vmap_float32(x32):
+    """Restarts under vmap equal one-at-a-time Anderson fits, in float32, and the fit
+    climbs monotonically from the poor start to plain EM's optimum."""
+    model, x, K, _, _ = _case("normal")
+    x = x.astype(jnp.float32)
+    em = EM(model, acceleration="anderson")
+    init = {"mu": jnp.array([-1.0, 0.0, 1.0], jnp.float32)}
+    key = jax.random.PRNGKey(1)
+    result = em.run(key, x, K, max_iter=200, tol=0.0, num_restarts=2, init_params=init)
+    single = em.run(key, x, K, max_iter=200, tol=0.0, init_params=init)
+    plain = EM(model).run(key, x, K, max_iter=200, tol=0.0, init_params=init)
+    np.testing.assert_allclose(
+        np.asarray(result.restart_log_likelihoods), float(single.log_likelihood), rtol=1e-5
+    )
+    np.testing.assert_allclose(float(single.log_likelihood), float(plain.log_likelihood), rtol=1e-5)
+    assert_monotone(np.asarray(result.history), 1e-5)
