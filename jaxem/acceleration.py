@@ -53,7 +53,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
-from numpyro.distributions.transforms import biject_to
+from numpyro.distributions.transforms import IdentityTransform, biject_to
 
 __all__ = [
     "AndersonState",
@@ -156,9 +156,9 @@ class AndersonState(NamedTuple):
         image: ``F(current)``, constrained: the fall-back after a rejection.
         started: whether the current point has been evaluated.
         residual: shape ``(n,)``: ``F(current) - current``, zero where either is
-            not finite.
-        value: shape ``(n,)``: ``F(current)``, zero where not finite.
-        finite: shape ``(n,)``: where both were finite.
+            not finite or at its constraint's boundary.
+        value: shape ``(n,)``: ``F(current)``, zero there too.
+        finite: shape ``(n,)``: where neither is (the coordinates extrapolated).
         residual_diffs: shape ``(m, n)``: ring buffer of differences of
             successive residuals.
         value_diffs: shape ``(m, n)``: the matching differences of ``F``.
@@ -189,13 +189,29 @@ class AndersonState(NamedTuple):
 
 
 def _flat(params, constraints):
-    """Unconstrained values of ``params`` as one vector, and the function undoing it."""
-    return ravel_pytree({n: biject_to(constraints[n]).inv(v) for n, v in params.items()})
+    """Unconstrained values of ``params`` as one vector, where they can be extrapolated,
+    and the function undoing the flattening.
+
+    Not extrapolated: non-finite coordinates, and those of a non-identity transform
+    beyond ``log(1 / eps)``, where the constrained value has reached its boundary to
+    rounding (an emptied mixture weight: NumPyro's stick-breaking inverse clips it to a
+    large finite value that jumps with the rounding of the other weights).
+    """
+    values, usable = {}, {}
+    for n, v in params.items():
+        transform = biject_to(constraints[n])
+        u = transform.inv(v)
+        values[n] = u
+        bound = -jnp.log(jnp.finfo(jnp.result_type(u)).eps)
+        inside = isinstance(transform, IdentityTransform) | (jnp.abs(u) < bound)
+        usable[n] = jnp.isfinite(u) & inside
+    flat, unflatten = ravel_pytree(values)
+    return flat, ravel_pytree(usable)[0].astype(bool), unflatten
 
 
 def init_anderson(params, constraints, memory: int = ANDERSON_MEMORY) -> AndersonState:
     """Empty memory; the first trial is ``params`` itself."""
-    flat, _ = _flat(params, constraints)
+    flat, _, _ = _flat(params, constraints)
     n, dtype = flat.shape[0], flat.dtype
     zeros = jnp.zeros((n,), dtype)
     return AndersonState(
@@ -272,9 +288,9 @@ def anderson_step(state: AndersonState, log_lik, image, constraints):
     accepted = state.plain | (
         jnp.isfinite(log_lik) & (log_lik >= state.log_likelihood) & finite_image
     )
-    trial, _ = _flat(state.trial, constraints)
-    mapped, unflatten = _flat(image, constraints)
-    finite = jnp.isfinite(trial) & jnp.isfinite(mapped)
+    trial, usable_trial, _ = _flat(state.trial, constraints)
+    mapped, usable_mapped, unflatten = _flat(image, constraints)
+    finite = usable_trial & usable_mapped
     residual = jnp.where(finite, mapped - trial, 0.0)
     value = jnp.where(finite, mapped, 0.0)
 
@@ -309,17 +325,16 @@ def anderson_step(state: AndersonState, log_lik, image, constraints):
     correction = jnp.where(backward, 0.0, correction)
     point = unflatten(jnp.where(finite, mapped - correction, mapped))
     corrections = unflatten(correction)
-    transforms = {n: biject_to(constraints[n]) for n in image}
     # A param the correction leaves alone (frozen, unused, converged) keeps its EM
-    # value exactly rather than a round trip through unconstrained space.
-    anderson = {
-        n: jnp.where(
-            jnp.any(corrections[n] != 0),
-            transforms[n](point[n]).astype(jnp.result_type(image[n])),
-            image[n],
-        )
-        for n in image
-    }
+    # value exactly rather than a round trip through unconstrained space, and so does
+    # one whose extrapolation would move an entry the EM step left unchanged (an
+    # emptied weight stays exactly 0: EM cannot revive it, nor may the extrapolation).
+    anderson = {}
+    for n in image:
+        extrapolated = biject_to(constraints[n])(point[n]).astype(jnp.result_type(image[n]))
+        pinned = (image[n] == state.trial[n]) & (extrapolated != image[n])
+        keep = ~jnp.any(corrections[n] != 0) | jnp.any(pinned)
+        anderson[n] = jnp.where(keep, image[n], extrapolated)
 
     def pick(a, b):
         return jax.tree.map(lambda x, y: jnp.where(accepted, x, y), a, b)

@@ -336,3 +336,44 @@ def test_anderson_restarts_under_vmap_float32(x32):
     )
     np.testing.assert_allclose(float(single.log_likelihood), float(plain.log_likelihood), rtol=1e-5)
     assert_monotone(np.asarray(result.history), 1e-5)
+
+
+def test_anderson_frozen_and_emptied_parameters(x64):
+    """A frozen parameter stays bitwise at its initial value, and an emptied mixture
+    weight (exactly 0: minus infinity in unconstrained space) stays 0 with the other
+    coordinates accelerated; the fit ends at plain EM's optimum."""
+    model, x, K, init, _ = _case("normal")
+    init = {**init, "w": jnp.array([0.5, 0.5, 0.0])}
+    kw = dict(max_iter=2000, tol=1e-13, init_params=init)
+    for frozen in [(), ("sigma",)]:
+        plain = EM(model, frozen=frozen).run(jax.random.PRNGKey(0), x, K, **kw)
+        fast = EM(model, frozen=frozen, acceleration="anderson").run(
+            jax.random.PRNGKey(0), x, K, **kw
+        )
+        assert bool(fast.converged) and not bool(fast.diverged)
+        assert float(fast.params["w"][2]) == 0.0
+        for name in frozen:
+            np.testing.assert_array_equal(np.asarray(fast.params[name]), np.asarray(init[name]))
+        np.testing.assert_allclose(
+            float(fast.log_likelihood), float(plain.log_likelihood), rtol=1e-9
+        )
+        assert float(fast.log_likelihood) >= float(plain.log_likelihood) - 1e-9
+        assert_monotone(np.asarray(fast.history)[: int(fast.num_iters)], 1e-12)
+
+
+def test_anderson_hard_em(x64):
+    """Hard EM: the accelerated classification likelihood never decreases, and the fit
+    ends at a fixed point of plain hard EM."""
+    model, x, K, init, _ = _case("normal")
+    result = EM(model, hard=True, acceleration="anderson").run(
+        jax.random.PRNGKey(0), x, K, max_iter=100, tol=1e-12, init_params=init
+    )
+    assert bool(result.converged) and not bool(result.diverged)
+    history = np.asarray(result.history)[: int(result.num_iters)]
+    assert_monotone(history, 1e-12)
+    assert history[-1] - history[0] > 5.0
+    plain = EM(model, hard=True)
+    state = plain.init(jax.random.PRNGKey(0), x, K, init_params=result.params)
+    state, _ = plain.update(state, x, K)
+    for pname, value in result.params.items():
+        np.testing.assert_allclose(np.asarray(state.params[pname]), np.asarray(value), atol=1e-8)
