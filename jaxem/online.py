@@ -275,9 +275,10 @@ class OnlineEM:
                 state = self.init(rng_key, *batch, init_params=init_params, **kwargs)
             else:
                 # NaN in a later minibatch must stop the run with a named error
-                # rather than turn every parameter into NaN.
+                # rather than turn every parameter into NaN. A coordinate that one
+                # minibatch never observes may be observed by others: not an error.
                 arrays, spec = split_args(batch, kwargs)
-                validate(self.model, rng_key, arrays, spec)
+                validate(self.model, rng_key, arrays, spec, fitting=False)
             state, log_lik = self.update(state, *batch, **kwargs)
             log_liks.append(log_lik)
         if state is None:

@@ -204,7 +204,11 @@ def test_complete_data_equals_the_ordinary_path(x64, rng, model, params):
 
 @pytest.mark.parametrize("model, params", MODELS, ids=["full", "diag"])
 def test_em_is_monotone_and_closed_form(x64, rng, model, params):
-    x = jnp.asarray(sample_hmm(rng, 30, 3, 0.3))
+    x = sample_hmm(rng, 30, 3, 0.3)
+    # The first step's site x0 never observes coordinate 1; the emission params it
+    # shares with the scanned site x are estimated from the later steps.
+    x[0, :, 1] = np.nan
+    x = jnp.asarray(x)
     em = EM(nan_as_missing(model), reg_covar=0.0)
     paths = em.m_step_paths(x)
     assert all(p.startswith("closed-form") for p in paths.values()), paths
@@ -232,3 +236,17 @@ def test_impute_is_the_posterior_mean_of_the_conditional_means(x64, rng, model, 
     ref = reference_impute(x, params, post)
     np.testing.assert_allclose(filled["x0"], ref[0], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(filled["x"], ref[1:], rtol=1e-9, atol=1e-12)
+
+
+def test_a_coordinate_missing_at_every_step_is_marginalized_but_not_fitted(x64, rng):
+    x = sample_hmm(rng, 12, 2, 0.2)
+    x[:, :, 1] = np.nan
+    model = nan_as_missing(full_hmm)
+    ll = jaxem.log_likelihood(model, _jnp(PARAMS), jnp.asarray(x))
+    np.testing.assert_allclose(float(ll), reference_forward_backward(x, PARAMS)[0], rtol=1e-8)
+    message = (
+        r"coordinate\(s\) \[1\] of the MultivariateNormal site\(s\) 'x', 'x0' are missing in "
+        r"every row of every site that param\(s\) 'cov', 'mu' reach"
+    )
+    with pytest.raises(jaxem.ModelError, match=message):
+        EM(model).run(jax.random.PRNGKey(0), jnp.asarray(x), max_iter=2)
