@@ -216,7 +216,7 @@ class OnlineEM:
                 some or all initial values.
         """
         arrays, spec = split_args(args, kwargs)
-        validate(self.model, rng_key, arrays, spec, init_params)
+        validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
         structure, params = initial_params(
             self.model, self.frozen, rng_key, arrays, spec, init_params
         )

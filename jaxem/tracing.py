@@ -412,13 +412,15 @@ def raise_for_invalid(
     coverage=None,
     *,
     fitting: bool = True,
+    frozen=(),
 ) -> None:
     """Raise a :class:`ModelError` naming the first invalid site or param.
 
     A param whose coordinates are missing in every row of every site it
     reaches (``coverage``, from :func:`check_values`) is an error only when
-    ``fitting``: the data say nothing about those entries, but the densities
-    (log-likelihood, posterior, imputation) marginalize them exactly.
+    ``fitting`` and the param is not ``frozen``: the data say nothing about
+    those entries, but the densities (log-likelihood, posterior, imputation)
+    marginalize them exactly.
     """
     for name, count in bad_data.items():
         if int(count):
@@ -439,7 +441,8 @@ def raise_for_invalid(
                 "Mark whole events missing, or model the entries as separate sites."
             )
     if fitting:
-        _raise_for_unobserved_coordinates(coverage or {})
+        fitted = {name: v for name, v in (coverage or {}).items() if name not in frozen}
+        _raise_for_unobserved_coordinates(fitted)
     for name, ok in good_params.items():
         if not bool(ok):
             raise ModelError(
@@ -496,7 +499,7 @@ def merge_init_params(params: dict, init_params: dict | None) -> dict:
     return merged
 
 
-def validate(model, rng_key, arrays, spec, params=None, *, fitting=True) -> None:
+def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()) -> None:
     """Raise a :class:`ModelError` for bad data or parameter values.
 
     Checks the observed data (NaN or infinite entries, missing-data problems)
@@ -505,7 +508,7 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True) -> None
     and argument signature (eager checks would compile op by op); skipped when
     any input is a tracer (under ``jit``/``vmap`` nothing can be raised).
     With ``fitting``, also MultivariateNormal coordinates that the data never
-    observe (:func:`raise_for_invalid`).
+    observe, for the params not ``frozen`` (:func:`raise_for_invalid`).
     """
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
         return
@@ -516,7 +519,7 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True) -> None
     else:
         flags = _validity_jit(model, spec, rng_key, arrays, params)
     args, kwargs = merge_args(arrays, spec)
-    raise_for_invalid(model_structure(model, args, kwargs), *flags, fitting=fitting)
+    raise_for_invalid(model_structure(model, args, kwargs), *flags, fitting=fitting, frozen=frozen)
 
 
 def _validity(model, spec, rng_key, arrays, params):

@@ -338,12 +338,36 @@ def test_a_column_never_observed_is_marginalized_but_not_fitted(x64, rng):
         r"coordinate\(s\) \[1\] of the MultivariateNormal site\(s\) 'x' are missing in every "
         r"row of every site that param\(s\) 'L', 'mu' reach.*Drop those coordinates"
     )
+    for fitter in (EM(model), jaxem.VariationalEM(model), jaxem.OnlineEM(model)):
+        with pytest.raises(ModelError, match=message):
+            fitter.init(jax.random.PRNGKey(0), jnp.asarray(x))
     with pytest.raises(ModelError, match=message):
         EM(model).run(jax.random.PRNGKey(0), jnp.asarray(x), max_iter=2)
     x = rng.normal(size=(10, 3))
     x[:, 2] = np.nan
     with pytest.raises(ModelError, match=r"\[2\] of the .* site\(s\) 'x' .* 'cov', 'mu' reach"):
         EM(nan_as_missing(mvn_model)).init(jax.random.PRNGKey(0), jnp.asarray(x))
+
+
+def test_a_coordinate_is_needed_in_some_site_of_each_param():
+    def shared_mean(a, b):
+        mu = numpyro.param("mu", jnp.zeros(2))
+        cov_a = numpyro.param("cov_a", jnp.eye(2), constraint=constraints.positive_definite)
+        cov_b = numpyro.param("cov_b", jnp.eye(2), constraint=constraints.positive_definite)
+        with numpyro.plate("a_rows", a.shape[0]):
+            numpyro.sample("a", dist.MultivariateNormal(mu, cov_a), obs=a)
+        with numpyro.plate("b_rows", b.shape[0]):
+            numpyro.sample("b", dist.MultivariateNormal(mu, cov_b), obs=b)
+
+    a = jnp.array([[1.0, jnp.nan], [0.5, jnp.nan], [0.2, jnp.nan]])
+    b = jnp.array([[1.0, 2.0], [jnp.nan, 0.5], [0.3, jnp.nan]])
+    # b observes mu's coordinate 1, but cov_a reaches a alone, which never does.
+    with pytest.raises(
+        ModelError, match=r"\[1\] of the .* site\(s\) 'a' .* param\(s\) 'cov_a' reach"
+    ):
+        EM(nan_as_missing(shared_mean)).init(jax.random.PRNGKey(0), a, b)
+    # Not an error when cov_a is not fitted.
+    EM(nan_as_missing(shared_mean), frozen=["cov_a"]).init(jax.random.PRNGKey(0), a, b)
 
 
 def test_nan_without_opt_in_is_an_error(rng):
