@@ -155,6 +155,7 @@ class EM:
         self.parallel = chain_contraction == "parallel"
         self.acceleration = acceleration
         self._registry = registered_closed_forms()
+        self._plans: dict = {}
         self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
         self._run_jit = jax.jit(
             self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
@@ -172,6 +173,7 @@ class EM:
             self._registry,
             frozen=self.frozen,
             mode=self.m_step,
+            cache=self._plans,
         )
 
     def _initial_params(self, rng_key, arrays, spec, init_params):

@@ -160,16 +160,34 @@ def _array_args(args):
     }
 
 
-def plan_m_step(model, params, arrays, spec, structure, registry, *, frozen=(), mode="auto"):
+def plan_m_step(
+    model, params, arrays, spec, structure, registry, *, frozen=(), mode="auto", cache=None
+):
     """Decide how each parameter is updated.
 
     Traces ``params -> (log-probabilities, distribution arguments)`` once,
     labels each output with the parameters it depends on (and whether through
     selection only), then checks every consumer against the registry.
 
+    The plan depends only on shapes and dtypes, so a fitter passes a ``cache``
+    dict (its own: the registry and options are fixed per fitter) and the
+    model is traced once per input signature rather than once per place that
+    needs the plan (the initial state, every EM step of a SQUAREM cycle).
+
     Returns:
         ``{param name: ParamPath}`` in model order.
     """
+    if cache is not None:
+        key = (
+            spec,
+            tuple((n, jnp.shape(params[n]), jnp.result_type(params[n])) for n in params),
+            tuple((jnp.shape(a), jnp.result_type(a)) for a in arrays),
+        )
+        if key not in cache:
+            cache[key] = plan_m_step(
+                model, params, arrays, spec, structure, registry, frozen=frozen, mode=mode
+            )
+        return cache[key]
     layout = []
 
     def traced(flat_params, flat_arrays):
@@ -305,10 +323,10 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
             inputs.append(np.zeros(jnp.shape(p), jnp.result_type(p)))
     inputs += [np.zeros(jnp.shape(a), jnp.result_type(a)) for a in arrays]
     block = int(np.prod(shape[len(shape) - event_ndim :]))
-    for consumer in consumers:
-        out = probe_selection(closed, inputs, consumer[3])
-        if out is None:
-            return False  # the map closes over traced values: unproven, so gradient
+    outs = probe_selection(closed, inputs, [consumer[3] for consumer in consumers])
+    if outs is None:
+        return False  # the map closes over traced values: unproven, so gradient
+    for out in outs:
         if tuple(out.shape[out.ndim - event_ndim :]) != tuple(shape[len(shape) - event_ndim :]):
             return False
         rows = out.reshape(-1, block)

@@ -151,11 +151,19 @@ class OnlineEM:
         self.reg_covar = float(reg_covar)
         self.frozen = tuple(frozen)
         self._registry = registered_closed_forms()
+        self._plans: dict = {}
         self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
 
     def _plan(self, params, arrays, spec, structure):
         return plan_m_step(
-            self.model, params, arrays, spec, structure, self._registry, frozen=self.frozen
+            self.model,
+            params,
+            arrays,
+            spec,
+            structure,
+            self._registry,
+            frozen=self.frozen,
+            cache=self._plans,
         )
 
     def _m_step(self, state, arrays, spec, step_size):

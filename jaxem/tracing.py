@@ -690,7 +690,10 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         config_enumerate(_EnumeratedScan(substituted, records)),
         first_available_dim=-max_plate_nesting - 1,
     )
-    with _record_constructor_args(records), plate_to_enum_plate():
+    # NumPyro's argument checks run eagerly on concrete arguments (each check a
+    # small compiled program, seconds in all for a scan model); jaxem checks
+    # data and params itself (check_values).
+    with _record_constructor_args(records), plate_to_enum_plate(), validation_enabled(False):
         try:
             tr = packed_trace(enumerated).get_trace(*args, **kwargs)
         except ValueError as err:
