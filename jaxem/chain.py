@@ -287,8 +287,12 @@ def _forward_sequential(alpha, steps, shape, mask):
     of :func:`_scaled_forward`."""
     if steps is None:
         return jnp.sum(_logsumexp(alpha, -1))
-    keep = jnp.ones(shape[:-2], bool) if mask is None else mask
-    return _scaled_forward(alpha, steps, keep)
+    return _scaled_forward(alpha, steps, _kept_steps(shape, mask))
+
+
+def _kept_steps(shape, mask):
+    """Which steps count, shape ``(T - 1, *batch)``: all of them without a mask."""
+    return jnp.ones(shape[:-2], bool) if mask is None else mask
 
 
 def _step_exps(steps, num_steps):
@@ -519,7 +523,7 @@ def chain_posterior(log_factors: dict, trace, chain: Chain):
         first = jnp.exp(alpha - shift)
         out = (first / _safe(jnp.sum(first, -1, keepdims=True)))[None]
     else:
-        keep = jnp.ones(tensors.shape[:-2], bool) if tensors.mask is None else tensors.mask
+        keep = _kept_steps(tensors.shape, tensors.mask)
         forward = _forward_pass(alpha, tensors.steps, keep)
         varying, constant, _ = _step_exps(tensors.steps, keep.shape[0])
         b_first, later = _backward_pass(varying, constant, keep, forward)
@@ -610,7 +614,7 @@ def chain_sample(rng_key, log_factors: dict, trace, chain: Chain) -> dict:
     if tensors.steps is None:
         states = jax.random.categorical(first_key, alpha)[None]
     else:
-        keep = jnp.ones(tensors.shape[:-2], bool) if tensors.mask is None else tensors.mask
+        keep = _kept_steps(tensors.shape, tensors.mask)
         forward = _forward_pass(alpha, tensors.steps, keep)
         varying, constant, _ = _step_exps(tensors.steps, keep.shape[0])
         last = jax.random.categorical(first_key, jnp.log(forward.last))
