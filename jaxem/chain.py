@@ -16,7 +16,9 @@ and their sum-product is the forward algorithm: T K^2 work in a ``lax.scan``
 respect to the factors' log-probabilities is the posterior of every factor
 (Eisner 2016): backpropagation through the forward pass *is* the backward
 pass, and yields the pairwise marginals the transition M-step needs.
-Max-product with backpointers gives the Viterbi path.
+Max-product with backpointers gives the Viterbi path; sampling backwards
+from the forward messages gives a draw of the whole path (forward filtering,
+backward sampling).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "contract_chain",
     "chain_posterior",
     "chain_map",
+    "chain_sample",
     "chain_indicators",
 ]
 
@@ -284,8 +287,12 @@ def _forward_sequential(alpha, steps, shape, mask):
     of :func:`_scaled_forward`."""
     if steps is None:
         return jnp.sum(_logsumexp(alpha, -1))
-    keep = jnp.ones(shape[:-2], bool) if mask is None else mask
-    return _scaled_forward(alpha, steps, keep)
+    return _scaled_forward(alpha, steps, _kept_steps(shape, mask))
+
+
+def _kept_steps(shape, mask):
+    """Which steps count, shape ``(T - 1, *batch)``: all of them without a mask."""
+    return jnp.ones(shape[:-2], bool) if mask is None else mask
 
 
 def _step_exps(steps, num_steps):
@@ -516,7 +523,7 @@ def chain_posterior(log_factors: dict, trace, chain: Chain):
         first = jnp.exp(alpha - shift)
         out = (first / _safe(jnp.sum(first, -1, keepdims=True)))[None]
     else:
-        keep = jnp.ones(tensors.shape[:-2], bool) if tensors.mask is None else tensors.mask
+        keep = _kept_steps(tensors.shape, tensors.mask)
         forward = _forward_pass(alpha, tensors.steps, keep)
         varying, constant, _ = _step_exps(tensors.steps, keep.shape[0])
         b_first, later = _backward_pass(varying, constant, keep, forward)
@@ -571,17 +578,67 @@ def chain_map(log_factors: dict, trace, chain: Chain) -> dict:
         states = jnp.concatenate([start[None], later])
     else:
         states = jnp.argmax(delta, axis=-1)[None]
-    plate_ndim = _chain_plate_ndim(chain)
-    trim = chain.num_plate_dims - plate_ndim
-    values = {chain.name: states.reshape(states.shape[:1] + states.shape[1 + trim :])}
+    init = None
     if tensors.initial is not None:
         init = jnp.take_along_axis(initial_arg, states[0][..., None], axis=-1)[..., 0]
+    return _assignment(states, init, trace, chain)
+
+
+def _assignment(states, init, trace, chain) -> dict:
+    """``{chain site: states (T, *chain plates)}`` and, with an initial state,
+    ``{initial site: (*its plates)}``, from ``(T, *trace plates)`` states."""
+    trim = chain.num_plate_dims - _chain_plate_ndim(chain)
+    values = {chain.name: states.reshape(states.shape[:1] + states.shape[1 + trim :])}
+    if init is not None:
         site = trace.sites[chain.initial]
         init_ndim = max((-d for d in site.plate_dims), default=0)
         values[chain.initial] = (
             init.reshape(init.shape[init.ndim - init_ndim :]) if init_ndim else init.reshape(())
         )
     return values
+
+
+def chain_sample(rng_key, log_factors: dict, trace, chain: Chain) -> dict:
+    """A draw of the chain's states from their joint posterior given the data
+    (forward filtering, backward sampling), in the format of :func:`chain_map`.
+
+    The last state is drawn from the last forward message, then each earlier
+    one given the next: ``p(s_{t-1} | s_t, data) ∝ a_{t-1}[s_{t-1}] M_t[s_{t-1}, s_t]``
+    (the scaled forward messages ``a`` and step matrices ``M`` of the forward
+    pass), and the initial state outside the scan given the first. A padded
+    step is the identity, so its state is the next step's.
+    """
+    tensors = _tensors(log_factors, trace, chain)
+    alpha = _initial_log_messages(tensors)
+    first_key, steps_key, initial_key = jax.random.split(rng_key, 3)
+    if tensors.steps is None:
+        states = jax.random.categorical(first_key, alpha)[None]
+    else:
+        keep = _kept_steps(tensors.shape, tensors.mask)
+        forward = _forward_pass(alpha, tensors.steps, keep)
+        varying, constant, _ = _step_exps(tensors.steps, keep.shape[0])
+        last = jax.random.categorical(first_key, jnp.log(forward.last))
+
+        def step(state, inputs):
+            key, slices, previous, keep = inputs
+            matrix = _step_matrix(slices, constant)
+            num_states = previous.shape[-1]
+            matrix = jnp.broadcast_to(matrix, matrix.shape[:-2] + (num_states, num_states))
+            column = jnp.take_along_axis(matrix, state[..., None, None], axis=-1)[..., 0]
+            drawn = jax.random.categorical(key, jnp.log(previous * column))
+            return jnp.where(keep, drawn, state), state
+
+        keys = jax.random.split(steps_key, keep.shape[0])
+        start, later = jax.lax.scan(
+            step, last, (keys, varying, forward.previous, keep), reverse=True
+        )
+        states = jnp.concatenate([start[None], later])
+    init = None
+    if tensors.initial is not None:
+        # tensors.first holds the initial state's factors: (*plates, K0, K).
+        given_first = jnp.take_along_axis(tensors.first, states[0][..., None, None], axis=-1)
+        init = jax.random.categorical(initial_key, given_first[..., 0], axis=-1)
+    return _assignment(states, init, trace, chain)
 
 
 def chain_indicators(values: dict, trace, chain: Chain) -> dict:

@@ -197,7 +197,7 @@ class EM:
 
     def _validate(self, rng_key, arrays, spec, init_params) -> None:
         """Raise a named error for bad data or initial values (concrete inputs only)."""
-        validate(self.model, rng_key, arrays, spec, init_params)
+        validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
 
     def _init_arrays(self, rng_key, arrays, spec, init_params):
         structure, params = self._initial_params(rng_key, arrays, spec, init_params)

@@ -293,7 +293,8 @@ def _validate(model, params, arrays, spec) -> None:
     names = model_structure(model, args, kwargs).param_names
     # Entries that are not params of the model are ignored, as by the E-step.
     params = {name: params[name] for name in names if name in params}
-    validate(model, jax.random.PRNGKey(0), arrays, spec, params)
+    # Coordinates that no row observes are marginalized here; only fitting needs them.
+    validate(model, jax.random.PRNGKey(0), arrays, spec, params, fitting=False)
 
 
 def log_likelihood(model, params, *args, **kwargs):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
+from jaxem.chain import chain_indicators, chain_sample, find_chain
 from jaxem.estep import _check_params, _structure, e_step
 from jaxem.missing import MissingData, conditional_moments
 from jaxem.tracing import split_args
@@ -32,7 +33,11 @@ def _cell_moments(fn, value):
     return jnp.where(fn.observed, value, mean), None
 
 
-def _impute_site(site, marginal, rng_key):
+def _impute_site(site, marginal, rng_key, chosen=None):
+    """The site's data, missing entries filled: their expectation (no
+    ``rng_key``) or a draw given the latent cell ``chosen`` (an indicator shaped
+    like the site's log-probability), or else given a cell drawn per row from
+    ``marginal``."""
     fn, value = site.fn, site.value
     mean, cov = _cell_moments(fn, value)
     event_ndim = fn.event_dim
@@ -51,20 +56,10 @@ def _impute_site(site, marginal, rng_key):
     if rng_key is None:
         filled = jnp.sum(weight * mean, axis=enum_axes, keepdims=True)
     else:
-        # One cell per row, drawn from the row's posterior over the latents its
-        # factor depends on, then the missing entries from their conditional.
         choice_key, draw_key = jax.random.split(rng_key)
-        moved = jnp.moveaxis(marginal, enum_axes, tuple(range(len(enum_axes))))
-        rows = moved.shape[len(enum_axes) :]
-        flat = jnp.reshape(moved, (-1,) + rows)
-        index = jax.random.categorical(choice_key, jnp.log(flat), axis=0)
-        chosen = (jnp.arange(flat.shape[0]).reshape((-1,) + (1,) * len(rows)) == index).astype(
-            flat.dtype
-        )
-        indicator = jnp.moveaxis(
-            jnp.reshape(chosen, moved.shape), tuple(range(len(enum_axes))), enum_axes
-        )
-        indicator = jnp.reshape(indicator, cell_shape + (1,) * event_ndim)
+        if chosen is None:
+            chosen = _draw_cells(choice_key, marginal, enum_axes)
+        indicator = jnp.reshape(chosen.astype(mean.dtype), cell_shape + (1,) * event_ndim)
         if cov is None:
             draws = jnp.broadcast_to(fn.base_dist.sample(draw_key), jnp.shape(mean))
             draws = jnp.where(fn.observed, value, draws)
@@ -84,17 +79,39 @@ def _impute_site(site, marginal, rng_key):
     return jnp.where(fn.observed, value, filled.astype(jnp.result_type(value)))
 
 
+def _draw_cells(rng_key, marginal, enum_axes):
+    """One cell per row, drawn from the row's posterior over the latents its
+    factor depends on: an indicator shaped like ``marginal``."""
+    moved = jnp.moveaxis(marginal, enum_axes, tuple(range(len(enum_axes))))
+    rows = moved.shape[len(enum_axes) :]
+    flat = jnp.reshape(moved, (-1,) + rows)
+    index = jax.random.categorical(rng_key, jnp.log(flat), axis=0)
+    chosen = jnp.arange(flat.shape[0]).reshape((-1,) + (1,) * len(rows)) == index
+    return jnp.moveaxis(jnp.reshape(chosen, moved.shape), tuple(range(len(enum_axes))), enum_axes)
+
+
 @partial(jax.jit, static_argnums=(0, 4))
 def _impute(model, params, rng_key, arrays, spec):
     structure, args, kwargs = _structure(model, arrays, spec)
     _check_params(structure, params)
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
+    sites = result.trace.sites
     keys = {}
-    for name, site in result.trace.sites.items():
+    for name, site in sites.items():
         if site.is_observed and isinstance(site.fn, MissingData):
             keys[name] = None if rng_key is None else jax.random.fold_in(rng_key, len(keys))
+    chosen = {}
+    chain = find_chain(result.trace)
+    if rng_key is not None and chain is not None:
+        # The states of a chain are drawn jointly (forward filtering, backward
+        # sampling): each site's cell is then the one of the drawn path.
+        log_factors = {name: site.log_prob for name, site in sites.items()}
+        path = chain_sample(
+            jax.random.fold_in(rng_key, len(keys)), log_factors, result.trace, chain
+        )
+        chosen = chain_indicators(path, result.trace, chain)
     filled = {
-        name: _impute_site(result.trace.sites[name], result.marginals[name], key)
+        name: _impute_site(sites[name], result.marginals[name], key, chosen.get(name))
         for name, key in keys.items()
     }
     return _join_scanned_steps(filled)
@@ -126,10 +143,13 @@ def impute(model, params, *args, rng_key=None, **kwargs):
     given the observed data, averaged over the posterior of the discrete
     latents: :math:`\\sum_z p(z \\mid x_{obs}) \\, E[x_{mis} \\mid x_{obs}, z]`
     (for a MultivariateNormal, the regression of the missing coordinates on
-    the observed ones). With ``rng_key``, one draw instead: a latent value
-    from each row's posterior, then the missing entries from their
-    conditional distribution (rows are drawn independently given the data,
-    from their posterior marginals).
+    the observed ones). With ``rng_key``, one draw instead: the discrete
+    latents from their posterior, then the missing entries from their
+    conditional distribution given them. The states of a ``scan`` Markov
+    chain are drawn jointly, a whole path per sequence (forward filtering,
+    backward sampling); elsewhere each row's latents are drawn from that
+    row's posterior, independently of the other rows (exact when rows are
+    independent given the params, as in a mixture).
 
     Args:
         model: a model wrapped with :func:`jaxem.nan_as_missing`.

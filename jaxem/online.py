@@ -224,7 +224,7 @@ class OnlineEM:
                 some or all initial values.
         """
         arrays, spec = split_args(args, kwargs)
-        validate(self.model, rng_key, arrays, spec, init_params)
+        validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
         structure, params = initial_params(
             self.model, self.frozen, rng_key, arrays, spec, init_params
         )
@@ -283,9 +283,10 @@ class OnlineEM:
                 state = self.init(rng_key, *batch, init_params=init_params, **kwargs)
             else:
                 # NaN in a later minibatch must stop the run with a named error
-                # rather than turn every parameter into NaN.
+                # rather than turn every parameter into NaN. A coordinate that one
+                # minibatch never observes may be observed by others: not an error.
                 arrays, spec = split_args(batch, kwargs)
-                validate(self.model, rng_key, arrays, spec)
+                validate(self.model, rng_key, arrays, spec, fitting=False)
             state, log_lik = self.update(state, *batch, **kwargs)
             log_liks.append(log_lik)
         if state is None:

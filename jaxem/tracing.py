@@ -38,6 +38,7 @@ from numpyro.primitives import Messenger
 from jaxem.closed_form import contract_cells
 from jaxem.missing import MissingData, MissingEntries, missing_log_prob
 from jaxem.scan import enumerated_scan
+from jaxem.selection import dependencies
 
 __all__ = [
     "ModelError",
@@ -303,7 +304,7 @@ def _check_data_shape(name, site) -> None:
         )
 
 
-def check_values(structure: ModelStructure, params: dict, observed: dict, missing=None):
+def check_values(structure: ModelStructure, params: dict, observed: dict, missing=None, reach=None):
     """Validity of data and initial values as arrays (jittable).
 
     Args:
@@ -312,13 +313,19 @@ def check_values(structure: ModelStructure, params: dict, observed: dict, missin
         observed: ``{observed site: data}`` (missing entries already filled).
         missing: ``{observed site: its MissingData distribution}`` for the
             sites with missing entries (:func:`jaxem.nan_as_missing`).
+        reach: ``{param: the MultivariateNormal sites whose arguments depend
+            on it}`` (:func:`mvn_sites_of_params`).
 
     Returns:
         ``({observed site: number of non-finite entries}, {param: finite and
-        inside its constraint}, {site with missing entries: (number of
-        MultivariateNormal coordinates missing in every row, number of events
-        partly missing in a family without a closed-form marginal)})``.
+        inside its constraint}, {site with missing entries: number of events
+        partly missing in a family without a closed-form marginal}, {param:
+        {MultivariateNormal site it reaches: which coordinates are observed in
+        some row}})``. The last holds only params that reach nothing but sites
+        with missing entries, all with the same number of coordinates, that
+        being the length of the param's last axis (a per-coordinate param).
     """
+    missing = missing or {}
     bad_data = {
         name: jnp.sum(~jnp.isfinite(value))
         for name, value in observed.items()
@@ -329,19 +336,66 @@ def check_values(structure: ModelStructure, params: dict, observed: dict, missin
         & jnp.all(structure.constraints[name].check(params[name]))
         for name in structure.param_names
     }
-    problems = {}
-    for name, fn in (missing or {}).items():
+    partial = {}
+    for name, fn in missing.items():
         core = _core_family(fn.base_dist)
-        entries = fn.observed
-        if type(core) is dist.MultivariateNormal:
-            rows = tuple(range(jnp.ndim(entries) - 1))
-            never = jnp.sum(~jnp.any(entries, axis=rows)) if rows else jnp.sum(~entries)
-            problems[name] = (never, jnp.zeros((), never.dtype))
-        elif core.event_dim:
+        if core.event_dim and type(core) is not dist.MultivariateNormal:
             axes = tuple(range(-core.event_dim, 0))
-            partial = jnp.sum(jnp.any(entries, axis=axes) & ~jnp.all(entries, axis=axes))
-            problems[name] = (jnp.zeros((), partial.dtype), partial)
-    return bad_data, good_params, problems
+            entries = fn.observed
+            partial[name] = jnp.sum(jnp.any(entries, axis=axes) & ~jnp.all(entries, axis=axes))
+    coverage = {}
+    for name, sites in (reach or {}).items():
+        # A site without missing entries observes every coordinate.
+        if not all(site in missing for site in sites):
+            continue
+        sizes = {missing[site].event_shape[-1] for site in sites}
+        if len(sizes) != 1 or jnp.shape(params[name])[-1:] != tuple(sizes):
+            continue
+        coverage[name] = {
+            site: jnp.any(jnp.reshape(missing[site].observed, (-1, *sizes)), axis=0)
+            for site in sites
+        }
+    return bad_data, good_params, partial, coverage
+
+
+def mvn_sites_of_params(model, rng_key, args, kwargs, params) -> dict:
+    """``{param: names of the MultivariateNormal observed sites whose arguments
+    depend on it}``, params reaching no such site left out.
+
+    Read from the jaxpr of ``params -> (loc, scale_tril)`` of every such site
+    in a seeded trace (:func:`jaxem.selection.dependencies`, which follows
+    calls and ``scan`` bodies; the stacked site of a ``scan`` body is one site
+    there). Other control flow makes every output depend on every input: a
+    param may be reported to reach more sites than it does, never fewer.
+    """
+    names = tuple(params)
+    sites = []
+
+    def site_args(values):
+        fixed = handlers.substitute(MissingEntries(model), data=dict(zip(names, values)))
+        no_sampling = handlers.substitute(fixed, substitute_fn=_support_value)
+        with validation_enabled(False):
+            tr = handlers.trace(handlers.seed(no_sampling, rng_key)).get_trace(*args, **kwargs)
+        sites.clear()
+        outputs = []
+        for name, site in tr.items():
+            fn = site["fn"] if site["type"] == "sample" and site["is_observed"] else None
+            # The part of an obs_mask site that is missing as a whole scores nothing.
+            if fn is None or (isinstance(fn, dist.MaskedDistribution) and fn._mask is False):
+                continue
+            core = _core_family(fn.base_dist if isinstance(fn, MissingData) else fn)
+            if type(core) is dist.MultivariateNormal:
+                sites.append(name)
+                outputs.append((core.loc, core.scale_tril))
+        return outputs
+
+    closed = jax.make_jaxpr(site_args)([params[name] for name in names])
+    labels = dependencies(closed, [{name: True} for name in names])
+    reach = {}
+    for index, site in enumerate(sites):
+        for name in {**labels[2 * index], **labels[2 * index + 1]}:
+            reach.setdefault(name, []).append(site)
+    return {name: tuple(found) for name, found in reach.items()}
 
 
 def _core_family(fn):
@@ -351,9 +405,23 @@ def _core_family(fn):
 
 
 def raise_for_invalid(
-    structure: ModelStructure, bad_data: dict, good_params: dict, missing_problems=None
+    structure: ModelStructure,
+    bad_data: dict,
+    good_params: dict,
+    partial=None,
+    coverage=None,
+    *,
+    fitting: bool = True,
+    frozen=(),
 ) -> None:
-    """Raise a :class:`ModelError` naming the first invalid site or param."""
+    """Raise a :class:`ModelError` naming the first invalid site or param.
+
+    A param whose coordinates are missing in every row of every site it
+    reaches (``coverage``, from :func:`check_values`) is an error only when
+    ``fitting`` and the param is not ``frozen``: the data say nothing about
+    those entries, but the densities (log-likelihood, posterior, imputation)
+    marginalize them exactly.
+    """
     for name, count in bad_data.items():
         if int(count):
             raise ModelError(
@@ -363,21 +431,18 @@ def raise_for_invalid(
                 "remove or correct those entries before fitting. Infinite values are never "
                 "treated as missing."
             )
-    for name, (never, partial) in (missing_problems or {}).items():
-        if int(never):
+    for name, count in (partial or {}).items():
+        if int(count):
             raise ModelError(
-                f"jaxem: observed site '{name}' (MultivariateNormal) has {int(never)} "
-                "coordinate(s) missing in every row, so the data say nothing about their means "
-                "and covariances. Drop those coordinates from the data and the model."
-            )
-        if int(partial):
-            raise ModelError(
-                f"jaxem: observed site '{name}' has {int(partial)} event(s) with some but not "
+                f"jaxem: observed site '{name}' has {int(count)} event(s) with some but not "
                 "all entries missing, and its distribution has no closed-form marginal over "
                 "part of an event (jaxem marginalizes partly missing events of a "
                 "MultivariateNormal or of independent univariate entries, .to_event()). "
                 "Mark whole events missing, or model the entries as separate sites."
             )
+    if fitting:
+        fitted = {name: v for name, v in (coverage or {}).items() if name not in frozen}
+        _raise_for_unobserved_coordinates(fitted)
     for name, ok in good_params.items():
         if not bool(ok):
             raise ModelError(
@@ -386,6 +451,30 @@ def raise_for_invalid(
                 "model's initial value, init_params, or the params passed in): e.g. a simplex "
                 "sums to 1 along its last axis, lower_cholesky needs a positive diagonal."
             )
+
+
+def _raise_for_unobserved_coordinates(coverage: dict) -> None:
+    """The error for the coordinates that no row of any site a param reaches
+    observes, naming every param with the same sites and coordinates."""
+    failures: dict = {}
+    for name, per_site in coverage.items():
+        seen = np.any(np.stack([np.asarray(v) for v in per_site.values()]), axis=0)
+        if not seen.all():
+            key = (tuple(per_site), tuple(np.flatnonzero(~seen).tolist()))
+            failures.setdefault(key, []).append(name)
+    if not failures:
+        return
+    (sites, coords), params = next(iter(failures.items()))
+    site_list = ", ".join(f"'{s}'" for s in sites)
+    param_list = ", ".join(f"'{p}'" for p in params)
+    raise ModelError(
+        f"jaxem: coordinate(s) {list(coords)} of the MultivariateNormal site(s) {site_list} "
+        f"are missing in every row of every site that param(s) {param_list} reach, so the "
+        "data say nothing about those params' entries for them and EM cannot estimate "
+        "them. Drop those coordinates from the data and the model, or fit data that "
+        "observe each coordinate somewhere (log_likelihood, posterior and impute accept "
+        "such data: the missing coordinates are marginalized)."
+    )
 
 
 def merge_init_params(params: dict, init_params: dict | None) -> dict:
@@ -410,7 +499,7 @@ def merge_init_params(params: dict, init_params: dict | None) -> dict:
     return merged
 
 
-def validate(model, rng_key, arrays, spec, params=None) -> None:
+def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()) -> None:
     """Raise a :class:`ModelError` for bad data or parameter values.
 
     Checks the observed data (NaN or infinite entries, missing-data problems)
@@ -418,6 +507,8 @@ def validate(model, rng_key, arrays, spec, params=None) -> None:
     (a partial or full ``{param name: value}``). One compiled check per model
     and argument signature (eager checks would compile op by op); skipped when
     any input is a tracer (under ``jit``/``vmap`` nothing can be raised).
+    With ``fitting``, also MultivariateNormal coordinates that the data never
+    observe, for the params not ``frozen`` (:func:`raise_for_invalid`).
     """
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
         return
@@ -428,7 +519,7 @@ def validate(model, rng_key, arrays, spec, params=None) -> None:
     else:
         flags = _validity_jit(model, spec, rng_key, arrays, params)
     args, kwargs = merge_args(arrays, spec)
-    raise_for_invalid(model_structure(model, args, kwargs), *flags)
+    raise_for_invalid(model_structure(model, args, kwargs), *flags, fitting=fitting, frozen=frozen)
 
 
 def _validity(model, spec, rng_key, arrays, params):
@@ -436,7 +527,10 @@ def _validity(model, spec, rng_key, arrays, params):
     structure, initial, observed, missing = inspect_model(
         model, rng_key, args, kwargs, observed_values=True
     )
-    return check_values(structure, merge_init_params(initial, params), observed, missing)
+    reach = None
+    if any(type(_core_family(fn.base_dist)) is dist.MultivariateNormal for fn in missing.values()):
+        reach = mvn_sites_of_params(model, rng_key, args, kwargs, initial)
+    return check_values(structure, merge_init_params(initial, params), observed, missing, reach)
 
 
 _validity_jit = jax.jit(_validity, static_argnums=(0, 1))

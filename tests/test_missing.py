@@ -220,12 +220,11 @@ def _gmm_params(rng, K, dim):
     }
 
 
-def test_gmm_log_likelihood_is_the_observed_data_log_likelihood(x64, rng):
-    params = _gmm_params(rng, 3, 3)
-    x = mcar(rng, rng.normal(size=(25, 3)) * 2, 0.35)
-    x[0] = np.nan  # a row with nothing observed contributes log 1
+def gmm_observed_log_likelihood(x, params):
+    """sum over rows of log sum_k w_k N(x_v | mu_kv, S_kvv), v the row's observed
+    coordinates (scipy), rows with nothing observed contributing log 1."""
     cov = np.asarray(params["L"] @ jnp.swapaxes(params["L"], -1, -2))
-    expected = 0.0
+    total = 0.0
     for row in x:
         seen = ~np.isnan(row)
         if not seen.any():
@@ -235,11 +234,18 @@ def test_gmm_log_likelihood_is_the_observed_data_log_likelihood(x64, rng):
             + multivariate_normal(
                 np.asarray(params["mu"][k])[seen], cov[k][np.ix_(seen, seen)]
             ).logpdf(row[seen])
-            for k in range(3)
+            for k in range(len(params["w"]))
         ]
-        expected += logsumexp(terms)
+        total += logsumexp(terms)
+    return total
+
+
+def test_gmm_log_likelihood_is_the_observed_data_log_likelihood(x64, rng):
+    params = _gmm_params(rng, 3, 3)
+    x = mcar(rng, rng.normal(size=(25, 3)) * 2, 0.35)
+    x[0] = np.nan  # a row with nothing observed contributes log 1
     got = jaxem.log_likelihood(nan_as_missing(gmm), params, jnp.asarray(x), K=3)
-    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    np.testing.assert_allclose(got, gmm_observed_log_likelihood(x, params), rtol=1e-12)
 
 
 @pytest.mark.parametrize("model", [gmm, tied_gmm], ids=["full", "tied-precision"])
@@ -316,11 +322,52 @@ def test_rows_with_every_entry_missing_change_nothing(x64, rng):
         np.testing.assert_allclose(fit_padded.params[name], fit.params[name], rtol=1e-10)
 
 
-def test_a_column_never_observed_is_an_error(rng):
-    x = rng.normal(size=(10, 3))
+def test_a_column_never_observed_is_marginalized_but_not_fitted(x64, rng):
+    params = _gmm_params(rng, 2, 3)
+    x = mcar(rng, rng.normal(size=(20, 3)) * 2, 0.2)
     x[:, 1] = np.nan
-    with pytest.raises(ModelError, match=r"site 'x' \(MultivariateNormal\) has 1 coordinate"):
-        EM(nan_as_missing(mvn_model)).run(jax.random.PRNGKey(0), jnp.asarray(x), max_iter=2)
+    model = nan_as_missing(gmm)
+    # The densities marginalize the column like any missing entry.
+    got = jaxem.log_likelihood(model, params, jnp.asarray(x))
+    np.testing.assert_allclose(got, gmm_observed_log_likelihood(x, params), rtol=1e-12)
+    post = jaxem.posterior(model, params, jnp.asarray(x))["z"]
+    np.testing.assert_allclose(np.sum(post, -1), 1.0, rtol=1e-12)
+    assert np.all(np.isfinite(jaxem.impute(model, params, jnp.asarray(x))["x"]))
+    # Fitting cannot estimate the column's mean and covariances.
+    message = (
+        r"coordinate\(s\) \[1\] of the MultivariateNormal site\(s\) 'x' are missing in every "
+        r"row of every site that param\(s\) 'L', 'mu' reach.*Drop those coordinates"
+    )
+    for fitter in (EM(model), jaxem.VariationalEM(model), jaxem.OnlineEM(model)):
+        with pytest.raises(ModelError, match=message):
+            fitter.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    with pytest.raises(ModelError, match=message):
+        EM(model).run(jax.random.PRNGKey(0), jnp.asarray(x), max_iter=2)
+    x = rng.normal(size=(10, 3))
+    x[:, 2] = np.nan
+    with pytest.raises(ModelError, match=r"\[2\] of the .* site\(s\) 'x' .* 'cov', 'mu' reach"):
+        EM(nan_as_missing(mvn_model)).init(jax.random.PRNGKey(0), jnp.asarray(x))
+
+
+def test_a_coordinate_is_needed_in_some_site_of_each_param():
+    def shared_mean(a, b):
+        mu = numpyro.param("mu", jnp.zeros(2))
+        cov_a = numpyro.param("cov_a", jnp.eye(2), constraint=constraints.positive_definite)
+        cov_b = numpyro.param("cov_b", jnp.eye(2), constraint=constraints.positive_definite)
+        with numpyro.plate("a_rows", a.shape[0]):
+            numpyro.sample("a", dist.MultivariateNormal(mu, cov_a), obs=a)
+        with numpyro.plate("b_rows", b.shape[0]):
+            numpyro.sample("b", dist.MultivariateNormal(mu, cov_b), obs=b)
+
+    a = jnp.array([[1.0, jnp.nan], [0.5, jnp.nan], [0.2, jnp.nan]])
+    b = jnp.array([[1.0, 2.0], [jnp.nan, 0.5], [0.3, jnp.nan]])
+    # b observes mu's coordinate 1, but cov_a reaches a alone, which never does.
+    with pytest.raises(
+        ModelError, match=r"\[1\] of the .* site\(s\) 'a' .* param\(s\) 'cov_a' reach"
+    ):
+        EM(nan_as_missing(shared_mean)).init(jax.random.PRNGKey(0), a, b)
+    # Not an error when cov_a is not fitted.
+    EM(nan_as_missing(shared_mean), frozen=["cov_a"]).init(jax.random.PRNGKey(0), a, b)
 
 
 def test_nan_without_opt_in_is_an_error(rng):

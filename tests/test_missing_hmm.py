@@ -204,7 +204,11 @@ def test_complete_data_equals_the_ordinary_path(x64, rng, model, params):
 
 @pytest.mark.parametrize("model, params", MODELS, ids=["full", "diag"])
 def test_em_is_monotone_and_closed_form(x64, rng, model, params):
-    x = jnp.asarray(sample_hmm(rng, 30, 3, 0.3))
+    x = sample_hmm(rng, 30, 3, 0.3)
+    # The first step's site x0 never observes coordinate 1; the emission params it
+    # shares with the scanned site x are estimated from the later steps.
+    x[0, :, 1] = np.nan
+    x = jnp.asarray(x)
     em = EM(nan_as_missing(model), reg_covar=0.0)
     paths = em.m_step_paths(x)
     assert all(p.startswith("closed-form") for p in paths.values()), paths
@@ -232,3 +236,68 @@ def test_impute_is_the_posterior_mean_of_the_conditional_means(x64, rng, model, 
     ref = reference_impute(x, params, post)
     np.testing.assert_allclose(filled["x0"], ref[0], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(filled["x"], ref[1:], rtol=1e-9, atol=1e-12)
+
+
+def test_a_coordinate_missing_at_every_step_is_marginalized_but_not_fitted(x64, rng):
+    x = sample_hmm(rng, 12, 2, 0.2)
+    x[:, :, 1] = np.nan
+    model = nan_as_missing(full_hmm)
+    ll = jaxem.log_likelihood(model, _jnp(PARAMS), jnp.asarray(x))
+    np.testing.assert_allclose(float(ll), reference_forward_backward(x, PARAMS)[0], rtol=1e-8)
+    message = (
+        r"coordinate\(s\) \[1\] of the MultivariateNormal site\(s\) 'x', 'x0' are missing in "
+        r"every row of every site that param\(s\) 'cov', 'mu' reach"
+    )
+    with pytest.raises(jaxem.ModelError, match=message):
+        EM(model).run(jax.random.PRNGKey(0), jnp.asarray(x), max_iter=2)
+
+
+def test_impute_draws_the_states_of_a_sequence_jointly(x64):
+    # Three steps; coordinate 0 is missing at every step and separates the states
+    # (means -4 and 4, sd 0.1), so the sign of its draw tells the state it was drawn
+    # under. Coordinates 1 and 2 are observed and weakly informative; with a sticky
+    # chain the states' joint posterior is far from the product of their marginals.
+    params = {
+        "pi": np.array([0.55, 0.45]),
+        "A": np.array([[0.9, 0.1], [0.15, 0.85]]),
+        "mu": np.array([[-4.0, 0.0, 0.3], [4.0, 0.4, 0.0]]),
+        "cov": np.stack([np.diag([0.01, 1.0, 1.0]), np.diag([0.01, 0.8, 1.2])]),
+    }
+    sequence = np.array([[np.nan, 0.3, -0.2], [np.nan, 0.5, 0.6], [np.nan, -0.4, 0.1]])
+    num_draws = 4000
+    x = np.repeat(sequence[:, None], num_draws, axis=1)  # independent copies
+    draws = jaxem.impute(
+        nan_as_missing(full_hmm), _jnp(params), jnp.asarray(x), rng_key=jax.random.PRNGKey(7)
+    )
+    states = np.concatenate([draws["x0"][None], draws["x"]])[..., 0] > 0  # (3, draws)
+    np.testing.assert_array_equal(draws["x"][..., 1:], x[1:, :, 1:])
+    # Brute force over the 8 paths.
+    emission = np.array(
+        [
+            [
+                multivariate_normal(params["mu"][k][1:], params["cov"][k][1:, 1:]).logpdf(row[1:])
+                for k in range(K)
+            ]
+            for row in sequence
+        ]
+    )
+    paths = np.array(np.meshgrid(*[range(K)] * 3, indexing="ij")).reshape(3, -1).T
+    log_joint = [
+        np.log(params["pi"][a])
+        + np.log(params["A"][a, b])
+        + np.log(params["A"][b, c])
+        + emission[0, a]
+        + emission[1, b]
+        + emission[2, c]
+        for a, b, c in paths
+    ]
+    expected = np.exp(log_joint - logsumexp(log_joint))
+    counts = np.array([np.mean(np.all(states.T == path, axis=1)) for path in paths])
+    std_error = np.sqrt(expected * (1 - expected) / num_draws)
+    assert np.all(np.abs(counts - expected) < 5 * std_error), (counts, expected)
+    # Draws of the states one step at a time, from their marginals, would not do.
+    marginals = [np.sum(expected[paths[:, t] == 1]) for t in range(3)]
+    independent = np.prod(
+        [np.where(paths[:, t] == 1, marginals[t], 1 - marginals[t]) for t in range(3)], axis=0
+    )
+    assert np.max(np.abs(independent - expected) / std_error) > 20
