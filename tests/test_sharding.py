@@ -2,7 +2,9 @@
 
 XLA_FLAGS must be set before jax is imported, so the check runs in a subprocess. It fits
 each model on unsharded data (one device) and on the same data placed with
-``NamedSharding(mesh, P("data"))``, and reads the compiled program of the sharded run.
+``NamedSharding(mesh, P("data"))`` (a scan HMM's (T, N, D) data along the sequences'
+axis, ``P(None, "data")``), with plain, SQUAREM and Anderson EM, and streams sharded
+minibatches through OnlineEM; it reads the compiled program of every sharded run.
 """
 
 import json
@@ -21,8 +23,9 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from models import gmm_scale_tril, normal_mixture
+    from test_chain import gaussian_hmm
     from test_monotone import latent_class
-    from jaxem import EM
+    from jaxem import EM, OnlineEM
     from jaxem.tracing import split_args
 
     jax.config.update("jax_enable_x64", True)
@@ -31,24 +34,31 @@ SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(0)
     z = rng.integers(0, 3, 800)
     centers = np.array([[-3.0, 0.0], [0.0, 3.0], [3.0, 0.0]])
+    mvn_x = rng.normal(size=(800, 2)) + centers[z]
+    mvn_init = {"mu": [[-1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]}
+    # 16 sequences of 30 steps, (T, N, D): sharded along the sequences' plate (axis 1).
+    hmm_x = rng.normal(size=(30, 16, 2)) + centers[rng.integers(0, 3, (30, 16))]
+    # name: (model, data, extra args, EM options, initial values, partition spec)
     cases = {
-        "mvn": (gmm_scale_tril, rng.normal(size=(800, 2)) + centers[z], {}, {
-            "mu": [[-1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]}),
-        "normal_squarem": (normal_mixture, rng.normal(size=800) + centers[z, 0],
-                           {"acceleration": "squarem"}, {"mu": [-1.0, 0.0, 1.0]}),
+        "mvn": (gmm_scale_tril, mvn_x, (3,), {}, mvn_init, P("data")),
+        "mvn_anderson": (gmm_scale_tril, mvn_x, (3,), {"acceleration": "anderson"}, mvn_init,
+                         P("data")),
+        "normal_squarem": (normal_mixture, rng.normal(size=800) + centers[z, 0], (3,),
+                           {"acceleration": "squarem"}, {"mu": [-1.0, 0.0, 1.0]}, P("data")),
         "latent_class": (latent_class, (rng.uniform(size=(800, 5)) < np.where(
-            z[:, None] == 0, 0.2, 0.7)).astype(float), {}, {
-            "p": np.linspace(0.3, 0.7, 15).reshape(3, 5).tolist()}),
+            z[:, None] == 0, 0.2, 0.7)).astype(float), (3,), {}, {
+            "p": np.linspace(0.3, 0.7, 15).reshape(3, 5).tolist()}, P("data")),
+        "hmm_sequences": (gaussian_hmm, hmm_x, (), {}, mvn_init, P(None, "data")),
     }
     out = {}
-    for name, (model, x, options, init) in cases.items():
+    for name, (model, x, extra, options, init, partition) in cases.items():
         em = EM(model, **options)
         init = {k: jnp.asarray(v) for k, v in init.items()}
         kw = dict(max_iter=40, tol=0.0, init_params=init, num_restarts=2)
-        single = em.run(jax.random.PRNGKey(0), jnp.asarray(x), 3, **kw)
-        sharded_x = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("data")))
-        sharded = em.run(jax.random.PRNGKey(0), sharded_x, 3, **kw)
-        arrays, spec = split_args((sharded_x, 3), {})
+        single = em.run(jax.random.PRNGKey(0), jnp.asarray(x), *extra, **kw)
+        sharded_x = jax.device_put(jnp.asarray(x), NamedSharding(mesh, partition))
+        sharded = em.run(jax.random.PRNGKey(0), sharded_x, *extra, **kw)
+        arrays, spec = split_args((sharded_x, *extra), {})
         hlo = em._run_jit.lower(
             jax.random.PRNGKey(0), arrays, init, jnp.asarray(0.0),
             spec=spec, max_iter=40, num_restarts=2, progress_bar=False,
@@ -65,6 +75,28 @@ SCRIPT = textwrap.dedent(
             "all_reduce": len(re.findall(r"all-reduce(-start)?\\(", hlo)),
             "x_per_device": list(sharded_x.addressable_shards[0].data.shape),
         }
+
+    # OnlineEM on minibatches of 160 points, each sharded over the 8 devices.
+    online = OnlineEM(gmm_scale_tril)
+    init = {k: jnp.asarray(v) for k, v in mvn_init.items()}
+    batches = [(mvn_x[i : i + 160], 3) for i in range(0, 800, 160)] * 3
+    single = online.run(jax.random.PRNGKey(0), batches, init_params=init)
+    sharded_batches = [
+        (jax.device_put(jnp.asarray(b), NamedSharding(mesh, P("data"))), k) for b, k in batches
+    ]
+    sharded = online.run(jax.random.PRNGKey(0), sharded_batches, init_params=init)
+    arrays, spec = split_args(sharded_batches[0], {})
+    hlo = online._update_jit.lower(sharded.state, arrays, spec).compile().as_text()
+    out["online"] = {
+        "single": [float(v) for v in single.log_likelihoods],
+        "sharded": [float(v) for v in sharded.log_likelihoods],
+        "max_param_diff": max(
+            float(jnp.max(jnp.abs(single.params[k] - sharded.params[k]))) for k in single.params
+        ),
+        "all_gather": len(re.findall(r"all-gather(-start)?\\(", hlo)),
+        "all_reduce": len(re.findall(r"all-reduce(-start)?\\(", hlo)),
+        "x_per_device": list(sharded_batches[0][0].addressable_shards[0].data.shape),
+    }
     print("RESULT" + json.dumps(out))
     """
 )
@@ -85,10 +117,15 @@ def sharded_results():
     return json.loads(line[len("RESULT") :])
 
 
-@pytest.mark.parametrize("name", ["mvn", "normal_squarem", "latent_class"])
+EM_CASES = ["mvn", "mvn_anderson", "normal_squarem", "latent_class", "hmm_sequences"]
+
+
+@pytest.mark.parametrize("name", EM_CASES)
 def test_sharded_run_equals_single_device(sharded_results, name):
     result = sharded_results[name]
-    assert result["x_per_device"][0] == 100  # 800 points over 8 devices
+    # 800 points, or 16 sequences (axis 1), over 8 devices
+    expected = [30, 2, 2] if name == "hmm_sequences" else [100]
+    assert result["x_per_device"][: len(expected)] == expected
     np.testing.assert_allclose(result["sharded"], result["single"], rtol=1e-12)
     # Only the order of the float64 sums differs; near the optimum SQUAREM's extrapolation
     # amplifies that along flat directions of the likelihood to ~1e-9.
@@ -96,7 +133,14 @@ def test_sharded_run_equals_single_device(sharded_results, name):
     assert result["num_iters"] == 40
 
 
-@pytest.mark.parametrize("name", ["mvn", "normal_squarem", "latent_class"])
+def test_online_em_on_sharded_minibatches_equals_single_device(sharded_results):
+    result = sharded_results["online"]
+    assert result["x_per_device"][0] == 20  # 160 points per minibatch over 8 devices
+    np.testing.assert_allclose(result["sharded"], result["single"], rtol=1e-12)
+    assert result["max_param_diff"] < 1e-9
+
+
+@pytest.mark.parametrize("name", [*EM_CASES, "online"])
 def test_sharded_e_step_reduces_statistics_without_gathering_data(sharded_results, name):
     """The statistics are summed per device and all-reduced; nothing is all-gathered."""
     result = sharded_results[name]
