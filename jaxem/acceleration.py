@@ -12,13 +12,15 @@ the path they trace,
     \\alpha = \\max(1, \\min(\\alpha_{\\max}, \\lVert r \\rVert / \\lVert v \\rVert)),
 
 with the step length of their scheme S3 (``alpha = 1`` gives ``theta_2``
-back). The extrapolation is done in NumPyro's unconstrained space
-(``biject_to``), so ``theta'`` always satisfies the constraints. One more EM
+back). The extrapolation is done in ``log p`` for simplex parameters (the
+softmax maps back) and in NumPyro's unconstrained space (``biject_to``) for
+the others, so ``theta'`` always satisfies the constraints; the step length is
+measured on the simplex values themselves (see :func:`squarem_extrapolate`). One more EM
 step from ``theta'`` stabilizes it. The cycle is accepted only if the
 log-likelihood at ``theta'`` is not below that at ``theta_0``; otherwise the
 plain EM point ``theta_2`` is kept, so the log-likelihood never decreases.
-``alpha_max`` grows fourfold each time the step reaches it and shrinks
-fourfold when such a step is rejected, as in R's SQUAREM package.
+``alpha_max`` doubles each time the step reaches it and halves when such a
+step is rejected (R's SQUAREM package uses a factor 4).
 
 Anderson acceleration (type II, Walker and Ni 2011; safeguarded for EM
 in the spirit of DAAREM, Henderson and Varadhan 2019) costs one EM step per
