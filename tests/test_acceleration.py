@@ -79,18 +79,18 @@ def test_squarem_cuts_em_steps_on_an_overlapping_mixture(x64):
 
 
 def test_safeguard_falls_back_to_plain_em(x64):
-    """On the full-covariance mixture the third cycle's extrapolation overshoots: the
+    """On the full-covariance mixture an early cycle's extrapolation overshoots: the
     safeguard must reject it and keep exactly the point of two plain EM steps."""
     model, x, K, init, _ = _case("mvn")
     fast, plain = EM(model, acceleration="squarem"), EM(model)
     state = fast.init(jax.random.PRNGKey(0), x, K, init_params=init)
-    for _ in range(10):
+    for _ in range(40):
         before = state
         state, log_lik = fast.update(state, x, K)
         if int(state.acceleration.num_rejected) > int(before.acceleration.num_rejected):
             break
     else:
-        pytest.fail("the safeguard never fired in 10 cycles")
+        pytest.fail("the safeguard never fired in 40 cycles")
     # Replay the cycle with plain EM: two steps, then the SQUAREM point by hand.
     first, ll0 = plain.update(before._replace(acceleration=()), x, K)
     second, _ = plain.update(first, x, K)
@@ -107,8 +107,12 @@ def test_safeguard_falls_back_to_plain_em(x64):
     )
     assert float(alpha) > 1.0
     assert float(jaxem.log_likelihood(model, extrapolated, x, K)) < float(ll0)
-    # A step at alpha_max was rejected: alpha_max shrinks.
-    assert float(state.acceleration.step_max) < float(before.acceleration.step_max)
+    # alpha_max shrinks after a rejected step at alpha_max, and stays otherwise.
+    step_max, before_max = float(state.acceleration.step_max), float(before.acceleration.step_max)
+    if float(alpha) >= before_max:
+        assert step_max < before_max
+    else:
+        assert step_max == before_max
 
 
 def shifted_means(x, K):
