@@ -58,6 +58,8 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions.constraints import simplex
 from numpyro.distributions.transforms import IdentityTransform, biject_to
 
+from jaxem.loop import all_finite, tree_where
+
 __all__ = [
     "AndersonState",
     "SquaremState",
@@ -68,7 +70,9 @@ __all__ = [
     "squarem_step_max",
 ]
 
-STEP_FACTOR = 4.0
+# Anderson's bound on ||gamma|| grows and shrinks by this factor (as SQUAREM's alpha_max
+# does in R's SQUAREM).
+ANDERSON_STEP_FACTOR = 4.0
 # SQUAREM's alpha_max grows and shrinks by this factor (R's SQUAREM: mstep = 4); 2 needs
 # fewer EM steps on the scan HMMs of benchmarks/convergence.py (fewer overshoots).
 SQUAREM_STEP_FACTOR = 2.0
@@ -323,12 +327,10 @@ def anderson_step(state: AndersonState, log_lik, image, constraints):
         current point (else the current point stays, and the next trial is the
         plain EM point from it).
     """
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(image)]
-    finite_image = jnp.all(jnp.stack(leaves))
     # A plain EM point is kept whatever its value, as plain EM would (a non-finite
     # value then stops the loop as a divergence).
     accepted = state.plain | (
-        jnp.isfinite(log_lik) & (log_lik >= state.log_likelihood) & finite_image
+        jnp.isfinite(log_lik) & (log_lik >= state.log_likelihood) & all_finite(image)
     )
     trial, usable_trial, _ = _flat(state.trial, constraints)
     mapped, usable_mapped, unflatten = _flat(image, constraints)
@@ -354,7 +356,9 @@ def anderson_step(state: AndersonState, log_lik, image, constraints):
     count = jnp.where(accepted, jnp.minimum(state.count + push.astype(jnp.int32), memory), 0)
     position = jnp.where(accepted, (row + push.astype(jnp.int32)) % memory, 0)
     grown = jnp.where(
-        accepted, state.step_max * STEP_FACTOR, jnp.maximum(state.step_max / STEP_FACTOR, 1.0)
+        accepted,
+        state.step_max * ANDERSON_STEP_FACTOR,
+        jnp.maximum(state.step_max / ANDERSON_STEP_FACTOR, 1.0),
     )
     step_max = jnp.where(state.capped & ~state.plain, grown, state.step_max)
 
@@ -378,16 +382,13 @@ def anderson_step(state: AndersonState, log_lik, image, constraints):
         keep = ~jnp.any(corrections[n] != 0) | jnp.any(pinned)
         anderson[n] = jnp.where(keep, image[n], extrapolated)
 
-    def pick(a, b):
-        return jax.tree.map(lambda x, y: jnp.where(accepted, x, y), a, b)
-
     return AndersonState(
-        trial=pick(anderson, state.image),
+        trial=tree_where(accepted, anderson, state.image),
         plain=~accepted | ~jnp.any(correction != 0),
         log_likelihood=jnp.where(accepted, log_lik, state.log_likelihood).astype(
             state.log_likelihood.dtype
         ),
-        image=pick(dict(image), state.image),
+        image=tree_where(accepted, dict(image), state.image),
         started=state.started | accepted,
         residual=jnp.where(accepted, residual, state.residual),
         value=jnp.where(accepted, value, state.value),
