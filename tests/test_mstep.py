@@ -239,3 +239,64 @@ def test_hard_em_is_kmeans(num_iters, x64):
         np.asarray(jaxem.posterior(kmeans_model, result.params, jnp.asarray(x), K)["z"]), axis=-1
     )
     np.testing.assert_array_equal(labels, km.labels_)
+
+
+def _diag_mixture(x, K):
+    D = x.shape[-1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.zeros((K, D)))
+    sigma = numpyro.param("sigma", jnp.ones((K, D)), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma[z]).to_event(1), obs=x)
+
+
+def _full_mixture(x, K):
+    D = x.shape[-1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.zeros((K, D)))
+    L = numpyro.param(
+        "L", jnp.broadcast_to(jnp.eye(D), (K, D, D)), constraint=constraints.lower_cholesky
+    )
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_float32_far_tight_clusters(cov, x32):
+    """The closed-form scale and the diagonal-Normal density expand sums of squares
+    into matmuls after shifting by the data mean. Two tight clusters (sd 0.1, 0.2) at
+    +-500 put the expansion's float32 rounding (~eps * 500^2 / 0.1^2, above 1) far past
+    its guards, which must switch to the residuals: one EM step matches float64 numpy."""
+    rng = np.random.default_rng(3)
+    centers = np.array([[500.0, -500.0], [-500.0, 500.0]])
+    labels = np.repeat([0, 1], 400)
+    x = centers[labels] + rng.normal(size=(800, 2)) * np.array([0.1, 0.2])
+    K = 2
+    init = {"w": jnp.full(K, 0.5), "mu": jnp.asarray(centers, jnp.float32)}
+    model = _diag_mixture if cov == "diag" else _full_mixture
+    if cov == "diag":
+        init["sigma"] = jnp.ones((K, 2))
+    else:
+        init["L"] = jnp.broadcast_to(jnp.eye(2), (K, 2, 2))
+    data = jnp.asarray(x, jnp.float32)
+    # The E-step's density: the log-likelihood at the start, against scipy in float64.
+    start = float(jaxem.log_likelihood(model, init, data, K))
+    expected_start = np.sum(
+        logsumexp(
+            [np.log(0.5) + stats.norm(c, 1.0).logpdf(x).sum(-1) for c in centers], axis=0
+        )
+    )
+    np.testing.assert_allclose(start, expected_start, rtol=1e-6)
+    # After one step the responsibilities are hard (to exp(-1e5)): per-cluster moments.
+    result = EM(model).run(jax.random.PRNGKey(0), data, K, max_iter=1, tol=0.0, init_params=init)
+    for k in range(K):
+        points = x[labels == k]
+        np.testing.assert_allclose(result.params["mu"][k], points.mean(0), rtol=1e-6)
+        if cov == "diag":
+            np.testing.assert_allclose(result.params["sigma"][k], points.std(0), rtol=1e-4)
+        else:
+            L = np.asarray(result.params["L"][k], np.float64)
+            expected = np.cov(points.T, bias=True)
+            np.testing.assert_allclose(L @ L.T, expected, rtol=1e-3, atol=1e-6)
