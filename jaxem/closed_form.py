@@ -33,6 +33,8 @@ import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import constraints
 
+from jaxem.batching import shared_predicate
+
 __all__ = [
     "Cells",
     "ClosedFormUpdate",
@@ -369,7 +371,7 @@ def _expansion_accurate(error):
     float32) costs less than the dtype resolves. Beyond that the residuals are summed
     instead (``K x N x D`` elementwise work instead of a matmul).
     """
-    return jnp.max(error) < jnp.sqrt(jnp.finfo(error.dtype).eps)
+    return shared_predicate(jnp.max(error) < jnp.sqrt(jnp.finfo(error.dtype).eps))
 
 
 _SHIFTED = contextvars.ContextVar("jaxem_shifted", default=None)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxem.batching import RESTART_AXIS, restart_axis
 from jaxem.tracing import ModelError, inspect_model, merge_args, merge_init_params, split_args
 
 __all__ = [
@@ -184,7 +185,10 @@ def best_restart(fit_fn: Callable, rng_key, num_restarts: int, score_fn: Callabl
     if num_restarts == 1:
         result = fit_fn(rng_key)
         return result, score_fn(result)[None]
-    fits = jax.vmap(fit_fn)(jax.random.split(rng_key, num_restarts))
+    # The named axis lets the rounding guards branch once for all restarts
+    # (jaxem.batching) rather than compute both branches in each.
+    with restart_axis():
+        fits = jax.vmap(fit_fn, axis_name=RESTART_AXIS)(jax.random.split(rng_key, num_restarts))
     scores = score_fn(fits)
     best = jnp.argmax(jnp.where(jnp.isnan(scores), -jnp.inf, scores))
     return jax.tree.map(lambda x: x[best], fits), scores

@@ -35,6 +35,7 @@ from numpyro.distributions.distribution import COERCIONS, validation_enabled
 from numpyro.distributions.util import is_identically_one
 from numpyro.primitives import Messenger
 
+from jaxem.batching import shared_predicate
 from jaxem.closed_form import contract_cells
 from jaxem.missing import MissingData, MissingEntries, missing_log_prob
 from jaxem.scan import enumerated_scan
@@ -784,7 +785,7 @@ def site_log_prob(fn, value):
             # in some cell (float32 with far-apart, tight clusters), evaluate the
             # exact density instead.
             log_prob = jax.lax.cond(
-                error < 1e-3,
+                shared_predicate(error < 1e-3),
                 lambda: log_prob,
                 lambda: site_log_prob(fn.base_dist, value).sum(-1),
             )

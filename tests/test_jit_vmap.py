@@ -122,3 +122,54 @@ def test_run_under_user_jit(x32):
     np.testing.assert_allclose(
         float(jitted(x)), float(em.run(key, x, 3, max_iter=10, tol=0.0).log_likelihood), rtol=1e-5
     )
+
+
+def diag_kmeans_mixture(x, K):
+    D = x.shape[-1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jaxem.init.kmeans_plusplus(x, K))
+    sigma = numpyro.param("sigma", jnp.ones((K, D)), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma[z]).to_event(1), obs=x)
+
+
+def _branches(em, x, K, num_restarts):
+    """Branch ops (``cond``s not turned into ``select``s) in the lowered ``run``."""
+
+    def run(x):
+        key = jax.random.PRNGKey(0)
+        return em.run(key, x, K, max_iter=2, tol=0.0, num_restarts=num_restarts).log_likelihood
+
+    text = jax.jit(run).lower(x).as_text()
+    return text.count("stablehlo.case") + text.count("stablehlo.if")
+
+
+def test_restarts_share_the_rounding_guards(x32):
+    """The float32 rounding guards (a ``cond`` between a matmul expansion and the exact
+    K x N x D sum) stay branches under the restarts' ``vmap``: with a per-restart
+    predicate each restart would compute both. Where a guard must fire (tight clusters
+    at +-500), each restart still equals its fit run alone, and the scales are exact."""
+    rng = np.random.default_rng(5)
+    centers = np.array([[500.0, -500.0], [-500.0, 500.0], [500.0, 500.0]])
+    labels = np.repeat([0, 1, 2], 200)
+    x = centers[labels] + rng.normal(size=(600, 2)) * 0.1
+    data = jnp.asarray(x, jnp.float32)
+    em = EM(diag_kmeans_mixture)
+    assert _branches(em, data, 3, 1) >= 2  # the two guards are there
+    assert _branches(em, data, 3, 3) == _branches(em, data, 3, 1)
+
+    key = jax.random.PRNGKey(2)
+    result = em.run(key, data, 3, max_iter=5, tol=0.0, num_restarts=3)
+    singles = [em.run(k, data, 3, max_iter=5, tol=0.0) for k in jax.random.split(key, 3)]
+    np.testing.assert_allclose(
+        np.asarray(result.restart_log_likelihoods),
+        [float(s.log_likelihood) for s in singles],
+        rtol=1e-6,
+    )
+    best = singles[int(np.argmax([float(s.log_likelihood) for s in singles]))]
+    mu, sigma = np.asarray(best.params["mu"]), np.asarray(best.params["sigma"])
+    for k in range(3):
+        nearest = np.argmin(np.abs(mu - centers[k]).sum(-1))
+        np.testing.assert_allclose(mu[nearest], x[labels == k].mean(0), rtol=1e-6)
+        np.testing.assert_allclose(sigma[nearest], x[labels == k].std(0), rtol=1e-4)

@@ -284,9 +284,7 @@ def test_float32_far_tight_clusters(cov, x32):
     # The E-step's density: the log-likelihood at the start, against scipy in float64.
     start = float(jaxem.log_likelihood(model, init, data, K))
     expected_start = np.sum(
-        logsumexp(
-            [np.log(0.5) + stats.norm(c, 1.0).logpdf(x).sum(-1) for c in centers], axis=0
-        )
+        logsumexp([np.log(0.5) + stats.norm(c, 1.0).logpdf(x).sum(-1) for c in centers], axis=0)
     )
     np.testing.assert_allclose(start, expected_start, rtol=1e-6)
     # After one step the responsibilities are hard (to exp(-1e5)): per-cluster moments.
