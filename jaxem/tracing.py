@@ -824,7 +824,13 @@ def _diagonal_normal_log_prob(loc, scale, value):
     quadratic = x_term - 2 * contract_cells(batch, batch, (x, "d"), (m * precision, "d")) + m_term
     log_det = -0.5 * contract_cells(batch, batch, (jnp.log(precision), "d"))
     log_prob = -0.5 * quadratic - log_det - 0.5 * dim * jnp.log(2 * jnp.pi)
-    error = jnp.finfo(log_prob.dtype).eps * jnp.max(x_term + m_term)
+    # The rounding is below eps * (x_term + m_term) in each cell. Rather than a pass
+    # over the cells, bound their maximum by the data's largest squared norm (which
+    # depends on the data alone: inside ``run`` XLA computes it once) times each
+    # component's largest precision, plus its m_term.
+    largest = jnp.max(jnp.sum(x**2, axis=-1))
+    bound = largest * jnp.max(precision, axis=-1) + jnp.sum(m**2 * precision, axis=-1)
+    error = jnp.finfo(log_prob.dtype).eps * jnp.max(bound)
     return log_prob, jax.lax.stop_gradient(error)
 
 
