@@ -478,10 +478,23 @@ def _raise_for_unobserved_coordinates(coverage: dict) -> None:
     )
 
 
+def check_init_params(init_params: dict | None) -> None:
+    """A named error for ``init_params`` entries that are callables, not values."""
+    for name, value in (init_params or {}).items():
+        if callable(value):
+            raise ModelError(
+                f"jaxem: init_params['{name}'] is a callable ({value!r}); init_params takes "
+                "values. A callable initial value (such as jaxem.init.kmeans_plusplus(x, K)) "
+                f"goes in the model, numpyro.param('{name}', init_fn), where run calls it "
+                "with each restart's key; or pass init_fn(jax.random.PRNGKey(0)) here."
+            )
+
+
 def merge_init_params(params: dict, init_params: dict | None) -> dict:
     """``params`` with the entries of ``init_params`` (checked names and shapes)."""
     if not init_params:
         return params
+    check_init_params(init_params)
     unknown = set(init_params) - set(params)
     if unknown:
         raise ModelError(
@@ -511,6 +524,7 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     With ``fitting``, also MultivariateNormal coordinates that the data never
     observe, for the params not ``frozen`` (:func:`raise_for_invalid`).
     """
+    check_init_params(params)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
         return
     try:

@@ -160,3 +160,14 @@ def test_public_functions_name_nan_data_and_bad_params():
         with pytest.raises(jaxem.ModelError, match="param 'weights' is not finite or lies outside"):
             fn(good_model, bad, x[:2])
     assert jnp.isfinite(jaxem.log_likelihood(good_model, good, x[:2]))
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_callable_init_params(entry, x32):
+    """A callable (an init helper) belongs in the model's numpyro.param; in init_params
+    it is named, with both fixes, instead of JAX's "not a valid JAX type"."""
+    init_fn = jaxem.init.random_points(_data()[:, None], 2)
+    with pytest.raises(
+        ValueError, match=r"(?s)init_params\['loc'\] is a callable.*numpyro\.param\('loc'"
+    ):
+        _call(entry, EM(good_model), _data(), init_params={"loc": init_fn})
