@@ -11,6 +11,8 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
+import jaxem
+
 
 def normal_mixture(x, K):
     """Univariate Gaussian mixture; means start at 0, scales at 1, weights uniform."""
@@ -44,6 +46,28 @@ def gmm_scale_tril(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x)
+
+
+def gmm_diag(x, K):
+    """Diagonal-covariance Gaussian mixture: per-component standard deviations sigma (K, D)."""
+    D = x.shape[-1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.zeros((K, D)))
+    sigma = numpyro.param("sigma", jnp.ones((K, D)), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma[z]).to_event(1), obs=x)
+
+
+def gmm_diag_kmeans(x, K):
+    """``gmm_diag`` with k-means++ initial locations (a new draw per key)."""
+    D = x.shape[-1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jaxem.init.kmeans_plusplus(x, K))
+    sigma = numpyro.param("sigma", jnp.ones((K, D)), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma[z]).to_event(1), obs=x)
 
 
 def poisson_mixture(x, K):

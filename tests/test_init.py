@@ -3,12 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 import pytest
-from numpyro.distributions import constraints
+from models import gmm_diag_kmeans
 
-import jaxem
 from jaxem import EM
 from jaxem.init import kmeans_plusplus, random_points
 
@@ -69,16 +66,6 @@ def test_bad_arguments(make_init):
         make_init(jnp.zeros((3, 2, 2)), 2)
 
 
-def kmeans_mixture(x, K):
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jaxem.init.kmeans_plusplus(x, K))
-    sigma = numpyro.param("sigma", jnp.ones((K, D)), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]).to_event(1), obs=x)
-
-
 def test_restarts_from_kmeans_plusplus(x32):
     """Every restart starts from its own k-means++ draw; every restart's final log-likelihood
     is reported, equals a fit started from that restart's key alone, and the best is kept."""
@@ -86,7 +73,7 @@ def test_restarts_from_kmeans_plusplus(x32):
     means = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0], [0.0, -6.0]])
     x = jnp.asarray(np.repeat(means, 50, axis=0) + rng.normal(size=(200, 2)), jnp.float32)
     key = jax.random.PRNGKey(3)
-    em = EM(kmeans_mixture)
+    em = EM(gmm_diag_kmeans)
     result = em.run(key, x, 4, max_iter=40, num_restarts=3)
     restart_lls = np.asarray(result.restart_log_likelihoods)
     assert restart_lls.shape == (3,)

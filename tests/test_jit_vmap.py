@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from models import normal_mixture_spread
+from models import gmm_diag_kmeans, normal_mixture_spread
 from numpyro.distributions import constraints
 
 import jaxem
@@ -124,16 +124,6 @@ def test_run_under_user_jit(x32):
     )
 
 
-def diag_kmeans_mixture(x, K):
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jaxem.init.kmeans_plusplus(x, K))
-    sigma = numpyro.param("sigma", jnp.ones((K, D)), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]).to_event(1), obs=x)
-
-
 def _branches(em, x, K, num_restarts):
     """Branch ops (``cond``s not turned into ``select``s) in the lowered ``run``."""
 
@@ -155,7 +145,7 @@ def test_restarts_share_the_rounding_guards(x32):
     labels = np.repeat([0, 1, 2], 200)
     x = centers[labels] + rng.normal(size=(600, 2)) * 0.1
     data = jnp.asarray(x, jnp.float32)
-    em = EM(diag_kmeans_mixture)
+    em = EM(gmm_diag_kmeans)
     assert _branches(em, data, 3, 1) >= 2  # the two guards are there
     assert _branches(em, data, 3, 3) == _branches(em, data, 3, 1)
 

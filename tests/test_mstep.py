@@ -12,7 +12,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from models import normal_mixture, poisson_mixture
+from models import gmm_diag, gmm_scale_tril, normal_mixture, poisson_mixture
 from numpyro.distributions import constraints
 from scipy import optimize, stats
 from scipy.special import log_softmax, logsumexp, softmax
@@ -241,28 +241,6 @@ def test_hard_em_is_kmeans(num_iters, x64):
     np.testing.assert_array_equal(labels, km.labels_)
 
 
-def _diag_mixture(x, K):
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros((K, D)))
-    sigma = numpyro.param("sigma", jnp.ones((K, D)), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]).to_event(1), obs=x)
-
-
-def _full_mixture(x, K):
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros((K, D)))
-    L = numpyro.param(
-        "L", jnp.broadcast_to(jnp.eye(D), (K, D, D)), constraint=constraints.lower_cholesky
-    )
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x)
-
-
 @pytest.mark.parametrize("cov", ["diag", "full"])
 def test_float32_far_tight_clusters(cov, x32):
     """The closed-form scale and the diagonal-Normal density expand sums of squares
@@ -275,7 +253,7 @@ def test_float32_far_tight_clusters(cov, x32):
     x = centers[labels] + rng.normal(size=(800, 2)) * np.array([0.1, 0.2])
     K = 2
     init = {"w": jnp.full(K, 0.5), "mu": jnp.asarray(centers, jnp.float32)}
-    model = _diag_mixture if cov == "diag" else _full_mixture
+    model = gmm_diag if cov == "diag" else gmm_scale_tril
     if cov == "diag":
         init["sigma"] = jnp.ones((K, 2))
     else:

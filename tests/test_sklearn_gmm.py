@@ -13,7 +13,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from models import gmm_scale_tril, normal_mixture
+from models import gmm_diag, gmm_scale_tril, normal_mixture
 from numpyro.distributions import constraints
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
@@ -52,16 +52,6 @@ def gmm_precision_matrix(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.MultivariateNormal(mu[z], precision_matrix=prec[z]), obs=x)
-
-
-def gmm_diag(x, K):
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros((K, D)))
-    sigma = numpyro.param("sigma", jnp.ones((K, D)), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(mu[z], sigma[z]).to_event(1), obs=x)
 
 
 def gmm_tied(x, K):
