@@ -1,4 +1,4 @@
-"""SQUAREM acceleration of the EM map (Varadhan and Roland 2008).
+"""SQUAREM (Varadhan and Roland 2008) and Anderson acceleration of the EM map.
 
 EM is a fixed-point iteration ``theta -> F(theta)`` that converges linearly,
 slowly where components overlap. SQUAREM takes two EM steps,
@@ -12,40 +12,62 @@ the path they trace,
     \\alpha = \\max(1, \\min(\\alpha_{\\max}, \\lVert r \\rVert / \\lVert v \\rVert)),
 
 with the step length of their scheme S3 (``alpha = 1`` gives ``theta_2``
-back). The extrapolation is done in ``log p`` for simplex parameters (the
-softmax maps back) and in NumPyro's unconstrained space (``biject_to``) for
-the others, so ``theta'`` always satisfies the constraints; the step length is
-measured on the simplex values themselves (see :func:`squarem_extrapolate`). One more EM
-step from ``theta'`` stabilizes it. The cycle is accepted only if the
-log-likelihood at ``theta'`` is not below that at ``theta_0``; otherwise the
-plain EM point ``theta_2`` is kept, so the log-likelihood never decreases.
-``alpha_max`` doubles each time the step reaches it and halves when such a
-step is rejected (R's SQUAREM package uses a factor 4).
+back; Varadhan and Roland write ``alpha`` with the opposite sign). The
+extrapolation is done in ``log p`` for simplex parameters (the softmax maps
+back) and in NumPyro's unconstrained space (``biject_to``) for the others, so
+``theta'`` always satisfies the constraints; the step length is measured on
+the simplex values themselves (see :func:`squarem_extrapolate`). One more EM
+step from ``theta'`` stabilizes it; its E-step gives the log-likelihood at
+``theta'``, so the safeguard costs nothing. The cycle ends at ``F(theta')`` if
+the log-likelihood at ``theta'`` is not below that at ``theta_0``, otherwise
+at the plain EM point ``theta_2``, so the log-likelihood never decreases.
+``alpha_max`` starts at 1, doubles each time an accepted step reaches it and
+halves (not below 1) when such a step is rejected (R's SQUAREM package uses a
+factor 4).
 
-Anderson acceleration (type II, Walker and Ni 2011; safeguarded for EM
-in the spirit of DAAREM, Henderson and Varadhan 2019) costs one EM step per
-iteration. With ``f(theta) = F(theta) - theta`` in unconstrained space and
-the last ``m`` differences ``dF_j = f(theta_{j+1}) - f(theta_j)``,
-``dG_j = F(theta_{j+1}) - F(theta_j)`` of accepted points, the next point to
-try is
+Anderson acceleration (type II in the terms of Fang and Saad 2009, in the
+form of Walker and Ni 2011; safeguarded for EM in the spirit of DAAREM,
+Henderson and Varadhan 2019) costs one EM step per iteration. With
+``f(theta) = F(theta) - theta`` in unconstrained space and the last ``m = 5``
+differences ``df_j = f(theta_{j+1}) - f(theta_j)`` and
+``dF_j = F(theta_{j+1}) - F(theta_j)`` between successive accepted points, the
+next point to try is
 
 .. math::
 
-    \\theta' = F(\\theta_k) - \\sum_j \\gamma_j\\, dG_j, \\quad
-    \\gamma = \\arg\\min_\\gamma \\lVert f(\\theta_k) - \\textstyle\\sum_j \\gamma_j dF_j
+    \\theta' = F(\\theta_k) - \\sum_j \\gamma_j\\, dF_j, \\quad
+    \\gamma = \\arg\\min_\\gamma \\lVert f(\\theta_k) - \\textstyle\\sum_j \\gamma_j df_j
     \\rVert^2 + \\lambda \\lVert \\gamma \\rVert^2,
 
 with the smallest ridge ``lambda >= 0`` that keeps ``||gamma||`` within a
-bound adapted like SQUAREM's ``alpha_max`` (from 1, fourfold up after an
-accepted step at the bound, fourfold down after a rejected one). Anderson
-acceleration solves ``f(theta) = 0`` and is drawn to saddle points as much as
-to maxima; where the extrapolation would step back against the EM step
-(``<theta' - F(theta_k), f(theta_k)> < 0``: an unstable direction) the plain EM point is
-taken instead. The E-step and M-step of the next iteration run at
-``theta'``; they give its log-likelihood and ``F(theta')`` at once. If the
-log-likelihood is below that of ``theta_k`` (or not finite), ``theta'`` is
-rejected, the memory is cleared and the next iteration runs at the plain EM
-point ``F(theta_k)``, so the accepted log-likelihoods never decrease.
+bound adapted like SQUAREM's ``alpha_max``, by a factor 4 instead of 2 (from
+1, up after an accepted step at the bound, down, not below 1, after a rejected
+one). Anderson acceleration solves ``f(theta) = 0`` and is drawn to saddle
+points as much as to maxima; where the extrapolation would step back against
+the EM step (``<theta' - F(theta_k), f(theta_k)> < 0``: an unstable direction)
+the plain EM point is taken instead. The E-step and M-step of the next
+iteration run at ``theta'``; they give its log-likelihood and ``F(theta')`` at
+once. If the log-likelihood is below that of ``theta_k`` (or not finite),
+``theta'`` is rejected, the memory is cleared and the next iteration runs at
+the plain EM point ``F(theta_k)``, so the accepted log-likelihoods never
+decrease.
+
+References:
+    R. Varadhan and C. Roland (2008). Simple and globally convergent methods
+    for accelerating the convergence of any EM algorithm. Scandinavian Journal
+    of Statistics 35(2), 335-353.
+
+    H. Fang and Y. Saad (2009). Two classes of multisecant methods for
+    nonlinear acceleration. Numerical Linear Algebra with Applications 16(3),
+    197-221.
+
+    H. F. Walker and P. Ni (2011). Anderson acceleration for fixed-point
+    iterations. SIAM Journal on Numerical Analysis 49(4), 1715-1735.
+
+    N. C. Henderson and R. Varadhan (2019). Damped Anderson acceleration with
+    restarts and monotonicity control for accelerating EM and EM-like
+    algorithms. Journal of Computational and Graphical Statistics 28(4),
+    834-846.
 """
 
 from __future__ import annotations

@@ -61,15 +61,19 @@ class EMResult(NamedTuple):
         log_likelihood: marginal log-likelihood at ``params`` (for hard EM,
             the complete-data log-likelihood at the MAP assignment).
         history: shape ``(max_iter,)``: the log-likelihood at the start of every
-            iteration of the best restart (with ``acceleration="anderson"``: at
+            iteration of the best restart (with ``acceleration="squarem"``: at
+            the start of every cycle; with ``acceleration="anderson"``: at
             the point each iteration ends at), NaN after ``num_iters``.
-        num_iters: number of EM updates done.
+        num_iters: number of iterations (``update`` calls) of the best restart;
+            with ``acceleration="squarem"``, cycles of three EM steps each.
         converged: whether the relative change of the log-likelihood fell
             below ``tol``.
         diverged: whether the run stopped on a non-finite value; ``params``
             are then the last parameters with a finite log-likelihood.
         restart_log_likelihoods: shape ``(num_restarts,)``: the final
-            log-likelihood of every restart.
+            log-likelihood of every restart, in the order of the keys that
+            ``jax.random.split(rng_key, num_restarts)`` gives (``rng_key``
+            itself for one restart).
     """
 
     params: dict
@@ -109,14 +113,17 @@ class EM:
             log2 T steps of K^3 work each; faster on GPUs for long chains).
         acceleration: ``None`` (plain EM), ``"squarem"`` or ``"anderson"``
             (see :mod:`jaxem.acceleration`). ``"squarem"``: each iteration is
-            one SQUAREM cycle (Varadhan and Roland 2008) of three EM steps,
-            extrapolated in unconstrained space, the plain EM point kept
+            one SQUAREM cycle (Varadhan and Roland 2008, step length S3) of
+            three EM steps, extrapolated in ``log p`` for simplex parameters
+            and in unconstrained space for the others, the plain EM point kept
             whenever the extrapolation would lower the log-likelihood.
-            ``"anderson"``: each iteration is one EM step, at the damped
-            Anderson extrapolation of the last accepted points (DAAREM,
-            Henderson and Varadhan 2019) in unconstrained space; a point
+            ``"anderson"``: each iteration is one EM step, at the Anderson
+            extrapolation (Walker and Ni 2011) of up to six accepted points
+            in unconstrained space, its coefficients ridge-damped to a bound
+            (in the spirit of DAAREM, Henderson and Varadhan 2019); a point
             whose log-likelihood is below the current one is rejected and
-            the next iteration takes the plain EM step instead.
+            the next iteration takes the plain EM step instead. Both work
+            with every M-step path, hard EM, restarts and sharded data.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -395,7 +402,10 @@ class EM:
         """Run EM to convergence inside one compiled ``lax.while_loop``.
 
         Restarts run under ``vmap`` (each with its own key for callable
-        initial values) and the best final log-likelihood is kept.
+        initial values) and the best final log-likelihood is kept. They are
+        one compiled program (compiled once per value of ``num_restarts``):
+        the loop runs until the last restart has stopped, the ones that
+        stopped earlier carried along unchanged.
 
         Args:
             rng_key: PRNG key; split into one key per restart.
@@ -403,7 +413,9 @@ class EM:
             max_iter: maximum number of EM iterations.
             tol: stop when ``|ll_t - ll_{t-1}| <= tol * |ll_t|``; 0 runs exactly
                 ``max_iter`` iterations.
-            num_restarts: number of restarts.
+            num_restarts: number of restarts, each from its own key of
+                ``jax.random.split(rng_key, num_restarts)`` (``rng_key``
+                itself when 1).
             init_params: ``{param name: constrained value}`` overriding the
                 initial values of some parameters in every restart.
             progress_bar: show a tqdm progress bar (iterations done).

@@ -11,12 +11,23 @@ instead, updated from one minibatch at a time with a decreasing step size
 where ``s_bar`` is the minibatch's statistics averaged per data point, and
 ``theta_bar`` the closed-form solve, as in batch EM. With ``sum gamma_t =
 inf`` and ``sum gamma_t^2 < inf`` (``gamma_t = (t + 1)^{-kappa}``,
-``0.5 < kappa <= 1``) the iterates converge to a stationary point of the
-likelihood of the data distribution. Staged updates (scales given the new
+``0.5 < kappa <= 1``), i.i.d. minibatches and a complete-data model in the
+exponential family with a unique closed-form ``theta_bar``, Cappé and
+Moulines show that the iterates converge to the stationary points of the
+Kullback-Leibler divergence from the data distribution to the model (for
+epochs over a shuffled data set, its empirical distribution: the stationary
+points of the batch likelihood). Staged updates (scales given the new
 locations) follow the batch ECM order, each stage's statistics taken at the
 parameters of the stages before. Parameters without a closed form take
 optax steps on the minibatch's expected complete-data log-likelihood per data
-point (a stochastic gradient of the log-likelihood, by Fisher's identity).
+point (a stochastic gradient of the log-likelihood, by Fisher's identity);
+the theorem does not cover them, and with a constant learning rate they
+fluctuate around the optimum.
+
+References:
+    O. Cappé and E. Moulines (2009). On-line expectation-maximization
+    algorithm for latent data models. Journal of the Royal Statistical
+    Society, Series B 71(3), 593-613.
 """
 
 from __future__ import annotations
@@ -41,6 +52,19 @@ __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
 
 def power_decay(kappa: float = 0.6) -> Callable[[jax.Array], jax.Array]:
     """The step-size schedule ``gamma_t = (t + 1)^(-kappa)`` (``gamma_0 = 1``).
+
+    ``0.5 < kappa <= 1`` gives ``sum gamma_t = inf`` and
+    ``sum gamma_t^2 < inf``, the step-size conditions of Cappé and Moulines
+    (2009); other values raise a ``ValueError``. ``kappa = 1`` makes the
+    running statistics the plain mean of every minibatch's; a smaller
+    ``kappa`` forgets the early minibatches faster, with more noise.
+
+    Args:
+        kappa: the decay exponent; default 0.6, as in :class:`OnlineEM`.
+
+    Returns:
+        The schedule ``t -> gamma_t``, ``t`` the number of minibatches
+        processed before.
 
     Examples:
         >>> from jaxem.online import power_decay
@@ -102,11 +126,16 @@ class OnlineEM:
     Args:
         model: a NumPyro model with ``numpyro.param`` sites, written for one
             minibatch (its plates sized by the minibatch).
-        step_size: schedule ``t -> gamma_t`` with ``gamma_0 = 1``; default
-            :func:`power_decay` with ``kappa = 0.6``.
+        step_size: schedule ``t -> gamma_t`` (``t`` the number of minibatches
+            processed before) for the closed-form parameters' running
+            statistics; default :func:`power_decay` with ``kappa = 0.6``.
+            With ``gamma_0 = 1`` the first update is one batch-EM step on the
+            first minibatch.
         optimizer: optax optimizer for the parameters without a closed form;
-            default ``optax.adam(1e-2)``, carried across minibatches.
-        m_step_iters: optimizer steps per minibatch.
+            default ``optax.adam(1e-2)``, its state carried across
+            minibatches. A constant rate leaves them fluctuating around the
+            optimum; an optax schedule that decays it removes that.
+        m_step_iters: optimizer steps per minibatch (default 1).
         reg_covar: added to variances and covariance diagonals.
         frozen: names of parameters to keep at their initial values.
 
