@@ -20,6 +20,11 @@ direct numerical maximization) is w = (0.3599, 0.6401), rate = (1.2561, 2.6634),
 log-likelihood -1989.946. The script runs in float64 so that the stopping rule
 is not limited by float32 rounding of the log-likelihood.
 
+Acceleration: from one start, plain EM, SQUAREM and Anderson acceleration
+(``EM(..., acceleration=...)``, see docs/scaling.md) reach the same maximum;
+plain EM needs about 2000 EM steps, SQUAREM about 200, Anderson under 20 (its
+memory of five differences covers the model's three free parameters).
+
 Reference: V. Hasselblad, "Estimation of finite mixtures of distributions from
 the exponential family", JASA 64, 1459-1471 (1969).
 
@@ -98,6 +103,29 @@ def main():
     two = fits[2][0]
     print(f"K=2 log-likelihood {float(two.log_likelihood):.3f} (MLE: {MLE_LOG_LIK})")
     assert abs(float(two.log_likelihood) - MLE_LOG_LIK) < 1e-3
+
+    # The slow convergence, and what extrapolating the EM map does about it: the same
+    # start for the three methods, run until the relative change is below 1e-14.
+    start = {"w": jnp.array([0.3, 0.7]), "rate": jnp.array([1.0, 2.5])}
+    print("\nK=2 from w = (0.3, 0.7), rate = (1.0, 2.5), tol = 1e-14:")
+    print(f"{'method':>8} {'iters':>5} {'EM steps':>8} {'log-lik':>14} {'max |rate - max|':>16}")
+    steps, log_liks = {}, []
+    for acceleration, steps_per_iter in ((None, 1), ("squarem", 3), ("anderson", 1)):
+        fit = EM(poisson_mixture, acceleration=acceleration).run(
+            jax.random.PRNGKey(0), deaths, K=2, max_iter=20000, tol=1e-14, init_params=start
+        )
+        name = acceleration or "EM"
+        steps[name] = int(fit.num_iters) * steps_per_iter
+        error = np.max(np.abs(np.sort(np.asarray(fit.params["rate"])) - MLE_RATES))
+        print(
+            f"{name:>8} {int(fit.num_iters):5d} {steps[name]:8d}"
+            f" {float(fit.log_likelihood):14.8f} {error:16.1e}"
+        )
+        assert bool(fit.converged)
+        assert error < 1e-4  # the maximum is given to four decimals
+        log_liks.append(float(fit.log_likelihood))
+    assert max(log_liks) - min(log_liks) < 1e-8  # the same maximum
+    assert steps["squarem"] < steps["EM"] / 5 and steps["anderson"] < steps["EM"] / 5
 
     # Expected number of days with each count under the one- and best-component fits.
     fig = Figure(figsize=(7, 4), layout="tight")
