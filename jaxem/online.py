@@ -60,11 +60,11 @@ def power_decay(kappa: float = 0.6) -> Callable[[jax.Array], jax.Array]:
     ``kappa`` forgets the early minibatches faster, with more noise.
 
     Args:
-        kappa: the decay exponent; default 0.6, as in :class:`OnlineEM`.
+        kappa: the decay exponent; default 0.6, as in ``OnlineEM``.
 
     Returns:
         The schedule ``t -> gamma_t``, ``t`` the number of minibatches
-        processed before.
+            processed before.
 
     Examples:
         >>> from jaxem.online import power_decay
