@@ -11,6 +11,7 @@ import optax
 import pytest
 from models import gmm_scale_tril
 from numpyro.distributions import constraints
+from scipy import stats
 
 import jaxem
 from jaxem import EM, OnlineEM
@@ -102,6 +103,35 @@ def test_online_em_with_gradient_parameters(x32):
     result = online.run(jax.random.PRNGKey(0), itertools.chain(*[batches] * 8), init_params=init)
     for name, value in batch.params.items():
         np.testing.assert_allclose(np.asarray(result.params[name]), np.asarray(value), atol=0.1)
+
+
+def test_online_gradient_step_is_per_data_point(x64):
+    """The optax step of a parameter without a closed form follows the gradient of the
+    expected complete-data log-likelihood per data point, so plain SGD takes the same step
+    whatever the minibatch size: one update is lr times that gradient (here from scipy
+    responsibilities, w and sigma frozen), and a minibatch repeated twice gives the same."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(np.array([-4.0, 0.0, 4.0])[rng.integers(0, 3, 200)], 1.0)
+    a0, b0, lr = -3.0, 3.0, 0.1
+    init = {"a": jnp.array(a0), "b": jnp.array(b0)}
+    online = OnlineEM(grid_means, optimizer=optax.sgd(lr), frozen=("w", "sigma"))
+
+    def one_update(data):
+        data = jnp.asarray(data)
+        state = online.init(jax.random.PRNGKey(0), data, init_params=init)
+        return online.update(state, data)[0].params
+
+    mu = a0 + b0 * np.arange(3)
+    joint = stats.norm.logpdf(x[:, None], mu, 1.0) + np.log(1 / 3)
+    resp = np.exp(joint - np.logaddexp.reduce(joint, axis=1, keepdims=True))
+    # dQ/dmu_k per data point, chained through mu_k = a + b k.
+    dmu = np.mean(resp * (x[:, None] - mu), axis=0)
+    params = one_update(x)
+    np.testing.assert_allclose(float(params["a"]), a0 + lr * dmu.sum(), rtol=1e-10)
+    np.testing.assert_allclose(float(params["b"]), b0 + lr * (dmu * np.arange(3)).sum(), rtol=1e-10)
+    doubled = one_update(np.concatenate([x, x]))
+    for name in ("a", "b"):
+        np.testing.assert_allclose(float(doubled[name]), float(params[name]), rtol=1e-12)
 
 
 def test_bad_online_arguments():
