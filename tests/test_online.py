@@ -9,7 +9,7 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
-from models import gmm_scale_tril
+from models import gmm_scale_tril, normal_mixture
 from numpyro.distributions import constraints
 from scipy import stats
 
@@ -75,6 +75,30 @@ def test_first_update_is_a_batch_em_step_on_the_minibatch(x64):
     # The running statistics are per-point averages: the weights' counts sum to 1.
     (counts,) = state.statistics["w"]
     np.testing.assert_allclose(float(jnp.sum(counts)), 1.0, rtol=1e-12)
+
+
+def test_online_em_follows_the_step_size_schedule(x64):
+    """s_t = (1 - gamma_t) s_{t-1} + gamma_t s_bar(Y_t; theta_{t-1}) with the user's
+    schedule: with only the mixture weights free, w_t is s_t itself (the average
+    responsibilities), replayed here with scipy over three minibatches."""
+    rng = np.random.default_rng(8)
+    batches = [rng.normal(rng.choice([-2.0, 0.0, 2.0], 100, p=[0.6, 0.3, 0.1])) for _ in range(3)]
+    gammas = [1.0, 0.3, 0.2]
+    mu, sigma = np.array([-2.0, 0.0, 2.0]), np.ones(3)
+    init = {"mu": jnp.asarray(mu), "w": jnp.array([0.2, 0.3, 0.5])}
+    online = OnlineEM(
+        normal_mixture, step_size=lambda t: jnp.asarray(gammas)[t], frozen=("mu", "sigma")
+    )
+    result = online.run(
+        jax.random.PRNGKey(0), [(jnp.asarray(b), 3) for b in batches], init_params=init
+    )
+    w, s = np.asarray(init["w"]), np.zeros(3)
+    for gamma, x in zip(gammas, batches):
+        joint = stats.norm.logpdf(x[:, None], mu, sigma) + np.log(w)
+        resp = np.exp(joint - np.logaddexp.reduce(joint, axis=1, keepdims=True))
+        s = (1 - gamma) * s + gamma * resp.mean(0)
+        w = s / s.sum()
+    np.testing.assert_allclose(np.asarray(result.params["w"]), w, rtol=1e-10)
 
 
 def grid_means(x):
