@@ -7,6 +7,8 @@ the scipy log-likelihood of the zoo, and the iterations on which the safeguards 
 replayed by hand with plain EM steps.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ from test_monotone import ZOO, assert_monotone, reference_log_likelihood
 
 import jaxem
 from jaxem import EM
-from jaxem.acceleration import squarem_extrapolate
+from jaxem.acceleration import anderson_step, init_anderson, squarem_extrapolate
 
 
 def _case(name):
@@ -113,6 +115,57 @@ def test_safeguard_falls_back_to_plain_em(x64):
         assert step_max < before_max
     else:
         assert step_max == before_max
+
+
+def _squarem_point(p0, p1, p2, step_max):
+    """Varadhan and Roland's S3 point, in numpy: log w, mu, log sigma coordinates, the step
+    length measured on w itself."""
+    chart = {"w": np.log, "mu": lambda v: v, "sigma": np.log}
+    u = [{n: chart[n](np.asarray(p[n])) for n in chart} for p in (p0, p1, p2)]
+    r = {n: u[1][n] - u[0][n] for n in chart}
+    v = {n: u[2][n] - 2 * u[1][n] + u[0][n] for n in chart}
+    w0, w1, w2 = (np.asarray(p["w"]) for p in (p0, p1, p2))
+    metric = [{**r, "w": w1 - w0}, {**v, "w": w2 - 2 * w1 + w0}]
+    norm = [np.sqrt(sum(np.sum(x**2) for x in m.values())) for m in metric]
+    alpha = float(np.clip(norm[0] / norm[1], 1.0, step_max))
+    u_new = {n: u[0][n] + 2 * alpha * r[n] + alpha**2 * v[n] for n in chart}
+    w = np.exp(u_new["w"] - np.max(u_new["w"]))
+    return {"w": w / w.sum(), "mu": u_new["mu"], "sigma": np.exp(u_new["sigma"])}, alpha
+
+
+def test_squarem_cycles_follow_the_s3_scheme(x64):
+    """Replay the first SQUAREM cycles on the univariate mixture with plain EM steps and the
+    S3 extrapolation written out in numpy: an accepted cycle ends at one EM step from the
+    extrapolated point, a rejected one at the second plain EM point; alpha_max doubles after
+    an accepted step at alpha_max. Both kinds of cycle occur."""
+    model, x, K, init, _ = _case("normal")
+    fast, plain = EM(model, acceleration="squarem"), EM(model)
+    state = fast.init(jax.random.PRNGKey(0), x, K, init_params=init)
+    outcomes = []
+    for _ in range(8):
+        before = state
+        state, _ = fast.update(state, x, K)
+        p0 = before.params
+        first, ll0 = plain.update(before._replace(acceleration=()), x, K)
+        second, _ = plain.update(first, x, K)
+        step_max = float(before.acceleration.step_max)
+        point, alpha = _squarem_point(p0, first.params, second.params, step_max)
+        point = {n: jnp.asarray(v) for n, v in point.items()}
+        accepted = float(jaxem.log_likelihood(model, point, x, K)) >= float(ll0)
+        if accepted:
+            expected, _ = plain.update(before._replace(params=point, acceleration=()), x, K)
+            expected = expected.params
+        else:
+            expected = second.params
+        for name, value in expected.items():
+            np.testing.assert_allclose(
+                np.asarray(state.params[name]), np.asarray(value), rtol=1e-8, atol=1e-10
+            )
+        if alpha >= step_max:
+            step_max = 2 * step_max if accepted else max(step_max / 2, 1.0)
+        assert float(state.acceleration.step_max) == step_max
+        outcomes.append((accepted, alpha > 1.0))
+    assert (True, True) in outcomes and any(not a for a, _ in outcomes), outcomes
 
 
 def shifted_means(x, K):
@@ -232,6 +285,36 @@ def test_anderson_reaches_the_plain_em_optimum(name, x64):
     """The zoo models of tests/models.py: Anderson ends at plain EM's optimum (the scipy
     log-likelihood at its params), never lower, with a monotone history."""
     _assert_reaches_the_plain_em_optimum(name, "anderson")
+
+
+def _anderson_on_linear_map(rho, c, num_steps):
+    """Anderson steps on the 1-D fixed-point map F(m) = c + rho m with an increasing
+    log-likelihood (every trial accepted); the states after each step."""
+    cons = {"m": constraints.real}
+    step = jax.jit(partial(anderson_step, constraints=cons))
+    state = init_anderson({"m": jnp.array(0.0)}, cons)
+    states = []
+    for i in range(num_steps):
+        state = step(state, jnp.array(float(i)), {"m": c + rho * state.trial["m"]})
+        states.append(state)
+    return states
+
+
+def test_anderson_point_on_a_linear_map(x64):
+    """On a 1-D linear map with |F'| = rho < 1 the Anderson point from two EM points is the
+    secant step, which lands on the fixed point c / (1 - rho) exactly; where |gamma| =
+    rho / (1 - rho) exceeds the bound 1 the step is shortened to |gamma| = 1 and the bound
+    grows fourfold once that point is accepted."""
+    # From m0 = 0: m1 = F(0) = c; the trial after the second step is the Anderson point.
+    first, second = _anderson_on_linear_map(0.4, 1.0, 2)
+    assert bool(first.plain) and float(first.trial["m"]) == 1.0  # plain EM point F(0)
+    assert not bool(second.plain)
+    np.testing.assert_allclose(float(second.trial["m"]), 1.0 / 0.6, rtol=1e-12)
+    # rho = 0.8: gamma = -4 is capped to -1: the trial is F(m1) + dG = c + rho c + rho c.
+    states = _anderson_on_linear_map(0.8, 1.0, 3)
+    np.testing.assert_allclose(float(states[1].trial["m"]), 1.0 + 1.6, rtol=1e-10)
+    assert bool(states[1].capped) and float(states[1].step_max) == 1.0
+    assert float(states[2].step_max) == 4.0
 
 
 def test_anderson_safeguard_rejects_and_falls_back(x64):

@@ -10,6 +10,8 @@ from numpyro.distributions import constraints
 
 import jaxem
 from jaxem import EM
+from jaxem.batching import RESTART_AXIS, restart_axis, shared_predicate
+from jaxem.loop import best_restart
 
 MODEL_TRACES = []
 
@@ -78,6 +80,42 @@ def test_restarts_keep_the_best(x32):
         restart_lls.max(),
         rtol=1e-5,
     )
+
+
+def test_run_starts_where_init_does(x64):
+    """One restart: ``run(key)`` starts from ``init(key)``'s values (the key is not split
+    first), so a fit can be replayed step by step with ``init`` and ``update``."""
+    x = jnp.asarray(_mixture_data(6))
+    em = EM(random_init_mixture)
+    key = jax.random.PRNGKey(7)
+    one = em.run(key, x, 3, max_iter=1, tol=0.0)
+    start = em.init(key, x, 3)
+    np.testing.assert_allclose(
+        float(one.history[0]),
+        float(jaxem.log_likelihood(random_init_mixture, start.params, x, 3)),
+        rtol=1e-12,
+    )
+    stepped, _ = em.update(start, x, 3)
+    np.testing.assert_allclose(
+        np.asarray(one.params["mu"]), np.asarray(stepped.params["mu"]), rtol=1e-12
+    )
+
+
+def test_best_restart_skips_nan_scores(x32):
+    """A restart whose score is NaN (a fit that broke down) is never the one kept: the
+    highest finite score wins, and every restart's score is returned in key order."""
+
+    def fit(key):
+        value = jax.random.normal(key)
+        return {"score": jnp.where(value > 0.0, jnp.nan, value), "value": value}
+
+    key = jax.random.PRNGKey(0)
+    best, scores = best_restart(fit, key, 8, lambda r: r["score"])
+    values = np.asarray([float(jax.random.normal(k)) for k in jax.random.split(key, 8)])
+    expected = np.where(values > 0.0, np.nan, values)
+    np.testing.assert_array_equal(np.asarray(scores), expected)
+    assert np.isnan(expected).any() and not np.isnan(expected).all()
+    assert float(best["value"]) == np.nanmax(expected)
 
 
 def test_float32_by_default(x32):
@@ -163,3 +201,19 @@ def test_restarts_share_the_rounding_guards(x32):
         nearest = np.argmin(np.abs(mu - centers[k]).sum(-1))
         np.testing.assert_allclose(mu[nearest], x[labels == k].mean(0), rtol=1e-6)
         np.testing.assert_allclose(sigma[nearest], x[labels == k].std(0), rtol=1e-4)
+
+
+def test_shared_predicate_holds_only_if_every_restart_holds(x32):
+    """Under the restarts' vmap a guard's fast branch is taken only if its predicate holds
+    for every restart (one restart needing the exact branch sends all there); outside
+    restarts the predicate is returned as is."""
+
+    def shared(preds):
+        with restart_axis():
+            return jax.vmap(shared_predicate, axis_name=RESTART_AXIS)(jnp.asarray(preds))
+
+    np.testing.assert_array_equal(shared([True, False, True]), [False, False, False])
+    np.testing.assert_array_equal(shared([True, True, True]), [True, True, True])
+    np.testing.assert_array_equal(shared([False, False]), [False, False])
+    assert bool(shared_predicate(jnp.array(True)))
+    assert not bool(shared_predicate(jnp.array(False)))

@@ -9,8 +9,9 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
-from models import gmm_scale_tril
+from models import gmm_scale_tril, normal_mixture
 from numpyro.distributions import constraints
+from scipy import stats
 
 import jaxem
 from jaxem import EM, OnlineEM
@@ -76,6 +77,30 @@ def test_first_update_is_a_batch_em_step_on_the_minibatch(x64):
     np.testing.assert_allclose(float(jnp.sum(counts)), 1.0, rtol=1e-12)
 
 
+def test_online_em_follows_the_step_size_schedule(x64):
+    """s_t = (1 - gamma_t) s_{t-1} + gamma_t s_bar(Y_t; theta_{t-1}) with the user's
+    schedule: with only the mixture weights free, w_t is s_t itself (the average
+    responsibilities), replayed here with scipy over three minibatches."""
+    rng = np.random.default_rng(8)
+    batches = [rng.normal(rng.choice([-2.0, 0.0, 2.0], 100, p=[0.6, 0.3, 0.1])) for _ in range(3)]
+    gammas = [1.0, 0.3, 0.2]
+    mu, sigma = np.array([-2.0, 0.0, 2.0]), np.ones(3)
+    init = {"mu": jnp.asarray(mu), "w": jnp.array([0.2, 0.3, 0.5])}
+    online = OnlineEM(
+        normal_mixture, step_size=lambda t: jnp.asarray(gammas)[t], frozen=("mu", "sigma")
+    )
+    result = online.run(
+        jax.random.PRNGKey(0), [(jnp.asarray(b), 3) for b in batches], init_params=init
+    )
+    w, s = np.asarray(init["w"]), np.zeros(3)
+    for gamma, x in zip(gammas, batches):
+        joint = stats.norm.logpdf(x[:, None], mu, sigma) + np.log(w)
+        resp = np.exp(joint - np.logaddexp.reduce(joint, axis=1, keepdims=True))
+        s = (1 - gamma) * s + gamma * resp.mean(0)
+        w = s / s.sum()
+    np.testing.assert_allclose(np.asarray(result.params["w"]), w, rtol=1e-10)
+
+
 def grid_means(x):
     """Means mu_k = a + b k: ``a`` and ``b`` take optax steps, w and sigma closed form."""
     w = numpyro.param("w", jnp.ones(3) / 3, constraint=constraints.simplex)
@@ -102,6 +127,35 @@ def test_online_em_with_gradient_parameters(x32):
     result = online.run(jax.random.PRNGKey(0), itertools.chain(*[batches] * 8), init_params=init)
     for name, value in batch.params.items():
         np.testing.assert_allclose(np.asarray(result.params[name]), np.asarray(value), atol=0.1)
+
+
+def test_online_gradient_step_is_per_data_point(x64):
+    """The optax step of a parameter without a closed form follows the gradient of the
+    expected complete-data log-likelihood per data point, so plain SGD takes the same step
+    whatever the minibatch size: one update is lr times that gradient (here from scipy
+    responsibilities, w and sigma frozen), and a minibatch repeated twice gives the same."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(np.array([-4.0, 0.0, 4.0])[rng.integers(0, 3, 200)], 1.0)
+    a0, b0, lr = -3.0, 3.0, 0.1
+    init = {"a": jnp.array(a0), "b": jnp.array(b0)}
+    online = OnlineEM(grid_means, optimizer=optax.sgd(lr), frozen=("w", "sigma"))
+
+    def one_update(data):
+        data = jnp.asarray(data)
+        state = online.init(jax.random.PRNGKey(0), data, init_params=init)
+        return online.update(state, data)[0].params
+
+    mu = a0 + b0 * np.arange(3)
+    joint = stats.norm.logpdf(x[:, None], mu, 1.0) + np.log(1 / 3)
+    resp = np.exp(joint - np.logaddexp.reduce(joint, axis=1, keepdims=True))
+    # dQ/dmu_k per data point, chained through mu_k = a + b k.
+    dmu = np.mean(resp * (x[:, None] - mu), axis=0)
+    params = one_update(x)
+    np.testing.assert_allclose(float(params["a"]), a0 + lr * dmu.sum(), rtol=1e-10)
+    np.testing.assert_allclose(float(params["b"]), b0 + lr * (dmu * np.arange(3)).sum(), rtol=1e-10)
+    doubled = one_update(np.concatenate([x, x]))
+    for name in ("a", "b"):
+        np.testing.assert_allclose(float(doubled[name]), float(params[name]), rtol=1e-12)
 
 
 def test_bad_online_arguments():

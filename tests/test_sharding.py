@@ -4,7 +4,8 @@ XLA_FLAGS must be set before jax is imported, so the check runs in a subprocess.
 each model on unsharded data (one device) and on the same data placed with
 ``NamedSharding(mesh, P("data"))`` (a scan HMM's (T, N, D) data along the sequences'
 axis, ``P(None, "data")``), with plain, SQUAREM and Anderson EM, and streams sharded
-minibatches through OnlineEM; it reads the compiled program of every sharded run.
+minibatches through OnlineEM; it reads the compiled program of every sharded run and the
+devices its results live on.
 """
 
 import json
@@ -71,6 +72,7 @@ SCRIPT = textwrap.dedent(
                 for k in single.params
             ),
             "num_iters": int(sharded.num_iters),
+            "devices": min(len(v.sharding.device_set) for v in jax.tree.leaves(sharded)),
             "all_gather": len(re.findall(r"all-gather(-start)?\\(", hlo)),
             "all_reduce": len(re.findall(r"all-reduce(-start)?\\(", hlo)),
             "x_per_device": list(sharded_x.addressable_shards[0].data.shape),
@@ -93,6 +95,7 @@ SCRIPT = textwrap.dedent(
         "max_param_diff": max(
             float(jnp.max(jnp.abs(single.params[k] - sharded.params[k]))) for k in single.params
         ),
+        "devices": min(len(v.sharding.device_set) for v in jax.tree.leaves(sharded)),
         "all_gather": len(re.findall(r"all-gather(-start)?\\(", hlo)),
         "all_reduce": len(re.findall(r"all-reduce(-start)?\\(", hlo)),
         "x_per_device": list(sharded_batches[0][0].addressable_shards[0].data.shape),
@@ -146,3 +149,11 @@ def test_sharded_e_step_reduces_statistics_without_gathering_data(sharded_result
     result = sharded_results[name]
     assert result["all_gather"] == 0
     assert result["all_reduce"] > 0
+
+
+@pytest.mark.parametrize("name", [*EM_CASES, "online"])
+def test_sharded_run_computes_where_the_data_is(sharded_results, name):
+    """``run`` works on the data where the user placed it: every array of the sharded
+    result (params, log-likelihoods, OnlineEM's state) lives on all 8 devices, not copied
+    to one device first."""
+    assert sharded_results[name]["devices"] == 8
