@@ -494,7 +494,6 @@ def merge_init_params(params: dict, init_params: dict | None) -> dict:
     """``params`` with the entries of ``init_params`` (checked names and shapes)."""
     if not init_params:
         return params
-    check_init_params(init_params)
     unknown = set(init_params) - set(params)
     if unknown:
         raise ModelError(
