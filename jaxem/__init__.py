@@ -5,10 +5,10 @@ from jaxem.closed_form import Cells, ClosedFormUpdate, contract_cells, register_
 from jaxem.diagnostics import aic, bic, num_free_params, num_observations
 from jaxem.em import EM, EMResult, EMState
 from jaxem.estep import log_likelihood, map_assignment, posterior
+from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
 from jaxem.impute import impute
 from jaxem.missing import nan_as_missing
 from jaxem.online import OnlineEM, OnlineEMResult, OnlineEMState
-from jaxem.tracing import ModelError
 from jaxem.variational import VariationalEM, VEMResult, VEMState, elbo
 
 __version__ = "0.1.0"
@@ -22,7 +22,9 @@ __all__ = [
     "VEMState",
     "Cells",
     "ClosedFormUpdate",
+    "ConvergenceWarning",
     "ModelError",
+    "NumericalWarning",
     "OnlineEM",
     "OnlineEMResult",
     "OnlineEMState",

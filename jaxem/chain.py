@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from jaxem.tracing import ModelError
+from jaxem.exceptions import ModelError
 
 __all__ = [
     "Chain",

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxem.batching import RESTART_AXIS, restart_axis
-from jaxem.tracing import ModelError, inspect_model, merge_args, merge_init_params, split_args
+from jaxem.exceptions import ModelError
+from jaxem.tracing import inspect_model, merge_args, merge_init_params, split_args
 
 __all__ = [
     "LoopResult",

@@ -37,6 +37,7 @@ from numpyro.primitives import Messenger
 
 from jaxem.batching import shared_predicate
 from jaxem.closed_form import contract_cells
+from jaxem.exceptions import ModelError
 from jaxem.missing import MissingData, MissingEntries, missing_log_prob
 from jaxem.scan import enumerated_scan
 from jaxem.selection import dependencies
@@ -55,10 +56,6 @@ __all__ = [
     "enumerated_trace",
     "site_log_prob",
 ]
-
-
-class ModelError(ValueError):
-    """A model or its data cannot be fitted by EM; the message says why and what to do."""
 
 
 class ModelStructure(NamedTuple):
