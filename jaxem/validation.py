@@ -385,9 +385,6 @@ def raise_for_invalid(
                 "remove or correct those entries before fitting. Infinite values are never "
                 "treated as missing."
             )
-    for name, (count, index, values) in validity.outside_support.items():
-        if int(count):
-            _raise_outside_support(name, int(count), index, values, support_of)
     for name, count in validity.partial.items():
         if int(count):
             raise ModelError(
@@ -397,6 +394,9 @@ def raise_for_invalid(
                 "MultivariateNormal or of independent univariate entries, .to_event()). "
                 "Mark whole events missing, or model the entries as separate sites."
             )
+    for name, (count, index, values) in validity.outside_support.items():
+        if int(count):
+            _raise_outside_support(name, int(count), index, values, support_of)
     for name in validity.priors:
         raise ModelError(
             f"jaxem: site '{name}' has a log-density that depends on parameters only, not on "
