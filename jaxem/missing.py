@@ -224,6 +224,20 @@ def _fill(fn, value, observed):
     return jnp.where(observed, value, fill.astype(jnp.result_type(value)))
 
 
+def _mask_outside(fn):
+    """``Masked(Expanded(d), mask)`` for ``Expanded(Masked(d, mask))``: a plate outside
+    an ``obs_mask`` that only broadcasts to it (shape (1,) against a plate of N) expands
+    the masked distribution, where the split of the site below would miss the mask."""
+    if isinstance(fn, dist.ExpandedDistribution) and isinstance(
+        fn.base_dist, dist.MaskedDistribution
+    ):
+        mask = fn.base_dist._mask
+        if not isinstance(mask, bool):
+            mask = jnp.broadcast_to(mask, fn.batch_shape)
+        return fn.base_dist.base_dist.expand(fn.batch_shape).mask(mask)
+    return fn
+
+
 class MissingEntries(Messenger):
     """Handler that prepares observed sites with missing entries (see the module).
 
@@ -247,7 +261,7 @@ class MissingEntries(Messenger):
     def process_message(self, msg):
         if msg["type"] != "sample" or msg["infer"].get("_jaxem_missing"):
             return
-        fn, name = msg["fn"], msg["name"]
+        fn, name = _mask_outside(msg["fn"]), msg["name"]
         if not msg["is_observed"]:
             # NumPyro's obs_mask: "<name>_unobserved" follows "<name>_observed" and
             # is masked to the missing events. Its density integrates to one:
@@ -262,6 +276,10 @@ class MissingEntries(Messenger):
                 msg["infer"]["_jaxem_missing"] = True
             return
         value = msg["value"]
+        if isinstance(value, (list, tuple)):
+            # Data given as a Python list, converted as by jnp.asarray (NumPyro
+            # distributions take arrays only).
+            value = jnp.asarray(value)
         msg["infer"]["_jaxem_missing"] = True
         if name.endswith("_observed") and isinstance(fn, dist.MaskedDistribution):
             self._observed_parts.add(name[: -len("_observed")])

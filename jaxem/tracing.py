@@ -18,12 +18,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 from numpyro import handlers
@@ -41,6 +39,19 @@ from jaxem.exceptions import ModelError
 from jaxem.missing import MissingData, MissingEntries, missing_log_prob
 from jaxem.scan import enumerated_scan
 from jaxem.selection import dependencies
+from jaxem.validation import (
+    check_init_params,
+    check_observed_site,
+    check_values,
+    core_family,
+    describe_support,
+    is_array,
+    merge_args,
+    merge_init_params,
+    prior_sites,
+    raise_for_invalid,
+    split_args,
+)
 
 __all__ = [
     "ModelError",
@@ -49,10 +60,9 @@ __all__ = [
     "Site",
     "split_args",
     "merge_args",
-    "check_values",
     "inspect_model",
-    "raise_for_invalid",
     "model_structure",
+    "validate",
     "enumerated_trace",
     "site_log_prob",
 ]
@@ -111,53 +121,6 @@ class EnumTrace(NamedTuple):
 
 
 # ---------------------------------------------------------------------------
-# Static / traced model arguments.
-# ---------------------------------------------------------------------------
-
-
-class _StaticLeaves(NamedTuple):
-    """Hashable description of the non-array leaves of (args, kwargs)."""
-
-    treedef: Any
-    is_array: tuple[bool, ...]
-    static_values: tuple[Hashable, ...]
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__")
-
-
-def split_args(args: tuple, kwargs: dict):
-    """Split model arguments into traced array leaves and a hashable static spec.
-
-    Arrays are traced (a new dataset of the same shape does not recompile);
-    everything else (ints such as a number of components, strings, callables)
-    is static, as NumPyro users expect.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    is_array = tuple(_is_array(leaf) for leaf in leaves)
-    arrays = [leaf for leaf, a in zip(leaves, is_array) if a]
-    static = tuple(leaf for leaf, a in zip(leaves, is_array) if not a)
-    try:
-        hash(static)
-    except TypeError as err:
-        raise ModelError(
-            "jaxem: a non-array model argument is not hashable, so it cannot be treated as "
-            f"static ({err}). Pass data as arrays (jnp.asarray) and static options as ints, "
-            "floats, strings or tuples."
-        ) from None
-    return arrays, _StaticLeaves(treedef, is_array, static)
-
-
-def merge_args(arrays, spec: _StaticLeaves):
-    """Inverse of :func:`split_args`."""
-    arrays = iter(arrays)
-    static = iter(spec.static_values)
-    leaves = [next(arrays) if a else next(static) for a in spec.is_array]
-    return jax.tree_util.tree_unflatten(spec.treedef, leaves)
-
-
-# ---------------------------------------------------------------------------
 # Seeded trace: params, plates, site kinds.
 # ---------------------------------------------------------------------------
 
@@ -185,13 +148,16 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     Returns:
         ``(structure, initial_params)``: a :class:`ModelStructure` and the
         initial (constrained) values of the params, callable initial values
-        called with keys derived from ``rng_key``; with ``observed_values``,
-        also ``{observed site: data}``.
+        called with keys derived from ``rng_key``, integer ones cast to the
+        default float dtype (EM moves them continuously); with
+        ``observed_values``, also ``{observed site: (distribution, data)}``.
 
     Raises:
-        ModelError: no params, a continuous or non-enumerable latent site, data
-            whose shape disagrees with its plates. Checks of values (NaN data,
-            initial values outside their constraints) are in :func:`check_values`.
+        ModelError: no params, a param with a discrete constraint, a continuous
+            or non-enumerable latent site, data whose shape is not the site's
+            (:func:`jaxem.validation.check_observed_site`). Checks of values (NaN
+            data, initial values outside their constraints) are in
+            :func:`jaxem.validation.check_values`.
     """
     # Latent sites take a value of their support instead of a prior draw: the
     # trace is for params and structure, and sampling N labels would be staged
@@ -211,14 +177,15 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     nesting = 0
     for name, site in tr.items():
         if site["type"] == "param":
-            params[name] = site["value"]
-            constraints_[name] = site["kwargs"].get("constraint", dist.constraints.real)
+            constraint = site["kwargs"].get("constraint", dist.constraints.real)
+            params[name] = _float_param(name, site["value"], constraint)
+            constraints_[name] = constraint
         elif site["type"] == "sample":
             for frame in site["cond_indep_stack"]:
                 if frame.dim is not None:
                     nesting = max(nesting, -frame.dim)
             if site["is_observed"]:
-                _check_data_shape(name, site)
+                check_observed_site(name, site)
                 observed.append(name)
                 continue
             fn = site["fn"]
@@ -243,10 +210,22 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
         )
     structure = ModelStructure(tuple(params), constraints_, tuple(latent), tuple(observed), nesting)
     if observed_values:
-        values = {name: tr[name]["value"] for name in observed}
-        missing = {n: tr[n]["fn"] for n in observed if isinstance(tr[n]["fn"], MissingData)}
-        return structure, params, values, missing
+        return structure, params, {n: (tr[n]["fn"], tr[n]["value"]) for n in observed}
     return structure, params
+
+
+def _float_param(name, value, constraint):
+    """An initial value in a float dtype: an integer one (``jnp.array([0, 1])``) would
+    get no gradient (JAX's float0) and be truncated by every update."""
+    if constraint.is_discrete:
+        raise ModelError(
+            f"jaxem: param '{name}' has the discrete constraint {constraint}. EM moves "
+            "params continuously; a discrete unknown is a latent sample site (enumerated), "
+            "a known one a model argument."
+        )
+    if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
+        return value
+    return jnp.asarray(value, jnp.result_type(float))
 
 
 def model_structure(model, args, kwargs) -> ModelStructure:
@@ -284,78 +263,6 @@ def _trace_structure(model, spec, treedef, signature) -> ModelStructure:
 _cached_structure = functools.lru_cache(maxsize=256)(_trace_structure)
 
 
-def _check_data_shape(name, site) -> None:
-    fn, value = site["fn"], site["value"]
-    data_batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
-    plates = ", ".join(f"'{f.name}' (size {f.size}, dim {f.dim})" for f in site["cond_indep_stack"])
-    try:
-        ok = jnp.broadcast_shapes(data_batch, fn.batch_shape) == tuple(fn.batch_shape)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ModelError(
-            f"jaxem: observed site '{name}' has data of shape {jnp.shape(value)}, which does not "
-            f"fit its distribution's batch shape {tuple(fn.batch_shape)} (event shape "
-            f"{tuple(fn.event_shape)}; plates: {plates or 'none'}). Give the data the plate's "
-            "size along each plate dim, or declare trailing data dims as event dims with "
-            ".to_event()."
-        )
-
-
-def check_values(structure: ModelStructure, params: dict, observed: dict, missing=None, reach=None):
-    """Validity of data and initial values as arrays (jittable).
-
-    Args:
-        structure: the model's structure.
-        params: initial values.
-        observed: ``{observed site: data}`` (missing entries already filled).
-        missing: ``{observed site: its MissingData distribution}`` for the
-            sites with missing entries (:func:`jaxem.nan_as_missing`).
-        reach: ``{param: the MultivariateNormal sites whose arguments depend
-            on it}`` (:func:`mvn_sites_of_params`).
-
-    Returns:
-        ``({observed site: number of non-finite entries}, {param: finite and
-        inside its constraint}, {site with missing entries: number of events
-        partly missing in a family without a closed-form marginal}, {param:
-        {MultivariateNormal site it reaches: which coordinates are observed in
-        some row}})``. The last holds only params that reach nothing but sites
-        with missing entries, all with the same number of coordinates, that
-        being the length of the param's last axis (a per-coordinate param).
-    """
-    missing = missing or {}
-    bad_data = {
-        name: jnp.sum(~jnp.isfinite(value))
-        for name, value in observed.items()
-        if jnp.issubdtype(jnp.result_type(value), jnp.inexact)
-    }
-    good_params = {
-        name: jnp.all(jnp.isfinite(params[name]))
-        & jnp.all(structure.constraints[name].check(params[name]))
-        for name in structure.param_names
-    }
-    partial = {}
-    for name, fn in missing.items():
-        core = _core_family(fn.base_dist)
-        if core.event_dim and type(core) is not dist.MultivariateNormal:
-            axes = tuple(range(-core.event_dim, 0))
-            entries = fn.observed
-            partial[name] = jnp.sum(jnp.any(entries, axis=axes) & ~jnp.all(entries, axis=axes))
-    coverage = {}
-    for name, sites in (reach or {}).items():
-        # A site without missing entries observes every coordinate.
-        if not all(site in missing for site in sites):
-            continue
-        sizes = {missing[site].event_shape[-1] for site in sites}
-        if len(sizes) != 1 or jnp.shape(params[name])[-1:] != tuple(sizes):
-            continue
-        coverage[name] = {
-            site: jnp.any(jnp.reshape(missing[site].observed, (-1, *sizes)), axis=0)
-            for site in sites
-        }
-    return bad_data, good_params, partial, coverage
-
-
 def mvn_sites_of_params(model, rng_key, args, kwargs, params) -> dict:
     """``{param: names of the MultivariateNormal observed sites whose arguments
     depend on it}``, params reaching no such site left out.
@@ -381,7 +288,7 @@ def mvn_sites_of_params(model, rng_key, args, kwargs, params) -> dict:
             # The part of an obs_mask site that is missing as a whole scores nothing.
             if fn is None or (isinstance(fn, dist.MaskedDistribution) and fn._mask is False):
                 continue
-            core = _core_family(fn.base_dist if isinstance(fn, MissingData) else fn)
+            core = core_family(fn.base_dist if isinstance(fn, MissingData) else fn)
             if type(core) is dist.MultivariateNormal:
                 sites.append(name)
                 outputs.append((core.loc, core.scale_tril))
@@ -396,129 +303,18 @@ def mvn_sites_of_params(model, rng_key, args, kwargs, params) -> dict:
     return {name: tuple(found) for name, found in reach.items()}
 
 
-def _core_family(fn):
-    while isinstance(fn, (dist.ExpandedDistribution, dist.MaskedDistribution, dist.Independent)):
-        fn = fn.base_dist
-    return fn
-
-
-def raise_for_invalid(
-    structure: ModelStructure,
-    bad_data: dict,
-    good_params: dict,
-    partial=None,
-    coverage=None,
-    *,
-    fitting: bool = True,
-    frozen=(),
-) -> None:
-    """Raise a :class:`ModelError` naming the first invalid site or param.
-
-    A param whose coordinates are missing in every row of every site it
-    reaches (``coverage``, from :func:`check_values`) is an error only when
-    ``fitting`` and the param is not ``frozen``: the data say nothing about
-    those entries, but the densities (log-likelihood, posterior, imputation)
-    marginalize them exactly.
-    """
-    for name, count in bad_data.items():
-        if int(count):
-            raise ModelError(
-                f"jaxem: observed site '{name}' contains {int(count)} NaN or infinite "
-                "value(s). If NaN marks missing values, fit jaxem.nan_as_missing(model) (NaN "
-                "entries are then marginalized) or pass obs_mask= to numpyro.sample; otherwise "
-                "remove or correct those entries before fitting. Infinite values are never "
-                "treated as missing."
-            )
-    for name, count in (partial or {}).items():
-        if int(count):
-            raise ModelError(
-                f"jaxem: observed site '{name}' has {int(count)} event(s) with some but not "
-                "all entries missing, and its distribution has no closed-form marginal over "
-                "part of an event (jaxem marginalizes partly missing events of a "
-                "MultivariateNormal or of independent univariate entries, .to_event()). "
-                "Mark whole events missing, or model the entries as separate sites."
-            )
-    if fitting:
-        fitted = {name: v for name, v in (coverage or {}).items() if name not in frozen}
-        _raise_for_unobserved_coordinates(fitted)
-    for name, ok in good_params.items():
-        if not bool(ok):
-            raise ModelError(
-                f"jaxem: the value of param '{name}' is not finite or lies outside its "
-                f"constraint {structure.constraints[name]}. Give a value that satisfies it (the "
-                "model's initial value, init_params, or the params passed in): e.g. a simplex "
-                "sums to 1 along its last axis, lower_cholesky needs a positive diagonal."
-            )
-
-
-def _raise_for_unobserved_coordinates(coverage: dict) -> None:
-    """The error for the coordinates that no row of any site a param reaches
-    observes, naming every param with the same sites and coordinates."""
-    failures: dict = {}
-    for name, per_site in coverage.items():
-        seen = np.any(np.stack([np.asarray(v) for v in per_site.values()]), axis=0)
-        if not seen.all():
-            key = (tuple(per_site), tuple(np.flatnonzero(~seen).tolist()))
-            failures.setdefault(key, []).append(name)
-    if not failures:
-        return
-    (sites, coords), params = next(iter(failures.items()))
-    site_list = ", ".join(f"'{s}'" for s in sites)
-    param_list = ", ".join(f"'{p}'" for p in params)
-    raise ModelError(
-        f"jaxem: coordinate(s) {list(coords)} of the MultivariateNormal site(s) {site_list} "
-        f"are missing in every row of every site that param(s) {param_list} reach, so the "
-        "data say nothing about those params' entries for them and EM cannot estimate "
-        "them. Drop those coordinates from the data and the model, or fit data that "
-        "observe each coordinate somewhere (log_likelihood, posterior and impute accept "
-        "such data: the missing coordinates are marginalized)."
-    )
-
-
-def check_init_params(init_params: dict | None) -> None:
-    """A named error for ``init_params`` entries that are callables, not values."""
-    for name, value in (init_params or {}).items():
-        if callable(value):
-            raise ModelError(
-                f"jaxem: init_params['{name}'] is a callable ({value!r}); init_params takes "
-                "values. A callable initial value (such as jaxem.init.kmeans_plusplus(x, K)) "
-                f"goes in the model, numpyro.param('{name}', init_fn), where run calls it "
-                "with each restart's key; or pass init_fn(jax.random.PRNGKey(0)) here."
-            )
-
-
-def merge_init_params(params: dict, init_params: dict | None) -> dict:
-    """``params`` with the entries of ``init_params`` (checked names and shapes)."""
-    if not init_params:
-        return params
-    unknown = set(init_params) - set(params)
-    if unknown:
-        raise ModelError(
-            f"jaxem: init_params names {sorted(unknown)} that are not params of the model "
-            f"(params: {list(params)})."
-        )
-    merged = dict(params)
-    for name, value in init_params.items():
-        value = jnp.asarray(value, dtype=jnp.result_type(params[name]))
-        if jnp.shape(value) != jnp.shape(params[name]):
-            raise ModelError(
-                f"jaxem: init_params['{name}'] has shape {jnp.shape(value)} but the model's "
-                f"param '{name}' has shape {jnp.shape(params[name])}."
-            )
-        merged[name] = value
-    return merged
-
-
 def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()) -> None:
     """Raise a :class:`ModelError` for bad data or parameter values.
 
-    Checks the observed data (NaN or infinite entries, missing-data problems)
+    Checks the observed data (NaN or infinite entries, values outside the
+    support, missing-data problems, sites that are priors rather than data)
     and the parameters: the model's initial values, overridden by ``params``
     (a partial or full ``{param name: value}``). One compiled check per model
     and argument signature (eager checks would compile op by op); skipped when
     any input is a tracer (under ``jit``/``vmap`` nothing can be raised).
-    With ``fitting``, also MultivariateNormal coordinates that the data never
-    observe, for the params not ``frozen`` (:func:`raise_for_invalid`).
+    With ``fitting``, also a model with nothing observed and MultivariateNormal
+    coordinates that the data never observe, for the params not ``frozen``
+    (:func:`jaxem.validation.raise_for_invalid`).
     """
     check_init_params(params)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
@@ -526,22 +322,42 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     try:
         hash(model)
     except TypeError:
-        flags = _validity(model, spec, rng_key, arrays, params)
+        validity = _validity(model, spec, rng_key, arrays, params)
     else:
-        flags = _validity_jit(model, spec, rng_key, arrays, params)
+        validity = _validity_jit(model, spec, rng_key, arrays, params)
     args, kwargs = merge_args(arrays, spec)
-    raise_for_invalid(model_structure(model, args, kwargs), *flags, fitting=fitting, frozen=frozen)
+
+    def support_of(site):
+        # Only on the way to an error: the support's bounds may be arrays, concrete here.
+        _, initial = inspect_model(model, rng_key, args, kwargs)
+        fixed = handlers.substitute(model, data=merge_init_params(initial, params))
+        _, _, sites = inspect_model(fixed, rng_key, args, kwargs, observed_values=True)
+        return describe_support(sites[site][0])
+
+    raise_for_invalid(
+        model_structure(model, args, kwargs),
+        validity,
+        fitting=fitting,
+        frozen=frozen,
+        support_of=support_of,
+    )
 
 
 def _validity(model, spec, rng_key, arrays, params):
     args, kwargs = merge_args(arrays, spec)
-    structure, initial, observed, missing = inspect_model(
-        model, rng_key, args, kwargs, observed_values=True
-    )
+    structure, initial = inspect_model(model, rng_key, args, kwargs)
+    merged = merge_init_params(initial, params)
+    # The sites at the params being checked: a support may depend on them.
+    fixed = handlers.substitute(model, data=merged)
+    _, _, sites = inspect_model(fixed, rng_key, args, kwargs, observed_values=True)
     reach = None
-    if any(type(_core_family(fn.base_dist)) is dist.MultivariateNormal for fn in missing.values()):
+    if any(
+        isinstance(fn, MissingData) and type(core_family(fn)) is dist.MultivariateNormal
+        for fn, _ in sites.values()
+    ):
         reach = mvn_sites_of_params(model, rng_key, args, kwargs, initial)
-    return check_values(structure, merge_init_params(initial, params), observed, missing, reach)
+    priors = prior_sites(model, rng_key, arrays, spec, merged)
+    return check_values(structure, merged, sites, reach, priors)
 
 
 _validity_jit = jax.jit(_validity, static_argnums=(0, 1))
@@ -629,7 +445,7 @@ class _StashArgs(Messenger):
         arguments = {
             k: v
             for k, v in record[1].items()
-            if _is_array(v) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+            if is_array(v) or (isinstance(v, (int, float)) and not isinstance(v, bool))
         }
         msg["args"] = (_RecordedArgs(record[0], arguments),)
 

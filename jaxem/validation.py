@@ -1,0 +1,569 @@
+"""Checks of a model's arguments, data and initial values, before anything is fitted.
+
+Everything here runs outside the compiled loop, on concrete values where it can
+(:func:`jaxem.tracing.validate` gathers the values in one compiled check per model
+and signature and calls :func:`raise_for_invalid`):
+
+* model arguments: arrays are traced, the rest static (:func:`split_args`);
+* observed sites: data of exactly the site's shape (no broadcasting), inside
+  the distribution's support, something observed at all;
+* sites that are priors rather than data (a ``numpyro.factor`` that depends
+  on parameters only), which EM would silently add to the log-likelihood;
+* initial values: values rather than callables, finite, inside their
+  constraints, of the param's shape (:func:`merge_init_params`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.distributions.distribution import validation_enabled
+from numpyro.primitives import Messenger
+
+from jaxem.exceptions import ModelError
+from jaxem.missing import MissingData, MissingEntries
+from jaxem.selection import dependencies
+
+__all__ = [
+    "Validity",
+    "check_init_params",
+    "check_observed_site",
+    "check_values",
+    "core_family",
+    "is_array",
+    "merge_args",
+    "merge_init_params",
+    "prior_sites",
+    "raise_for_invalid",
+    "split_args",
+]
+
+# How many offending entries an out-of-support error shows.
+_NUM_SHOWN = 3
+
+
+# ---------------------------------------------------------------------------
+# Static / traced model arguments.
+# ---------------------------------------------------------------------------
+
+
+class _StaticLeaves(NamedTuple):
+    """Hashable description of the non-array leaves of (args, kwargs)."""
+
+    treedef: Any
+    is_array: tuple[bool, ...]
+    static_values: tuple[Hashable, ...]
+
+
+def is_array(x) -> bool:
+    """Whether a model argument is an array (traced) rather than a static value."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__")
+
+
+def split_args(args: tuple, kwargs: dict):
+    """Split model arguments into traced array leaves and a hashable static spec.
+
+    Arrays are traced (a new dataset of the same shape does not recompile);
+    everything else (ints such as a number of components, strings, callables,
+    the numbers of a Python list) is static, as NumPyro users expect.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    flags = tuple(is_array(leaf) for leaf in leaves)
+    arrays = [leaf for leaf, a in zip(leaves, flags) if a]
+    static = tuple(leaf for leaf, a in zip(leaves, flags) if not a)
+    try:
+        hash(static)
+    except TypeError as err:
+        raise ModelError(
+            "jaxem: a non-array model argument is not hashable, so it cannot be treated as "
+            f"static ({err}). Pass data as arrays (jnp.asarray) and static options as ints, "
+            "floats, strings or tuples."
+        ) from None
+    return arrays, _StaticLeaves(treedef, flags, static)
+
+
+def merge_args(arrays, spec: _StaticLeaves):
+    """Inverse of :func:`split_args`."""
+    arrays = iter(arrays)
+    static = iter(spec.static_values)
+    leaves = [next(arrays) if a else next(static) for a in spec.is_array]
+    return jax.tree_util.tree_unflatten(spec.treedef, leaves)
+
+
+# ---------------------------------------------------------------------------
+# Initial values.
+# ---------------------------------------------------------------------------
+
+
+def check_init_params(init_params: dict | None) -> None:
+    """A named error for ``init_params`` entries that are callables, not values."""
+    for name, value in (init_params or {}).items():
+        if callable(value):
+            raise ModelError(
+                f"jaxem: init_params['{name}'] is a callable ({value!r}); init_params takes "
+                "values. A callable initial value (such as jaxem.init.kmeans_plusplus(x, K)) "
+                f"goes in the model, numpyro.param('{name}', init_fn), where run calls it "
+                "with each restart's key; or pass init_fn(jax.random.PRNGKey(0)) here."
+            )
+
+
+def merge_init_params(params: dict, init_params: dict | None) -> dict:
+    """``params`` with the entries of ``init_params`` (checked names and shapes), each
+    cast to the dtype of the model's param (a float dtype: integer initial values are
+    cast when the model is inspected)."""
+    if not init_params:
+        return params
+    unknown = set(init_params) - set(params)
+    if unknown:
+        raise ModelError(
+            f"jaxem: init_params names {sorted(unknown)} that are not params of the model "
+            f"(params: {list(params)})."
+        )
+    merged = dict(params)
+    for name, value in init_params.items():
+        value = jnp.asarray(value, dtype=jnp.result_type(params[name]))
+        if jnp.shape(value) != jnp.shape(params[name]):
+            raise ModelError(
+                f"jaxem: init_params['{name}'] has shape {jnp.shape(value)} but the model's "
+                f"param '{name}' has shape {jnp.shape(params[name])}."
+            )
+        merged[name] = value
+    return merged
+
+
+# ---------------------------------------------------------------------------
+# Observed sites.
+# ---------------------------------------------------------------------------
+
+
+def core_family(fn):
+    """The distribution under plate expansion, masks, ``to_event`` and missing entries."""
+    while isinstance(
+        fn, (MissingData, dist.ExpandedDistribution, dist.MaskedDistribution, dist.Independent)
+    ):
+        fn = fn.base_dist
+    return fn
+
+
+def _user_name(name: str) -> str:
+    # NumPyro splits a site with obs_mask= into "<name>_observed" and "<name>_unobserved".
+    for suffix in ("_observed", "_unobserved"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _site_label(name: str) -> str:
+    if _user_name(name) != name:
+        return f"'{_user_name(name)}' (obs_mask= part '{name}')"
+    return f"'{name}'"
+
+
+def check_observed_site(name: str, site: dict) -> None:
+    """Raise a :class:`ModelError` unless an observed site's data has exactly the
+    shape of its distribution after plates (``sample_shape + batch_shape +
+    event_shape``).
+
+    Data that merely broadcasts is refused: a single value against a plate of
+    200 would be fitted as 200 copies of it, and an ``(N, 1)`` array against a
+    2-D MultivariateNormal would fill both coordinates.
+    """
+    fn, value = site["fn"], site["value"]
+    if isinstance(core_family(fn), dist.Unit):
+        return  # numpyro.factor: the value is a placeholder, the factor is the density
+    sample_shape = tuple(site["kwargs"].get("sample_shape", ()))
+    event = tuple(fn.event_shape)
+    expected = sample_shape + tuple(fn.batch_shape) + event
+    shape = tuple(jnp.shape(value))
+    if shape == expected:
+        return
+    plates = ", ".join(f"'{f.name}' (size {f.size}, dim {f.dim})" for f in site["cond_indep_stack"])
+    if event and shape[len(shape) - len(event) :] != event:
+        fix = (
+            f"The trailing dims of the data are the event shape {event}: e.g. a "
+            f"{event[-1]}-dimensional MultivariateNormal takes rows of {event[-1]} coordinates."
+        )
+    else:
+        fix = (
+            "Give the data the plate's size along each plate dim, or declare trailing data "
+            "dims as event dims with .to_event()."
+        )
+    raise ModelError(
+        f"jaxem: observed site {_site_label(name)} has data of shape {shape}, but its "
+        f"distribution has shape {expected} (batch shape {tuple(fn.batch_shape)} from its "
+        f"plates {plates or '(none)'} and arguments, event shape {event}). jaxem does not "
+        f"broadcast data (a size-1 axis would be fitted as copies of one value). {fix}"
+    )
+
+
+def _observed_entries(fn, value):
+    """``(scored, in_support)``: which events of an observed site enter the likelihood
+    (not masked by ``obs_mask``/``handlers.mask``, not entirely missing), and which lie
+    in the support of the distribution; both shaped like the data's batch dims at the
+    level of the core family (its event dims removed)."""
+    observed, masks = None, []
+    while isinstance(
+        fn, (MissingData, dist.ExpandedDistribution, dist.MaskedDistribution, dist.Independent)
+    ):
+        if isinstance(fn, MissingData):
+            observed = fn.observed
+        elif isinstance(fn, dist.MaskedDistribution):
+            masks.append((fn._mask, fn.event_dim))
+        fn = fn.base_dist
+    event_ndim = fn.event_dim
+    shape = jnp.shape(value)[: jnp.ndim(value) - event_ndim]
+    scored = jnp.ones(shape, bool)
+    for mask, mask_event_ndim in masks:
+        if mask is None or mask is True:
+            continue
+        if mask is False:
+            scored = jnp.zeros(shape, bool)
+            continue
+        # A mask is shaped like the batch of its wrapper, whose event dims may be
+        # batch dims of the core family (to_event outside the mask).
+        mask = jnp.reshape(mask, jnp.shape(mask) + (1,) * (mask_event_ndim - event_ndim))
+        scored = scored & jnp.broadcast_to(mask, shape)
+    if observed is not None:
+        observed = jnp.broadcast_to(observed, jnp.shape(value))
+        scored = scored & jnp.any(observed, axis=tuple(range(len(shape), jnp.ndim(value))))
+    if isinstance(fn, dist.Unit):
+        return scored, jnp.ones(shape, bool)
+    try:
+        in_support = fn.support.check(value)
+    except NotImplementedError:  # a custom constraint without a check
+        in_support = True
+    return scored, jnp.broadcast_to(in_support, shape)
+
+
+def describe_support(fn) -> str:
+    """The support of a site's distribution in words (concrete arguments)."""
+    support = core_family(fn).support
+    constraints = dist.constraints
+    words = [
+        (constraints.boolean, "{0, 1}"),
+        (constraints.nonnegative_integer, "the non-negative integers 0, 1, 2, ..."),
+        (constraints.positive_integer, "the positive integers 1, 2, ..."),
+        (constraints.positive, "the positive reals"),
+        (constraints.nonnegative, "the non-negative reals"),
+        (constraints.simplex, "the simplex (non-negative entries summing to 1)"),
+    ]
+    for constraint, text in words:
+        if support is constraint:
+            return text
+    low, high = getattr(support, "lower_bound", None), getattr(support, "upper_bound", None)
+    if low is not None and high is not None and jnp.size(low) == 1 and jnp.size(high) == 1:
+        low, high = np.asarray(low).item(), np.asarray(high).item()
+        if support.is_discrete:
+            return f"the integers {low}, ..., {high}"
+        return f"the interval [{low}, {high}]"
+    return repr(support)
+
+
+# ---------------------------------------------------------------------------
+# Values: one compiled check, then named errors.
+# ---------------------------------------------------------------------------
+
+
+class Validity(NamedTuple):
+    """What one compiled check found (arrays; :func:`raise_for_invalid` reads them).
+
+    Attributes:
+        non_finite: ``{observed site: number of NaN or infinite entries}``.
+        good_params: ``{param: finite and inside its constraint}``.
+        partial: ``{site with missing entries: number of events partly missing in
+            a family without a closed-form marginal}``.
+        coverage: ``{param: {MultivariateNormal site it reaches: which coordinates
+            some row observes}}`` (see :func:`check_values`).
+        outside_support: ``{observed site: (number of observed events outside the
+            support, their first indices (k, ndim), their values)}``.
+        num_observed: ``{observed site: number of events that enter the likelihood}``.
+        priors: ``{site: 0}`` for the sites whose density depends on parameters only
+            (:func:`prior_sites`).
+    """
+
+    non_finite: dict
+    good_params: dict
+    partial: dict
+    coverage: dict
+    outside_support: dict
+    num_observed: dict
+    priors: dict
+
+
+def check_values(structure, params: dict, sites: dict, reach=None, priors=()) -> Validity:
+    """Validity of data and initial values as arrays (jittable).
+
+    Args:
+        structure: the model's :class:`jaxem.tracing.ModelStructure`.
+        params: initial values.
+        sites: ``{observed site: (distribution, data)}`` at ``params``, missing
+            entries filled (:class:`jaxem.missing.MissingEntries`).
+        reach: ``{param: the MultivariateNormal sites whose arguments depend
+            on it}`` (:func:`jaxem.tracing.mvn_sites_of_params`).
+        priors: names of the sites that are priors (:func:`prior_sites`).
+
+    Returns:
+        A :class:`Validity`. Its ``coverage`` holds only params that reach
+        nothing but sites with missing entries, all with the same number of
+        coordinates, that being the length of the param's last axis (a
+        per-coordinate param).
+    """
+    non_finite = {
+        name: jnp.sum(~jnp.isfinite(value))
+        for name, (_, value) in sites.items()
+        if jnp.issubdtype(jnp.result_type(value), jnp.inexact)
+    }
+    good_params = {
+        name: jnp.all(jnp.isfinite(params[name]))
+        & jnp.all(structure.constraints[name].check(params[name]))
+        for name in structure.param_names
+    }
+    missing = {name: fn for name, (fn, _) in sites.items() if isinstance(fn, MissingData)}
+    partial = {}
+    for name, fn in missing.items():
+        core = core_family(fn)
+        if core.event_dim and type(core) is not dist.MultivariateNormal:
+            axes = tuple(range(-core.event_dim, 0))
+            entries = fn.observed
+            partial[name] = jnp.sum(jnp.any(entries, axis=axes) & ~jnp.all(entries, axis=axes))
+    coverage = {}
+    for name, reached in (reach or {}).items():
+        # A site without missing entries observes every coordinate.
+        if not all(site in missing for site in reached):
+            continue
+        sizes = {missing[site].event_shape[-1] for site in reached}
+        if len(sizes) != 1 or jnp.shape(params[name])[-1:] != tuple(sizes):
+            continue
+        coverage[name] = {
+            site: jnp.any(jnp.reshape(missing[site].observed, (-1, *sizes)), axis=0)
+            for site in reached
+        }
+    outside, num_observed = {}, {}
+    for name, (fn, value) in sites.items():
+        scored, in_support = _observed_entries(fn, value)
+        num_observed[name] = jnp.sum(scored)
+        bad = scored & ~in_support
+        if bad.ndim == 0:
+            bad = bad[None]
+            value = jnp.asarray(value)[None]
+        index = jnp.nonzero(bad, size=_NUM_SHOWN, fill_value=0)
+        outside[name] = (jnp.sum(bad), jnp.stack(index, axis=-1), jnp.asarray(value)[index])
+    priors = {name: jnp.zeros(()) for name in priors}
+    return Validity(non_finite, good_params, partial, coverage, outside, num_observed, priors)
+
+
+def raise_for_invalid(
+    structure,
+    validity: Validity,
+    *,
+    fitting: bool = True,
+    frozen=(),
+    support_of: Callable[[str], str] | None = None,
+) -> None:
+    """Raise a :class:`ModelError` naming the first invalid site or param.
+
+    A param whose coordinates are missing in every row of every site it
+    reaches (``validity.coverage``) is an error only when ``fitting`` and the
+    param is not ``frozen``: the data say nothing about those entries, but the
+    densities (log-likelihood, posterior, imputation) marginalize them exactly.
+    Likewise a model with nothing observed is an error only when ``fitting``
+    (its log-likelihood, 0, is correct). ``support_of(site)`` describes the
+    support of a site's distribution, for the out-of-support error.
+    """
+    for name, count in validity.non_finite.items():
+        if int(count):
+            raise ModelError(
+                f"jaxem: observed site '{name}' contains {int(count)} NaN or infinite "
+                "value(s). If NaN marks missing values, fit jaxem.nan_as_missing(model) (NaN "
+                "entries are then marginalized) or pass obs_mask= to numpyro.sample; otherwise "
+                "remove or correct those entries before fitting. Infinite values are never "
+                "treated as missing."
+            )
+    for name, count in validity.partial.items():
+        if int(count):
+            raise ModelError(
+                f"jaxem: observed site '{name}' has {int(count)} event(s) with some but not "
+                "all entries missing, and its distribution has no closed-form marginal over "
+                "part of an event (jaxem marginalizes partly missing events of a "
+                "MultivariateNormal or of independent univariate entries, .to_event()). "
+                "Mark whole events missing, or model the entries as separate sites."
+            )
+    for name, (count, index, values) in validity.outside_support.items():
+        if int(count):
+            _raise_outside_support(name, int(count), index, values, support_of)
+    for name in validity.priors:
+        raise ModelError(
+            f"jaxem: site '{name}' has a log-density that depends on parameters only, not on "
+            "any data: it is a prior (numpyro.factor or an observed site whose value is a "
+            "parameter), and EM would silently add it to log_likelihood, bic and aic as if it "
+            "were data. jaxem maximizes the likelihood: remove the prior from the model "
+            "(penalized or MAP estimation is not supported yet). If the site is part of the "
+            "likelihood of the data, make it depend on the data: pass the data as an argument "
+            "of the model, or put the site inside the data's plate."
+        )
+    if fitting and not sum(int(count) for count in validity.num_observed.values()):
+        sites = ", ".join(
+            f"'{name}'" for name in dict.fromkeys(map(_user_name, validity.num_observed))
+        )
+        what = (
+            f"every entry of the observed site(s) {sites} is missing (NaN under "
+            "jaxem.nan_as_missing, or masked by obs_mask= or handlers.mask)"
+            if sites
+            else "the model has no observed sample site (numpyro.sample(..., obs=data))"
+        )
+        raise ModelError(
+            f"jaxem: nothing is observed: {what}. The likelihood of no data is constant, so "
+            "EM has nothing to fit. Pass data with observed entries."
+        )
+    if fitting:
+        fitted = {name: v for name, v in validity.coverage.items() if name not in frozen}
+        _raise_for_unobserved_coordinates(fitted)
+    for name, ok in validity.good_params.items():
+        if not bool(ok):
+            raise ModelError(
+                f"jaxem: the value of param '{name}' is not finite or lies outside its "
+                f"constraint {structure.constraints[name]}. Give a value that satisfies it (the "
+                "model's initial value, init_params, or the params passed in): e.g. a simplex "
+                "sums to 1 along its last axis, lower_cholesky needs a positive diagonal."
+            )
+
+
+def _raise_outside_support(name, count, index, values, support_of) -> None:
+    index, values = np.asarray(index), np.asarray(values)
+    shown = ", ".join(
+        f"[{', '.join(str(i) for i in position)}] = {value.tolist()}"
+        for position, value in zip(index[: min(count, _NUM_SHOWN)], values)
+    )
+    support = f" ({support_of(name)})" if support_of is not None else ""
+    raise ModelError(
+        f"jaxem: observed site {_site_label(name)} has {count} observed value(s) outside the "
+        f"support of its distribution{support}, where its log-density is -inf; the first at "
+        f"(index in the site's data) {shown}. Recode the data into the support (e.g. "
+        "Bernoulli takes 0/1, Categorical takes 0, ..., K-1, Poisson non-negative integers), "
+        "drop those entries, or mark them missing (obs_mask= or jaxem.nan_as_missing)."
+    )
+
+
+def _raise_for_unobserved_coordinates(coverage: dict) -> None:
+    """The error for the coordinates that no row of any site a param reaches
+    observes, naming every param with the same sites and coordinates."""
+    failures: dict = {}
+    for name, per_site in coverage.items():
+        seen = np.any(np.stack([np.asarray(v) for v in per_site.values()]), axis=0)
+        if not seen.all():
+            key = (tuple(per_site), tuple(np.flatnonzero(~seen).tolist()))
+            failures.setdefault(key, []).append(name)
+    if not failures:
+        return
+    (sites, coords), params = next(iter(failures.items()))
+    site_list = ", ".join(f"'{s}'" for s in sites)
+    param_list = ", ".join(f"'{p}'" for p in params)
+    raise ModelError(
+        f"jaxem: coordinate(s) {list(coords)} of the MultivariateNormal site(s) {site_list} "
+        f"are missing in every row of every site that param(s) {param_list} reach, so the "
+        "data say nothing about those params' entries for them and EM cannot estimate "
+        "them. Drop those coordinates from the data and the model, or fit data that "
+        "observe each coordinate somewhere (log_likelihood, posterior and impute accept "
+        "such data: the missing coordinates are marginalized)."
+    )
+
+
+# ---------------------------------------------------------------------------
+# Priors: sites that do not depend on data.
+# ---------------------------------------------------------------------------
+
+
+class _RawObserved(Messenger):
+    """Record the value each observed site receives from the model (``obs=``)."""
+
+    def __init__(self, fn):
+        self.values = {}
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and msg["is_observed"]:
+            self.values[msg["name"]] = msg["value"]
+
+
+def prior_sites(model, rng_key, arrays, spec, params: dict) -> tuple[str, ...]:
+    """Names of the observed sites that are priors on parameters rather than data.
+
+    Read from the jaxpr of ``(params, model arguments, site values) -> (each
+    numpyro.factor's log-factor, each observed site's obs= value)``, latent and
+    observed site values substituted as inputs (:func:`jaxem.selection.dependencies`).
+    A site is a prior when
+
+    * it is a ``numpyro.factor`` whose log-factor depends on no model argument,
+      no latent value and no observed value (it depends on parameters only, or
+      is a constant), and it lies in no plate of a sample site (a factor inside
+      the data's plate is a per-observation term of the likelihood, such as a
+      truncation's normalizer); or
+    * it is an observed sample site whose ``obs=`` value depends on parameters
+      and on no model argument or site value (``numpyro.sample("prior",
+      dist.Normal(0, 10), obs=mu)``). Data held in the model as a constant is data.
+    """
+    args, kwargs = merge_args(arrays, spec)
+    fixed = handlers.substitute(MissingEntries(model), data=params)
+    with validation_enabled(False):
+        tr = handlers.trace(handlers.seed(fixed, rng_key)).get_trace(*args, **kwargs)
+    sample_sites = {n: s for n, s in tr.items() if s["type"] == "sample"}
+    if not any(s["is_observed"] for s in sample_sites.values()):
+        return ()
+    values = {
+        n: s["value"]
+        for n, s in sample_sites.items()
+        if not isinstance(core_family(s["fn"]), dist.Unit)
+    }
+    names = tuple(params)
+    outputs: list = []
+
+    def analysed(param_values, array_values, site_values):
+        args, kwargs = merge_args(array_values, spec)
+        raw = _RawObserved(model)
+        data = {**dict(zip(names, param_values)), **site_values}
+        fixed = handlers.substitute(MissingEntries(raw), data=data)
+        with validation_enabled(False):
+            tr = handlers.trace(handlers.seed(fixed, rng_key)).get_trace(*args, **kwargs)
+        outputs.clear()
+        results = []
+        for name, site in tr.items():
+            if site["type"] != "sample" or not site["is_observed"]:
+                continue
+            core = core_family(site["fn"])
+            if isinstance(core, dist.Unit):
+                outputs.append((name, True))
+                results.append(core.log_factor)
+            elif name in raw.values and is_array(raw.values[name]):
+                outputs.append((name, False))
+                results.append(raw.values[name])
+        return results
+
+    closed = jax.make_jaxpr(analysed)([params[n] for n in names], list(arrays), values)
+    labels = [{"param": True}] * len(names) + [{"data": True}] * (
+        len(closed.jaxpr.invars) - len(names)
+    )
+    found = dependencies(closed, labels)
+    flagged = [
+        name
+        for (name, is_factor), depends in zip(outputs, found)
+        if "data" not in depends and (is_factor or "param" in depends)
+    ]
+    data_plates = {
+        frame.name
+        for name, site in sample_sites.items()
+        if name in values and name not in flagged
+        for frame in site["cond_indep_stack"]
+    }
+
+    def in_data_plate(name):
+        return any(frame.name in data_plates for frame in sample_sites[name]["cond_indep_stack"])
+
+    # An obs= value made of parameters is a prior wherever it sits; a factor inside
+    # the data's plate is a per-observation term of the likelihood.
+    return tuple(name for name in flagged if name in values or not in_data_plate(name))
