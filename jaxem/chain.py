@@ -44,6 +44,7 @@ __all__ = [
     "chain_sample",
     "chain_indicators",
     "chain_padding_problems",
+    "user_site_name",
     "raise_for_chain_padding",
 ]
 
@@ -84,7 +85,9 @@ def _enumerated(site):
     }
 
 
-def _base_name(name):
+def user_site_name(name: str) -> str:
+    """The site name a user wrote for a site of an enumerated ``scan``: its first
+    step is traced as ``_PREV_<name>``."""
     while name.startswith(_PREV):
         name = name[len(_PREV) :]
     return name
@@ -107,7 +110,7 @@ def find_chain(trace) -> Chain | None:
     if not times and not firsts:
         return None
     if any(n.startswith(_PREV + _PREV) for n in firsts) or len(times) > 1:
-        site = _base_name(next(iter(firsts), "?"))
+        site = user_site_name(next(iter(firsts), "?"))
         raise ModelError(
             f"jaxem: site '{site}' is inside a scan with history > 1 or inside several scans. "
             "jaxem contracts one first-order Markov chain (scan(..., history=1)); write "
@@ -115,8 +118,8 @@ def find_chain(trace) -> Chain | None:
         )
     first_latents = [n for n in firsts if not sites[n].is_observed]
     if len(first_latents) != 1:
-        names = sorted(_base_name(n) for n in first_latents) or sorted(
-            _base_name(n) for n in firsts
+        names = sorted(user_site_name(n) for n in first_latents) or sorted(
+            user_site_name(n) for n in firsts
         )
         raise ModelError(
             f"jaxem: the scan body has latent sites {names}; jaxem contracts scan bodies with "
@@ -147,8 +150,8 @@ def find_chain(trace) -> Chain | None:
             extra = _enumerated(sites[site_name]) - names
             if extra:
                 raise ModelError(
-                    f"jaxem: site '{_base_name(site_name)}' depends on latent(s) "
-                    f"{sorted(map(_base_name, extra))}, but a factor of a Markov chain over "
+                    f"jaxem: site '{user_site_name(site_name)}' depends on latent(s) "
+                    f"{sorted(map(user_site_name, extra))}, but a factor of a Markov chain over "
                     f"'{name}' may depend on {what} only."
                 )
     chain_site = sites[name] if name in sites else sites[first]

@@ -191,3 +191,9 @@ def _nested(x):
 def test_nested_scans_are_rejected():
     with pytest.raises(ModelError, match="a scan inside the body of another scan"):
         jaxem.log_likelihood(_nested, {"A": jnp.ones((2, 2)) / 2}, jnp.zeros((3, 4)))
+
+
+def test_m_step_paths_name_the_sites_the_user_wrote():
+    paths = jaxem.EM(scan_hmm).m_step_paths(jnp.zeros((4, 2)), jnp.ones((4, 2), bool))
+    assert not any("_PREV_" in p for p in paths.values()), paths
+    assert paths["mu"] == "closed-form (Normal.loc at site 'x')"
