@@ -30,9 +30,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as dist
+import numpy as np
 
 from jaxem.exceptions import ModelError
+from jaxem.masks import mask_of
 
 __all__ = [
     "Chain",
@@ -42,6 +43,9 @@ __all__ = [
     "chain_map",
     "chain_sample",
     "chain_indicators",
+    "chain_padding_problems",
+    "user_site_name",
+    "raise_for_chain_padding",
 ]
 
 _PREV = "_PREV_"
@@ -81,7 +85,9 @@ def _enumerated(site):
     }
 
 
-def _base_name(name):
+def user_site_name(name: str) -> str:
+    """The site name a user wrote for a site of an enumerated ``scan``: its first
+    step is traced as ``_PREV_<name>``."""
     while name.startswith(_PREV):
         name = name[len(_PREV) :]
     return name
@@ -104,7 +110,7 @@ def find_chain(trace) -> Chain | None:
     if not times and not firsts:
         return None
     if any(n.startswith(_PREV + _PREV) for n in firsts) or len(times) > 1:
-        site = _base_name(next(iter(firsts), "?"))
+        site = user_site_name(next(iter(firsts), "?"))
         raise ModelError(
             f"jaxem: site '{site}' is inside a scan with history > 1 or inside several scans. "
             "jaxem contracts one first-order Markov chain (scan(..., history=1)); write "
@@ -112,8 +118,8 @@ def find_chain(trace) -> Chain | None:
         )
     first_latents = [n for n in firsts if not sites[n].is_observed]
     if len(first_latents) != 1:
-        names = sorted(_base_name(n) for n in first_latents) or sorted(
-            _base_name(n) for n in firsts
+        names = sorted(user_site_name(n) for n in first_latents) or sorted(
+            user_site_name(n) for n in firsts
         )
         raise ModelError(
             f"jaxem: the scan body has latent sites {names}; jaxem contracts scan bodies with "
@@ -144,8 +150,8 @@ def find_chain(trace) -> Chain | None:
             extra = _enumerated(sites[site_name]) - names
             if extra:
                 raise ModelError(
-                    f"jaxem: site '{_base_name(site_name)}' depends on latent(s) "
-                    f"{sorted(map(_base_name, extra))}, but a factor of a Markov chain over "
+                    f"jaxem: site '{user_site_name(site_name)}' depends on latent(s) "
+                    f"{sorted(map(user_site_name, extra))}, but a factor of a Markov chain over "
                     f"'{name}' may depend on {what} only."
                 )
     chain_site = sites[name] if name in sites else sites[first]
@@ -241,31 +247,79 @@ def _tensors(log_factors, trace, chain) -> _Tensors:
 def _step_mask(site, chain):
     """``(T - 1, *plates)``: False at the steps where the chain's latent site is
     masked (``numpyro.handlers.mask``), None if it is not masked."""
-    fn, masks = site.fn, []
-    while True:
-        if isinstance(fn, dist.MaskedDistribution):
-            if fn._mask is not None and not isinstance(fn._mask, bool):
-                mask = jnp.asarray(fn._mask)
-                masks.append(
-                    jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, fn.batch_shape))
-                )
-            elif fn._mask is False:
-                masks.append(jnp.zeros(fn.batch_shape, bool))
-            fn = fn.base_dist
-        elif isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
-            fn = fn.base_dist
-        else:
-            break
-    if not masks:
+    return _position_mask(site, [chain.time, chain.first, chain.name], chain)
+
+
+def _position_mask(site, names, chain):
+    """A latent site's mask arranged as ``(*plates)`` (``(T - 1, *plates)`` for
+    the stacked site: ``names`` starts with the time dim), None if unmasked."""
+    full = mask_of(site.fn)
+    if full is None:
         return None
-    shape = jnp.shape(site.log_prob) if site.log_prob is not None else None
-    full = None
-    for m in masks:
-        m = jnp.broadcast_to(m, jnp.broadcast_shapes(jnp.shape(m), shape)) if shape else m
-        full = m if full is None else full & m
+    if site.log_prob is not None:
+        full = jnp.broadcast_to(full, jnp.broadcast_shapes(full.shape, jnp.shape(site.log_prob)))
     # The mask may not depend on the enumerated states: take any state's entry.
-    arranged = _arrange(full.astype(jnp.int32), site, [chain.time, chain.first, chain.name], chain)
-    return jnp.moveaxis(arranged[..., 0, 0], chain.num_plate_dims, 0) > 0
+    arranged = _arrange(full.astype(jnp.int32), site, names, chain)
+    num_states = len(names) - (names[0] == chain.time)
+    arranged = arranged[(...,) + (0,) * num_states] > 0
+    return jnp.moveaxis(arranged, chain.num_plate_dims, 0) if names[0] == chain.time else arranged
+
+
+def chain_padding_problems(trace, chain: Chain):
+    """Which sequences break the padding rule, ``(*plates)`` booleans: a
+    sequence's masked positions (initial state, first step, later steps) must
+    all come after its real ones, and its first position must be real.
+
+    jaxem skips a masked step by carrying the state over: at the end of a
+    sequence that is exact (nothing follows), but a masked first step leaves
+    the chain's prior on a state nobody observed, and a masked step before a
+    real one links the real step to the wrong state.
+    """
+    sites = trace.sites
+    positions = []
+    if chain.initial is not None:
+        positions.append(_position_mask(sites[chain.initial], [chain.initial], chain))
+    first_names = [chain.initial, chain.first] if chain.initial else [chain.first]
+    positions.append(_position_mask(sites[chain.first], first_names, chain))
+    if chain.stacked_sites and chain.name in sites:
+        steps = _step_mask(sites[chain.name], chain)
+        positions.extend(list(steps) if steps is not None else [None])
+    if all(p is None for p in positions):
+        return jnp.zeros((), bool)
+    shape = jnp.broadcast_shapes(*(jnp.shape(p) for p in positions if p is not None))
+    real = jnp.stack(
+        [jnp.ones(shape, bool) if p is None else jnp.broadcast_to(p, shape) for p in positions]
+    )
+    return ~real[0] | jnp.any(~real[:-1] & real[1:], axis=0)
+
+
+def raise_for_chain_padding(problems, name: str, plates: tuple) -> None:
+    """Raise a :class:`ModelError` naming the chain's site ``name`` and the
+    sequences of a true :func:`chain_padding_problems` (concrete values).
+
+    Args:
+        problems: its result.
+        name: the chain's latent site.
+        plates: the names of the chain's plates, outermost first.
+    """
+    problems = np.asarray(problems)
+    if not problems.any():
+        return
+    trim = problems.ndim - len(plates)
+    problems = problems.reshape(problems.shape[trim:]) if trim > 0 else problems
+    bad = [tuple(int(i) for i in idx) for idx in np.argwhere(problems)]
+    shown = [i[0] if len(i) == 1 else i for i in bad[:10]]
+    where = f"sequence(s) {shown}{' ...' if len(bad) > 10 else ''}"
+    if plates:
+        where += f" of plate(s) {list(plates)}"
+    raise ModelError(
+        f"jaxem: the Markov chain of site '{name}' is masked at its first step or at "
+        f"steps before real ones in {where} (padding at the start or a gap). jaxem skips "
+        "masked steps only at the end of a sequence: pad every sequence at its end (mask "
+        "True for its real steps, then False), keep its first step real (drop empty "
+        "sequences), and for missing observations inside a sequence mask (or set NaN under "
+        "jaxem.nan_as_missing) the observed site only, not the latent."
+    )
 
 
 def _initial_log_messages(tensors):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
-from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.chain import find_chain
 from jaxem.estep import log_likelihood
-from jaxem.tracing import inspect_model
+from jaxem.masks import mask_of
+from jaxem.missing import MissingData
+from jaxem.tracing import enumerated_trace, inspect_model, merge_args, split_args
 
 __all__ = ["num_free_params", "num_observations", "bic", "aic"]
 
@@ -30,15 +34,76 @@ def num_free_params(model, params, *args, **kwargs) -> int:
 
 
 def num_observations(model, *args, **kwargs) -> int:
-    """Number of observations: the largest batch size among the observed sites
-    (the number of data points of a mixture, not points times dimensions)."""
-    trace = handlers.trace(handlers.seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
-    sizes = [
-        math.prod(site["fn"].batch_shape)
-        for site in trace.values()
-        if site["type"] == "sample" and site["is_observed"]
-    ]
-    return int(max(sizes, default=1))
+    """Number of observations: the largest number of observed cells among the
+    observed sites (the number of data points of a mixture, not points times
+    dimensions); for a Markov chain written with ``scan``, the observed cells
+    of its steps summed over time (the number of real time steps, as in
+    hmmlearn). Only cells that count are counted: masked cells
+    (``numpyro.handlers.mask``, ``obs_mask``, the padding of sequences) and
+    cells with nothing observed (NaN under :func:`jaxem.nan_as_missing`) are not.
+    """
+    arrays, spec = split_args(args, kwargs)
+    return int(_num_observations(model, arrays, spec))
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _num_observations(model, arrays, spec):
+    args, kwargs = merge_args(arrays, spec)
+    structure, params = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
+    trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
+    chain = find_chain(trace)
+    # A chain's observations are its steps (in its plates): several observed
+    # cells per step in a nested plate are the coordinates of one observation.
+    plate_dims = None if chain is None else chain.plate_dims
+    counts = {}
+    for name, site in trace.sites.items():
+        if site.is_observed:
+            counts[name] = _observed_cells(site, plate_dims)
+    if not counts:
+        return jnp.ones((), jnp.int32)
+    if chain is None:
+        return functools.reduce(jnp.maximum, counts.values())
+    # One observation per real step: the largest count among the sites of each
+    # position of the chain (initial state, first step, later steps), summed.
+    positions = {"initial": [], "first": [], "steps": [], "other": []}
+    for name in counts:
+        site = trace.sites[name]
+        if name in chain.stacked_sites:
+            positions["steps"].append(counts[name])
+        elif name in chain.first_sites:
+            positions["first"].append(counts[name])
+        elif chain.initial is not None and chain.initial in site.dim_to_name.values():
+            positions["initial"].append(counts[name])
+        else:
+            positions["other"].append(counts[name])
+    along = sum(
+        functools.reduce(jnp.maximum, c) for key, c in positions.items() if c and key != "other"
+    )
+    return functools.reduce(jnp.maximum, positions["other"], along)
+
+
+def _observed_cells(site, plate_dims=None):
+    """Cells of an observed site's plates (and time steps) that count: not
+    masked, and with at least one entry observed. With ``plate_dims``, the cells
+    of those plates only (one that counts where any cell of the others does)."""
+    fn = site.fn
+    value_batch = jnp.shape(site.value)[: jnp.ndim(site.value) - fn.event_dim]
+    shape = jnp.broadcast_shapes(fn.batch_shape, value_batch)
+    real = jnp.ones(shape, bool)
+    if isinstance(fn, MissingData):
+        observed = jnp.broadcast_to(fn.observed, jnp.shape(site.value))
+        real = real & jnp.any(observed, axis=tuple(range(-fn.event_dim, 0)))
+        fn = fn.base_dist
+    mask = mask_of(fn)
+    if mask is not None:
+        real = real & mask
+    # The enumerated dims of a site that depends on latents are not cells.
+    for dim, name in site.dim_to_name.items():
+        if name not in site.plates and not str(name).startswith("_time") and -dim <= real.ndim:
+            real = jnp.take(real, jnp.array([0]), axis=dim)
+        elif plate_dims is not None and name in site.plates and dim not in plate_dims:
+            real = jnp.any(real, axis=dim, keepdims=True)
+    return jnp.sum(real).astype(jnp.int32)
 
 
 _count_observations = num_observations  # bic's keyword argument shadows the function
@@ -51,8 +116,8 @@ def bic(model, params, *args, num_observations=None, **kwargs):
         model: the model.
         params: fitted ``{param name: value}``.
         *args, **kwargs: the model's arguments.
-        num_observations: n; by default the largest batch size among observed
-            sites (see :func:`num_observations`).
+        num_observations: n; by default the observed cells that count (see
+            :func:`num_observations`).
 
     Examples:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
+from jaxem.chain import user_site_name
 from jaxem.closed_form import Cells, ClosedFormUpdate, shared_statistics
 from jaxem.missing import MissingData, conditional_moments
 from jaxem.selection import dependencies, probe_selection
@@ -262,19 +263,19 @@ def _decide(
     for key, is_selection in reached:
         kind, site, detail = key
         if kind == "value":
-            return gradient(f"reaches the value of site '{site}'")
+            return gradient(f"reaches the value of site '{user_site_name(site)}'")
         if kind != "arg":
             continue
         cls, arg_name = detail
         update = registry.get(cls, {}).get(arg_name)
         if update is None:
             return gradient(
-                f"reaches argument '{arg_name}' of {cls.__name__} at site '{site}', "
-                "which has no closed-form update"
+                f"reaches argument '{arg_name}' of {cls.__name__} at site "
+                f"'{user_site_name(site)}', which has no closed-form update"
             )
         if not is_selection:
             return gradient(
-                f"reaches {cls.__name__}.{arg_name} at site '{site}' through "
+                f"reaches {cls.__name__}.{arg_name} at site '{user_site_name(site)}' through "
                 "operations other than indexing/broadcasting/reshaping"
             )
         consumers.append((site, arg_name, cls, keys.index(key)))
@@ -282,10 +283,13 @@ def _decide(
     for site in sites:
         if site in unsupported_site:
             return gradient(
-                f"reaches site '{site}' ({unsupported_site[site]}), which has no closed-form update"
+                f"reaches site '{user_site_name(site)}' ({unsupported_site[site]}), which has no "
+                "closed-form update"
             )
         if not any(c[0] == site for c in consumers):
-            return gradient(f"reaches site '{site}' other than through a distribution argument")
+            return gradient(
+                f"reaches site '{user_site_name(site)}' other than through a distribution argument"
+            )
     if len(updates) != 1:
         return gradient(
             "reaches different kinds of distribution arguments: "
@@ -301,7 +305,9 @@ def _decide(
         closed, index, params, arrays, structure, consumers, update.event_ndim
     ):
         return gradient("the selection map does not keep the distribution's event dims whole")
-    description = ", ".join(f"{c[2].__name__}.{c[1]} at site '{c[0]}'" for c in consumers)
+    # A scan's first step and its later steps are one site to the user.
+    described = (f"{c[2].__name__}.{c[1]} at site '{user_site_name(c[0])}'" for c in consumers)
+    description = ", ".join(dict.fromkeys(described))
     return ParamPath("closed-form", description, update, tuple((c[0], c[1]) for c in consumers))
 
 

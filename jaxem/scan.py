@@ -41,6 +41,9 @@ from numpyro.contrib.funsor import config_enumerate, enum, markov
 from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.distributions.batch_util import promote_batch_shape
 from numpyro.ops.pytree import PytreeTrace
+from numpyro.primitives import Messenger
+
+from jaxem.exceptions import ModelError
 
 __all__ = ["enumerated_scan"]
 
@@ -78,6 +81,8 @@ def enumerated_scan(
             first_available_dim,
         )
     substitute_stack = substitute_stack or []
+    if length == 0:
+        return _empty_scan(f, init, xs)
     first_order = (
         history == 1
         and length >= 1
@@ -90,6 +95,23 @@ def enumerated_scan(
             f, init, xs, length, reverse, rng_key, substitute_stack, history, first_available_dim
         )
     return _first_order_scan(f, init, xs, length, substitute_stack, first_available_dim)
+
+
+def _empty_scan(f, init, xs):
+    """A scan of no steps (an HMM over ``x[1:]`` with one time step): no sites,
+    the carry unchanged, and outputs with a leading dim of 0, shaped by running
+    the body once, hidden, on zeros (NumPyro's own scan fails on it)."""
+    x_step = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x)[1:], jnp.result_type(x)), xs)
+    with handlers.block():
+        _, y = handlers.substitute(f, substitute_fn=_any_value)(init, x_step)
+    ys = jax.tree.map(lambda y: jnp.zeros((0,) + jnp.shape(y), jnp.result_type(y)), y)
+    return (0, None, init), (PytreeTrace({}), ys)
+
+
+def _any_value(msg):
+    if msg["type"] == "sample" and not msg["is_observed"]:
+        return msg["fn"].sample(jax.random.PRNGKey(0))
+    return None
 
 
 def _first_order_scan(f, init, xs, length, substitute_stack, first_available_dim):
@@ -162,7 +184,9 @@ def _step_model(f, index, length, substitute_stack):
     around the scan, with its discrete latents enumerated."""
     # NumPyro's potential energy reads the step index to transform only the
     # step's slice of a scanned value.
-    model = handlers.infer_config(f, config_fn=lambda msg: {"_scan_current_index": index})
+    model = handlers.infer_config(
+        _NoNestedScan(f), config_fn=lambda msg: {"_scan_current_index": index}
+    )
     for kind, source in substitute_stack:
         step_values = partial(_subs_wrapper, source, index, length)
         if kind == "condition":
@@ -170,6 +194,20 @@ def _step_model(f, index, length, substitute_stack):
         else:
             model = handlers.substitute(model, substitute_fn=step_values)
     return config_enumerate(model)
+
+
+class _NoNestedScan(Messenger):
+    """Reject a scan inside a scan body with a message in the user's terms
+    (NumPyro's own fails on duplicated internal ``_PREV_`` names)."""
+
+    def process_message(self, msg):
+        if msg["type"] == "control_flow":
+            raise ModelError(
+                "jaxem: the model has a scan inside the body of another scan. jaxem contracts "
+                "one first-order Markov chain per model: flatten the nested scans into one scan "
+                "over the combined time steps, or write the outer loop as a plate if its "
+                "iterations are independent."
+            )
 
 
 def _not_first_step(site) -> bool:

@@ -34,8 +34,10 @@ from numpyro.distributions.util import is_identically_one
 from numpyro.primitives import Messenger
 
 from jaxem.batching import shared_predicate
+from jaxem.chain import chain_padding_problems, find_chain, raise_for_chain_padding
 from jaxem.closed_form import contract_cells
 from jaxem.exceptions import ModelError
+from jaxem.masks import latent_mask_problems, mask_of, raise_for_latent_masks, uniform_where_masked
 from jaxem.missing import MissingData, MissingEntries, missing_log_prob
 from jaxem.scan import enumerated_scan
 from jaxem.selection import dependencies
@@ -341,6 +343,39 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
         frozen=frozen,
         support_of=support_of,
     )
+    try:
+        hash(model)
+    except TypeError:
+        problems = _mask_problems(model, spec, rng_key, arrays, params)
+    else:
+        problems = _mask_problems_jit(model, spec, rng_key, arrays, params)
+    for key, bad in problems.items():
+        if key[0] == "chain":
+            raise_for_chain_padding(bad, key[1], key[2])
+    raise_for_latent_masks({key[1:]: bad for key, bad in problems.items() if key[0] == "latent"})
+
+
+def _mask_problems(model, spec, rng_key, arrays, params) -> dict:
+    """Masked latents that are not padding, on concrete masks: ``{("chain", site,
+    plates): per sequence}`` for a ``scan`` chain, else ``{("latent", masked,
+    dependent): bool}`` (see :mod:`jaxem.masks`). Empty without masked latents."""
+    args, kwargs = merge_args(arrays, spec)
+    structure, initial = inspect_model(model, rng_key, args, kwargs)
+    params = merge_init_params(initial, params)
+    nesting = structure.max_plate_nesting
+    trace = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False)
+    if all(s.is_observed or mask_of(s.fn) is None for s in trace.sites.values()):
+        return {}
+    # The log-probabilities name the time dim of a scan whose mask varies over time.
+    trace = enumerated_trace(model, params, args, kwargs, nesting)
+    chain = find_chain(trace)
+    if chain is not None:
+        plates = tuple(chain.plate_dims[d] for d in sorted(chain.plate_dims))
+        return {("chain", chain.name, plates): chain_padding_problems(trace, chain)}
+    return {("latent", *key): bad for key, bad in latent_mask_problems(trace).items()}
+
+
+_mask_problems_jit = jax.jit(_mask_problems, static_argnums=(0, 1))
 
 
 def _validity(model, spec, rng_key, arrays, params):
@@ -523,6 +558,8 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     with _record_constructor_args(records), plate_to_enum_plate(), validation_enabled(False):
         try:
             tr = packed_trace(enumerated).get_trace(*args, **kwargs)
+        except ModelError:
+            raise
         except ValueError as err:
             raise ModelError(_explain_trace_error(err)) from err
     for site in tr.values():
@@ -560,6 +597,9 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                 f"jaxem: cannot evaluate site '{name}': {err}. Check that the data of this "
                 "site matches the shape of its plates and of its distribution."
             ) from err
+        if not site["is_observed"]:
+            own = [d for d, n in dim_to_name.items() if n == name]
+            log_prob = uniform_where_masked(log_prob, fn, own[0] if own else None)
         scale = site["scale"]
         if scale is not None and not is_identically_one(scale):
             if any(n in latent_names for n in dim_to_name.values()):

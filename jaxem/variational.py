@@ -35,6 +35,7 @@ import optax
 from jax.scipy.special import entr
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.chain import find_chain
 from jaxem.em import EM
 from jaxem.estep import _check_params, _contract, _site_posterior, _structure
 from jaxem.gradient import default_optimizer, init_opt_state, safeguarded_steps
@@ -178,6 +179,20 @@ def _factor_marginals(q, log_factors, trace):
     return jax.grad(lambda logs: sum(jnp.sum(weights[name] * logs[name]) for name in logs))(
         log_factors
     )
+
+
+def _reject_chains(trace, what):
+    """A factorized q cannot represent a Markov chain written with ``scan``: its
+    steps are one stacked site, which would get one q for all time steps."""
+    chain = find_chain(trace)
+    if chain is not None:
+        raise ModelError(
+            f"jaxem: {what} does not support the Markov chain of site '{chain.name}' written "
+            "with numpyro's scan: a factorized q would give all its time steps one factor. Use "
+            "jaxem.EM, whose E-step is exact for chains (the forward-backward algorithm), or "
+            "write the chain as a Python loop under numpyro.contrib.funsor.markov (one latent "
+            "site per step)."
+        )
 
 
 def _uniform_q(trace):
@@ -426,6 +441,7 @@ class VariationalEM:
         """ELBO-maximizing q at ``state.params``: ``(state, elbo, marginals, trace)``."""
         nesting = structure.max_plate_nesting
         trace = enumerated_trace(self.model, state.params, args, kwargs, nesting)
+        _reject_chains(trace, "VariationalEM")
         log_factors = {n: jax.lax.stop_gradient(s.log_prob) for n, s in trace.sites.items()}
         if self.guide is None:
             q = _coordinate_ascent(state.q, log_factors, trace, self.e_step_iters)
@@ -469,6 +485,7 @@ class VariationalEM:
         args, kwargs = merge_args(arrays, spec)
         nesting = structure.max_plate_nesting
         trace = enumerated_trace(self.model, params, args, kwargs, nesting)
+        _reject_chains(trace, "VariationalEM")
         if self.guide is None:
             return VEMState(params, opt_state, _uniform_q(trace), {}, (), jnp.zeros((), jnp.int32))
         guide_structure, guide_params = self._guide_structure(
@@ -639,6 +656,7 @@ def _elbo_jit(model, params, q, arrays, spec):
     structure, args, kwargs = _structure(model, arrays, spec)
     _check_params(structure, params)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
+    _reject_chains(trace, "jaxem.elbo")
     latents = _latents(trace)
     if sorted(q) != sorted(latents):
         raise ValueError(

@@ -1,0 +1,199 @@
+"""Padded and degenerate Markov chains (issue 15): masked steps, counts of observations,
+VariationalEM on ``scan`` chains, length-1 and nested scans.
+
+References: brute-force enumeration over all K^T paths of each unpadded sequence.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.contrib.control_flow import scan
+from numpyro.contrib.funsor import markov
+from numpyro.distributions import constraints
+from test_chain import gaussian_hmm
+
+import jaxem
+from jaxem import ModelError
+
+K = 2
+# NumPy float64: module-level jax arrays would be float32 (made before the x64 fixture).
+PARAMS = {
+    "pi": np.array([0.6, 0.4]),
+    "A": np.array([[0.8, 0.2], [0.3, 0.7]]),
+    "mu": np.array([-1.0, 1.0]),
+}
+SEQS = [np.array([0.3, -1.2, 0.8, 1.5, -0.1]), np.array([1.1, 0.4, -0.7])]
+
+
+def scan_hmm(x, mask):
+    """Every step inside the scan: the carry starts at the extra row ``pi`` of ``[A; pi]``."""
+    pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
+    A = numpyro.param("A", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.zeros(K))
+    rows = jnp.concatenate([A, pi[None]])
+
+    def step(z_prev, inputs):
+        x_t, m_t = inputs
+        with numpyro.plate("seqs", x.shape[1]), numpyro.handlers.mask(mask=m_t):
+            z = numpyro.sample("z", dist.Categorical(rows[z_prev]))
+            numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x_t)
+        return z, None
+
+    scan(step, jnp.full(x.shape[1], K), (x, mask))
+
+
+def loop_hmm(x, mask):
+    """One sequence, a Python loop under ``markov``: one latent site per step."""
+    pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
+    A = numpyro.param("A", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.zeros(K))
+    z = None
+    for t in markov(range(x.shape[0])):
+        with numpyro.handlers.mask(mask=mask[t]):
+            z = numpyro.sample(f"z_{t}", dist.Categorical(pi if z is None else A[z]))
+            numpyro.sample(f"x_{t}", dist.Normal(mu[z], 1.0), obs=x[t])
+
+
+def brute_force(seq):
+    """log p(seq) by summing over all K^T paths."""
+    p = {k: np.asarray(v) for k, v in PARAMS.items()}
+    terms = []
+    for path in itertools.product(range(K), repeat=len(seq)):
+        lp = np.log(p["pi"][path[0]])
+        lp += sum(np.log(p["A"][a, b]) for a, b in zip(path[:-1], path[1:]))
+        lp += sum(-0.5 * (v - p["mu"][k]) ** 2 - 0.5 * np.log(2 * np.pi) for v, k in zip(seq, path))
+        terms.append(lp)
+    return np.logaddexp.reduce(terms)
+
+
+def _padded(at_start, length=6):
+    x, mask = np.zeros((length, len(SEQS))), np.zeros((length, len(SEQS)), bool)
+    for i, s in enumerate(SEQS):
+        where = slice(length - len(s), None) if at_start else slice(None, len(s))
+        x[where, i], mask[where, i] = s, True
+    return jnp.asarray(x), jnp.asarray(mask)
+
+
+def test_scan_chain_padded_at_the_end_equals_brute_force(x64):
+    x, mask = _padded(at_start=False)
+    ll = jaxem.log_likelihood(scan_hmm, PARAMS, x, mask)
+    np.testing.assert_allclose(float(ll), sum(brute_force(s) for s in SEQS), rtol=1e-12)
+
+
+def test_scan_chain_padded_at_the_start_is_rejected(x64):
+    x, mask = _padded(at_start=True)
+    with pytest.raises(
+        ModelError,
+        match=r"site 'z' is masked at its first step .* sequence\(s\) "
+        r"\[0, 1\] of plate\(s\) \['seqs'\].*pad every sequence at its end",
+    ):
+        jaxem.log_likelihood(scan_hmm, PARAMS, x, mask)
+    with pytest.raises(ModelError, match="at steps before real ones"):
+        jaxem.EM(scan_hmm).run(jax.random.PRNGKey(0), x, mask, max_iter=2)
+
+
+def test_a_gap_after_the_initial_state_is_rejected(x64):
+    # z0 and x0 sit outside the scan, unmasked: masking the first scanned steps of a
+    # sequence leaves a real initial state followed by masked steps.
+    x = jnp.zeros((6, 2, 2))
+    mask = jnp.ones((6, 2), bool).at[:3, 1].set(False)
+    params = {
+        "pi": jnp.ones(3) / 3,
+        "A": jnp.ones((3, 3)) / 3,
+        "mu": jnp.zeros((3, 2)),
+        "sigma": jnp.ones((3, 2)),
+    }
+    with pytest.raises(ModelError, match=r"sequence\(s\) \[1\]"):
+        jaxem.log_likelihood(gaussian_hmm, params, x, mask)
+
+
+def test_masked_steps_of_a_markov_loop_contribute_nothing(x64):
+    seq = SEQS[1]
+    x = jnp.zeros(6).at[: len(seq)].set(seq)
+    mask = jnp.arange(6) < len(seq)
+    ll = jaxem.log_likelihood(loop_hmm, PARAMS, x, mask)
+    np.testing.assert_allclose(float(ll), brute_force(seq), rtol=1e-12)
+    fit = jaxem.EM(loop_hmm).run(jax.random.PRNGKey(0), x, mask, max_iter=3, init_params=PARAMS)
+    np.testing.assert_allclose(float(fit.history[0]), brute_force(seq), rtol=1e-12)
+
+
+def test_a_markov_loop_padded_at_the_start_is_rejected(x64):
+    seq = SEQS[1]
+    x = jnp.zeros(6).at[-len(seq) :].set(seq)
+    mask = jnp.arange(6) >= 6 - len(seq)
+    with pytest.raises(ModelError, match="latent site 'z_2' is masked where latent site 'z_3'"):
+        jaxem.log_likelihood(loop_hmm, PARAMS, x, mask)
+
+
+def test_num_observations_and_bic_count_real_steps_only(x64):
+    x, mask = _padded(at_start=False)
+    n = sum(len(s) for s in SEQS)
+    assert jaxem.num_observations(scan_hmm, x, mask) == n
+    k = jaxem.num_free_params(scan_hmm, PARAMS, x, mask)
+    expected = -2 * sum(brute_force(s) for s in SEQS) + k * np.log(n)
+    np.testing.assert_allclose(float(jaxem.bic(scan_hmm, PARAMS, x, mask)), expected, rtol=1e-12)
+    # Initial state and first observation outside the scan: they count as a step too.
+    lengths = [7, 4, 9]
+    x3 = np.zeros((9, 3, 2))
+    mask3 = np.arange(9)[:, None] < np.array(lengths)
+    assert jaxem.num_observations(gaussian_hmm, jnp.asarray(x3), jnp.asarray(mask3)) == 20
+    assert jaxem.num_observations(gaussian_hmm, jnp.asarray(x3)) == 27
+
+
+def test_variational_em_and_elbo_reject_scan_chains(x64):
+    x, mask = _padded(at_start=False)
+    with pytest.raises(
+        ModelError,
+        match="VariationalEM does not support the Markov chain of site 'z'.*Use jaxem.EM",
+    ):
+        jaxem.VariationalEM(scan_hmm).run(jax.random.PRNGKey(0), x, mask, max_iter=2)
+    with pytest.raises(
+        ModelError, match="jaxem.elbo does not support the Markov chain of site 'z'"
+    ):
+        jaxem.elbo(scan_hmm, PARAMS, {}, x, mask)
+
+
+def test_a_chain_of_one_step_is_a_mixture(x64):
+    # gaussian_hmm scans over x[1:]: with T = 1 the scan has no step.
+    params = {
+        "pi": jnp.array([0.2, 0.3, 0.5]),
+        "A": jnp.ones((3, 3)) / 3,
+        "mu": jnp.array([[0.0, 1.0], [1.0, -1.0], [2.0, 0.5]]),
+        "sigma": jnp.ones((3, 2)),
+    }
+    x = jnp.array([[[0.5, 0.2], [1.8, -0.3]]])
+    ll = jaxem.log_likelihood(gaussian_hmm, params, x)
+    log_dens = jax.scipy.stats.norm.logpdf(x[0][:, None, :], params["mu"]).sum(-1)
+    expected = jax.scipy.special.logsumexp(jnp.log(params["pi"]) + log_dens, axis=-1).sum()
+    np.testing.assert_allclose(float(ll), float(expected), rtol=1e-12)
+
+
+def _nested(x):
+    A = numpyro.param("A", jnp.ones((2, 2)) / 2, constraint=constraints.simplex)
+
+    def inner(z_prev, x_t):
+        z = numpyro.sample("z", dist.Categorical(A[z_prev]))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x_t)
+        return z, None
+
+    def outer(carry, xs):
+        scan(inner, 0, xs)
+        return carry, None
+
+    scan(outer, 0, x)
+
+
+def test_nested_scans_are_rejected():
+    with pytest.raises(ModelError, match="a scan inside the body of another scan"):
+        jaxem.log_likelihood(_nested, {"A": jnp.ones((2, 2)) / 2}, jnp.zeros((3, 4)))
+
+
+def test_m_step_paths_name_the_sites_the_user_wrote():
+    paths = jaxem.EM(scan_hmm).m_step_paths(jnp.zeros((4, 2)), jnp.ones((4, 2), bool))
+    assert not any("_PREV_" in p for p in paths.values()), paths
+    assert paths["mu"] == "closed-form (Normal.loc at site 'x')"
