@@ -346,6 +346,8 @@ def check_values(structure, params: dict, sites: dict, reach=None, priors=()) ->
         }
     outside, num_observed = {}, {}
     for name, (fn, value) in sites.items():
+        if jnp.size(value) == 0:  # a site of a scan of no steps observes nothing
+            continue
         scored, in_support = _observed_entries(fn, value)
         num_observed[name] = jnp.sum(scored)
         bad = scored & ~in_support
@@ -518,7 +520,9 @@ def prior_sites(model, rng_key, arrays, spec, params: dict) -> tuple[str, ...]:
     values = {
         n: s["value"]
         for n, s in sample_sites.items()
-        if not isinstance(core_family(s["fn"]), dist.Unit)
+        # An empty value (the sites of a scan of no steps) carries nothing to depend on,
+        # and substituting it would make NumPyro's scan index into it.
+        if not isinstance(core_family(s["fn"]), dist.Unit) and jnp.size(s["value"]) > 0
     }
     names = tuple(params)
     outputs: list = []
@@ -544,7 +548,13 @@ def prior_sites(model, rng_key, arrays, spec, params: dict) -> tuple[str, ...]:
                 results.append(raw.values[name])
         return results
 
-    closed = jax.make_jaxpr(analysed)([params[n] for n in names], list(arrays), values)
+    try:
+        closed = jax.make_jaxpr(analysed)([params[n] for n in names], list(arrays), values)
+    except Exception:  # noqa: BLE001
+        # NumPyro could not re-run the model with its site values substituted (a nested
+        # scan, say): no prior can be told apart here, and the enumerated trace that every
+        # entry point builds next reports what is wrong with the model in its own words.
+        return ()
     labels = [{"param": True}] * len(names) + [{"data": True}] * (
         len(closed.jaxpr.invars) - len(names)
     )
