@@ -110,7 +110,8 @@ def test_best_restart_skips_nan_scores(x32):
         return {"score": jnp.where(value > 0.0, jnp.nan, value), "value": value}
 
     key = jax.random.PRNGKey(0)
-    best, scores = best_restart(fit, key, 8, lambda r: r["score"])
+    best, fits = best_restart(fit, key, 8, lambda r: r["score"])
+    scores = fits["score"]
     values = np.asarray([float(jax.random.normal(k)) for k in jax.random.split(key, 8)])
     expected = np.where(values > 0.0, np.nan, values)
     np.testing.assert_array_equal(np.asarray(scores), expected)
