@@ -18,17 +18,27 @@ from jaxem.acceleration import (
 )
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
-from jaxem.gradient import default_optimizer, gradient_m_step, init_opt_state
+from jaxem.exceptions import ModelError
+from jaxem.gradient import default_optimizer, gradient_m_step, init_opt_state, stationarity
 from jaxem.loop import (
     all_finite,
     best_restart,
     initial_params,
     iterate,
     run_compiled,
+    stationary,
     tree_where,
+    upper_bound,
 )
 from jaxem.mstep import closed_form_m_step, plan_m_step
-from jaxem.tracing import inspect_model, merge_args, model_structure, split_args, validate
+from jaxem.tracing import (
+    enumerated_trace,
+    inspect_model,
+    merge_args,
+    model_structure,
+    split_args,
+    validate,
+)
 
 __all__ = ["EM", "EMState", "EMResult"]
 
@@ -67,13 +77,30 @@ class EMResult(NamedTuple):
         num_iters: number of iterations (``update`` calls) of the best restart;
             with ``acceleration="squarem"``, cycles of three EM steps each.
         converged: whether the relative change of the log-likelihood fell
-            below ``tol``.
-        diverged: whether the run stopped on a non-finite value; ``params``
-            are then the last parameters with a finite log-likelihood.
+            below ``tol`` and ``params`` are a stationary point: a step along
+            the gradient could not raise the log-likelihood by more than 100
+            times what ``tol`` allows per iteration (see :attr:`gradient`).
+        diverged: whether the run stopped on a log-likelihood or parameter that
+            was not finite, or not credible: above 0 for a model whose
+            observed sites are all discrete, or a jump a thousand times larger
+            than every earlier gain (a density evaluated where it breaks
+            down). ``params`` are then the last ones before it.
         restart_log_likelihoods: shape ``(num_restarts,)``: the final
             log-likelihood of every restart, in the order of the keys that
             ``jax.random.split(rng_key, num_restarts)`` gives (``rng_key``
-            itself for one restart).
+            itself for one restart). The restart kept is the one with the
+            highest log-likelihood among those that did not diverge.
+        restart_converged: shape ``(num_restarts,)``: ``converged`` of every
+            restart.
+        restart_diverged: shape ``(num_restarts,)``: ``diverged`` of every
+            restart.
+        restart_num_iters: shape ``(num_restarts,)``: ``num_iters`` of every
+            restart.
+        gradient: ``{param name: gradient}``: the gradient of the
+            log-likelihood (for hard EM, of the complete-data log-likelihood
+            at the MAP assignment) with respect to the unconstrained value of
+            every param that is not frozen, at ``params``; zero for a param
+            with an entry on its constraint's boundary.
     """
 
     params: dict
@@ -83,6 +110,10 @@ class EMResult(NamedTuple):
     converged: jax.Array
     diverged: jax.Array
     restart_log_likelihoods: jax.Array
+    restart_converged: jax.Array
+    restart_diverged: jax.Array
+    restart_num_iters: jax.Array
+    gradient: dict
 
 
 class EM:
@@ -311,24 +342,29 @@ class EM:
             kwargs,
         )
 
-    def _objective(self, params, arrays, spec):
+    def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
-        return e_step(
-            self.model,
-            params,
-            args,
-            kwargs,
-            structure.max_plate_nesting,
-            hard=self.hard,
-            parallel=self.parallel,
-        ).log_likelihood
+        nesting = structure.max_plate_nesting
+        start = self._init_arrays(rng_key, arrays, spec, init_params)
 
-    def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
+        def final(state):
+            result = e_step(
+                self.model,
+                state.params,
+                args,
+                kwargs,
+                nesting,
+                hard=self.hard,
+                parallel=self.parallel,
+            )
+            return result.log_likelihood, result.marginals
+
         loop = iterate(
             lambda state: self._update_arrays(state, arrays, spec),
-            self._init_arrays(rng_key, arrays, spec, init_params),
+            start,
             lambda state: state.params,
+            final_fn=final,
             max_iter=max_iter,
             tol=tol,
             progress_bar=progress_bar,
@@ -337,11 +373,28 @@ class EM:
                 if self.acceleration == "anderson"
                 else None
             ),
+            upper_bound=upper_bound(
+                enumerated_trace(self.model, start.params, args, kwargs, nesting, log_probs=False)
+            ),
         )
         params = loop.state.params
-        final = self._objective(params, arrays, spec).astype(loop.history.dtype)
+        free = [n for n in structure.param_names if n not in self.frozen]
+        gradient, gain = stationarity(
+            self.model, params, loop.aux, free, structure.constraints, args, kwargs, nesting
+        )
+        converged = loop.converged & stationary(gain, loop.value, tol)
         return EMResult(
-            params, final, loop.history, loop.num_iters, loop.converged, loop.diverged, final
+            params,
+            loop.value,
+            loop.history,
+            loop.num_iters,
+            converged,
+            loop.diverged,
+            loop.value,
+            converged,
+            loop.diverged,
+            loop.num_iters,
+            gradient,
         )
 
     def _run_arrays(
@@ -350,8 +403,38 @@ class EM:
         def fit(key):
             return self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
 
-        result, scores = best_restart(fit, rng_key, num_restarts, lambda r: r.log_likelihood)
-        return result._replace(restart_log_likelihoods=scores)
+        result, fits = best_restart(
+            fit, rng_key, num_restarts, lambda r: r.log_likelihood, lambda r: r.diverged
+        )
+        return result._replace(
+            restart_log_likelihoods=fits.log_likelihood,
+            restart_converged=fits.converged,
+            restart_diverged=fits.diverged,
+            restart_num_iters=fits.num_iters,
+        )
+
+    def _raise_for_gradient(self, result, arrays, spec) -> None:
+        """A ModelError naming the gradient-path params whose gradient is not finite
+        at the returned params: their M-step rejects every step."""
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(result.gradient)):
+            return
+        paths = self.m_step_paths(*merge_args(arrays, spec)[0], **merge_args(arrays, spec)[1])
+        bad = sorted(
+            n
+            for n, g in result.gradient.items()
+            if paths[n].startswith("gradient") and not bool(jnp.all(jnp.isfinite(g)))
+        )
+        if bad:
+            raise ModelError(
+                f"jaxem: the gradient of the log-likelihood with respect to the params {bad} "
+                "is not finite at the values the fit stopped at (the initial values if they "
+                "never moved), so their gradient M-step rejects every step and they cannot be "
+                "fitted. A log-probability that is not differentiable at some enumerated value "
+                "of a latent is the usual cause: a rate or probability multiplied by a latent "
+                "that can be 0 (e.g. Poisson(rate * (1 - s)): use dist.ZeroInflatedPoisson), or "
+                "the log of 0. Write the model so that every log-probability is differentiable "
+                "in these params, or start them elsewhere (init_params)."
+            )
 
     # -- public API ----------------------------------------------------------
 
@@ -435,6 +518,7 @@ class EM:
             init_params=init_params,
             progress_bar=progress_bar,
             desc="EM",
+            check_fn=self._raise_for_gradient,
         )
 
     def m_step_paths(self, *args, **kwargs) -> dict:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.loop import all_finite
 from jaxem.tracing import enumerated_trace
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "expected_log_joint",
     "gradient_m_step",
     "safeguarded_steps",
+    "stationarity",
     "to_unconstrained",
 ]
 
@@ -133,3 +135,55 @@ def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
     fresh = optimizer.init(chosen)
     state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), state, fresh)
     return chosen, state
+
+
+def stationarity(model, params, marginals, names, constraints, args, kwargs, max_plate_nesting):
+    """How far ``params`` are from a stationary point, from the E-step's marginals.
+
+    By Fisher's identity the gradient of the log-likelihood (of the ELBO, for a
+    variational q) at ``params`` is the gradient ``g`` of Q, the expected
+    complete-data log-likelihood under ``marginals``. Its scale is set by Q's
+    curvature along it, ``g^T H g`` (one Hessian-vector product): the exact line
+    search along ``g`` on Q's quadratic model raises Q, and so (by the EM
+    inequality) the log-likelihood, by
+
+    .. math:: \\delta = \\frac{\\lVert g \\rVert^4}{2\\, |g^T H g|},
+
+    a gain in nats, whatever the units of the data or of the parameters. A
+    param with an entry on its constraint's boundary (a weight exactly 0: its
+    unconstrained value is infinite) is left out, as EM leaves it there.
+
+    Args:
+        names: the params to differentiate (the free ones).
+        constraints: ``{param name: constraint}``.
+
+    Returns:
+        ``(gradient, gain)``: ``{name: dQ / d unconstrained value}`` (zero for a
+        param left out) and ``delta`` (``inf`` where ``g`` is not finite or Q is
+        not concave along it).
+    """
+    if not names:
+        return {}, jnp.zeros((), jnp.result_type(float))
+    transforms = {n: biject_to(constraints[n]) for n in names}
+    start = {n: transforms[n].inv(params[n]) for n in names}
+    inside = {n: jnp.all(jnp.isfinite(u)) for n, u in start.items()}
+    start = {n: jnp.where(inside[n], u, 0.0) for n, u in start.items()}
+
+    def q(unconstrained):
+        values = {
+            n: jnp.where(inside[n], transforms[n](u), params[n]) for n, u in unconstrained.items()
+        }
+        return expected_log_joint(
+            model, {**params, **values}, marginals, args, kwargs, max_plate_nesting
+        )
+
+    grad_fn = jax.grad(q)
+    gradient = {n: jnp.where(inside[n], g, 0.0) for n, g in grad_fn(start).items()}
+    finite = all_finite(gradient)
+    direction = {n: jnp.where(jnp.isfinite(g), g, 0.0) for n, g in gradient.items()}
+    _, curvature = jax.jvp(grad_fn, (start,), (direction,))
+    gg = sum(jnp.vdot(d, d) for d in direction.values())
+    ghg = sum(jnp.vdot(direction[n], jnp.where(inside[n], curvature[n], 0.0)) for n in names)
+    gain = jnp.where(ghg < 0, gg**2 / (-2.0 * jnp.where(ghg < 0, ghg, -1.0)), jnp.inf)
+    gain = jnp.where(gg == 0, 0.0, gain)
+    return gradient, jnp.where(finite, gain, jnp.inf)

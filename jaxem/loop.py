@@ -7,6 +7,7 @@ with its convergence test, divergence guard and history; restarts under
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -16,17 +17,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxem.batching import RESTART_AXIS, restart_axis
-from jaxem.exceptions import ModelError
+from jaxem.exceptions import ConvergenceWarning, ModelError
 from jaxem.tracing import inspect_model, merge_args, merge_init_params, split_args
 
 __all__ = [
+    "JUMP_FACTOR",
+    "STATIONARITY_FACTOR",
     "LoopResult",
     "all_finite",
     "best_restart",
+    "credible",
     "initial_params",
     "iterate",
+    "refuse_differentiation",
     "run_compiled",
+    "stationary",
     "tree_where",
+    "upper_bound",
+    "warn_about_fit",
 ]
 
 
@@ -57,18 +65,25 @@ def initial_params(model, frozen: Sequence[str], rng_key, arrays, spec, init_par
 
 # -- the compiled loop --------------------------------------------------------
 
+# An iteration whose gain in the objective exceeds this many times the largest gain
+# before it is a numerical breakdown, not an EM step (see :func:`iterate`).
+JUMP_FACTOR = 1e3
+
 
 class LoopResult(NamedTuple):
     """What :func:`iterate` ends with.
 
     Attributes:
         state: the last state; after a divergence, the last state whose value
-            was finite.
+            was finite and credible.
         history: shape ``(max_iter,)``: the value of every iteration, NaN after
             ``num_iters``.
         num_iters: number of updates done (a rejected one not counted).
         converged: whether the relative change of the value fell below ``tol``.
-        diverged: whether the loop stopped on a non-finite value.
+        diverged: whether the loop stopped on a value or parameter that was not
+            finite or not credible, or the final state's was not.
+        value: ``final_fn(state)``'s value.
+        aux: ``final_fn(state)``'s auxiliary output.
     """
 
     state: Any
@@ -76,6 +91,8 @@ class LoopResult(NamedTuple):
     num_iters: jax.Array
     converged: jax.Array
     diverged: jax.Array
+    value: jax.Array
+    aux: Any
 
 
 class _Carry(NamedTuple):
@@ -84,8 +101,38 @@ class _Carry(NamedTuple):
     history: jax.Array
     i: jax.Array
     previous: jax.Array
+    max_gain: jax.Array
     converged: jax.Array
     diverged: jax.Array
+
+
+def upper_bound(trace):
+    """The largest log-likelihood a model can have, with a margin for rounding: 0
+    when every observed site is discrete (a log-probability), else None (a density
+    has no bound). ``trace``: an enumerated trace (its log-probabilities unused)."""
+    observed = [site for site in trace.sites.values() if site.is_observed]
+    if not observed or not all(getattr(site.fn.support, "is_discrete", False) for site in observed):
+        return None
+    cells = sum(int(np.size(site.value)) for site in observed)
+    return float(np.sqrt(np.finfo(jnp.result_type(float)).eps)) * cells
+
+
+def credible(value, previous, max_gain, upper_bound=None):
+    """Whether ``value`` is finite and could come from an EM step after ``previous``.
+
+    Not credible: a value above ``upper_bound`` (a log-likelihood of discrete
+    observations is at most 0), and a gain ``value - previous`` more than
+    :data:`JUMP_FACTOR` times ``max_gain``, the largest gain before it. EM's gains
+    shrink as it converges (geometrically near a maximum) and grow only gradually
+    away from a saddle point, so a gain a thousand times every earlier one is a
+    density evaluated where its rounding error dominates (a variance collapsing to
+    0, a Student-t ``df`` running to 1e16) rather than progress.
+    """
+    ok = jnp.isfinite(value)
+    ok = ok & ~((max_gain > 0) & (value - previous > JUMP_FACTOR * max_gain))
+    if upper_bound is not None:
+        ok = ok & (value <= upper_bound)
+    return ok
 
 
 _PROGRESS_BARS: list = []
@@ -103,12 +150,21 @@ def iterate(
     state,
     checked_fn: Callable,
     *,
+    final_fn: Callable,
     max_iter: int,
     tol,
     progress_bar: bool,
     moved_fn: Callable | None = None,
+    upper_bound=None,
 ) -> LoopResult:
     """Run ``update_fn`` in a ``lax.while_loop`` until convergence or ``max_iter``.
+
+    Every value is checked (:func:`credible`): one that is not finite, above
+    ``upper_bound`` or a jump no EM step makes stops the loop as a divergence,
+    and the state before it is kept. After the loop ``final_fn`` evaluates the
+    last state (the output of the last update, which no iteration evaluated);
+    if its value fails the same checks, the run is a divergence too and the
+    state before the last update is returned.
 
     Args:
         update_fn: ``state -> (new_state, value)``, ``value`` the objective
@@ -117,6 +173,7 @@ def iterate(
         checked_fn: ``state -> pytree`` whose leaves must all be finite after
             an update; otherwise the loop stops (diverged) and keeps the state
             before.
+        final_fn: ``state -> (value, aux)``: the objective at a state's params.
         max_iter: maximum number of updates.
         tol: stop when ``|value_t - value_{t-1}| <= tol * |value_t|``; 0 runs
             exactly ``max_iter`` updates, even at a fixed point.
@@ -125,6 +182,7 @@ def iterate(
             After one that did not (an accelerated step its safeguard rejected,
             ``value`` repeating the last one) the convergence test is skipped.
             Default: every update moves.
+        upper_bound: a value no state can exceed (None: no bound).
 
     Returns:
         A :class:`LoopResult`.
@@ -136,7 +194,8 @@ def iterate(
 
     def body(c):
         new_state, value = update_fn(c.state)
-        finite = jnp.isfinite(value)
+        value = value.astype(dtype)
+        finite = credible(value, c.previous, c.max_gain, upper_bound)
         ok = finite & all_finite(checked_fn(new_state))
         change = jnp.abs(value - c.previous)
         converged = ok & (c.i > 0) & (tol > 0) & (change <= tol * jnp.abs(value))
@@ -144,12 +203,14 @@ def iterate(
             converged = converged & moved_fn(new_state)
         if progress_bar:
             jax.debug.callback(_report_progress, c.i + 1)
+        gain = jnp.where((c.i > 0) & finite, value - c.previous, 0.0)
         return _Carry(
             state=tree_where(ok, new_state, c.state),
             good=tree_where(finite, c.state, c.good),
-            history=c.history.at[c.i].set(value.astype(dtype)),
+            history=c.history.at[c.i].set(value),
             i=c.i + 1,
-            previous=value.astype(dtype),
+            previous=value,
+            max_gain=jnp.maximum(c.max_gain, gain),
             converged=converged,
             diverged=~ok,
         )
@@ -160,42 +221,169 @@ def iterate(
         history=jnp.full((max_iter,), jnp.nan, dtype),
         i=jnp.zeros((), jnp.int32),
         previous=jnp.array(jnp.nan, dtype),
+        max_gain=jnp.zeros((), dtype),
         converged=jnp.array(False),
         diverged=jnp.array(False),
     )
     carry = jax.lax.while_loop(cond, body, carry)
+    last = tree_where(carry.diverged, carry.good, carry.state)
+    value, aux = final_fn(last)
+    value = value.astype(dtype)
+    # The last update's output: its params were checked in the loop, its value was not.
+    previous = jnp.where(carry.diverged, jnp.nan, carry.previous)
+    bad = ~carry.diverged & ~credible(value, previous, carry.max_gain, upper_bound)
+    state = tree_where(bad, carry.good, last)
+    fallback_value, fallback_aux = final_fn(state)
+    value, aux = tree_where(bad, (fallback_value.astype(dtype), fallback_aux), (value, aux))
+    diverged = carry.diverged | bad
     return LoopResult(
-        state=tree_where(carry.diverged, carry.good, carry.state),
+        state=state,
         history=carry.history,
-        num_iters=carry.i - carry.diverged.astype(carry.i.dtype),
-        converged=carry.converged,
-        diverged=carry.diverged,
+        num_iters=carry.i - diverged.astype(carry.i.dtype),
+        converged=carry.converged & ~bad,
+        diverged=diverged,
+        value=value,
+        aux=aux,
     )
 
 
-def best_restart(fit_fn: Callable, rng_key, num_restarts: int, score_fn: Callable):
+def best_restart(
+    fit_fn: Callable, rng_key, num_restarts: int, score_fn: Callable, diverged_fn=None
+):
     """``fit_fn(key)`` for ``num_restarts`` keys split from ``rng_key`` under ``vmap``.
 
     One restart runs ``fit_fn(rng_key)`` itself (no vmap), so that it starts
-    where ``init(rng_key)`` does.
+    where ``init(rng_key)`` does. The restart kept is the one with the highest
+    score (NaN counting as -inf) among those that did not diverge
+    (``diverged_fn``); among all restarts only when every one diverged.
 
     Returns:
-        ``(result of the restart with the highest score (NaN counting as
-        -inf), shape (num_restarts,) scores of every restart)``.
+        ``(result of the restart kept, results of every restart stacked on a
+        leading axis of size num_restarts)``.
     """
     if num_restarts == 1:
         result = fit_fn(rng_key)
-        return result, score_fn(result)[None]
+        return result, jax.tree.map(lambda x: jnp.asarray(x)[None], result)
     # The named axis lets the rounding guards branch once for all restarts
     # (jaxem.batching) rather than compute both branches in each.
     with restart_axis():
         fits = jax.vmap(fit_fn, axis_name=RESTART_AXIS)(jax.random.split(rng_key, num_restarts))
     scores = score_fn(fits)
-    best = jnp.argmax(jnp.where(jnp.isnan(scores), -jnp.inf, scores))
-    return jax.tree.map(lambda x: x[best], fits), scores
+    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    usable = jnp.ones(scores.shape, bool) if diverged_fn is None else ~diverged_fn(fits)
+    pool = jnp.where(jnp.any(usable), usable, True)
+    masked = jnp.where(pool, scores, -jnp.inf)
+    best = jnp.where(jnp.any(masked > -jnp.inf), jnp.argmax(masked), jnp.argmax(pool))
+    return jax.tree.map(lambda x: x[best], fits), fits
+
+
+def stationary(gain, value, tol):
+    """Whether the gain still to be had along the gradient (see
+    :func:`jaxem.gradient.stationarity`) is negligible: at most
+    :data:`STATIONARITY_FACTOR` times what the convergence test allows per
+    iteration, ``tol * |value|`` (``|value|`` at least 1)."""
+    return gain <= STATIONARITY_FACTOR * tol * jnp.maximum(jnp.abs(value), 1.0)
+
+
+# A fit whose gradient step would gain more than this many times ``tol * |value|`` is
+# not at a stationary point. EM converging at rate r still has about
+# ``change / (1 - r)`` to gain when its change falls below ``tol * |value|``; 100
+# tolerates r up to 0.99 and catches a run that stopped because its M-step made no
+# progress (every gradient step rejected), far from a maximum.
+STATIONARITY_FACTOR = 100.0
 
 
 # -- run ----------------------------------------------------------------------
+
+
+_NOT_DIFFERENTIABLE = (
+    "jaxem: {name}.run cannot be differentiated (jax.grad, jax.jvp): its loop stops on a "
+    "data-dependent test, and differentiating through it would not give the derivative of "
+    "the fitted parameters (implicit differentiation of the fixed point is not implemented). "
+    "Differentiate jaxem.log_likelihood at result.params instead (at a maximum its "
+    "derivative in the data is the total one), or unroll a fixed number of {name}.update "
+    "calls."
+)
+
+
+def refuse_differentiation(tree, name: str):
+    """``tree`` itself; differentiating through it raises a ``TypeError`` saying why."""
+
+    @jax.custom_jvp
+    def identity(tree):
+        return tree
+
+    @identity.defjvp
+    def _refuse(primals, tangents):
+        raise TypeError(_NOT_DIFFERENTIABLE.format(name=name))
+
+    return identity(tree)
+
+
+def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: float) -> None:
+    """Emit a :class:`~jaxem.exceptions.ConvergenceWarning` when the kept restart of
+    ``result`` diverged, reached ``max_iter`` (``tol > 0``) or stopped away from a
+    stationary point. Nothing under ``jit``/``vmap`` (the values are not known)."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(result)):
+        return
+    num_restarts = int(np.size(result.restart_diverged))
+    num_diverged = int(np.sum(np.asarray(result.restart_diverged)))
+    n = int(result.num_iters)
+    kept = (
+        f" (the best of {num_restarts} restarts; {num_diverged} diverged)"
+        if num_restarts > 1
+        else ""
+    )
+    if bool(result.diverged):
+        which = f"all {num_restarts} restarts" if num_restarts > 1 else name
+        warnings.warn(
+            f"jaxem: {which} diverged: after {n} iterations the {objective} or a parameter "
+            "became non-finite, or the " + objective + " jumped beyond what an EM step can "
+            "reach (a density evaluated where it breaks down: a variance collapsing to 0, a "
+            "free shape parameter running off). The result holds the last parameters before "
+            "it. Keep the parameters away from the degenerate values (reg_covar > 0, bounds "
+            "in the constraints, frozen shape parameters), start elsewhere (init_params), or "
+            "use num_restarts > 1.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+        return
+    if bool(result.converged):
+        return
+    if n >= max_iter:
+        if tol <= 0:
+            return
+        history = np.asarray(result.history, np.float64)
+        change = abs(history[n - 1] - history[n - 2]) / abs(history[n - 1]) if n > 1 else np.nan
+        warnings.warn(
+            f"jaxem: {name} did not converge in max_iter={max_iter} iterations{kept}: the "
+            f"last relative change of the {objective} was {change:.3g}, above tol={tol:g}. "
+            "Raise max_iter, use acceleration='squarem' (EM), or loosen tol.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+        return
+    gradient = {k: np.asarray(v) for k, v in result.gradient.items()}
+    bad = sorted(k for k, v in gradient.items() if not np.all(np.isfinite(v)))
+    if bad:
+        where = f"is not finite for {bad}"
+    else:
+        norms = {k: float(np.sum(v.astype(np.float64) ** 2)) for k, v in gradient.items()}
+        total = sum(norms.values())
+        largest = sorted(k for k, v in norms.items() if v >= 0.1 * total)
+        where = f"is far from zero, mostly in {largest}"
+    warnings.warn(
+        f"jaxem: {name} stopped after {n} iterations{kept} with the {objective} no longer "
+        f"changing, but not at a stationary point: its gradient {where} (see "
+        "result.gradient), so the result is not a maximum and converged is False. Causes: "
+        "M-step gradient steps that are all rejected (a learning rate too large: a smaller "
+        "one, or the default optax.lbfgs()), a non-finite gradient of a density (write the "
+        "model so that its log-probability is differentiable at the parameters), or "
+        "reg_covar dominating the variances of data at a small scale (rescale the data or "
+        "lower reg_covar).",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
 
 
 def run_with_progress(call, progress_bar: bool, max_iter: int, desc: str):
@@ -226,16 +414,21 @@ def run_compiled(
     init_params,
     progress_bar: bool,
     desc: str,
+    objective: str = "log-likelihood",
+    check_fn: Callable | None = None,
 ):
     """The body of ``run``: check the counts, validate the data and initial values
     (``validate_fn(rng_key, arrays, spec, init_params)``: named errors here, the
     compiled run cannot raise), then ``run_jit(rng_key, arrays, init_params, tol,
-    spec=..., max_iter=..., num_restarts=..., progress_bar=...)``."""
+    spec=..., max_iter=..., num_restarts=..., progress_bar=...)``, which cannot be
+    differentiated (a ``TypeError`` says so); then :func:`warn_about_fit`."""
     if max_iter < 1 or num_restarts < 1:
         raise ValueError("max_iter and num_restarts must be at least 1")
     arrays, spec = split_args(args, kwargs)
     init_params = None if init_params is None else dict(init_params)
     validate_fn(rng_key, arrays, spec, init_params)
+    name = {"VEM": "VariationalEM"}.get(desc, desc)
+    arrays, init_params = refuse_differentiation((arrays, init_params), name)
     call = partial(
         run_jit,
         rng_key,
@@ -247,4 +440,8 @@ def run_compiled(
         num_restarts=int(num_restarts),
         progress_bar=bool(progress_bar),
     )
-    return run_with_progress(call, progress_bar, max_iter, desc)
+    result = run_with_progress(call, progress_bar, max_iter, desc)
+    if check_fn is not None:
+        check_fn(result, arrays, spec)
+    warn_about_fit(result, name=name, objective=objective, max_iter=max_iter, tol=tol)
+    return result

@@ -38,8 +38,8 @@ from numpyro.distributions.transforms import biject_to
 from jaxem.chain import find_chain
 from jaxem.em import EM
 from jaxem.estep import _check_params, _contract, _site_posterior, _structure
-from jaxem.gradient import default_optimizer, init_opt_state, safeguarded_steps
-from jaxem.loop import best_restart, iterate, run_compiled
+from jaxem.gradient import default_optimizer, init_opt_state, safeguarded_steps, stationarity
+from jaxem.loop import best_restart, iterate, run_compiled, stationary, upper_bound
 from jaxem.tracing import (
     ModelError,
     enumerated_trace,
@@ -85,16 +85,29 @@ class VEMResult(NamedTuple):
             iteration of the best restart (at the iteration's starting
             parameters), NaN after ``num_iters``.
         num_iters: number of updates done.
-        converged: whether the relative change of the ELBO fell below ``tol``.
-        diverged: whether the run stopped on a non-finite value; ``params``
-            are then the last parameters with a finite ELBO.
+        converged: whether the relative change of the ELBO fell below ``tol``
+            and ``params`` are a stationary point of the ELBO at ``q`` (as
+            :attr:`jaxem.EMResult.converged`).
+        diverged: whether the run stopped on an ELBO or parameter that was
+            not finite or not credible (as :attr:`jaxem.EMResult.diverged`);
+            ``params`` are then the last ones before it.
         log_likelihood: the exact marginal log-likelihood at ``params`` (at
             least ``elbo``), or None where exact enumeration was judged
             intractable or was switched off.
         q: the variational marginals at ``params`` (see :class:`VEMState`).
         guide_params: the guide's parameters (empty without a guide).
         restart_elbos: shape ``(num_restarts,)``: the final ELBO of every
+            restart. The restart kept is the one with the highest ELBO among
+            those that did not diverge.
+        restart_converged: shape ``(num_restarts,)``: ``converged`` of every
             restart.
+        restart_diverged: shape ``(num_restarts,)``: ``diverged`` of every
+            restart.
+        restart_num_iters: shape ``(num_restarts,)``: ``num_iters`` of every
+            restart.
+        gradient: ``{param name: gradient}``: the gradient of the ELBO at
+            ``q`` with respect to the unconstrained value of every model param
+            that is not frozen, at ``params`` (as :attr:`jaxem.EMResult.gradient`).
     """
 
     params: dict
@@ -107,6 +120,10 @@ class VEMResult(NamedTuple):
     q: dict
     guide_params: dict
     restart_elbos: jax.Array
+    restart_converged: jax.Array
+    restart_diverged: jax.Array
+    restart_num_iters: jax.Array
+    gradient: dict
 
 
 # ---------------------------------------------------------------------------
@@ -515,10 +532,11 @@ class VariationalEM:
         return new_state, value
 
     def _final(self, state, arrays, spec):
-        """ELBO after a last E-step at the final params, and the exact log-likelihood."""
+        """ELBO after a last E-step at the final params, and ``(state, exact
+        log-likelihood, factor marginals of q)``."""
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
-        state, value, _, trace = self._e_step(
+        state, value, marginals, trace = self._e_step(
             state, args, kwargs, structure, self._guide_constraints(args, kwargs)
         )
         exact = self.exact_log_likelihood
@@ -527,33 +545,49 @@ class VariationalEM:
         log_lik = None
         if exact:
             log_lik = _contract({n: s.log_prob for n, s in trace.sites.items()}, trace)
-        return state, value, log_lik
+        return value, (state, log_lik, marginals)
 
     def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
+        args, kwargs = merge_args(arrays, spec)
+        structure = model_structure(self.model, args, kwargs)
+        nesting = structure.max_plate_nesting
+        start = self._init_arrays(rng_key, arrays, spec, init_params)
         loop = iterate(
             lambda state: self._update_arrays(state, arrays, spec),
-            self._init_arrays(rng_key, arrays, spec, init_params),
+            start,
             lambda state: (state.params, state.q, state.guide_params),
+            final_fn=lambda state: self._final(state, arrays, spec),
             max_iter=max_iter,
             tol=tol,
             progress_bar=progress_bar,
+            upper_bound=upper_bound(
+                enumerated_trace(self.model, start.params, args, kwargs, nesting, log_probs=False)
+            ),
         )
         dtype = loop.history.dtype
-        last, value, log_lik = self._final(loop.state, arrays, spec)
-        value = value.astype(dtype)
+        last, log_lik, marginals = loop.aux
         if log_lik is not None:
             log_lik = log_lik.astype(dtype)
+        free = [n for n in structure.param_names if n not in self._em.frozen]
+        gradient, gain = stationarity(
+            self.model, last.params, marginals, free, structure.constraints, args, kwargs, nesting
+        )
+        converged = loop.converged & stationary(gain, loop.value, tol)
         return VEMResult(
             last.params,
-            value,
+            loop.value,
             loop.history,
             loop.num_iters,
-            loop.converged,
+            converged,
             loop.diverged,
             log_lik,
             last.q,
             last.guide_params,
-            value,
+            loop.value,
+            converged,
+            loop.diverged,
+            loop.num_iters,
+            gradient,
         )
 
     def _run_arrays(
@@ -562,8 +596,15 @@ class VariationalEM:
         def fit(key):
             return self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
 
-        result, scores = best_restart(fit, rng_key, num_restarts, lambda r: r.elbo)
-        return result._replace(restart_elbos=scores)
+        result, fits = best_restart(
+            fit, rng_key, num_restarts, lambda r: r.elbo, lambda r: r.diverged
+        )
+        return result._replace(
+            restart_elbos=fits.elbo,
+            restart_converged=fits.converged,
+            restart_diverged=fits.diverged,
+            restart_num_iters=fits.num_iters,
+        )
 
     # -- public API ----------------------------------------------------------
 
@@ -639,6 +680,7 @@ class VariationalEM:
             init_params=init_params,
             progress_bar=progress_bar,
             desc="VEM",
+            objective="ELBO",
         )
 
     def m_step_paths(self, *args, **kwargs) -> dict:
