@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from jaxem.closed_form import Cells, ClosedFormUpdate, shared_statistics
+from jaxem.closed_form import Cells, ClosedFormUpdate
+from jaxem.gaussian_stats import shared_statistics
 from jaxem.missing import MissingData, conditional_moments
 from jaxem.selection import dependencies, probe_selection
 from jaxem.tracing import enumerated_trace, merge_args
@@ -372,7 +373,7 @@ def closed_form_statistics_m_step(
     Returns:
         ``(params, {name: statistics solved from})``.
     """
-    with shared_statistics():
+    with shared_statistics(reg_covar):
         return _closed_form_stages(
             model,
             params,

@@ -1,0 +1,136 @@
+"""Floating-point accuracy of the closed-form M-step.
+
+The fast statistics shift all data by one point (the data mean); a component
+far from it loses its digits to cancellation unless a guard takes an exact
+path. Started at the maximum-likelihood estimate (numpy float64 weighted means
+and variances of the same data), EM must stay there and must not lower the
+log-likelihood, in float32 and float64, for univariate, diagonal and full
+Gaussian mixtures.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import gmm_diag, gmm_scale_tril, normal_mixture
+from scipy import stats
+from scipy.special import logsumexp
+
+import jaxem
+from jaxem import EM
+
+REG_COVAR = 1e-6
+
+
+def _far_clusters(dtype, dim):
+    """Well-separated clusters (hard responsibilities) far from the data mean.
+
+    float32: a tight cluster at 0 and a wide one at 1e5 (the data mean, 5e4, is
+    1e7 standard deviations from the tight one). float64: two clusters near 0
+    and one point at 1e18, its own component.
+    """
+    rng = np.random.default_rng(0)
+    if dtype == "float32":
+        centers = [np.zeros(dim), np.full(dim, 1e5)]
+        spreads = [np.linspace(0.01, 0.02, dim), np.full(dim, 10.0)]
+        sizes = [100, 100]
+    else:
+        centers = [np.full(dim, -3.0), np.full(dim, 3.0), np.full(dim, 1e18)]
+        spreads = [np.full(dim, 0.5), np.full(dim, 0.3), np.zeros(dim)]
+        sizes = [60, 40, 1]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    x = np.concatenate(
+        [c + s * rng.normal(size=(n, dim)) for c, s, n in zip(centers, spreads, sizes)]
+    )
+    # The reference moments are those of the data as the fit sees them.
+    x = x.astype(dtype).astype(np.float64)
+    return x, labels
+
+
+def _mle(x, labels):
+    K = labels.max() + 1
+    weights = np.bincount(labels) / len(labels)
+    means = np.stack([x[labels == k].mean(0) for k in range(K)])
+    covs = np.stack(
+        [np.cov(x[labels == k].T, bias=True).reshape(x.shape[1], x.shape[1]) for k in range(K)]
+    )
+    covs = covs + REG_COVAR * np.eye(x.shape[1])
+    return weights, means, covs
+
+
+def _reference_log_likelihood(x, weights, means, covs):
+    terms = [
+        np.log(w) + stats.multivariate_normal(m, c).logpdf(x).reshape(len(x))
+        for w, m, c in zip(weights, means, covs)
+    ]
+    return float(np.sum(logsumexp(terms, axis=0)))
+
+
+@pytest.mark.parametrize("family", ["normal", "diag", "full"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_em_stays_at_the_mle_of_components_far_from_the_data_mean(family, dtype):
+    with jax.enable_x64(dtype == "float64"):
+        dim = 1 if family == "normal" else 2
+        x, labels = _far_clusters(dtype, dim)
+        weights, means, covs = _mle(x, labels)
+        K = len(weights)
+        init = {"w": jnp.asarray(weights, dtype), "mu": jnp.asarray(means, dtype)}
+        if family == "normal":
+            model, data = normal_mixture, jnp.asarray(x[:, 0], dtype)
+            init["mu"] = init["mu"][:, 0]
+            init["sigma"] = jnp.asarray(np.sqrt(covs[:, 0, 0]), dtype)
+        elif family == "diag":
+            model, data = gmm_diag, jnp.asarray(x, dtype)
+            init["sigma"] = jnp.asarray(np.sqrt(np.diagonal(covs, axis1=1, axis2=2)), dtype)
+        else:
+            model, data = gmm_scale_tril, jnp.asarray(x, dtype)
+            init["L"] = jnp.asarray(np.linalg.cholesky(covs), dtype)
+        if family != "full":
+            covs = covs * np.eye(dim)  # diagonal models: the MLE of the variances alone
+        expected = _reference_log_likelihood(x, weights, means, covs)
+        start = float(jaxem.log_likelihood(model, init, data, K))
+        rtol = 1e-5 if dtype == "float32" else 1e-10
+        np.testing.assert_allclose(start, expected, rtol=rtol)
+
+        em = EM(model, reg_covar=REG_COVAR)
+        result = em.run(jax.random.PRNGKey(0), data, K, max_iter=5, tol=0.0, init_params=init)
+        history = np.asarray(result.history, np.float64)
+        assert np.all(np.diff(history) >= -rtol * abs(expected)), history
+        np.testing.assert_allclose(float(result.log_likelihood), expected, rtol=rtol)
+        # The parameters stay at the MLE, to within the data's own resolution.
+        spread = np.sqrt(np.diagonal(covs, axis1=1, axis2=2))
+        mu = np.asarray(result.params["mu"], np.float64).reshape(K, dim)
+        resolution = np.finfo(dtype).eps * np.abs(means)
+        tol = 1e-3 if dtype == "float32" else 1e-7
+        assert np.all(np.abs(mu - means) <= tol * spread + 4 * resolution), (mu, means)
+        if family == "full":
+            L = np.asarray(result.params["L"], np.float64)
+            variances = np.diagonal(L @ np.swapaxes(L, -1, -2), axis1=1, axis2=2)
+        else:
+            variances = np.asarray(result.params["sigma"], np.float64).reshape(K, dim) ** 2
+        np.testing.assert_allclose(variances, spread**2, rtol=100 * tol)
+
+
+def test_float32_covariance_of_a_thin_cluster_far_from_the_data_mean(x32):
+    """A cluster stretched along the diagonal (correlation 1 - 5e-5) 70 units from the
+    data mean: the expanded scatter's rounding (eps * 50^2 per entry, 3e-4 of the
+    trace) passes a guard against the trace but swamps the thin direction's variance
+    (5e-5). One EM step from the MLE must give numpy's conditional spread L[1, 1]."""
+    rng = np.random.default_rng(1)
+    t = rng.normal(size=200)
+    thin = np.stack([t, t + 1e-2 * rng.normal(size=200)], axis=-1)
+    x = np.concatenate([thin, 100.0 + rng.normal(size=(200, 2))]).astype(np.float32)
+    labels = np.repeat([0, 1], 200)
+    weights, means, covs = _mle(x.astype(np.float64), labels)
+    expected = np.linalg.cholesky(covs)
+    init = {
+        "w": jnp.asarray(weights, jnp.float32),
+        "mu": jnp.asarray(means, jnp.float32),
+        "L": jnp.asarray(expected, jnp.float32),
+    }
+    result = EM(gmm_scale_tril, reg_covar=REG_COVAR).run(
+        jax.random.PRNGKey(0), jnp.asarray(x), 2, max_iter=1, tol=0.0, init_params=init
+    )
+    L = np.asarray(result.params["L"], np.float64)
+    np.testing.assert_allclose(L[:, 1, 1], expected[:, 1, 1], rtol=1e-2)
+    np.testing.assert_allclose(L, expected, rtol=1e-2, atol=1e-5)
