@@ -22,6 +22,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from jaxem.closed_form import Cells, ClosedFormUpdate
+from jaxem.exceptions import ModelError
 from jaxem.gaussian_stats import shared_statistics
 from jaxem.missing import MissingData, conditional_moments
 from jaxem.selection import dependencies, probe_selection
@@ -416,12 +417,35 @@ def _closed_form_stages(
                     statistics = combine_fn(name, statistics)
                 solved_from[name] = statistics
                 old = params[name]
-                new_values[name] = path.update.solve_fn(statistics, old, reg_covar).astype(
-                    jnp.result_type(old)
-                )
+                new = path.update.solve_fn(statistics, old, reg_covar)
+                _check_solution(name, path, old, new)
+                new_values[name] = jnp.asarray(new).astype(jnp.result_type(old))
         params.update(new_values)
         trace = None
     return params, solved_from
+
+
+def _check_solution(name, path, old, new) -> None:
+    """A named error, at trace time, for a ``solve_fn`` whose result does not have
+    the parameter's shape and a dtype that casts to the parameter's safely
+    (broadcasting it would fill every entry from one, silently)."""
+    problem = None
+    if not hasattr(new, "shape") or not hasattr(new, "dtype"):
+        problem = f"returned {type(new).__name__}, not an array"
+    elif tuple(new.shape) != tuple(jnp.shape(old)):
+        problem = f"returned shape {tuple(new.shape)}, expected {tuple(jnp.shape(old))}"
+    elif not (
+        jnp.issubdtype(new.dtype, jnp.floating) or jnp.issubdtype(new.dtype, jnp.integer)
+    ) or jnp.issubdtype(new.dtype, jnp.complexfloating):
+        problem = f"returned dtype {new.dtype}, expected {jnp.result_type(old)}"
+    if problem is not None:
+        raise ModelError(
+            f"jaxem: the closed-form update registered for {path.reason} "
+            f"(register_closed_form) {problem} for param '{name}' (shape "
+            f"{tuple(jnp.shape(old))}, dtype {jnp.result_type(old)}). Its solve_fn(stats, "
+            "old, reg_covar) must return a real array of the param's shape: one value per "
+            "entry of the param."
+        )
 
 
 def _param_statistics(model, params, marginals, name, path, args, kwargs, max_plate_nesting, trace):

@@ -11,13 +11,17 @@ Gaussian mixtures.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 from models import gmm_diag, gmm_scale_tril, normal_mixture
+from numpyro.distributions import constraints
 from scipy import stats
 from scipy.special import logsumexp
 
 import jaxem
-from jaxem import EM
+from jaxem import EM, ClosedFormUpdate, register_closed_form
+from jaxem.exceptions import ModelError
 
 REG_COVAR = 1e-6
 
@@ -109,3 +113,48 @@ def test_em_stays_at_the_mle_of_components_far_from_the_data_mean(family, dtype)
         else:
             variances = np.asarray(result.params["sigma"], np.float64).reshape(K, dim) ** 2
         np.testing.assert_allclose(variances, spread**2, rtol=100 * tol)
+
+
+class _Rayleigh(dist.Distribution):
+    arg_constraints = {"scale": constraints.positive}
+    support = constraints.positive
+
+    def __init__(self, scale):
+        self.scale = scale
+        super().__init__(jnp.shape(scale))
+
+    def log_prob(self, x):
+        return jnp.log(x) - 2 * jnp.log(self.scale) - x**2 / (2 * self.scale**2)
+
+
+def _rayleigh_stats(cells, target):
+    sum_sq = cells.sum(target, (cells.weight, ""), (cells.value**2, ""))
+    return sum_sq, cells.count(target)
+
+
+def _rayleigh_mixture(x, K=2):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    scale = numpyro.param("scale", jnp.arange(1.0, K + 1.0), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", _Rayleigh(scale[z]), obs=x)
+
+
+@pytest.mark.parametrize(
+    "solve, problem",
+    [
+        (
+            lambda stats, old, reg: jnp.sqrt(jnp.sum(stats[0]) / jnp.sum(stats[1]) / 2),
+            r"shape \(\)",
+        ),
+        (lambda stats, old, reg: jnp.ones((3,)), r"shape \(3,\)"),
+        (lambda stats, old, reg: old > 0, "dtype bool"),
+    ],
+    ids=["scalar", "wrong-length", "bool"],
+)
+def test_registered_solve_fn_of_the_wrong_shape_is_a_named_error(solve, problem):
+    # _Rayleigh exists only here: each case re-registers its own update.
+    register_closed_form(_Rayleigh, "scale", ClosedFormUpdate(_rayleigh_stats, solve))
+    x = jnp.asarray(np.random.default_rng(0).rayleigh(2.0, size=50), jnp.float32)
+    with pytest.raises(ModelError, match=rf"_Rayleigh\.scale at site 'x'.*{problem}.*'scale'"):
+        EM(_rayleigh_mixture).run(jax.random.PRNGKey(0), x, max_iter=2)
