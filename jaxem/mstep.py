@@ -26,6 +26,7 @@ from jaxem.exceptions import ModelError
 from jaxem.gaussian_stats import shared_statistics
 from jaxem.missing import MissingData, conditional_moments
 from jaxem.selection import dependencies, probe_selection
+from jaxem.supports import constraint_spelling, constraint_wider_than_support
 from jaxem.tracing import enumerated_trace, merge_args
 
 __all__ = ["ParamPath", "plan_m_step", "closed_form_m_step", "closed_form_statistics_m_step"]
@@ -225,6 +226,7 @@ def plan_m_step(
     )
     unsupported_site = {k[1]: k[2] for k in keys if k[0] == "family"}
 
+    _raise_for_params_outside_support(structure, keys, labels)
     plan = {}
     for index, name in enumerate(structure.param_names):
         if name in frozen:
@@ -252,6 +254,28 @@ def plan_m_step(
             keys,
         )
     return plan
+
+
+def _raise_for_params_outside_support(structure, keys, labels) -> None:
+    """A named error for a param whose values are an argument's values (a selection)
+    but whose constraint allows values outside the argument's support."""
+    for name in structure.param_names:
+        for key, label in zip(keys, labels):
+            if key[0] != "arg" or not label.get(name, False):
+                continue
+            (cls, arg_name), site = key[2], key[1]
+            supports = getattr(cls, "arg_constraints", None)
+            support = supports.get(arg_name) if isinstance(supports, dict) else None
+            declared = structure.constraints[name]
+            if constraint_wider_than_support(declared, support):
+                spelling = constraint_spelling(support)
+                raise ModelError(
+                    f"jaxem: param '{name}' (constraint {constraint_spelling(declared)}) is "
+                    f"argument '{arg_name}' of {cls.__name__} at site '{site}', whose values "
+                    f"must satisfy {spelling}; EM keeps a param inside its own constraint "
+                    "only, so it would leave that support and the fit would be meaningless. "
+                    f"Declare it: numpyro.param('{name}', ..., constraint={spelling})."
+                )
 
 
 def _decide(

@@ -8,6 +8,8 @@ log-likelihood, in float32 and float64, for univariate, diagonal and full
 Gaussian mixtures.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +160,67 @@ def test_registered_solve_fn_of_the_wrong_shape_is_a_named_error(solve, problem)
     x = jnp.asarray(np.random.default_rng(0).rayleigh(2.0, size=50), jnp.float32)
     with pytest.raises(ModelError, match=rf"_Rayleigh\.scale at site 'x'.*{problem}.*'scale'"):
         EM(_rayleigh_mixture).run(jax.random.PRNGKey(0), x, max_iter=2)
+
+
+def _categorical_mixture(x, K=2, C=3, probs_constraint=constraints.real):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    probs = numpyro.param(
+        "probs", jnp.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]), constraint=probs_constraint
+    )
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Categorical(probs[z]), obs=x)
+
+
+def _real_scale_mixture(x, K=2):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+    sigma = numpyro.param("sigma", jnp.ones(K))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+
+
+def _softmax_probs_mixture(x, K=2):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    logits = numpyro.param("logits", jnp.zeros((K, 3)) + jnp.arange(3.0))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Categorical(jax.nn.softmax(logits)[z]), obs=x)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (
+            _categorical_mixture,
+            r"param 'probs' \(constraint .*Real.*\) is argument 'probs' of CategoricalProbs at "
+            r"site 'x'.*constraint=constraints\.simplex\)",
+        ),
+        (
+            _real_scale_mixture,
+            r"param 'sigma' .* argument 'scale' of Normal at site 'x'.*"
+            r"constraint=constraints\.positive\)",
+        ),
+    ],
+    ids=["categorical-probs", "normal-scale"],
+)
+def test_param_wider_than_the_argument_support_is_a_named_error(model, message):
+    """The issue's case: a Categorical ``probs`` param declared ``real`` left the simplex
+    under gradient steps and the fit reported a log-likelihood of +8308, converged."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, size=40))
+    if model is _real_scale_mixture:
+        x = jnp.asarray(np.random.default_rng(0).normal(size=40), jnp.float32)
+    with pytest.raises(ModelError, match=message):
+        EM(model).run(jax.random.PRNGKey(0), x, max_iter=3)
+    with pytest.raises(ModelError, match=message):
+        EM(model).m_step_paths(x)
+
+
+def test_params_inside_the_argument_support_fit():
+    """Declared on the simplex, or reaching it through softmax, the same model fits."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, size=40))
+    simplex = functools.partial(_categorical_mixture, probs_constraint=constraints.simplex)
+    for model in (simplex, _softmax_probs_mixture):
+        result = EM(model).run(jax.random.PRNGKey(0), x, max_iter=3)
+        assert float(result.log_likelihood) < 0
