@@ -280,11 +280,13 @@ def _scatter_error(moments, scatter, count):
     Entry ``(d, e)`` of the expansion is off by ``O(eps sqrt(M_dd M_ee))``.
     Scaled by ``D = diag(S + count reg)^-1/2``, that is at most ``eps max_d
     M_dd / (S_dd + count reg)`` per entry, and a perturbation ``E`` of the
-    scaled matrix ``R`` moves its inverse by ``||R^-1|| ||E||``, bounded with
-    ``trace(R^-1)``: a cluster stretched along a diagonal (coordinates
-    correlated to 1 - 1e-6) needs accuracy relative to its smallest
-    eigenvalue, not its trace. A scatter too wrong to factor gives NaN: the
-    exact path.
+    scaled matrix ``R`` matters relative to its smallest eigenvalue, estimated
+    by ``trace(R^-1) / D`` (exact for a well-conditioned ``R``, within a factor
+    ``D`` otherwise): a cluster stretched along a diagonal (coordinates
+    correlated to 1 - 1e-6) needs accuracy relative to its thin direction, not
+    its trace. Rounding errors add up randomly, far below their worst case, so
+    no factor for the ``D^2`` entries. A scatter too wrong to factor gives NaN:
+    the exact path.
     """
     dim = scatter.shape[-1]
     eye = jnp.eye(dim, dtype=scatter.dtype)
@@ -300,7 +302,7 @@ def _scatter_error(moments, scatter, count):
     tril = jnp.linalg.cholesky(correlation)
     inv_tril = solve_triangular(tril, jnp.broadcast_to(eye, tril.shape), lower=True)
     inverse_trace = jnp.sum(inv_tril**2, axis=(-2, -1))
-    error = _eps(scatter) * dim * ratio * inverse_trace
+    error = _eps(scatter) * ratio * inverse_trace / dim
     return jnp.where(valid, error, 0.0)
 
 
