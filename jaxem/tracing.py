@@ -874,29 +874,8 @@ def _mvn_log_prob(loc, scale_tril, value):
     # batch shapes: (K, 1) factors against (N,) points is one matmul, with no
     # K x N x D x D broadcast.
     batch = jnp.broadcast_shapes(scale_tril.shape[:-2], value.shape[:-1], loc.shape[:-1])
-    # Both shifted by the data mean (exact algebraically): the two products then
-    # cancel less. A component far from that mean (a tight cluster at 0 when
-    # another sits at 1e5) still cancels: where the rounding could reach 1e-3
-    # nats in a cell within 10 whitened units of its component, whiten the
-    # residuals x - loc instead (the same matmul work, batched per component).
-    flat = value.reshape(-1, dim)
-    shift = jax.lax.stop_gradient(jnp.ones(flat.shape[:1], flat.dtype) @ flat / flat.shape[0])
-    centred_loc = jnp.einsum("...de,...e->...d", inv_tril, loc - shift)
-    reach = 10.0
-    error = (
-        2
-        * jnp.finfo(centred_loc.dtype).eps
-        * reach
-        * (jnp.max(jnp.sqrt(jnp.sum(centred_loc**2, axis=-1))) + reach)
-    )
-    whitened = jax.lax.cond(
-        shared_predicate(error < 1e-3),
-        lambda: (
-            contract_cells(batch, batch, (inv_tril, "de"), (value - shift, "e"), out="d")
-            - jnp.broadcast_to(centred_loc, batch + (dim,))
-        ),
-        lambda: contract_cells(batch, batch, (inv_tril, "de"), (value - loc, "e"), out="d"),
-    )
+    whitened = contract_cells(batch, batch, (inv_tril, "de"), (value, "e"), out="d")
+    whitened = whitened - contract_cells(batch, batch, (inv_tril, "de"), (loc, "e"), out="d")
     half_log_det = jnp.sum(jnp.log(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)), axis=-1)
     return -0.5 * jnp.sum(whitened**2, axis=-1) - half_log_det - 0.5 * dim * jnp.log(2 * jnp.pi)
 
