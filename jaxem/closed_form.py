@@ -20,8 +20,6 @@ log-likelihood still never decreases.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 import string
 from collections.abc import Callable
@@ -30,10 +28,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import constraints
 
-from jaxem.batching import shared_predicate
+from jaxem.gaussian_stats import (
+    mvn_loc_solve,
+    mvn_loc_stats,
+    mvn_scatter_stats,
+    normal_loc_stats,
+    normal_scale_solve,
+    normal_scale_stats,
+    solve_covariance,
+    solve_precision,
+    solve_scale_tril,
+)
 
 __all__ = [
     "Cells",
@@ -361,242 +368,6 @@ def _vector_count_stats(cells, target):
     return (cells.sum(target, (cells.weight, ""), (cells.value, "c"), out="c"),)
 
 
-def _expansion_accurate(error):
-    """Whether an expanded sum of squares (``sum w x^2 - 2 m sum w x + m^2 sum w``)
-    is accurate enough, given ``error``, a bound on its relative rounding error.
-
-    The M-step maximizes the expected complete-data log-likelihood, which is
-    stationary at the maximizer: a relative error ``delta`` in a scatter moves the
-    objective by ``O(delta^2)`` relative, so ``delta <= sqrt(eps)`` (3.5e-4 in
-    float32) costs less than the dtype resolves. Beyond that the residuals are summed
-    instead (``K x N x D`` elementwise work instead of a matmul).
-    """
-    return shared_predicate(jnp.max(error) < jnp.sqrt(jnp.finfo(error.dtype).eps))
-
-
-_SHIFTED = contextvars.ContextVar("jaxem_shifted", default=None)
-
-
-@contextlib.contextmanager
-def shared_statistics():
-    """Within this context, stages of one M-step share their shifted data.
-
-    The location and scale stages both contract the weights with the
-    mean-shifted data. XLA merges the two identical matmuls in a plain ``jit``,
-    but inside ``run``'s while loop it hoists each copy of the loop-invariant
-    shifted data on its own, and then keeps both matmuls. Computing the shifted
-    data once per traced M-step keeps one.
-    """
-    token = _SHIFTED.set({})
-    try:
-        yield
-    finally:
-        _SHIFTED.reset(token)
-
-
-def _shifted(x, cells, target, event_ndim):
-    """``x`` minus its mean over the summed dims it varies along, and that mean.
-
-    The scale stages expand their statistics around this shift to limit the
-    cancellation, and the location stages use the same shifted first moment.
-    """
-    cache = _SHIFTED.get()
-    key = (id(x), tuple(target), event_ndim, len(cells.shape))
-    if cache is not None and key in cache:
-        return cache[key][1]
-    result = _shift(x, cells, target, event_ndim)
-    if cache is not None:
-        cache[key] = (x, result)  # holding x keeps its id from being reused
-    return result
-
-
-def _shift(x, cells, target, event_ndim):
-    num_cells = len(cells.shape)
-    batch = _align(jnp.shape(x)[: jnp.ndim(x) - event_ndim], num_cells)
-    x_aligned = jnp.reshape(x, batch + jnp.shape(x)[jnp.ndim(x) - event_ndim :])
-    axes = tuple(i for i in range(num_cells) if target[i] == 1 and batch[i] != 1)
-    shift = jax.lax.stop_gradient(jnp.mean(x_aligned, axis=axes, keepdims=True))
-    return x_aligned - shift, shift
-
-
-def _normal_loc_stats(transform=lambda x: x):
-    def stats(cells, target):
-        scale = _arr(cells.args["scale"], cells.weight)
-        precision = 1.0 / scale**2
-        x = transform(cells.value)
-        num_cells = len(cells.shape)
-        precision = jnp.reshape(precision, _align(jnp.shape(precision), num_cells))
-        if any(precision.shape[i] != 1 for i in range(num_cells) if target[i] == 1):
-            # The precision varies along the summed dims (a heteroscedastic model).
-            num = cells.sum(target, (cells.weight, ""), (precision, ""), (x, ""))
-            return num, cells.sum(target, (cells.weight, ""), (precision, ""))
-        # sum w p x = p (sum w (x - s) + s sum w) with p constant over the sum: the
-        # first moment the scale stage needs too, so XLA computes it once.
-        xs, shift = _shifted(x, cells, target, 0)
-        first = cells.sum(target, (cells.weight, ""), (xs, ""))
-        count = cells.count(target)
-        return precision * (first + shift * count), precision * count
-
-    return stats
-
-
-def _normal_scale_stats(transform=lambda x: x):
-    def stats(cells, target):
-        x = transform(cells.value)
-        loc = _arr(cells.args["loc"], cells.weight)
-        num_cells = len(cells.shape)
-        summed = [i for i in range(num_cells) if target[i] == 1]
-
-        def residuals():
-            residual = x - loc
-            return cells.sum(target, (cells.weight, ""), (residual, ""), (residual, ""))
-
-        if any(_align(jnp.shape(loc), num_cells)[i] != 1 for i in summed):
-            # loc varies along the dims the scale is shared over (a regression).
-            return residuals(), cells.count(target)
-        # sum w (x - m)^2 = sum w x^2 - 2 m sum w x + m^2 sum w, as contractions
-        # (matmuls); shifting x and m by the data mean over the summed dims is
-        # exact and reduces the cancellation.
-        xs, shift = _shifted(x, cells, target, 0)
-        ls = loc - shift
-        w = cells.weight
-        first = cells.sum(target, (w, ""), (xs, ""))
-        count = cells.count(target)
-        x_term = cells.sum(target, (w, ""), (xs**2, ""))
-        m_term = count * ls**2
-        sq = x_term - 2 * ls * first + m_term
-        # Where the expansion's rounding could exceed sqrt(eps) of the result
-        # (float32, tight clusters far from the data mean), take the residuals.
-        error = (
-            jnp.finfo(sq.dtype).eps * (x_term + m_term) / jnp.maximum(sq, jnp.finfo(sq.dtype).tiny)
-        )
-        sq = jax.lax.cond(_expansion_accurate(error), lambda: jnp.maximum(sq, 0.0), residuals)
-        return sq, count
-
-    return stats
-
-
-def _normal_scale_solve(stats, old, reg_covar):
-    sq, n = stats
-    return jnp.where(n > 0, jnp.sqrt(_safe_div(sq, n) + reg_covar), old)
-
-
-def _mvn_precision(args, like):
-    if args.get("precision_matrix") is not None:
-        return _arr(args["precision_matrix"], like)
-    if args.get("scale_tril") is not None:
-        scale_tril = _arr(args["scale_tril"], like)
-    else:
-        scale_tril = jnp.linalg.cholesky(_arr(args["covariance_matrix"], like))
-    eye = jnp.broadcast_to(jnp.eye(scale_tril.shape[-1], dtype=scale_tril.dtype), scale_tril.shape)
-    inv_tril = solve_triangular(scale_tril, eye, lower=True)
-    return jnp.swapaxes(inv_tril, -1, -2) @ inv_tril
-
-
-def _align(shape, ndim):
-    return (1,) * (ndim - len(shape)) + tuple(shape)
-
-
-def _mvn_loc_stats(cells, target):
-    # Precision-weighted means: sum_c w_c P_c x_c and sum_c w_c P_c, contracting
-    # over the dims where neither loc nor the precision varies first.
-    precision = _mvn_precision(cells.args, cells.weight)
-    ndim = len(cells.shape)
-    prec_batch = _align(precision.shape[:-2], ndim)
-    joint = tuple(max(t, p) for t, p in zip(target, prec_batch))
-    s0 = cells.count(joint)
-    # sum w x = sum w (x - s) + s sum w: the scatter stage's first moment.
-    xs, shift = _shifted(cells.value, cells, joint, 1)
-    s1 = cells.sum(joint, (cells.weight, ""), (xs, "d"), out="d") + shift * s0[..., None]
-    precision = precision.reshape(prec_batch + precision.shape[-2:])
-    num = jnp.einsum("...de,...e->...d", precision, s1)
-    den = s0[..., None, None] * precision
-    extra = tuple(i for i in range(ndim) if target[i] == 1 and joint[i] != 1)
-    return jnp.sum(num, axis=extra, keepdims=True), jnp.sum(den, axis=extra, keepdims=True)
-
-
-def _mvn_loc_solve(stats, old, reg_covar):
-    num, den = stats
-    weight = jnp.trace(den, axis1=-2, axis2=-1)
-    eye = jnp.eye(den.shape[-1], dtype=den.dtype)
-    safe_den = jnp.where((weight > 0)[..., None, None], den, eye)
-    return jnp.where(
-        (weight > 0)[..., None], jnp.linalg.solve(safe_den, num[..., None])[..., 0], old
-    )
-
-
-def _mvn_scatter_stats(cells, target):
-    x, loc, w = cells.value, _arr(cells.args["loc"], cells.weight), cells.weight
-    dim, num_cells = x.shape[-1], len(cells.shape)
-    count = cells.count(target)[..., None, None]
-    count = jnp.broadcast_to(count, count.shape[:-2] + (dim, dim))
-
-    def residuals():
-        residual = x - loc
-        return cells.sum(target, (w, ""), (residual, "d"), (residual, "e"), out="de")
-
-    if cells.value_cov is not None:
-        # Missing coordinates: E[(x - m)(x - m)^T] = (E[x] - m)(E[x] - m)^T + Cov[x].
-        spread = cells.sum(target, (w, ""), (cells.value_cov, "de"), out="de")
-        return residuals() + spread, count
-    x_batch = _align(x.shape[:-1], num_cells)
-    loc_batch = _align(loc.shape[:-1], num_cells)
-    summed = [i for i in range(num_cells) if target[i] == 1]
-    residual_size = math.prod(max(a, b) for a, b in zip(x_batch, loc_batch)) * dim
-    if any(loc_batch[i] != 1 for i in summed) or math.prod(x_batch) * dim * dim > residual_size:
-        return residuals(), count
-    # sum w (x - m)(x - m)^T from the points' second moments x x^T: one matmul
-    # with the weights, the moments depending on the data alone (inside ``run``
-    # XLA computes them once, outside the loop), and no larger than the
-    # K x N x D residuals. Shifted by the data mean (exact) to reduce the
-    # cancellation; where its rounding bound is too large, residuals after all.
-    xs, shift = _shifted(x, cells, target, 1)
-    ls = jnp.reshape(loc, loc_batch + (dim,)) - shift
-    moments = cells.sum(target, (w, ""), (xs[..., :, None] * xs[..., None, :], "de"), out="de")
-    first = cells.sum(target, (w, ""), (xs, "d"), out="d")
-    ls = jnp.broadcast_to(ls, first.shape)
-    cross = ls[..., :, None] * first[..., None, :]
-    scatter = (
-        moments
-        - cross
-        - jnp.swapaxes(cross, -1, -2)
-        + count * (ls[..., :, None] * ls[..., None, :])
-    )
-    eps = jnp.finfo(scatter.dtype).eps
-    trace = lambda a: jnp.trace(a, axis1=-2, axis2=-1)  # noqa: E731
-    error = eps * trace(moments) / jnp.maximum(trace(scatter), jnp.finfo(scatter.dtype).tiny)
-    scatter = jax.lax.cond(_expansion_accurate(error), lambda: scatter, residuals)
-    return scatter, count
-
-
-def _mvn_covariance(stats, old, reg_covar):
-    scatter, count = stats
-    valid = count[..., :1, :1] > 0
-    cov = _safe_div(scatter, count)
-    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-    cov = cov + reg_covar * jnp.eye(cov.shape[-1], dtype=cov.dtype)
-    # Keep the solve well-posed where a component has no weight; masked below.
-    return valid, jnp.where(valid, cov, jnp.eye(cov.shape[-1], dtype=cov.dtype))
-
-
-def _solve_covariance(stats, old, reg_covar):
-    valid, cov = _mvn_covariance(stats, old, reg_covar)
-    return jnp.where(valid, cov, old)
-
-
-def _solve_scale_tril(stats, old, reg_covar):
-    valid, cov = _mvn_covariance(stats, old, reg_covar)
-    return jnp.where(valid, jnp.linalg.cholesky(cov), old)
-
-
-def _solve_precision(stats, old, reg_covar):
-    valid, cov = _mvn_covariance(stats, old, reg_covar)
-    tril = jnp.linalg.cholesky(cov)
-    eye = jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype), cov.shape)
-    inv_tril = solve_triangular(tril, eye, lower=True)
-    return jnp.where(valid, jnp.swapaxes(inv_tril, -1, -2) @ inv_tril, old)
-
-
 def _register_builtins() -> None:
     ratio = ClosedFormUpdate(_mean_stats(), _positive_ratio, domain=_positive)
     probs = ClosedFormUpdate(_mean_stats(), _probability, domain=_unit_interval)
@@ -652,13 +423,13 @@ def _register_builtins() -> None:
         register_closed_form(
             cls,
             "loc",
-            ClosedFormUpdate(_normal_loc_stats(transform), _ratio, domain=_unconstrained),
+            ClosedFormUpdate(normal_loc_stats(transform), _ratio, domain=_unconstrained),
         )
         register_closed_form(
             cls,
             "scale",
             ClosedFormUpdate(
-                _normal_scale_stats(transform), _normal_scale_solve, stage=2, domain=_positive
+                normal_scale_stats(transform), normal_scale_solve, stage=2, domain=_positive
             ),
         )
 
@@ -666,17 +437,17 @@ def _register_builtins() -> None:
     register_closed_form(
         mvn,
         "loc",
-        ClosedFormUpdate(_mvn_loc_stats, _mvn_loc_solve, event_ndim=1, domain=_unconstrained),
+        ClosedFormUpdate(mvn_loc_stats, mvn_loc_solve, event_ndim=1, domain=_unconstrained),
     )
     for key, solve, domain in (
-        ("covariance_matrix", _solve_covariance, _positive_definite),
-        ("scale_tril", _solve_scale_tril, _lower_cholesky),
-        ("precision_matrix", _solve_precision, _positive_definite),
+        ("covariance_matrix", solve_covariance, _positive_definite),
+        ("scale_tril", solve_scale_tril, _lower_cholesky),
+        ("precision_matrix", solve_precision, _positive_definite),
     ):
         register_closed_form(
             mvn,
             key,
-            ClosedFormUpdate(_mvn_scatter_stats, solve, event_ndim=2, stage=2, domain=domain),
+            ClosedFormUpdate(mvn_scatter_stats, solve, event_ndim=2, stage=2, domain=domain),
         )
 
 

@@ -22,9 +22,12 @@ import numpy as np
 import numpyro.distributions as dist
 
 from jaxem.chain import user_site_name
-from jaxem.closed_form import Cells, ClosedFormUpdate, shared_statistics
+from jaxem.closed_form import Cells, ClosedFormUpdate
+from jaxem.exceptions import ModelError
+from jaxem.gaussian_stats import shared_statistics
 from jaxem.missing import MissingData, conditional_moments
 from jaxem.selection import dependencies, probe_selection
+from jaxem.supports import constraint_spelling, constraint_wider_than_support
 from jaxem.tracing import enumerated_trace, merge_args
 
 __all__ = ["ParamPath", "plan_m_step", "closed_form_m_step", "closed_form_statistics_m_step"]
@@ -224,6 +227,7 @@ def plan_m_step(
     )
     unsupported_site = {k[1]: k[2] for k in keys if k[0] == "family"}
 
+    _raise_for_params_outside_support(structure, keys, labels)
     plan = {}
     for index, name in enumerate(structure.param_names):
         if name in frozen:
@@ -251,6 +255,28 @@ def plan_m_step(
             keys,
         )
     return plan
+
+
+def _raise_for_params_outside_support(structure, keys, labels) -> None:
+    """A named error for a param whose values are an argument's values (a selection)
+    but whose constraint allows values outside the argument's support."""
+    for name in structure.param_names:
+        for key, label in zip(keys, labels):
+            if key[0] != "arg" or not label.get(name, False):
+                continue
+            (cls, arg_name), site = key[2], key[1]
+            supports = getattr(cls, "arg_constraints", None)
+            support = supports.get(arg_name) if isinstance(supports, dict) else None
+            declared = structure.constraints[name]
+            if constraint_wider_than_support(declared, support):
+                spelling = constraint_spelling(support)
+                raise ModelError(
+                    f"jaxem: param '{name}' (constraint {constraint_spelling(declared)}) is "
+                    f"argument '{arg_name}' of {cls.__name__} at site '{site}', whose values "
+                    f"must satisfy {spelling}; EM keeps a param inside its own constraint "
+                    "only, so it would leave that support and the fit would be meaningless. "
+                    f"Declare it: numpyro.param('{name}', ..., constraint={spelling})."
+                )
 
 
 def _decide(
@@ -378,7 +404,7 @@ def closed_form_statistics_m_step(
     Returns:
         ``(params, {name: statistics solved from})``.
     """
-    with shared_statistics():
+    with shared_statistics(reg_covar):
         return _closed_form_stages(
             model,
             params,
@@ -421,12 +447,35 @@ def _closed_form_stages(
                     statistics = combine_fn(name, statistics)
                 solved_from[name] = statistics
                 old = params[name]
-                new_values[name] = path.update.solve_fn(statistics, old, reg_covar).astype(
-                    jnp.result_type(old)
-                )
+                new = path.update.solve_fn(statistics, old, reg_covar)
+                _check_solution(name, path, old, new)
+                new_values[name] = jnp.asarray(new).astype(jnp.result_type(old))
         params.update(new_values)
         trace = None
     return params, solved_from
+
+
+def _check_solution(name, path, old, new) -> None:
+    """A named error, at trace time, for a ``solve_fn`` whose result does not have
+    the parameter's shape and a dtype that casts to the parameter's safely
+    (broadcasting it would fill every entry from one, silently)."""
+    problem = None
+    if not hasattr(new, "shape") or not hasattr(new, "dtype"):
+        problem = f"returned {type(new).__name__}, not an array"
+    elif tuple(new.shape) != tuple(jnp.shape(old)):
+        problem = f"returned shape {tuple(new.shape)}, expected {tuple(jnp.shape(old))}"
+    elif not (
+        jnp.issubdtype(new.dtype, jnp.floating) or jnp.issubdtype(new.dtype, jnp.integer)
+    ) or jnp.issubdtype(new.dtype, jnp.complexfloating):
+        problem = f"returned dtype {new.dtype}, expected {jnp.result_type(old)}"
+    if problem is not None:
+        raise ModelError(
+            f"jaxem: the closed-form update registered for {path.reason} "
+            f"(register_closed_form) {problem} for param '{name}' (shape "
+            f"{tuple(jnp.shape(old))}, dtype {jnp.result_type(old)}). Its solve_fn(stats, "
+            "old, reg_covar) must return a real array of the param's shape: one value per "
+            "entry of the param."
+        )
 
 
 def _param_statistics(model, params, marginals, name, path, args, kwargs, max_plate_nesting, trace):
