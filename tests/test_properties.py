@@ -14,6 +14,9 @@ M-step path, and a Gaussian HMM written with ``scan``). Each fit must satisfy:
    log-density and a log-sum-exp over the components), each computed with an error of a
    few ``eps`` times its magnitude, which is at most ``|ll| / N`` plus O(1); the sum
    adds a factor of at most log2(N), and 64 covers it and the two evaluations compared.
+   A fit that raised a ``jaxem.NumericalWarning`` is excused: a ``reg_covar`` that is
+   not negligible against a variance (data at scale 1e-3) makes the M-step maximize a
+   penalized objective, and the likelihood may then fall.
 2. **Finite unless diverged.** With ``diverged=False`` every parameter, the
    log-likelihood and the history are finite, and the log-likelihood of discrete data
    (a log-probability) is at most ``0``.
@@ -24,7 +27,10 @@ M-step path, and a Gaussian HMM written with ``scan``). Each fit must satisfy:
    the log-likelihood contribution of unit ``n`` (a data point; a step of the HMM, its
    predictive term ``log p(x_t | x_<t)``), ``g = sum_n s_n`` the gradient and
    ``F = sum_n s_n**2`` the diagonal of the empirical Fisher information, the score
-   statistic ``lambda = sum_i g_i**2 / F_i`` is small. ``lambda / 2`` estimates the
+   statistic ``lambda = sum_i g_i**2 / max(F_i, |H_i|)`` is small, ``H`` the Hessian's
+   diagonal by central differences of ``g`` (it matters only near a boundary optimum or
+   for an emptied component, where every unit's score has one sign and F ~ p^2 while
+   -H ~ p). ``lambda / 2`` estimates the
    log-likelihood a Newton step would still gain, whatever the scale or offset of the
    data (the statistic is invariant to rescaling each coordinate). EM stops once a step
    gains at most ``tol * |ll|``; at a linear rate ``r`` the gain left is that times
@@ -366,16 +372,27 @@ def _stationarity(name, fit, case):
         }
         u_flat, unravel = ravel_pytree(u_tree)
         args = tuple(jnp.asarray(a, jnp.float64) for a in fit.args)
-        scores = np.asarray(_unit_scores_fn(name, shapes, kwargs_items)(u_flat, unravel, args))
+        scores_fn = _unit_scores_fn(name, shapes, kwargs_items)
+        scores = np.asarray(scores_fn(u_flat, unravel, args))
+        g, fisher = scores.sum(0), (scores**2).sum(0)
+        # The Hessian's diagonal by central differences of the gradient, a step of a
+        # thousandth of each coordinate's standard error (1 / sqrt(F)), at most 0.01.
+        curvature = np.zeros_like(g)
+        for i in np.flatnonzero(np.isfinite(np.asarray(u_flat)) & (fisher > 0)):
+            h = min(1e-3 / np.sqrt(fisher[i]), 1e-2)
+            step = jnp.zeros_like(u_flat).at[i].set(h)
+            up = np.asarray(scores_fn(u_flat + step, unravel, args)).sum(0)[i]
+            down = np.asarray(scores_fn(u_flat - step, unravel, args)).sum(0)[i]
+            curvature[i] = np.nan_to_num(abs(up - down) / (2 * h), nan=0.0, posinf=0.0)
         u_flat = np.asarray(u_flat)
-    g, fisher = scores.sum(0), (scores**2).sum(0)
-    # A coordinate no unit depends on (an emptied component, or the weights of identical
-    # components) has scores that are rounding noise; its Fisher entry is then below
-    # (N eps)^2 in units where u is O(1), and it is left out.
     # A parameter on the boundary of its constraint (a probability of exactly 1, the MLE
     # of an item every subject answers 1) has an infinite coordinate; its score is 0.
     used = np.isfinite(u_flat) & (fisher * (1.0 + u_flat**2) > (N * np.finfo(np.float64).eps) ** 2)
-    statistic = float(np.sum(g[used] ** 2 / fisher[used]))
+    # Near a boundary optimum (a probability going to 0) or for an emptied component
+    # every unit's score has the same sign and F underestimates the curvature (F ~ p^2
+    # where -H ~ p); the larger of the two keeps the statistic a gain estimate there.
+    denominator = np.maximum(fisher, curvature)
+    statistic = float(np.sum(g[used] ** 2 / denominator[used]))
     rounding = float(
         np.sum(fisher[used] * (PARAM_ROUNDING_ULPS * _eps(case) * np.abs(u_flat[used])) ** 2)
     )
@@ -389,6 +406,10 @@ def _stationarity(name, fit, case):
 
 def _check_monotone(fit, case):
     r = fit.result
+    if any(issubclass(w, jaxem.NumericalWarning) for w in fit.warned):
+        # reg_covar that is not negligible against a variance makes the M-step maximize
+        # a penalized objective, which may lower the likelihood; only a warned fit may.
+        return
     n = int(r.num_iters)
     values = np.asarray(r.history[:n], np.float64)
     if not r.diverged:
