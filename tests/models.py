@@ -3,12 +3,15 @@
 Only models that several tests write identically live here; a model that one module
 uses, or that differs in a detail that matters (an initial value, a default argument),
 stays next to its tests. Module-level functions, so jit caches keyed on the model are
-shared between tests.
+shared between tests. The models from ``latent_class`` on are members of the zoo of
+``test_properties.py`` too.
 """
 
+import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
+from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
 
 import jaxem
@@ -77,3 +80,60 @@ def poisson_mixture(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.Poisson(rate[z]), obs=x)
+
+
+def latent_class(x, K):
+    """Latent class model: J binary items, independent given the class; x of shape (N, J)."""
+    J = x.shape[-1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    p = numpyro.param("p", jnp.full((K, J), 0.5), constraint=constraints.unit_interval)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Bernoulli(p[z]).to_event(1), obs=x)
+
+
+def student_t_mixture(x, K):
+    """Student-t mixture with a free degrees-of-freedom per component: no closed form for
+    any of ``mu``, ``sigma``, ``df``, so they all take gradient M-steps."""
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.linspace(-1.0, 1.0, K))
+    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
+    df = numpyro.param("df", jnp.full(K, 5.0), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.StudentT(df[z], mu[z], sigma[z]), obs=x)
+
+
+def poisson_regression_mixture(c, x, K):
+    """Mixture of Poisson regressions of counts ``c`` on a covariate ``x`` with a softplus
+    link: the coefficients take gradient M-steps."""
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    a = numpyro.param("a", jnp.linspace(-0.5, 0.5, K))
+    b = numpyro.param("b", jnp.zeros(K))
+    with numpyro.plate("data", c.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        rate = jax.nn.softplus(a[z] + b[z] * x)
+        numpyro.sample("c", dist.Poisson(rate), obs=c)
+
+
+def gaussian_hmm(x, K, mask=None):
+    """Univariate Gaussian HMM over one sequence ``x`` of shape (T,), written with scan;
+    ``mask`` (T,) marks the real steps (True for the first one) of a padded sequence."""
+    pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
+    A = numpyro.param(
+        "A", jnp.full((K, K), 0.2 / K) + 0.8 * jnp.eye(K), constraint=constraints.simplex
+    )
+    mu = numpyro.param("mu", jnp.linspace(-1.0, 1.0, K))
+    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
+    z0 = numpyro.sample("z0", dist.Categorical(pi))
+    numpyro.sample("x0", dist.Normal(mu[z0], sigma[z0]), obs=x[0])
+
+    def step(z_prev, inputs):
+        x_t, m_t = inputs
+        with numpyro.handlers.mask(mask=m_t):
+            z = numpyro.sample("z", dist.Categorical(A[z_prev]))
+            numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x_t)
+        return z, None
+
+    mask = jnp.ones(x.shape[0], bool) if mask is None else mask
+    scan(step, z0, (x[1:], mask[1:]))
