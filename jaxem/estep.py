@@ -27,6 +27,8 @@ from jaxem.tracing import (
     EnumTrace,
     enumerated_trace,
     inspect_model,
+    known_labels,
+    labelled_latents,
     merge_args,
     model_structure,
     split_args,
@@ -176,12 +178,20 @@ def map_values(model, params, args, kwargs, max_plate_nesting) -> dict:
         first_available_dim=-max_plate_nesting - 1,
         rng_key=jax.random.PRNGKey(0),
     )
-    trace = handlers.trace(decoded).get_trace(*args, **kwargs)
-    return {
+    decoded_trace = handlers.trace(decoded).get_trace(*args, **kwargs)
+    assignment = {
         name: site["value"]
-        for name, site in trace.items()
-        if site["type"] == "sample" and not site["is_observed"]
+        for name, site in decoded_trace.items()
+        if site["type"] == "sample" and not site["is_observed"] and name in trace.sites
     }
+    # NumPyro's densities leave the known entries of an obs_mask latent free
+    # (nothing depends on them); their MAP is the label.
+    for name in labelled_latents(trace.sites):
+        labels, known = known_labels(trace.sites, name)
+        value = assignment[name]
+        known = jnp.reshape(known, jnp.shape(known) + (1,) * (jnp.ndim(labels) - jnp.ndim(known)))
+        assignment[name] = jnp.where(known, labels, value).astype(jnp.result_type(value))
+    return assignment
 
 
 def _indicator(site, trace, assignment):
@@ -240,8 +250,9 @@ def _posterior(model, params, arrays, spec):
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
     chain = find_chain(result.trace)
     log_factors = {name: site.log_prob for name, site in result.trace.sites.items()}
+    user_names = labelled_latents(result.trace.sites)
     return {
-        name: chain_posterior(log_factors, result.trace, chain)
+        user_names.get(name, name): chain_posterior(log_factors, result.trace, chain)
         if chain is not None and name == chain.name
         else _site_posterior(result.trace.sites[name], result.marginals[name])
         for name in structure.latent_sites
@@ -252,7 +263,12 @@ def _posterior(model, params, arrays, spec):
 def _map_assignment(model, params, arrays, spec):
     structure, args, kwargs = _structure(model, arrays, spec)
     _check_params(structure, params)
-    return map_values(model, params, args, kwargs, structure.max_plate_nesting)
+    assignment = map_values(model, params, args, kwargs, structure.max_plate_nesting)
+    trace = enumerated_trace(
+        model, params, args, kwargs, structure.max_plate_nesting, log_probs=False
+    )
+    user_names = labelled_latents(trace.sites)
+    return {user_names.get(name, name): value for name, value in assignment.items()}
 
 
 def map_assignment(model, params, *args, **kwargs):

@@ -4,9 +4,12 @@ An observed site may have missing entries in two ways:
 
 * NumPyro's ``obs_mask`` (always honoured): NumPyro splits the site into an
   observed part, masked by ``obs_mask``, and a latent ``<name>_unobserved``
-  part. The latent part's density integrates to one, so jaxem drops it; the
-  masked entries then simply drop out of the observed factor. ``obs_mask``
-  masks whole events (a row of a MultivariateNormal), as in NumPyro.
+  part. A continuous latent part's density integrates to one, so jaxem drops
+  it; the masked entries then simply drop out of the observed factor. A
+  discrete latent part (the labels of a semi-supervised mixture) is enumerated
+  like any discrete latent, and dropped only when no other site depends on
+  it. ``obs_mask`` masks whole events (a row of a MultivariateNormal), as in
+  NumPyro.
 * NaN entries, when the model is wrapped with :func:`nan_as_missing` (an
   explicit opt-in: without it NaN data stay an error, so a NaN typo never
   silently fits a different model). Entries are missing one by one, also
@@ -35,6 +38,7 @@ from numpyro.primitives import Messenger
 __all__ = [
     "MissingData",
     "conditional_moments",
+    "mask_like",
     "missing_log_prob",
     "nan_as_missing",
 ]
@@ -210,6 +214,17 @@ def conditional_moments(loc, covariance, observed, value):
     return mean, cov
 
 
+def mask_like(mask, shape):
+    """An ``obs_mask`` as NumPyro stores it (broadcast to the distribution's
+    batch shape, enumeration dims included) cut down to the data's ``shape``:
+    the first entry along the dims where the data has none or size 1 (the mask
+    comes from the data, so it does not vary along them)."""
+    mask = jnp.asarray(mask)
+    mask = mask[(0,) * max(jnp.ndim(mask) - len(shape), 0)]
+    data_dims = shape[len(shape) - jnp.ndim(mask) :]
+    return mask[tuple(slice(0, 1) if n == 1 else slice(None) for n in data_dims)]
+
+
 def _fill(fn, value, observed):
     """Missing entries replaced by a point of the support: ``where`` on the data
     itself, so neither the density nor its gradient ever sees a NaN."""
@@ -221,6 +236,11 @@ def _fill(fn, value, observed):
     # sites, whose data has a unit dim there): any entry.
     fill = fill[(0,) * (jnp.ndim(fill) - len(shape))]
     fill = fill[tuple(slice(0, 1) if n == 1 else slice(None) for n in shape)]
+    # Likewise the mask of an obs_mask site, which NumPyro broadcasts to the
+    # distribution's batch shape: the filled value keeps the data's shape (the
+    # value NumPyro returns for a discrete site would otherwise carry the
+    # enumeration dims of earlier latents into later steps of a markov loop).
+    observed = mask_like(observed, shape)
     return jnp.where(observed, value, fill.astype(jnp.result_type(value)))
 
 
@@ -266,9 +286,13 @@ class MissingEntries(Messenger):
             # NumPyro's obs_mask: "<name>_unobserved" follows "<name>_observed" and
             # is masked to the missing events. Its density integrates to one:
             # an observed site with no weight, rather than a continuous latent.
+            # A discrete part stays a latent and is enumerated (it may be the
+            # label of a semi-supervised mixture, which later sites depend on):
+            # jaxem.tracing.enumerated_trace restricts its known entries.
             base = name[: -len("_unobserved")]
             split = name.endswith("_unobserved") and base in self._observed_parts
-            if split and isinstance(fn, dist.MaskedDistribution):
+            enumerable = fn.support.is_discrete and fn.has_enumerate_support
+            if split and isinstance(fn, dist.MaskedDistribution) and not enumerable:
                 prototype = jnp.zeros(fn.shape(), jnp.result_type(float))
                 msg["value"] = fn.support.feasible_like(prototype)
                 msg["fn"] = fn.mask(False)

@@ -38,7 +38,8 @@ from jaxem.chain import chain_padding_problems, find_chain, raise_for_chain_padd
 from jaxem.closed_form import contract_cells
 from jaxem.exceptions import ModelError
 from jaxem.masks import latent_mask_problems, mask_of, raise_for_latent_masks, uniform_where_masked
-from jaxem.missing import MissingData, MissingEntries, missing_log_prob
+from jaxem.memory import check_enumeration_size
+from jaxem.missing import MissingData, MissingEntries, mask_like, missing_log_prob
 from jaxem.scan import enumerated_scan
 from jaxem.selection import dependencies
 from jaxem.validation import (
@@ -66,6 +67,8 @@ __all__ = [
     "model_structure",
     "validate",
     "enumerated_trace",
+    "labelled_latents",
+    "known_labels",
     "site_log_prob",
 ]
 
@@ -210,6 +213,14 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
             "jaxem: the model has no numpyro.param sites, so there are no parameters to fit. "
             "Declare each parameter with numpyro.param(name, init_value, constraint=...)."
         )
+    labelled = [n for n in latent if n in _labelled_latents(tr)]
+    if labelled:
+        # The unobserved part of an obs_mask site that no site depends on is
+        # dropped from the enumerated trace (enumerated_trace): observed data.
+        kept = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False).sites
+        leaves = {n for n in labelled if n not in kept}
+        observed = [n for n in tr if n in leaves or n in observed]
+        latent = [n for n in latent if n not in leaves]
     structure = ModelStructure(tuple(params), constraints_, tuple(latent), tuple(observed), nesting)
     if observed_values:
         return structure, params, {n: (tr[n]["fn"], tr[n]["value"]) for n in observed}
@@ -462,16 +473,19 @@ class _StashArgs(Messenger):
     """Inside a scan body: put each sample site's recorded constructor arguments
     (array-valued ones) in its ``args`` slot."""
 
-    def __init__(self, fn, records):
+    def __init__(self, fn, records, labelled):
         self.records = records
+        self.labelled = labelled
         super().__init__(fn)
 
     def process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        if msg["name"].endswith("_unobserved") and isinstance(msg["fn"], dist.MaskedDistribution):
+            self.labelled.add(msg["name"][: -len("_unobserved")])
         # A latent site's value comes later from enumeration (config_enumerate
         # sits outside this handler); the slot is free once a site has a value.
-        if msg["type"] != "sample" or (
-            msg["value"] is None and not msg["fn"].has_enumerate_support
-        ):
+        if msg["value"] is None and not msg["fn"].has_enumerate_support:
             return
         base = _unwrap(msg["fn"])
         record = self.records.get(id(base))
@@ -491,12 +505,14 @@ class _EnumeratedScan(Messenger):
 
     def __init__(self, fn, records):
         self.records = records
+        # Sites with an obs_mask whose unobserved part is a latent of a scan body.
+        self.labelled: set = set()
         super().__init__(fn)
 
     def process_message(self, msg):
         if msg["type"] == "control_flow" and msg["fn"] is scan_wrapper:
             body, *rest = msg["args"]
-            msg["args"] = (_StashArgs(body, self.records), *rest)
+            msg["args"] = (_StashArgs(body, self.records, self.labelled), *rest)
             msg["fn"] = enumerated_scan
 
 
@@ -548,10 +564,8 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     """
     substituted = handlers.substitute(MissingEntries(model), data=params)
     records: dict = {}
-    enumerated = enum(
-        config_enumerate(_EnumeratedScan(substituted, records)),
-        first_available_dim=-max_plate_nesting - 1,
-    )
+    scans = _EnumeratedScan(substituted, records)
+    enumerated = enum(config_enumerate(scans), first_available_dim=-max_plate_nesting - 1)
     # NumPyro's argument checks run eagerly on concrete arguments (each check a
     # small compiled program, seconds in all for a scan model); jaxem checks
     # data and params itself (check_values).
@@ -560,11 +574,29 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
             tr = packed_trace(enumerated).get_trace(*args, **kwargs)
         except ModelError:
             raise
-        except ValueError as err:
+        except (TypeError, ValueError) as err:
+            # The known states of a scanned chain fail inside NumPyro's scan.
+            if scans.labelled:
+                raise ModelError(_labelled_scan_message(min(scans.labelled))) from err
+            if isinstance(err, TypeError):
+                raise
             raise ModelError(_explain_trace_error(err)) from err
     for site in tr.values():
         if site["type"] == "sample":
             _adopt_stacked_args(site, records)
+    labelled = _labelled_latents(tr)
+    depended_on = {
+        n
+        for name, site in tr.items()
+        if site["type"] == "sample"
+        for n in site["infer"].get("dim_to_name", {}).values()
+        if n != name
+    }
+    for name in scans.labelled:
+        if {name + "_unobserved", "_PREV_" + name + "_unobserved"} & depended_on:
+            raise ModelError(_labelled_scan_message(name))
+    if log_probs:
+        _check_factor_sizes(tr, labelled, depended_on)
     sites = {}
     latent_names = {
         n for n, site in tr.items() if site["type"] == "sample" and not site["is_observed"]
@@ -577,6 +609,10 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     }
     for name, site in tr.items():
         if site["type"] != "sample":
+            continue
+        if name in labelled and name not in depended_on:
+            # No site depends on the unobserved part: summed over its values, its
+            # factor is exactly 1 (0 in log space), so it is left out.
             continue
         fn, value = site["fn"], site["value"]
         dim_to_name = dict(site["infer"].get("dim_to_name", {}))
@@ -610,6 +646,8 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                     "jaxem rejects it: remove the scale, or replicate weighted data points."
                 )
             log_prob = scale * log_prob
+        if name in labelled:
+            log_prob = _restrict_to_labels(log_prob, value, fn.event_dim, *labelled[name])
         if "_PREV_" + name in tr:
             _name_time_dim(name, site, log_prob, dim_to_name, time_names)
         _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting)
@@ -617,6 +655,115 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
             name, fn, value, log_prob, dim_to_name, site["is_observed"], plates, plate_dims
         )
     return EnumTrace(sites, records)
+
+
+def _check_factor_sizes(tr, labelled, depended_on) -> None:
+    """Refuse factors too large for memory (:mod:`jaxem.memory`) from their
+    shapes, before any is built: under ``jit`` this runs while tracing, so the
+    error comes before a long compilation."""
+    factors, latents, plates = {}, set(), set()
+    for name, site in tr.items():
+        if site["type"] != "sample" or (name in labelled and name not in depended_on):
+            continue
+        fn, value = site["fn"], site["value"]
+        batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
+        try:
+            shape = jnp.broadcast_shapes(tuple(fn.batch_shape), batch)
+        except ValueError:
+            continue  # reported when the factor is evaluated
+        dim_to_name = site["infer"].get("dim_to_name", {})
+        factors[name] = (shape, jnp.result_type(float), dim_to_name)
+        if not site["is_observed"]:
+            latents.add(name)
+        plates.update(f.name for f in site["cond_indep_stack"] if f.dim is not None)
+    check_enumeration_size(factors, latents, plates)
+
+
+def _labelled_scan_message(name) -> str:
+    return (
+        f"jaxem: site '{name}' has an obs_mask inside a scan body and later sites depend on "
+        "its value (a Markov chain whose states are known at some steps). jaxem enumerates "
+        "the unknown entries of such a site in mixtures and in Python loops, but not in a "
+        "scan chain: write the chain as a Python loop over "
+        "numpyro.contrib.funsor.markov(range(T)) with obs_mask= at each step, or drop "
+        "obs_mask from the state (obs_mask on the emissions of a scan chain is supported)."
+    )
+
+
+def _masked_part(fn):
+    """The mask of the MaskedDistribution under a site's plate expansion and
+    ``to_event`` wrappers, or None."""
+    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
+        fn = fn.base_dist
+    return fn._mask if isinstance(fn, dist.MaskedDistribution) else None
+
+
+def _labelled_latents(tr) -> dict:
+    """``{latent site: (labels, known)}`` for the unobserved parts of discrete
+    sites with an ``obs_mask``.
+
+    NumPyro splits ``sample(name, fn, obs=labels, obs_mask=known)`` into an
+    observed site ``<name>_observed`` (masked to the known entries) and a latent
+    ``<name>_unobserved`` (masked to the others), and returns
+    ``where(known, labels, unobserved)``.
+    """
+    found = {}
+    for name, site in tr.items():
+        if site["type"] != "sample" or site["is_observed"] or not name.endswith("_unobserved"):
+            continue
+        observed = tr.get(name[: -len("_unobserved")] + "_observed")
+        if observed is None or observed["type"] != "sample" or not observed["is_observed"]:
+            continue
+        known = _masked_part(observed["fn"])
+        if known is not None:
+            found[name] = (observed["value"], known)
+    return found
+
+
+def _restrict_to_labels(log_prob, value, event_dim, labels, known):
+    """The factor of an ``obs_mask`` latent with its known entries fixed.
+
+    The latent part's density is masked to 0 at the known entries, and the value
+    NumPyro returns there is the label whatever the enumerated value: summing
+    over the values would count each labelled point K times. Only the cell of
+    the label is kept (the others are impossible), so the point counts once and
+    its posterior is one-hot at its label.
+    """
+    differs = jnp.asarray(value) != jnp.asarray(labels)
+    if event_dim:
+        differs = jnp.any(differs, axis=tuple(range(-event_dim, 0)))
+    # Finite, and far enough down that exp() is exactly 0: -inf would make the
+    # gradients of the contraction (the posteriors) NaN where two impossible
+    # cells meet (inf - inf).
+    impossible = jnp.asarray(_IMPOSSIBLE, jnp.result_type(log_prob))
+    return jnp.where(jnp.asarray(known, bool) & differs, impossible, log_prob)
+
+
+_IMPOSSIBLE = -1e30  # a log-probability: a sum of a few stays finite in float32
+
+
+def labelled_latents(sites: dict) -> dict:
+    """``{latent site: the name the user gave it}`` for the enumerated
+    unobserved parts of discrete sites with an ``obs_mask``
+    (``"z_unobserved" -> "z"``), from the sites of an :class:`EnumTrace`."""
+    found = {}
+    for name, site in sites.items():
+        if site.is_observed or not name.endswith("_unobserved"):
+            continue
+        base = name[: -len("_unobserved")]
+        observed = sites.get(base + "_observed")
+        if observed is not None and observed.is_observed and _masked_part(observed.fn) is not None:
+            found[name] = base.removeprefix("_PREV_")
+    return found
+
+
+def known_labels(sites: dict, name: str):
+    """``(labels, known)`` of the ``obs_mask`` latent ``name`` (see
+    :func:`labelled_latents`)."""
+    observed = sites[name[: -len("_unobserved")] + "_observed"]
+    labels = observed.value
+    batch = jnp.shape(labels)[: jnp.ndim(labels) - observed.fn.event_dim]
+    return labels, mask_like(jnp.asarray(_masked_part(observed.fn), bool), batch)
 
 
 def site_log_prob(fn, value):
