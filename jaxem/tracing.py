@@ -633,7 +633,9 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                 f"jaxem: cannot evaluate site '{name}': {err}. Check that the data of this "
                 "site matches the shape of its plates and of its distribution."
             ) from err
-        if not site["is_observed"]:
+        # A labelled latent (the unobserved part of an obs_mask site) keeps only the
+        # label's cell where it is masked (_restrict_to_labels), not K uniform ones.
+        if not site["is_observed"] and name not in labelled:
             own = [d for d, n in dim_to_name.items() if n == name]
             log_prob = uniform_where_masked(log_prob, fn, own[0] if own else None)
         scale = site["scale"]
