@@ -9,10 +9,13 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
+from models import student_t_mixture
 from numpyro.distributions import constraints
+from scipy import stats
+from scipy.special import logsumexp
 
 from jaxem import EM, VariationalEM
-from jaxem.exceptions import ConvergenceWarning, ModelError
+from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
 from jaxem.loop import JUMP_FACTOR, best_restart, credible
 
 
@@ -59,17 +62,44 @@ def test_rejected_gradient_steps_are_not_convergence(engine):
     np.testing.assert_array_equal(result.params["mu"], [-1.0, 1.0])
 
 
-def test_a_non_finite_gradient_names_the_param():
-    def zero_inflated(x):
-        pi = numpyro.param("pi", 0.3, constraint=constraints.unit_interval)
-        rate = numpyro.param("rate", 2.0, constraint=constraints.positive)
-        with numpyro.plate("data", x.shape[0]):
-            s = numpyro.sample("s", dist.Bernoulli(pi))
-            numpyro.sample("x", dist.Poisson(rate * (1 - s)), obs=x)
+def zero_inflated(x):
+    # Poisson(rate * 0) at the enumerated value s = 1: the log-probability has no
+    # finite derivative in rate there.
+    pi = numpyro.param("pi", 0.3, constraint=constraints.unit_interval)
+    rate = numpyro.param("rate", 2.0, constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        s = numpyro.sample("s", dist.Bernoulli(pi))
+        numpyro.sample("x", dist.Poisson(rate * (1 - s)), obs=x)
 
-    x = jnp.array([0.0, 0.0, 1.0, 3.0, 2.0, 0.0, 4.0, 1.0])
-    with pytest.raises(ModelError, match=r"\['rate'\].*ZeroInflatedPoisson"):
-        EM(zero_inflated).run(jax.random.PRNGKey(0), x, max_iter=20)
+
+COUNTS = jnp.array([0.0, 0.0, 1.0, 3.0, 2.0, 0.0, 4.0, 1.0])
+NON_FINITE_GRADIENT = (
+    r"gradient of the {objective} with respect to the params \['rate'\] is not finite {at}.*"
+    r"use dist\.ZeroInflatedPoisson.*differentiable in these params"
+)
+
+
+@pytest.mark.parametrize(
+    "engine, objective", [(EM, "log-likelihood"), (VariationalEM, "ELBO")], ids=["EM", "VEM"]
+)
+def test_a_non_finite_gradient_names_the_param(engine, objective):
+    # VariationalEM used to warn where EM raised: one error, one message.
+    message = NON_FINITE_GRADIENT.format(objective=objective, at="at the values the fit")
+    with pytest.raises(ModelError, match=message):
+        engine(zero_inflated).run(jax.random.PRNGKey(0), COUNTS, max_iter=20)
+
+
+@pytest.mark.parametrize(
+    "engine, objective", [(EM, "log-likelihood"), (VariationalEM, "ELBO")], ids=["EM", "VEM"]
+)
+def test_init_checks_the_gradient_at_the_initial_values(engine, objective):
+    # A user stepping with init/update used to get no error: update rejected every
+    # gradient step silently.
+    message = NON_FINITE_GRADIENT.format(objective=objective, at="at the initial values")
+    with pytest.raises(ModelError, match=message):
+        engine(zero_inflated).init(jax.random.PRNGKey(0), COUNTS)
+    # A model with finite gradients initializes as before.
+    engine(mixture, m_step="gradient").init(jax.random.PRNGKey(0), X)
 
 
 def test_max_iter_reached_warns_and_tol_zero_does_not():
@@ -153,3 +183,47 @@ def test_run_cannot_be_differentiated(engine):
     field = "log_likelihood" if engine is EM else "elbo"
     with pytest.raises(TypeError, match="cannot be differentiated"):
         jax.grad(lambda x: getattr(fit.run(jax.random.PRNGKey(0), x, max_iter=5), field))(X)
+
+
+def test_a_density_broken_down_in_float32_is_a_divergence(x32):
+    """The audit's case: a Student-t mixture whose free ``df`` ran off to 5e6 in float32,
+    where NumPyro's log-density loses every digit (a difference of two gammaln near 4e7):
+    the fit reported ll = +179 (scipy: -99.9), converged. Here the fit starts at those
+    values (frozen, so it stays), and the float64 re-evaluation after the fit catches it."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(3.0, 0.6, 12), 3.5 + 2.4 * rng.standard_t(50.0, 36)])
+    params = {
+        "w": np.array([0.3, 0.7]),
+        "mu": np.array([3.0, 3.5]),
+        "sigma": np.array([0.6, 2.45]),
+        "df": np.array([2.19, 4.98e6]),
+    }
+    init = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    fit = EM(student_t_mixture, frozen=("mu", "sigma", "df"))
+    with pytest.warns(
+        NumericalWarning, match=r"in float64: the float32 log-density of site 'x' \(StudentT\)"
+    ):
+        result = fit.run(
+            jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32), 2, init_params=init, max_iter=5
+        )
+    assert bool(result.diverged) and not bool(result.converged)
+    assert bool(result.restart_diverged[0]) and not bool(result.restart_converged[0])
+    w = np.asarray(result.params["w"], np.float64)
+    reference = logsumexp(
+        np.log(w) + stats.t.logpdf(x[:, None], params["df"], params["mu"], params["sigma"]), -1
+    ).sum()
+    np.testing.assert_allclose(float(result.log_likelihood), reference, rtol=1e-5)
+    np.testing.assert_allclose(float(result.restart_log_likelihoods[0]), reference, rtol=1e-5)
+
+
+def test_an_accurate_float32_fit_is_not_flagged(x32):
+    # The same mixture at a moderate df: float32 agrees with float64 to rounding.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.concatenate([rng.normal(-2.0, 1.0, 30), rng.normal(2.0, 1.0, 30)]))
+    init = {"mu": jnp.array([-2.0, 2.0]), "df": jnp.array([4.0, 30.0])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)
+        result = EM(student_t_mixture, frozen=("mu", "sigma", "df")).run(
+            jax.random.PRNGKey(0), x, 2, init_params=init, max_iter=5, tol=0.0
+        )
+    assert not bool(result.diverged)
