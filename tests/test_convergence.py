@@ -1,5 +1,6 @@
 """``converged`` and ``diverged`` are true statements; warnings say when a fit is doubtful."""
 
+import functools
 import warnings
 
 import jax
@@ -9,11 +10,12 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
-from models import student_t_mixture
+from models import poisson_regression_mixture, student_t_mixture
 from numpyro.distributions import constraints
 from scipy import stats
 from scipy.special import logsumexp
 
+import jaxem
 from jaxem import EM, VariationalEM
 from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
 from jaxem.loop import JUMP_FACTOR, best_restart, credible
@@ -112,14 +114,15 @@ def test_max_iter_reached_warns_and_tol_zero_does_not():
 
 
 def test_a_log_likelihood_above_zero_for_discrete_data_is_a_divergence():
-    # Categorical probs declared without the simplex constraint: the gradient M-step
-    # pushes them up without bound, and log p(x) passes 0, which no probability can.
+    # Categorical probs that are not normalized (exp of a free param: a param selected
+    # straight into probs is a ModelError at planning): the gradient M-step pushes them
+    # up without bound, and log p(x) passes 0, which no probability can.
     def unnormalized(x):
         w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
-        probs = numpyro.param("probs", jnp.full((2, 3), 1 / 3), constraint=constraints.positive)
+        log_probs = numpyro.param("log_probs", jnp.full((2, 3), -jnp.log(3.0)))
         with numpyro.plate("data", x.shape[0]):
             z = numpyro.sample("z", dist.Categorical(w))
-            numpyro.sample("x", dist.Categorical(probs[z]), obs=x)
+            numpyro.sample("x", dist.Categorical(jnp.exp(log_probs)[z]), obs=x)
 
     x = jnp.array([0, 1, 2, 2, 1, 0, 0, 2])
     with pytest.warns(ConvergenceWarning, match="diverged"):
@@ -227,3 +230,56 @@ def test_an_accurate_float32_fit_is_not_flagged(x32):
             jax.random.PRNGKey(0), x, 2, init_params=init, max_iter=5, tol=0.0
         )
     assert not bool(result.diverged)
+
+
+def _newton_gain(model, params, constraints_, args):
+    """The gain of a Newton step on the float64 log-likelihood in unconstrained
+    coordinates, ``g^T (-H)^-1 g / 2`` (inf where -H is not positive definite)."""
+    with jax.enable_x64(True):
+        from jax.flatten_util import ravel_pytree
+        from numpyro.distributions.transforms import biject_to
+
+        u = {
+            k: biject_to(constraints_[k]).inv(jnp.asarray(v, jnp.float64))
+            for k, v in params.items()
+        }
+        flat, unravel = ravel_pytree(u)
+        args = tuple(jnp.asarray(a, jnp.float64) for a in args)
+
+        def ll(v):
+            p = {k: biject_to(constraints_[k])(x) for k, x in unravel(v).items()}
+            return jaxem.log_likelihood(model, p, *args)
+
+        g, h = np.asarray(jax.grad(ll)(flat)), np.asarray(jax.hessian(ll)(flat))
+    eigenvalues = np.linalg.eigvalsh(-h)
+    if eigenvalues.min() <= 0:
+        return np.inf
+    return 0.5 * float(g @ np.linalg.solve(-h, g))
+
+
+def test_a_stop_at_a_non_stationary_point_is_not_convergence(x32):
+    """The audit's case: a mixture of softplus Poisson regressions on a covariate at
+    scale 1e7 with an offset of -1e9 stopped after 73 iterations with converged=True, its
+    log-likelihood still changing along the gradient. converged must mean stationary."""
+    rng = np.random.default_rng(2)
+    u = rng.uniform(-1.0, 1.0, 48)
+    alpha, beta = rng.uniform(0.0, 3.0, 2), rng.uniform(-2.0, 2.0, 2)
+    z = rng.choice(2, 48, p=rng.dirichlet(np.full(2, 3.0)))
+    c = rng.poisson(np.logaddexp(0.0, alpha[z] + beta[z] * u)).astype(np.float64)
+    x = -1e9 + 1e7 * u
+    init = {
+        "w": jnp.array([0.5, 0.5]),
+        "a": jnp.asarray(np.log(np.expm1(c.mean() + 0.5)) + np.array([-0.2, 0.2]), jnp.float32),
+        "b": jnp.zeros(2),
+    }
+    args = (jnp.asarray(c, jnp.float32), jnp.asarray(x, jnp.float32))
+    model = functools.partial(poisson_regression_mixture, K=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = EM(model).run(jax.random.PRNGKey(2), *args, max_iter=80, init_params=init)
+    if bool(result.converged):
+        cons = {"w": constraints.simplex, "a": constraints.real, "b": constraints.real}
+        gain = _newton_gain(model, result.params, cons, args)
+        assert gain <= 100 * 1e-5 * abs(float(result.log_likelihood)), gain
+    else:
+        assert any(issubclass(w.category, ConvergenceWarning) for w in caught)
