@@ -18,19 +18,20 @@ from jaxem.acceleration import (
 )
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
-from jaxem.exceptions import ModelError
 from jaxem.gradient import default_optimizer, gradient_m_step, init_opt_state, stationarity
 from jaxem.loop import (
     all_finite,
     best_restart,
     initial_params,
     iterate,
+    raise_for_gradient,
     run_compiled,
     stationary,
     tree_where,
     upper_bound,
 )
 from jaxem.mstep import closed_form_m_step, plan_m_step
+from jaxem.precision import broken_down, recheck_in_float64
 from jaxem.tracing import (
     enumerated_trace,
     inspect_model,
@@ -84,7 +85,12 @@ class EMResult(NamedTuple):
             was not finite, or not credible: above 0 for a model whose
             observed sites are all discrete, or a jump a thousand times larger
             than every earlier gain (a density evaluated where it breaks
-            down). ``params`` are then the last ones before it.
+            down). ``params`` are then the last ones before it. Also True when,
+            after a float32 fit, the log-likelihood at ``params`` evaluated again
+            in float64 differs from the float32 one by more than rounding
+            explains (:mod:`jaxem.precision`): a density broke down in float32,
+            ``params`` are the fitted ones, ``log_likelihood`` the float64 value,
+            and a :class:`~jaxem.exceptions.NumericalWarning` names the site.
         restart_log_likelihoods: shape ``(num_restarts,)``: the final
             log-likelihood of every restart, in the order of the keys that
             ``jax.random.split(rng_key, num_restarts)`` gives (``rng_key``
@@ -211,6 +217,7 @@ class EM:
         self._registry = registered_closed_forms()
         self._plans: dict = {}
         self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
+        self._initial_gradient_jit = jax.jit(self._initial_gradient, static_argnums=(2,))
         self._run_jit = jax.jit(
             self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
         )
@@ -413,28 +420,40 @@ class EM:
             restart_num_iters=fits.num_iters,
         )
 
-    def _raise_for_gradient(self, result, arrays, spec) -> None:
-        """A ModelError naming the gradient-path params whose gradient is not finite
-        at the returned params: their M-step rejects every step."""
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(result.gradient)):
-            return
-        paths = self.m_step_paths(*merge_args(arrays, spec)[0], **merge_args(arrays, spec)[1])
-        bad = sorted(
-            n
-            for n, g in result.gradient.items()
-            if paths[n].startswith("gradient") and not bool(jnp.all(jnp.isfinite(g)))
+    def _check_fit(self, result, arrays, spec):
+        """After ``run``: a ModelError for gradient-path params whose gradient is not
+        finite at the returned params, then the float32 log-likelihood checked in float64
+        (:func:`jaxem.precision.recheck_in_float64`); the result, updated."""
+        args, kwargs = merge_args(arrays, spec)
+        raise_for_gradient(
+            result.gradient,
+            self.m_step_paths(*args, **kwargs),
+            at="at the values the fit stopped at (the initial values if they never moved)",
         )
-        if bad:
-            raise ModelError(
-                f"jaxem: the gradient of the log-likelihood with respect to the params {bad} "
-                "is not finite at the values the fit stopped at (the initial values if they "
-                "never moved), so their gradient M-step rejects every step and they cannot be "
-                "fitted. A log-probability that is not differentiable at some enumerated value "
-                "of a latent is the usual cause: a rate or probability multiplied by a latent "
-                "that can be 0 (e.g. Poisson(rate * (1 - s)): use dist.ZeroInflatedPoisson), or "
-                "the log of 0. Write the model so that every log-probability is differentiable "
-                "in these params, or start them elsewhere (init_params)."
-            )
+        exact = recheck_in_float64(
+            self.model, result.params, result.log_likelihood, arrays, spec, hard=self.hard
+        )
+        return result if exact is None else broken_down(result, exact, "restart_log_likelihoods")
+
+    def _initial_gradient(self, state, arrays, spec):
+        """The gradient of the log-likelihood at ``state``'s params (by Fisher's
+        identity, of Q under the E-step's marginals there)."""
+        args, kwargs = merge_args(arrays, spec)
+        structure = model_structure(self.model, args, kwargs)
+        nesting = structure.max_plate_nesting
+        result = e_step(self.model, state.params, args, kwargs, nesting, hard=self.hard)
+        free = [n for n in structure.param_names if n not in self.frozen]
+        gradient, _ = stationarity(
+            self.model,
+            state.params,
+            result.marginals,
+            free,
+            structure.constraints,
+            args,
+            kwargs,
+            nesting,
+        )
+        return gradient
 
     # -- public API ----------------------------------------------------------
 
@@ -452,12 +471,26 @@ class EM:
         """
         arrays, spec = split_args(args, kwargs)
         self._validate(rng_key, arrays, spec, init_params)
-        return self._init_arrays(rng_key, arrays, spec, init_params)
+        state = self._init_arrays(rng_key, arrays, spec, init_params)
+        # run checks the gradient where it stops; a user stepping with update gets the
+        # same error here, at the initial values (compiled only for a gradient M-step).
+        paths = self.m_step_paths(*args, **kwargs)
+        if any(p.startswith("gradient") for p in paths.values()):
+            gradient = self._initial_gradient_jit(state, arrays, spec)
+            raise_for_gradient(gradient, paths, at="at the initial values")
+        return state
 
     def update(self, state: EMState, *args, **kwargs):
         """One EM iteration (compiled once per argument shape); with
         ``acceleration="squarem"``, one SQUAREM cycle of three EM steps; with
         ``acceleration="anderson"``, one EM step at the Anderson trial point.
+
+        ``update`` makes none of ``run``'s checks: it tests no convergence,
+        rejects no non-finite update and warns of nothing; ``new_state`` may
+        hold non-finite params, and a log-likelihood that stopped changing
+        does not make a maximum (see :attr:`EMResult.converged`). ``init``
+        raises the ``ModelError`` ``run`` does for a param whose gradient is
+        not finite, at the initial values.
 
         Returns:
             ``(new_state, log_likelihood)``, the log-likelihood being that of
@@ -518,7 +551,7 @@ class EM:
             init_params=init_params,
             progress_bar=progress_bar,
             desc="EM",
-            check_fn=self._raise_for_gradient,
+            check_fn=self._check_fit,
         )
 
     def m_step_paths(self, *args, **kwargs) -> dict:

@@ -29,6 +29,7 @@ __all__ = [
     "credible",
     "initial_params",
     "iterate",
+    "raise_for_gradient",
     "refuse_differentiation",
     "run_compiled",
     "stationary",
@@ -386,6 +387,31 @@ def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: flo
     )
 
 
+def raise_for_gradient(gradient, paths, *, objective: str = "log-likelihood", at: str) -> None:
+    """A :class:`~jaxem.exceptions.ModelError` naming the gradient-path params whose
+    gradient (``{name: gradient}``, concrete) is not finite: their gradient M-step
+    rejects every step, so they cannot be fitted. ``paths``: ``m_step_paths``'
+    ``{name: description}``; ``at``: where the gradient was taken, for the message.
+    Nothing under ``jit``/``vmap`` (the values are not known)."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(gradient)):
+        return
+    bad = sorted(
+        n
+        for n, g in gradient.items()
+        if paths[n].startswith("gradient") and not np.all(np.isfinite(np.asarray(g)))
+    )
+    if bad:
+        raise ModelError(
+            f"jaxem: the gradient of the {objective} with respect to the params {bad} is not "
+            f"finite {at}, so their gradient M-step rejects every step and they cannot be "
+            "fitted. A log-probability that is not differentiable at some enumerated value "
+            "of a latent is the usual cause: a rate or probability multiplied by a latent "
+            "that can be 0 (e.g. Poisson(rate * (1 - s)): use dist.ZeroInflatedPoisson), or "
+            "the log of 0. Write the model so that every log-probability is differentiable "
+            "in these params, or start them elsewhere (init_params)."
+        )
+
+
 def run_with_progress(call, progress_bar: bool, max_iter: int, desc: str):
     """``call()``, with a tqdm bar that the compiled loop advances when asked."""
     if not progress_bar:
@@ -421,7 +447,9 @@ def run_compiled(
     (``validate_fn(rng_key, arrays, spec, init_params)``: named errors here, the
     compiled run cannot raise), then ``run_jit(rng_key, arrays, init_params, tol,
     spec=..., max_iter=..., num_restarts=..., progress_bar=...)``, which cannot be
-    differentiated (a ``TypeError`` says so); then :func:`warn_about_fit`."""
+    differentiated (a ``TypeError`` says so); then ``check_fn(result, arrays, spec)``
+    (named errors, checks on concrete values; returns the result, updated) and
+    :func:`warn_about_fit`."""
     if max_iter < 1 or num_restarts < 1:
         raise ValueError("max_iter and num_restarts must be at least 1")
     arrays, spec = split_args(args, kwargs)
@@ -441,7 +469,16 @@ def run_compiled(
         progress_bar=bool(progress_bar),
     )
     result = run_with_progress(call, progress_bar, max_iter, desc)
+    diverged_before = _concrete_flag(result.diverged)
     if check_fn is not None:
-        check_fn(result, arrays, spec)
-    warn_about_fit(result, name=name, objective=objective, max_iter=max_iter, tol=tol)
+        result = check_fn(result, arrays, spec)
+    # A divergence the check found (a density broken down in float32) was warned about
+    # there, with its cause; the generic message would misdescribe it.
+    if diverged_before is not False or not _concrete_flag(result.diverged):
+        warn_about_fit(result, name=name, objective=objective, max_iter=max_iter, tol=tol)
     return result
+
+
+def _concrete_flag(flag):
+    """``bool(flag)``, or None under ``jit``/``vmap``."""
+    return None if isinstance(flag, jax.core.Tracer) else bool(flag)

@@ -33,17 +33,20 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
+from jaxem.exceptions import ConvergenceWarning
 from jaxem.gradient import gradient_m_step, init_opt_state
-from jaxem.loop import initial_params
+from jaxem.loop import all_finite, initial_params, tree_where
 from jaxem.mstep import closed_form_statistics_m_step, plan_m_step
 from jaxem.tracing import merge_args, model_structure, split_args, validate
 
@@ -84,28 +87,51 @@ class OnlineEMState(NamedTuple):
         statistics: ``{closed-form param name: tuple of running statistics}``,
             averages per data point of the statistics batch EM sums.
         opt_state: optax state of the gradient-path parameters.
-        iteration: number of minibatches processed.
+        iteration: number of minibatch updates accepted (the step-size schedule's
+            ``t``).
+        num_rejected: number of minibatch updates rejected: the minibatch's
+            log-likelihood, or the parameters or running statistics after its
+            update, were not finite. A rejected update leaves the rest of the
+            state as it was.
     """
 
     params: dict
     statistics: dict
     opt_state: Any
     iteration: jax.Array
+    num_rejected: Any = 0
 
 
 class OnlineEMResult(NamedTuple):
     """Result of :meth:`OnlineEM.run`.
 
+    Online EM processes every minibatch it is given: a stochastic approximation
+    of fixed length has no convergence test, and its parameters are not a
+    stationary point of any one minibatch's likelihood, so there is no
+    ``converged`` flag. Judge convergence from ``log_likelihoods`` over the
+    last epoch, or with :func:`jaxem.log_likelihood` on held-out data.
+
     Attributes:
-        params: ``{param name: constrained value}`` after the last minibatch.
+        params: ``{param name: constrained value}`` after the last accepted
+            update.
         state: the final :class:`OnlineEMState` (to go on streaming).
         log_likelihoods: shape ``(num_batches,)``: every minibatch's
             log-likelihood at the parameters it was processed with.
+        diverged: whether an update of this run was rejected (see
+            ``num_rejected``); a :class:`~jaxem.exceptions.ConvergenceWarning`
+            says which. ``params`` are then those of the updates accepted, which
+            may be the ones at which a later minibatch's log-likelihood was not
+            finite.
+        num_rejected: number of minibatch updates of this run rejected because
+            the minibatch's log-likelihood, or the parameters or running
+            statistics after the update, were not finite.
     """
 
     params: dict
     state: OnlineEMState
     log_likelihoods: jax.Array
+    diverged: jax.Array
+    num_rejected: jax.Array
 
 
 def _num_data_cells(trace) -> int:
@@ -241,7 +267,11 @@ class OnlineEM:
     def _update_arrays(self, state, arrays, spec):
         step_size = jnp.asarray(self.step_size(state.iteration), jnp.result_type(float))
         params, statistics, opt_state, log_lik = self._m_step(state, arrays, spec, step_size)
-        return OnlineEMState(params, statistics, opt_state, state.iteration + 1), log_lik
+        new = OnlineEMState(params, statistics, opt_state, state.iteration + 1, state.num_rejected)
+        # A non-finite update would turn every later one into NaN: skip this minibatch.
+        ok = jnp.isfinite(log_lik) & all_finite((params, statistics))
+        rejected = state._replace(num_rejected=state.num_rejected + 1)
+        return tree_where(ok, new, rejected), log_lik
 
     def init(self, rng_key, *args, init_params=None, **kwargs) -> OnlineEMState:
         """Initial state from the ``numpyro.param`` initial values, shaped by one
@@ -262,10 +292,16 @@ class OnlineEM:
         empty = OnlineEMState(params, {}, opt_state, jnp.zeros((), jnp.int32))
         shapes = jax.eval_shape(lambda a: self._m_step(empty, a, spec, jnp.ones(()))[1], arrays)
         statistics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        return OnlineEMState(params, statistics, opt_state, jnp.zeros((), jnp.int32))
+        zero = jnp.zeros((), jnp.int32)
+        return OnlineEMState(params, statistics, opt_state, zero, zero)
 
     def update(self, state: OnlineEMState, *args, **kwargs):
         """Process one minibatch (compiled once per minibatch shape).
+
+        An update whose log-likelihood, parameters or running statistics are
+        not finite is rejected: ``new_state`` is ``state`` with
+        ``num_rejected`` one higher. Nothing is warned here (the values are not
+        known until read); ``run`` warns.
 
         Returns:
             ``(new_state, log_likelihood)``: the minibatch's log-likelihood at
@@ -305,7 +341,8 @@ class OnlineEM:
         Returns:
             An :class:`OnlineEMResult`.
         """
-        log_liks = []
+        log_liks, rejected = [], []
+        start = None if state is None else state.num_rejected
         for batch in batches:
             batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
             if state is None:
@@ -316,8 +353,37 @@ class OnlineEM:
                 # minibatch never observes may be observed by others: not an error.
                 arrays, spec = split_args(batch, kwargs)
                 validate(self.model, rng_key, arrays, spec, fitting=False)
+            if start is None:
+                start = state.num_rejected
             state, log_lik = self.update(state, *batch, **kwargs)
             log_liks.append(log_lik)
+            rejected.append(state.num_rejected)
         if state is None:
             raise ValueError("jaxem: OnlineEM.run got no minibatches.")
-        return OnlineEMResult(dict(state.params), state, jnp.stack(log_liks))
+        num_rejected = jnp.asarray(state.num_rejected - start, jnp.int32)
+        result = OnlineEMResult(
+            dict(state.params), state, jnp.stack(log_liks), num_rejected > 0, num_rejected
+        )
+        _warn_about_rejections(result, jnp.stack(rejected) - start)
+        return result
+
+
+def _warn_about_rejections(result, rejected) -> None:
+    """A ConvergenceWarning when updates were rejected (``rejected``: the running count
+    after every minibatch)."""
+    count = int(result.num_rejected)
+    if count == 0:
+        return
+    first = int(np.argmax(np.asarray(rejected) > 0))
+    warnings.warn(
+        f"jaxem: OnlineEM diverged: {count} of {len(rejected)} minibatch updates were "
+        f"rejected (the first at minibatch {first}, counting from 0) because the "
+        "minibatch's log-likelihood, or the parameters or running statistics after the "
+        "update, were not finite; those minibatches were skipped, and params come from "
+        "the updates accepted. Causes: a variance collapsing onto a minibatch's points "
+        "(reg_covar > 0, larger or shuffled minibatches), a component no point of a "
+        "minibatch reaches (start the params nearer the data), or optax steps too large "
+        "for the gradient-path params (a smaller learning rate).",
+        ConvergenceWarning,
+        stacklevel=3,
+    )

@@ -39,7 +39,15 @@ from jaxem.chain import find_chain
 from jaxem.em import EM
 from jaxem.estep import _check_params, _contract, _site_posterior, _structure
 from jaxem.gradient import default_optimizer, init_opt_state, safeguarded_steps, stationarity
-from jaxem.loop import best_restart, iterate, run_compiled, stationary, upper_bound
+from jaxem.loop import (
+    best_restart,
+    iterate,
+    raise_for_gradient,
+    run_compiled,
+    stationary,
+    upper_bound,
+)
+from jaxem.precision import broken_down, recheck_in_float64
 from jaxem.tracing import (
     ModelError,
     enumerated_trace,
@@ -90,7 +98,10 @@ class VEMResult(NamedTuple):
             :attr:`jaxem.EMResult.converged`).
         diverged: whether the run stopped on an ELBO or parameter that was
             not finite or not credible (as :attr:`jaxem.EMResult.diverged`);
-            ``params`` are then the last ones before it.
+            ``params`` are then the last ones before it. Also True when the
+            exact ``log_likelihood`` of a float32 fit, evaluated again in
+            float64, shows a density broken down in float32 (as for EM;
+            ``log_likelihood`` is then the float64 value, ``elbo`` is not).
         log_likelihood: the exact marginal log-likelihood at ``params`` (at
             least ``elbo``), or None where exact enumeration was judged
             intractable or was switched off.
@@ -435,6 +446,7 @@ class VariationalEM:
         self.guide_optimizer = optax.with_extra_args_support(guide_optimizer or default_optimizer())
         self.exact_log_likelihood = exact_log_likelihood
         self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
+        self._initial_gradient_jit = jax.jit(self._initial_gradient, static_argnums=(2,))
         self._run_jit = jax.jit(
             self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
         )
@@ -606,6 +618,44 @@ class VariationalEM:
             restart_num_iters=fits.num_iters,
         )
 
+    def _check_fit(self, result, arrays, spec):
+        """After ``run``: exact EM's ModelError for gradient-path params whose gradient
+        is not finite at the returned params, then the float32 exact log-likelihood (when
+        reported) checked in float64; the result, updated."""
+        args, kwargs = merge_args(arrays, spec)
+        raise_for_gradient(
+            result.gradient,
+            self.m_step_paths(*args, **kwargs),
+            objective="ELBO",
+            at="at the values the fit stopped at (the initial values if they never moved)",
+        )
+        if result.log_likelihood is None:
+            return result
+        exact = recheck_in_float64(
+            self.model, result.params, result.log_likelihood, arrays, spec, name="VariationalEM"
+        )
+        return result if exact is None else broken_down(result, exact, "restart_elbos", "elbo")
+
+    def _initial_gradient(self, state, arrays, spec):
+        """The gradient of the ELBO in the model params at ``state`` (q held)."""
+        args, kwargs = merge_args(arrays, spec)
+        structure = model_structure(self.model, args, kwargs)
+        nesting = structure.max_plate_nesting
+        trace = enumerated_trace(self.model, state.params, args, kwargs, nesting)
+        log_factors = {n: jax.lax.stop_gradient(s.log_prob) for n, s in trace.sites.items()}
+        free = [n for n in structure.param_names if n not in self._em.frozen]
+        gradient, _ = stationarity(
+            self.model,
+            state.params,
+            _factor_marginals(state.q, log_factors, trace),
+            free,
+            structure.constraints,
+            args,
+            kwargs,
+            nesting,
+        )
+        return gradient
+
     # -- public API ----------------------------------------------------------
 
     def init(self, rng_key, *args, init_params=None, **kwargs) -> VEMState:
@@ -623,10 +673,18 @@ class VariationalEM:
         """
         arrays, spec = split_args(args, kwargs)
         self._em._validate(rng_key, arrays, spec, init_params)
-        return self._init_arrays(rng_key, arrays, spec, init_params)
+        state = self._init_arrays(rng_key, arrays, spec, init_params)
+        # As EM.init: the error run gives where it stops, here at the initial values.
+        paths = self.m_step_paths(*args, **kwargs)
+        if any(p.startswith("gradient") for p in paths.values()):
+            gradient = self._initial_gradient_jit(state, arrays, spec)
+            raise_for_gradient(gradient, paths, objective="ELBO", at="at the initial values")
+        return state
 
     def update(self, state: VEMState, *args, **kwargs):
         """One variational EM iteration (compiled once per argument shape).
+
+        As :meth:`jaxem.EM.update`, it makes none of ``run``'s checks.
 
         Returns:
             ``(new_state, elbo)``, the ELBO being the one after this
@@ -681,6 +739,7 @@ class VariationalEM:
             progress_bar=progress_bar,
             desc="VEM",
             objective="ELBO",
+            check_fn=self._check_fit,
         )
 
     def m_step_paths(self, *args, **kwargs) -> dict:

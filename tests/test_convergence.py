@@ -1,5 +1,6 @@
 """``converged`` and ``diverged`` are true statements; warnings say when a fit is doubtful."""
 
+import functools
 import warnings
 
 import jax
@@ -9,10 +10,14 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
+from models import poisson_regression_mixture, student_t_mixture
 from numpyro.distributions import constraints
+from scipy import stats
+from scipy.special import logsumexp
 
+import jaxem
 from jaxem import EM, VariationalEM
-from jaxem.exceptions import ConvergenceWarning, ModelError
+from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
 from jaxem.loop import JUMP_FACTOR, best_restart, credible
 
 
@@ -59,17 +64,44 @@ def test_rejected_gradient_steps_are_not_convergence(engine):
     np.testing.assert_array_equal(result.params["mu"], [-1.0, 1.0])
 
 
-def test_a_non_finite_gradient_names_the_param():
-    def zero_inflated(x):
-        pi = numpyro.param("pi", 0.3, constraint=constraints.unit_interval)
-        rate = numpyro.param("rate", 2.0, constraint=constraints.positive)
-        with numpyro.plate("data", x.shape[0]):
-            s = numpyro.sample("s", dist.Bernoulli(pi))
-            numpyro.sample("x", dist.Poisson(rate * (1 - s)), obs=x)
+def zero_inflated(x):
+    # Poisson(rate * 0) at the enumerated value s = 1: the log-probability has no
+    # finite derivative in rate there.
+    pi = numpyro.param("pi", 0.3, constraint=constraints.unit_interval)
+    rate = numpyro.param("rate", 2.0, constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        s = numpyro.sample("s", dist.Bernoulli(pi))
+        numpyro.sample("x", dist.Poisson(rate * (1 - s)), obs=x)
 
-    x = jnp.array([0.0, 0.0, 1.0, 3.0, 2.0, 0.0, 4.0, 1.0])
-    with pytest.raises(ModelError, match=r"\['rate'\].*ZeroInflatedPoisson"):
-        EM(zero_inflated).run(jax.random.PRNGKey(0), x, max_iter=20)
+
+COUNTS = jnp.array([0.0, 0.0, 1.0, 3.0, 2.0, 0.0, 4.0, 1.0])
+NON_FINITE_GRADIENT = (
+    r"gradient of the {objective} with respect to the params \['rate'\] is not finite {at}.*"
+    r"use dist\.ZeroInflatedPoisson.*differentiable in these params"
+)
+
+
+@pytest.mark.parametrize(
+    "engine, objective", [(EM, "log-likelihood"), (VariationalEM, "ELBO")], ids=["EM", "VEM"]
+)
+def test_a_non_finite_gradient_names_the_param(engine, objective):
+    # VariationalEM used to warn where EM raised: one error, one message.
+    message = NON_FINITE_GRADIENT.format(objective=objective, at="at the values the fit")
+    with pytest.raises(ModelError, match=message):
+        engine(zero_inflated).run(jax.random.PRNGKey(0), COUNTS, max_iter=20)
+
+
+@pytest.mark.parametrize(
+    "engine, objective", [(EM, "log-likelihood"), (VariationalEM, "ELBO")], ids=["EM", "VEM"]
+)
+def test_init_checks_the_gradient_at_the_initial_values(engine, objective):
+    # A user stepping with init/update used to get no error: update rejected every
+    # gradient step silently.
+    message = NON_FINITE_GRADIENT.format(objective=objective, at="at the initial values")
+    with pytest.raises(ModelError, match=message):
+        engine(zero_inflated).init(jax.random.PRNGKey(0), COUNTS)
+    # A model with finite gradients initializes as before.
+    engine(mixture, m_step="gradient").init(jax.random.PRNGKey(0), X)
 
 
 def test_max_iter_reached_warns_and_tol_zero_does_not():
@@ -82,14 +114,15 @@ def test_max_iter_reached_warns_and_tol_zero_does_not():
 
 
 def test_a_log_likelihood_above_zero_for_discrete_data_is_a_divergence():
-    # Categorical probs declared without the simplex constraint: the gradient M-step
-    # pushes them up without bound, and log p(x) passes 0, which no probability can.
+    # Categorical probs that are not normalized (exp of a free param: a param selected
+    # straight into probs is a ModelError at planning): the gradient M-step pushes them
+    # up without bound, and log p(x) passes 0, which no probability can.
     def unnormalized(x):
         w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
-        probs = numpyro.param("probs", jnp.full((2, 3), 1 / 3), constraint=constraints.positive)
+        log_probs = numpyro.param("log_probs", jnp.full((2, 3), -jnp.log(3.0)))
         with numpyro.plate("data", x.shape[0]):
             z = numpyro.sample("z", dist.Categorical(w))
-            numpyro.sample("x", dist.Categorical(probs[z]), obs=x)
+            numpyro.sample("x", dist.Categorical(jnp.exp(log_probs)[z]), obs=x)
 
     x = jnp.array([0, 1, 2, 2, 1, 0, 0, 2])
     with pytest.warns(ConvergenceWarning, match="diverged"):
@@ -153,3 +186,100 @@ def test_run_cannot_be_differentiated(engine):
     field = "log_likelihood" if engine is EM else "elbo"
     with pytest.raises(TypeError, match="cannot be differentiated"):
         jax.grad(lambda x: getattr(fit.run(jax.random.PRNGKey(0), x, max_iter=5), field))(X)
+
+
+def test_a_density_broken_down_in_float32_is_a_divergence(x32):
+    """The audit's case: a Student-t mixture whose free ``df`` ran off to 5e6 in float32,
+    where NumPyro's log-density loses every digit (a difference of two gammaln near 4e7):
+    the fit reported ll = +179 (scipy: -99.9), converged. Here the fit starts at those
+    values (frozen, so it stays), and the float64 re-evaluation after the fit catches it."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(3.0, 0.6, 12), 3.5 + 2.4 * rng.standard_t(50.0, 36)])
+    params = {
+        "w": np.array([0.3, 0.7]),
+        "mu": np.array([3.0, 3.5]),
+        "sigma": np.array([0.6, 2.45]),
+        "df": np.array([2.19, 4.98e6]),
+    }
+    init = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    fit = EM(student_t_mixture, frozen=("mu", "sigma", "df"))
+    with pytest.warns(
+        NumericalWarning, match=r"in float64: the float32 log-density of site 'x' \(StudentT\)"
+    ):
+        result = fit.run(
+            jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32), 2, init_params=init, max_iter=5
+        )
+    assert bool(result.diverged) and not bool(result.converged)
+    assert bool(result.restart_diverged[0]) and not bool(result.restart_converged[0])
+    w = np.asarray(result.params["w"], np.float64)
+    reference = logsumexp(
+        np.log(w) + stats.t.logpdf(x[:, None], params["df"], params["mu"], params["sigma"]), -1
+    ).sum()
+    np.testing.assert_allclose(float(result.log_likelihood), reference, rtol=1e-5)
+    np.testing.assert_allclose(float(result.restart_log_likelihoods[0]), reference, rtol=1e-5)
+
+
+def test_an_accurate_float32_fit_is_not_flagged(x32):
+    # The same mixture at a moderate df: float32 agrees with float64 to rounding.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.concatenate([rng.normal(-2.0, 1.0, 30), rng.normal(2.0, 1.0, 30)]))
+    init = {"mu": jnp.array([-2.0, 2.0]), "df": jnp.array([4.0, 30.0])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)
+        result = EM(student_t_mixture, frozen=("mu", "sigma", "df")).run(
+            jax.random.PRNGKey(0), x, 2, init_params=init, max_iter=5, tol=0.0
+        )
+    assert not bool(result.diverged)
+
+
+def _newton_gain(model, params, constraints_, args):
+    """The gain of a Newton step on the float64 log-likelihood in unconstrained
+    coordinates, ``g^T (-H)^-1 g / 2`` (inf where -H is not positive definite)."""
+    with jax.enable_x64(True):
+        from jax.flatten_util import ravel_pytree
+        from numpyro.distributions.transforms import biject_to
+
+        u = {
+            k: biject_to(constraints_[k]).inv(jnp.asarray(v, jnp.float64))
+            for k, v in params.items()
+        }
+        flat, unravel = ravel_pytree(u)
+        args = tuple(jnp.asarray(a, jnp.float64) for a in args)
+
+        def ll(v):
+            p = {k: biject_to(constraints_[k])(x) for k, x in unravel(v).items()}
+            return jaxem.log_likelihood(model, p, *args)
+
+        g, h = np.asarray(jax.grad(ll)(flat)), np.asarray(jax.hessian(ll)(flat))
+    eigenvalues = np.linalg.eigvalsh(-h)
+    if eigenvalues.min() <= 0:
+        return np.inf
+    return 0.5 * float(g @ np.linalg.solve(-h, g))
+
+
+def test_a_stop_at_a_non_stationary_point_is_not_convergence(x32):
+    """The audit's case: a mixture of softplus Poisson regressions on a covariate at
+    scale 1e7 with an offset of -1e9 stopped after 73 iterations with converged=True, its
+    log-likelihood still changing along the gradient. converged must mean stationary."""
+    rng = np.random.default_rng(2)
+    u = rng.uniform(-1.0, 1.0, 48)
+    alpha, beta = rng.uniform(0.0, 3.0, 2), rng.uniform(-2.0, 2.0, 2)
+    z = rng.choice(2, 48, p=rng.dirichlet(np.full(2, 3.0)))
+    c = rng.poisson(np.logaddexp(0.0, alpha[z] + beta[z] * u)).astype(np.float64)
+    x = -1e9 + 1e7 * u
+    init = {
+        "w": jnp.array([0.5, 0.5]),
+        "a": jnp.asarray(np.log(np.expm1(c.mean() + 0.5)) + np.array([-0.2, 0.2]), jnp.float32),
+        "b": jnp.zeros(2),
+    }
+    args = (jnp.asarray(c, jnp.float32), jnp.asarray(x, jnp.float32))
+    model = functools.partial(poisson_regression_mixture, K=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = EM(model).run(jax.random.PRNGKey(2), *args, max_iter=80, init_params=init)
+    if bool(result.converged):
+        cons = {"w": constraints.simplex, "a": constraints.real, "b": constraints.real}
+        gain = _newton_gain(model, result.params, cons, args)
+        assert gain <= 100 * 1e-5 * abs(float(result.log_likelihood)), gain
+    else:
+        assert any(issubclass(w.category, ConvergenceWarning) for w in caught)

@@ -1,6 +1,7 @@
 """Online EM (Cappé and Moulines 2009) against batch EM."""
 
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -177,3 +178,47 @@ def test_online_em_names_bad_data_and_initial_values():
         online.run(key, [(x[:100], 3), (bad[100:], 3)])
     with pytest.raises(jaxem.ModelError, match="value of param 'w' is not finite or lies outside"):
         online.init(key, x[:100], 3, init_params={"w": jnp.array([0.5, 0.6, 0.1])})
+
+
+def test_non_finite_updates_are_rejected_and_reported(x32):
+    """A constant first minibatch with reg_covar=0 collapses both variances to 0; every
+    later minibatch's log-likelihood is then NaN. The running statistics used to turn NaN
+    and the run reported nothing; now those updates are rejected, counted and warned."""
+    rng = np.random.default_rng(0)
+    good = jnp.asarray(np.concatenate([rng.normal(-3, 1, 20), rng.normal(3, 1, 20)]))
+    online = OnlineEM(normal_mixture, reg_covar=0.0)
+    batches = [(jnp.ones(40), 2), (good, 2), (good, 2)]
+    init = {"mu": jnp.array([-3.0, 3.0])}
+    with pytest.warns(
+        jaxem.ConvergenceWarning,
+        match=r"OnlineEM diverged: 2 of 3 minibatch updates were rejected \(the first at "
+        r"minibatch 1.*reg_covar > 0",
+    ):
+        result = online.run(jax.random.PRNGKey(0), batches, init_params=init)
+    assert bool(result.diverged) and int(result.num_rejected) == 2
+    assert int(result.state.num_rejected) == 2 and int(result.state.iteration) == 1
+    for leaf in jax.tree.leaves((result.state.params, result.state.statistics)):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    # update: a rejected update hands the state back, num_rejected one higher.
+    state, log_lik = online.update(result.state, good, 2)
+    assert not np.isfinite(float(log_lik)) and int(state.num_rejected) == 3
+    for before, after in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    # Going on from the state counts this run's rejections only.
+    with pytest.warns(jaxem.ConvergenceWarning, match="1 of 1 minibatch"):
+        again = online.run(jax.random.PRNGKey(0), [(good, 2)], state=state)
+    assert int(again.num_rejected) == 1
+
+
+def test_an_online_run_without_rejections_does_not_warn(x32):
+    rng = np.random.default_rng(0)
+    batches = [
+        (jnp.asarray(np.concatenate([rng.normal(-3, 1, 20), rng.normal(3, 1, 20)])), 2)
+        for _ in range(3)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jaxem.ConvergenceWarning)
+        result = OnlineEM(normal_mixture).run(
+            jax.random.PRNGKey(0), batches, init_params={"mu": jnp.array([-3.0, 3.0])}
+        )
+    assert not bool(result.diverged) and int(result.num_rejected) == 0
