@@ -31,11 +31,14 @@ from jaxem.loop import (
     upper_bound,
 )
 from jaxem.mstep import closed_form_m_step, plan_m_step
+from jaxem.regularization import warn_if_held_by_reg_covar, warn_if_reg_covar_dominates
+from jaxem.supports import argument_support, arguments_in_support
 from jaxem.tracing import (
     enumerated_trace,
     inspect_model,
     merge_args,
     model_structure,
+    raise_for_model_arguments,
     split_args,
     validate,
 )
@@ -234,8 +237,16 @@ class EM:
         return initial_params(self.model, self.frozen, rng_key, arrays, spec, init_params)
 
     def _validate(self, rng_key, arrays, spec, init_params) -> None:
-        """Raise a named error for bad data or initial values (concrete inputs only)."""
-        validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
+        """Raise a named error for bad data or initial values, and warn when reg_covar
+        is not small against the data (concrete inputs only)."""
+        validity = validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
+        if validity is not None:
+
+            def plan():
+                structure, params = self._initial_params(rng_key, arrays, spec, init_params)
+                return self._plan(params, arrays, spec, structure)
+
+            warn_if_reg_covar_dominates(validity.spread, plan, self.reg_covar)
 
     def _init_arrays(self, rng_key, arrays, spec, init_params):
         structure, params = self._initial_params(rng_key, arrays, spec, init_params)
@@ -382,17 +393,23 @@ class EM:
         gradient, gain = stationarity(
             self.model, params, loop.aux, free, structure.constraints, args, kwargs, nesting
         )
-        converged = loop.converged & stationary(gain, loop.value, tol)
+        # Params that feed an argument through a function (w * c as probabilities) can
+        # carry it out of its support, where the log-likelihood means nothing.
+        in_support = arguments_in_support(
+            enumerated_trace(self.model, params, args, kwargs, nesting, log_probs=False)
+        )
+        converged = loop.converged & stationary(gain, loop.value, tol) & in_support
+        diverged = loop.diverged | ~in_support
         return EMResult(
             params,
             loop.value,
             loop.history,
             loop.num_iters,
             converged,
-            loop.diverged,
+            diverged,
             loop.value,
             converged,
-            loop.diverged,
+            diverged,
             loop.num_iters,
             gradient,
         )
@@ -413,12 +430,31 @@ class EM:
             restart_num_iters=fits.num_iters,
         )
 
-    def _raise_for_gradient(self, result, arrays, spec) -> None:
+    def _check_fit(self, result, arrays, spec) -> None:
+        """After ``run`` (concrete results only): a ModelError for a fit whose
+        distribution arguments left their support or whose gradient-path params have
+        a non-finite gradient; a NumericalWarning for variances held up by reg_covar."""
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(result)):
+            return
+        args, kwargs = merge_args(arrays, spec)
+        structure, params = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs)
+        plan = self._plan(params, arrays, spec, structure)
+        if bool(result.diverged):
+            fitted = {k: jnp.asarray(v) for k, v in result.params.items()}
+            trace = enumerated_trace(
+                self.model, fitted, args, kwargs, structure.max_plate_nesting, log_probs=False
+            )
+            found = argument_support(trace)
+            if any(int(count) for count, _ in found.values()):
+                raise_for_model_arguments(self.model, args, kwargs, fitted, found, "fitted")
+        self._raise_for_gradient(result, plan)
+        if not bool(result.diverged):
+            warn_if_held_by_reg_covar(result.params, plan, self.reg_covar)
+
+    def _raise_for_gradient(self, result, plan) -> None:
         """A ModelError naming the gradient-path params whose gradient is not finite
         at the returned params: their M-step rejects every step."""
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(result.gradient)):
-            return
-        paths = self.m_step_paths(*merge_args(arrays, spec)[0], **merge_args(arrays, spec)[1])
+        paths = {name: f"{path.kind} ({path.reason})" for name, path in plan.items()}
         bad = sorted(
             n
             for n, g in result.gradient.items()
@@ -518,7 +554,7 @@ class EM:
             init_params=init_params,
             progress_bar=progress_bar,
             desc="EM",
-            check_fn=self._raise_for_gradient,
+            check_fn=self._check_fit,
         )
 
     def m_step_paths(self, *args, **kwargs) -> dict:
