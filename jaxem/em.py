@@ -32,11 +32,14 @@ from jaxem.loop import (
 )
 from jaxem.mstep import closed_form_m_step, plan_m_step
 from jaxem.precision import broken_down, recheck_in_float64
+from jaxem.regularization import warn_if_held_by_reg_covar, warn_if_reg_covar_dominates
+from jaxem.supports import argument_support, arguments_in_support
 from jaxem.tracing import (
     enumerated_trace,
     inspect_model,
     merge_args,
     model_structure,
+    raise_for_model_arguments,
     split_args,
     validate,
 )
@@ -241,8 +244,16 @@ class EM:
         return initial_params(self.model, self.frozen, rng_key, arrays, spec, init_params)
 
     def _validate(self, rng_key, arrays, spec, init_params) -> None:
-        """Raise a named error for bad data or initial values (concrete inputs only)."""
-        validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
+        """Raise a named error for bad data or initial values, and warn when reg_covar
+        is not small against the data (concrete inputs only)."""
+        validity = validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
+        if validity is not None:
+
+            def plan():
+                structure, params = self._initial_params(rng_key, arrays, spec, init_params)
+                return self._plan(params, arrays, spec, structure)
+
+            warn_if_reg_covar_dominates(validity.spread, plan, self.reg_covar)
 
     def _init_arrays(self, rng_key, arrays, spec, init_params):
         structure, params = self._initial_params(rng_key, arrays, spec, init_params)
@@ -389,17 +400,23 @@ class EM:
         gradient, gain = stationarity(
             self.model, params, loop.aux, free, structure.constraints, args, kwargs, nesting
         )
-        converged = loop.converged & stationary(gain, loop.value, tol)
+        # Params that feed an argument through a function (w * c as probabilities) can
+        # carry it out of its support, where the log-likelihood means nothing.
+        in_support = arguments_in_support(
+            enumerated_trace(self.model, params, args, kwargs, nesting, log_probs=False)
+        )
+        converged = loop.converged & stationary(gain, loop.value, tol) & in_support
+        diverged = loop.diverged | ~in_support
         return EMResult(
             params,
             loop.value,
             loop.history,
             loop.num_iters,
             converged,
-            loop.diverged,
+            diverged,
             loop.value,
             converged,
-            loop.diverged,
+            diverged,
             loop.num_iters,
             gradient,
         )
@@ -421,19 +438,37 @@ class EM:
         )
 
     def _check_fit(self, result, arrays, spec):
-        """After ``run``: a ModelError for gradient-path params whose gradient is not
-        finite at the returned params, then the float32 log-likelihood checked in float64
-        (:func:`jaxem.precision.recheck_in_float64`); the result, updated."""
+        """After ``run`` (concrete results only): a ModelError for a fit whose
+        distribution arguments left their support or whose gradient-path params have a
+        non-finite gradient; the float32 log-likelihood checked in float64
+        (:func:`jaxem.precision.recheck_in_float64`); a NumericalWarning for variances
+        held up by reg_covar. Returns the result, updated."""
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(result)):
+            return result
         args, kwargs = merge_args(arrays, spec)
+        structure, params = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs)
+        plan = self._plan(params, arrays, spec, structure)
+        if bool(result.diverged):
+            fitted = {k: jnp.asarray(v) for k, v in result.params.items()}
+            trace = enumerated_trace(
+                self.model, fitted, args, kwargs, structure.max_plate_nesting, log_probs=False
+            )
+            found = argument_support(trace)
+            if any(int(count) for count, _ in found.values()):
+                raise_for_model_arguments(self.model, args, kwargs, fitted, found, "fitted")
         raise_for_gradient(
             result.gradient,
-            self.m_step_paths(*args, **kwargs),
+            {name: f"{path.kind} ({path.reason})" for name, path in plan.items()},
             at="at the values the fit stopped at (the initial values if they never moved)",
         )
         exact = recheck_in_float64(
             self.model, result.params, result.log_likelihood, arrays, spec, hard=self.hard
         )
-        return result if exact is None else broken_down(result, exact, "restart_log_likelihoods")
+        if exact is not None:
+            return broken_down(result, exact, "restart_log_likelihoods")
+        if not bool(result.diverged):
+            warn_if_held_by_reg_covar(result.params, plan, self.reg_covar)
+        return result
 
     def _initial_gradient(self, state, arrays, spec):
         """The gradient of the log-likelihood at ``state``'s params (by Fisher's

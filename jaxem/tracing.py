@@ -42,6 +42,7 @@ from jaxem.memory import check_enumeration_size
 from jaxem.missing import MissingData, MissingEntries, mask_like, missing_log_prob
 from jaxem.scan import enumerated_scan
 from jaxem.selection import dependencies
+from jaxem.supports import argument_support, params_of_argument, raise_for_arguments
 from jaxem.validation import (
     check_init_params,
     check_observed_site,
@@ -66,6 +67,7 @@ __all__ = [
     "inspect_model",
     "model_structure",
     "validate",
+    "raise_for_model_arguments",
     "enumerated_trace",
     "labelled_latents",
     "known_labels",
@@ -316,7 +318,7 @@ def mvn_sites_of_params(model, rng_key, args, kwargs, params) -> dict:
     return {name: tuple(found) for name, found in reach.items()}
 
 
-def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()) -> None:
+def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()):
     """Raise a :class:`ModelError` for bad data or parameter values.
 
     Checks the observed data (NaN or infinite entries, values outside the
@@ -327,11 +329,15 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     any input is a tracer (under ``jit``/``vmap`` nothing can be raised).
     With ``fitting``, also a model with nothing observed and MultivariateNormal
     coordinates that the data never observe, for the params not ``frozen``
-    (:func:`jaxem.validation.raise_for_invalid`).
+    (:func:`jaxem.validation.raise_for_invalid`). Distribution arguments outside
+    their support are an error too (:func:`jaxem.supports.argument_support`).
+
+    Returns:
+        The :class:`jaxem.validation.Validity` found, None under ``jit``/``vmap``.
     """
     check_init_params(params)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
-        return
+        return None
     try:
         hash(model)
     except TypeError:
@@ -347,13 +353,13 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
         _, _, sites = inspect_model(fixed, rng_key, args, kwargs, observed_values=True)
         return describe_support(sites[site][0])
 
-    raise_for_invalid(
-        model_structure(model, args, kwargs),
-        validity,
-        fitting=fitting,
-        frozen=frozen,
-        support_of=support_of,
-    )
+    structure = model_structure(model, args, kwargs)
+    raise_for_invalid(structure, validity, fitting=fitting, frozen=frozen, support_of=support_of)
+    if any(int(count) for count, _ in validity.arguments.values()):
+        _, initial = inspect_model(model, rng_key, args, kwargs)
+        merged = merge_init_params(initial, params)
+        when = "initial" if fitting else "given"
+        raise_for_model_arguments(model, args, kwargs, merged, validity.arguments, when)
     try:
         hash(model)
     except TypeError:
@@ -364,6 +370,25 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
         if key[0] == "chain":
             raise_for_chain_padding(bad, key[1], key[2])
     raise_for_latent_masks({key[1:]: bad for key, bad in problems.items() if key[0] == "latent"})
+    return validity
+
+
+def raise_for_model_arguments(model, args, kwargs, params, found, when: str) -> None:
+    """The :class:`ModelError` of :func:`jaxem.supports.raise_for_arguments` for the
+    arguments ``found`` outside their support at ``params`` (all of them, concrete),
+    naming the params each depends on (read from the model's jaxpr)."""
+    nesting = model_structure(model, args, kwargs).max_plate_nesting
+
+    def trace_fn(values):
+        return enumerated_trace(model, values, args, kwargs, nesting, log_probs=False)
+
+    def family_of(site):
+        return core_family(trace_fn(params).sites[site].fn)
+
+    def params_of(site, arg):
+        return params_of_argument(trace_fn, params, site, arg)
+
+    raise_for_arguments(found, when, params_of, family_of)
 
 
 def _mask_problems(model, spec, rng_key, arrays, params) -> dict:
@@ -403,7 +428,15 @@ def _validity(model, spec, rng_key, arrays, params):
     ):
         reach = mvn_sites_of_params(model, rng_key, args, kwargs, initial)
     priors = prior_sites(model, rng_key, arrays, spec, merged)
-    return check_values(structure, merged, sites, reach, priors)
+    try:
+        nesting = structure.max_plate_nesting
+        trace = enumerated_trace(model, merged, args, kwargs, nesting, log_probs=False)
+        arguments = argument_support(trace)
+    except Exception:  # noqa: BLE001
+        # A model that cannot be enumerated: the enumerated trace that every entry
+        # point builds next reports what is wrong with it in its own words.
+        arguments = None
+    return check_values(structure, merged, sites, reach, priors, arguments)
 
 
 _validity_jit = jax.jit(_validity, static_argnums=(0, 1))

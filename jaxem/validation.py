@@ -28,6 +28,7 @@ from numpyro.primitives import Messenger
 
 from jaxem.exceptions import ModelError
 from jaxem.missing import MissingData, MissingEntries
+from jaxem.regularization import coordinate_variance
 from jaxem.selection import dependencies
 
 __all__ = [
@@ -285,6 +286,10 @@ class Validity(NamedTuple):
         num_observed: ``{observed site: number of events that enter the likelihood}``.
         priors: ``{site: 0}`` for the sites whose density depends on parameters only
             (:func:`prior_sites`).
+        arguments: ``{(site, argument): (number of cells outside its support, an
+            example)}`` (:func:`jaxem.supports.argument_support`).
+        spread: ``{observed Gaussian site: variance of its data per coordinate}``
+            (:func:`jaxem.regularization.coordinate_variance`).
     """
 
     non_finite: dict
@@ -294,9 +299,13 @@ class Validity(NamedTuple):
     outside_support: dict
     num_observed: dict
     priors: dict
+    arguments: dict
+    spread: dict
 
 
-def check_values(structure, params: dict, sites: dict, reach=None, priors=()) -> Validity:
+def check_values(
+    structure, params: dict, sites: dict, reach=None, priors=(), arguments=None
+) -> Validity:
     """Validity of data and initial values as arrays (jittable).
 
     Args:
@@ -307,6 +316,8 @@ def check_values(structure, params: dict, sites: dict, reach=None, priors=()) ->
         reach: ``{param: the MultivariateNormal sites whose arguments depend
             on it}`` (:func:`jaxem.tracing.mvn_sites_of_params`).
         priors: names of the sites that are priors (:func:`prior_sites`).
+        arguments: :func:`jaxem.supports.argument_support` of the model at
+            ``params`` (None: not checked).
 
     Returns:
         A :class:`Validity`. Its ``coverage`` holds only params that reach
@@ -344,12 +355,15 @@ def check_values(structure, params: dict, sites: dict, reach=None, priors=()) ->
             site: jnp.any(jnp.reshape(missing[site].observed, (-1, *sizes)), axis=0)
             for site in reached
         }
-    outside, num_observed = {}, {}
+    outside, num_observed, spread = {}, {}, {}
     for name, (fn, value) in sites.items():
         if jnp.size(value) == 0:  # a site of a scan of no steps observes nothing
             continue
         scored, in_support = _observed_entries(fn, value)
         num_observed[name] = jnp.sum(scored)
+        variance = coordinate_variance(fn, value, scored)
+        if variance is not None:
+            spread[name] = variance
         bad = scored & ~in_support
         if bad.ndim == 0:
             bad = bad[None]
@@ -357,7 +371,17 @@ def check_values(structure, params: dict, sites: dict, reach=None, priors=()) ->
         index = jnp.nonzero(bad, size=_NUM_SHOWN, fill_value=0)
         outside[name] = (jnp.sum(bad), jnp.stack(index, axis=-1), jnp.asarray(value)[index])
     priors = {name: jnp.zeros(()) for name in priors}
-    return Validity(non_finite, good_params, partial, coverage, outside, num_observed, priors)
+    return Validity(
+        non_finite,
+        good_params,
+        partial,
+        coverage,
+        outside,
+        num_observed,
+        priors,
+        arguments or {},
+        spread,
+    )
 
 
 def raise_for_invalid(
