@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxem.exceptions import ModelError
-from jaxem.masks import mask_of
+from jaxem.masks import counted_cells, mask_of
 
 __all__ = [
     "Chain",
@@ -266,14 +266,20 @@ def _position_mask(site, names, chain):
 
 
 def chain_padding_problems(trace, chain: Chain):
-    """Which sequences break the padding rule, ``(*plates)`` booleans: a
-    sequence's masked positions (initial state, first step, later steps) must
-    all come after its real ones, and its first position must be real.
+    """Which sequences break the padding rule: ``(padding, observed)``.
+
+    ``padding``, ``(*plates)`` booleans: a sequence's masked positions (initial
+    state, first step, later steps) must all come after its real ones, and its
+    first position must be real. ``observed``, ``{observed site: (*plates)
+    booleans}``: a sequence where an observed site of the scan body counts at a
+    padded step (the latent masked, the observation not).
 
     jaxem skips a masked step by carrying the state over: at the end of a
     sequence that is exact (nothing follows), but a masked first step leaves
     the chain's prior on a state nobody observed, and a masked step before a
-    real one links the real step to the wrong state.
+    real one links the real step to the wrong state. A padded step is skipped
+    whole, with every factor of the scan body at that step: an observation
+    still counting there would be dropped.
     """
     sites = trace.sites
     positions = []
@@ -281,30 +287,79 @@ def chain_padding_problems(trace, chain: Chain):
         positions.append(_position_mask(sites[chain.initial], [chain.initial], chain))
     first_names = [chain.initial, chain.first] if chain.initial else [chain.first]
     positions.append(_position_mask(sites[chain.first], first_names, chain))
+    steps = None
     if chain.stacked_sites and chain.name in sites:
         steps = _step_mask(sites[chain.name], chain)
         positions.extend(list(steps) if steps is not None else [None])
     if all(p is None for p in positions):
-        return jnp.zeros((), bool)
+        return jnp.zeros((), bool), {}
     shape = jnp.broadcast_shapes(*(jnp.shape(p) for p in positions if p is not None))
     real = jnp.stack(
         [jnp.ones(shape, bool) if p is None else jnp.broadcast_to(p, shape) for p in positions]
     )
-    return ~real[0] | jnp.any(~real[:-1] & real[1:], axis=0)
+    padding = ~real[0] | jnp.any(~real[:-1] & real[1:], axis=0)
+    # The first step and the initial state are real wherever the padding rule
+    # holds: only the later steps can drop an observation that counts.
+    observed = {}
+    if steps is not None:
+        for name in chain.stacked_sites:
+            if sites[name].is_observed:
+                counts = _counted_steps(sites[name], chain)
+                observed[user_site_name(name)] = jnp.any(counts & ~steps, axis=0)
+    return padding, observed
+
+
+def _counted_steps(site, chain):
+    """Where an observed site of the scan body counts, ``(T - 1 or 1, *plates)``:
+    at a step and sequence where any of its cells (in nested plates) counts."""
+    counts = counted_cells(site.fn, site.value)
+    counts = jnp.broadcast_to(counts, jnp.broadcast_shapes(counts.shape, jnp.shape(site.log_prob)))
+    names = [chain.time, chain.first, chain.name]
+    arranged = _arrange(counts.astype(jnp.int32), site, names, chain)
+    return jnp.moveaxis(arranged[..., 0, 0] > 0, chain.num_plate_dims, 0)
 
 
 def raise_for_chain_padding(problems, name: str, plates: tuple) -> None:
-    """Raise a :class:`ModelError` naming the chain's site ``name`` and the
-    sequences of a true :func:`chain_padding_problems` (concrete values).
+    """Raise a :class:`ModelError` naming the chain's site ``name`` (or the
+    observed site) and the sequences of a true :func:`chain_padding_problems`
+    (concrete values).
 
     Args:
         problems: its result.
         name: the chain's latent site.
         plates: the names of the chain's plates, outermost first.
     """
+    padding, observed = problems
+    where = _sequences(padding, plates)
+    if where:
+        raise ModelError(
+            f"jaxem: the Markov chain of site '{name}' is masked at its first step or at "
+            f"steps before real ones in {where} (padding at the start or a gap). jaxem skips "
+            "masked steps only at the end of a sequence: pad every sequence at its end (mask "
+            "True for its real steps, then False), keep its first step real (drop empty "
+            "sequences), and for missing observations inside a sequence mask (or set NaN under "
+            "jaxem.nan_as_missing) the observed site only, not the latent."
+        )
+    for site, bad in observed.items():
+        where = _sequences(bad, plates)
+        if where:
+            raise ModelError(
+                f"jaxem: observed site '{site}' counts at steps where the Markov chain's latent "
+                f"site '{name}' is masked (padding) in {where}. jaxem skips a padded step whole, "
+                f"so these observations would be ignored. Mask '{site}' with '{name}' (put "
+                "numpyro.handlers.mask(mask=m_t) around both sites in the scan body), or set "
+                "its padded values to NaN under jaxem.nan_as_missing; if they are real "
+                f"observations, unmask '{name}' there (mask the observed site only for missing "
+                "observations)."
+            )
+
+
+def _sequences(problems, plates) -> str:
+    """``"sequence(s) [...] of plate(s) [...]"`` for a ``(*plates)`` boolean
+    array, or an empty string where none is true."""
     problems = np.asarray(problems)
     if not problems.any():
-        return
+        return ""
     trim = problems.ndim - len(plates)
     problems = problems.reshape(problems.shape[trim:]) if trim > 0 else problems
     bad = [tuple(int(i) for i in idx) for idx in np.argwhere(problems)]
@@ -312,14 +367,7 @@ def raise_for_chain_padding(problems, name: str, plates: tuple) -> None:
     where = f"sequence(s) {shown}{' ...' if len(bad) > 10 else ''}"
     if plates:
         where += f" of plate(s) {list(plates)}"
-    raise ModelError(
-        f"jaxem: the Markov chain of site '{name}' is masked at its first step or at "
-        f"steps before real ones in {where} (padding at the start or a gap). jaxem skips "
-        "masked steps only at the end of a sequence: pad every sequence at its end (mask "
-        "True for its real steps, then False), keep its first step real (drop empty "
-        "sequences), and for missing observations inside a sequence mask (or set NaN under "
-        "jaxem.nan_as_missing) the observed site only, not the latent."
-    )
+    return where
 
 
 def _initial_log_messages(tensors):

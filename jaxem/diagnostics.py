@@ -12,8 +12,7 @@ from numpyro.distributions.transforms import biject_to
 
 from jaxem.chain import find_chain
 from jaxem.estep import log_likelihood
-from jaxem.masks import mask_of
-from jaxem.missing import MissingData
+from jaxem.masks import counted_cells
 from jaxem.tracing import enumerated_trace, inspect_model, merge_args, split_args
 
 __all__ = ["num_free_params", "num_observations", "bic", "aic"]
@@ -38,7 +37,9 @@ def num_observations(model, *args, **kwargs) -> int:
     observed sites (the number of data points of a mixture, not points times
     dimensions); for a Markov chain written with ``scan``, the observed cells
     of its steps summed over time (the number of real time steps, as in
-    hmmlearn). Only cells that count are counted: masked cells
+    hmmlearn), and likewise for a chain written as a Python loop under
+    ``markov`` (where latents depend on latents, the observations of each
+    latent are summed over the latents). Only cells that count are counted: masked cells
     (``numpyro.handlers.mask``, ``obs_mask``, the padding of sequences) and
     cells with nothing observed (NaN under :func:`jaxem.nan_as_missing`) are not.
     """
@@ -62,7 +63,7 @@ def _num_observations(model, arrays, spec):
     if not counts:
         return jnp.ones((), jnp.int32)
     if chain is None:
-        return functools.reduce(jnp.maximum, counts.values())
+        return _unrolled_count(trace, counts)
     # One observation per real step: the largest count among the sites of each
     # position of the chain (initial state, first step, later steps), summed.
     positions = {"initial": [], "first": [], "steps": [], "other": []}
@@ -82,21 +83,44 @@ def _num_observations(model, arrays, spec):
     return functools.reduce(jnp.maximum, positions["other"], along)
 
 
+def _latents_of(site, latents):
+    """The latent sites a site's factor depends on (its enumerated dims)."""
+    return frozenset(n for n in site.dim_to_name.values() if n in latents and n != site.name)
+
+
+def _unrolled_count(trace, counts):
+    """The observations of a model without ``scan``.
+
+    A mixture's observed sites are coordinates of the same data points: the
+    largest count. Where latents depend on other latents (a chain written as a
+    Python loop under ``markov``: ``z_t`` depends on ``z_{t-1}``), each latent
+    is a unit with its own observations, as a ``scan`` chain's steps: the
+    observed sites are grouped by the latents they depend on, the largest
+    count of each group (in the plates of its latents) summed over the groups.
+    Sites that depend on no latent count as in a mixture.
+    """
+    sites = trace.sites
+    latents = {n for n, s in sites.items() if not s.is_observed}
+    if not any(_latents_of(sites[n], latents) for n in latents):
+        return functools.reduce(jnp.maximum, counts.values())
+    groups, other = {}, []
+    for name, count in counts.items():
+        site = sites[name]
+        depends = _latents_of(site, latents)
+        if not depends:
+            other.append(count)
+            continue
+        plate_dims = {d: p for n in depends for d, p in sites[n].plate_dims.items()}
+        groups.setdefault(depends, []).append(_observed_cells(site, plate_dims))
+    along = sum(functools.reduce(jnp.maximum, group) for group in groups.values())
+    return functools.reduce(jnp.maximum, other, along)
+
+
 def _observed_cells(site, plate_dims=None):
     """Cells of an observed site's plates (and time steps) that count: not
     masked, and with at least one entry observed. With ``plate_dims``, the cells
     of those plates only (one that counts where any cell of the others does)."""
-    fn = site.fn
-    value_batch = jnp.shape(site.value)[: jnp.ndim(site.value) - fn.event_dim]
-    shape = jnp.broadcast_shapes(fn.batch_shape, value_batch)
-    real = jnp.ones(shape, bool)
-    if isinstance(fn, MissingData):
-        observed = jnp.broadcast_to(fn.observed, jnp.shape(site.value))
-        real = real & jnp.any(observed, axis=tuple(range(-fn.event_dim, 0)))
-        fn = fn.base_dist
-    mask = mask_of(fn)
-    if mask is not None:
-        real = real & mask
+    real = counted_cells(site.fn, site.value)
     # The enumerated dims of a site that depends on latents are not cells.
     for dim, name in site.dim_to_name.items():
         if name not in site.plates and not str(name).startswith("_time") and -dim <= real.ndim:

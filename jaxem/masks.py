@@ -23,8 +23,16 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 
 from jaxem.exceptions import ModelError
+from jaxem.missing import MissingData
 
-__all__ = ["mask_of", "uniform_where_masked", "latent_mask_problems", "raise_for_latent_masks"]
+__all__ = [
+    "mask_of",
+    "counted_cells",
+    "uniform_where_masked",
+    "latent_mask_problems",
+    "raise_for_latent_masks",
+    "mask_dtype_message",
+]
 
 
 def mask_of(fn):
@@ -46,6 +54,20 @@ def mask_of(fn):
             fn = fn.base_dist
         else:
             return full
+
+
+def counted_cells(fn, value):
+    """Where an observed site counts, a boolean array over its batch shape
+    (that of its distribution and its value together): not masked, and with at
+    least one entry observed (not NaN under :func:`jaxem.nan_as_missing`)."""
+    value_batch = jnp.shape(value)[: jnp.ndim(value) - fn.event_dim]
+    real = jnp.ones(jnp.broadcast_shapes(fn.batch_shape, value_batch), bool)
+    if isinstance(fn, MissingData):
+        observed = jnp.broadcast_to(fn.observed, jnp.shape(value))
+        real = real & jnp.any(observed, axis=tuple(range(-fn.event_dim, 0)))
+        fn = fn.base_dist
+    mask = mask_of(fn)
+    return real if mask is None else real & mask
 
 
 def uniform_where_masked(log_prob, fn, own_dim):
@@ -76,9 +98,17 @@ def _is_obs_mask_part(name, sites):
 
 
 def latent_mask_problems(trace) -> dict:
-    """``{(masked latent, latent depending on it): whether some cell of the second
-    counts where the first is masked}`` over an enumerated trace (arrays, so
-    that the check runs inside a compiled validation)."""
+    """``{(masked latent, site depending on it, whether that site is observed):
+    whether some cell of the second counts where the first is masked}`` over an
+    enumerated trace (arrays, so that the check runs inside a compiled
+    validation).
+
+    A latent that depends on a masked one would get a prior averaged over a
+    uniform value; an observed site that counts where the latent it depends on
+    is masked would be scored under that uniform value (the user masked the
+    latent of a padded step but not its observation): both are models nobody
+    wrote.
+    """
     sites = trace.sites
     problems = {}
     for name, site in sites.items():
@@ -88,27 +118,52 @@ def latent_mask_problems(trace) -> dict:
         if mask is None:
             continue
         for other_name, other in sites.items():
-            if other.is_observed or other_name == name:
+            if other_name == name or name not in other.dim_to_name.values():
                 continue
-            if name not in other.dim_to_name.values():
-                continue
-            other_mask = mask_of(other.fn)
-            counts = jnp.ones((), bool) if other_mask is None else other_mask
-            problems[(name, other_name)] = jnp.any(~mask & counts)
+            if other.is_observed:
+                counts = counted_cells(other.fn, other.value)
+            else:
+                other_mask = mask_of(other.fn)
+                counts = jnp.ones((), bool) if other_mask is None else other_mask
+            problems[(name, other_name, other.is_observed)] = jnp.any(~mask & counts)
     return problems
 
 
 def raise_for_latent_masks(problems: dict) -> None:
     """Raise a :class:`ModelError` for the first true entry of
     :func:`latent_mask_problems` (concrete values)."""
-    for (name, other), bad in problems.items():
-        if bool(bad):
+    for (name, other, observed), bad in problems.items():
+        if not bool(bad):
+            continue
+        if observed:
             raise ModelError(
-                f"jaxem: latent site '{name}' is masked where latent site '{other}', which "
-                f"depends on it, is not. A masked latent must be padding: everything that "
-                f"depends on it must be masked too, or '{other}' would get a prior averaged "
-                f"over a uniform '{name}'. Pad sequences at their end (mask True for the real "
-                "steps, then False), not at their start or in their middle; for missing "
-                "observations, mask (or set NaN under jaxem.nan_as_missing) the observed "
-                "site only and keep the latent."
+                f"jaxem: observed site '{other}' counts where latent site '{name}', which it "
+                f"depends on, is masked: it would be scored under a uniform '{name}', a model "
+                f"nobody wrote. Mask '{other}' wherever '{name}' is masked (put "
+                "numpyro.handlers.mask around both sites, e.g. at the padded steps of a "
+                f"sequence), or unmask '{name}' if these are real observations; for missing "
+                "observations mask (or set NaN under jaxem.nan_as_missing) the observed site "
+                "only and keep the latent."
             )
+        raise ModelError(
+            f"jaxem: latent site '{name}' is masked where latent site '{other}', which "
+            f"depends on it, is not. A masked latent must be padding: everything that "
+            f"depends on it must be masked too, or '{other}' would get a prior averaged "
+            f"over a uniform '{name}'. Pad sequences at their end (mask True for the real "
+            "steps, then False), not at their start or in their middle; for missing "
+            "observations, mask (or set NaN under jaxem.nan_as_missing) the observed site "
+            "only and keep the latent."
+        )
+
+
+def mask_dtype_message(err: Exception) -> str | None:
+    """A message in the user's terms for NumPyro's rejection of a mask that is
+    not boolean (``numpyro.handlers.mask`` accepts dtype bool only), or None
+    for any other error."""
+    if "`mask` should be a bool array" not in str(err):
+        return None
+    return (
+        "jaxem: numpyro.handlers.mask was given a mask that is not boolean: NumPyro accepts "
+        "a mask of dtype bool only (a float or integer 0/1 mask is rejected). Pass "
+        "mask.astype(bool), or build it from a comparison such as lengths[:, None] > t."
+    )

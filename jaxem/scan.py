@@ -23,6 +23,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from jax import lax
 from jax.extend import core as jex_core
 from numpyro import handlers
@@ -185,7 +186,7 @@ def _step_model(f, index, length, substitute_stack):
     # NumPyro's potential energy reads the step index to transform only the
     # step's slice of a scanned value.
     model = handlers.infer_config(
-        _NoNestedScan(f), config_fn=lambda msg: {"_scan_current_index": index}
+        _ObsMaskParts(_NoNestedScan(f)), config_fn=lambda msg: {"_scan_current_index": index}
     )
     for kind, source in substitute_stack:
         step_values = partial(_subs_wrapper, source, index, length)
@@ -210,6 +211,38 @@ class _NoNestedScan(Messenger):
             )
 
 
+class _ObsMaskParts(Messenger):
+    """The unobserved part of an ``obs_mask`` site in the scan body, as
+    :class:`jaxem.missing.MissingEntries` makes it outside a scan: an observed
+    site of no weight (NumPyro would sample it, here with no random key).
+
+    ``sample(name, fn, obs=x, obs_mask=m)`` is NumPyro's pair of sites
+    ``<name>_observed`` (masked to ``m``) and ``<name>_unobserved`` (masked to
+    ``~m``, a latent): the missing entries are marginalized, which for a
+    site of the body means they score nothing.
+    """
+
+    def __init__(self, fn=None):
+        self._observed_parts = set()
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        name, fn = msg["name"], msg["fn"]
+        if msg["is_observed"]:
+            if name.endswith("_observed"):
+                self._observed_parts.add(name[: -len("_observed")])
+            return
+        base = name[: -len("_unobserved")]
+        if name.endswith("_unobserved") and base in self._observed_parts:
+            prototype = jnp.zeros(fn.shape(), jnp.result_type(float))
+            msg["value"] = fn.support.feasible_like(prototype)
+            msg["fn"] = fn.mask(False)
+            msg["is_observed"] = True
+            msg["infer"]["_jaxem_missing"] = True
+
+
 def _not_first_step(site) -> bool:
     return not (site.get("name") or "").startswith("_PREV_")
 
@@ -227,11 +260,40 @@ def _name_time_dim(trace) -> None:
         if site["type"] != "sample":
             continue
         time_name = time_name or f"_time_{name}"
-        fn = promote_batch_shape(site["fn"])
+        fn = _promote_masks(promote_batch_shape(site["fn"]))
         value = _promote_scanned_value_shapes(site["value"], fn)
         batch_ndim = min(len(fn.batch_shape), jnp.ndim(value) - fn.event_dim)
         site["fn"], site["value"] = fn, value
         site["infer"]["dim_to_name"][-batch_ndim] = time_name
+
+
+def _promote_masks(fn):
+    """``fn`` with the batch shape of its masks: NumPyro's ``promote_batch_shape``
+    takes a masked distribution's batch shape from its base distribution alone.
+
+    Here the steps of a site's distribution are stacked leaf by leaf, and a
+    leaf that is the same at every step keeps a time dim of size 1: a mask
+    that varies over time inside a distribution that does not (a mask of shape
+    (1,) broadcast over a plate, ``Expanded(Masked(d, mask))``) must give the
+    whole distribution its time dim, as NumPyro's own scan (which stacks every
+    leaf T times) does.
+    """
+    if isinstance(fn, dist.MaskedDistribution):
+        base = _promote_masks(fn.base_dist)
+        if isinstance(fn._mask, bool):
+            return base.mask(fn._mask) if base is not fn.base_dist else fn
+        return dist.MaskedDistribution(base, fn._mask)
+    if isinstance(fn, dist.ExpandedDistribution):
+        base = _promote_masks(fn.base_dist)
+        if base.batch_shape == fn.base_dist.batch_shape:
+            return fn
+        return base.expand(jnp.broadcast_shapes(fn.batch_shape, base.batch_shape))
+    if isinstance(fn, dist.Independent):
+        base = _promote_masks(fn.base_dist)
+        if base is fn.base_dist:
+            return fn
+        return dist.Independent(base, fn.reinterpreted_batch_ndims)
+    return fn
 
 
 def _depends_on(jaxpr, sources):

@@ -37,7 +37,13 @@ from jaxem.batching import shared_predicate
 from jaxem.chain import chain_padding_problems, find_chain, raise_for_chain_padding
 from jaxem.closed_form import contract_cells
 from jaxem.exceptions import ModelError
-from jaxem.masks import latent_mask_problems, mask_of, raise_for_latent_masks, uniform_where_masked
+from jaxem.masks import (
+    latent_mask_problems,
+    mask_dtype_message,
+    mask_of,
+    raise_for_latent_masks,
+    uniform_where_masked,
+)
 from jaxem.memory import check_enumeration_size
 from jaxem.missing import MissingData, MissingEntries, mask_like, missing_log_prob
 from jaxem.scan import enumerated_scan
@@ -178,7 +184,9 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     except ModelError:
         raise
     except ValueError as err:
-        raise ModelError(f"jaxem: running the model failed: {err}") from err
+        raise ModelError(
+            mask_dtype_message(err) or f"jaxem: running the model failed: {err}"
+        ) from err
 
     params, constraints_, latent, observed = {}, {}, [], []
     nesting = 0
