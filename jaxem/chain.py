@@ -46,6 +46,7 @@ __all__ = [
     "chain_padding_problems",
     "user_site_name",
     "raise_for_chain_padding",
+    "labelled_scan_message",
 ]
 
 _PREV = "_PREV_"
@@ -93,6 +94,18 @@ def user_site_name(name: str) -> str:
     return name
 
 
+def labelled_scan_message(name) -> str:
+    """The error for known states (``obs_mask`` on the latent) in a ``scan`` chain."""
+    return (
+        f"jaxem: site '{name}' has an obs_mask inside a scan body and later sites depend on "
+        "its value (a Markov chain whose states are known at some steps). jaxem enumerates "
+        "the unknown entries of such a site in mixtures and in Python loops, but not in a "
+        "scan chain: write the chain as a Python loop over "
+        "numpyro.contrib.funsor.markov(range(T)) with obs_mask= at each step, or drop "
+        "obs_mask from the state (obs_mask on the emissions of a scan chain is supported)."
+    )
+
+
 def find_chain(trace) -> Chain | None:
     """The Markov chain of an enumerated trace; None when the model has no ``scan``.
 
@@ -117,6 +130,11 @@ def find_chain(trace) -> Chain | None:
             "higher-order chains with a tuple state of one latent site."
         )
     first_latents = [n for n in firsts if not sites[n].is_observed]
+    labelled = sorted(
+        user_site_name(n)[: -len("_unobserved")] for n in firsts if n.endswith("_unobserved")
+    )
+    if not first_latents and labelled:
+        raise ModelError(labelled_scan_message(labelled[0]))
     if len(first_latents) != 1:
         names = sorted(user_site_name(n) for n in first_latents) or sorted(
             user_site_name(n) for n in firsts

@@ -34,7 +34,12 @@ from numpyro.distributions.util import is_identically_one
 from numpyro.primitives import Messenger
 
 from jaxem.batching import shared_predicate
-from jaxem.chain import chain_padding_problems, find_chain, raise_for_chain_padding
+from jaxem.chain import (
+    chain_padding_problems,
+    find_chain,
+    labelled_scan_message,
+    raise_for_chain_padding,
+)
 from jaxem.closed_form import contract_cells
 from jaxem.exceptions import ModelError
 from jaxem.masks import (
@@ -618,7 +623,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         except (TypeError, ValueError) as err:
             # The known states of a scanned chain fail inside NumPyro's scan.
             if scans.labelled:
-                raise ModelError(_labelled_scan_message(min(scans.labelled))) from err
+                raise ModelError(labelled_scan_message(min(scans.labelled))) from err
             if isinstance(err, TypeError):
                 raise
             raise ModelError(_explain_trace_error(err)) from err
@@ -635,7 +640,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     }
     for name in scans.labelled:
         if {name + "_unobserved", "_PREV_" + name + "_unobserved"} & depended_on:
-            raise ModelError(_labelled_scan_message(name))
+            raise ModelError(labelled_scan_message(name))
     if log_probs:
         _check_factor_sizes(tr, labelled, depended_on)
     sites = {}
@@ -720,17 +725,6 @@ def _check_factor_sizes(tr, labelled, depended_on) -> None:
             latents.add(name)
         plates.update(f.name for f in site["cond_indep_stack"] if f.dim is not None)
     check_enumeration_size(factors, latents, plates)
-
-
-def _labelled_scan_message(name) -> str:
-    return (
-        f"jaxem: site '{name}' has an obs_mask inside a scan body and later sites depend on "
-        "its value (a Markov chain whose states are known at some steps). jaxem enumerates "
-        "the unknown entries of such a site in mixtures and in Python loops, but not in a "
-        "scan chain: write the chain as a Python loop over "
-        "numpyro.contrib.funsor.markov(range(T)) with obs_mask= at each step, or drop "
-        "obs_mask from the state (obs_mask on the emissions of a scan chain is supported)."
-    )
 
 
 def _masked_part(fn):
