@@ -167,9 +167,10 @@ def _site_label(name: str) -> str:
 
 
 def check_observed_site(name: str, site: dict) -> None:
-    """Raise a :class:`ModelError` unless an observed site's data has exactly the
-    shape of its distribution after plates (``sample_shape + batch_shape +
-    event_shape``).
+    """Raise a :class:`ModelError` unless an observed site's data has the shape of
+    its distribution after plates (``sample_shape + batch_shape + event_shape``),
+    up to size-1 dims of the distribution that the data fills (a distribution
+    shared by repeated measurements).
 
     Data that merely broadcasts is refused: a single value against a plate of
     200 would be fitted as 200 copies of it, and an ``(N, 1)`` array against a
@@ -182,7 +183,16 @@ def check_observed_site(name: str, site: dict) -> None:
     event = tuple(fn.event_shape)
     expected = sample_shape + tuple(fn.batch_shape) + event
     shape = tuple(jnp.shape(value))
-    if shape == expected:
+    core_event = tuple(core_family(fn).event_shape)
+    # The distribution may broadcast to the data (one mean shared by repeated
+    # measurements: every data value is still scored once); the data may not broadcast
+    # to the distribution, and the core family's event (a MultivariateNormal's D) must
+    # match exactly.
+    if (
+        len(shape) == len(expected)
+        and all(s == e or e == 1 for s, e in zip(shape, expected))
+        and shape[len(shape) - len(core_event) :] == core_event
+    ):
         return
     plates = ", ".join(f"'{f.name}' (size {f.size}, dim {f.dim})" for f in site["cond_indep_stack"])
     if event and shape[len(shape) - len(event) :] != event:
