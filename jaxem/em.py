@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxem.acceleration import (
@@ -456,10 +457,18 @@ class EM:
             found = argument_support(trace)
             if any(int(count) for count, _ in found.values()):
                 raise_for_model_arguments(self.model, args, kwargs, fitted, found, "fitted")
+        # A param with a non-finite gradient that never left its initial value could
+        # not be fitted: an error. One that moved only cannot be checked for
+        # stationarity (converged is then False and run warns).
+        stuck = {
+            n: g
+            for n, g in result.gradient.items()
+            if n in params and np.array_equal(np.asarray(result.params[n]), np.asarray(params[n]))
+        }
         raise_for_gradient(
-            result.gradient,
+            stuck,
             {name: f"{path.kind} ({path.reason})" for name, path in plan.items()},
-            at="at the values the fit stopped at (the initial values if they never moved)",
+            at="at the values the fit stopped at (the initial values: they never moved)",
         )
         exact = recheck_in_float64(
             self.model, result.params, result.log_likelihood, arrays, spec, hard=self.hard
