@@ -64,3 +64,12 @@ def load_csv_fixture():
 def rng():
     """A seeded numpy generator, fresh for every test."""
     return np.random.default_rng(20240611)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drop the compiled programs of each test module once it is done: a worker that
+    keeps every executable of the suite has crashed inside XLA's CPU compiler
+    ("Failed to materialize symbols") late in a run."""
+    yield
+    jax.clear_caches()
