@@ -1,5 +1,8 @@
 """Shared fixtures and small helpers for the jaxem test-suite."""
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -7,6 +10,40 @@ import numpy as np
 import pytest
 
 DATA_DIR = Path(__file__).parents[1] / "data"
+
+# Where this session's compiled programs are kept on disk (set by the first process; the
+# xdist workers and the example subprocesses inherit it).
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_created_cache_dir = None
+
+
+def pytest_configure(config):
+    """Share compiled XLA programs across the tests of one session.
+
+    Most tests build a new fitter (a new ``jax.jit`` of a new bound method) for a model
+    another test already compiled, and jit's in-memory cache is keyed on the function,
+    so the same program would be compiled again and again; the persistent cache is
+    keyed on the program itself. The directory is new for every session (removed at
+    its end), so a run never depends on what an earlier one left behind, and CI's
+    cold run measures the same thing as a local one. A user's own
+    ``JAX_COMPILATION_CACHE_DIR`` is left alone.
+    """
+    global _created_cache_dir
+    if not os.environ.get(_CACHE_ENV):
+        _created_cache_dir = tempfile.mkdtemp(prefix="jaxem-tests-xla-")
+        os.environ[_CACHE_ENV] = _created_cache_dir
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    # Cache every program: the suite's programs are many and each compiles in well
+    # under jax's default threshold of one second.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+    if _created_cache_dir is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(_created_cache_dir, ignore_errors=True)
 
 
 def data_path(name):
