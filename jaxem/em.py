@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxem.acceleration import (
@@ -17,33 +16,11 @@ from jaxem.acceleration import (
     squarem_extrapolate,
     squarem_step_max,
 )
-from jaxem.closed_form import registered_closed_forms
+from jaxem.driver import Fitter, MStep, in_support
 from jaxem.estep import e_step
-from jaxem.gradient import default_optimizer, gradient_m_step, init_opt_state, stationarity
-from jaxem.loop import (
-    all_finite,
-    best_restart,
-    initial_params,
-    iterate,
-    raise_for_gradient,
-    run_compiled,
-    stationary,
-    tree_where,
-    upper_bound,
-)
-from jaxem.mstep import closed_form_m_step, plan_m_step
-from jaxem.precision import broken_down, recheck_in_float64
-from jaxem.regularization import warn_if_held_by_reg_covar, warn_if_reg_covar_dominates
-from jaxem.supports import argument_support, arguments_in_support
-from jaxem.tracing import (
-    enumerated_trace,
-    inspect_model,
-    merge_args,
-    model_structure,
-    raise_for_model_arguments,
-    split_args,
-    validate,
-)
+from jaxem.gradient import default_optimizer, stationarity
+from jaxem.loop import all_finite, iterate, stationary, tree_where, upper_bound
+from jaxem.tracing import enumerated_trace, merge_args, model_structure
 
 __all__ = ["EM", "EMState", "EMResult"]
 
@@ -126,7 +103,7 @@ class EMResult(NamedTuple):
     gradient: dict
 
 
-class EM:
+class EM(Fitter):
     """Expectation-maximization for NumPyro models with discrete latent sites.
 
     The E-step enumerates the discrete latents exactly (NumPyro's enumeration,
@@ -184,6 +161,8 @@ class EM:
         [-3.0, 3.0]
     """
 
+    name = "EM"
+
     def __init__(
         self,
         model: Callable,
@@ -218,48 +197,22 @@ class EM:
         self.frozen = tuple(frozen)
         self.parallel = chain_contraction == "parallel"
         self.acceleration = acceleration
-        self._registry = registered_closed_forms()
-        self._plans: dict = {}
-        self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
-        self._initial_gradient_jit = jax.jit(self._initial_gradient, static_argnums=(2,))
-        self._run_jit = jax.jit(
-            self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
-        )
-
-    # -- building blocks -----------------------------------------------------
-
-    def _plan(self, params, arrays, spec, structure):
-        return plan_m_step(
-            self.model,
-            params,
-            arrays,
-            spec,
-            structure,
-            self._registry,
+        self.m_step_settings = MStep(
+            model,
+            mode=m_step,
+            optimizer=self.optimizer,
+            num_steps=self.m_step_iters,
+            reg_covar=self.reg_covar,
             frozen=self.frozen,
-            mode=self.m_step,
-            cache=self._plans,
         )
+        super().__init__()
 
-    def _initial_params(self, rng_key, arrays, spec, init_params):
-        return initial_params(self.model, self.frozen, rng_key, arrays, spec, init_params)
+    # -- the kernel ------------------------------------------------------------
 
-    def _validate(self, rng_key, arrays, spec, init_params) -> None:
-        """Raise a named error for bad data or initial values, and warn when reg_covar
-        is not small against the data (concrete inputs only)."""
-        validity = validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
-        if validity is not None:
-
-            def plan():
-                structure, params = self._initial_params(rng_key, arrays, spec, init_params)
-                return self._plan(params, arrays, spec, structure)
-
-            warn_if_reg_covar_dominates(validity.spread, plan, self.reg_covar)
-
-    def _init_arrays(self, rng_key, arrays, spec, init_params):
-        structure, params = self._initial_params(rng_key, arrays, spec, init_params)
-        plan = self._plan(params, arrays, spec, structure)
-        opt_state = init_opt_state(self.optimizer, params, structure.constraints, plan)
+    def _init_state(self, rng_key, arrays, spec, init_params):
+        structure, params, _, opt_state = self.m_step_settings.start(
+            rng_key, arrays, spec, init_params
+        )
         acceleration = ()
         if self.acceleration == "squarem":
             acceleration = init_squarem(jnp.result_type(float))
@@ -267,7 +220,7 @@ class EM:
             acceleration = init_anderson(params, structure.constraints)
         return EMState(params, opt_state, jnp.zeros((), jnp.int32), acceleration)
 
-    def _update_arrays(self, state, arrays, spec):
+    def _step(self, state, arrays, spec):
         if self.acceleration == "squarem":
             return self._squarem_update(state, arrays, spec)
         if self.acceleration == "anderson":
@@ -324,8 +277,8 @@ class EM:
         result = e_step(
             self.model, state.params, args, kwargs, nesting, hard=self.hard, parallel=self.parallel
         )
-        plan = self._plan(state.params, arrays, spec, structure)
-        params, opt_state = self._m_step(
+        plan = self.m_step_settings.plan(state.params, arrays, spec, structure)
+        params, opt_state = self.m_step_settings.update(
             state.params,
             state.opt_state,
             result.marginals,
@@ -340,32 +293,11 @@ class EM:
         )
         return new_state, result.log_likelihood
 
-    def _m_step(self, params, opt_state, marginals, plan, args, kwargs, structure, trace):
-        """Closed-form updates (staged ECM), then optax steps on the gradient-path params,
-        from the E-step's (or a variational q's) factor marginals: ``(params, opt_state)``.
-        ``trace``: the enumerated trace at ``params``."""
-        nesting = structure.max_plate_nesting
-        params = closed_form_m_step(
-            self.model, params, marginals, plan, args, kwargs, nesting, self.reg_covar, trace
-        )
-        return gradient_m_step(
-            self.model,
-            params,
-            marginals,
-            plan,
-            structure,
-            self.optimizer,
-            opt_state,
-            self.m_step_iters,
-            args,
-            kwargs,
-        )
-
     def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
-        start = self._init_arrays(rng_key, arrays, spec, init_params)
+        start = self._init_state(rng_key, arrays, spec, init_params)
 
         def final(state):
             result = e_step(
@@ -380,7 +312,7 @@ class EM:
             return result.log_likelihood, result.marginals
 
         loop = iterate(
-            lambda state: self._update_arrays(state, arrays, spec),
+            lambda state: self._step(state, arrays, spec),
             start,
             lambda state: state.params,
             final_fn=final,
@@ -401,14 +333,10 @@ class EM:
         gradient, gain = stationarity(
             self.model, params, loop.aux, free, structure.constraints, args, kwargs, nesting
         )
-        # Params that feed an argument through a function (w * c as probabilities) can
-        # carry it out of its support, where the log-likelihood means nothing.
-        in_support = arguments_in_support(
-            enumerated_trace(self.model, params, args, kwargs, nesting, log_probs=False)
-        )
-        converged = loop.converged & stationary(gain, loop.value, tol) & in_support
-        diverged = loop.diverged | ~in_support
-        return EMResult(
+        supported = in_support(self.model, params, args, kwargs, nesting)
+        converged = loop.converged & stationary(gain, loop.value, tol) & supported
+        diverged = loop.diverged | ~supported
+        result = EMResult(
             params,
             loop.value,
             loop.history,
@@ -421,65 +349,9 @@ class EM:
             loop.num_iters,
             gradient,
         )
+        return result, start.params
 
-    def _run_arrays(
-        self, rng_key, arrays, init_params, tol, *, spec, max_iter, num_restarts, progress_bar
-    ):
-        def fit(key):
-            return self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
-
-        result, fits = best_restart(
-            fit, rng_key, num_restarts, lambda r: r.log_likelihood, lambda r: r.diverged
-        )
-        return result._replace(
-            restart_log_likelihoods=fits.log_likelihood,
-            restart_converged=fits.converged,
-            restart_diverged=fits.diverged,
-            restart_num_iters=fits.num_iters,
-        )
-
-    def _check_fit(self, result, arrays, spec):
-        """After ``run`` (concrete results only): a ModelError for a fit whose
-        distribution arguments left their support or whose gradient-path params have a
-        non-finite gradient; the float32 log-likelihood checked in float64
-        (:func:`jaxem.precision.recheck_in_float64`); a NumericalWarning for variances
-        held up by reg_covar. Returns the result, updated."""
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(result)):
-            return result
-        args, kwargs = merge_args(arrays, spec)
-        structure, params = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs)
-        plan = self._plan(params, arrays, spec, structure)
-        if bool(result.diverged):
-            fitted = {k: jnp.asarray(v) for k, v in result.params.items()}
-            trace = enumerated_trace(
-                self.model, fitted, args, kwargs, structure.max_plate_nesting, log_probs=False
-            )
-            found = argument_support(trace)
-            if any(int(count) for count, _ in found.values()):
-                raise_for_model_arguments(self.model, args, kwargs, fitted, found, "fitted")
-        # A param with a non-finite gradient that never left its initial value could
-        # not be fitted: an error. One that moved only cannot be checked for
-        # stationarity (converged is then False and run warns).
-        stuck = {
-            n: g
-            for n, g in result.gradient.items()
-            if n in params and np.array_equal(np.asarray(result.params[n]), np.asarray(params[n]))
-        }
-        raise_for_gradient(
-            stuck,
-            {name: f"{path.kind} ({path.reason})" for name, path in plan.items()},
-            at="at the values the fit stopped at (the initial values: they never moved)",
-        )
-        exact = recheck_in_float64(
-            self.model, result.params, result.log_likelihood, arrays, spec, hard=self.hard
-        )
-        if exact is not None:
-            return broken_down(result, exact, "restart_log_likelihoods")
-        if not bool(result.diverged):
-            warn_if_held_by_reg_covar(result.params, plan, self.reg_covar)
-        return result
-
-    def _initial_gradient(self, state, arrays, spec):
+    def _gradient_at(self, state, arrays, spec):
         """The gradient of the log-likelihood at ``state``'s params (by Fisher's
         identity, of Q under the E-step's marginals there)."""
         args, kwargs = merge_args(arrays, spec)
@@ -498,112 +370,3 @@ class EM:
             nesting,
         )
         return gradient
-
-    # -- public API ----------------------------------------------------------
-
-    def init(self, rng_key, *args, init_params=None, **kwargs) -> EMState:
-        """Initial state: params from their ``numpyro.param`` initial values.
-
-        Args:
-            rng_key: PRNG key passed to callable initial values.
-            *args, **kwargs: the model's arguments.
-            init_params: optional ``{param name: constrained value}`` overriding
-                some or all initial values.
-
-        Returns:
-            An :class:`EMState`.
-        """
-        arrays, spec = split_args(args, kwargs)
-        self._validate(rng_key, arrays, spec, init_params)
-        state = self._init_arrays(rng_key, arrays, spec, init_params)
-        # run checks the gradient where it stops; a user stepping with update gets the
-        # same error here, at the initial values (compiled only for a gradient M-step).
-        paths = self.m_step_paths(*args, **kwargs)
-        if any(p.startswith("gradient") for p in paths.values()):
-            gradient = self._initial_gradient_jit(state, arrays, spec)
-            raise_for_gradient(gradient, paths, at="at the initial values")
-        return state
-
-    def update(self, state: EMState, *args, **kwargs):
-        """One EM iteration (compiled once per argument shape); with
-        ``acceleration="squarem"``, one SQUAREM cycle of three EM steps; with
-        ``acceleration="anderson"``, one EM step at the Anderson trial point.
-
-        ``update`` makes none of ``run``'s checks: it tests no convergence,
-        rejects no non-finite update and warns of nothing; ``new_state`` may
-        hold non-finite params, and a log-likelihood that stopped changing
-        does not make a maximum (see :attr:`EMResult.converged`). ``init``
-        raises the ``ModelError`` ``run`` does for a param whose gradient is
-        not finite, at the initial values.
-
-        Returns:
-            ``(new_state, log_likelihood)``, the log-likelihood being that of
-            ``state`` (the value computed by this iteration's E-step); with
-            ``acceleration="anderson"``, that of ``new_state``'s params.
-        """
-        arrays, spec = split_args(args, kwargs)
-        return self._update_jit(state, arrays, spec)
-
-    def get_params(self, state: EMState) -> dict:
-        """Constrained parameter values ``{param name: value}`` of a state."""
-        return dict(state.params)
-
-    def run(
-        self,
-        rng_key,
-        *args,
-        max_iter: int = 100,
-        tol: float = 1e-5,
-        num_restarts: int = 1,
-        init_params: dict | None = None,
-        progress_bar: bool = False,
-        **kwargs,
-    ) -> EMResult:
-        """Run EM to convergence inside one compiled ``lax.while_loop``.
-
-        Restarts run under ``vmap`` (each with its own key for callable
-        initial values) and the best final log-likelihood is kept. They are
-        one compiled program (compiled once per value of ``num_restarts``):
-        the loop runs until the last restart has stopped, the ones that
-        stopped earlier carried along unchanged.
-
-        Args:
-            rng_key: PRNG key; split into one key per restart.
-            *args, **kwargs: the model's arguments.
-            max_iter: maximum number of EM iterations.
-            tol: stop when ``|ll_t - ll_{t-1}| <= tol * |ll_t|``; 0 runs exactly
-                ``max_iter`` iterations.
-            num_restarts: number of restarts, each from its own key of
-                ``jax.random.split(rng_key, num_restarts)`` (``rng_key``
-                itself when 1).
-            init_params: ``{param name: constrained value}`` overriding the
-                initial values of some parameters in every restart.
-            progress_bar: show a tqdm progress bar (iterations done).
-
-        Returns:
-            An :class:`EMResult`.
-        """
-        return run_compiled(
-            self._run_jit,
-            self._validate,
-            rng_key,
-            args,
-            kwargs,
-            max_iter=max_iter,
-            tol=tol,
-            num_restarts=num_restarts,
-            init_params=init_params,
-            progress_bar=progress_bar,
-            desc="EM",
-            check_fn=self._check_fit,
-        )
-
-    def m_step_paths(self, *args, **kwargs) -> dict:
-        """How each parameter is updated: ``{name: "closed-form (...)" | "gradient (...)" |
-        "frozen" | "unused (...)"}``, for the model called with these arguments."""
-        arrays, spec = split_args(args, kwargs)
-        structure, params = inspect_model(
-            self.model, jax.random.PRNGKey(0), *merge_args(arrays, spec)
-        )
-        plan = self._plan(params, arrays, spec, structure)
-        return {name: f"{path.kind} ({path.reason})" for name, path in plan.items()}

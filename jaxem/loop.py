@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 
 from jaxem.batching import RESTART_AXIS, restart_axis
 from jaxem.exceptions import ConvergenceWarning, ModelError
-from jaxem.tracing import inspect_model, merge_args, merge_init_params, split_args
+from jaxem.tracing import inspect_model, merge_args, merge_init_params
 
 __all__ = [
     "JUMP_FACTOR",
@@ -31,7 +30,7 @@ __all__ = [
     "iterate",
     "raise_for_gradient",
     "refuse_differentiation",
-    "run_compiled",
+    "run_with_progress",
     "stationary",
     "tree_where",
     "upper_bound",
@@ -346,7 +345,7 @@ def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: flo
             "in the constraints, frozen shape parameters), start elsewhere (init_params), or "
             "use num_restarts > 1.",
             ConvergenceWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
         return
     if bool(result.converged):
@@ -361,7 +360,7 @@ def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: flo
             f"last relative change of the {objective} was {change:.3g}, above tol={tol:g}. "
             "Raise max_iter, use acceleration='squarem' (EM), or loosen tol.",
             ConvergenceWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
         return
     gradient = {k: np.asarray(v) for k, v in result.gradient.items()}
@@ -425,60 +424,3 @@ def run_with_progress(call, progress_bar: bool, max_iter: int, desc: str):
     finally:
         _PROGRESS_BARS.remove(bar)
         bar.close()
-
-
-def run_compiled(
-    run_jit: Callable,
-    validate_fn: Callable,
-    rng_key,
-    args,
-    kwargs,
-    *,
-    max_iter: int,
-    tol: float,
-    num_restarts: int,
-    init_params,
-    progress_bar: bool,
-    desc: str,
-    objective: str = "log-likelihood",
-    check_fn: Callable | None = None,
-):
-    """The body of ``run``: check the counts, validate the data and initial values
-    (``validate_fn(rng_key, arrays, spec, init_params)``: named errors here, the
-    compiled run cannot raise), then ``run_jit(rng_key, arrays, init_params, tol,
-    spec=..., max_iter=..., num_restarts=..., progress_bar=...)``, which cannot be
-    differentiated (a ``TypeError`` says so); then ``check_fn(result, arrays, spec)``
-    (named errors, checks on concrete values; returns the result, updated) and
-    :func:`warn_about_fit`."""
-    if max_iter < 1 or num_restarts < 1:
-        raise ValueError("max_iter and num_restarts must be at least 1")
-    arrays, spec = split_args(args, kwargs)
-    init_params = None if init_params is None else dict(init_params)
-    validate_fn(rng_key, arrays, spec, init_params)
-    name = {"VEM": "VariationalEM"}.get(desc, desc)
-    arrays, init_params = refuse_differentiation((arrays, init_params), name)
-    call = partial(
-        run_jit,
-        rng_key,
-        arrays,
-        init_params,
-        jnp.asarray(tol, jnp.result_type(float)),
-        spec=spec,
-        max_iter=int(max_iter),
-        num_restarts=int(num_restarts),
-        progress_bar=bool(progress_bar),
-    )
-    result = run_with_progress(call, progress_bar, max_iter, desc)
-    diverged_before = _concrete_flag(result.diverged)
-    if check_fn is not None:
-        result = check_fn(result, arrays, spec)
-    # A divergence the check found (a density broken down in float32) was warned about
-    # there, with its cause; the generic message would misdescribe it.
-    if diverged_before is not False or not _concrete_flag(result.diverged):
-        warn_about_fit(result, name=name, objective=objective, max_iter=max_iter, tol=tol)
-    return result
-
-
-def _concrete_flag(flag):
-    """``bool(flag)``, or None under ``jit``/``vmap``."""
-    return None if isinstance(flag, jax.core.Tracer) else bool(flag)

@@ -42,12 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxem.closed_form import registered_closed_forms
+from jaxem.driver import Fitter, MStep
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning
-from jaxem.gradient import gradient_m_step, init_opt_state
-from jaxem.loop import all_finite, initial_params, tree_where
-from jaxem.mstep import closed_form_statistics_m_step, plan_m_step
+from jaxem.gradient import gradient_m_step
+from jaxem.loop import all_finite, tree_where
+from jaxem.mstep import closed_form_statistics_m_step
 from jaxem.tracing import merge_args, model_structure, split_args, validate
 
 __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
@@ -146,7 +146,7 @@ def _num_data_cells(trace) -> int:
     return max(sizes)
 
 
-class OnlineEM:
+class OnlineEM(Fitter):
     """Online EM: one update per minibatch, streamed from the host.
 
     Args:
@@ -205,28 +205,22 @@ class OnlineEM:
         self.m_step_iters = int(m_step_iters)
         self.reg_covar = float(reg_covar)
         self.frozen = tuple(frozen)
-        self._registry = registered_closed_forms()
-        self._plans: dict = {}
-        self._update_jit = jax.jit(self._update_arrays, static_argnums=(2,))
-
-    def _plan(self, params, arrays, spec, structure):
-        return plan_m_step(
-            self.model,
-            params,
-            arrays,
-            spec,
-            structure,
-            self._registry,
+        self.m_step_settings = MStep(
+            model,
+            mode="auto",
+            optimizer=self.optimizer,
+            num_steps=self.m_step_iters,
+            reg_covar=self.reg_covar,
             frozen=self.frozen,
-            cache=self._plans,
         )
+        super().__init__()
 
     def _m_step(self, state, arrays, spec, step_size):
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
         result = e_step(self.model, state.params, args, kwargs, nesting)
-        plan = self._plan(state.params, arrays, spec, structure)
+        plan = self.m_step_settings.plan(state.params, arrays, spec, structure)
         scale = 1.0 / _num_data_cells(result.trace)
 
         def combine(name, statistics):
@@ -264,7 +258,7 @@ class OnlineEM:
         )
         return params, statistics, opt_state, result.log_likelihood
 
-    def _update_arrays(self, state, arrays, spec):
+    def _step(self, state, arrays, spec):
         step_size = jnp.asarray(self.step_size(state.iteration), jnp.result_type(float))
         params, statistics, opt_state, log_lik = self._m_step(state, arrays, spec, step_size)
         new = OnlineEMState(params, statistics, opt_state, state.iteration + 1, state.num_rejected)
@@ -284,11 +278,7 @@ class OnlineEM:
         """
         arrays, spec = split_args(args, kwargs)
         validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
-        structure, params = initial_params(
-            self.model, self.frozen, rng_key, arrays, spec, init_params
-        )
-        plan = self._plan(params, arrays, spec, structure)
-        opt_state = init_opt_state(self.optimizer, params, structure.constraints, plan)
+        _, params, _, opt_state = self.m_step_settings.start(rng_key, arrays, spec, init_params)
         empty = OnlineEMState(params, {}, opt_state, jnp.zeros((), jnp.int32))
         shapes = jax.eval_shape(lambda a: self._m_step(empty, a, spec, jnp.ones(()))[1], arrays)
         statistics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -307,12 +297,7 @@ class OnlineEM:
             ``(new_state, log_likelihood)``: the minibatch's log-likelihood at
             ``state``'s parameters.
         """
-        arrays, spec = split_args(args, kwargs)
-        return self._update_jit(state, arrays, spec)
-
-    def get_params(self, state: OnlineEMState) -> dict:
-        """Constrained parameter values ``{param name: value}`` of a state."""
-        return dict(state.params)
+        return super().update(state, *args, **kwargs)
 
     def run(
         self,

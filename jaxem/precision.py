@@ -43,9 +43,10 @@ BREAKDOWN_TOLERANCE = float(np.sqrt(np.finfo(np.float32).eps))
 
 
 def _to_float64(tree):
+    # On the host: an eager jnp conversion would compile a program per array shape.
     return jax.tree.map(
         lambda a: (
-            jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
+            np.asarray(a, np.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
         ),
         tree,
     )

@@ -53,6 +53,43 @@ def test_update_traces_model_once(x32):
     assert float(ll2) != float(ll1) and float(ll3) != float(ll2)
 
 
+def _count_compilations(call):
+    """``call()`` and the number of XLA compilations it made."""
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        result = jax.block_until_ready(call())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return result, len(compiled)
+
+
+def test_run_compiles_no_model_trace_eagerly(x32):
+    # Checks before and after the compiled loop run as a few compiled programs: the
+    # validation, the run, the float64 recheck, the M-step plan's probes. An eager
+    # trace of the model (once after every fit, to find the initial params) compiled
+    # every op of the model on its own: 27 small programs for a Gaussian mixture.
+    x = jnp.asarray(_mixture_data(2, N=53), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    jax.clear_caches()
+    first, first_count = _count_compilations(
+        lambda: EM(normal_mixture_spread).run(key, x, 5, max_iter=5, tol=0)
+    )
+    # A new EM on the same model and shapes compiles its run program again (and the
+    # plan's probes), nothing else.
+    second, second_count = _count_compilations(
+        lambda: EM(normal_mixture_spread).run(key, x, 5, max_iter=5, tol=0)
+    )
+    assert first_count <= 8, first_count
+    assert second_count <= 3, second_count
+    np.testing.assert_array_equal(first.params["mu"], second.params["mu"])
+
+
 def test_vmap_over_datasets(x32):
     em = EM(random_init_mixture)
     key = jax.random.PRNGKey(3)

@@ -20,7 +20,7 @@ from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
 
 import jaxem
-from jaxem import EM
+from jaxem import EM, VariationalEM
 from jaxem.exceptions import ModelError, NumericalWarning
 from tests.models import gmm_diag, gmm_scale_tril, normal_mixture_spread
 
@@ -169,6 +169,14 @@ def test_probabilities_rescaled_off_the_simplex_by_the_fit_are_an_error():
     match = r"'probs' of Categorical at site 'z'.*fitted.*\['c', 'w'\]"
     with pytest.raises(ModelError, match=match):
         EM(rescaled_weights).run(jax.random.PRNGKey(0), jnp.asarray(X1))
+
+
+def test_variational_em_checks_the_fitted_arguments_too():
+    # The after-fit check is the shared driver's: VariationalEM used to return the fit
+    # with the probabilities w * c off the simplex, diverged False.
+    match = r"'probs' of Categorical at site 'z'.*fitted.*\['c', 'w'\]"
+    with pytest.raises(ModelError, match=match):
+        VariationalEM(rescaled_weights).run(jax.random.PRNGKey(0), jnp.asarray(X1))
 
 
 def test_probability_pushed_above_one_is_not_a_converged_fit():

@@ -21,8 +21,8 @@ from numpyro.distributions import constraints
 from numpyro.infer.util import log_density
 
 import jaxem
+from jaxem.factorized import colour, tractable
 from jaxem.tracing import enumerated_trace
-from jaxem.variational import _colour, _tractable
 
 
 def hmm(y, K=2):
@@ -192,7 +192,7 @@ def test_colouring_and_tractability():
     def structure_only(y):
         trace = enumerated_trace(hmm, params, (y,), {}, 0)
         # Eliminating a chain needs pairwise tables: 2 x 2 cells.
-        found.extend([_colour(trace), _tractable(trace, 4), _tractable(trace, 3)])
+        found.extend([colour(trace), tractable(trace, 4), tractable(trace, 3)])
         return y
 
     jax.eval_shape(structure_only, jnp.zeros(5))

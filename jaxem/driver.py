@@ -1,0 +1,409 @@
+"""The driver shared by ``EM``, ``VariationalEM`` and ``OnlineEM``.
+
+A fitter is a kernel (how to start a state, one compiled step, one restart's
+compiled fit, the gradient at a state) plus the settings of its M-step; the
+driver does the rest once for all of them: ``init``, ``update``,
+``get_params``, ``run`` with its validation before the compiled program,
+restarts under ``vmap`` with the best one kept, the progress bar, and the
+checks on the concrete result after it (distribution arguments out of their
+support, params that never moved with a non-finite gradient, the float32
+objective evaluated again in float64, variances held up by ``reg_covar``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxem.closed_form import registered_closed_forms
+from jaxem.gradient import gradient_m_step, init_opt_state
+from jaxem.loop import (
+    best_restart,
+    initial_params,
+    raise_for_gradient,
+    refuse_differentiation,
+    run_with_progress,
+    warn_about_fit,
+)
+from jaxem.mstep import closed_form_m_step, plan_m_step
+from jaxem.precision import broken_down, recheck_in_float64
+from jaxem.regularization import warn_if_held_by_reg_covar, warn_if_reg_covar_dominates
+from jaxem.supports import argument_support, arguments_in_support
+from jaxem.tracing import (
+    enumerated_trace,
+    inspect_model,
+    merge_args,
+    model_structure,
+    raise_for_model_arguments,
+    split_args,
+    validate,
+)
+
+__all__ = ["Fitter", "MStep", "describe_plan", "in_support"]
+
+
+def describe_plan(plan) -> dict:
+    """``{param name: "closed-form (...)" | "gradient (...)" | "frozen" | ...}``."""
+    return {name: f"{path.kind} ({path.reason})" for name, path in plan.items()}
+
+
+def in_support(model, params, args, kwargs, nesting) -> jax.Array:
+    """Whether every distribution argument of the model lies in its support at
+    ``params``. Params that feed an argument through a function (``w * c`` as
+    probabilities) can carry it out of its support, where the log-likelihood
+    means nothing."""
+    trace = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False)
+    return arguments_in_support(trace)
+
+
+class MStep:
+    """The M-step of a fitter: its plan, the initial values it starts from, the
+    checks of data and initial values, and one update of the params.
+
+    Args:
+        model: the NumPyro model.
+        mode: ``"auto"`` or ``"gradient"`` (see :class:`jaxem.EM`).
+        optimizer: the optax optimizer of the gradient path (with extra-args
+            support).
+        num_steps: optimizer steps per update.
+        reg_covar: added to variances and covariance diagonals.
+        frozen: names of the params kept at their initial values.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        mode: str,
+        optimizer: optax.GradientTransformationExtraArgs,
+        num_steps: int,
+        reg_covar: float,
+        frozen: Sequence[str],
+    ):
+        self.model = model
+        self.mode = mode
+        self.optimizer = optimizer
+        self.num_steps = int(num_steps)
+        self.reg_covar = float(reg_covar)
+        self.frozen = tuple(frozen)
+        self.registry = registered_closed_forms()
+        # The plan depends on shapes and dtypes only (see plan_m_step).
+        self.plans: dict = {}
+
+    def plan(self, params, arrays, spec, structure) -> dict:
+        """``{param name: ParamPath}`` (:func:`jaxem.mstep.plan_m_step`), cached."""
+        return plan_m_step(
+            self.model,
+            params,
+            arrays,
+            spec,
+            structure,
+            self.registry,
+            frozen=self.frozen,
+            mode=self.mode,
+            cache=self.plans,
+        )
+
+    def initial_params(self, rng_key, arrays, spec, init_params):
+        """``(structure, initial params)`` (:func:`jaxem.loop.initial_params`)."""
+        return initial_params(self.model, self.frozen, rng_key, arrays, spec, init_params)
+
+    def start(self, rng_key, arrays, spec, init_params):
+        """``(structure, initial params, plan, optax state)``."""
+        structure, params = self.initial_params(rng_key, arrays, spec, init_params)
+        plan = self.plan(params, arrays, spec, structure)
+        opt_state = init_opt_state(self.optimizer, params, structure.constraints, plan)
+        return structure, params, plan, opt_state
+
+    def validate(self, rng_key, arrays, spec, init_params) -> None:
+        """Raise a named error for bad data or initial values, and warn when reg_covar
+        is not small against the data (concrete inputs only)."""
+        validity = validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
+        if validity is not None:
+
+            def plan():
+                structure, params = self.initial_params(rng_key, arrays, spec, init_params)
+                return self.plan(params, arrays, spec, structure)
+
+            warn_if_reg_covar_dominates(validity.spread, plan, self.reg_covar)
+
+    def update(self, params, opt_state, marginals, plan, args, kwargs, structure, trace):
+        """Closed-form updates (staged ECM), then optax steps on the gradient-path params,
+        from the E-step's (or a variational q's) factor marginals: ``(params, opt_state)``.
+        ``trace``: the enumerated trace at ``params``."""
+        nesting = structure.max_plate_nesting
+        params = closed_form_m_step(
+            self.model, params, marginals, plan, args, kwargs, nesting, self.reg_covar, trace
+        )
+        return gradient_m_step(
+            self.model,
+            params,
+            marginals,
+            plan,
+            structure,
+            self.optimizer,
+            opt_state,
+            self.num_steps,
+            args,
+            kwargs,
+        )
+
+    def paths(self, arrays, spec) -> dict:
+        """How each param is updated (:meth:`jaxem.EM.m_step_paths`)."""
+        args, kwargs = merge_args(arrays, spec)
+        structure, params = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs)
+        return describe_plan(self.plan(params, arrays, spec, structure))
+
+
+class Fitter:
+    """``init``, ``update``, ``get_params``, ``run`` and ``m_step_paths`` of a fitter,
+    written once over the kernel its subclass gives:
+
+    * ``_init_state(rng_key, arrays, spec, init_params) -> state``;
+    * ``_step(state, arrays, spec) -> (state, objective)``;
+    * ``_fit_one(rng_key, arrays, init_params, tol, spec, max_iter, progress_bar)
+      -> (result, start params)``: one restart's fit, compiled;
+    * ``_gradient_at(state, arrays, spec)``: the objective's gradient at a state.
+
+    The subclass sets ``self.m_step_settings`` (an :class:`MStep`) and the class
+    attributes naming its objective and its result's fields before calling
+    ``Fitter.__init__``.
+    """
+
+    name = "EM"
+    objective = "log-likelihood"
+    score = "log_likelihood"
+    restart_scores = "restart_log_likelihoods"
+    hard = False
+    m_step_settings: MStep
+
+    def __init__(self):
+        self._update_jit = jax.jit(self._step, static_argnums=(2,))
+        self._initial_gradient_jit = jax.jit(self._gradient_at, static_argnums=(2,))
+        self._run_jit = jax.jit(
+            self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
+        )
+
+    # -- kernel (subclasses) -------------------------------------------------
+
+    def _init_state(self, rng_key, arrays, spec, init_params):
+        raise NotImplementedError
+
+    def _step(self, state, arrays, spec):
+        raise NotImplementedError
+
+    def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
+        raise NotImplementedError
+
+    def _gradient_at(self, state, arrays, spec):
+        raise NotImplementedError
+
+    # -- driver ----------------------------------------------------------------
+
+    def _run_arrays(
+        self, rng_key, arrays, init_params, tol, *, spec, max_iter, num_restarts, progress_bar
+    ):
+        """Every restart, the best kept: ``(result, the kept restart's initial params)``."""
+
+        def fit(key):
+            return self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
+
+        (result, start), (fits, _) = best_restart(
+            fit,
+            rng_key,
+            num_restarts,
+            lambda r: getattr(r[0], self.score),
+            lambda r: r[0].diverged,
+        )
+        result = result._replace(
+            restart_converged=fits.converged,
+            restart_diverged=fits.diverged,
+            restart_num_iters=fits.num_iters,
+            **{self.restart_scores: getattr(fits, self.score)},
+        )
+        return result, start
+
+    def _check_fit(self, result, start, arrays, spec):
+        """After ``run``, on concrete values: a ModelError for a fit whose distribution
+        arguments left their support or whose gradient-path params have a non-finite
+        gradient and never moved; the float32 log-likelihood checked in float64
+        (:func:`jaxem.precision.recheck_in_float64`); a NumericalWarning for variances
+        held up by reg_covar. ``start``: the kept restart's initial params (from the
+        compiled run: no model is traced eagerly here). Returns the result, updated."""
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((result, start))):
+            return result
+        settings = self.m_step_settings
+        model = settings.model
+        args, kwargs = merge_args(arrays, spec)
+        structure = model_structure(model, args, kwargs)
+        plan = settings.plan(start, arrays, spec, structure)
+        if bool(result.diverged):
+            fitted = {k: jnp.asarray(v) for k, v in result.params.items()}
+            trace = enumerated_trace(
+                model, fitted, args, kwargs, structure.max_plate_nesting, log_probs=False
+            )
+            found = argument_support(trace)
+            if any(int(count) for count, _ in found.values()):
+                raise_for_model_arguments(model, args, kwargs, fitted, found, "fitted")
+        # A param with a non-finite gradient that never left its initial value could
+        # not be fitted: an error. One that moved only cannot be checked for
+        # stationarity (converged is then False and run warns).
+        stuck = {
+            n: g
+            for n, g in result.gradient.items()
+            if n in start and np.array_equal(np.asarray(result.params[n]), np.asarray(start[n]))
+        }
+        raise_for_gradient(
+            stuck,
+            describe_plan(plan),
+            objective=self.objective,
+            at="at the values the fit stopped at (the initial values: they never moved)",
+        )
+        if result.log_likelihood is not None:
+            exact = recheck_in_float64(
+                model,
+                result.params,
+                result.log_likelihood,
+                arrays,
+                spec,
+                hard=self.hard,
+                name=self.name,
+            )
+            if exact is not None:
+                return broken_down(result, exact, self.restart_scores, self.score)
+        if not bool(result.diverged):
+            warn_if_held_by_reg_covar(result.params, plan, settings.reg_covar)
+        return result
+
+    # -- public API ----------------------------------------------------------
+
+    def init(self, rng_key, *args, init_params=None, **kwargs):
+        """Initial state: params from their ``numpyro.param`` initial values.
+
+        Args:
+            rng_key: PRNG key passed to callable initial values.
+            *args, **kwargs: the model's arguments.
+            init_params: optional ``{param name: constrained value}`` overriding
+                some or all initial values.
+
+        Returns:
+            The fitter's state (:class:`jaxem.EMState`, :class:`jaxem.VEMState`).
+        """
+        arrays, spec = split_args(args, kwargs)
+        self.m_step_settings.validate(rng_key, arrays, spec, init_params)
+        state = self._init_state(rng_key, arrays, spec, init_params)
+        # run checks the gradient where it stops; a user stepping with update gets the
+        # same error here, at the initial values (compiled only for a gradient M-step).
+        paths = self.m_step_settings.paths(arrays, spec)
+        if any(p.startswith("gradient") for p in paths.values()):
+            gradient = self._initial_gradient_jit(state, arrays, spec)
+            at = "at the initial values"
+            raise_for_gradient(gradient, paths, objective=self.objective, at=at)
+        return state
+
+    def update(self, state, *args, **kwargs):
+        """One iteration (compiled once per argument shape).
+
+        ``update`` makes none of ``run``'s checks: it tests no convergence,
+        rejects no non-finite update and warns of nothing; ``new_state`` may
+        hold non-finite params, and an objective that stopped changing does
+        not make a maximum (see :attr:`jaxem.EMResult.converged`). ``init``
+        raises the ``ModelError`` ``run`` does for a param whose gradient is
+        not finite, at the initial values.
+
+        Returns:
+            ``(new_state, objective)``: the log-likelihood (ELBO for
+            ``VariationalEM``, after this iteration's E-step) at ``state``'s
+            params, the value this iteration's E-step computed; with
+            ``EM(acceleration="anderson")``, the log-likelihood at
+            ``new_state``'s params.
+        """
+        arrays, spec = split_args(args, kwargs)
+        return self._update_jit(state, arrays, spec)
+
+    def get_params(self, state) -> dict:
+        """Constrained parameter values ``{param name: value}`` of a state."""
+        return dict(state.params)
+
+    def run(
+        self,
+        rng_key,
+        *args,
+        max_iter: int = 100,
+        tol: float = 1e-5,
+        num_restarts: int = 1,
+        init_params: dict | None = None,
+        progress_bar: bool = False,
+        **kwargs,
+    ):
+        """Run to convergence inside one compiled ``lax.while_loop``.
+
+        Restarts run under ``vmap`` (each with its own key for callable
+        initial values) and the best final objective (log-likelihood, or ELBO
+        for ``VariationalEM``) is kept among the restarts that did not
+        diverge. They are one compiled program (compiled once per value of
+        ``num_restarts``): the loop runs until the last restart has stopped,
+        the ones that stopped earlier carried along unchanged.
+
+        Args:
+            rng_key: PRNG key; split into one key per restart.
+            *args, **kwargs: the model's arguments.
+            max_iter: maximum number of iterations.
+            tol: stop when ``|ll_t - ll_{t-1}| <= tol * |ll_t|``; 0 runs exactly
+                ``max_iter`` iterations.
+            num_restarts: number of restarts, each from its own key of
+                ``jax.random.split(rng_key, num_restarts)`` (``rng_key``
+                itself when 1).
+            init_params: ``{param name: constrained value}`` overriding the
+                initial values of some parameters in every restart.
+            progress_bar: show a tqdm progress bar (iterations done).
+
+        Returns:
+            The fitter's result (:class:`jaxem.EMResult`, :class:`jaxem.VEMResult`).
+        """
+        if max_iter < 1 or num_restarts < 1:
+            raise ValueError("max_iter and num_restarts must be at least 1")
+        arrays, spec = split_args(args, kwargs)
+        init_params = None if init_params is None else dict(init_params)
+        self.m_step_settings.validate(rng_key, arrays, spec, init_params)
+        inputs = (arrays, init_params)
+        # Only traced inputs can be differentiated (a custom_jvp applied to concrete
+        # values would compile a program of its own on every call).
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(inputs)):
+            arrays, init_params = refuse_differentiation(inputs, self.name)
+        call = partial(
+            self._run_jit,
+            rng_key,
+            arrays,
+            init_params,
+            np.asarray(tol, jnp.result_type(float)),
+            spec=spec,
+            max_iter=int(max_iter),
+            num_restarts=int(num_restarts),
+            progress_bar=bool(progress_bar),
+        )
+        result, start = run_with_progress(call, progress_bar, max_iter, self.name)
+        diverged_before = _concrete_flag(result.diverged)
+        result = self._check_fit(result, start, arrays, spec)
+        # A divergence the check found (a density broken down in float32) was warned
+        # about there, with its cause; the generic message would misdescribe it.
+        if diverged_before is not False or not _concrete_flag(result.diverged):
+            warn_about_fit(
+                result, name=self.name, objective=self.objective, max_iter=max_iter, tol=tol
+            )
+        return result
+
+    def m_step_paths(self, *args, **kwargs) -> dict:
+        """How each parameter is updated: ``{name: "closed-form (...)" | "gradient (...)" |
+        "frozen" | "unused (...)"}``, for the model called with these arguments."""
+        return self.m_step_settings.paths(*split_args(args, kwargs))
+
+
+def _concrete_flag(flag):
+    """``bool(flag)``, or None under ``jit``/``vmap``."""
+    return None if isinstance(flag, jax.core.Tracer) else bool(flag)
