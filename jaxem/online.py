@@ -48,7 +48,17 @@ from jaxem.exceptions import ConvergenceWarning
 from jaxem.gradient import gradient_m_step, init_opt_state
 from jaxem.loop import all_finite, initial_params, tree_where
 from jaxem.mstep import closed_form_statistics_m_step, plan_m_step
-from jaxem.tracing import merge_args, model_structure, split_args, validate
+from jaxem.regularization import warn_if_held_by_reg_covar, warn_if_reg_covar_dominates
+from jaxem.supports import argument_support
+from jaxem.tracing import (
+    enumerated_trace,
+    inspect_model,
+    merge_args,
+    model_structure,
+    raise_for_model_arguments,
+    split_args,
+    validate,
+)
 
 __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
 
@@ -283,11 +293,13 @@ class OnlineEM:
                 some or all initial values.
         """
         arrays, spec = split_args(args, kwargs)
-        validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
+        validity = validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
         structure, params = initial_params(
             self.model, self.frozen, rng_key, arrays, spec, init_params
         )
         plan = self._plan(params, arrays, spec, structure)
+        if validity is not None:
+            warn_if_reg_covar_dominates(validity.spread, lambda: plan, self.reg_covar)
         opt_state = init_opt_state(self.optimizer, params, structure.constraints, plan)
         empty = OnlineEMState(params, {}, opt_state, jnp.zeros((), jnp.int32))
         shapes = jax.eval_shape(lambda a: self._m_step(empty, a, spec, jnp.ones(()))[1], arrays)
@@ -339,7 +351,15 @@ class OnlineEM:
             **kwargs: keyword arguments of the model, the same for every batch.
 
         Returns:
-            An :class:`OnlineEMResult`.
+            An :class:`OnlineEMResult`. A
+            :class:`~jaxem.exceptions.NumericalWarning` says when a fitted
+            variance is held up by ``reg_covar`` (and ``init`` when
+            ``reg_covar`` is not small against the first minibatch's data).
+
+        Raises:
+            ModelError: the fitted params put a distribution argument outside its
+                support (probabilities rescaled off the simplex, say), where the
+                log-likelihood means nothing; checked on the last minibatch.
         """
         log_liks, rejected = [], []
         start = None if state is None else state.num_rejected
@@ -365,7 +385,26 @@ class OnlineEM:
             dict(state.params), state, jnp.stack(log_liks), num_rejected > 0, num_rejected
         )
         _warn_about_rejections(result, jnp.stack(rejected) - start)
+        self._check_fit(result, *split_args(batch, kwargs))
         return result
+
+    def _check_fit(self, result, arrays, spec) -> None:
+        """After ``run``, on the last minibatch's arguments (concrete values): a
+        ModelError for distribution arguments that the fitted params put outside
+        their support (only a non-finite update is rejected, so one that leaves
+        the support is kept), and a NumericalWarning for variances held up by
+        ``reg_covar``."""
+        args, kwargs = merge_args(arrays, spec)
+        structure, initial = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs)
+        fitted = {name: jnp.asarray(value) for name, value in result.params.items()}
+        trace = enumerated_trace(
+            self.model, fitted, args, kwargs, structure.max_plate_nesting, log_probs=False
+        )
+        found = argument_support(trace)
+        if any(int(count) for count, _ in found.values()):
+            raise_for_model_arguments(self.model, args, kwargs, fitted, found, "fitted")
+        plan = self._plan(initial, arrays, spec, structure)
+        warn_if_held_by_reg_covar(result.params, plan, self.reg_covar)
 
 
 def _warn_about_rejections(result, rejected) -> None:
