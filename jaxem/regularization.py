@@ -185,7 +185,8 @@ def warn_if_held_by_reg_covar(params: dict, plan, reg_covar: float) -> None:
         held = smallest <= FLOOR_FACTOR * reg_covar
         if not np.any(held):
             continue
-        entries = [[int(i) for i in index] for index in zip(*np.nonzero(held))]
+        # A scalar param (one variance shared by every component) has no entries to name.
+        entries = [[int(i) for i in index] for index in np.argwhere(held)] if held.ndim else []
         matrix = update.variance_fn is None and update.solve_fn is not normal_scale_solve
         what = "smallest covariance eigenvalue" if matrix else "variance"
         site_list = ", ".join(f"'{s}'" for s in sites)

@@ -91,6 +91,22 @@ def test_full_covariance_eigenvalue_held_by_reg_covar_warns():
     assert "smallest covariance eigenvalue of param 'L' (site 'x')" in after
 
 
+def shared_scale_mixture(x):
+    w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.array([-3e-4, 3e-4]))
+    sigma = numpyro.param("sigma", 1e-4, constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma), obs=x)
+
+
+@pytest.mark.filterwarnings("ignore::jaxem.ConvergenceWarning")
+def test_scalar_variance_held_by_reg_covar_warns():
+    # One sigma shared by the components: the check used to fail on its 0-d array.
+    with pytest.warns(NumericalWarning, match=r"fitted variance of param 'sigma' \(site 'x'\) is"):
+        EM(shared_scale_mixture).run(jax.random.PRNGKey(0), jnp.asarray(X1 * 1e-5), max_iter=5)
+
+
 def test_lowering_reg_covar_as_advised_fits_small_scale_data_without_warning():
     x = jnp.asarray(X1 * 1e-4)
     init = {"mu": jnp.array([-3e-4, 3e-4]), "sigma": jnp.full(2, 1e-4)}
