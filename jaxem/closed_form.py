@@ -171,6 +171,15 @@ class ClosedFormUpdate(NamedTuple):
             stage must not depend on each other.
         domain: predicate on the param's constraint: the update's values must
             satisfy it.
+        variance_fn: for an update whose ``solve_fn`` adds ``reg_covar`` to a
+            variance, ``param value -> the variances it gives`` (a NumPy array,
+            one per coordinate on the last axis), e.g. ``lambda s: s[..., None]
+            ** 2`` for a scale. After a fit jaxem warns (``NumericalWarning``)
+            when the smallest is at most 10 times ``reg_covar``: the
+            regularizer, not the data, holds it up. jaxem cannot read from a
+            ``solve_fn`` how ``reg_covar`` enters it, so without ``variance_fn``
+            a registered update is never checked; the built-in Gaussian scale
+            and covariance updates are.
     """
 
     stats_fn: Callable
@@ -178,6 +187,7 @@ class ClosedFormUpdate(NamedTuple):
     event_ndim: int = 0
     stage: int = 1
     domain: Callable[[Any], bool] = lambda constraint: True
+    variance_fn: Callable | None = None
 
 
 _REGISTRY: dict = {}

@@ -61,6 +61,18 @@ def in_support(model, params, args, kwargs, nesting) -> jax.Array:
     return arguments_in_support(trace)
 
 
+def raise_for_fitted_arguments(model, params, args, kwargs, structure) -> None:
+    """A ModelError naming the distribution arguments that the fitted ``params``
+    (concrete) put outside their support, and the params feeding them."""
+    fitted = {k: jnp.asarray(v) for k, v in params.items()}
+    trace = enumerated_trace(
+        model, fitted, args, kwargs, structure.max_plate_nesting, log_probs=False
+    )
+    found = argument_support(trace)
+    if any(int(count) for count, _ in found.values()):
+        raise_for_model_arguments(model, args, kwargs, fitted, found, "fitted")
+
+
 class MStep:
     """The M-step of a fitter: its plan, the initial values it starts from, the
     checks of data and initial values, and one update of the params.
@@ -243,13 +255,7 @@ class Fitter:
         structure = model_structure(model, args, kwargs)
         plan = settings.plan(start, arrays, spec, structure)
         if bool(result.diverged):
-            fitted = {k: jnp.asarray(v) for k, v in result.params.items()}
-            trace = enumerated_trace(
-                model, fitted, args, kwargs, structure.max_plate_nesting, log_probs=False
-            )
-            found = argument_support(trace)
-            if any(int(count) for count, _ in found.values()):
-                raise_for_model_arguments(model, args, kwargs, fitted, found, "fitted")
+            raise_for_fitted_arguments(model, result.params, args, kwargs, structure)
         # A param with a non-finite gradient that never left its initial value could
         # not be fitted: an error. One that moved only cannot be checked for
         # stationarity (converged is then False and run warns).

@@ -23,6 +23,7 @@ from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
 from jaxem.chain import chain_indicators, chain_map, chain_posterior, contract_chain, find_chain
 from jaxem.missing import MissingEntries
+from jaxem.safe_log import zero_safe_log
 from jaxem.tracing import (
     EnumTrace,
     enumerated_trace,
@@ -106,7 +107,16 @@ def _logsumexp_leading(x):
 
 
 def _contract_funsor(log_factors: dict, trace: EnumTrace):
-    """General contraction: funsor's sum-product over plates and enumerated dims."""
+    """General contraction: funsor's sum-product over plates and enumerated dims.
+
+    funsor takes the log of messages that are exactly zero for states that a
+    zero probability makes impossible; :func:`zero_safe_log` keeps their zero
+    cotangents from turning every marginal into NaN.
+    """
+    return zero_safe_log(partial(_funsor_sum_product, trace=trace))(log_factors)
+
+
+def _funsor_sum_product(log_factors: dict, trace: EnumTrace):
     factors, sum_vars, plates = [], set(), set()
     for name, site in trace.sites.items():
         log_prob = log_factors[name]

@@ -42,12 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxem.driver import Fitter, MStep
+from jaxem.driver import Fitter, MStep, raise_for_fitted_arguments
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning
 from jaxem.gradient import gradient_m_step
 from jaxem.loop import all_finite, tree_where
 from jaxem.mstep import closed_form_statistics_m_step
+from jaxem.regularization import warn_if_held_by_reg_covar
 from jaxem.tracing import merge_args, model_structure, split_args, validate
 
 __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
@@ -277,7 +278,7 @@ class OnlineEM(Fitter):
                 some or all initial values.
         """
         arrays, spec = split_args(args, kwargs)
-        validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
+        self.m_step_settings.validate(rng_key, arrays, spec, init_params)
         _, params, _, opt_state = self.m_step_settings.start(rng_key, arrays, spec, init_params)
         empty = OnlineEMState(params, {}, opt_state, jnp.zeros((), jnp.int32))
         shapes = jax.eval_shape(lambda a: self._m_step(empty, a, spec, jnp.ones(()))[1], arrays)
@@ -324,7 +325,15 @@ class OnlineEM(Fitter):
             **kwargs: keyword arguments of the model, the same for every batch.
 
         Returns:
-            An :class:`OnlineEMResult`.
+            An :class:`OnlineEMResult`. A
+            :class:`~jaxem.exceptions.NumericalWarning` says when a fitted
+            variance is held up by ``reg_covar`` (and ``init`` when
+            ``reg_covar`` is not small against the first minibatch's data).
+
+        Raises:
+            ModelError: the fitted params put a distribution argument outside its
+                support (probabilities rescaled off the simplex, say), where the
+                log-likelihood means nothing; checked on the last minibatch.
         """
         log_liks, rejected = [], []
         start = None if state is None else state.num_rejected
@@ -350,7 +359,20 @@ class OnlineEM(Fitter):
             dict(state.params), state, jnp.stack(log_liks), num_rejected > 0, num_rejected
         )
         _warn_about_rejections(result, jnp.stack(rejected) - start)
+        self._check_online_fit(result, *split_args(batch, kwargs))
         return result
+
+    def _check_online_fit(self, result, arrays, spec) -> None:
+        """After ``run``, on the last minibatch's arguments (concrete values): a
+        ModelError for distribution arguments that the fitted params put outside
+        their support (only a non-finite update is rejected, so one that leaves
+        the support is kept), and a NumericalWarning for variances held up by
+        ``reg_covar``."""
+        args, kwargs = merge_args(arrays, spec)
+        structure = model_structure(self.model, args, kwargs)
+        raise_for_fitted_arguments(self.model, result.params, args, kwargs, structure)
+        plan = self.m_step_settings.plan(result.params, arrays, spec, structure)
+        warn_if_held_by_reg_covar(result.params, plan, self.reg_covar)
 
 
 def _warn_about_rejections(result, rejected) -> None:

@@ -101,12 +101,21 @@ _VARIANCES = {
 }
 
 
+def _variances_fn(update):
+    """``param value -> its variances`` for a closed-form update that adds
+    ``reg_covar``: the built-in Gaussian solves, or a registered update's
+    ``variance_fn`` (None when neither says)."""
+    return update.variance_fn or _VARIANCES.get(update.solve_fn)
+
+
 def regularized_sites(plan) -> dict:
     """``{param: the sites (as the user named them) whose variance or covariance it
-    is}`` for the params whose closed-form update adds ``reg_covar``."""
+    is}`` for the params whose closed-form update adds ``reg_covar`` (the built-in
+    Gaussian scales and covariances, and registered updates that give a
+    ``variance_fn``)."""
     found = {}
     for name, path in plan.items():
-        if path.kind == "closed-form" and path.update.solve_fn in _VARIANCES:
+        if path.kind == "closed-form" and _variances_fn(path.update) is not None:
             sites = dict.fromkeys(user_site_name(site) for site, _ in path.consumers)
             found[name] = tuple(sites)
     return found
@@ -170,14 +179,16 @@ def warn_if_held_by_reg_covar(params: dict, plan, reg_covar: float) -> None:
     if reg_covar <= 0:
         return
     for name, sites in regularized_sites(plan).items():
-        solve = plan[name].update.solve_fn
-        variances = _VARIANCES[solve](np.asarray(params[name], np.float64))
+        update = plan[name].update
+        variances = np.asarray(_variances_fn(update)(np.asarray(params[name], np.float64)))
         smallest = np.min(variances, axis=-1)
         held = smallest <= FLOOR_FACTOR * reg_covar
         if not np.any(held):
             continue
-        entries = [[int(i) for i in index] for index in zip(*np.nonzero(held))]
-        what = "variance" if solve is normal_scale_solve else "smallest covariance eigenvalue"
+        # A scalar param (one variance shared by every component) has no entries to name.
+        entries = [[int(i) for i in index] for index in np.argwhere(held)] if held.ndim else []
+        matrix = update.variance_fn is None and update.solve_fn is not normal_scale_solve
+        what = "smallest covariance eigenvalue" if matrix else "variance"
         site_list = ", ".join(f"'{s}'" for s in sites)
         shown = entries[:3] if smallest.ndim else []
         where = f" at entries {shown}{' ...' if len(entries) > 3 else ''}" if shown else ""

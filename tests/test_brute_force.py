@@ -15,6 +15,7 @@ import numpyro
 import numpyro.distributions as dist
 from models import normal_mixture
 from numpyro.contrib.control_flow import scan
+from numpyro.contrib.funsor import markov
 from numpyro.distributions import constraints
 from scipy import stats
 from scipy.special import logsumexp
@@ -354,3 +355,96 @@ def test_hard_em_first_update(x64):
     np.testing.assert_allclose(
         np.asarray(new["sigma"]), [x[labels == k].std() for k in range(K)], rtol=1e-7
     )
+
+
+# --- exact-zero probabilities: impossible states get marginal 0, never NaN ------------------
+#
+# A zero probability makes a log factor -inf; a contraction in log space then holds messages
+# that are exactly zero for impossible states, and the derivative of their log (the posterior
+# marginals are gradients of log Z) multiplies a zero cotangent by an infinite slope.
+
+
+def markov_factorial(y):
+    init = numpyro.param("init", jnp.ones((2, 3)) / 3, constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.ones((2, 3, 3)) / 3, constraint=constraints.simplex)
+    W = numpyro.param("W", jnp.zeros((2, 3)))
+    states = [None, None]
+    for t in markov(range(y.shape[0])):
+        for c in range(2):
+            probs = init[c] if states[c] is None else trans[c, states[c]]
+            states[c] = numpyro.sample(f"z_{c}_{t}", dist.Categorical(probs))
+        # A narrow emission: sums of terms far apart in log space underflow to exact zeros.
+        numpyro.sample(f"y_{t}", dist.Normal(W[0, states[0]] + W[1, states[1]], 0.15), obs=y[t])
+
+
+def test_markov_loop_with_exact_zero_probabilities(x64):
+    params = {
+        # Chain 0 never enters state 2; chain 1 starts in state 0 and never enters state 1.
+        "init": np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]),
+        "trans": np.array(
+            [
+                [[0.35, 0.65, 0.0], [0.75, 0.25, 0.0], [0.35, 0.65, 0.0]],
+                [[0.6, 0.0, 0.4], [1.0, 0.0, 0.0], [0.8, 0.0, 0.2]],
+            ]
+        ),
+        "W": np.array([[0.0, 2.7, -0.7], [-1.9, 0.7, 2.1]]),
+    }
+    y = np.array([2.0, 5.9])
+    T = y.shape[0]
+
+    def log_joint(z):
+        paths = [np.stack([z[f"z_{c}_{t}"] for t in range(T)], axis=1) for c in range(2)]
+        with np.errstate(divide="ignore"):
+            lp = sum(
+                np.log(params["init"][c][paths[c][:, 0]])
+                + np.log(params["trans"][c][paths[c][:, :-1], paths[c][:, 1:]]).sum(-1)
+                for c in range(2)
+            )
+        mean = params["W"][0][paths[0]] + params["W"][1][paths[1]]
+        return lp + stats.norm.logpdf(y, mean, 0.15).sum(-1)
+
+    latents = {f"z_{c}_{t}": ((), 3) for t in range(T) for c in range(2)}
+    check_against_brute_force(markov_factorial, params, (y,), latents, log_joint)
+
+
+def test_scan_hmm_with_exact_zero_probabilities(x64):
+    params = {
+        "pi": np.array([1.0, 0.0]),
+        "A": np.array([[0.7, 0.3], [0.0, 1.0]]),  # state 1 is absorbing
+        "mu": np.array([-1.0, 1.2]),
+        "sigma": np.array(0.9),
+    }
+    x = np.array([-0.9, -1.3, 0.4, 1.5, 0.2])
+    T = x.shape[0]
+
+    def log_joint(z):
+        path = np.concatenate([z["z0"][:, None], z["z"]], axis=1)
+        with np.errstate(divide="ignore"):
+            lp = np.log(params["pi"][path[:, 0]])
+            lp = lp + np.log(params["A"][path[:, :-1], path[:, 1:]]).sum(-1)
+        return lp + stats.norm.logpdf(x, params["mu"][path], params["sigma"]).sum(-1)
+
+    latents = {"z0": ((), 2), "z": ((T - 1,), 2)}
+    check_against_brute_force(gaussian_hmm, params, (x,), latents, log_joint)
+
+
+def categorical_mixture(x):
+    w = numpyro.param("w", jnp.ones(3) / 3, constraint=constraints.simplex)
+    probs = numpyro.param("probs", jnp.ones((3, 4)) / 4, constraint=constraints.simplex)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Categorical(probs[z]), obs=x)
+
+
+def test_mixture_with_exact_zero_probabilities(x64):
+    params = {
+        "w": np.array([0.5, 0.5, 0.0]),  # an empty component
+        "probs": np.array([[0.5, 0.5, 0.0, 0.0], [0.0, 0.2, 0.3, 0.5], [0.25, 0.25, 0.25, 0.25]]),
+    }
+    x = np.array([0, 1, 3, 2, 1])
+
+    def log_joint(z):
+        with np.errstate(divide="ignore"):
+            return (np.log(params["w"][z["z"]]) + np.log(params["probs"][z["z"], x])).sum(-1)
+
+    check_against_brute_force(categorical_mixture, params, (x,), {"z": ((5,), 3)}, log_joint)

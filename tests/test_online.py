@@ -222,3 +222,45 @@ def test_an_online_run_without_rejections_does_not_warn(x32):
             jax.random.PRNGKey(0), batches, init_params={"mu": jnp.array([-3.0, 3.0])}
         )
     assert not bool(result.diverged) and int(result.num_rejected) == 0
+
+
+# -- the checks after an online fit that EM.run makes too --------------------------------------
+
+
+def scaled_probability(x):
+    p = numpyro.param("p", 0.5, constraint=constraints.unit_interval)
+    c = numpyro.param("c", 1.0, constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", dist.Bernoulli(p * c), obs=x)
+
+
+def test_online_fit_that_pushes_a_probability_above_one_is_an_error(x32):
+    # All ones: the likelihood grows with p * c up to 1 and beyond, where NumPyro clamps
+    # it; every update stays finite and used to be kept without a word.
+    online = OnlineEM(scaled_probability, optimizer=optax.adam(0.2))
+    match = (
+        r"argument 'probs' of Bernoulli at site 'x' lies outside its support .* at the "
+        r"fitted parameter values.*computed from param\(s\) \['c', 'p'\]"
+    )
+    with pytest.raises(jaxem.ModelError, match=match):
+        online.run(jax.random.PRNGKey(0), [(jnp.ones(20),)] * 20)
+    # Inside the support (p * c = 0.9 is the maximum) the same model fits.
+    x = jnp.asarray((np.arange(20) % 10 != 0).astype(np.float32))
+    result = online.run(jax.random.PRNGKey(0), [(x,)] * 20)
+    assert float(result.params["p"] * result.params["c"]) <= 1.0
+
+
+def test_online_variance_held_by_reg_covar_warns(x32):
+    # Two clusters at scale 1e-4 (variance 1e-7): reg_covar=1e-6 holds both sigmas up.
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-3.0, 1.0, 60), rng.normal(3.0, 1.0, 60)]) * 1e-4
+    batches = [(jnp.asarray(rng.permutation(x)[:40]), 2) for _ in range(5)]
+    init = {"mu": jnp.array([-3e-4, 3e-4]), "sigma": jnp.full(2, 1e-4)}
+    with pytest.warns(jaxem.NumericalWarning) as record:
+        OnlineEM(normal_mixture).run(jax.random.PRNGKey(0), batches, init_params=init)
+    messages = [str(w.message) for w in record if issubclass(w.category, jaxem.NumericalWarning)]
+    assert any("reg_covar=1e-06 is not small against the data of site 'x'" in m for m in messages)
+    assert any(
+        "fitted variance of param 'sigma' (site 'x')" in m and "reg_covar=1e-06" in m
+        for m in messages
+    )

@@ -91,6 +91,22 @@ def test_full_covariance_eigenvalue_held_by_reg_covar_warns():
     assert "smallest covariance eigenvalue of param 'L' (site 'x')" in after
 
 
+def shared_scale_mixture(x):
+    w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.array([-3e-4, 3e-4]))
+    sigma = numpyro.param("sigma", 1e-4, constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma), obs=x)
+
+
+@pytest.mark.filterwarnings("ignore::jaxem.ConvergenceWarning")
+def test_scalar_variance_held_by_reg_covar_warns():
+    # One sigma shared by the components: the check used to fail on its 0-d array.
+    with pytest.warns(NumericalWarning, match=r"fitted variance of param 'sigma' \(site 'x'\) is"):
+        EM(shared_scale_mixture).run(jax.random.PRNGKey(0), jnp.asarray(X1 * 1e-5), max_iter=5)
+
+
 def test_lowering_reg_covar_as_advised_fits_small_scale_data_without_warning():
     x = jnp.asarray(X1 * 1e-4)
     init = {"mu": jnp.array([-3e-4, 3e-4]), "sigma": jnp.full(2, 1e-4)}
@@ -195,3 +211,60 @@ def test_under_jit_an_argument_out_of_support_marks_the_fit_diverged():
     fit = jax.jit(lambda x: EM(rescaled_weights).run(jax.random.PRNGKey(0), x))
     result = fit(jnp.asarray(X1))
     assert bool(result.diverged) and not bool(result.converged)
+
+
+# -- registered closed forms -------------------------------------------------
+
+
+class _RegularizedRayleigh(dist.Distribution):
+    """Rayleigh(scale); exists only here, so registering its update touches no other test."""
+
+    arg_constraints = {"scale": constraints.positive}
+    support = constraints.positive
+
+    def __init__(self, scale):
+        self.scale = scale
+        super().__init__(jnp.shape(scale))
+
+    def log_prob(self, x):
+        return jnp.log(x) - 2 * jnp.log(self.scale) - x**2 / (2 * self.scale**2)
+
+
+def _rayleigh_stats(cells, target):
+    return cells.sum(target, (cells.weight, ""), (cells.value**2, "")), cells.count(target)
+
+
+def _rayleigh_solve(stats, old, reg_covar):
+    sum_sq, count = stats
+    safe = jnp.where(count > 0, count, 1)
+    return jnp.where(count > 0, jnp.sqrt(sum_sq / (2 * safe) + reg_covar), old)
+
+
+def rayleigh_mixture(x):
+    w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
+    s = numpyro.param("s", jnp.array([0.5, 2.0]) * jnp.std(x), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", _RegularizedRayleigh(s[z]), obs=x)
+
+
+@pytest.mark.filterwarnings("ignore::jaxem.ConvergenceWarning")
+def test_registered_update_that_declares_its_variances_is_checked_against_reg_covar():
+    # Scale^2 about 1e-10: reg_covar=1e-6 decides it. The check used to cover the
+    # built-in Gaussian updates only.
+    x = jnp.asarray(np.abs(X1) * 1e-5)
+    jaxem.register_closed_form(
+        _RegularizedRayleigh,
+        "scale",
+        jaxem.ClosedFormUpdate(
+            _rayleigh_stats, _rayleigh_solve, variance_fn=lambda s: s[..., None] ** 2
+        ),
+    )
+    match = r"fitted variance of param 's' \(site 'x'\).*within a factor 10 of reg_covar=1e-06"
+    em = EM(rayleigh_mixture)
+    with pytest.warns(NumericalWarning, match=match):
+        em.run(jax.random.PRNGKey(0), x, max_iter=5)
+    # On data at a scale of 1: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)
+        em.run(jax.random.PRNGKey(0), x * 1e5, max_iter=5)
