@@ -17,6 +17,7 @@ from jaxem.acceleration import (
     squarem_extrapolate,
     squarem_step_max,
 )
+from jaxem.built import built_model
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, gradient_m_step, init_opt_state, stationarity
@@ -209,7 +210,8 @@ class EM:
             )
         if m_step_iters < 1:
             raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
-        self.model = model
+        # Built once: every trace of the model below comes from its cache.
+        self.model = built_model(model)
         self.m_step = m_step
         self.optimizer = optax.with_extra_args_support(optimizer or default_optimizer())
         self.m_step_iters = int(m_step_iters)

@@ -60,7 +60,11 @@ def init_opt_state(optimizer, params, constraints, plan):
     names = gradient_names(plan)
     if not names:
         return ()
-    return optimizer.init(to_unconstrained(params, constraints, names))
+    state = optimizer.init(to_unconstrained(params, constraints, names))
+    # Python scalars in the state (L-BFGS's line-search info) would enter the
+    # compiled step weakly typed and leave it strongly typed: a second ``update``
+    # would compile again.
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), state)
 
 
 def gradient_m_step(

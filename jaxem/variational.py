@@ -440,7 +440,7 @@ class VariationalEM:
             reg_covar=reg_covar,
             frozen=frozen,
         )
-        self.model = model
+        self.model = self._em.model  # built: traced once per input signature
         self.guide = guide
         self.e_step_iters = int(e_step_iters)
         self.guide_optimizer = optax.with_extra_args_support(guide_optimizer or default_optimizer())
