@@ -513,7 +513,9 @@ def _stage_statistics(model, params, marginals, paths, args, kwargs, max_plate_n
         totals = None
         for key in dict.fromkeys(path.consumers):
             per_entry = tuple(by_param[name] for by_param in pulled[key])
-            totals = per_entry if totals is None else tuple(a + b for a, b in zip(totals, per_entry))
+            if totals is not None:
+                per_entry = tuple(a + b for a, b in zip(totals, per_entry))
+            totals = per_entry
         statistics[name] = totals
     return statistics
 
