@@ -38,7 +38,13 @@ from numpyro.distributions.transforms import biject_to
 from jaxem.chain import find_chain
 from jaxem.em import EM
 from jaxem.estep import _check_params, _contract, _site_posterior, _structure
-from jaxem.gradient import default_optimizer, init_opt_state, safeguarded_steps, stationarity
+from jaxem.gradient import (
+    default_optimizer,
+    init_opt_state,
+    safeguarded_steps,
+    stationarity,
+    strongly_typed,
+)
 from jaxem.loop import (
     best_restart,
     iterate,
@@ -521,8 +527,13 @@ class VariationalEM:
             jax.random.fold_in(rng_key, 1), args, kwargs, params
         )
         q, _ = _guide_q(self.guide, guide_params, args, kwargs, nesting, trace)
-        guide_opt_state = self.guide_optimizer.init(
-            {n: biject_to(guide_structure.constraints[n]).inv(v) for n, v in guide_params.items()}
+        guide_opt_state = strongly_typed(
+            self.guide_optimizer.init(
+                {
+                    n: biject_to(guide_structure.constraints[n]).inv(v)
+                    for n, v in guide_params.items()
+                }
+            )
         )
         return VEMState(
             params, opt_state, q, guide_params, guide_opt_state, jnp.zeros((), jnp.int32)

@@ -144,3 +144,22 @@ def test_second_update_does_not_compile_again(acceleration):
     state, _ = em.update(state, *args)
     jax.block_until_ready(state)
     assert _backend_compiles(lambda: em.update(state, *args)) == 0
+
+
+def _linear_guide(x):
+    weights = numpyro.param("weights", jnp.zeros((2, 2)))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("z", dist.Categorical(logits=jnp.stack([jnp.ones_like(x), x], -1) @ weights))
+
+
+def test_second_variational_update_with_a_guide_does_not_compile_again():
+    """The guide's L-BFGS state starts strongly typed too."""
+    from tests.models import normal_mixture_spread
+
+    x = np.random.default_rng(4).normal(size=30).astype(np.float32)
+    x[:15] += 3.0
+    vem = jaxem.VariationalEM(normal_mixture_spread, _linear_guide, e_step_iters=2)
+    state = vem.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    state, _ = vem.update(state, jnp.asarray(x))
+    jax.block_until_ready(state)
+    assert _backend_compiles(lambda: vem.update(state, jnp.asarray(x))) == 0
