@@ -8,10 +8,11 @@ four-parameter mixture trace the model about ten times.
 
 :class:`BuiltModel` runs it once per input signature (the shapes, dtypes and weak
 types of the params and array arguments, the static arguments, the plate nesting,
-whether log-probabilities are built, the x64 mode) under ``jax.make_jaxpr``. The
-non-array parts of the resulting :class:`~jaxem.tracing.EnumTrace` (site names,
-dims, distribution classes, shapes, constraints) are kept as they are; every later
-call evaluates the cached jaxpr on its inputs and puts the results in place of the
+whether log-probabilities are built, the x64 mode, whether restarts run under
+``vmap``) under ``jax.make_jaxpr``. The non-array parts of the resulting
+:class:`~jaxem.tracing.EnumTrace` (site names, dims, distribution classes, shapes,
+constraints) are kept as they are; every later call evaluates the cached jaxpr on
+its inputs and puts the results in place of the
 arrays. The program that comes out is the one the model's body would have
 staged, so results do not change; it works under ``jit``, ``vmap``, ``grad`` and
 ``vjp`` (the jaxpr's operations are bound again in the caller's trace) and with
@@ -39,6 +40,7 @@ import numpy as np
 from jax.extend.core import jaxpr_as_fun
 from numpyro.primitives import _PYRO_STACK
 
+from jaxem.batching import restarts_active
 from jaxem.tracing import EnumTrace, ModelStructure, merge_args, model_structure, split_args
 
 __all__ = ["BuiltModel", "built_model"]
@@ -102,6 +104,9 @@ class BuiltModel:
             max_plate_nesting,
             bool(log_probs),
             bool(jax.config.jax_enable_x64),
+            # Under the restarts' vmap the rounding guards reduce their predicate
+            # over the restarts (jaxem.batching): a different program.
+            restarts_active(),
         )
         cached = self._traces.get(key)
         if cached is None:
