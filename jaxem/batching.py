@@ -18,7 +18,7 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-__all__ = ["RESTART_AXIS", "restart_axis", "shared_predicate"]
+__all__ = ["RESTART_AXIS", "restart_axis", "restarts_active", "shared_predicate"]
 
 RESTART_AXIS = "jaxem_restarts"
 _ACTIVE = contextvars.ContextVar("jaxem_restart_axis", default=False)
@@ -32,6 +32,12 @@ def restart_axis():
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def restarts_active() -> bool:
+    """Whether code is traced under the restarts' ``vmap`` (see :func:`restart_axis`):
+    what :func:`shared_predicate` stages depends on it."""
+    return _ACTIVE.get()
 
 
 def shared_predicate(pred):

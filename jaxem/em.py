@@ -16,6 +16,7 @@ from jaxem.acceleration import (
     squarem_extrapolate,
     squarem_step_max,
 )
+from jaxem.built import built_model
 from jaxem.driver import Fitter, MStep, in_support
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, stationarity
@@ -188,7 +189,8 @@ class EM(Fitter):
             )
         if m_step_iters < 1:
             raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
-        self.model = model
+        # Built once: every trace of the model below comes from its cache.
+        self.model = built_model(model)
         self.m_step = m_step
         self.optimizer = optax.with_extra_args_support(optimizer or default_optimizer())
         self.m_step_iters = int(m_step_iters)
@@ -198,7 +200,7 @@ class EM(Fitter):
         self.parallel = chain_contraction == "parallel"
         self.acceleration = acceleration
         self.m_step_settings = MStep(
-            model,
+            self.model,
             mode=m_step,
             optimizer=self.optimizer,
             num_steps=self.m_step_iters,

@@ -21,13 +21,13 @@ import jax.numpy as jnp
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
+from jaxem.built import built_model
 from jaxem.chain import chain_indicators, chain_map, chain_posterior, contract_chain, find_chain
 from jaxem.missing import MissingEntries
 from jaxem.safe_log import zero_safe_log
 from jaxem.tracing import (
     EnumTrace,
     enumerated_trace,
-    inspect_model,
     known_labels,
     labelled_latents,
     merge_args,
@@ -235,8 +235,7 @@ def _site_posterior(site, marginal):
 
 def _structure(model, arrays, spec):
     args, kwargs = merge_args(arrays, spec)
-    structure, _ = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
-    return structure, args, kwargs
+    return model_structure(model, args, kwargs), args, kwargs
 
 
 def _check_params(structure, params):
@@ -247,6 +246,7 @@ def _check_params(structure, params):
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _log_likelihood(model, params, arrays, spec):
+    model = built_model(model)
     structure, args, kwargs = _structure(model, arrays, spec)
     _check_params(structure, params)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
@@ -255,6 +255,7 @@ def _log_likelihood(model, params, arrays, spec):
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _posterior(model, params, arrays, spec):
+    model = built_model(model)
     structure, args, kwargs = _structure(model, arrays, spec)
     _check_params(structure, params)
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
@@ -271,6 +272,7 @@ def _posterior(model, params, arrays, spec):
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _map_assignment(model, params, arrays, spec):
+    model = built_model(model)
     structure, args, kwargs = _structure(model, arrays, spec)
     _check_params(structure, params)
     assignment = map_values(model, params, args, kwargs, structure.max_plate_nesting)

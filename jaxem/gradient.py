@@ -25,6 +25,7 @@ __all__ = [
     "gradient_m_step",
     "safeguarded_steps",
     "stationarity",
+    "strongly_typed",
     "to_unconstrained",
 ]
 
@@ -60,7 +61,17 @@ def init_opt_state(optimizer, params, constraints, plan):
     names = gradient_names(plan)
     if not names:
         return ()
-    return optimizer.init(to_unconstrained(params, constraints, names))
+    return strongly_typed(optimizer.init(to_unconstrained(params, constraints, names)))
+
+
+def strongly_typed(opt_state):
+    """An optax state with every leaf a strongly typed array.
+
+    Python scalars in an initial state (L-BFGS's line-search info) enter a compiled
+    step weakly typed and leave it strongly typed: the second ``update`` would
+    compile again.
+    """
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), opt_state)
 
 
 def gradient_m_step(

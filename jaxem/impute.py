@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
+from jaxem.built import built_model
 from jaxem.chain import chain_indicators, chain_sample, find_chain
 from jaxem.estep import _check_params, _structure, e_step
 from jaxem.missing import MissingData, conditional_moments
@@ -92,6 +93,7 @@ def _draw_cells(rng_key, marginal, enum_axes):
 
 @partial(jax.jit, static_argnums=(0, 4))
 def _impute(model, params, rng_key, arrays, spec):
+    model = built_model(model)
     structure, args, kwargs = _structure(model, arrays, spec)
     _check_params(structure, params)
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)

@@ -425,31 +425,19 @@ def _closed_form_stages(
     params, solved_from = dict(params), {}
     closed = {n: p for n, p in plan.items() if p.kind == "closed-form"}
     for stage in sorted({p.update.stage for p in closed.values()}):
-        if trace is None:
-            trace = enumerated_trace(
-                model, params, args, kwargs, max_plate_nesting, log_probs=False
-            )
+        paths = {name: path for name, path in closed.items() if path.update.stage == stage}
+        statistics = _stage_statistics(
+            model, params, marginals, paths, args, kwargs, max_plate_nesting, trace
+        )
         new_values = {}
-        for name, path in closed.items():
-            if path.update.stage == stage:
-                statistics = _param_statistics(
-                    model,
-                    params,
-                    marginals,
-                    name,
-                    path,
-                    args,
-                    kwargs,
-                    max_plate_nesting,
-                    trace,
-                )
-                if combine_fn is not None:
-                    statistics = combine_fn(name, statistics)
-                solved_from[name] = statistics
-                old = params[name]
-                new = path.update.solve_fn(statistics, old, reg_covar)
-                _check_solution(name, path, old, new)
-                new_values[name] = jnp.asarray(new).astype(jnp.result_type(old))
+        for name, path in paths.items():
+            if combine_fn is not None:
+                statistics[name] = combine_fn(name, statistics[name])
+            solved_from[name] = statistics[name]
+            old = params[name]
+            new = path.update.solve_fn(statistics[name], old, reg_covar)
+            _check_solution(name, path, old, new)
+            new_values[name] = jnp.asarray(new).astype(jnp.result_type(old))
         params.update(new_values)
         trace = None
     return params, solved_from
@@ -478,22 +466,36 @@ def _check_solution(name, path, old, new) -> None:
         )
 
 
-def _param_statistics(model, params, marginals, name, path, args, kwargs, max_plate_nesting, trace):
-    update = path.update
+def _stage_statistics(model, params, marginals, paths, args, kwargs, max_plate_nesting, trace):
+    """``{param: statistics}`` of one stage's closed-form params (``paths``), from one
+    trace of the model and one VJP of the selection map of all of them.
 
-    def arguments(value):
-        trace = enumerated_trace(
-            model, {**params, name: value}, args, kwargs, max_plate_nesting, log_probs=False
+    Each consumer ``(site, argument)`` gets its statistics once, pulled back to every
+    param of the stage at once (a param that does not reach it gets zeros there);
+    each param sums its own consumers' in their order. ``trace``: an enumerated
+    trace at ``params`` (the E-step's for the first stage), or None.
+    """
+    if trace is None:
+        trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting, log_probs=False)
+    updates = {}
+    for path in paths.values():
+        for key in path.consumers:
+            updates.setdefault(key, path.update)
+
+    def arguments(values):
+        own = enumerated_trace(
+            model, {**params, **values}, args, kwargs, max_plate_nesting, log_probs=False
         )
         outs = {}
-        for site_name, arg_name in path.consumers:
-            family, _ = _family(trace.sites[site_name].fn, trace.constructor_args)
+        for site_name, arg_name in updates:
+            family, _ = _family(own.sites[site_name].fn, own.constructor_args)
             outs[(site_name, arg_name)] = jnp.asarray(family.args[arg_name])
         return outs
 
-    outs, vjp_fn = jax.vjp(arguments, params[name])
-    totals = None
+    outs, vjp_fn = jax.vjp(arguments, {n: params[n] for n in paths})
+    pulled = {}
     for key, arg in outs.items():
+        update = updates[key]
         site = trace.sites[key[0]]
         family, _ = _family(site.fn, trace.constructor_args)
         cells = _site_cells(site, family, jax.lax.stop_gradient(marginals[key[0]]))
@@ -505,13 +507,22 @@ def _param_statistics(model, params, marginals, name, path, args, kwargs, max_pl
             jnp.reshape(s, jnp.shape(arg) + jnp.shape(s)[num_cells + update.event_ndim :])
             for s in stats
         )
-        per_entry = tuple(_pullback(vjp_fn, outs, key, s, jnp.ndim(arg)) for s in stats)
-        totals = per_entry if totals is None else tuple(a + b for a, b in zip(totals, per_entry))
-    return totals
+        pulled[key] = [_pullback(vjp_fn, outs, key, s, jnp.ndim(arg)) for s in stats]
+    statistics = {}
+    for name, path in paths.items():
+        totals = None
+        for key in dict.fromkeys(path.consumers):
+            per_entry = tuple(by_param[name] for by_param in pulled[key])
+            if totals is not None:
+                per_entry = tuple(a + b for a, b in zip(totals, per_entry))
+            totals = per_entry
+        statistics[name] = totals
+    return statistics
 
 
 def _pullback(vjp_fn, outs, key, stat, arg_ndim):
-    """VJP of the selection map for one statistic, vectorized over its extra dims."""
+    """VJP of the selection map for one statistic, vectorized over its extra dims:
+    ``{param: statistic per entry}``."""
     extra_shape = jnp.shape(stat)[arg_ndim:]
     flat = jnp.reshape(stat, jnp.shape(stat)[:arg_ndim] + (-1,))
 
@@ -522,4 +533,4 @@ def _pullback(vjp_fn, outs, key, stat, arg_ndim):
         return result
 
     pulled = jax.vmap(one, in_axes=-1, out_axes=-1)(flat)
-    return jnp.reshape(pulled, jnp.shape(pulled)[:-1] + extra_shape)
+    return {n: jnp.reshape(p, jnp.shape(p)[:-1] + extra_shape) for n, p in pulled.items()}

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxem.built import built_model
 from jaxem.driver import Fitter, MStep, raise_for_fitted_arguments
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning
@@ -200,14 +201,15 @@ class OnlineEM(Fitter):
     ):
         if m_step_iters < 1:
             raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
-        self.model = model
+        # Built once: every trace of the model below comes from its cache.
+        self.model = built_model(model)
         self.step_size = step_size or power_decay(0.6)
         self.optimizer = optax.with_extra_args_support(optimizer or optax.adam(1e-2))
         self.m_step_iters = int(m_step_iters)
         self.reg_covar = float(reg_covar)
         self.frozen = tuple(frozen)
         self.m_step_settings = MStep(
-            model,
+            self.model,
             mode="auto",
             optimizer=self.optimizer,
             num_steps=self.m_step_iters,

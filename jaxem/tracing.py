@@ -606,8 +606,13 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     plates (``first_available_dim = -max_plate_nesting - 1``). Each site's
     log-probability tensor is computed unless ``log_probs`` is False (the
     M-step only needs distribution arguments; not building the densities
-    keeps the compiled program small).
+    keeps the compiled program small). A :class:`jaxem.built.BuiltModel` answers
+    from the trace it cached for these inputs' signature.
     """
+    from jaxem.built import BuiltModel  # built.py builds on this module
+
+    if isinstance(model, BuiltModel):
+        return model.enumerated_trace(params, args, kwargs, max_plate_nesting, log_probs=log_probs)
     substituted = handlers.substitute(MissingEntries(model), data=params)
     records: dict = {}
     scans = _EnumeratedScan(substituted, records)

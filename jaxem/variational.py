@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.built import built_model
 from jaxem.driver import Fitter, MStep, in_support
 from jaxem.estep import _contract
 from jaxem.factorized import (
@@ -45,7 +46,7 @@ from jaxem.factorized import (
     tractable,
     uniform_q,
 )
-from jaxem.gradient import default_optimizer, safeguarded_steps, stationarity
+from jaxem.gradient import default_optimizer, safeguarded_steps, stationarity, strongly_typed
 from jaxem.loop import iterate, stationary, upper_bound
 from jaxem.tracing import (
     ModelError,
@@ -215,14 +216,14 @@ class VariationalEM(Fitter):
             raise ValueError(
                 f"exact_log_likelihood must be 'auto', True or False, got {exact_log_likelihood!r}"
             )
-        self.model = model
+        self.model = built_model(model)  # traced once per input signature
         self.guide = guide
         self.e_step_iters = int(e_step_iters)
         self.guide_optimizer = optax.with_extra_args_support(guide_optimizer or default_optimizer())
         self.exact_log_likelihood = exact_log_likelihood
         self.frozen = tuple(frozen)
         self.m_step_settings = MStep(
-            model,
+            self.model,
             mode=m_step,
             optimizer=optax.with_extra_args_support(optimizer or default_optimizer()),
             num_steps=m_step_iters,
@@ -301,8 +302,13 @@ class VariationalEM(Fitter):
             jax.random.fold_in(rng_key, 1), args, kwargs, params
         )
         q, _ = guide_q(self.guide, guide_params, args, kwargs, nesting, trace)
-        guide_opt_state = self.guide_optimizer.init(
-            {n: biject_to(guide_structure.constraints[n]).inv(v) for n, v in guide_params.items()}
+        guide_opt_state = strongly_typed(
+            self.guide_optimizer.init(
+                {
+                    n: biject_to(guide_structure.constraints[n]).inv(v)
+                    for n, v in guide_params.items()
+                }
+            )
         )
         return VEMState(
             params, opt_state, q, guide_params, guide_opt_state, jnp.zeros((), jnp.int32)

@@ -1,0 +1,345 @@
+"""The model built once: its enumerated trace traced once per input signature.
+
+Every part of a compiled EM step needs the model's enumerated trace: the E-step,
+each closed-form stage (and the VJP that pulls its statistics back to the params),
+the gradient path's objective, the M-step plan, the checks after a fit. Running
+the model's Python body for each of them made compiling one step of a
+four-parameter mixture trace the model about ten times.
+
+:class:`BuiltModel` runs it once per input signature (the shapes, dtypes and weak
+types of the params and array arguments, the static arguments, the plate nesting,
+whether log-probabilities are built, the x64 mode, whether restarts run under
+``vmap``) under ``jax.make_jaxpr``. The non-array parts of the resulting
+:class:`~jaxem.tracing.EnumTrace` (site names, dims, distribution classes, shapes,
+constraints) are kept as they are; every later call evaluates the cached jaxpr on
+its inputs and puts the results in place of the
+arrays. The program that comes out is the one the model's body would have
+staged, so results do not change; it works under ``jit``, ``vmap``, ``grad`` and
+``vjp`` (the jaxpr's operations are bound again in the caller's trace) and with
+concrete inputs (then one compiled program evaluates it).
+
+Distributions are rebuilt from their ``__dict__`` (not from NumPyro's pytree
+fields, which leave out lazily computed attributes and a user family's own), with
+the sharing of the trace kept: the distribution a ``constructor_args`` record
+holds is the one under the site, as :func:`jaxem.mstep` checks by identity.
+
+The cache lives on the object: a fitter builds one in its constructor and passes
+it wherever the model goes (it is called like the model, and hashes and compares
+as the model does, so caches keyed on the model treat both alike).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import weakref
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.extend.core import jaxpr_as_fun
+from numpyro.primitives import _PYRO_STACK
+
+from jaxem.batching import restarts_active
+from jaxem.tracing import EnumTrace, ModelStructure, merge_args, model_structure, split_args
+
+__all__ = ["BuiltModel", "built_model"]
+
+
+def built_model(model) -> BuiltModel:
+    """``model`` built (:class:`BuiltModel`); a built model is returned as it is."""
+    return model if isinstance(model, BuiltModel) else BuiltModel(model)
+
+
+class BuiltModel:
+    """A NumPyro model whose enumerated trace is traced once per input signature.
+
+    Called like the model (any NumPyro handler can wrap it); passed as the model
+    to :func:`jaxem.tracing.enumerated_trace`, it answers from its cache.
+
+    Args:
+        model: the NumPyro model.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self._traces: dict = {}
+        functools.update_wrapper(self, model, updated=())
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __hash__(self):
+        return hash(self.model)
+
+    def __eq__(self, other):
+        other = other.model if isinstance(other, BuiltModel) else other
+        return self.model == other
+
+    def __repr__(self):
+        return f"BuiltModel({self.model!r})"
+
+    def structure(self, args, kwargs) -> ModelStructure:
+        """The model's :class:`~jaxem.tracing.ModelStructure` for these arguments."""
+        return model_structure(self.model, args, kwargs)
+
+    def enumerated_trace(self, params, args, kwargs, max_plate_nesting, *, log_probs=True):
+        """:func:`jaxem.tracing.enumerated_trace` of the model, from the cache."""
+        if _PYRO_STACK:
+            # Inside another handler the model's sites go through it as well: its
+            # effects cannot be cached with the trace.
+            return self._direct(params, args, kwargs, max_plate_nesting, log_probs)
+        arrays, spec = split_args(args, kwargs)
+        return self.trace(params, arrays, spec, max_plate_nesting, log_probs=log_probs)
+
+    def trace(self, params, arrays, spec, max_plate_nesting, *, log_probs=True) -> EnumTrace:
+        """The enumerated trace at ``params`` for the model's array arguments ``arrays``
+        and static ones ``spec`` (:func:`jaxem.tracing.split_args`)."""
+        leaves, treedef = jax.tree.flatten((params, list(arrays)))
+        avals = tuple(_aval(x) for x in leaves)
+        key = (
+            spec,
+            treedef,
+            avals,
+            max_plate_nesting,
+            bool(log_probs),
+            bool(jax.config.jax_enable_x64),
+            # Under the restarts' vmap the rounding guards reduce their predicate
+            # over the restarts (jaxem.batching): a different program.
+            restarts_active(),
+        )
+        cached = self._traces.get(key)
+        if cached is None:
+            cached = self._build(treedef, avals, spec, max_plate_nesting, log_probs)
+            self._traces[key] = cached
+        if cached is _UNCACHED:
+            args, kwargs = merge_args(arrays, spec)
+            return self._direct(params, args, kwargs, max_plate_nesting, log_probs)
+        return cached.evaluate(leaves)
+
+    def _direct(self, params, args, kwargs, max_plate_nesting, log_probs):
+        from jaxem.tracing import enumerated_trace
+
+        return enumerated_trace(
+            self.model, params, args, kwargs, max_plate_nesting, log_probs=log_probs
+        )
+
+    def _build(self, treedef, avals, spec, max_plate_nesting, log_probs):
+        found = []
+
+        def traced(leaves):
+            params, arrays = jax.tree.unflatten(treedef, leaves)
+            args, kwargs = merge_args(arrays, spec)
+            trace = self._direct(params, args, kwargs, max_plate_nesting, log_probs)
+            outputs: list = []
+            found.append(_Splitter(outputs).trace(trace))
+            return outputs
+
+        structs = [
+            jax.ShapeDtypeStruct(shape, dtype, weak_type=weak) for shape, dtype, weak in avals
+        ]
+        try:
+            closed = jax.make_jaxpr(traced)(structs)
+        except _Unsupported:
+            return _UNCACHED
+        if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+            return _UNCACHED  # the model closes over values of an enclosing trace
+        return _Cached(closed, found[0])
+
+
+def _aval(x):
+    aval = jax.typeof(x)
+    return tuple(aval.shape), aval.dtype, bool(getattr(aval, "weak_type", False))
+
+
+class _Unsupported(Exception):
+    """A trace holds arrays where they cannot be put back (an object without a
+    ``__dict__``, a subclass of a container): it is not cached."""
+
+
+_UNCACHED = object()
+
+
+class _Cached:
+    """One signature's closed jaxpr and the skeleton of its trace."""
+
+    def __init__(self, closed, skeleton):
+        self.closed = closed
+        self.skeleton = skeleton
+        self.function = jaxpr_as_fun(closed)
+        self.compiled = None
+
+    def evaluate(self, leaves) -> EnumTrace:
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            # Inline: the caller's trace (jit, vmap, grad) sees the model's operations.
+            outputs = self.function(*[_as_array(x) for x in leaves])
+        else:
+            # Concrete inputs: one compiled program instead of one per operation.
+            if self.compiled is None:
+                self.compiled = jax.jit(self.function)
+            outputs = self.compiled(*leaves)
+        return _rebuild_trace(self.skeleton, list(outputs))
+
+
+def _as_array(x):
+    if isinstance(x, jax.Array):
+        return x
+    return jax.numpy.asarray(x)
+
+
+# ---------------------------------------------------------------------------
+# Splitting a trace into its static skeleton and its arrays, and back.
+# ---------------------------------------------------------------------------
+
+
+class _Static(NamedTuple):
+    value: Any
+
+
+class _Leaf(NamedTuple):
+    index: int
+
+
+class _Seq(NamedTuple):
+    make: Any
+    items: list
+
+
+class _Dict(NamedTuple):
+    items: list
+
+
+class _Object:
+    """An object rebuilt from its ``__dict__`` (one node per object: sharing kept)."""
+
+    def __init__(self, cls):
+        self.cls = cls
+        self.attrs: list = []
+
+
+class _TraceSkeleton(NamedTuple):
+    sites: Any
+    records: list  # [(class node, arguments node, instance node)]
+
+
+_OPAQUE = (
+    str,
+    bytes,
+    int,
+    float,
+    complex,
+    bool,
+    type(None),
+    np.ndarray,
+    np.generic,
+    jax.Array,
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.ModuleType,
+    functools.partial,
+)
+
+
+class _Splitter:
+    """Walks a trace, collecting the tracers (the jaxpr's outputs) in ``outputs``."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+        self.indices: dict = {}
+        self.memo: dict = {}
+
+    def trace(self, trace: EnumTrace) -> _TraceSkeleton:
+        sites = self.walk(trace.sites)
+        # Only the records of distributions under a site are ever looked up; the
+        # others (those built inside a scan body) hold tracers of that body.
+        records = [
+            (self.walk(cls), self.walk(arguments), self.walk(instance))
+            for cls, arguments, instance in trace.constructor_args.values()
+            if id(instance) in self.memo
+        ]
+        return _TraceSkeleton(sites, records)
+
+    def walk(self, x):
+        if isinstance(x, jax.core.Tracer):
+            index = self.indices.get(id(x))
+            if index is None:
+                index = self.indices[id(x)] = len(self.outputs)
+                self.outputs.append(x)
+            return _Leaf(index)
+        if isinstance(x, _OPAQUE) and not isinstance(x, (tuple, list, dict)):
+            return _Static(x)
+        if id(x) in self.memo:
+            return self.memo[id(x)]
+        if type(x) in (tuple, list) or (isinstance(x, tuple) and hasattr(x, "_fields")):
+            items = [self.walk(item) for item in x]
+            if all(isinstance(item, _Static) for item in items):
+                return self._keep(x, _Static(x))
+            make = type(x)._make if hasattr(x, "_fields") else type(x)
+            return self._keep(x, _Seq(make, items))
+        if type(x) is dict:
+            items = [(k, self.walk(v)) for k, v in x.items()]
+            if all(isinstance(v, _Static) for _, v in items):
+                return self._keep(x, _Static(x))
+            return self._keep(x, _Dict(items))
+        if isinstance(x, (tuple, list, dict, set, frozenset)) or not hasattr(x, "__dict__"):
+            if any(isinstance(leaf, jax.core.Tracer) for leaf in _shallow(x)):
+                raise _Unsupported(type(x).__name__)
+            return _Static(x)
+        node = self._keep(x, _Object(type(x)))
+        node.attrs = [(k, self.walk(v)) for k, v in vars(x).items()]
+        if all(isinstance(v, _Static) for _, v in node.attrs):
+            return self._keep(x, _Static(x))
+        return node
+
+    def _keep(self, x, node):
+        self.memo[id(x)] = node
+        return node
+
+
+def _shallow(x):
+    if isinstance(x, dict):
+        return list(x.values())
+    try:
+        return list(x)
+    except TypeError:
+        return []
+
+
+def _rebuild_trace(skeleton: _TraceSkeleton, outputs: list) -> EnumTrace:
+    memo: dict = {}
+    sites = _rebuild(skeleton.sites, outputs, memo)
+    records = {}
+    for cls, arguments, instance in skeleton.records:
+        instance = _rebuild(instance, outputs, memo)
+        records[id(instance)] = (
+            _rebuild(cls, outputs, memo),
+            _rebuild(arguments, outputs, memo),
+            instance,
+        )
+    return EnumTrace(sites, records)
+
+
+def _rebuild(node, outputs, memo):
+    if isinstance(node, _Static):
+        return node.value
+    if isinstance(node, _Leaf):
+        return outputs[node.index]
+    if id(node) in memo:
+        return memo[id(node)]
+    if isinstance(node, _Seq):
+        value = node.make([_rebuild(item, outputs, memo) for item in node.items])
+    elif isinstance(node, _Dict):
+        value = {k: _rebuild(v, outputs, memo) for k, v in node.items}
+    else:
+        value = object.__new__(node.cls)
+        memo[id(node)] = value  # before the attributes: an object may refer to itself
+        for name, attr in node.attrs:
+            attr = _rebuild(attr, outputs, memo)
+            # A weak reference (a transform's cached inverse) points at an object of
+            # the trace the skeleton was made from: dropped, recomputed on demand.
+            value.__dict__[name] = None if isinstance(attr, weakref.ReferenceType) else attr
+        return value
+    memo[id(node)] = value
+    return value
