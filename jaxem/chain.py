@@ -34,6 +34,12 @@ import numpy as np
 
 from jaxem.exceptions import ModelError
 from jaxem.masks import counted_cells, mask_of
+from jaxem.numpyro_internals import (
+    PREV_PREFIX,
+    UNOBSERVED_SUFFIX,
+    is_time_dim,
+    user_site_name,
+)
 
 __all__ = [
     "Chain",
@@ -44,12 +50,9 @@ __all__ = [
     "chain_sample",
     "chain_indicators",
     "chain_padding_problems",
-    "user_site_name",
     "raise_for_chain_padding",
     "labelled_scan_message",
 ]
-
-_PREV = "_PREV_"
 
 
 class Chain(NamedTuple):
@@ -79,19 +82,7 @@ class Chain(NamedTuple):
 
 def _enumerated(site):
     """The enumeration variables of a site's factor (not its plates, not time)."""
-    return {
-        n
-        for n in site.dim_to_name.values()
-        if n not in site.plates and not str(n).startswith("_time")
-    }
-
-
-def user_site_name(name: str) -> str:
-    """The site name a user wrote for a site of an enumerated ``scan``: its first
-    step is traced as ``_PREV_<name>``."""
-    while name.startswith(_PREV):
-        name = name[len(_PREV) :]
-    return name
+    return {n for n in site.dim_to_name.values() if n not in site.plates and not is_time_dim(n)}
 
 
 def labelled_scan_message(name) -> str:
@@ -116,13 +107,11 @@ def find_chain(trace) -> Chain | None:
             chain's plate).
     """
     sites = trace.sites
-    times = {
-        n for s in sites.values() for n in s.dim_to_name.values() if str(n).startswith("_time")
-    }
-    firsts = [n for n in sites if n.startswith(_PREV)]
+    times = {n for s in sites.values() for n in s.dim_to_name.values() if is_time_dim(n)}
+    firsts = [n for n in sites if n.startswith(PREV_PREFIX)]
     if not times and not firsts:
         return None
-    if any(n.startswith(_PREV + _PREV) for n in firsts) or len(times) > 1:
+    if any(n.startswith(PREV_PREFIX + PREV_PREFIX) for n in firsts) or len(times) > 1:
         site = user_site_name(next(iter(firsts), "?"))
         raise ModelError(
             f"jaxem: site '{site}' is inside a scan with history > 1 or inside several scans. "
@@ -131,7 +120,9 @@ def find_chain(trace) -> Chain | None:
         )
     first_latents = [n for n in firsts if not sites[n].is_observed]
     labelled = sorted(
-        user_site_name(n)[: -len("_unobserved")] for n in firsts if n.endswith("_unobserved")
+        user_site_name(n)[: -len(UNOBSERVED_SUFFIX)]
+        for n in firsts
+        if n.endswith(UNOBSERVED_SUFFIX)
     )
     if not first_latents and labelled:
         raise ModelError(labelled_scan_message(labelled[0]))
@@ -145,11 +136,11 @@ def find_chain(trace) -> Chain | None:
             "per step into one Categorical over their joint values."
         )
     first = first_latents[0]
-    name = first[len(_PREV) :]
+    name = first[len(PREV_PREFIX) :]
     time = next(iter(times), None)
     # The later steps of the body's sites: their time dim is left out of
     # dim_to_name where it has size 1 (a site that is the same at every step).
-    stacked = tuple(n for n in sites if not n.startswith(_PREV) and _PREV + n in sites)
+    stacked = tuple(n for n in sites if not n.startswith(PREV_PREFIX) and PREV_PREFIX + n in sites)
     global_sites = tuple(n for n in sites if n not in stacked and n not in firsts)
     global_latents = [n for n in global_sites if not sites[n].is_observed]
     if len(global_latents) > 1:

@@ -41,6 +41,13 @@ from jaxem.gaussian_stats import (
     solve_precision,
     solve_scale_tril,
 )
+from jaxem.numpyro_internals import (
+    LowerCholeskyConstraint,
+    PositiveDefiniteConstraint,
+    RealConstraint,
+    SimplexConstraint,
+    base_constraint,
+)
 
 __all__ = [
     "Cells",
@@ -227,42 +234,36 @@ def registered_closed_forms() -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _base(constraint):
-    while isinstance(constraint, constraints._IndependentConstraint):
-        constraint = constraint.base_constraint
-    return constraint
-
-
 def _unconstrained(c) -> bool:
-    return isinstance(_base(c), constraints._Real)
+    return isinstance(base_constraint(c), RealConstraint)
 
 
 def _positive(c) -> bool:
-    c = _base(c)
+    c = base_constraint(c)
     return _unconstrained(c) or (
-        isinstance(c, constraints._GreaterThan) and float(c.lower_bound) == 0.0
+        isinstance(c, constraints.greater_than) and float(c.lower_bound) == 0.0
     )
 
 
 def _unit_interval(c) -> bool:
-    c = _base(c)
+    c = base_constraint(c)
     return _unconstrained(c) or (
-        isinstance(c, constraints._Interval)
+        isinstance(c, constraints.interval)
         and float(c.lower_bound) == 0.0
         and float(c.upper_bound) == 1.0
     )
 
 
 def _simplex(c) -> bool:
-    return isinstance(c, constraints._Simplex)
+    return isinstance(c, SimplexConstraint)
 
 
 def _positive_definite(c) -> bool:
-    return isinstance(c, constraints._PositiveDefinite)
+    return isinstance(c, PositiveDefiniteConstraint)
 
 
 def _lower_cholesky(c) -> bool:
-    return isinstance(c, constraints._LowerCholesky)
+    return isinstance(c, LowerCholeskyConstraint)
 
 
 # ---------------------------------------------------------------------------

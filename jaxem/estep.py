@@ -37,7 +37,18 @@ from jaxem.tracing import (
 
 funsor.set_backend("jax")
 
-__all__ = ["EStep", "e_step", "log_likelihood", "map_assignment", "map_values", "posterior"]
+__all__ = [
+    "EStep",
+    "check_params_complete",
+    "contract_factors",
+    "e_step",
+    "log_likelihood",
+    "map_assignment",
+    "map_values",
+    "posterior",
+    "site_posterior",
+    "structure_and_args",
+]
 
 
 class EStep(NamedTuple):
@@ -55,7 +66,9 @@ class EStep(NamedTuple):
     trace: EnumTrace
 
 
-def _contract(log_factors: dict, trace: EnumTrace, parallel: bool = False):
+def contract_factors(log_factors: dict, trace: EnumTrace, parallel: bool = False):
+    """log p(data): the sum-product of an enumerated trace's log-factors over its latents
+    (the forward algorithm for a ``scan`` chain, a logsumexp for one latent, funsor else)."""
     chain = find_chain(trace)
     if chain is not None:
         return contract_chain(log_factors, trace, chain, parallel=parallel)
@@ -139,7 +152,7 @@ def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False, parall
     trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
     log_factors = {name: jax.lax.stop_gradient(s.log_prob) for name, s in trace.sites.items()}
     if not hard:
-        value, marginals = jax.value_and_grad(_contract)(log_factors, trace, parallel)
+        value, marginals = jax.value_and_grad(contract_factors)(log_factors, trace, parallel)
         return EStep(value, marginals, trace)
     chain = find_chain(trace)
     if chain is not None:
@@ -206,7 +219,7 @@ def _indicator(site, trace, assignment):
     return jnp.broadcast_to(indicator, shape)
 
 
-def _site_posterior(site, marginal):
+def site_posterior(site, marginal):
     """Marginal of a latent site from its factor's marginal.
 
     The factor spans the site's own enumeration dim, the enumeration dims of
@@ -223,13 +236,17 @@ def _site_posterior(site, marginal):
     return jnp.moveaxis(jnp.sum(marginal, axis=enum_axes), 0, -1)
 
 
-def _structure(model, arrays, spec):
+def structure_and_args(model, arrays, spec):
+    """``(structure, args, kwargs)``: the model's
+    :class:`jaxem.inspection.ModelStructure` and its arguments merged back from
+    :func:`jaxem.arguments.split_args`."""
     args, kwargs = merge_args(arrays, spec)
     structure, _ = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
     return structure, args, kwargs
 
 
-def _check_params(structure, params):
+def check_params_complete(structure, params):
+    """Raise unless ``params`` has a value for every param of the model."""
     missing = set(structure.param_names) - set(params)
     if missing:
         raise ValueError(f"jaxem: params are missing values for {sorted(missing)}.")
@@ -237,16 +254,16 @@ def _check_params(structure, params):
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _log_likelihood(model, params, arrays, spec):
-    structure, args, kwargs = _structure(model, arrays, spec)
-    _check_params(structure, params)
+    structure, args, kwargs = structure_and_args(model, arrays, spec)
+    check_params_complete(structure, params)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
-    return _contract({name: s.log_prob for name, s in trace.sites.items()}, trace)
+    return contract_factors({name: s.log_prob for name, s in trace.sites.items()}, trace)
 
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _posterior(model, params, arrays, spec):
-    structure, args, kwargs = _structure(model, arrays, spec)
-    _check_params(structure, params)
+    structure, args, kwargs = structure_and_args(model, arrays, spec)
+    check_params_complete(structure, params)
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
     chain = find_chain(result.trace)
     log_factors = {name: site.log_prob for name, site in result.trace.sites.items()}
@@ -254,15 +271,15 @@ def _posterior(model, params, arrays, spec):
     return {
         user_names.get(name, name): chain_posterior(log_factors, result.trace, chain)
         if chain is not None and name == chain.name
-        else _site_posterior(result.trace.sites[name], result.marginals[name])
+        else site_posterior(result.trace.sites[name], result.marginals[name])
         for name in structure.latent_sites
     }
 
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _map_assignment(model, params, arrays, spec):
-    structure, args, kwargs = _structure(model, arrays, spec)
-    _check_params(structure, params)
+    structure, args, kwargs = structure_and_args(model, arrays, spec)
+    check_params_complete(structure, params)
     assignment = map_values(model, params, args, kwargs, structure.max_plate_nesting)
     trace = enumerated_trace(
         model, params, args, kwargs, structure.max_plate_nesting, log_probs=False

@@ -33,6 +33,7 @@ from numpyro import handlers
 
 from jaxem.estep import e_step
 from jaxem.exceptions import NumericalWarning
+from jaxem.numpyro_internals import PREV_PREFIX
 from jaxem.tracing import merge_args, model_structure
 
 __all__ = ["BREAKDOWN_TOLERANCE", "broken_down", "recheck_in_float64"]
@@ -96,7 +97,7 @@ def _broken_sites(model, params, arrays, spec, hard):
     described = []
     for name in names:
         # A scan's first step and later steps are one site, named as the user wrote it.
-        user_name = name.removeprefix("_PREV_")
+        user_name = name.removeprefix(PREV_PREFIX)
         fn = trace.get(user_name, {}).get("fn")
         while hasattr(fn, "base_dist"):
             fn = fn.base_dist

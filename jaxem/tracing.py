@@ -29,7 +29,7 @@ from numpyro.contrib.control_flow.scan import scan_wrapper
 from numpyro.contrib.funsor import config_enumerate, enum
 from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
-from numpyro.distributions.distribution import COERCIONS, validation_enabled
+from numpyro.distributions.distribution import validation_enabled
 from numpyro.distributions.util import is_identically_one
 from numpyro.primitives import Messenger
 
@@ -51,6 +51,17 @@ from jaxem.masks import (
 )
 from jaxem.memory import check_enumeration_size
 from jaxem.missing import MissingData, MissingEntries, mask_like, missing_log_prob
+from jaxem.numpyro_internals import (
+    COERCIONS,
+    OBSERVED_SUFFIX,
+    PREV_PREFIX,
+    UNOBSERVED_SUFFIX,
+    distribution_mask,
+    first_step_name,
+    is_first_step,
+    is_time_dim,
+    time_dim_name,
+)
 from jaxem.scan import enumerated_scan
 from jaxem.selection import dependencies
 from jaxem.supports import argument_support, params_of_argument, raise_for_arguments
@@ -314,7 +325,9 @@ def mvn_sites_of_params(model, rng_key, args, kwargs, params) -> dict:
         for name, site in tr.items():
             fn = site["fn"] if site["type"] == "sample" and site["is_observed"] else None
             # The part of an obs_mask site that is missing as a whole scores nothing.
-            if fn is None or (isinstance(fn, dist.MaskedDistribution) and fn._mask is False):
+            if fn is None:
+                continue
+            if isinstance(fn, dist.MaskedDistribution) and distribution_mask(fn) is False:
                 continue
             core = core_family(fn.base_dist if isinstance(fn, MissingData) else fn)
             if type(core) is dist.MultivariateNormal:
@@ -527,8 +540,10 @@ class _StashArgs(Messenger):
     def process_message(self, msg):
         if msg["type"] != "sample":
             return
-        if msg["name"].endswith("_unobserved") and isinstance(msg["fn"], dist.MaskedDistribution):
-            self.labelled.add(msg["name"][: -len("_unobserved")])
+        if msg["name"].endswith(UNOBSERVED_SUFFIX) and isinstance(
+            msg["fn"], dist.MaskedDistribution
+        ):
+            self.labelled.add(msg["name"][: -len(UNOBSERVED_SUFFIX)])
         # A latent site's value comes later from enumeration (config_enumerate
         # sits outside this handler); the slot is free once a site has a value.
         if msg["value"] is None and not msg["fn"].has_enumerate_support:
@@ -567,7 +582,7 @@ def _adopt_stacked_args(site, records) -> None:
     (stacked) distribution, each argument's time axis placed at the site's time
     dim and its per-step batch dims right-aligned under the site's."""
     stash = site["args"][0] if len(site["args"]) == 1 else None
-    if not isinstance(stash, _RecordedArgs) or site["name"].startswith("_PREV_"):
+    if not isinstance(stash, _RecordedArgs) or is_first_step(site["name"]):
         return  # not in a scan body, or its first step (recorded as it ran)
     base, reinterpreted = site["fn"], 0
     if isinstance(base, MissingData):
@@ -639,7 +654,8 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         if n != name
     }
     for name in scans.labelled:
-        if {name + "_unobserved", "_PREV_" + name + "_unobserved"} & depended_on:
+        latent = name + UNOBSERVED_SUFFIX
+        if {latent, first_step_name(latent)} & depended_on:
             raise ModelError(labelled_scan_message(name))
     if log_probs:
         _check_factor_sizes(tr, labelled, depended_on)
@@ -651,7 +667,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         n
         for site in tr.values()
         for n in site.get("infer", {}).get("dim_to_name", {}).values()
-        if str(n).startswith("_time")
+        if is_time_dim(n)
     }
     for name, site in tr.items():
         if site["type"] != "sample":
@@ -696,7 +712,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
             log_prob = scale * log_prob
         if name in labelled:
             log_prob = _restrict_to_labels(log_prob, value, fn.event_dim, *labelled[name])
-        if "_PREV_" + name in tr:
+        if first_step_name(name) in tr:
             _name_time_dim(name, site, log_prob, dim_to_name, time_names)
         _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting)
         sites[name] = Site(
@@ -732,7 +748,7 @@ def _masked_part(fn):
     ``to_event`` wrappers, or None."""
     while isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
         fn = fn.base_dist
-    return fn._mask if isinstance(fn, dist.MaskedDistribution) else None
+    return distribution_mask(fn) if isinstance(fn, dist.MaskedDistribution) else None
 
 
 def _labelled_latents(tr) -> dict:
@@ -746,9 +762,11 @@ def _labelled_latents(tr) -> dict:
     """
     found = {}
     for name, site in tr.items():
-        if site["type"] != "sample" or site["is_observed"] or not name.endswith("_unobserved"):
+        if site["type"] != "sample" or site["is_observed"]:
             continue
-        observed = tr.get(name[: -len("_unobserved")] + "_observed")
+        if not name.endswith(UNOBSERVED_SUFFIX):
+            continue
+        observed = tr.get(name[: -len(UNOBSERVED_SUFFIX)] + OBSERVED_SUFFIX)
         if observed is None or observed["type"] != "sample" or not observed["is_observed"]:
             continue
         known = _masked_part(observed["fn"])
@@ -785,19 +803,19 @@ def labelled_latents(sites: dict) -> dict:
     (``"z_unobserved" -> "z"``), from the sites of an :class:`EnumTrace`."""
     found = {}
     for name, site in sites.items():
-        if site.is_observed or not name.endswith("_unobserved"):
+        if site.is_observed or not name.endswith(UNOBSERVED_SUFFIX):
             continue
-        base = name[: -len("_unobserved")]
-        observed = sites.get(base + "_observed")
+        base = name[: -len(UNOBSERVED_SUFFIX)]
+        observed = sites.get(base + OBSERVED_SUFFIX)
         if observed is not None and observed.is_observed and _masked_part(observed.fn) is not None:
-            found[name] = base.removeprefix("_PREV_")
+            found[name] = base.removeprefix(PREV_PREFIX)
     return found
 
 
 def known_labels(sites: dict, name: str):
     """``(labels, known)`` of the ``obs_mask`` latent ``name`` (see
     :func:`labelled_latents`)."""
-    observed = sites[name[: -len("_unobserved")] + "_observed"]
+    observed = sites[name[: -len(UNOBSERVED_SUFFIX)] + OBSERVED_SUFFIX]
     labels = observed.value
     batch = jnp.shape(labels)[: jnp.ndim(labels) - observed.fn.event_dim]
     return labels, mask_like(jnp.asarray(_masked_part(observed.fn), bool), batch)
@@ -939,7 +957,7 @@ def _name_time_dim(name, site, log_prob, dim_to_name, time_names) -> None:
     time_dim = -min(len(fn.batch_shape), jnp.ndim(site["value"]) - fn.event_dim)
     shape = jnp.shape(log_prob)
     if -time_dim <= len(shape) and shape[time_dim] != 1 and time_dim not in dim_to_name:
-        dim_to_name[time_dim] = next(iter(sorted(time_names)), f"_time_{name}")
+        dim_to_name[time_dim] = next(iter(sorted(time_names)), time_dim_name(name))
 
 
 def _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting) -> None:

@@ -28,6 +28,7 @@ from numpyro.primitives import Messenger
 
 from jaxem.exceptions import ModelError
 from jaxem.missing import MissingData, MissingEntries
+from jaxem.numpyro_internals import OBSERVED_SUFFIX, UNOBSERVED_SUFFIX, distribution_mask
 from jaxem.regularization import coordinate_variance
 from jaxem.selection import dependencies
 
@@ -154,7 +155,7 @@ def core_family(fn):
 
 def _user_name(name: str) -> str:
     # NumPyro splits a site with obs_mask= into "<name>_observed" and "<name>_unobserved".
-    for suffix in ("_observed", "_unobserved"):
+    for suffix in (OBSERVED_SUFFIX, UNOBSERVED_SUFFIX):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -225,7 +226,7 @@ def _observed_entries(fn, value):
         if isinstance(fn, MissingData):
             observed = fn.observed
         elif isinstance(fn, dist.MaskedDistribution):
-            masks.append((fn._mask, fn.event_dim))
+            masks.append((distribution_mask(fn), fn.event_dim))
         fn = fn.base_dist
     event_ndim = fn.event_dim
     shape = jnp.shape(value)[: jnp.ndim(value) - event_ndim]

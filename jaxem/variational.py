@@ -37,7 +37,7 @@ from numpyro.distributions.transforms import biject_to
 
 from jaxem.chain import find_chain
 from jaxem.em import EM
-from jaxem.estep import _check_params, _contract, _site_posterior, _structure
+from jaxem.estep import check_params_complete, contract_factors, site_posterior, structure_and_args
 from jaxem.gradient import default_optimizer, init_opt_state, safeguarded_steps, stationarity
 from jaxem.loop import (
     best_restart,
@@ -227,7 +227,7 @@ def _uniform_q(trace):
     q = {}
     for name in _latents(trace):
         site = trace.sites[name]
-        shape = jnp.shape(_site_posterior(site, site.log_prob))
+        shape = jnp.shape(site_posterior(site, site.log_prob))
         q[name] = jnp.full(shape, 1.0 / shape[-1], jnp.result_type(site.log_prob))
     return q
 
@@ -335,9 +335,9 @@ def _guide_q(guide, guide_params, args, kwargs, nesting, model_trace):
                 "VariationalEM's guides are factorized: each site's distribution may depend on "
                 "the data and the guide's params only (compute it from those)."
             )
-        probs = _site_posterior(site, jnp.exp(site.log_prob))
+        probs = site_posterior(site, jnp.exp(site.log_prob))
         expected = jnp.shape(
-            _site_posterior(model_trace.sites[name], model_trace.sites[name].log_prob)
+            site_posterior(model_trace.sites[name], model_trace.sites[name].log_prob)
         )
         if jnp.shape(probs) != expected:
             raise ModelError(
@@ -345,7 +345,7 @@ def _guide_q(guide, guide_params, args, kwargs, nesting, model_trace):
                 f"values) but the model's site has {expected}. Use the model's plates and "
                 "distribution support for the guide's site."
             )
-        q[name], log_q[name] = probs, _site_posterior(site, site.log_prob)
+        q[name], log_q[name] = probs, site_posterior(site, site.log_prob)
     return q, log_q
 
 
@@ -556,7 +556,7 @@ class VariationalEM:
             exact = _tractable(trace, 2**20)
         log_lik = None
         if exact:
-            log_lik = _contract({n: s.log_prob for n, s in trace.sites.items()}, trace)
+            log_lik = contract_factors({n: s.log_prob for n, s in trace.sites.items()}, trace)
         return value, (state, log_lik, marginals)
 
     def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
@@ -754,8 +754,8 @@ class VariationalEM:
 
 @partial(jax.jit, static_argnums=(0, 4))
 def _elbo_jit(model, params, q, arrays, spec):
-    structure, args, kwargs = _structure(model, arrays, spec)
-    _check_params(structure, params)
+    structure, args, kwargs = structure_and_args(model, arrays, spec)
+    check_params_complete(structure, params)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
     _reject_chains(trace, "jaxem.elbo")
     latents = _latents(trace)
@@ -765,7 +765,7 @@ def _elbo_jit(model, params, q, arrays, spec):
         )
     for name in latents:
         site = trace.sites[name]
-        expected = jnp.shape(_site_posterior(site, site.log_prob))
+        expected = jnp.shape(site_posterior(site, site.log_prob))
         if jnp.shape(q[name]) != expected:
             raise ValueError(
                 f"jaxem: q['{name}'] has shape {jnp.shape(q[name])}, expected {expected} (the "
