@@ -17,6 +17,7 @@ from jaxem.acceleration import (
     squarem_extrapolate,
     squarem_step_max,
 )
+from jaxem.arguments import merge_args, split_args
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, gradient_m_step, init_opt_state, stationarity
@@ -38,10 +39,8 @@ from jaxem.supports import argument_support, arguments_in_support
 from jaxem.tracing import (
     enumerated_trace,
     inspect_model,
-    merge_args,
     model_structure,
     raise_for_model_arguments,
-    split_args,
     validate,
 )
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
+from jaxem.arguments import merge_args, split_args
 from jaxem.chain import chain_indicators, chain_map, chain_posterior, contract_chain, find_chain
 from jaxem.missing import MissingEntries
 from jaxem.tracing import (
@@ -29,9 +30,7 @@ from jaxem.tracing import (
     inspect_model,
     known_labels,
     labelled_latents,
-    merge_args,
     model_structure,
-    split_args,
     validate,
 )
 

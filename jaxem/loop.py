@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxem.arguments import merge_args, merge_init_params, split_args
 from jaxem.batching import RESTART_AXIS, restart_axis
 from jaxem.exceptions import ConvergenceWarning, ModelError
-from jaxem.tracing import inspect_model, merge_args, merge_init_params, split_args
+from jaxem.tracing import inspect_model
 
 __all__ = [
     "JUMP_FACTOR",

@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from jaxem.arguments import merge_args
 from jaxem.estep import e_step
 from jaxem.exceptions import NumericalWarning
 from jaxem.numpyro_internals import PREV_PREFIX
-from jaxem.tracing import merge_args, model_structure
+from jaxem.tracing import model_structure
 
 __all__ = ["BREAKDOWN_TOLERANCE", "broken_down", "recheck_in_float64"]
 

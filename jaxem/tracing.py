@@ -33,6 +33,7 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.distributions.util import is_identically_one
 from numpyro.primitives import Messenger
 
+from jaxem.arguments import check_init_params, is_array, merge_args, merge_init_params, split_args
 from jaxem.batching import shared_predicate
 from jaxem.chain import (
     chain_padding_problems,
@@ -66,17 +67,12 @@ from jaxem.scan import enumerated_scan
 from jaxem.selection import dependencies
 from jaxem.supports import argument_support, params_of_argument, raise_for_arguments
 from jaxem.validation import (
-    check_init_params,
     check_observed_site,
     check_values,
     core_family,
     describe_support,
-    is_array,
-    merge_args,
-    merge_init_params,
     prior_sites,
     raise_for_invalid,
-    split_args,
 )
 
 __all__ = [

@@ -35,6 +35,7 @@ import optax
 from jax.scipy.special import entr
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.arguments import merge_args, split_args
 from jaxem.chain import find_chain
 from jaxem.em import EM
 from jaxem.estep import check_params_complete, contract_factors, site_posterior, structure_and_args
@@ -48,14 +49,7 @@ from jaxem.loop import (
     upper_bound,
 )
 from jaxem.precision import broken_down, recheck_in_float64
-from jaxem.tracing import (
-    ModelError,
-    enumerated_trace,
-    inspect_model,
-    merge_args,
-    model_structure,
-    split_args,
-)
+from jaxem.tracing import ModelError, enumerated_trace, inspect_model, model_structure
 
 __all__ = ["VariationalEM", "VEMState", "VEMResult", "elbo"]
 
