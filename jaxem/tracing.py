@@ -41,6 +41,7 @@ from jaxem.chain import (
 )
 from jaxem.densities import site_log_prob
 from jaxem.exceptions import ModelError
+from jaxem.labels import known_labels_in_trace, restrict_to_labels
 from jaxem.masks import (
     latent_mask_problems,
     mask_dtype_message,
@@ -49,11 +50,9 @@ from jaxem.masks import (
     uniform_where_masked,
 )
 from jaxem.memory import check_enumeration_size
-from jaxem.missing import MissingData, MissingEntries, mask_like
+from jaxem.missing import MissingData, MissingEntries
 from jaxem.numpyro_internals import (
     COERCIONS,
-    OBSERVED_SUFFIX,
-    PREV_PREFIX,
     UNOBSERVED_SUFFIX,
     distribution_mask,
     first_step_name,
@@ -85,8 +84,6 @@ __all__ = [
     "validate",
     "raise_for_model_arguments",
     "enumerated_trace",
-    "labelled_latents",
-    "known_labels",
 ]
 
 
@@ -232,7 +229,7 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
             "jaxem: the model has no numpyro.param sites, so there are no parameters to fit. "
             "Declare each parameter with numpyro.param(name, init_value, constraint=...)."
         )
-    labelled = [n for n in latent if n in _labelled_latents(tr)]
+    labelled = [n for n in latent if n in known_labels_in_trace(tr)]
     if labelled:
         # The unobserved part of an obs_mask site that no site depends on is
         # dropped from the enumerated trace (enumerated_trace): observed data.
@@ -638,7 +635,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     for site in tr.values():
         if site["type"] == "sample":
             _adopt_stacked_args(site, records)
-    labelled = _labelled_latents(tr)
+    labelled = known_labels_in_trace(tr)
     depended_on = {
         n
         for name, site in tr.items()
@@ -689,7 +686,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                 "site matches the shape of its plates and of its distribution."
             ) from err
         # A labelled latent (the unobserved part of an obs_mask site) keeps only the
-        # label's cell where it is masked (_restrict_to_labels), not K uniform ones.
+        # label's cell where it is masked (restrict_to_labels), not K uniform ones.
         if not site["is_observed"] and name not in labelled:
             own = [d for d, n in dim_to_name.items() if n == name]
             log_prob = uniform_where_masked(log_prob, fn, own[0] if own else None)
@@ -704,7 +701,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                 )
             log_prob = scale * log_prob
         if name in labelled:
-            log_prob = _restrict_to_labels(log_prob, value, fn.event_dim, *labelled[name])
+            log_prob = restrict_to_labels(log_prob, value, fn.event_dim, *labelled[name])
         if first_step_name(name) in tr:
             _name_time_dim(name, site, log_prob, dim_to_name, time_names)
         _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting)
@@ -734,84 +731,6 @@ def _check_factor_sizes(tr, labelled, depended_on) -> None:
             latents.add(name)
         plates.update(f.name for f in site["cond_indep_stack"] if f.dim is not None)
     check_enumeration_size(factors, latents, plates)
-
-
-def _masked_part(fn):
-    """The mask of the MaskedDistribution under a site's plate expansion and
-    ``to_event`` wrappers, or None."""
-    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
-        fn = fn.base_dist
-    return distribution_mask(fn) if isinstance(fn, dist.MaskedDistribution) else None
-
-
-def _labelled_latents(tr) -> dict:
-    """``{latent site: (labels, known)}`` for the unobserved parts of discrete
-    sites with an ``obs_mask``.
-
-    NumPyro splits ``sample(name, fn, obs=labels, obs_mask=known)`` into an
-    observed site ``<name>_observed`` (masked to the known entries) and a latent
-    ``<name>_unobserved`` (masked to the others), and returns
-    ``where(known, labels, unobserved)``.
-    """
-    found = {}
-    for name, site in tr.items():
-        if site["type"] != "sample" or site["is_observed"]:
-            continue
-        if not name.endswith(UNOBSERVED_SUFFIX):
-            continue
-        observed = tr.get(name[: -len(UNOBSERVED_SUFFIX)] + OBSERVED_SUFFIX)
-        if observed is None or observed["type"] != "sample" or not observed["is_observed"]:
-            continue
-        known = _masked_part(observed["fn"])
-        if known is not None:
-            found[name] = (observed["value"], known)
-    return found
-
-
-def _restrict_to_labels(log_prob, value, event_dim, labels, known):
-    """The factor of an ``obs_mask`` latent with its known entries fixed.
-
-    The latent part's density is masked to 0 at the known entries, and the value
-    NumPyro returns there is the label whatever the enumerated value: summing
-    over the values would count each labelled point K times. Only the cell of
-    the label is kept (the others are impossible), so the point counts once and
-    its posterior is one-hot at its label.
-    """
-    differs = jnp.asarray(value) != jnp.asarray(labels)
-    if event_dim:
-        differs = jnp.any(differs, axis=tuple(range(-event_dim, 0)))
-    # Finite, and far enough down that exp() is exactly 0: -inf would make the
-    # gradients of the contraction (the posteriors) NaN where two impossible
-    # cells meet (inf - inf).
-    impossible = jnp.asarray(_IMPOSSIBLE, jnp.result_type(log_prob))
-    return jnp.where(jnp.asarray(known, bool) & differs, impossible, log_prob)
-
-
-_IMPOSSIBLE = -1e30  # a log-probability: a sum of a few stays finite in float32
-
-
-def labelled_latents(sites: dict) -> dict:
-    """``{latent site: the name the user gave it}`` for the enumerated
-    unobserved parts of discrete sites with an ``obs_mask``
-    (``"z_unobserved" -> "z"``), from the sites of an :class:`EnumTrace`."""
-    found = {}
-    for name, site in sites.items():
-        if site.is_observed or not name.endswith(UNOBSERVED_SUFFIX):
-            continue
-        base = name[: -len(UNOBSERVED_SUFFIX)]
-        observed = sites.get(base + OBSERVED_SUFFIX)
-        if observed is not None and observed.is_observed and _masked_part(observed.fn) is not None:
-            found[name] = base.removeprefix(PREV_PREFIX)
-    return found
-
-
-def known_labels(sites: dict, name: str):
-    """``(labels, known)`` of the ``obs_mask`` latent ``name`` (see
-    :func:`labelled_latents`)."""
-    observed = sites[name[: -len(UNOBSERVED_SUFFIX)] + OBSERVED_SUFFIX]
-    labels = observed.value
-    batch = jnp.shape(labels)[: jnp.ndim(labels) - observed.fn.event_dim]
-    return labels, mask_like(jnp.asarray(_masked_part(observed.fn), bool), batch)
 
 
 def _explain_trace_error(err: Exception) -> str:
