@@ -13,9 +13,10 @@ from numpyro.distributions.transforms import biject_to
 from jaxem.arguments import merge_args, split_args
 from jaxem.chain import find_chain
 from jaxem.estep import log_likelihood
+from jaxem.inspection import inspect_model
 from jaxem.masks import counted_cells
 from jaxem.numpyro_internals import is_time_dim
-from jaxem.tracing import enumerated_trace, inspect_model
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["num_free_params", "num_observations", "bic", "aic"]
 

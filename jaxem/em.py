@@ -18,9 +18,11 @@ from jaxem.acceleration import (
     squarem_step_max,
 )
 from jaxem.arguments import merge_args, split_args
+from jaxem.checks import raise_for_model_arguments, validate
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, gradient_m_step, init_opt_state, stationarity
+from jaxem.inspection import inspect_model, model_structure
 from jaxem.loop import (
     all_finite,
     best_restart,
@@ -36,13 +38,7 @@ from jaxem.mstep import closed_form_m_step, plan_m_step
 from jaxem.precision import broken_down, recheck_in_float64
 from jaxem.regularization import warn_if_held_by_reg_covar, warn_if_reg_covar_dominates
 from jaxem.supports import argument_support, arguments_in_support
-from jaxem.tracing import (
-    enumerated_trace,
-    inspect_model,
-    model_structure,
-    raise_for_model_arguments,
-    validate,
-)
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["EM", "EMState", "EMResult"]
 

@@ -23,9 +23,11 @@ from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
 from jaxem.arguments import merge_args, split_args
 from jaxem.chain import chain_indicators, chain_map, chain_posterior, contract_chain, find_chain
+from jaxem.checks import validate
+from jaxem.inspection import inspect_model, model_structure
 from jaxem.labels import known_labels, labelled_latents
 from jaxem.missing import MissingEntries
-from jaxem.tracing import EnumTrace, enumerated_trace, inspect_model, model_structure, validate
+from jaxem.tracing import EnumTrace, enumerated_trace
 
 funsor.set_backend("jax")
 

@@ -19,7 +19,7 @@ import numpy as np
 from jaxem.arguments import merge_args, merge_init_params, split_args
 from jaxem.batching import RESTART_AXIS, restart_axis
 from jaxem.exceptions import ConvergenceWarning, ModelError
-from jaxem.tracing import inspect_model
+from jaxem.inspection import inspect_model
 
 __all__ = [
     "JUMP_FACTOR",

@@ -43,13 +43,14 @@ import numpy as np
 import optax
 
 from jaxem.arguments import merge_args, split_args
+from jaxem.checks import validate
 from jaxem.closed_form import registered_closed_forms
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning
 from jaxem.gradient import gradient_m_step, init_opt_state
+from jaxem.inspection import model_structure
 from jaxem.loop import all_finite, initial_params, tree_where
 from jaxem.mstep import closed_form_statistics_m_step, plan_m_step
-from jaxem.tracing import model_structure, validate
 
 __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
 

@@ -34,8 +34,8 @@ from numpyro import handlers
 from jaxem.arguments import merge_args
 from jaxem.estep import e_step
 from jaxem.exceptions import NumericalWarning
+from jaxem.inspection import model_structure
 from jaxem.numpyro_internals import PREV_PREFIX
-from jaxem.tracing import model_structure
 
 __all__ = ["BREAKDOWN_TOLERANCE", "broken_down", "recheck_in_float64"]
 
@@ -115,7 +115,7 @@ def recheck_in_float64(model, params, value, arrays, spec, *, hard=False, name="
         model: the fitted model.
         params: ``{param name: value}`` the fit returned (concrete).
         value: the log-likelihood the fit reported at ``params``.
-        arrays, spec: the model's arguments (:func:`jaxem.tracing.split_args`).
+        arrays, spec: the model's arguments (:func:`jaxem.arguments.split_args`).
         hard: the value is hard EM's (the complete-data log-likelihood at the MAP
             assignment).
         name: the engine, for the message.

@@ -1,22 +1,22 @@
-"""Model tracing and site classification.
+"""The enumerated trace: one log-probability tensor per sample site.
 
-Everything jaxem knows about a model comes from running it under NumPyro's
-effect handlers:
+The model runs with its params substituted under NumPyro's ``enum`` (with
+``first_available_dim`` worked out from the plate nesting), so each sample
+site gives a log-probability tensor over the enumerated values of the
+discrete latents and the plates (:func:`enumerated_trace`). While tracing,
+the constructor arguments of every distribution are recorded, so the M-step
+sees ``covariance_matrix=Sigma[z]`` as the user wrote it rather than the
+Cholesky factor NumPyro stores. Every ``scan`` runs as jaxem's first-order
+scan (:func:`jaxem.scan.enumerated_scan`).
 
-* a seeded trace gives the ``numpyro.param`` sites (initial values and
-  constraints), the plates and the kinds of the sample sites;
-* an enumerated trace (NumPyro's ``enum`` with ``first_available_dim`` worked
-  out from the plate nesting) gives one log-probability tensor per sample
-  site, over the enumerated values of the discrete latents and the plates;
-* while tracing, the constructor arguments of every distribution are
-  recorded, so the M-step sees ``covariance_matrix=Sigma[z]`` as the user
-  wrote it rather than the Cholesky factor NumPyro stores.
+The seeded trace that gives the params and the structure of a model is in
+:mod:`jaxem.inspection`, the densities in :mod:`jaxem.densities`, the checks of
+data and values in :mod:`jaxem.checks` and :mod:`jaxem.validation`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from typing import Any, NamedTuple
 
@@ -32,21 +32,14 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.distributions.util import is_identically_one
 from numpyro.primitives import Messenger
 
-from jaxem.arguments import check_init_params, is_array, merge_args, merge_init_params, split_args
+from jaxem.arguments import is_array
 from jaxem.chain import (
-    chain_padding_problems,
-    find_chain,
     labelled_scan_message,
-    raise_for_chain_padding,
 )
 from jaxem.densities import site_log_prob
 from jaxem.exceptions import ModelError
 from jaxem.labels import known_labels_in_trace, restrict_to_labels
 from jaxem.masks import (
-    latent_mask_problems,
-    mask_dtype_message,
-    mask_of,
-    raise_for_latent_masks,
     uniform_where_masked,
 )
 from jaxem.memory import check_enumeration_size
@@ -54,55 +47,14 @@ from jaxem.missing import MissingData, MissingEntries
 from jaxem.numpyro_internals import (
     COERCIONS,
     UNOBSERVED_SUFFIX,
-    distribution_mask,
     first_step_name,
     is_first_step,
     is_time_dim,
     time_dim_name,
 )
 from jaxem.scan import enumerated_scan
-from jaxem.selection import dependencies
-from jaxem.supports import argument_support, params_of_argument, raise_for_arguments
-from jaxem.validation import (
-    check_observed_site,
-    check_values,
-    core_family,
-    describe_support,
-    prior_sites,
-    raise_for_invalid,
-)
 
-__all__ = [
-    "ModelError",
-    "ModelStructure",
-    "EnumTrace",
-    "Site",
-    "split_args",
-    "merge_args",
-    "inspect_model",
-    "model_structure",
-    "validate",
-    "raise_for_model_arguments",
-    "enumerated_trace",
-]
-
-
-class ModelStructure(NamedTuple):
-    """What a seeded trace of the model tells about it (static information).
-
-    Attributes:
-        param_names: names of the ``numpyro.param`` sites, in model order.
-        constraints: ``{param name: constraint}``.
-        latent_sites: names of the discrete latent sample sites, in model order.
-        observed_sites: names of the observed sample sites.
-        max_plate_nesting: number of batch dimensions used by plates.
-    """
-
-    param_names: tuple[str, ...]
-    constraints: dict
-    latent_sites: tuple[str, ...]
-    observed_sites: tuple[str, ...]
-    max_plate_nesting: int
+__all__ = ["EnumTrace", "Site", "enumerated_trace"]
 
 
 class Site(NamedTuple):
@@ -137,325 +89,6 @@ class EnumTrace(NamedTuple):
 
     sites: dict
     constructor_args: dict
-
-
-# ---------------------------------------------------------------------------
-# Seeded trace: params, plates, site kinds.
-# ---------------------------------------------------------------------------
-
-
-def _describe(fn) -> str:
-    base = fn
-    while hasattr(base, "base_dist"):
-        base = base.base_dist
-    return type(base).__name__
-
-
-def _support_value(msg):
-    if msg["type"] != "sample" or msg["is_observed"]:
-        return None
-    fn = msg["fn"]
-    if not (fn.support.is_discrete and fn.has_enumerate_support):
-        return None  # reported by inspect_model
-    first = fn.enumerate_support(expand=False)[0]
-    return jnp.broadcast_to(first, fn.shape(msg["kwargs"].get("sample_shape", ())))
-
-
-def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
-    """Run the model once under ``seed`` and classify its sites.
-
-    Returns:
-        ``(structure, initial_params)``: a :class:`ModelStructure` and the
-        initial (constrained) values of the params, callable initial values
-        called with keys derived from ``rng_key``, integer ones cast to the
-        default float dtype (EM moves them continuously); with
-        ``observed_values``, also ``{observed site: (distribution, data)}``.
-
-    Raises:
-        ModelError: no params, a param with a discrete constraint, a continuous
-            or non-enumerable latent site, data whose shape is not the site's
-            (:func:`jaxem.validation.check_observed_site`). Checks of values (NaN
-            data, initial values outside their constraints) are in
-            :func:`jaxem.validation.check_values`.
-    """
-    # Latent sites take a value of their support instead of a prior draw: the
-    # trace is for params and structure, and sampling N labels would be staged
-    # into every compiled program that inspects the model.
-    no_sampling = handlers.substitute(MissingEntries(model), substitute_fn=_support_value)
-    try:
-        # NumPyro's own argument checks would reject an invalid initial value
-        # without naming the param; jaxem's checks below do.
-        with validation_enabled(False):
-            tr = handlers.trace(handlers.seed(no_sampling, rng_key)).get_trace(*args, **kwargs)
-    except ModelError:
-        raise
-    except ValueError as err:
-        raise ModelError(
-            mask_dtype_message(err) or f"jaxem: running the model failed: {err}"
-        ) from err
-
-    params, constraints_, latent, observed = {}, {}, [], []
-    nesting = 0
-    for name, site in tr.items():
-        if site["type"] == "param":
-            constraint = site["kwargs"].get("constraint", dist.constraints.real)
-            params[name] = _float_param(name, site["value"], constraint)
-            constraints_[name] = constraint
-        elif site["type"] == "sample":
-            for frame in site["cond_indep_stack"]:
-                if frame.dim is not None:
-                    nesting = max(nesting, -frame.dim)
-            if site["is_observed"]:
-                check_observed_site(name, site)
-                observed.append(name)
-                continue
-            fn = site["fn"]
-            if not fn.support.is_discrete:
-                raise ModelError(
-                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is continuous. EM "
-                    "enumerates discrete latent sites only: observe it (obs=...), make it a "
-                    "numpyro.param, or integrate it out of the model analytically."
-                )
-            if not fn.has_enumerate_support:
-                raise ModelError(
-                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is discrete but its "
-                    "support cannot be enumerated (it is infinite or too large). Use a "
-                    "distribution with finite support (e.g. Categorical over a truncated "
-                    "range) or observe the site."
-                )
-            latent.append(name)
-    if not params:
-        raise ModelError(
-            "jaxem: the model has no numpyro.param sites, so there are no parameters to fit. "
-            "Declare each parameter with numpyro.param(name, init_value, constraint=...)."
-        )
-    labelled = [n for n in latent if n in known_labels_in_trace(tr)]
-    if labelled:
-        # The unobserved part of an obs_mask site that no site depends on is
-        # dropped from the enumerated trace (enumerated_trace): observed data.
-        kept = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False).sites
-        leaves = {n for n in labelled if n not in kept}
-        observed = [n for n in tr if n in leaves or n in observed]
-        latent = [n for n in latent if n not in leaves]
-    structure = ModelStructure(tuple(params), constraints_, tuple(latent), tuple(observed), nesting)
-    if observed_values:
-        return structure, params, {n: (tr[n]["fn"], tr[n]["value"]) for n in observed}
-    return structure, params
-
-
-def _float_param(name, value, constraint):
-    """An initial value in a float dtype: an integer one (``jnp.array([0, 1])``) would
-    get no gradient (JAX's float0) and be truncated by every update."""
-    if constraint.is_discrete:
-        raise ModelError(
-            f"jaxem: param '{name}' has the discrete constraint {constraint}. EM moves "
-            "params continuously; a discrete unknown is a latent sample site (enumerated), "
-            "a known one a model argument."
-        )
-    if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
-        return value
-    return jnp.asarray(value, jnp.result_type(float))
-
-
-def model_structure(model, args, kwargs) -> ModelStructure:
-    """The :class:`ModelStructure` of a model, from an abstract trace.
-
-    Nothing of the trace (initial values, latent samples) is staged into an
-    enclosing ``jit``: only the static structure comes out. The structure depends
-    on the arrays' shapes and dtypes alone, so it is traced once per model and
-    signature (``run`` checks its inputs against it on every call).
-    """
-    arrays, spec = split_args(args, kwargs)
-    leaves, treedef = jax.tree.flatten(arrays)
-    signature = tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in leaves)
-    try:
-        hash(model)
-    except TypeError:  # a callable object without a hash: trace it every time
-        return _trace_structure(model, spec, treedef, signature)
-    return _cached_structure(model, spec, treedef, signature)
-
-
-def _trace_structure(model, spec, treedef, signature) -> ModelStructure:
-    found = []
-
-    def structure_only(arrays):
-        args, kwargs = merge_args(arrays, spec)
-        structure, params = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
-        found.append(structure)
-        return params
-
-    shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
-    jax.eval_shape(structure_only, jax.tree.unflatten(treedef, shapes))
-    return found[0]
-
-
-_cached_structure = functools.lru_cache(maxsize=256)(_trace_structure)
-
-
-def mvn_sites_of_params(model, rng_key, args, kwargs, params) -> dict:
-    """``{param: names of the MultivariateNormal observed sites whose arguments
-    depend on it}``, params reaching no such site left out.
-
-    Read from the jaxpr of ``params -> (loc, scale_tril)`` of every such site
-    in a seeded trace (:func:`jaxem.selection.dependencies`, which follows
-    calls and ``scan`` bodies; the stacked site of a ``scan`` body is one site
-    there). Other control flow makes every output depend on every input: a
-    param may be reported to reach more sites than it does, never fewer.
-    """
-    names = tuple(params)
-    sites = []
-
-    def site_args(values):
-        fixed = handlers.substitute(MissingEntries(model), data=dict(zip(names, values)))
-        no_sampling = handlers.substitute(fixed, substitute_fn=_support_value)
-        with validation_enabled(False):
-            tr = handlers.trace(handlers.seed(no_sampling, rng_key)).get_trace(*args, **kwargs)
-        sites.clear()
-        outputs = []
-        for name, site in tr.items():
-            fn = site["fn"] if site["type"] == "sample" and site["is_observed"] else None
-            # The part of an obs_mask site that is missing as a whole scores nothing.
-            if fn is None:
-                continue
-            if isinstance(fn, dist.MaskedDistribution) and distribution_mask(fn) is False:
-                continue
-            core = core_family(fn.base_dist if isinstance(fn, MissingData) else fn)
-            if type(core) is dist.MultivariateNormal:
-                sites.append(name)
-                outputs.append((core.loc, core.scale_tril))
-        return outputs
-
-    closed = jax.make_jaxpr(site_args)([params[name] for name in names])
-    labels = dependencies(closed, [{name: True} for name in names])
-    reach = {}
-    for index, site in enumerate(sites):
-        for name in {**labels[2 * index], **labels[2 * index + 1]}:
-            reach.setdefault(name, []).append(site)
-    return {name: tuple(found) for name, found in reach.items()}
-
-
-def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()):
-    """Raise a :class:`ModelError` for bad data or parameter values.
-
-    Checks the observed data (NaN or infinite entries, values outside the
-    support, missing-data problems, sites that are priors rather than data)
-    and the parameters: the model's initial values, overridden by ``params``
-    (a partial or full ``{param name: value}``). One compiled check per model
-    and argument signature (eager checks would compile op by op); skipped when
-    any input is a tracer (under ``jit``/``vmap`` nothing can be raised).
-    With ``fitting``, also a model with nothing observed and MultivariateNormal
-    coordinates that the data never observe, for the params not ``frozen``
-    (:func:`jaxem.validation.raise_for_invalid`). Distribution arguments outside
-    their support are an error too (:func:`jaxem.supports.argument_support`).
-
-    Returns:
-        The :class:`jaxem.validation.Validity` found, None under ``jit``/``vmap``.
-    """
-    check_init_params(params)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
-        return None
-    try:
-        hash(model)
-    except TypeError:
-        validity = _validity(model, spec, rng_key, arrays, params)
-    else:
-        validity = _validity_jit(model, spec, rng_key, arrays, params)
-    args, kwargs = merge_args(arrays, spec)
-
-    def support_of(site):
-        # Only on the way to an error: the support's bounds may be arrays, concrete here.
-        _, initial = inspect_model(model, rng_key, args, kwargs)
-        fixed = handlers.substitute(model, data=merge_init_params(initial, params))
-        _, _, sites = inspect_model(fixed, rng_key, args, kwargs, observed_values=True)
-        return describe_support(sites[site][0])
-
-    structure = model_structure(model, args, kwargs)
-    raise_for_invalid(structure, validity, fitting=fitting, frozen=frozen, support_of=support_of)
-    if any(int(count) for count, _ in validity.arguments.values()):
-        _, initial = inspect_model(model, rng_key, args, kwargs)
-        merged = merge_init_params(initial, params)
-        when = "initial" if fitting else "given"
-        raise_for_model_arguments(model, args, kwargs, merged, validity.arguments, when)
-    try:
-        hash(model)
-    except TypeError:
-        problems = _mask_problems(model, spec, rng_key, arrays, params)
-    else:
-        problems = _mask_problems_jit(model, spec, rng_key, arrays, params)
-    for key, bad in problems.items():
-        if key[0] == "chain":
-            raise_for_chain_padding(bad, key[1], key[2])
-    raise_for_latent_masks({key[1:]: bad for key, bad in problems.items() if key[0] == "latent"})
-    return validity
-
-
-def raise_for_model_arguments(model, args, kwargs, params, found, when: str) -> None:
-    """The :class:`ModelError` of :func:`jaxem.supports.raise_for_arguments` for the
-    arguments ``found`` outside their support at ``params`` (all of them, concrete),
-    naming the params each depends on (read from the model's jaxpr)."""
-    nesting = model_structure(model, args, kwargs).max_plate_nesting
-
-    def trace_fn(values):
-        return enumerated_trace(model, values, args, kwargs, nesting, log_probs=False)
-
-    def family_of(site):
-        return core_family(trace_fn(params).sites[site].fn)
-
-    def params_of(site, arg):
-        return params_of_argument(trace_fn, params, site, arg)
-
-    raise_for_arguments(found, when, params_of, family_of)
-
-
-def _mask_problems(model, spec, rng_key, arrays, params) -> dict:
-    """Masked latents that are not padding, on concrete masks: ``{("chain", site,
-    plates): per sequence}`` for a ``scan`` chain, else ``{("latent", masked,
-    dependent): bool}`` (see :mod:`jaxem.masks`). Empty without masked latents."""
-    args, kwargs = merge_args(arrays, spec)
-    structure, initial = inspect_model(model, rng_key, args, kwargs)
-    params = merge_init_params(initial, params)
-    nesting = structure.max_plate_nesting
-    trace = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False)
-    if all(s.is_observed or mask_of(s.fn) is None for s in trace.sites.values()):
-        return {}
-    # The log-probabilities name the time dim of a scan whose mask varies over time.
-    trace = enumerated_trace(model, params, args, kwargs, nesting)
-    chain = find_chain(trace)
-    if chain is not None:
-        plates = tuple(chain.plate_dims[d] for d in sorted(chain.plate_dims))
-        return {("chain", chain.name, plates): chain_padding_problems(trace, chain)}
-    return {("latent", *key): bad for key, bad in latent_mask_problems(trace).items()}
-
-
-_mask_problems_jit = jax.jit(_mask_problems, static_argnums=(0, 1))
-
-
-def _validity(model, spec, rng_key, arrays, params):
-    args, kwargs = merge_args(arrays, spec)
-    structure, initial = inspect_model(model, rng_key, args, kwargs)
-    merged = merge_init_params(initial, params)
-    # The sites at the params being checked: a support may depend on them.
-    fixed = handlers.substitute(model, data=merged)
-    _, _, sites = inspect_model(fixed, rng_key, args, kwargs, observed_values=True)
-    reach = None
-    if any(
-        isinstance(fn, MissingData) and type(core_family(fn)) is dist.MultivariateNormal
-        for fn, _ in sites.values()
-    ):
-        reach = mvn_sites_of_params(model, rng_key, args, kwargs, initial)
-    priors = prior_sites(model, rng_key, arrays, spec, merged)
-    try:
-        nesting = structure.max_plate_nesting
-        trace = enumerated_trace(model, merged, args, kwargs, nesting, log_probs=False)
-        arguments = argument_support(trace)
-    except Exception:  # noqa: BLE001
-        # A model that cannot be enumerated: the enumerated trace that every entry
-        # point builds next reports what is wrong with it in its own words.
-        arguments = None
-    return check_values(structure, merged, sites, reach, priors, arguments)
-
-
-_validity_jit = jax.jit(_validity, static_argnums=(0, 1))
 
 
 # ---------------------------------------------------------------------------

@@ -226,12 +226,12 @@ def check_values(
     """Validity of data and initial values as arrays (jittable).
 
     Args:
-        structure: the model's :class:`jaxem.tracing.ModelStructure`.
+        structure: the model's :class:`jaxem.inspection.ModelStructure`.
         params: initial values.
         sites: ``{observed site: (distribution, data)}`` at ``params``, missing
             entries filled (:class:`jaxem.missing.MissingEntries`).
         reach: ``{param: the MultivariateNormal sites whose arguments depend
-            on it}`` (:func:`jaxem.tracing.mvn_sites_of_params`).
+            on it}`` (:func:`jaxem.inspection.mvn_sites_of_params`).
         priors: names of the sites that are priors (:func:`prior_sites`).
         arguments: :func:`jaxem.supports.argument_support` of the model at
             ``params`` (None: not checked).

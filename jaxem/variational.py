@@ -39,7 +39,9 @@ from jaxem.arguments import merge_args, split_args
 from jaxem.chain import find_chain
 from jaxem.em import EM
 from jaxem.estep import check_params_complete, contract_factors, site_posterior, structure_and_args
+from jaxem.exceptions import ModelError
 from jaxem.gradient import default_optimizer, init_opt_state, safeguarded_steps, stationarity
+from jaxem.inspection import inspect_model, model_structure
 from jaxem.loop import (
     best_restart,
     iterate,
@@ -49,7 +51,7 @@ from jaxem.loop import (
     upper_bound,
 )
 from jaxem.precision import broken_down, recheck_in_float64
-from jaxem.tracing import ModelError, enumerated_trace, inspect_model, model_structure
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["VariationalEM", "VEMState", "VEMResult", "elbo"]
 

@@ -23,7 +23,7 @@ import jaxem
 from jaxem import EM, ModelError
 from jaxem.chain import _arrange, find_chain
 from jaxem.estep import e_step
-from jaxem.tracing import inspect_model
+from jaxem.inspection import inspect_model
 
 K = 3
 
