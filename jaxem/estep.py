@@ -22,7 +22,8 @@ from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
 from jaxem.arguments import merge_args, split_args
-from jaxem.chain import chain_indicators, chain_map, chain_posterior, contract_chain, find_chain
+from jaxem.chain import find_chain
+from jaxem.chain_inference import chain_indicators, chain_map, chain_posterior, contract_chain
 from jaxem.checks import validate
 from jaxem.inspection import inspect_model, model_structure
 from jaxem.labels import known_labels, labelled_latents

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 
 from jaxem.arguments import split_args
-from jaxem.chain import chain_indicators, chain_sample, find_chain
+from jaxem.chain import find_chain
+from jaxem.chain_inference import chain_indicators, chain_sample
 from jaxem.estep import check_params_complete, e_step, structure_and_args
 from jaxem.missing import MissingData, conditional_moments
 from jaxem.numpyro_internals import PREV_PREFIX, first_step_name, is_first_step, is_time_dim
