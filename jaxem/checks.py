@@ -54,12 +54,7 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     check_init_params(params)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
         return None
-    try:
-        hash(model)
-    except TypeError:
-        validity = _validity(model, spec, rng_key, arrays, params)
-    else:
-        validity = _validity_jit(model, spec, rng_key, arrays, params)
+    validity = _compiled(_validity, _validity_jit, model, spec, rng_key, arrays, params)
     args, kwargs = merge_args(arrays, spec)
 
     def support_of(site):
@@ -76,17 +71,23 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
         merged = merge_init_params(initial, params)
         when = "initial" if fitting else "given"
         raise_for_model_arguments(model, args, kwargs, merged, validity.arguments, when)
-    try:
-        hash(model)
-    except TypeError:
-        problems = _mask_problems(model, spec, rng_key, arrays, params)
-    else:
-        problems = _mask_problems_jit(model, spec, rng_key, arrays, params)
+    problems = _compiled(_mask_problems, _mask_problems_jit, model, spec, rng_key, arrays, params)
     for key, bad in problems.items():
         if key[0] == "chain":
             raise_for_chain_padding(bad, key[1], key[2])
     raise_for_latent_masks({key[1:]: bad for key, bad in problems.items() if key[0] == "latent"})
     return validity
+
+
+def _compiled(fn, fn_jit, model, *args):
+    """``fn_jit(model, *args)``, the compiled check cached per model and signature,
+    or ``fn`` run op by op for a model without a hash (a callable object), which
+    cannot be a static argument of ``jit``."""
+    try:
+        hash(model)
+    except TypeError:
+        return fn(model, *args)
+    return fn_jit(model, *args)
 
 
 def raise_for_model_arguments(model, args, kwargs, params, found, when: str) -> None:
