@@ -319,24 +319,10 @@ def raise_for_invalid(
     (its log-likelihood, 0, is correct). ``support_of(site)`` describes the
     support of a site's distribution, for the out-of-support error.
     """
-    for name, count in validity.non_finite.items():
-        if int(count):
-            raise ModelError(
-                f"jaxem: observed site '{name}' contains {int(count)} NaN or infinite "
-                "value(s). If NaN marks missing values, fit jaxem.nan_as_missing(model) (NaN "
-                "entries are then marginalized) or pass obs_mask= to numpyro.sample; otherwise "
-                "remove or correct those entries before fitting. Infinite values are never "
-                "treated as missing."
-            )
-    for name, count in validity.partial.items():
-        if int(count):
-            raise ModelError(
-                f"jaxem: observed site '{name}' has {int(count)} event(s) with some but not "
-                "all entries missing, and its distribution has no closed-form marginal over "
-                "part of an event (jaxem marginalizes partly missing events of a "
-                "MultivariateNormal or of independent univariate entries, .to_event()). "
-                "Mark whole events missing, or model the entries as separate sites."
-            )
+    for counts, message in ((validity.non_finite, _NON_FINITE), (validity.partial, _PARTIAL)):
+        for name, count in counts.items():
+            if int(count):
+                raise ModelError(message.format(name=name, count=int(count)))
     for name, (count, index, values) in validity.outside_support.items():
         if int(count):
             _raise_outside_support(name, int(count), index, values, support_of)
@@ -375,6 +361,22 @@ def raise_for_invalid(
                 "model's initial value, init_params, or the params passed in): e.g. a simplex "
                 "sums to 1 along its last axis, lower_cholesky needs a positive diagonal."
             )
+
+
+_NON_FINITE = (
+    "jaxem: observed site '{name}' contains {count} NaN or infinite "
+    "value(s). If NaN marks missing values, fit jaxem.nan_as_missing(model) (NaN "
+    "entries are then marginalized) or pass obs_mask= to numpyro.sample; otherwise "
+    "remove or correct those entries before fitting. Infinite values are never "
+    "treated as missing."
+)
+_PARTIAL = (
+    "jaxem: observed site '{name}' has {count} event(s) with some but not "
+    "all entries missing, and its distribution has no closed-form marginal over "
+    "part of an event (jaxem marginalizes partly missing events of a "
+    "MultivariateNormal or of independent univariate entries, .to_event()). "
+    "Mark whole events missing, or model the entries as separate sites."
+)
 
 
 def _raise_outside_support(name, count, index, values, support_of) -> None:
