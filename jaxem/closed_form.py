@@ -377,28 +377,19 @@ def _register_builtins() -> None:
     register_closed_form(dist.Poisson, "rate", ratio)
     register_closed_form(dist.BernoulliProbs, "probs", probs)
     register_closed_form(dist.BernoulliLogits, "logits", logits)
-    register_closed_form(
-        dist.BinomialProbs,
-        "probs",
-        ClosedFormUpdate(_binomial_stats, _probability, domain=_unit_interval),
-    )
-    register_closed_form(
-        dist.BinomialLogits,
-        "logits",
-        ClosedFormUpdate(_binomial_stats, _ratio_logits, domain=_unconstrained),
-    )
+    # A probability and its logit solve from the same statistics.
+    for probs_cls, logits_cls, stats in (
+        (dist.BinomialProbs, dist.BinomialLogits, _binomial_stats),
+        (dist.GeometricProbs, dist.GeometricLogits, _geometric_stats),
+    ):
+        register_closed_form(
+            probs_cls, "probs", ClosedFormUpdate(stats, _probability, domain=_unit_interval)
+        )
+        register_closed_form(
+            logits_cls, "logits", ClosedFormUpdate(stats, _ratio_logits, domain=_unconstrained)
+        )
     register_closed_form(
         dist.Exponential, "rate", ClosedFormUpdate(_count_stats, _positive_ratio, domain=_positive)
-    )
-    register_closed_form(
-        dist.GeometricProbs,
-        "probs",
-        ClosedFormUpdate(_geometric_stats, _probability, domain=_unit_interval),
-    )
-    register_closed_form(
-        dist.GeometricLogits,
-        "logits",
-        ClosedFormUpdate(_geometric_stats, _ratio_logits, domain=_unconstrained),
     )
     register_closed_form(
         dist.Gamma, "rate", ClosedFormUpdate(_gamma_rate_stats, _positive_ratio, domain=_positive)
