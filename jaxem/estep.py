@@ -30,8 +30,6 @@ from jaxem.labels import known_labels, labelled_latents
 from jaxem.missing import MissingEntries
 from jaxem.tracing import EnumTrace, enumerated_trace
 
-funsor.set_backend("jax")
-
 __all__ = [
     "EStep",
     "check_params_complete",
@@ -114,7 +112,11 @@ def _logsumexp_leading(x):
 
 
 def _contract_funsor(log_factors: dict, trace: EnumTrace):
-    """General contraction: funsor's sum-product over plates and enumerated dims."""
+    """General contraction: funsor's sum-product over plates and enumerated dims.
+
+    funsor's backend is JAX: importing ``numpyro.contrib.funsor`` sets it (a global
+    switch of funsor's that jaxem leaves to NumPyro rather than setting it again).
+    """
     factors, sum_vars, plates = [], set(), set()
     for name, site in trace.sites.items():
         log_prob = log_factors[name]
