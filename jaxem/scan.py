@@ -36,7 +36,9 @@ from numpyro.primitives import Messenger
 
 from jaxem.exceptions import ModelError
 from jaxem.numpyro_internals import (
+    OBSERVED_SUFFIX,
     PREV_PREFIX,
+    UNOBSERVED_SUFFIX,
     distribution_mask,
     is_first_step,
     promote_fn_shapes,
@@ -230,11 +232,11 @@ class _ObsMaskParts(Messenger):
             return
         name, fn = msg["name"], msg["fn"]
         if msg["is_observed"]:
-            if name.endswith("_observed"):
-                self._observed_parts.add(name[: -len("_observed")])
+            if name.endswith(OBSERVED_SUFFIX):
+                self._observed_parts.add(name[: -len(OBSERVED_SUFFIX)])
             return
-        base = name[: -len("_unobserved")]
-        if name.endswith("_unobserved") and base in self._observed_parts:
+        base = name[: -len(UNOBSERVED_SUFFIX)]
+        if name.endswith(UNOBSERVED_SUFFIX) and base in self._observed_parts:
             prototype = jnp.zeros(fn.shape(), jnp.result_type(float))
             msg["value"] = fn.support.feasible_like(prototype)
             msg["fn"] = fn.mask(False)
