@@ -38,10 +38,12 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from jax.extend.core import jaxpr_as_fun
-from numpyro.primitives import _PYRO_STACK
 
+from jaxem.arguments import merge_args, split_args
 from jaxem.batching import restarts_active
-from jaxem.tracing import EnumTrace, ModelStructure, merge_args, model_structure, split_args
+from jaxem.inspection import ModelStructure, model_structure
+from jaxem.numpyro_internals import inside_handler
+from jaxem.tracing import EnumTrace
 
 __all__ = ["BuiltModel", "built_model"]
 
@@ -85,7 +87,7 @@ class BuiltModel:
 
     def enumerated_trace(self, params, args, kwargs, max_plate_nesting, *, log_probs=True):
         """:func:`jaxem.tracing.enumerated_trace` of the model, from the cache."""
-        if _PYRO_STACK:
+        if inside_handler():
             # Inside another handler the model's sites go through it as well: its
             # effects cannot be cached with the trace.
             return self._direct(params, args, kwargs, max_plate_nesting, log_probs)

@@ -41,6 +41,13 @@ from jaxem.gaussian_stats import (
     solve_precision,
     solve_scale_tril,
 )
+from jaxem.numpyro_internals import (
+    LowerCholeskyConstraint,
+    PositiveDefiniteConstraint,
+    RealConstraint,
+    SimplexConstraint,
+    base_constraint,
+)
 
 __all__ = [
     "Cells",
@@ -237,42 +244,36 @@ def registered_closed_forms() -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _base(constraint):
-    while isinstance(constraint, constraints._IndependentConstraint):
-        constraint = constraint.base_constraint
-    return constraint
-
-
 def _unconstrained(c) -> bool:
-    return isinstance(_base(c), constraints._Real)
+    return isinstance(base_constraint(c), RealConstraint)
 
 
 def _positive(c) -> bool:
-    c = _base(c)
+    c = base_constraint(c)
     return _unconstrained(c) or (
-        isinstance(c, constraints._GreaterThan) and float(c.lower_bound) == 0.0
+        isinstance(c, constraints.greater_than) and float(c.lower_bound) == 0.0
     )
 
 
 def _unit_interval(c) -> bool:
-    c = _base(c)
+    c = base_constraint(c)
     return _unconstrained(c) or (
-        isinstance(c, constraints._Interval)
+        isinstance(c, constraints.interval)
         and float(c.lower_bound) == 0.0
         and float(c.upper_bound) == 1.0
     )
 
 
 def _simplex(c) -> bool:
-    return isinstance(c, constraints._Simplex)
+    return isinstance(c, SimplexConstraint)
 
 
 def _positive_definite(c) -> bool:
-    return isinstance(c, constraints._PositiveDefinite)
+    return isinstance(c, PositiveDefiniteConstraint)
 
 
 def _lower_cholesky(c) -> bool:
-    return isinstance(c, constraints._LowerCholesky)
+    return isinstance(c, LowerCholeskyConstraint)
 
 
 # ---------------------------------------------------------------------------
@@ -386,28 +387,19 @@ def _register_builtins() -> None:
     register_closed_form(dist.Poisson, "rate", ratio)
     register_closed_form(dist.BernoulliProbs, "probs", probs)
     register_closed_form(dist.BernoulliLogits, "logits", logits)
-    register_closed_form(
-        dist.BinomialProbs,
-        "probs",
-        ClosedFormUpdate(_binomial_stats, _probability, domain=_unit_interval),
-    )
-    register_closed_form(
-        dist.BinomialLogits,
-        "logits",
-        ClosedFormUpdate(_binomial_stats, _ratio_logits, domain=_unconstrained),
-    )
+    # A probability and its logit solve from the same statistics.
+    for probs_cls, logits_cls, stats in (
+        (dist.BinomialProbs, dist.BinomialLogits, _binomial_stats),
+        (dist.GeometricProbs, dist.GeometricLogits, _geometric_stats),
+    ):
+        register_closed_form(
+            probs_cls, "probs", ClosedFormUpdate(stats, _probability, domain=_unit_interval)
+        )
+        register_closed_form(
+            logits_cls, "logits", ClosedFormUpdate(stats, _ratio_logits, domain=_unconstrained)
+        )
     register_closed_form(
         dist.Exponential, "rate", ClosedFormUpdate(_count_stats, _positive_ratio, domain=_positive)
-    )
-    register_closed_form(
-        dist.GeometricProbs,
-        "probs",
-        ClosedFormUpdate(_geometric_stats, _probability, domain=_unit_interval),
-    )
-    register_closed_form(
-        dist.GeometricLogits,
-        "logits",
-        ClosedFormUpdate(_geometric_stats, _ratio_logits, domain=_unconstrained),
     )
     register_closed_form(
         dist.Gamma, "rate", ClosedFormUpdate(_gamma_rate_stats, _positive_ratio, domain=_positive)

@@ -10,10 +10,13 @@ import jax
 import jax.numpy as jnp
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.arguments import merge_args, split_args
 from jaxem.chain import find_chain
 from jaxem.estep import log_likelihood
+from jaxem.inspection import inspect_model
 from jaxem.masks import counted_cells
-from jaxem.tracing import enumerated_trace, inspect_model, merge_args, split_args
+from jaxem.numpyro_internals import is_time_dim
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["num_free_params", "num_observations", "bic", "aic"]
 
@@ -123,7 +126,7 @@ def _observed_cells(site, plate_dims=None):
     real = counted_cells(site.fn, site.value)
     # The enumerated dims of a site that depends on latents are not cells.
     for dim, name in site.dim_to_name.items():
-        if name not in site.plates and not str(name).startswith("_time") and -dim <= real.ndim:
+        if name not in site.plates and not is_time_dim(name) and -dim <= real.ndim:
             real = jnp.take(real, jnp.array([0]), axis=dim)
         elif plate_dims is not None and name in site.plates and dim not in plate_dims:
             real = jnp.any(real, axis=dim, keepdims=True)

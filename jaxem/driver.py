@@ -20,8 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxem.arguments import merge_args, split_args
+from jaxem.checks import raise_for_model_arguments, validate
 from jaxem.closed_form import registered_closed_forms
 from jaxem.gradient import gradient_m_step, init_opt_state
+from jaxem.inspection import inspect_model, model_structure
 from jaxem.loop import (
     best_restart,
     initial_params,
@@ -34,15 +37,7 @@ from jaxem.mstep import closed_form_m_step, plan_m_step
 from jaxem.precision import broken_down, recheck_in_float64
 from jaxem.regularization import warn_if_held_by_reg_covar, warn_if_reg_covar_dominates
 from jaxem.supports import argument_support, arguments_in_support
-from jaxem.tracing import (
-    enumerated_trace,
-    inspect_model,
-    merge_args,
-    model_structure,
-    raise_for_model_arguments,
-    split_args,
-    validate,
-)
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["Fitter", "MStep", "describe_plan", "in_support"]
 

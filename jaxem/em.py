@@ -16,12 +16,14 @@ from jaxem.acceleration import (
     squarem_extrapolate,
     squarem_step_max,
 )
+from jaxem.arguments import merge_args
 from jaxem.built import built_model
 from jaxem.driver import Fitter, MStep, in_support
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, stationarity
+from jaxem.inspection import model_structure
 from jaxem.loop import all_finite, iterate, stationary, tree_where, upper_bound
-from jaxem.tracing import enumerated_trace, merge_args, model_structure
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["EM", "EMState", "EMResult"]
 

@@ -21,24 +21,29 @@ import jax.numpy as jnp
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
+from jaxem.arguments import merge_args, split_args
 from jaxem.built import built_model
-from jaxem.chain import chain_indicators, chain_map, chain_posterior, contract_chain, find_chain
+from jaxem.chain import find_chain
+from jaxem.chain_inference import chain_indicators, chain_map, chain_posterior, contract_chain
+from jaxem.checks import validate
+from jaxem.inspection import model_structure
+from jaxem.labels import known_labels, labelled_latents
 from jaxem.missing import MissingEntries
 from jaxem.safe_log import zero_safe_log
-from jaxem.tracing import (
-    EnumTrace,
-    enumerated_trace,
-    known_labels,
-    labelled_latents,
-    merge_args,
-    model_structure,
-    split_args,
-    validate,
-)
+from jaxem.tracing import EnumTrace, enumerated_trace
 
-funsor.set_backend("jax")
-
-__all__ = ["EStep", "e_step", "log_likelihood", "map_assignment", "map_values", "posterior"]
+__all__ = [
+    "EStep",
+    "check_params_complete",
+    "contract_factors",
+    "e_step",
+    "log_likelihood",
+    "map_assignment",
+    "map_values",
+    "posterior",
+    "site_posterior",
+    "structure_and_args",
+]
 
 
 class EStep(NamedTuple):
@@ -56,7 +61,9 @@ class EStep(NamedTuple):
     trace: EnumTrace
 
 
-def _contract(log_factors: dict, trace: EnumTrace, parallel: bool = False):
+def contract_factors(log_factors: dict, trace: EnumTrace, parallel: bool = False):
+    """log p(data): the sum-product of an enumerated trace's log-factors over its latents
+    (the forward algorithm for a ``scan`` chain, a logsumexp for one latent, funsor else)."""
     chain = find_chain(trace)
     if chain is not None:
         return contract_chain(log_factors, trace, chain, parallel=parallel)
@@ -149,7 +156,7 @@ def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False, parall
     trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
     log_factors = {name: jax.lax.stop_gradient(s.log_prob) for name, s in trace.sites.items()}
     if not hard:
-        value, marginals = jax.value_and_grad(_contract)(log_factors, trace, parallel)
+        value, marginals = jax.value_and_grad(contract_factors)(log_factors, trace, parallel)
         return EStep(value, marginals, trace)
     chain = find_chain(trace)
     if chain is not None:
@@ -216,7 +223,7 @@ def _indicator(site, trace, assignment):
     return jnp.broadcast_to(indicator, shape)
 
 
-def _site_posterior(site, marginal):
+def site_posterior(site, marginal):
     """Marginal of a latent site from its factor's marginal.
 
     The factor spans the site's own enumeration dim, the enumeration dims of
@@ -233,12 +240,16 @@ def _site_posterior(site, marginal):
     return jnp.moveaxis(jnp.sum(marginal, axis=enum_axes), 0, -1)
 
 
-def _structure(model, arrays, spec):
+def structure_and_args(model, arrays, spec):
+    """``(structure, args, kwargs)``: the model's
+    :class:`jaxem.inspection.ModelStructure` and its arguments merged back from
+    :func:`jaxem.arguments.split_args`."""
     args, kwargs = merge_args(arrays, spec)
     return model_structure(model, args, kwargs), args, kwargs
 
 
-def _check_params(structure, params):
+def check_params_complete(structure, params):
+    """Raise unless ``params`` has a value for every param of the model."""
     missing = set(structure.param_names) - set(params)
     if missing:
         raise ValueError(f"jaxem: params are missing values for {sorted(missing)}.")
@@ -247,17 +258,17 @@ def _check_params(structure, params):
 @partial(jax.jit, static_argnums=(0, 3))
 def _log_likelihood(model, params, arrays, spec):
     model = built_model(model)
-    structure, args, kwargs = _structure(model, arrays, spec)
-    _check_params(structure, params)
+    structure, args, kwargs = structure_and_args(model, arrays, spec)
+    check_params_complete(structure, params)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
-    return _contract({name: s.log_prob for name, s in trace.sites.items()}, trace)
+    return contract_factors({name: s.log_prob for name, s in trace.sites.items()}, trace)
 
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _posterior(model, params, arrays, spec):
     model = built_model(model)
-    structure, args, kwargs = _structure(model, arrays, spec)
-    _check_params(structure, params)
+    structure, args, kwargs = structure_and_args(model, arrays, spec)
+    check_params_complete(structure, params)
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
     chain = find_chain(result.trace)
     log_factors = {name: site.log_prob for name, site in result.trace.sites.items()}
@@ -265,7 +276,7 @@ def _posterior(model, params, arrays, spec):
     return {
         user_names.get(name, name): chain_posterior(log_factors, result.trace, chain)
         if chain is not None and name == chain.name
-        else _site_posterior(result.trace.sites[name], result.marginals[name])
+        else site_posterior(result.trace.sites[name], result.marginals[name])
         for name in structure.latent_sites
     }
 
@@ -273,8 +284,8 @@ def _posterior(model, params, arrays, spec):
 @partial(jax.jit, static_argnums=(0, 3))
 def _map_assignment(model, params, arrays, spec):
     model = built_model(model)
-    structure, args, kwargs = _structure(model, arrays, spec)
-    _check_params(structure, params)
+    structure, args, kwargs = structure_and_args(model, arrays, spec)
+    check_params_complete(structure, params)
     assignment = map_values(model, params, args, kwargs, structure.max_plate_nesting)
     trace = enumerated_trace(
         model, params, args, kwargs, structure.max_plate_nesting, log_probs=False

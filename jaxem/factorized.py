@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import entr
 
+from jaxem.arguments import split_args
 from jaxem.chain import find_chain
-from jaxem.estep import _check_params, _site_posterior, _structure
-from jaxem.tracing import ModelError, enumerated_trace, split_args
+from jaxem.estep import check_params_complete, site_posterior, structure_and_args
+from jaxem.exceptions import ModelError
+from jaxem.tracing import enumerated_trace
 
 __all__ = [
     "colour",
@@ -129,7 +131,7 @@ def uniform_q(trace):
     q = {}
     for name in latent_names(trace):
         site = trace.sites[name]
-        shape = jnp.shape(_site_posterior(site, site.log_prob))
+        shape = jnp.shape(site_posterior(site, site.log_prob))
         q[name] = jnp.full(shape, 1.0 / shape[-1], jnp.result_type(site.log_prob))
     return q
 
@@ -239,9 +241,9 @@ def guide_q(guide, guide_params, args, kwargs, nesting, model_trace):
                 "VariationalEM's guides are factorized: each site's distribution may depend on "
                 "the data and the guide's params only (compute it from those)."
             )
-        probs = _site_posterior(site, jnp.exp(site.log_prob))
+        probs = site_posterior(site, jnp.exp(site.log_prob))
         expected = jnp.shape(
-            _site_posterior(model_trace.sites[name], model_trace.sites[name].log_prob)
+            site_posterior(model_trace.sites[name], model_trace.sites[name].log_prob)
         )
         if jnp.shape(probs) != expected:
             raise ModelError(
@@ -249,7 +251,7 @@ def guide_q(guide, guide_params, args, kwargs, nesting, model_trace):
                 f"values) but the model's site has {expected}. Use the model's plates and "
                 "distribution support for the guide's site."
             )
-        q[name], log_q[name] = probs, _site_posterior(site, site.log_prob)
+        q[name], log_q[name] = probs, site_posterior(site, site.log_prob)
     return q, log_q
 
 
@@ -267,8 +269,8 @@ def guide_elbo(q, log_q, log_factors, trace):
 
 @partial(jax.jit, static_argnums=(0, 4))
 def _elbo_jit(model, params, q, arrays, spec):
-    structure, args, kwargs = _structure(model, arrays, spec)
-    _check_params(structure, params)
+    structure, args, kwargs = structure_and_args(model, arrays, spec)
+    check_params_complete(structure, params)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
     reject_chains(trace, "jaxem.elbo")
     latents = latent_names(trace)
@@ -278,7 +280,7 @@ def _elbo_jit(model, params, q, arrays, spec):
         )
     for name in latents:
         site = trace.sites[name]
-        expected = jnp.shape(_site_posterior(site, site.log_prob))
+        expected = jnp.shape(site_posterior(site, site.log_prob))
         if jnp.shape(q[name]) != expected:
             raise ValueError(
                 f"jaxem: q['{name}'] has shape {jnp.shape(q[name])}, expected {expected} (the "

@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
+from jaxem.arguments import split_args
 from jaxem.built import built_model
-from jaxem.chain import chain_indicators, chain_sample, find_chain
-from jaxem.estep import _check_params, _structure, e_step
+from jaxem.chain import find_chain
+from jaxem.chain_inference import chain_indicators, chain_sample
+from jaxem.estep import check_params_complete, e_step, structure_and_args
 from jaxem.missing import MissingData, conditional_moments
-from jaxem.tracing import split_args
+from jaxem.numpyro_internals import PREV_PREFIX, first_step_name, is_first_step, is_time_dim
 
 __all__ = ["impute"]
 
@@ -49,7 +51,7 @@ def _impute_site(site, marginal, rng_key, chosen=None):
     enum_axes = tuple(
         num_cells + d
         for d, n in site.dim_to_name.items()
-        if n not in site.plates and not str(n).startswith("_time")
+        if n not in site.plates and not is_time_dim(n)
     )
     cell_shape = jnp.shape(marginal)
     mean = jnp.broadcast_to(mean, cell_shape + jnp.shape(mean)[jnp.ndim(mean) - event_ndim :])
@@ -94,8 +96,8 @@ def _draw_cells(rng_key, marginal, enum_axes):
 @partial(jax.jit, static_argnums=(0, 4))
 def _impute(model, params, rng_key, arrays, spec):
     model = built_model(model)
-    structure, args, kwargs = _structure(model, arrays, spec)
-    _check_params(structure, params)
+    structure, args, kwargs = structure_and_args(model, arrays, spec)
+    check_params_complete(structure, params)
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
     sites = result.trace.sites
     keys = {}
@@ -126,14 +128,14 @@ def _join_scanned_steps(filled):
     as one array over all steps, as the data was scanned."""
     joined = {}
     for name, value in filled.items():
-        if name.startswith("_PREV_") and name[len("_PREV_") :] in filled:
+        if is_first_step(name) and name[len(PREV_PREFIX) :] in filled:
             continue
-        first = filled.get("_PREV_" + name)
+        first = filled.get(first_step_name(name))
         if first is not None:
             later = jnp.reshape(value, jnp.shape(value)[:1] + jnp.shape(first))
             value = jnp.concatenate([first[None], later])
-        elif name.startswith("_PREV_"):  # a scan of one step
-            name, value = name[len("_PREV_") :], value[None]
+        elif is_first_step(name):  # a scan of one step
+            name, value = name[len(PREV_PREFIX) :], value[None]
         joined[name] = value
     return joined
 

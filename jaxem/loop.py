@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxem.arguments import merge_args, merge_init_params
 from jaxem.batching import RESTART_AXIS, restart_axis
 from jaxem.exceptions import ConvergenceWarning, ModelError
-from jaxem.tracing import inspect_model, merge_args, merge_init_params
+from jaxem.inspection import inspect_model
 
 __all__ = [
     "JUMP_FACTOR",

@@ -24,6 +24,7 @@ import numpyro.distributions as dist
 
 from jaxem.exceptions import ModelError
 from jaxem.missing import MissingData
+from jaxem.numpyro_internals import OBSERVED_SUFFIX, UNOBSERVED_SUFFIX, distribution_mask
 
 __all__ = [
     "mask_of",
@@ -42,7 +43,7 @@ def mask_of(fn):
     full = None
     while True:
         if isinstance(fn, dist.MaskedDistribution):
-            mask = fn._mask
+            mask = distribution_mask(fn)
             if mask is False:
                 mask = jnp.zeros(fn.batch_shape, bool)
             if mask is not True and mask is not None:
@@ -93,8 +94,8 @@ def _is_obs_mask_part(name, sites):
     ``<name>_unobserved`` masked where the data is observed; there its value is
     the observation, so what depends on it does not vary with its enumerated
     value: the uniform factor is exact and nothing needs checking."""
-    base = name[: -len("_unobserved")]
-    return name.endswith("_unobserved") and base + "_observed" in sites
+    base = name[: -len(UNOBSERVED_SUFFIX)]
+    return name.endswith(UNOBSERVED_SUFFIX) and base + OBSERVED_SUFFIX in sites
 
 
 def latent_mask_problems(trace) -> dict:

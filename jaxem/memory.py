@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from jaxem.exceptions import ModelError
+from jaxem.numpyro_internals import PREV_PREFIX, UNOBSERVED_SUFFIX
 
 __all__ = ["max_enumeration_bytes", "enumeration_bytes", "check_enumeration_size"]
 
@@ -80,8 +81,8 @@ def check_enumeration_size(factors: dict, latent_names, plate_names) -> None:
 def _user_name(name: str) -> str:
     # NumPyro's names for the first step of a scan and for the unknown part of
     # an obs_mask site.
-    name = name.removeprefix("_PREV_")
-    return name.removesuffix("_unobserved")
+    name = name.removeprefix(PREV_PREFIX)
+    return name.removesuffix(UNOBSERVED_SUFFIX)
 
 
 def _gib(num_bytes) -> str:

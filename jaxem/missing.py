@@ -35,6 +35,8 @@ import numpyro.distributions as dist
 from jax.scipy.linalg import cho_solve
 from numpyro.primitives import Messenger
 
+from jaxem.numpyro_internals import OBSERVED_SUFFIX, UNOBSERVED_SUFFIX, distribution_mask
+
 __all__ = [
     "MissingData",
     "conditional_moments",
@@ -89,11 +91,11 @@ def missing_log_prob(fn, observed, value):
         return jnp.broadcast_to(log_prob, jnp.broadcast_shapes(fn.batch_shape, batch))
     if isinstance(fn, dist.MaskedDistribution):
         log_prob = missing_log_prob(fn.base_dist, observed, value)
-        if fn._mask is False:
+        if distribution_mask(fn) is False:
             return jnp.zeros_like(log_prob)
-        if fn._mask is True:
+        if distribution_mask(fn) is True:
             return log_prob
-        return jnp.where(fn._mask, log_prob, 0.0)
+        return jnp.where(distribution_mask(fn), log_prob, 0.0)
     if isinstance(fn, dist.Independent):
         log_prob = missing_log_prob(fn.base_dist, observed, value)
         return jnp.sum(log_prob, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
@@ -251,7 +253,7 @@ def _mask_outside(fn):
     if isinstance(fn, dist.ExpandedDistribution) and isinstance(
         fn.base_dist, dist.MaskedDistribution
     ):
-        mask = fn.base_dist._mask
+        mask = distribution_mask(fn.base_dist)
         if not isinstance(mask, bool):
             mask = jnp.broadcast_to(mask, fn.batch_shape)
         return fn.base_dist.base_dist.expand(fn.batch_shape).mask(mask)
@@ -289,8 +291,8 @@ class MissingEntries(Messenger):
             # A discrete part stays a latent and is enumerated (it may be the
             # label of a semi-supervised mixture, which later sites depend on):
             # jaxem.tracing.enumerated_trace restricts its known entries.
-            base = name[: -len("_unobserved")]
-            split = name.endswith("_unobserved") and base in self._observed_parts
+            base = name[: -len(UNOBSERVED_SUFFIX)]
+            split = name.endswith(UNOBSERVED_SUFFIX) and base in self._observed_parts
             enumerable = fn.support.is_discrete and fn.has_enumerate_support
             if split and isinstance(fn, dist.MaskedDistribution) and not enumerable:
                 prototype = jnp.zeros(fn.shape(), jnp.result_type(float))
@@ -305,9 +307,9 @@ class MissingEntries(Messenger):
             # distributions take arrays only).
             value = jnp.asarray(value)
         msg["infer"]["_jaxem_missing"] = True
-        if name.endswith("_observed") and isinstance(fn, dist.MaskedDistribution):
-            self._observed_parts.add(name[: -len("_observed")])
-            mask = fn._mask
+        if name.endswith(OBSERVED_SUFFIX) and isinstance(fn, dist.MaskedDistribution):
+            self._observed_parts.add(name[: -len(OBSERVED_SUFFIX)])
+            mask = distribution_mask(fn)
             if not isinstance(mask, bool):
                 mask = jnp.reshape(mask, jnp.shape(mask) + (1,) * fn.event_dim)
                 value = _fill(fn, value, mask)

@@ -21,14 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from jaxem.chain import user_site_name
+from jaxem.arguments import merge_args
 from jaxem.closed_form import Cells, ClosedFormUpdate
 from jaxem.exceptions import ModelError
 from jaxem.gaussian_stats import shared_statistics
 from jaxem.missing import MissingData, conditional_moments
+from jaxem.numpyro_internals import distribution_mask, user_site_name
 from jaxem.selection import dependencies, probe_selection
 from jaxem.supports import constraint_spelling, constraint_wider_than_support
-from jaxem.tracing import enumerated_trace, merge_args
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["ParamPath", "plan_m_step", "closed_form_m_step", "closed_form_statistics_m_step"]
 
@@ -73,7 +74,7 @@ def _family(fn, records, registry=None):
             reinterpreted += fn.reinterpreted_batch_ndims
             fn = fn.base_dist
         elif isinstance(fn, dist.MaskedDistribution):
-            masks.append((fn._mask, reinterpreted))
+            masks.append((distribution_mask(fn), reinterpreted))
             fn = fn.base_dist
         else:
             break

@@ -42,15 +42,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxem.arguments import merge_args, split_args
 from jaxem.built import built_model
+from jaxem.checks import validate
 from jaxem.driver import Fitter, MStep, raise_for_fitted_arguments
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning
 from jaxem.gradient import gradient_m_step
+from jaxem.inspection import model_structure
 from jaxem.loop import all_finite, tree_where
 from jaxem.mstep import closed_form_statistics_m_step
 from jaxem.regularization import warn_if_held_by_reg_covar
-from jaxem.tracing import merge_args, model_structure, split_args, validate
 
 __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
 

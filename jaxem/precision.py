@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from jaxem.arguments import merge_args
 from jaxem.estep import e_step
 from jaxem.exceptions import NumericalWarning
-from jaxem.tracing import merge_args, model_structure
+from jaxem.inspection import model_structure
+from jaxem.numpyro_internals import PREV_PREFIX
 
 __all__ = ["BREAKDOWN_TOLERANCE", "broken_down", "recheck_in_float64"]
 
@@ -97,7 +99,7 @@ def _broken_sites(model, params, arrays, spec, hard):
     described = []
     for name in names:
         # A scan's first step and later steps are one site, named as the user wrote it.
-        user_name = name.removeprefix("_PREV_")
+        user_name = name.removeprefix(PREV_PREFIX)
         fn = trace.get(user_name, {}).get("fn")
         while hasattr(fn, "base_dist"):
             fn = fn.base_dist
@@ -114,7 +116,7 @@ def recheck_in_float64(model, params, value, arrays, spec, *, hard=False, name="
         model: the fitted model.
         params: ``{param name: value}`` the fit returned (concrete).
         value: the log-likelihood the fit reported at ``params``.
-        arrays, spec: the model's arguments (:func:`jaxem.tracing.split_args`).
+        arrays, spec: the model's arguments (:func:`jaxem.arguments.split_args`).
         hard: the value is hard EM's (the complete-data log-likelihood at the MAP
             assignment).
         name: the engine, for the message.

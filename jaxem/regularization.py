@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from jaxem.chain import user_site_name
 from jaxem.exceptions import NumericalWarning
 from jaxem.gaussian_stats import (
     normal_scale_solve,
@@ -33,6 +32,7 @@ from jaxem.gaussian_stats import (
     solve_scale_tril,
 )
 from jaxem.missing import MissingData
+from jaxem.numpyro_internals import user_site_name
 
 __all__ = [
     "DATA_FACTOR",

@@ -27,17 +27,7 @@ import numpyro.distributions as dist
 from jax import lax
 from jax.extend import core as jex_core
 from numpyro import handlers
-
-# NumPyro's scan internals (all of jaxem's private imports from NumPyro's scan
-# are here), shared so that the first-order scan substitutes and shapes its
-# sites exactly as NumPyro's enumerated scan does.
-from numpyro.contrib.control_flow.scan import (
-    _promote_fn_shapes,
-    _promote_scanned_value_shapes,
-    _subs_wrapper,
-    scan_enum,
-    scan_wrapper,
-)
+from numpyro.contrib.control_flow.scan import scan_enum, scan_wrapper
 from numpyro.contrib.funsor import config_enumerate, enum, markov
 from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.distributions.batch_util import promote_batch_shape
@@ -45,6 +35,17 @@ from numpyro.ops.pytree import PytreeTrace
 from numpyro.primitives import Messenger
 
 from jaxem.exceptions import ModelError
+from jaxem.numpyro_internals import (
+    OBSERVED_SUFFIX,
+    PREV_PREFIX,
+    UNOBSERVED_SUFFIX,
+    distribution_mask,
+    is_first_step,
+    promote_fn_shapes,
+    promote_scanned_value_shapes,
+    subs_wrapper,
+    time_dim_name,
+)
 
 __all__ = ["enumerated_scan"]
 
@@ -134,7 +135,7 @@ def _first_order_scan(f, init, xs, length, substitute_stack, first_available_dim
         # Distributions take their values' batch rank here; the values (the
         # new carry among them) are padded only once stacked, by _name_time_dim,
         # so that the carry's shape is recorded as the step produced it.
-        with _promote_fn_shapes(), packed_trace() as trace:
+        with promote_fn_shapes(), packed_trace() as trace:
             new_carry, y = _step_model(f, index, length, substitute_stack)(carry, x)
         if not later_carry_shapes:
             later_carry_shapes.append(_leaf_shapes(new_carry))
@@ -152,7 +153,7 @@ def _first_order_scan(f, init, xs, length, substitute_stack, first_available_dim
         dim_frames = iter(markov(range(2), history=1))
         with closing(dim_frames):
             next(dim_frames)
-            with handlers.scope(prefix="_PREV_", divider="", hide_types=["plate"]):
+            with handlers.scope(prefix=PREV_PREFIX, divider="", hide_types=["plate"]):
                 first_step = _step_model(f, 0, length, substitute_stack)
                 carry, y_first = first_step(init, jax.tree.map(lambda x: x[0], xs))
             first_carry_shapes = _leaf_shapes(carry)
@@ -189,7 +190,7 @@ def _step_model(f, index, length, substitute_stack):
         _ObsMaskParts(_NoNestedScan(f)), config_fn=lambda msg: {"_scan_current_index": index}
     )
     for kind, source in substitute_stack:
-        step_values = partial(_subs_wrapper, source, index, length)
+        step_values = partial(subs_wrapper, source, index, length)
         if kind == "condition":
             model = handlers.condition(model, condition_fn=step_values)
         else:
@@ -231,11 +232,11 @@ class _ObsMaskParts(Messenger):
             return
         name, fn = msg["name"], msg["fn"]
         if msg["is_observed"]:
-            if name.endswith("_observed"):
-                self._observed_parts.add(name[: -len("_observed")])
+            if name.endswith(OBSERVED_SUFFIX):
+                self._observed_parts.add(name[: -len(OBSERVED_SUFFIX)])
             return
-        base = name[: -len("_unobserved")]
-        if name.endswith("_unobserved") and base in self._observed_parts:
+        base = name[: -len(UNOBSERVED_SUFFIX)]
+        if name.endswith(UNOBSERVED_SUFFIX) and base in self._observed_parts:
             prototype = jnp.zeros(fn.shape(), jnp.result_type(float))
             msg["value"] = fn.support.feasible_like(prototype)
             msg["fn"] = fn.mask(False)
@@ -244,7 +245,7 @@ class _ObsMaskParts(Messenger):
 
 
 def _not_first_step(site) -> bool:
-    return not (site.get("name") or "").startswith("_PREV_")
+    return not is_first_step(site.get("name") or "")
 
 
 def _leaf_shapes(tree):
@@ -259,9 +260,9 @@ def _name_time_dim(trace) -> None:
     for name, site in trace.items():
         if site["type"] != "sample":
             continue
-        time_name = time_name or f"_time_{name}"
+        time_name = time_name or time_dim_name(name)
         fn = _promote_masks(promote_batch_shape(site["fn"]))
-        value = _promote_scanned_value_shapes(site["value"], fn)
+        value = promote_scanned_value_shapes(site["value"], fn)
         batch_ndim = min(len(fn.batch_shape), jnp.ndim(value) - fn.event_dim)
         site["fn"], site["value"] = fn, value
         site["infer"]["dim_to_name"][-batch_ndim] = time_name
@@ -280,9 +281,10 @@ def _promote_masks(fn):
     """
     if isinstance(fn, dist.MaskedDistribution):
         base = _promote_masks(fn.base_dist)
-        if isinstance(fn._mask, bool):
-            return base.mask(fn._mask) if base is not fn.base_dist else fn
-        return dist.MaskedDistribution(base, fn._mask)
+        mask = distribution_mask(fn)
+        if isinstance(mask, bool):
+            return base.mask(mask) if base is not fn.base_dist else fn
+        return dist.MaskedDistribution(base, mask)
     if isinstance(fn, dist.ExpandedDistribution):
         base = _promote_masks(fn.base_dist)
         if base.batch_shape == fn.base_dist.batch_shape:

@@ -25,9 +25,16 @@ import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
-from jaxem.chain import user_site_name
 from jaxem.exceptions import ModelError
 from jaxem.missing import MissingData
+from jaxem.numpyro_internals import (
+    DependentConstraint,
+    RealConstraint,
+    SimplexConstraint,
+    base_constraint,
+    distribution_mask,
+    user_site_name,
+)
 from jaxem.selection import dependencies
 
 __all__ = [
@@ -40,19 +47,13 @@ __all__ = [
 ]
 
 
-def _base(constraint):
-    while isinstance(constraint, constraints._IndependentConstraint):
-        constraint = constraint.base_constraint
-    return constraint
-
-
 def _is_real(constraint) -> bool:
-    return isinstance(_base(constraint), constraints._Real)
+    return isinstance(base_constraint(constraint), RealConstraint)
 
 
 def _upper_bounded(constraint) -> bool:
-    base = _base(constraint)
-    return isinstance(base, (constraints._Simplex, constraints._Interval, constraints._LessThan))
+    base = base_constraint(constraint)
+    return isinstance(base, (SimplexConstraint, constraints.interval, constraints.less_than))
 
 
 def constraint_wider_than_support(param_constraint, arg_constraint) -> bool:
@@ -62,12 +63,12 @@ def constraint_wider_than_support(param_constraint, arg_constraint) -> bool:
     only feeding an argument bounded above). Undecided pairs give False."""
     if arg_constraint is None or _is_real(arg_constraint):
         return False
-    if isinstance(_base(arg_constraint), constraints._Dependent):
+    if isinstance(base_constraint(arg_constraint), DependentConstraint):
         return False
     if _is_real(param_constraint):
         return True
-    param_base = _base(param_constraint)
-    return isinstance(param_base, constraints._GreaterThan) and _upper_bounded(arg_constraint)
+    param_base = base_constraint(param_constraint)
+    return isinstance(param_base, constraints.greater_than) and _upper_bounded(arg_constraint)
 
 
 def constraint_spelling(constraint) -> str:
@@ -89,12 +90,12 @@ def constraint_spelling(constraint) -> str:
     ):
         if constraint is getattr(constraints, name, None):
             return f"constraints.{name}"
-    base = _base(constraint)
+    base = base_constraint(constraint)
     if base is not constraint:
         return constraint_spelling(base)
-    if isinstance(base, constraints._Interval):
+    if isinstance(base, constraints.interval):
         return f"constraints.interval({base.lower_bound}, {base.upper_bound})"
-    if isinstance(base, constraints._GreaterThan):
+    if isinstance(base, constraints.greater_than):
         return f"constraints.greater_than({base.lower_bound})"
     return repr(constraint)
 
@@ -114,7 +115,7 @@ def _core_and_mask(fn):
         if isinstance(fn, dist.Independent):
             reinterpreted += fn.reinterpreted_batch_ndims
         elif isinstance(fn, dist.MaskedDistribution):
-            masks.append((fn._mask, reinterpreted))
+            masks.append((distribution_mask(fn), reinterpreted))
         fn = fn.base_dist
     mask = None
     for m, depth in masks:
@@ -131,7 +132,7 @@ def _check(constraint, value):
     # A value on the lower boundary of a positive argument (a Poisson rate of 0) is the
     # limit of distributions in the support, with the limit's density: a degenerate
     # but correct model (a zero-inflated component written Poisson(rate * (1 - s))).
-    if isinstance(constraint, constraints._GreaterThan):
+    if isinstance(constraint, constraints.greater_than):
         return value >= constraint.lower_bound
     return constraint(value)
 

@@ -1,107 +1,60 @@
-"""Model tracing and site classification.
+"""The enumerated trace: one log-probability tensor per sample site.
 
-Everything jaxem knows about a model comes from running it under NumPyro's
-effect handlers:
+The model runs with its params substituted under NumPyro's ``enum`` (with
+``first_available_dim`` worked out from the plate nesting), so each sample
+site gives a log-probability tensor over the enumerated values of the
+discrete latents and the plates (:func:`enumerated_trace`). While tracing,
+the constructor arguments of every distribution are recorded, so the M-step
+sees ``covariance_matrix=Sigma[z]`` as the user wrote it rather than the
+Cholesky factor NumPyro stores. Every ``scan`` runs as jaxem's first-order
+scan (:func:`jaxem.scan.enumerated_scan`).
 
-* a seeded trace gives the ``numpyro.param`` sites (initial values and
-  constraints), the plates and the kinds of the sample sites;
-* an enumerated trace (NumPyro's ``enum`` with ``first_available_dim`` worked
-  out from the plate nesting) gives one log-probability tensor per sample
-  site, over the enumerated values of the discrete latents and the plates;
-* while tracing, the constructor arguments of every distribution are
-  recorded, so the M-step sees ``covariance_matrix=Sigma[z]`` as the user
-  wrote it rather than the Cholesky factor NumPyro stores.
+The seeded trace that gives the params and the structure of a model is in
+:mod:`jaxem.inspection`, the densities in :mod:`jaxem.densities`, the checks of
+data and values in :mod:`jaxem.checks` and :mod:`jaxem.validation`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from jax.scipy.linalg import solve_triangular
 from numpyro import handlers
 from numpyro.contrib.control_flow.scan import scan_wrapper
 from numpyro.contrib.funsor import config_enumerate, enum
 from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
-from numpyro.distributions.distribution import COERCIONS, validation_enabled
+from numpyro.distributions.distribution import validation_enabled
 from numpyro.distributions.util import is_identically_one
 from numpyro.primitives import Messenger
 
-from jaxem.batching import shared_predicate
+from jaxem.arguments import is_array
 from jaxem.chain import (
-    chain_padding_problems,
-    find_chain,
     labelled_scan_message,
-    raise_for_chain_padding,
 )
-from jaxem.closed_form import contract_cells
+from jaxem.densities import site_log_prob
 from jaxem.exceptions import ModelError
+from jaxem.labels import known_labels_in_trace, restrict_to_labels
 from jaxem.masks import (
-    latent_mask_problems,
-    mask_dtype_message,
-    mask_of,
-    raise_for_latent_masks,
     uniform_where_masked,
 )
 from jaxem.memory import check_enumeration_size
-from jaxem.missing import MissingData, MissingEntries, mask_like, missing_log_prob
-from jaxem.scan import enumerated_scan
-from jaxem.selection import dependencies
-from jaxem.supports import argument_support, params_of_argument, raise_for_arguments
-from jaxem.validation import (
-    check_init_params,
-    check_observed_site,
-    check_values,
-    core_family,
-    describe_support,
-    is_array,
-    merge_args,
-    merge_init_params,
-    prior_sites,
-    raise_for_invalid,
-    split_args,
+from jaxem.missing import MissingData, MissingEntries
+from jaxem.numpyro_internals import (
+    COERCIONS,
+    UNOBSERVED_SUFFIX,
+    first_step_name,
+    is_first_step,
+    is_time_dim,
+    time_dim_name,
 )
+from jaxem.scan import enumerated_scan
 
-__all__ = [
-    "ModelError",
-    "ModelStructure",
-    "EnumTrace",
-    "Site",
-    "split_args",
-    "merge_args",
-    "inspect_model",
-    "model_structure",
-    "validate",
-    "raise_for_model_arguments",
-    "enumerated_trace",
-    "labelled_latents",
-    "known_labels",
-    "site_log_prob",
-]
-
-
-class ModelStructure(NamedTuple):
-    """What a seeded trace of the model tells about it (static information).
-
-    Attributes:
-        param_names: names of the ``numpyro.param`` sites, in model order.
-        constraints: ``{param name: constraint}``.
-        latent_sites: names of the discrete latent sample sites, in model order.
-        observed_sites: names of the observed sample sites.
-        max_plate_nesting: number of batch dimensions used by plates.
-    """
-
-    param_names: tuple[str, ...]
-    constraints: dict
-    latent_sites: tuple[str, ...]
-    observed_sites: tuple[str, ...]
-    max_plate_nesting: int
+__all__ = ["EnumTrace", "Site", "enumerated_trace"]
 
 
 class Site(NamedTuple):
@@ -136,323 +89,6 @@ class EnumTrace(NamedTuple):
 
     sites: dict
     constructor_args: dict
-
-
-# ---------------------------------------------------------------------------
-# Seeded trace: params, plates, site kinds.
-# ---------------------------------------------------------------------------
-
-
-def _describe(fn) -> str:
-    base = fn
-    while hasattr(base, "base_dist"):
-        base = base.base_dist
-    return type(base).__name__
-
-
-def _support_value(msg):
-    if msg["type"] != "sample" or msg["is_observed"]:
-        return None
-    fn = msg["fn"]
-    if not (fn.support.is_discrete and fn.has_enumerate_support):
-        return None  # reported by inspect_model
-    first = fn.enumerate_support(expand=False)[0]
-    return jnp.broadcast_to(first, fn.shape(msg["kwargs"].get("sample_shape", ())))
-
-
-def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
-    """Run the model once under ``seed`` and classify its sites.
-
-    Returns:
-        ``(structure, initial_params)``: a :class:`ModelStructure` and the
-        initial (constrained) values of the params, callable initial values
-        called with keys derived from ``rng_key``, integer ones cast to the
-        default float dtype (EM moves them continuously); with
-        ``observed_values``, also ``{observed site: (distribution, data)}``.
-
-    Raises:
-        ModelError: no params, a param with a discrete constraint, a continuous
-            or non-enumerable latent site, data whose shape is not the site's
-            (:func:`jaxem.validation.check_observed_site`). Checks of values (NaN
-            data, initial values outside their constraints) are in
-            :func:`jaxem.validation.check_values`.
-    """
-    # Latent sites take a value of their support instead of a prior draw: the
-    # trace is for params and structure, and sampling N labels would be staged
-    # into every compiled program that inspects the model.
-    no_sampling = handlers.substitute(MissingEntries(model), substitute_fn=_support_value)
-    try:
-        # NumPyro's own argument checks would reject an invalid initial value
-        # without naming the param; jaxem's checks below do.
-        with validation_enabled(False):
-            tr = handlers.trace(handlers.seed(no_sampling, rng_key)).get_trace(*args, **kwargs)
-    except ModelError:
-        raise
-    except ValueError as err:
-        raise ModelError(
-            mask_dtype_message(err) or f"jaxem: running the model failed: {err}"
-        ) from err
-
-    params, constraints_, latent, observed = {}, {}, [], []
-    nesting = 0
-    for name, site in tr.items():
-        if site["type"] == "param":
-            constraint = site["kwargs"].get("constraint", dist.constraints.real)
-            params[name] = _float_param(name, site["value"], constraint)
-            constraints_[name] = constraint
-        elif site["type"] == "sample":
-            for frame in site["cond_indep_stack"]:
-                if frame.dim is not None:
-                    nesting = max(nesting, -frame.dim)
-            if site["is_observed"]:
-                check_observed_site(name, site)
-                observed.append(name)
-                continue
-            fn = site["fn"]
-            if not fn.support.is_discrete:
-                raise ModelError(
-                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is continuous. EM "
-                    "enumerates discrete latent sites only: observe it (obs=...), make it a "
-                    "numpyro.param, or integrate it out of the model analytically."
-                )
-            if not fn.has_enumerate_support:
-                raise ModelError(
-                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is discrete but its "
-                    "support cannot be enumerated (it is infinite or too large). Use a "
-                    "distribution with finite support (e.g. Categorical over a truncated "
-                    "range) or observe the site."
-                )
-            latent.append(name)
-    if not params:
-        raise ModelError(
-            "jaxem: the model has no numpyro.param sites, so there are no parameters to fit. "
-            "Declare each parameter with numpyro.param(name, init_value, constraint=...)."
-        )
-    labelled = [n for n in latent if n in _labelled_latents(tr)]
-    if labelled:
-        # The unobserved part of an obs_mask site that no site depends on is
-        # dropped from the enumerated trace (enumerated_trace): observed data.
-        kept = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False).sites
-        leaves = {n for n in labelled if n not in kept}
-        observed = [n for n in tr if n in leaves or n in observed]
-        latent = [n for n in latent if n not in leaves]
-    structure = ModelStructure(tuple(params), constraints_, tuple(latent), tuple(observed), nesting)
-    if observed_values:
-        return structure, params, {n: (tr[n]["fn"], tr[n]["value"]) for n in observed}
-    return structure, params
-
-
-def _float_param(name, value, constraint):
-    """An initial value in a float dtype: an integer one (``jnp.array([0, 1])``) would
-    get no gradient (JAX's float0) and be truncated by every update."""
-    if constraint.is_discrete:
-        raise ModelError(
-            f"jaxem: param '{name}' has the discrete constraint {constraint}. EM moves "
-            "params continuously; a discrete unknown is a latent sample site (enumerated), "
-            "a known one a model argument."
-        )
-    if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
-        return value
-    return jnp.asarray(value, jnp.result_type(float))
-
-
-def model_structure(model, args, kwargs) -> ModelStructure:
-    """The :class:`ModelStructure` of a model, from an abstract trace.
-
-    Nothing of the trace (initial values, latent samples) is staged into an
-    enclosing ``jit``: only the static structure comes out. The structure depends
-    on the arrays' shapes and dtypes alone, so it is traced once per model and
-    signature (``run`` checks its inputs against it on every call).
-    """
-    arrays, spec = split_args(args, kwargs)
-    leaves, treedef = jax.tree.flatten(arrays)
-    signature = tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in leaves)
-    try:
-        hash(model)
-    except TypeError:  # a callable object without a hash: trace it every time
-        return _trace_structure(model, spec, treedef, signature)
-    return _cached_structure(model, spec, treedef, signature)
-
-
-def _trace_structure(model, spec, treedef, signature) -> ModelStructure:
-    found = []
-
-    def structure_only(arrays):
-        args, kwargs = merge_args(arrays, spec)
-        structure, params = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
-        found.append(structure)
-        return params
-
-    shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
-    jax.eval_shape(structure_only, jax.tree.unflatten(treedef, shapes))
-    return found[0]
-
-
-_cached_structure = functools.lru_cache(maxsize=256)(_trace_structure)
-
-
-def mvn_sites_of_params(model, rng_key, args, kwargs, params) -> dict:
-    """``{param: names of the MultivariateNormal observed sites whose arguments
-    depend on it}``, params reaching no such site left out.
-
-    Read from the jaxpr of ``params -> (loc, scale_tril)`` of every such site
-    in a seeded trace (:func:`jaxem.selection.dependencies`, which follows
-    calls and ``scan`` bodies; the stacked site of a ``scan`` body is one site
-    there). Other control flow makes every output depend on every input: a
-    param may be reported to reach more sites than it does, never fewer.
-    """
-    names = tuple(params)
-    sites = []
-
-    def site_args(values):
-        fixed = handlers.substitute(MissingEntries(model), data=dict(zip(names, values)))
-        no_sampling = handlers.substitute(fixed, substitute_fn=_support_value)
-        with validation_enabled(False):
-            tr = handlers.trace(handlers.seed(no_sampling, rng_key)).get_trace(*args, **kwargs)
-        sites.clear()
-        outputs = []
-        for name, site in tr.items():
-            fn = site["fn"] if site["type"] == "sample" and site["is_observed"] else None
-            # The part of an obs_mask site that is missing as a whole scores nothing.
-            if fn is None or (isinstance(fn, dist.MaskedDistribution) and fn._mask is False):
-                continue
-            core = core_family(fn.base_dist if isinstance(fn, MissingData) else fn)
-            if type(core) is dist.MultivariateNormal:
-                sites.append(name)
-                outputs.append((core.loc, core.scale_tril))
-        return outputs
-
-    closed = jax.make_jaxpr(site_args)([params[name] for name in names])
-    labels = dependencies(closed, [{name: True} for name in names])
-    reach = {}
-    for index, site in enumerate(sites):
-        for name in {**labels[2 * index], **labels[2 * index + 1]}:
-            reach.setdefault(name, []).append(site)
-    return {name: tuple(found) for name, found in reach.items()}
-
-
-def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()):
-    """Raise a :class:`ModelError` for bad data or parameter values.
-
-    Checks the observed data (NaN or infinite entries, values outside the
-    support, missing-data problems, sites that are priors rather than data)
-    and the parameters: the model's initial values, overridden by ``params``
-    (a partial or full ``{param name: value}``). One compiled check per model
-    and argument signature (eager checks would compile op by op); skipped when
-    any input is a tracer (under ``jit``/``vmap`` nothing can be raised).
-    With ``fitting``, also a model with nothing observed and MultivariateNormal
-    coordinates that the data never observe, for the params not ``frozen``
-    (:func:`jaxem.validation.raise_for_invalid`). Distribution arguments outside
-    their support are an error too (:func:`jaxem.supports.argument_support`).
-
-    Returns:
-        The :class:`jaxem.validation.Validity` found, None under ``jit``/``vmap``.
-    """
-    check_init_params(params)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
-        return None
-    try:
-        hash(model)
-    except TypeError:
-        validity = _validity(model, spec, rng_key, arrays, params)
-    else:
-        validity = _validity_jit(model, spec, rng_key, arrays, params)
-    args, kwargs = merge_args(arrays, spec)
-
-    def support_of(site):
-        # Only on the way to an error: the support's bounds may be arrays, concrete here.
-        _, initial = inspect_model(model, rng_key, args, kwargs)
-        fixed = handlers.substitute(model, data=merge_init_params(initial, params))
-        _, _, sites = inspect_model(fixed, rng_key, args, kwargs, observed_values=True)
-        return describe_support(sites[site][0])
-
-    structure = model_structure(model, args, kwargs)
-    raise_for_invalid(structure, validity, fitting=fitting, frozen=frozen, support_of=support_of)
-    if any(int(count) for count, _ in validity.arguments.values()):
-        _, initial = inspect_model(model, rng_key, args, kwargs)
-        merged = merge_init_params(initial, params)
-        when = "initial" if fitting else "given"
-        raise_for_model_arguments(model, args, kwargs, merged, validity.arguments, when)
-    try:
-        hash(model)
-    except TypeError:
-        problems = _mask_problems(model, spec, rng_key, arrays, params)
-    else:
-        problems = _mask_problems_jit(model, spec, rng_key, arrays, params)
-    for key, bad in problems.items():
-        if key[0] == "chain":
-            raise_for_chain_padding(bad, key[1], key[2])
-    raise_for_latent_masks({key[1:]: bad for key, bad in problems.items() if key[0] == "latent"})
-    return validity
-
-
-def raise_for_model_arguments(model, args, kwargs, params, found, when: str) -> None:
-    """The :class:`ModelError` of :func:`jaxem.supports.raise_for_arguments` for the
-    arguments ``found`` outside their support at ``params`` (all of them, concrete),
-    naming the params each depends on (read from the model's jaxpr)."""
-    nesting = model_structure(model, args, kwargs).max_plate_nesting
-
-    def trace_fn(values):
-        return enumerated_trace(model, values, args, kwargs, nesting, log_probs=False)
-
-    def family_of(site):
-        return core_family(trace_fn(params).sites[site].fn)
-
-    def params_of(site, arg):
-        return params_of_argument(trace_fn, params, site, arg)
-
-    raise_for_arguments(found, when, params_of, family_of)
-
-
-def _mask_problems(model, spec, rng_key, arrays, params) -> dict:
-    """Masked latents that are not padding, on concrete masks: ``{("chain", site,
-    plates): per sequence}`` for a ``scan`` chain, else ``{("latent", masked,
-    dependent): bool}`` (see :mod:`jaxem.masks`). Empty without masked latents."""
-    args, kwargs = merge_args(arrays, spec)
-    structure, initial = inspect_model(model, rng_key, args, kwargs)
-    params = merge_init_params(initial, params)
-    nesting = structure.max_plate_nesting
-    trace = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False)
-    if all(s.is_observed or mask_of(s.fn) is None for s in trace.sites.values()):
-        return {}
-    # The log-probabilities name the time dim of a scan whose mask varies over time.
-    trace = enumerated_trace(model, params, args, kwargs, nesting)
-    chain = find_chain(trace)
-    if chain is not None:
-        plates = tuple(chain.plate_dims[d] for d in sorted(chain.plate_dims))
-        return {("chain", chain.name, plates): chain_padding_problems(trace, chain)}
-    return {("latent", *key): bad for key, bad in latent_mask_problems(trace).items()}
-
-
-_mask_problems_jit = jax.jit(_mask_problems, static_argnums=(0, 1))
-
-
-def _validity(model, spec, rng_key, arrays, params):
-    args, kwargs = merge_args(arrays, spec)
-    structure, initial = inspect_model(model, rng_key, args, kwargs)
-    merged = merge_init_params(initial, params)
-    # The sites at the params being checked: a support may depend on them.
-    fixed = handlers.substitute(model, data=merged)
-    _, _, sites = inspect_model(fixed, rng_key, args, kwargs, observed_values=True)
-    reach = None
-    if any(
-        isinstance(fn, MissingData) and type(core_family(fn)) is dist.MultivariateNormal
-        for fn, _ in sites.values()
-    ):
-        reach = mvn_sites_of_params(model, rng_key, args, kwargs, initial)
-    priors = prior_sites(model, rng_key, arrays, spec, merged)
-    try:
-        nesting = structure.max_plate_nesting
-        trace = enumerated_trace(model, merged, args, kwargs, nesting, log_probs=False)
-        arguments = argument_support(trace)
-    except Exception:  # noqa: BLE001
-        # A model that cannot be enumerated: the enumerated trace that every entry
-        # point builds next reports what is wrong with it in its own words.
-        arguments = None
-    return check_values(structure, merged, sites, reach, priors, arguments)
-
-
-_validity_jit = jax.jit(_validity, static_argnums=(0, 1))
 
 
 # ---------------------------------------------------------------------------
@@ -527,8 +163,10 @@ class _StashArgs(Messenger):
     def process_message(self, msg):
         if msg["type"] != "sample":
             return
-        if msg["name"].endswith("_unobserved") and isinstance(msg["fn"], dist.MaskedDistribution):
-            self.labelled.add(msg["name"][: -len("_unobserved")])
+        if msg["name"].endswith(UNOBSERVED_SUFFIX) and isinstance(
+            msg["fn"], dist.MaskedDistribution
+        ):
+            self.labelled.add(msg["name"][: -len(UNOBSERVED_SUFFIX)])
         # A latent site's value comes later from enumeration (config_enumerate
         # sits outside this handler); the slot is free once a site has a value.
         if msg["value"] is None and not msg["fn"].has_enumerate_support:
@@ -567,7 +205,7 @@ def _adopt_stacked_args(site, records) -> None:
     (stacked) distribution, each argument's time axis placed at the site's time
     dim and its per-step batch dims right-aligned under the site's."""
     stash = site["args"][0] if len(site["args"]) == 1 else None
-    if not isinstance(stash, _RecordedArgs) or site["name"].startswith("_PREV_"):
+    if not isinstance(stash, _RecordedArgs) or is_first_step(site["name"]):
         return  # not in a scan body, or its first step (recorded as it ran)
     base, reinterpreted = site["fn"], 0
     if isinstance(base, MissingData):
@@ -635,7 +273,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     for site in tr.values():
         if site["type"] == "sample":
             _adopt_stacked_args(site, records)
-    labelled = _labelled_latents(tr)
+    labelled = known_labels_in_trace(tr)
     depended_on = {
         n
         for name, site in tr.items()
@@ -644,7 +282,8 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         if n != name
     }
     for name in scans.labelled:
-        if {name + "_unobserved", "_PREV_" + name + "_unobserved"} & depended_on:
+        latent = name + UNOBSERVED_SUFFIX
+        if {latent, first_step_name(latent)} & depended_on:
             raise ModelError(labelled_scan_message(name))
     if log_probs:
         _check_factor_sizes(tr, labelled, depended_on)
@@ -656,7 +295,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         n
         for site in tr.values()
         for n in site.get("infer", {}).get("dim_to_name", {}).values()
-        if str(n).startswith("_time")
+        if is_time_dim(n)
     }
     for name, site in tr.items():
         if site["type"] != "sample":
@@ -685,7 +324,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                 "site matches the shape of its plates and of its distribution."
             ) from err
         # A labelled latent (the unobserved part of an obs_mask site) keeps only the
-        # label's cell where it is masked (_restrict_to_labels), not K uniform ones.
+        # label's cell where it is masked (restrict_to_labels), not K uniform ones.
         if not site["is_observed"] and name not in labelled:
             own = [d for d, n in dim_to_name.items() if n == name]
             log_prob = uniform_where_masked(log_prob, fn, own[0] if own else None)
@@ -700,8 +339,8 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
                 )
             log_prob = scale * log_prob
         if name in labelled:
-            log_prob = _restrict_to_labels(log_prob, value, fn.event_dim, *labelled[name])
-        if "_PREV_" + name in tr:
+            log_prob = restrict_to_labels(log_prob, value, fn.event_dim, *labelled[name])
+        if first_step_name(name) in tr:
             _name_time_dim(name, site, log_prob, dim_to_name, time_names)
         _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting)
         sites[name] = Site(
@@ -732,199 +371,6 @@ def _check_factor_sizes(tr, labelled, depended_on) -> None:
     check_enumeration_size(factors, latents, plates)
 
 
-def _masked_part(fn):
-    """The mask of the MaskedDistribution under a site's plate expansion and
-    ``to_event`` wrappers, or None."""
-    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
-        fn = fn.base_dist
-    return fn._mask if isinstance(fn, dist.MaskedDistribution) else None
-
-
-def _labelled_latents(tr) -> dict:
-    """``{latent site: (labels, known)}`` for the unobserved parts of discrete
-    sites with an ``obs_mask``.
-
-    NumPyro splits ``sample(name, fn, obs=labels, obs_mask=known)`` into an
-    observed site ``<name>_observed`` (masked to the known entries) and a latent
-    ``<name>_unobserved`` (masked to the others), and returns
-    ``where(known, labels, unobserved)``.
-    """
-    found = {}
-    for name, site in tr.items():
-        if site["type"] != "sample" or site["is_observed"] or not name.endswith("_unobserved"):
-            continue
-        observed = tr.get(name[: -len("_unobserved")] + "_observed")
-        if observed is None or observed["type"] != "sample" or not observed["is_observed"]:
-            continue
-        known = _masked_part(observed["fn"])
-        if known is not None:
-            found[name] = (observed["value"], known)
-    return found
-
-
-def _restrict_to_labels(log_prob, value, event_dim, labels, known):
-    """The factor of an ``obs_mask`` latent with its known entries fixed.
-
-    The latent part's density is masked to 0 at the known entries, and the value
-    NumPyro returns there is the label whatever the enumerated value: summing
-    over the values would count each labelled point K times. Only the cell of
-    the label is kept (the others are impossible), so the point counts once and
-    its posterior is one-hot at its label.
-    """
-    differs = jnp.asarray(value) != jnp.asarray(labels)
-    if event_dim:
-        differs = jnp.any(differs, axis=tuple(range(-event_dim, 0)))
-    # Finite, and far enough down that exp() is exactly 0: -inf would make the
-    # gradients of the contraction (the posteriors) NaN where two impossible
-    # cells meet (inf - inf).
-    impossible = jnp.asarray(_IMPOSSIBLE, jnp.result_type(log_prob))
-    return jnp.where(jnp.asarray(known, bool) & differs, impossible, log_prob)
-
-
-_IMPOSSIBLE = -1e30  # a log-probability: a sum of a few stays finite in float32
-
-
-def labelled_latents(sites: dict) -> dict:
-    """``{latent site: the name the user gave it}`` for the enumerated
-    unobserved parts of discrete sites with an ``obs_mask``
-    (``"z_unobserved" -> "z"``), from the sites of an :class:`EnumTrace`."""
-    found = {}
-    for name, site in sites.items():
-        if site.is_observed or not name.endswith("_unobserved"):
-            continue
-        base = name[: -len("_unobserved")]
-        observed = sites.get(base + "_observed")
-        if observed is not None and observed.is_observed and _masked_part(observed.fn) is not None:
-            found[name] = base.removeprefix("_PREV_")
-    return found
-
-
-def known_labels(sites: dict, name: str):
-    """``(labels, known)`` of the ``obs_mask`` latent ``name`` (see
-    :func:`labelled_latents`)."""
-    observed = sites[name[: -len("_unobserved")] + "_observed"]
-    labels = observed.value
-    batch = jnp.shape(labels)[: jnp.ndim(labels) - observed.fn.event_dim]
-    return labels, mask_like(jnp.asarray(_masked_part(observed.fn), bool), batch)
-
-
-def site_log_prob(fn, value):
-    """``fn.log_prob(value)``, with a faster kernel for multivariate normals.
-
-    NumPyro evaluates a MultivariateNormal by a triangular solve against every
-    data point, which XLA runs slowly on CPU; inverting the K small Cholesky
-    factors once and multiplying is much faster (as scikit-learn does).
-    """
-    if isinstance(fn, MissingData):
-        # Complete data (checked at run time) takes the kernels below, exactly
-        # as without the wrapper.
-        complete = lambda: site_log_prob(fn.base_dist, value)  # noqa: E731
-        shape = jax.eval_shape(complete).shape
-        return jax.lax.cond(
-            jnp.all(fn.observed),
-            complete,
-            lambda: jnp.broadcast_to(missing_log_prob(fn.base_dist, fn.observed, value), shape),
-        )
-    if isinstance(fn, dist.ExpandedDistribution):
-        log_prob = site_log_prob(fn.base_dist, value)
-        batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
-        return jnp.broadcast_to(log_prob, jnp.broadcast_shapes(fn.batch_shape, batch))
-    if isinstance(fn, dist.Independent):
-        base = fn.base_dist
-        while isinstance(base, dist.ExpandedDistribution):  # plates expand inside to_event
-            base = base.base_dist
-        if fn.reinterpreted_batch_ndims == 1 and type(base) is dist.Normal:
-            log_prob, error = _diagonal_normal_log_prob(base.loc, base.scale, value)
-            # The expansion into matmuls cancels when clusters sit far from the
-            # data mean; where its worst-case rounding error could reach 1e-3 nats
-            # in some cell (float32 with far-apart, tight clusters), evaluate the
-            # exact density instead.
-            log_prob = jax.lax.cond(
-                shared_predicate(error < 1e-3),
-                lambda: log_prob,
-                lambda: site_log_prob(fn.base_dist, value).sum(-1),
-            )
-            # The data may vary along a dim where the distribution does not (the
-            # time dim of a scan's stacked site, of size 1 in the distribution).
-            batch = jnp.shape(value)[: max(jnp.ndim(value) - fn.event_dim, 0)]
-            return jnp.broadcast_to(log_prob, jnp.broadcast_shapes(fn.batch_shape, batch))
-        log_prob = site_log_prob(fn.base_dist, value)
-        return jnp.sum(log_prob, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
-    if type(fn) is dist.MultivariateNormal:
-        return _mvn_log_prob(fn.loc, fn.scale_tril, value)
-    return fn.log_prob(value)
-
-
-def _diagonal_normal_log_prob(loc, scale, value):
-    """log N(value | loc, diag(scale^2)) summed over the last dim, as matmuls.
-
-    sum_d (x_d - m_d)^2 / s_d^2 expands into three contractions over d, so K
-    components against N points cost matmuls instead of a K x N x D array of
-    elementwise work (as scikit-learn does). Both x and m are first shifted by
-    the data mean, which cancels exactly and reduces the cancellation.
-
-    Returns:
-        ``(log_prob, error)``: the densities and a bound on their rounding error.
-    """
-    dim = value.shape[-1]
-    loc = _with_last_dim(loc, dim)
-    precision = _with_last_dim(scale, dim) ** -2
-    flat = value.reshape(-1, dim)
-    # The mean as a matmul: XLA's CPU reduction over a leading axis is slow.
-    shift = jax.lax.stop_gradient(jnp.ones(flat.shape[:1], flat.dtype) @ flat / flat.shape[0])
-    x, m = value - shift, loc - shift
-    batch = jnp.broadcast_shapes(loc.shape[:-1], precision.shape[:-1], value.shape[:-1])
-    x_term = contract_cells(batch, batch, (x**2, "d"), (precision, "d"))
-    m_term = contract_cells(batch, batch, (m**2 * precision, "d"))
-    quadratic = x_term - 2 * contract_cells(batch, batch, (x, "d"), (m * precision, "d")) + m_term
-    log_det = -0.5 * contract_cells(batch, batch, (jnp.log(precision), "d"))
-    log_prob = -0.5 * quadratic - log_det - 0.5 * dim * jnp.log(2 * jnp.pi)
-    # The rounding is below eps * (x_term + m_term) in each cell. Rather than a pass
-    # over the cells, bound their maximum by the data's largest squared norm (which
-    # depends on the data alone: inside ``run`` XLA computes it once) times each
-    # component's largest precision, plus its m_term.
-    largest = jnp.max(jnp.sum(x**2, axis=-1))
-    bound = largest * jnp.max(precision, axis=-1) + jnp.sum(m**2 * precision, axis=-1)
-    error = jnp.finfo(log_prob.dtype).eps * jnp.max(bound)
-    return log_prob, jax.lax.stop_gradient(error)
-
-
-def _with_last_dim(a, dim):
-    a = jnp.asarray(a)
-    a = a[None] if a.ndim == 0 else a
-    return jnp.broadcast_to(a, a.shape[:-1] + (dim,))
-
-
-def _mvn_log_prob(loc, scale_tril, value):
-    batch = jnp.broadcast_shapes(scale_tril.shape[:-2], value.shape[:-1], loc.shape[:-1])
-    # Batch dims of size 1 (the enumeration and plate dims a site does not
-    # vary along, e.g. in a scan body) are dropped first: XLA's CPU backend
-    # lays a matmul's output with unit dims out in a slow order (measured 4x
-    # slower for a Gaussian HMM's emissions).
-    varying = [i for i, size in enumerate(batch) if size != 1]
-    if len(varying) < len(batch):
-        ndim = len(batch)
-
-        def squeeze(a, event_ndim):
-            a = jnp.asarray(a)
-            shape = (1,) * (ndim + event_ndim - a.ndim) + a.shape
-            return a.reshape(tuple(shape[i] for i in varying) + shape[ndim:])
-
-        log_prob = _mvn_log_prob(squeeze(loc, 1), squeeze(scale_tril, 2), squeeze(value, 1))
-        return log_prob.reshape(batch)
-    dim = scale_tril.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(dim, dtype=scale_tril.dtype), scale_tril.shape)
-    inv_tril = solve_triangular(scale_tril, eye, lower=True)
-    # L^-1 (x - loc) = L^-1 x - L^-1 loc, each contracted on the operands' own
-    # batch shapes: (K, 1) factors against (N,) points is one matmul, with no
-    # K x N x D x D broadcast.
-    batch = jnp.broadcast_shapes(scale_tril.shape[:-2], value.shape[:-1], loc.shape[:-1])
-    whitened = contract_cells(batch, batch, (inv_tril, "de"), (value, "e"), out="d")
-    whitened = whitened - contract_cells(batch, batch, (inv_tril, "de"), (loc, "e"), out="d")
-    half_log_det = jnp.sum(jnp.log(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)), axis=-1)
-    return -0.5 * jnp.sum(whitened**2, axis=-1) - half_log_det - 0.5 * dim * jnp.log(2 * jnp.pi)
-
-
 def _explain_trace_error(err: Exception) -> str:
     text = str(err)
     if "shape" in text or "broadcast" in text:
@@ -944,7 +390,7 @@ def _name_time_dim(name, site, log_prob, dim_to_name, time_names) -> None:
     time_dim = -min(len(fn.batch_shape), jnp.ndim(site["value"]) - fn.event_dim)
     shape = jnp.shape(log_prob)
     if -time_dim <= len(shape) and shape[time_dim] != 1 and time_dim not in dim_to_name:
-        dim_to_name[time_dim] = next(iter(sorted(time_names)), f"_time_{name}")
+        dim_to_name[time_dim] = next(iter(sorted(time_names)), time_dim_name(name))
 
 
 def _check_site_shape(name, log_prob, dim_to_name, max_plate_nesting) -> None:

@@ -1,22 +1,21 @@
 """Checks of a model's arguments, data and initial values, before anything is fitted.
 
 Everything here runs outside the compiled loop, on concrete values where it can
-(:func:`jaxem.tracing.validate` gathers the values in one compiled check per model
+(:func:`jaxem.checks.validate` gathers the values in one compiled check per model
 and signature and calls :func:`raise_for_invalid`):
 
-* model arguments: arrays are traced, the rest static (:func:`split_args`);
 * observed sites: data of exactly the site's shape (no broadcasting), inside
   the distribution's support, something observed at all;
 * sites that are priors rather than data (a ``numpyro.factor`` that depends
   on parameters only), which EM would silently add to the log-likelihood;
-* initial values: values rather than callables, finite, inside their
-  constraints, of the param's shape (:func:`merge_init_params`).
+* initial values: finite and inside their constraints (their names, shapes and
+  kinds are checked by :func:`jaxem.arguments.merge_init_params`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,116 +25,24 @@ from numpyro import handlers
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.primitives import Messenger
 
+from jaxem.arguments import is_array, merge_args
 from jaxem.exceptions import ModelError
 from jaxem.missing import MissingData, MissingEntries
+from jaxem.numpyro_internals import OBSERVED_SUFFIX, UNOBSERVED_SUFFIX, distribution_mask
 from jaxem.regularization import coordinate_variance
 from jaxem.selection import dependencies
 
 __all__ = [
     "Validity",
-    "check_init_params",
     "check_observed_site",
     "check_values",
     "core_family",
-    "is_array",
-    "merge_args",
-    "merge_init_params",
     "prior_sites",
     "raise_for_invalid",
-    "split_args",
 ]
 
 # How many offending entries an out-of-support error shows.
 _NUM_SHOWN = 3
-
-
-# ---------------------------------------------------------------------------
-# Static / traced model arguments.
-# ---------------------------------------------------------------------------
-
-
-class _StaticLeaves(NamedTuple):
-    """Hashable description of the non-array leaves of (args, kwargs)."""
-
-    treedef: Any
-    is_array: tuple[bool, ...]
-    static_values: tuple[Hashable, ...]
-
-
-def is_array(x) -> bool:
-    """Whether a model argument is an array (traced) rather than a static value."""
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__")
-
-
-def split_args(args: tuple, kwargs: dict):
-    """Split model arguments into traced array leaves and a hashable static spec.
-
-    Arrays are traced (a new dataset of the same shape does not recompile);
-    everything else (ints such as a number of components, strings, callables,
-    the numbers of a Python list) is static, as NumPyro users expect.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    flags = tuple(is_array(leaf) for leaf in leaves)
-    arrays = [leaf for leaf, a in zip(leaves, flags) if a]
-    static = tuple(leaf for leaf, a in zip(leaves, flags) if not a)
-    try:
-        hash(static)
-    except TypeError as err:
-        raise ModelError(
-            "jaxem: a non-array model argument is not hashable, so it cannot be treated as "
-            f"static ({err}). Pass data as arrays (jnp.asarray) and static options as ints, "
-            "floats, strings or tuples."
-        ) from None
-    return arrays, _StaticLeaves(treedef, flags, static)
-
-
-def merge_args(arrays, spec: _StaticLeaves):
-    """Inverse of :func:`split_args`."""
-    arrays = iter(arrays)
-    static = iter(spec.static_values)
-    leaves = [next(arrays) if a else next(static) for a in spec.is_array]
-    return jax.tree_util.tree_unflatten(spec.treedef, leaves)
-
-
-# ---------------------------------------------------------------------------
-# Initial values.
-# ---------------------------------------------------------------------------
-
-
-def check_init_params(init_params: dict | None) -> None:
-    """A named error for ``init_params`` entries that are callables, not values."""
-    for name, value in (init_params or {}).items():
-        if callable(value):
-            raise ModelError(
-                f"jaxem: init_params['{name}'] is a callable ({value!r}); init_params takes "
-                "values. A callable initial value (such as jaxem.init.kmeans_plusplus(x, K)) "
-                f"goes in the model, numpyro.param('{name}', init_fn), where run calls it "
-                "with each restart's key; or pass init_fn(jax.random.PRNGKey(0)) here."
-            )
-
-
-def merge_init_params(params: dict, init_params: dict | None) -> dict:
-    """``params`` with the entries of ``init_params`` (checked names and shapes), each
-    cast to the dtype of the model's param (a float dtype: integer initial values are
-    cast when the model is inspected)."""
-    if not init_params:
-        return params
-    unknown = set(init_params) - set(params)
-    if unknown:
-        raise ModelError(
-            f"jaxem: init_params names {sorted(unknown)} that are not params of the model "
-            f"(params: {list(params)})."
-        )
-    merged = dict(params)
-    for name, value in init_params.items():
-        value = jnp.asarray(value, dtype=jnp.result_type(params[name]))
-        if jnp.shape(value) != jnp.shape(params[name]):
-            raise ModelError(
-                f"jaxem: init_params['{name}'] has shape {jnp.shape(value)} but the model's "
-                f"param '{name}' has shape {jnp.shape(params[name])}."
-            )
-        merged[name] = value
-    return merged
 
 
 # ---------------------------------------------------------------------------
@@ -154,7 +61,7 @@ def core_family(fn):
 
 def _user_name(name: str) -> str:
     # NumPyro splits a site with obs_mask= into "<name>_observed" and "<name>_unobserved".
-    for suffix in ("_observed", "_unobserved"):
+    for suffix in (OBSERVED_SUFFIX, UNOBSERVED_SUFFIX):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -225,7 +132,7 @@ def _observed_entries(fn, value):
         if isinstance(fn, MissingData):
             observed = fn.observed
         elif isinstance(fn, dist.MaskedDistribution):
-            masks.append((fn._mask, fn.event_dim))
+            masks.append((distribution_mask(fn), fn.event_dim))
         fn = fn.base_dist
     event_ndim = fn.event_dim
     shape = jnp.shape(value)[: jnp.ndim(value) - event_ndim]
@@ -319,12 +226,12 @@ def check_values(
     """Validity of data and initial values as arrays (jittable).
 
     Args:
-        structure: the model's :class:`jaxem.tracing.ModelStructure`.
+        structure: the model's :class:`jaxem.inspection.ModelStructure`.
         params: initial values.
         sites: ``{observed site: (distribution, data)}`` at ``params``, missing
             entries filled (:class:`jaxem.missing.MissingEntries`).
         reach: ``{param: the MultivariateNormal sites whose arguments depend
-            on it}`` (:func:`jaxem.tracing.mvn_sites_of_params`).
+            on it}`` (:func:`jaxem.inspection.mvn_sites_of_params`).
         priors: names of the sites that are priors (:func:`prior_sites`).
         arguments: :func:`jaxem.supports.argument_support` of the model at
             ``params`` (None: not checked).
@@ -412,24 +319,10 @@ def raise_for_invalid(
     (its log-likelihood, 0, is correct). ``support_of(site)`` describes the
     support of a site's distribution, for the out-of-support error.
     """
-    for name, count in validity.non_finite.items():
-        if int(count):
-            raise ModelError(
-                f"jaxem: observed site '{name}' contains {int(count)} NaN or infinite "
-                "value(s). If NaN marks missing values, fit jaxem.nan_as_missing(model) (NaN "
-                "entries are then marginalized) or pass obs_mask= to numpyro.sample; otherwise "
-                "remove or correct those entries before fitting. Infinite values are never "
-                "treated as missing."
-            )
-    for name, count in validity.partial.items():
-        if int(count):
-            raise ModelError(
-                f"jaxem: observed site '{name}' has {int(count)} event(s) with some but not "
-                "all entries missing, and its distribution has no closed-form marginal over "
-                "part of an event (jaxem marginalizes partly missing events of a "
-                "MultivariateNormal or of independent univariate entries, .to_event()). "
-                "Mark whole events missing, or model the entries as separate sites."
-            )
+    for counts, message in ((validity.non_finite, _NON_FINITE), (validity.partial, _PARTIAL)):
+        for name, count in counts.items():
+            if int(count):
+                raise ModelError(message.format(name=name, count=int(count)))
     for name, (count, index, values) in validity.outside_support.items():
         if int(count):
             _raise_outside_support(name, int(count), index, values, support_of)
@@ -468,6 +361,22 @@ def raise_for_invalid(
                 "model's initial value, init_params, or the params passed in): e.g. a simplex "
                 "sums to 1 along its last axis, lower_cholesky needs a positive diagonal."
             )
+
+
+_NON_FINITE = (
+    "jaxem: observed site '{name}' contains {count} NaN or infinite "
+    "value(s). If NaN marks missing values, fit jaxem.nan_as_missing(model) (NaN "
+    "entries are then marginalized) or pass obs_mask= to numpyro.sample; otherwise "
+    "remove or correct those entries before fitting. Infinite values are never "
+    "treated as missing."
+)
+_PARTIAL = (
+    "jaxem: observed site '{name}' has {count} event(s) with some but not "
+    "all entries missing, and its distribution has no closed-form marginal over "
+    "part of an event (jaxem marginalizes partly missing events of a "
+    "MultivariateNormal or of independent univariate entries, .to_event()). "
+    "Mark whole events missing, or model the entries as separate sites."
+)
 
 
 def _raise_outside_support(name, count, index, values, support_of) -> None:

@@ -32,9 +32,11 @@ import jax.numpy as jnp
 import optax
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.arguments import merge_args
 from jaxem.built import built_model
 from jaxem.driver import Fitter, MStep, in_support
-from jaxem.estep import _contract
+from jaxem.estep import contract_factors
+from jaxem.exceptions import ModelError
 from jaxem.factorized import (
     coordinate_ascent,
     elbo,
@@ -47,14 +49,9 @@ from jaxem.factorized import (
     uniform_q,
 )
 from jaxem.gradient import default_optimizer, safeguarded_steps, stationarity, strongly_typed
+from jaxem.inspection import inspect_model, model_structure
 from jaxem.loop import iterate, stationary, upper_bound
-from jaxem.tracing import (
-    ModelError,
-    enumerated_trace,
-    inspect_model,
-    merge_args,
-    model_structure,
-)
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["VariationalEM", "VEMState", "VEMResult", "elbo"]
 
@@ -342,7 +339,7 @@ class VariationalEM(Fitter):
             exact = tractable(trace, 2**20)
         log_lik = None
         if exact:
-            log_lik = _contract({n: s.log_prob for n, s in trace.sites.items()}, trace)
+            log_lik = contract_factors({n: s.log_prob for n, s in trace.sites.items()}, trace)
         return value, (state, log_lik, marginals)
 
     def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):

@@ -38,17 +38,35 @@ def normal_mixture_spread(x, K=2):
         numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
 
 
-def gmm_scale_tril(x, K):
-    """Full-covariance Gaussian mixture parameterised by Cholesky factors L (K, D, D)."""
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros((K, D)))
-    L = numpyro.param(
-        "L", jnp.broadcast_to(jnp.eye(D), (K, D, D)), constraint=constraints.lower_cholesky
-    )
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x)
+# The (K, D, D) param of a full-covariance mixture, by the MultivariateNormal
+# argument it is: its name in the model and its constraint.
+_FULL_COVARIANCE = {
+    "scale_tril": ("L", constraints.lower_cholesky),
+    "covariance_matrix": ("cov", constraints.positive_definite),
+    "precision_matrix": ("prec", constraints.positive_definite),
+}
+
+
+def full_gmm(matrix_arg):
+    """A full-covariance Gaussian mixture whose (K, D, D) param, starting at the
+    identity, is the MultivariateNormal's ``matrix_arg``: ``scale_tril`` (param
+    ``L``), ``covariance_matrix`` (``cov``) or ``precision_matrix`` (``prec``)."""
+    name, constraint = _FULL_COVARIANCE[matrix_arg]
+
+    def model(x, K):
+        D = x.shape[-1]
+        w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+        mu = numpyro.param("mu", jnp.zeros((K, D)))
+        matrix = numpyro.param(name, jnp.broadcast_to(jnp.eye(D), (K, D, D)), constraint=constraint)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("x", dist.MultivariateNormal(mu[z], **{matrix_arg: matrix[z]}), obs=x)
+
+    return model
+
+
+# Full-covariance Gaussian mixture parameterised by Cholesky factors L (K, D, D).
+gmm_scale_tril = full_gmm("scale_tril")
 
 
 def gmm_diag(x, K):

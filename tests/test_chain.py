@@ -21,9 +21,9 @@ from test_brute_force import brute_force
 
 import jaxem
 from jaxem import EM, ModelError
-from jaxem.chain import _arrange, find_chain
+from jaxem.chain import arrange_factor, find_chain
 from jaxem.estep import e_step
-from jaxem.tracing import inspect_model
+from jaxem.inspection import inspect_model
 
 K = 3
 
@@ -207,7 +207,7 @@ def test_chain_against_brute_force(x64):
             chain = find_chain(result.trace)
             names = [chain.time, chain.first, chain.name]
             site = result.trace.sites["z"]
-            return result.log_likelihood, _arrange(result.marginals["z"], site, names, chain)
+            return result.log_likelihood, arrange_factor(result.marginals["z"], site, names, chain)
 
         ll, pairs = ll_and_pairs(p, jargs, parallel)
         np.testing.assert_allclose(float(ll), expected_ll, rtol=1e-10)

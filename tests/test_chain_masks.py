@@ -4,6 +4,7 @@ VariationalEM on ``scan`` chains, length-1 and nested scans.
 References: brute-force enumeration over all K^T paths of each unpadded sequence.
 """
 
+import functools
 import itertools
 
 import jax
@@ -31,25 +32,37 @@ PARAMS = {
 SEQS = [np.array([0.3, -1.2, 0.8, 1.5, -0.1]), np.array([1.1, 0.4, -0.7])]
 
 
-def scan_hmm(x, mask):
-    """Every step inside the scan: the carry starts at the extra row ``pi`` of ``[A; pi]``."""
+def _scan_params():
+    """The params of the scan HMMs below: ``[A; pi]`` (the carry starts at its extra
+    row ``pi``) and the emission means ``mu``."""
     pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
     A = numpyro.param("A", jnp.ones((K, K)) / K, constraint=constraints.simplex)
     mu = numpyro.param("mu", jnp.zeros(K))
     rows = jnp.concatenate([A, pi[None]])
+    return rows, mu
+
+
+def scan_hmm(x, mask, masked="zx"):
+    """Every step inside the scan: the carry starts at the extra row ``pi`` of ``[A; pi]``.
+    ``mask`` masks the site(s) named in ``masked`` (both the latent and the observation
+    unless told otherwise)."""
+    rows, mu = _scan_params()
 
     def step(z_prev, inputs):
         x_t, m_t = inputs
-        with numpyro.plate("seqs", x.shape[1]), numpyro.handlers.mask(mask=m_t):
-            z = numpyro.sample("z", dist.Categorical(rows[z_prev]))
-            numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x_t)
+        with numpyro.plate("seqs", x.shape[1]):
+            with numpyro.handlers.mask(mask=m_t if "z" in masked else True):
+                z = numpyro.sample("z", dist.Categorical(rows[z_prev]))
+            with numpyro.handlers.mask(mask=m_t if "x" in masked else True):
+                numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x_t)
         return z, None
 
     scan(step, jnp.full(x.shape[1], K), (x, mask))
 
 
-def loop_hmm(x, mask):
-    """One sequence, a Python loop under ``markov``: one latent site per step."""
+def loop_hmm(x, mask, mask_observations=True):
+    """One sequence, a Python loop under ``markov``: one latent site per step, its
+    observation masked with it (or not, with ``mask_observations=False``)."""
     pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
     A = numpyro.param("A", jnp.ones((K, K)) / K, constraint=constraints.simplex)
     mu = numpyro.param("mu", jnp.zeros(K))
@@ -57,6 +70,7 @@ def loop_hmm(x, mask):
     for t in markov(range(x.shape[0])):
         with numpyro.handlers.mask(mask=mask[t]):
             z = numpyro.sample(f"z_{t}", dist.Categorical(pi if z is None else A[z]))
+        with numpyro.handlers.mask(mask=mask[t] if mask_observations else True):
             numpyro.sample(f"x_{t}", dist.Normal(mu[z], 1.0), obs=x[t])
 
 
@@ -263,10 +277,7 @@ def test_a_float_mask_is_rejected_in_the_users_terms(x64):
 def _method_masked_hmm(x, mask):
     """``Distribution.mask``, which (unlike ``numpyro.handlers.mask``) casts a 0/1
     float mask to bool."""
-    pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
-    A = numpyro.param("A", jnp.ones((K, K)) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros(K))
-    rows = jnp.concatenate([A, pi[None]])
+    rows, mu = _scan_params()
 
     def step(z_prev, inputs):
         x_t, m_t = inputs
@@ -319,23 +330,8 @@ def test_num_observations_and_bic_of_a_markov_loop_equal_hmmlearn(x64):
 # --- observations that count at padded steps ----------------------------------------------
 
 
-def _latent_masked_hmm(x, mask, masked="z"):
-    """``scan_hmm`` with the mask around the site(s) named in ``masked`` only."""
-    pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
-    A = numpyro.param("A", jnp.ones((K, K)) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros(K))
-    rows = jnp.concatenate([A, pi[None]])
-
-    def step(z_prev, inputs):
-        x_t, m_t = inputs
-        with numpyro.plate("seqs", x.shape[1]):
-            with numpyro.handlers.mask(mask=m_t if "z" in masked else True):
-                z = numpyro.sample("z", dist.Categorical(rows[z_prev]))
-            with numpyro.handlers.mask(mask=m_t if "x" in masked else True):
-                numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x_t)
-        return z, None
-
-    scan(step, jnp.full(x.shape[1], K), (x, mask))
+# ``scan_hmm`` with the mask around the latent only (unless ``masked`` says otherwise).
+_latent_masked_hmm = functools.partial(scan_hmm, masked="z")
 
 
 def test_an_observation_counting_at_a_padded_step_is_rejected(x64):
@@ -357,15 +353,7 @@ def test_an_observation_counting_at_a_padded_step_is_rejected(x64):
     assert jaxem.num_observations(_latent_masked_hmm, x, mask, masked="x") == 8
 
 
-def _loop_latent_masked(x, mask):
-    pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
-    A = numpyro.param("A", jnp.ones((K, K)) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros(K))
-    z = None
-    for t in markov(range(x.shape[0])):
-        with numpyro.handlers.mask(mask=mask[t]):
-            z = numpyro.sample(f"z_{t}", dist.Categorical(pi if z is None else A[z]))
-        numpyro.sample(f"x_{t}", dist.Normal(mu[z], 1.0), obs=x[t])
+_loop_latent_masked = functools.partial(loop_hmm, mask_observations=False)
 
 
 def test_an_observation_counting_under_a_masked_latent_of_a_loop_is_rejected(x64):
@@ -384,10 +372,7 @@ def test_an_observation_counting_under_a_masked_latent_of_a_loop_is_rejected(x64
 
 def _obs_mask_hmm(x, observed):
     """``scan_hmm`` with missing observations given by ``obs_mask`` in the scan body."""
-    pi = numpyro.param("pi", jnp.ones(K) / K, constraint=constraints.simplex)
-    A = numpyro.param("A", jnp.ones((K, K)) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros(K))
-    rows = jnp.concatenate([A, pi[None]])
+    rows, mu = _scan_params()
 
     def step(z_prev, inputs):
         x_t, m_t = inputs

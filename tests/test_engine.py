@@ -1,12 +1,14 @@
 """Engine internals: cell contractions, M-step path detection, registry, robustness."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from models import normal_mixture_spread
+from models import normal_mixture, normal_mixture_spread
 from numpyro.distributions import constraints
 
 import jaxem
@@ -338,14 +340,7 @@ def test_rejected_gradient_steps_leave_no_non_finite_optimizer_state():
 
 
 def test_one_component_model_matches_the_closed_form_fit(x64):
-    def model(x, K=1):
-        w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-        mu = numpyro.param("mu", jnp.zeros(K))
-        sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-        with numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", dist.Categorical(w))
-            numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
-
+    model = functools.partial(normal_mixture, K=1)
     x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, 50))
     result = EM(model).run(jax.random.PRNGKey(0), x, max_iter=5)
     np.testing.assert_allclose(result.params["mu"], [np.mean(x)], rtol=1e-10)

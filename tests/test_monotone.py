@@ -13,7 +13,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from models import gmm_scale_tril, normal_mixture, poisson_mixture
+from models import gmm_scale_tril, latent_class, normal_mixture, poisson_mixture
 from numpyro.distributions import constraints
 from scipy import stats
 from scipy.special import logsumexp, xlog1py, xlogy
@@ -25,16 +25,7 @@ MAX_ITER = 30
 
 
 # --- the zoo: module-level models, data, deliberately poor starting points, scipy density ---
-# (the normal, mvn and poisson models are shared with other modules: models.py)
-
-
-def latent_class(x, K):
-    J = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    p = numpyro.param("p", jnp.full((K, J), 0.5), constraint=constraints.unit_interval)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Bernoulli(p[z]).to_event(1), obs=x)
+# (the normal, mvn, poisson and latent class models are shared with other modules: models.py)
 
 
 def binomial_mix(x, K):

@@ -230,7 +230,7 @@ def test_params_inside_the_argument_support_fit():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="open: the E-step's MultivariateNormal density (tracing._mvn_log_prob) whitens x "
+    reason="open: the E-step's MultivariateNormal density (densities._mvn_log_prob) whitens x "
     "and loc separately and cancels for a component far from 0; a guarded residual path "
     "cost 1.7x per iteration on benchmarks/gmm.py and was left to the lead",
 )

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     from test_chain import gaussian_hmm
     from test_monotone import latent_class
     from jaxem import EM, OnlineEM
-    from jaxem.tracing import split_args
+    from jaxem.arguments import split_args
 
     jax.config.update("jax_enable_x64", True)
     assert len(jax.devices()) == 8

@@ -13,7 +13,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from models import gmm_diag, gmm_scale_tril, normal_mixture
+from models import full_gmm, gmm_diag, gmm_scale_tril, normal_mixture
 from numpyro.distributions import constraints
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
@@ -27,31 +27,12 @@ RTOL = 1e-6
 
 
 # --- models (module level so jit caches are shared between tests) -----------------------
-# gmm_scale_tril and the univariate normal_mixture are shared with other modules (models.py).
+# The full-covariance mixtures (full_gmm) and the univariate normal_mixture are shared with
+# other modules (models.py).
 
 
-def gmm_covariance_matrix(x, K):
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros((K, D)))
-    cov = numpyro.param(
-        "cov", jnp.broadcast_to(jnp.eye(D), (K, D, D)), constraint=constraints.positive_definite
-    )
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(mu[z], covariance_matrix=cov[z]), obs=x)
-
-
-def gmm_precision_matrix(x, K):
-    D = x.shape[-1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.zeros((K, D)))
-    prec = numpyro.param(
-        "prec", jnp.broadcast_to(jnp.eye(D), (K, D, D)), constraint=constraints.positive_definite
-    )
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(mu[z], precision_matrix=prec[z]), obs=x)
+gmm_covariance_matrix = full_gmm("covariance_matrix")
+gmm_precision_matrix = full_gmm("precision_matrix")
 
 
 def gmm_tied(x, K):

@@ -1,0 +1,107 @@
+"""A model's arguments: arrays are traced, everything else is static.
+
+``run``, ``log_likelihood`` and every other entry point split the model's
+``(args, kwargs)`` into traced array leaves and a hashable static spec
+(:func:`split_args`), so that a new dataset of the same shape does not
+recompile, and merge them back inside the compiled function
+(:func:`merge_args`). Initial values given by the user (``init_params``) are
+checked and merged into the model's own here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxem.exceptions import ModelError
+
+__all__ = [
+    "check_init_params",
+    "is_array",
+    "merge_args",
+    "merge_init_params",
+    "split_args",
+]
+
+
+class _StaticLeaves(NamedTuple):
+    """Hashable description of the non-array leaves of (args, kwargs)."""
+
+    treedef: Any
+    is_array: tuple[bool, ...]
+    static_values: tuple[Hashable, ...]
+
+
+def is_array(x) -> bool:
+    """Whether a model argument is an array (traced) rather than a static value."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__")
+
+
+def split_args(args: tuple, kwargs: dict):
+    """Split model arguments into traced array leaves and a hashable static spec.
+
+    Arrays are traced (a new dataset of the same shape does not recompile);
+    everything else (ints such as a number of components, strings, callables,
+    the numbers of a Python list) is static, as NumPyro users expect.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    flags = tuple(is_array(leaf) for leaf in leaves)
+    arrays = [leaf for leaf, a in zip(leaves, flags) if a]
+    static = tuple(leaf for leaf, a in zip(leaves, flags) if not a)
+    try:
+        hash(static)
+    except TypeError as err:
+        raise ModelError(
+            "jaxem: a non-array model argument is not hashable, so it cannot be treated as "
+            f"static ({err}). Pass data as arrays (jnp.asarray) and static options as ints, "
+            "floats, strings or tuples."
+        ) from None
+    return arrays, _StaticLeaves(treedef, flags, static)
+
+
+def merge_args(arrays, spec: _StaticLeaves):
+    """Inverse of :func:`split_args`."""
+    arrays = iter(arrays)
+    static = iter(spec.static_values)
+    leaves = [next(arrays) if a else next(static) for a in spec.is_array]
+    return jax.tree_util.tree_unflatten(spec.treedef, leaves)
+
+
+def check_init_params(init_params: dict | None) -> None:
+    """A named error for ``init_params`` entries that are callables, not values."""
+    for name, value in (init_params or {}).items():
+        if callable(value):
+            raise ModelError(
+                f"jaxem: init_params['{name}'] is a callable ({value!r}); init_params takes "
+                "values. A callable initial value (such as jaxem.init.kmeans_plusplus(x, K)) "
+                f"goes in the model, numpyro.param('{name}', init_fn), where run calls it "
+                "with each restart's key; or pass init_fn(jax.random.PRNGKey(0)) here."
+            )
+
+
+def merge_init_params(params: dict, init_params: dict | None) -> dict:
+    """``params`` with the entries of ``init_params`` (checked names and shapes), each
+    cast to the dtype of the model's param (a float dtype: integer initial values are
+    cast when the model is inspected)."""
+    if not init_params:
+        return params
+    unknown = set(init_params) - set(params)
+    if unknown:
+        raise ModelError(
+            f"jaxem: init_params names {sorted(unknown)} that are not params of the model "
+            f"(params: {list(params)})."
+        )
+    merged = dict(params)
+    for name, value in init_params.items():
+        value = jnp.asarray(value, dtype=jnp.result_type(params[name]))
+        if jnp.shape(value) != jnp.shape(params[name]):
+            raise ModelError(
+                f"jaxem: init_params['{name}'] has shape {jnp.shape(value)} but the model's "
+                f"param '{name}' has shape {jnp.shape(params[name])}."
+            )
+        merged[name] = value
+    return merged
