@@ -31,6 +31,7 @@ from jaxem.loop import (
     raise_for_gradient,
     refuse_differentiation,
     run_with_progress,
+    select_best,
     warn_about_fit,
 )
 from jaxem.mstep import closed_form_m_step, plan_m_step
@@ -193,7 +194,8 @@ class Fitter:
         self._update_jit = jax.jit(self._step, static_argnums=(2,))
         self._initial_gradient_jit = jax.jit(self._gradient_at, static_argnums=(2,))
         self._run_jit = jax.jit(
-            self._run_arrays, static_argnames=("spec", "max_iter", "num_restarts", "progress_bar")
+            self._run_arrays,
+            static_argnames=("spec", "max_iter", "num_restarts", "progress_bar", "batch_restarts"),
         )
 
     # -- kernel (subclasses) -------------------------------------------------
@@ -213,27 +215,55 @@ class Fitter:
     # -- driver ----------------------------------------------------------------
 
     def _run_arrays(
-        self, rng_key, arrays, init_params, tol, *, spec, max_iter, num_restarts, progress_bar
+        self,
+        rng_key,
+        arrays,
+        init_params,
+        tol,
+        *,
+        spec,
+        max_iter,
+        num_restarts,
+        progress_bar,
+        batch_restarts=True,
     ):
         """Every restart, the best kept: ``(result, the kept restart's initial params)``."""
 
         def fit(key):
             return self._fit_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
 
-        (result, start), (fits, _) = best_restart(
-            fit,
-            rng_key,
-            num_restarts,
-            lambda r: getattr(r[0], self.score),
-            lambda r: r[0].diverged,
+        _, fits = best_restart(
+            fit, rng_key, num_restarts, self._restart_score, batched=batch_restarts
         )
+        return self._keep_best(fits)
+
+    def _restart_score(self, fit):
+        return getattr(fit[0], self.score)
+
+    def _keep_best(self, fits):
+        """``(result, start)`` of the best of ``fits`` (every restart's ``(result,
+        start)`` stacked), the result's ``restart_*`` fields holding every restart's."""
+        result, start = select_best(fits, self._restart_score, lambda fit: fit[0].diverged)
+        stacked = fits[0]
         result = result._replace(
-            restart_converged=fits.converged,
-            restart_diverged=fits.diverged,
-            restart_num_iters=fits.num_iters,
-            **{self.restart_scores: getattr(fits, self.score)},
+            restart_converged=stacked.converged,
+            restart_diverged=stacked.diverged,
+            restart_num_iters=stacked.num_iters,
+            **{self.restart_scores: getattr(stacked, self.score)},
         )
         return result, start
+
+    def _run_restarts_one_by_one(self, call, rng_key, num_restarts, progress_bar, max_iter):
+        """The restarts as separate calls of the one-restart program (compiled once):
+        a loop of the same fits, stacked and the best kept as under ``vmap``."""
+        fits = []
+        for key in jax.random.split(rng_key, num_restarts):
+            result, start = run_with_progress(
+                partial(call, key, num_restarts=1), progress_bar, max_iter, self.name
+            )
+            fits.append((result, start))
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *fits)
+        return self._keep_best(stacked)
 
     def _check_fit(self, result, start, arrays, spec):
         """After ``run``, on concrete values: a ModelError for a fit whose distribution
@@ -340,16 +370,18 @@ class Fitter:
         num_restarts: int = 1,
         init_params: dict | None = None,
         progress_bar: bool = False,
+        batch_restarts: bool | None = None,
         **kwargs,
     ):
         """Run to convergence inside one compiled ``lax.while_loop``.
 
-        Restarts run under ``vmap`` (each with its own key for callable
-        initial values) and the best final objective (log-likelihood, or ELBO
-        for ``VariationalEM``) is kept among the restarts that did not
-        diverge. They are one compiled program (compiled once per value of
-        ``num_restarts``): the loop runs until the last restart has stopped,
-        the ones that stopped earlier carried along unchanged.
+        Restarts (each with its own key for callable initial values) are one
+        compiled program (compiled once per value of ``num_restarts``), and the
+        best final objective (log-likelihood, or ELBO for ``VariationalEM``) is
+        kept among the restarts that did not diverge. Batched (``vmap``), every
+        array gets a restart axis and the loop runs until the last restart has
+        stopped, the ones that stopped earlier carried along unchanged; one
+        after another, each restart stops at its own iteration.
 
         Args:
             rng_key: PRNG key; split into one key per restart.
@@ -363,6 +395,13 @@ class Fitter:
             init_params: ``{param name: constrained value}`` overriding the
                 initial values of some parameters in every restart.
             progress_bar: show a tqdm progress bar (iterations done).
+            batch_restarts: run the restarts under ``vmap`` (True) or one after
+                another inside the compiled program (False). None chooses:
+                one after another on a CPU when an M-step or E-step iterates
+                (a gradient-path param, a guide), where ``vmap`` turns every
+                inner loop and branch of the optimizer into one that runs
+                until the slowest restart is done (several times slower than
+                separate fits); batched otherwise.
 
         Returns:
             The fitter's result (:class:`jaxem.EMResult`, :class:`jaxem.VEMResult`).
@@ -377,18 +416,32 @@ class Fitter:
         # values would compile a program of its own on every call).
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(inputs)):
             arrays, init_params = refuse_differentiation(inputs, self.name)
+        if batch_restarts is None:
+            batch_restarts = num_restarts == 1 or self._restarts_batch_well(
+                rng_key, arrays, spec, init_params
+            )
         call = partial(
             self._run_jit,
-            rng_key,
-            arrays,
-            init_params,
-            np.asarray(tol, jnp.result_type(float)),
+            arrays=arrays,
+            init_params=init_params,
+            tol=np.asarray(tol, jnp.result_type(float)),
             spec=spec,
             max_iter=int(max_iter),
-            num_restarts=int(num_restarts),
             progress_bar=bool(progress_bar),
+            batch_restarts=bool(batch_restarts),
         )
-        result, start = run_with_progress(call, progress_bar, max_iter, self.name)
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, inputs)))
+        if num_restarts > 1 and not batch_restarts and not traced:
+            result, start = self._run_restarts_one_by_one(
+                call, rng_key, num_restarts, progress_bar, max_iter
+            )
+        else:
+            result, start = run_with_progress(
+                partial(call, rng_key, num_restarts=int(num_restarts)),
+                progress_bar,
+                max_iter,
+                self.name,
+            )
         diverged_before = _concrete_flag(result.diverged)
         result = self._check_fit(result, start, arrays, spec)
         # A divergence the check found (a density broken down in float32) was warned
@@ -398,6 +451,24 @@ class Fitter:
                 result, name=self.name, objective=self.objective, max_iter=max_iter, tol=tol
             )
         return result
+
+    def _restarts_batch_well(self, rng_key, arrays, spec, init_params) -> bool:
+        """Whether restarts are faster under ``vmap`` than one after another: on an
+        accelerator, or when no step of the fit is an inner iteration."""
+        if jax.default_backend() != "cpu":
+            return True
+        return not self._iterates_within_a_step(rng_key, arrays, spec, init_params)
+
+    def _iterates_within_a_step(self, rng_key, arrays, spec, init_params) -> bool:
+        """Whether an iteration runs an inner optimizer (a gradient-path param); the
+        params' shapes only, traced abstractly (nothing is compiled)."""
+        settings = self.m_step_settings
+        params = jax.eval_shape(
+            lambda a, i: settings.initial_params(rng_key, a, spec, i)[1], arrays, init_params
+        )
+        structure = model_structure(settings.model, *merge_args(arrays, spec))
+        plan = settings.plan(params, arrays, spec, structure)
+        return any(path.kind == "gradient" for path in plan.values())
 
     def m_step_paths(self, *args, **kwargs) -> dict:
         """How each parameter is updated: ``{name: "closed-form (...)" | "gradient (...)" |

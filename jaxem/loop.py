@@ -249,9 +249,18 @@ def iterate(
 
 
 def best_restart(
-    fit_fn: Callable, rng_key, num_restarts: int, score_fn: Callable, diverged_fn=None
+    fit_fn: Callable,
+    rng_key,
+    num_restarts: int,
+    score_fn: Callable,
+    diverged_fn=None,
+    *,
+    batched: bool = True,
 ):
-    """``fit_fn(key)`` for ``num_restarts`` keys split from ``rng_key`` under ``vmap``.
+    """``fit_fn(key)`` for ``num_restarts`` keys split from ``rng_key``: under
+    ``vmap`` (``batched``), or one after another inside the compiled program
+    (``lax.map``), each restart then stopping at its own iteration. The kept
+    restart: :func:`select_best`.
 
     One restart runs ``fit_fn(rng_key)`` itself (no vmap), so that it starts
     where ``init(rng_key)`` does. The restart kept is the one with the highest
@@ -265,17 +274,28 @@ def best_restart(
     if num_restarts == 1:
         result = fit_fn(rng_key)
         return result, jax.tree.map(lambda x: jnp.asarray(x)[None], result)
-    # The named axis lets the rounding guards branch once for all restarts
-    # (jaxem.batching) rather than compute both branches in each.
-    with restart_axis():
-        fits = jax.vmap(fit_fn, axis_name=RESTART_AXIS)(jax.random.split(rng_key, num_restarts))
+    keys = jax.random.split(rng_key, num_restarts)
+    if batched:
+        # The named axis lets the rounding guards branch once for all restarts
+        # (jaxem.batching) rather than compute both branches in each.
+        with restart_axis():
+            fits = jax.vmap(fit_fn, axis_name=RESTART_AXIS)(keys)
+    else:
+        fits = jax.lax.map(fit_fn, keys)
+    return select_best(fits, score_fn, diverged_fn), fits
+
+
+def select_best(fits, score_fn: Callable, diverged_fn=None):
+    """The restart with the highest score (NaN counting as -inf) among those that
+    did not diverge; among all restarts only when every one diverged. ``fits``:
+    results stacked on a leading restart axis."""
     scores = score_fn(fits)
     scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
     usable = jnp.ones(scores.shape, bool) if diverged_fn is None else ~diverged_fn(fits)
     pool = jnp.where(jnp.any(usable), usable, True)
     masked = jnp.where(pool, scores, -jnp.inf)
     best = jnp.where(jnp.any(masked > -jnp.inf), jnp.argmax(masked), jnp.argmax(pool))
-    return jax.tree.map(lambda x: x[best], fits), fits
+    return jax.tree.map(lambda x: x[best], fits)
 
 
 def stationary(gain, value, tol):

@@ -388,6 +388,13 @@ class VariationalEM(Fitter):
         )
         return result, start.params
 
+    def _iterates_within_a_step(self, rng_key, arrays, spec, init_params) -> bool:
+        # A guide's E-step is optax steps on the guide's params, besides any
+        # gradient-path param of the M-step.
+        return self.guide is not None or super()._iterates_within_a_step(
+            rng_key, arrays, spec, init_params
+        )
+
     def _gradient_at(self, state, arrays, spec):
         """The gradient of the ELBO in the model params at ``state`` (q held)."""
         args, kwargs = merge_args(arrays, spec)

@@ -10,6 +10,7 @@ from numpyro.distributions import constraints
 
 import jaxem
 from jaxem import EM
+from jaxem.arguments import split_args
 from jaxem.batching import RESTART_AXIS, restart_axis, shared_predicate
 from jaxem.loop import best_restart
 
@@ -263,3 +264,60 @@ def test_shared_predicate_holds_only_if_every_restart_holds(x32):
     np.testing.assert_array_equal(shared([False, False]), [False, False])
     assert bool(shared_predicate(jnp.array(True)))
     assert not bool(shared_predicate(jnp.array(False)))
+
+
+def random_start_poisson_regression(c, x, K):
+    """A mixture of Poisson regressions (gradient M-step for ``a`` and ``b``) whose
+    intercepts start from the restart's key."""
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    a = numpyro.param("a", lambda key: jax.random.normal(key, (K,)))
+    b = numpyro.param("b", jnp.zeros(K))
+    with numpyro.plate("data", c.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("c", dist.Poisson(jax.nn.softplus(a[z] + b[z] * x)), obs=c)
+
+
+def _poisson_regression_data(N=150):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=N)
+    z = rng.choice(2, size=N)
+    c = rng.poisson(np.log1p(np.exp(np.array([0.0, 2.0])[z] + np.array([0.5, -0.5])[z] * x)))
+    return jnp.asarray(c, jnp.float32), jnp.asarray(x, jnp.float32)
+
+
+def test_restarts_one_after_another_are_the_same_fits(x32):
+    c, x = _poisson_regression_data()
+    em = EM(random_start_poisson_regression)
+    key = jax.random.PRNGKey(5)
+    kwargs = dict(max_iter=8, tol=0.0, num_restarts=3)
+    batched = em.run(key, c, x, 2, batch_restarts=True, **kwargs)
+    one_by_one = em.run(key, c, x, 2, batch_restarts=False, **kwargs)
+    separate = [em.run(k, c, x, 2, max_iter=8, tol=0.0) for k in jax.random.split(key, 3)]
+    lls = np.array([float(r.log_likelihood) for r in separate])
+    assert len(np.unique(np.round(lls, 3))) == 3, lls  # three different fits
+    for result in (batched, one_by_one):
+        np.testing.assert_allclose(np.asarray(result.restart_log_likelihoods), lls, rtol=1e-5)
+        np.testing.assert_allclose(float(result.log_likelihood), lls.max(), rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(result.params["a"]), np.asarray(separate[lls.argmax()].params["a"]),
+            rtol=1e-4, atol=1e-5,
+        )
+        assert result.restart_num_iters.shape == (3,)
+    # Inside jit the restarts run one after another in the compiled program (lax.map).
+    jitted = jax.jit(
+        lambda c: em.run(key, c, x, 2, batch_restarts=False, **kwargs).restart_log_likelihoods
+    )(c)
+    np.testing.assert_allclose(np.asarray(jitted), lls, rtol=1e-5)
+
+
+def test_restarts_of_a_gradient_m_step_run_one_after_another_on_a_cpu(x32):
+    # vmap turns the optimizer's inner loops into loops that run until the slowest
+    # restart is done: several times the work of separate fits on a CPU.
+    c, x = _poisson_regression_data()
+    key = jax.random.PRNGKey(0)
+    gradient = EM(random_start_poisson_regression)
+    closed = EM(random_init_mixture)
+    arrays, spec = split_args((c, x, 2), {})
+    assert not gradient._restarts_batch_well(key, arrays, spec, None)
+    arrays, spec = split_args((jnp.asarray(_mixture_data(0)), 3), {})
+    assert closed._restarts_batch_well(key, arrays, spec, None)
