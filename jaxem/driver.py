@@ -1,7 +1,9 @@
 """The driver shared by ``EM``, ``VariationalEM`` and ``OnlineEM``.
 
-A fitter is a kernel (how to start a state, one compiled step, one restart's
-compiled fit, the gradient at a state) plus the settings of its M-step; the
+A fitter is a kernel (:mod:`jaxem.kernel`: how to start a state, one step),
+wrapped by the accelerator its ``acceleration=`` names
+(:mod:`jaxem.accelerators`), plus one restart's compiled fit, the gradient at
+a state and the settings of its M-step; the
 driver does the rest once for all of them: ``init``, ``update``,
 ``get_params``, ``run`` with its validation before the compiled program,
 restarts under ``vmap`` with the best one kept, the progress bar, and the
@@ -20,11 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxem.accelerators import accelerate
 from jaxem.arguments import merge_args, split_args
 from jaxem.checks import raise_for_model_arguments, validate
 from jaxem.closed_form import registered_closed_forms
 from jaxem.gradient import gradient_m_step, init_opt_state
 from jaxem.inspection import inspect_model, model_structure
+from jaxem.kernel import Kernel
 from jaxem.loop import (
     best_restart,
     initial_params,
@@ -172,13 +176,18 @@ class Fitter:
     """``init``, ``update``, ``get_params``, ``run`` and ``m_step_paths`` of a fitter,
     written once over the kernel its subclass gives:
 
-    * ``_init_state(rng_key, arrays, spec, init_params) -> state``;
-    * ``_step(state, arrays, spec) -> (state, objective)``;
+    * ``_init_state(rng_key, arrays, spec, init_params) -> state`` and
+      ``_step(rng_key, state, arrays, spec) -> (state, info)``: the kernel's
+      ``init`` and ``step`` (:class:`jaxem.kernel.Kernel`); a state is a
+      NamedTuple with ``params`` (and, to be accelerated, ``acceleration``)
+      fields, ``info`` a :class:`jaxem.kernel.StepInfo`;
     * ``_fit_one(rng_key, arrays, init_params, tol, spec, max_iter, progress_bar)
-      -> (result, start params)``: one restart's fit, compiled;
+      -> (result, start params)``: one restart's fit, compiled, running
+      ``self.kernel`` (the kernel, accelerated) in :func:`jaxem.loop.iterate`;
     * ``_gradient_at(state, arrays, spec)``: the objective's gradient at a state.
 
-    The subclass sets ``self.m_step_settings`` (an :class:`MStep`) and the class
+    The subclass sets ``self.m_step_settings`` (an :class:`MStep`),
+    ``self.acceleration`` (None, ``"squarem"``, ``"anderson"``) and the class
     attributes naming its objective and its result's fields before calling
     ``Fitter.__init__``.
     """
@@ -188,10 +197,19 @@ class Fitter:
     score = "log_likelihood"
     restart_scores = "restart_log_likelihoods"
     hard = False
+    acceleration: str | None = None
     m_step_settings: MStep
 
     def __init__(self):
-        self._update_jit = jax.jit(self._step, static_argnums=(2,))
+        base = Kernel(
+            init=self._init_state,
+            step=self._step,
+            get_params=self.get_params,
+            set_params=lambda state, params: state._replace(params=dict(params)),
+            constraints=self._constraints,
+        )
+        self.kernel = accelerate(base, self.acceleration)
+        self._update_jit = jax.jit(self._update, static_argnums=(2,))
         self._initial_gradient_jit = jax.jit(self._gradient_at, static_argnums=(2,))
         self._run_jit = jax.jit(
             self._run_arrays,
@@ -203,8 +221,13 @@ class Fitter:
     def _init_state(self, rng_key, arrays, spec, init_params):
         raise NotImplementedError
 
-    def _step(self, state, arrays, spec):
+    def _step(self, rng_key, state, arrays, spec):
         raise NotImplementedError
+
+    def _constraints(self, arrays, spec) -> dict:
+        """``{param name: constraint}`` of the model's params."""
+        args, kwargs = merge_args(arrays, spec)
+        return model_structure(self.m_step_settings.model, args, kwargs).constraints
 
     def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
         raise NotImplementedError
@@ -213,6 +236,13 @@ class Fitter:
         raise NotImplementedError
 
     # -- driver ----------------------------------------------------------------
+
+    def _update(self, state, arrays, spec):
+        """``update``'s compiled step: the kernel's step with a key drawn from the
+        state's iteration count (``run`` draws its own per iteration)."""
+        rng_key = jax.random.fold_in(jax.random.PRNGKey(0), state.iteration)
+        new_state, info = self.kernel.step(rng_key, state, arrays, spec)
+        return new_state, info.objective
 
     def _run_arrays(
         self,
@@ -327,7 +357,7 @@ class Fitter:
         """
         arrays, spec = split_args(args, kwargs)
         self.m_step_settings.validate(rng_key, arrays, spec, init_params)
-        state = self._init_state(rng_key, arrays, spec, init_params)
+        state = self.kernel.init(rng_key, arrays, spec, init_params)
         # run checks the gradient where it stops; a user stepping with update gets the
         # same error here, at the initial values (compiled only for a gradient M-step).
         paths = self.m_step_settings.paths(arrays, spec)
@@ -347,12 +377,18 @@ class Fitter:
         raises the ``ModelError`` ``run`` does for a param whose gradient is
         not finite, at the initial values.
 
+        A step that draws random numbers (a Monte Carlo E-step) draws them
+        from ``jax.random.fold_in(jax.random.PRNGKey(0), state.iteration)``;
+        ``run`` gives each iteration its own key from its ``rng_key``.
+
         Returns:
-            ``(new_state, objective)``: the log-likelihood (ELBO for
-            ``VariationalEM``, after this iteration's E-step) at ``state``'s
-            params, the value this iteration's E-step computed; with
-            ``EM(acceleration="anderson")``, the log-likelihood at
-            ``new_state``'s params.
+            ``(new_state, objective)``: the objective at ``state``'s params,
+            with every acceleration: the log-likelihood (the ELBO for
+            ``VariationalEM``, after this iteration's E-step; for ``OnlineEM``
+            the minibatch's). Plain EM's E-step computes it in this iteration,
+            a SQUAREM cycle's first E-step does, and with Anderson
+            acceleration it is the value at the current (last accepted)
+            point, which the iteration that accepted it computed.
         """
         arrays, spec = split_args(args, kwargs)
         return self._update_jit(state, arrays, spec)

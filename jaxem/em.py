@@ -9,20 +9,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxem.acceleration import (
-    anderson_step,
-    init_anderson,
-    init_squarem,
-    squarem_extrapolate,
-    squarem_step_max,
-)
+from jaxem.accelerators import ACCELERATIONS
 from jaxem.arguments import merge_args
 from jaxem.built import built_model
 from jaxem.driver import Fitter, MStep, in_support
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, stationarity
 from jaxem.inspection import model_structure
-from jaxem.loop import all_finite, iterate, stationary, tree_where, upper_bound
+from jaxem.kernel import StepInfo
+from jaxem.loop import iterate, loop_key, stationary, upper_bound
 from jaxem.tracing import enumerated_trace
 
 __all__ = ["EM", "EMState", "EMResult"]
@@ -57,8 +52,9 @@ class EMResult(NamedTuple):
             the complete-data log-likelihood at the MAP assignment).
         history: shape ``(max_iter,)``: the log-likelihood at the start of every
             iteration of the best restart (with ``acceleration="squarem"``: at
-            the start of every cycle; with ``acceleration="anderson"``: at
-            the point each iteration ends at), NaN after ``num_iters``.
+            the start of every cycle; with ``acceleration="anderson"``: at the
+            current point each iteration starts from, the first one
+            evaluating the initial point itself), NaN after ``num_iters``.
         num_iters: number of iterations (``update`` calls) of the best restart;
             with ``acceleration="squarem"``, cycles of three EM steps each.
         converged: whether the relative change of the log-likelihood fell
@@ -144,7 +140,8 @@ class EM(Fitter):
             (in the spirit of DAAREM, Henderson and Varadhan 2019); a point
             whose log-likelihood is below the current one is rejected and
             the next iteration takes the plain EM step instead. Both work
-            with every M-step path, hard EM, restarts and sharded data.
+            with every M-step path, hard EM, restarts and sharded data; both
+            are kernel wrappers (:mod:`jaxem.accelerators`).
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -185,7 +182,7 @@ class EM(Fitter):
             raise ValueError(
                 f"chain_contraction must be 'sequential' or 'parallel', got {chain_contraction!r}"
             )
-        if acceleration not in (None, "squarem", "anderson"):
+        if acceleration is not None and acceleration not in ACCELERATIONS:
             raise ValueError(
                 f"acceleration must be None, 'squarem' or 'anderson', got {acceleration!r}"
             )
@@ -214,67 +211,11 @@ class EM(Fitter):
     # -- the kernel ------------------------------------------------------------
 
     def _init_state(self, rng_key, arrays, spec, init_params):
-        structure, params, _, opt_state = self.m_step_settings.start(
-            rng_key, arrays, spec, init_params
-        )
-        acceleration = ()
-        if self.acceleration == "squarem":
-            acceleration = init_squarem(jnp.result_type(float))
-        elif self.acceleration == "anderson":
-            acceleration = init_anderson(params, structure.constraints)
-        return EMState(params, opt_state, jnp.zeros((), jnp.int32), acceleration)
+        _, params, _, opt_state = self.m_step_settings.start(rng_key, arrays, spec, init_params)
+        return EMState(params, opt_state, jnp.zeros((), jnp.int32))
 
-    def _step(self, state, arrays, spec):
-        if self.acceleration == "squarem":
-            return self._squarem_update(state, arrays, spec)
-        if self.acceleration == "anderson":
-            return self._anderson_update(state, arrays, spec)
-        return self._em_step(state, arrays, spec)
-
-    def _anderson_update(self, state, arrays, spec):
-        """One EM step at the Anderson trial point; the point becomes the current one
-        if its log-likelihood is not below the current one's. Returns the new state and
-        the log-likelihood at its params."""
-        args, kwargs = merge_args(arrays, spec)
-        constraints = model_structure(self.model, args, kwargs).constraints
-        anderson = state.acceleration
-        evaluated, log_lik = self._em_step(state._replace(params=anderson.trial), arrays, spec)
-        anderson = anderson_step(anderson, log_lik, evaluated.params, constraints)
-        params, opt_state = tree_where(
-            anderson.accepted,
-            (dict(state.acceleration.trial), evaluated.opt_state),
-            (state.params, state.opt_state),
-        )
-        value = jnp.where(anderson.accepted, log_lik, state.acceleration.log_likelihood)
-        return EMState(params, opt_state, state.iteration + 1, anderson), value
-
-    def _squarem_update(self, state, arrays, spec):
-        """One SQUAREM cycle: two EM steps, the extrapolation, one EM step from it;
-        the plain two-step point instead when the extrapolation lowers the
-        log-likelihood or is not finite."""
-        args, kwargs = merge_args(arrays, spec)
-        constraints = model_structure(self.model, args, kwargs).constraints
-        squarem = state.acceleration
-        first, log_lik = self._em_step(state, arrays, spec)
-        second, _ = self._em_step(first, arrays, spec)
-        extrapolated, alpha = squarem_extrapolate(
-            state.params, first.params, second.params, constraints, squarem.step_max
-        )
-        third, extrapolated_log_lik = self._em_step(
-            second._replace(params=extrapolated), arrays, spec
-        )
-        accepted = (
-            jnp.isfinite(extrapolated_log_lik)
-            & (extrapolated_log_lik >= log_lik)
-            & all_finite(third.params)
-        )
-        chosen = tree_where(
-            accepted, (third.params, third.opt_state), (second.params, second.opt_state)
-        )
-        squarem = squarem_step_max(squarem, alpha, accepted)
-        return EMState(*chosen, state.iteration + 1, squarem), log_lik
-
-    def _em_step(self, state, arrays, spec):
+    def _step(self, rng_key, state, arrays, spec):
+        """One EM step (the E-step is exact: ``rng_key`` is not used)."""
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
@@ -295,13 +236,13 @@ class EM(Fitter):
         new_state = state._replace(
             params=params, opt_state=opt_state, iteration=state.iteration + 1
         )
-        return new_state, result.log_likelihood
+        return new_state, StepInfo(result.log_likelihood, jnp.array(True))
 
     def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
-        start = self._init_state(rng_key, arrays, spec, init_params)
+        start = self.kernel.init(rng_key, arrays, spec, init_params)
 
         def final(state):
             result = e_step(
@@ -316,18 +257,14 @@ class EM(Fitter):
             return result.log_likelihood, result.marginals
 
         loop = iterate(
-            lambda state: self._step(state, arrays, spec),
+            lambda key, state: self.kernel.step(key, state, arrays, spec),
+            loop_key(rng_key),
             start,
             lambda state: state.params,
             final_fn=final,
             max_iter=max_iter,
             tol=tol,
             progress_bar=progress_bar,
-            moved_fn=(
-                (lambda state: state.acceleration.accepted)
-                if self.acceleration == "anderson"
-                else None
-            ),
             upper_bound=upper_bound(
                 enumerated_trace(self.model, start.params, args, kwargs, nesting, log_probs=False)
             ),

@@ -29,6 +29,7 @@ __all__ = [
     "credible",
     "initial_params",
     "iterate",
+    "loop_key",
     "raise_for_gradient",
     "refuse_differentiation",
     "run_with_progress",
@@ -105,6 +106,15 @@ class _Carry(NamedTuple):
     max_gain: jax.Array
     converged: jax.Array
     diverged: jax.Array
+    # Whether the last step moved (see iterate's step_fn).
+    moved: jax.Array
+
+
+def loop_key(rng_key):
+    """The key a restart's loop derives its per-iteration keys from
+    (:func:`iterate`): apart from ``rng_key`` itself, which draws the initial
+    values, so that those stay what ``init(rng_key)`` gives."""
+    return jax.random.split(rng_key)[1]
 
 
 def upper_bound(trace):
@@ -147,7 +157,8 @@ def _report_progress(iteration) -> None:
 
 
 def iterate(
-    update_fn: Callable,
+    step_fn: Callable,
+    rng_key,
     state,
     checked_fn: Callable,
     *,
@@ -155,10 +166,9 @@ def iterate(
     max_iter: int,
     tol,
     progress_bar: bool,
-    moved_fn: Callable | None = None,
     upper_bound=None,
 ) -> LoopResult:
-    """Run ``update_fn`` in a ``lax.while_loop`` until convergence or ``max_iter``.
+    """Run ``step_fn`` in a ``lax.while_loop`` until convergence or ``max_iter``.
 
     Every value is checked (:func:`credible`): one that is not finite, above
     ``upper_bound`` or a jump no EM step makes stops the loop as a divergence,
@@ -168,8 +178,14 @@ def iterate(
     state before the last update is returned.
 
     Args:
-        update_fn: ``state -> (new_state, value)``, ``value`` the objective
-            at ``state`` (the one this iteration's E-step computed).
+        step_fn: a kernel's step (:mod:`jaxem.kernel`), its data bound:
+            ``(rng_key, state) -> (new_state, info)``, ``info.objective`` the
+            objective at ``state``'s params and ``info.moved`` whether
+            ``new_state``'s params are a new point. After a step that did not
+            move (an accelerated step its safeguard rejected), the next
+            objective repeats this one and its convergence test is skipped.
+        rng_key: the run's key; iteration ``i`` gets
+            ``jax.random.fold_in(rng_key, i)`` (ignored by an exact E-step).
         state: the initial state.
         checked_fn: ``state -> pytree`` whose leaves must all be finite after
             an update; otherwise the loop stops (diverged) and keeps the state
@@ -179,10 +195,6 @@ def iterate(
         tol: stop when ``|value_t - value_{t-1}| <= tol * |value_t|``; 0 runs
             exactly ``max_iter`` updates, even at a fixed point.
         progress_bar: advance the bar of :func:`run_with_progress`.
-        moved_fn: ``new_state -> bool``: whether the update moved to a new point.
-            After one that did not (an accelerated step its safeguard rejected,
-            ``value`` repeating the last one) the convergence test is skipped.
-            Default: every update moves.
         upper_bound: a value no state can exceed (None: no bound).
 
     Returns:
@@ -194,14 +206,12 @@ def iterate(
         return (c.i < max_iter) & ~c.converged & ~c.diverged
 
     def body(c):
-        new_state, value = update_fn(c.state)
-        value = value.astype(dtype)
+        new_state, info = step_fn(jax.random.fold_in(rng_key, c.i), c.state)
+        value = info.objective.astype(dtype)
         finite = credible(value, c.previous, c.max_gain, upper_bound)
         ok = finite & all_finite(checked_fn(new_state))
         change = jnp.abs(value - c.previous)
-        converged = ok & (c.i > 0) & (tol > 0) & (change <= tol * jnp.abs(value))
-        if moved_fn is not None:
-            converged = converged & moved_fn(new_state)
+        converged = ok & (c.i > 0) & (tol > 0) & (change <= tol * jnp.abs(value)) & c.moved
         if progress_bar:
             jax.debug.callback(_report_progress, c.i + 1)
         gain = jnp.where((c.i > 0) & finite, value - c.previous, 0.0)
@@ -214,6 +224,7 @@ def iterate(
             max_gain=jnp.maximum(c.max_gain, gain),
             converged=converged,
             diverged=~ok,
+            moved=jnp.asarray(info.moved, bool),
         )
 
     carry = _Carry(
@@ -225,6 +236,7 @@ def iterate(
         max_gain=jnp.zeros((), dtype),
         converged=jnp.array(False),
         diverged=jnp.array(False),
+        moved=jnp.array(True),
     )
     carry = jax.lax.while_loop(cond, body, carry)
     last = tree_where(carry.diverged, carry.good, carry.state)

@@ -50,6 +50,7 @@ from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning
 from jaxem.gradient import gradient_m_step
 from jaxem.inspection import model_structure
+from jaxem.kernel import StepInfo
 from jaxem.loop import all_finite, tree_where
 from jaxem.mstep import closed_form_statistics_m_step
 from jaxem.regularization import warn_if_held_by_reg_covar
@@ -263,14 +264,15 @@ class OnlineEM(Fitter):
         )
         return params, statistics, opt_state, result.log_likelihood
 
-    def _step(self, state, arrays, spec):
+    def _step(self, rng_key, state, arrays, spec):
+        """One minibatch's update (``rng_key`` not used: the E-step is exact)."""
         step_size = jnp.asarray(self.step_size(state.iteration), jnp.result_type(float))
         params, statistics, opt_state, log_lik = self._m_step(state, arrays, spec, step_size)
         new = OnlineEMState(params, statistics, opt_state, state.iteration + 1, state.num_rejected)
         # A non-finite update would turn every later one into NaN: skip this minibatch.
         ok = jnp.isfinite(log_lik) & all_finite((params, statistics))
         rejected = state._replace(num_rejected=state.num_rejected + 1)
-        return tree_where(ok, new, rejected), log_lik
+        return tree_where(ok, new, rejected), StepInfo(log_lik, ok)
 
     def init(self, rng_key, *args, init_params=None, **kwargs) -> OnlineEMState:
         """Initial state from the ``numpyro.param`` initial values, shaped by one
@@ -283,6 +285,9 @@ class OnlineEM(Fitter):
         """
         arrays, spec = split_args(args, kwargs)
         self.m_step_settings.validate(rng_key, arrays, spec, init_params)
+        return self.kernel.init(rng_key, arrays, spec, init_params)
+
+    def _init_state(self, rng_key, arrays, spec, init_params):
         _, params, _, opt_state = self.m_step_settings.start(rng_key, arrays, spec, init_params)
         empty = OnlineEMState(params, {}, opt_state, jnp.zeros((), jnp.int32))
         shapes = jax.eval_shape(lambda a: self._m_step(empty, a, spec, jnp.ones(()))[1], arrays)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.accelerators import ACCELERATIONS
 from jaxem.arguments import merge_args
 from jaxem.built import built_model
 from jaxem.driver import Fitter, MStep, in_support
@@ -50,7 +51,8 @@ from jaxem.factorized import (
 )
 from jaxem.gradient import default_optimizer, safeguarded_steps, stationarity, strongly_typed
 from jaxem.inspection import inspect_model, model_structure
-from jaxem.loop import iterate, stationary, upper_bound
+from jaxem.kernel import StepInfo
+from jaxem.loop import iterate, loop_key, stationary, upper_bound
 from jaxem.tracing import enumerated_trace
 
 __all__ = ["VariationalEM", "VEMState", "VEMResult", "elbo"]
@@ -69,6 +71,8 @@ class VEMState(NamedTuple):
             a guide).
         guide_opt_state: optax state of the guide parameters.
         iteration: number of updates done.
+        acceleration: the accelerator's state with ``acceleration=`` (as
+            :attr:`jaxem.EMState.acceleration`), else ``()``.
     """
 
     params: dict
@@ -77,6 +81,7 @@ class VEMState(NamedTuple):
     guide_params: dict
     guide_opt_state: Any
     iteration: jax.Array
+    acceleration: Any = ()
 
 
 class VEMResult(NamedTuple):
@@ -167,6 +172,11 @@ class VariationalEM(Fitter):
             the final parameters in :class:`VEMResult` when exact enumeration
             needs at most ``2**20`` cells per plate element; True always,
             False never.
+        acceleration: ``None``, ``"squarem"`` or ``"anderson"``, as in
+            :class:`jaxem.EM`, the map accelerated being one iteration (E-step
+            and M-step) of variational EM and the safeguard comparing ELBOs;
+            the extrapolated params start from the q of the point they come
+            from.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -206,7 +216,12 @@ class VariationalEM(Fitter):
         reg_covar: float = 1e-6,
         frozen: Sequence[str] = (),
         exact_log_likelihood: bool | str = "auto",
+        acceleration: str | None = None,
     ):
+        if acceleration is not None and acceleration not in ACCELERATIONS:
+            raise ValueError(
+                f"acceleration must be None, 'squarem' or 'anderson', got {acceleration!r}"
+            )
         if e_step_iters < 1:
             raise ValueError(f"e_step_iters must be at least 1, got {e_step_iters}")
         if exact_log_likelihood not in ("auto", True, False):
@@ -219,6 +234,7 @@ class VariationalEM(Fitter):
         self.guide_optimizer = optax.with_extra_args_support(guide_optimizer or default_optimizer())
         self.exact_log_likelihood = exact_log_likelihood
         self.frozen = tuple(frozen)
+        self.acceleration = acceleration
         self.m_step_settings = MStep(
             self.model,
             mode=m_step,
@@ -311,7 +327,9 @@ class VariationalEM(Fitter):
             params, opt_state, q, guide_params, guide_opt_state, jnp.zeros((), jnp.int32)
         )
 
-    def _step(self, state, arrays, spec):
+    def _step(self, rng_key, state, arrays, spec):
+        """One iteration: the E-step in q, then the M-step (``rng_key`` not used:
+        the ELBO's expectations are exact)."""
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         state, value, marginals, trace = self._e_step(
@@ -324,7 +342,7 @@ class VariationalEM(Fitter):
         new_state = state._replace(
             params=params, opt_state=opt_state, iteration=state.iteration + 1
         )
-        return new_state, value
+        return new_state, StepInfo(value, jnp.array(True))
 
     def _final(self, state, arrays, spec):
         """ELBO after a last E-step at the final params, and ``(state, exact
@@ -346,9 +364,10 @@ class VariationalEM(Fitter):
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
-        start = self._init_state(rng_key, arrays, spec, init_params)
+        start = self.kernel.init(rng_key, arrays, spec, init_params)
         loop = iterate(
-            lambda state: self._step(state, arrays, spec),
+            lambda key, state: self.kernel.step(key, state, arrays, spec),
+            loop_key(rng_key),
             start,
             lambda state: (state.params, state.q, state.guide_params),
             final_fn=lambda state: self._final(state, arrays, spec),
