@@ -15,7 +15,6 @@ import functools
 from functools import partial
 from typing import NamedTuple
 
-import funsor
 import jax
 import jax.numpy as jnp
 from numpyro import handlers
@@ -26,6 +25,7 @@ from jaxem.built import built_model
 from jaxem.chain import find_chain
 from jaxem.chain_inference import chain_indicators, chain_map, chain_posterior, contract_chain
 from jaxem.checks import validate
+from jaxem.funsor_contraction import funsor_log_partition
 from jaxem.inspection import model_structure
 from jaxem.labels import known_labels, labelled_latents
 from jaxem.missing import MissingEntries
@@ -114,37 +114,14 @@ def _logsumexp_leading(x):
 
 
 def _contract_funsor(log_factors: dict, trace: EnumTrace):
-    """General contraction: funsor's sum-product over plates and enumerated dims.
+    """General contraction: funsor's sum-product over plates and enumerated dims,
+    each pairwise contraction exact in log space (see :mod:`jaxem.funsor_contraction`).
 
     funsor takes the log of messages that are exactly zero for states that a
     zero probability makes impossible; :func:`zero_safe_log` keeps their zero
     cotangents from turning every marginal into NaN.
     """
-    return zero_safe_log(partial(_funsor_sum_product, trace=trace))(log_factors)
-
-
-def _funsor_sum_product(log_factors: dict, trace: EnumTrace):
-    factors, sum_vars, plates = [], set(), set()
-    for name, site in trace.sites.items():
-        log_prob = log_factors[name]
-        dim_to_name = site.dim_to_name
-        if not dim_to_name:
-            log_prob = jnp.sum(log_prob)
-        factors.append(funsor.to_funsor(log_prob, output=funsor.Real, dim_to_name=dim_to_name))
-        if not site.is_observed:
-            sum_vars.add(name)
-        plates.update(site.plates)
-    plates = frozenset(plates)
-    with funsor.interpretations.lazy:
-        lazy = funsor.sum_product.sum_product(
-            funsor.ops.logaddexp,
-            funsor.ops.add,
-            factors,
-            eliminate=frozenset(sum_vars) | plates,
-            plates=plates,
-        )
-    result = funsor.optimizer.apply_optimizer(lazy)
-    return result.data
+    return zero_safe_log(partial(funsor_log_partition, trace=trace))(log_factors)
 
 
 def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False, parallel=False) -> EStep:

@@ -448,3 +448,85 @@ def test_mixture_with_exact_zero_probabilities(x64):
             return (np.log(params["w"][z["z"]]) + np.log(params["probs"][z["z"], x])).sum(-1)
 
     check_against_brute_force(categorical_mixture, params, (x,), {"z": ((5,), 3)}, log_joint)
+
+
+# --- wide dynamic range: the terms that carry the mass lie far below each factor's max ------
+#
+# funsor's log-space einsum shifted each operand by its own max over the summed dims; when
+# every term that matters sits more than ~745 (float64) or ~87 (float32) below the sum of
+# the two maxima, each exp underflowed to 0 and log Z came out -inf with no error.
+
+
+def _markov_wide_range_case():
+    params = {
+        "init": np.array([[0.3, 0.7, 0.0], [1.0, 0.0, 0.0]]),
+        # Chain 1 never leaves state 0, where the narrow emission puts almost no mass.
+        "trans": np.array(
+            [
+                [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]],
+                [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.0, 0.5]],
+            ]
+        ),
+        "W": np.array([[0.0, 0.002, 5.0], [-10.0, 0.0, 7.0]]),
+    }
+    y = np.array([0.0, 0.001])
+
+    def log_joint(z):
+        T = y.shape[0]
+        paths = [np.stack([z[f"z_{c}_{t}"] for t in range(T)], axis=1) for c in range(2)]
+        with np.errstate(divide="ignore"):
+            lp = sum(
+                np.log(params["init"][c][paths[c][:, 0]])
+                + np.log(params["trans"][c][paths[c][:, :-1], paths[c][:, 1:]]).sum(-1)
+                for c in range(2)
+            )
+        mean = params["W"][0][paths[0]] + params["W"][1][paths[1]]
+        return lp + stats.norm.logpdf(y, mean, 0.15).sum(-1)
+
+    latents = {f"z_{c}_{t}": ((), 3) for t in range(y.shape[0]) for c in range(2)}
+    return params, (y,), latents, log_joint
+
+
+def test_markov_loop_with_wide_dynamic_range(x64):
+    params, args, latents, log_joint = _markov_wide_range_case()
+    expected_ll = brute_force(latents, log_joint)[0]
+    assert -1e4 < expected_ll < -1e3  # finite, but far below every factor's maximum
+    check_against_brute_force(markov_factorial, params, args, latents, log_joint)
+
+
+def _two_latents_wide_range_case(scale):
+    params = {
+        "w1": np.array([0.35, 0.65]),
+        # z2 = 2, the only value near the data, is impossible given z1.
+        "A": np.array([[0.5, 0.5, 0.0], [0.2, 0.8, 0.0]]),
+        "mu": np.array([[-1.0, 1.0, 0.0], [-1.0, 1.01, 0.0]]),
+        "sigma": np.full(3, scale),
+    }
+    x = np.array([0.0, 0.003, -0.002])
+
+    def log_joint(z):
+        z1, z2 = z["z1"], z["z2"]
+        with np.errstate(divide="ignore"):
+            lp = np.log(params["w1"][z1]) + np.log(params["A"][z1, z2])
+        lp = lp + stats.norm.logpdf(x, params["mu"][z1, z2], params["sigma"][z2])
+        return lp.sum(-1)
+
+    latents = {"z1": ((3,), 2), "z2": ((3,), 3)}
+    return params, (x,), latents, log_joint
+
+
+def test_two_latents_sharing_a_factor_with_wide_dynamic_range(x64):
+    params, args, latents, log_joint = _two_latents_wide_range_case(0.02)
+    assert brute_force(latents, log_joint)[0] < -3000
+    check_against_brute_force(two_latents, params, args, latents, log_joint)
+
+
+def test_two_latents_with_wide_dynamic_range_float32(x32):
+    # float32's exp underflows below -87: a moderate range already lost every term.
+    params, args, latents, log_joint = _two_latents_wide_range_case(0.05)
+    assert brute_force(latents, log_joint)[0] < -500
+    params32 = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    args32 = tuple(np.asarray(a, np.float32) for a in args)
+    check_against_brute_force(
+        two_latents, params32, args32, latents, log_joint, rtol=1e-5, atol=1e-4
+    )
