@@ -22,7 +22,7 @@ from jaxem.driver import Fitter, MStep, in_support
 from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, stationarity
 from jaxem.inspection import model_structure
-from jaxem.loop import all_finite, iterate, stationary, tree_where, upper_bound
+from jaxem.loop import all_finite, iterate, static_facts, stationary, tree_where, upper_bound
 from jaxem.tracing import enumerated_trace
 
 __all__ = ["EM", "EMState", "EMResult"]
@@ -328,8 +328,13 @@ class EM(Fitter):
                 if self.acceleration == "anderson"
                 else None
             ),
-            upper_bound=upper_bound(
-                enumerated_trace(self.model, start.params, args, kwargs, nesting, log_probs=False)
+            # Static facts (which sites are observed, their supports and sizes).
+            upper_bound=static_facts(
+                lambda p, a: upper_bound(
+                    enumerated_trace(self.model, p, *merge_args(a, spec), nesting, log_probs=False)
+                ),
+                start.params,
+                arrays,
             ),
         )
         params = loop.state.params
