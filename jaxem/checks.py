@@ -18,6 +18,7 @@ from numpyro import handlers
 
 from jaxem.arguments import check_init_params, merge_args, merge_init_params
 from jaxem.chain import chain_padding_problems, find_chain, raise_for_chain_padding
+from jaxem.compiling import jit_once
 from jaxem.inspection import inspect_model, model_structure, mvn_sites_of_params
 from jaxem.masks import latent_mask_problems, mask_of, raise_for_latent_masks
 from jaxem.missing import MissingData
@@ -128,7 +129,7 @@ def _mask_problems(model, spec, rng_key, arrays, params) -> dict:
     return {("latent", *key): bad for key, bad in latent_mask_problems(trace).items()}
 
 
-_mask_problems_jit = jax.jit(_mask_problems, static_argnums=(0, 1))
+_mask_problems_jit = jit_once(_mask_problems, static_argnums=(0, 1))
 
 
 def _validity(model, spec, rng_key, arrays, params):
@@ -156,4 +157,4 @@ def _validity(model, spec, rng_key, arrays, params):
     return check_values(structure, merged, sites, reach, priors, arguments)
 
 
-_validity_jit = jax.jit(_validity, static_argnums=(0, 1))
+_validity_jit = jit_once(_validity, static_argnums=(0, 1))

@@ -17,7 +17,7 @@ from jaxem.estep import e_step
 from jaxem.gradient import default_optimizer, stationarity
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
-from jaxem.loop import iterate, loop_key, stationary, upper_bound
+from jaxem.loop import iterate, loop_key, static_facts, stationary, upper_bound
 from jaxem.tracing import enumerated_trace
 
 __all__ = ["EM", "EMState", "EMResult"]
@@ -265,8 +265,13 @@ class EM(Fitter):
             max_iter=max_iter,
             tol=tol,
             progress_bar=progress_bar,
-            upper_bound=upper_bound(
-                enumerated_trace(self.model, start.params, args, kwargs, nesting, log_probs=False)
+            # Static facts (which sites are observed, their supports and sizes).
+            upper_bound=static_facts(
+                lambda p, a: upper_bound(
+                    enumerated_trace(self.model, p, *merge_args(a, spec), nesting, log_probs=False)
+                ),
+                start.params,
+                arrays,
             ),
         )
         params = loop.state.params

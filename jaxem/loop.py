@@ -34,6 +34,7 @@ __all__ = [
     "refuse_differentiation",
     "run_with_progress",
     "stationary",
+    "static_facts",
     "tree_where",
     "upper_bound",
     "warn_about_fit",
@@ -126,6 +127,15 @@ def upper_bound(trace):
         return None
     cells = sum(int(np.size(site.value)) for site in observed)
     return float(np.sqrt(np.finfo(jnp.result_type(float)).eps)) * cells
+
+
+def static_facts(fn: Callable, *args):
+    """``fn(*args)``, a result built from static facts only (shapes, site kinds, the
+    support of a distribution), computed on abstract values: nothing ``fn`` traces
+    is staged into the program being compiled around it."""
+    found = []
+    jax.eval_shape(lambda *a: found.append(fn(*a)), *args)
+    return found[0]
 
 
 def credible(value, previous, max_gain, upper_bound=None):

@@ -32,6 +32,7 @@ import numpy as np
 from numpyro import handlers
 
 from jaxem.arguments import merge_args
+from jaxem.compiling import jit_once
 from jaxem.estep import e_step
 from jaxem.exceptions import NumericalWarning
 from jaxem.inspection import model_structure
@@ -60,7 +61,7 @@ def _e_step(model, params, arrays, spec, hard):
     return e_step(model, params, args, kwargs, nesting, hard=hard)
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
+@partial(jit_once, static_argnums=(0, 3, 4))
 def _value(model, params, arrays, spec, hard):
     """The log-likelihood and the number of observed cells (the marginals the
     E-step also computes are unused and compiled away)."""
@@ -69,7 +70,7 @@ def _value(model, params, arrays, spec, hard):
     return result.log_likelihood, cells
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
+@partial(jit_once, static_argnums=(0, 3, 4))
 def _site_terms(model, params, arrays, spec, hard):
     result = _e_step(model, params, arrays, spec, hard)
     return {n: s.log_prob for n, s in result.trace.sites.items()}, result.marginals

@@ -19,6 +19,8 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.interpreters import partial_eval as pe
 
+from jaxem.compiling import compile_once
+
 __all__ = ["dependencies", "probe_selection"]
 
 _ALL = None
@@ -176,7 +178,7 @@ def probe_selection(closed_jaxpr, inputs, output_indices):
     args = [x for x, u in zip(inputs, used_inputs) if u]
     # Compiled as one program, outside any trace the caller is in (evaluated op
     # by op, every op is compiled on its own, ~20 ms each).
-    compiled = jax.jit(jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, consts))).lower(*args)
-    outs = compiled.compile()(*args)
+    lowered = jax.jit(jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, consts))).lower(*args)
+    outs = compile_once(lowered)(*args)
     kept = [i for i in range(len(used)) if used[i]]
     return [np.asarray(outs[kept.index(i)]) for i in output_indices]
