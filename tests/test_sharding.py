@@ -105,6 +105,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
+# One worker runs every test of this module, so the subprocess runs once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
+
 @pytest.fixture(scope="module")
 def sharded_results():
     tests = Path(__file__).parent
