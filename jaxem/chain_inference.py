@@ -2,11 +2,12 @@
 
 The factors of a first-order chain (:func:`jaxem.chain.find_chain`) are laid
 out as a first-step tensor and per-step ``K x K`` tensors, and their
-sum-product is the forward algorithm: T K^2 work in a ``lax.scan`` (or a
-parallel reduction of K x K matrices, log T deep). Its gradient with respect
+sum-product is the forward algorithm (:mod:`jaxem.forward_backward`): T K^2
+work in a ``lax.scan`` (or a parallel reduction of K x K matrices, log T
+deep). Its gradient with respect
 to the factors' log-probabilities is the posterior of every factor (Eisner
-2016): backpropagation through the forward pass *is* the backward pass, and
-yields the pairwise marginals the transition M-step needs. Max-product with
+2016): the backward pass, and it yields the pairwise marginals the
+transition M-step needs. Max-product with
 backpointers gives the Viterbi path; sampling backwards from the forward
 messages gives a draw of the whole path (forward filtering, backward
 sampling).
@@ -14,15 +15,24 @@ sampling).
 
 from __future__ import annotations
 
-import functools
-import math
-import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxem.chain import Chain, arrange_factor, enumerated_names, step_mask
+from jaxem.forward_backward import (
+    finite_max,
+    forward_pass,
+    kept_steps,
+    log_z_by_scan,
+    log_z_by_tree,
+    logsumexp,
+    nonzero,
+    smooth,
+    split_steps,
+    step_matrix,
+)
 
 __all__ = [
     "chain_indicators",
@@ -88,224 +98,8 @@ def _initial_log_messages(tensors):
     """Log forward messages of the first step, ``(*plates, K)``."""
     first = tensors.first
     if tensors.initial is not None:
-        return _logsumexp(first, axis=-2)
+        return logsumexp(first, axis=-2)
     return first
-
-
-def _finite_max(x, axis):
-    m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    return jnp.where(jnp.isfinite(m), m, 0.0)
-
-
-def _forward_sequential(alpha, steps, shape, mask):
-    """log p(data) by the scaled forward pass (probabilities normalized at every
-    step, the log normalizers summed); its gradient is the scaled backward pass
-    of :func:`_scaled_forward`."""
-    if steps is None:
-        return jnp.sum(_logsumexp(alpha, -1))
-    return _scaled_forward(alpha, steps, _kept_steps(shape, mask))
-
-
-def _kept_steps(shape, mask):
-    """Which steps count, shape ``(T - 1, *batch)``: all of them without a mask."""
-    return jnp.ones(shape[:-2], bool) if mask is None else mask
-
-
-def _step_exps(steps, num_steps):
-    """The step factors as ``exp(F - max F)``: ``(varying, constant, shift)``,
-    the factors that vary over time (scanned over), the time-invariant ones
-    (their single step), and the sum of the maxima per step."""
-    varying, constant, shift = [], [], 0.0
-    for factor in steps:
-        top = _finite_max(factor, (-2, -1))
-        exp = jnp.exp(factor - top)
-        shift = shift + top[..., 0, 0]
-        if exp.shape[0] == num_steps:
-            varying.append(exp)
-        else:
-            constant.append(exp[0])
-    return tuple(varying), tuple(constant), shift
-
-
-def _step_matrix(slices, constant):
-    """One step's matrix: the product of its factors' exponentials."""
-    return functools.reduce(operator.mul, (*slices, *constant))
-
-
-def _matvec(a, matrix):
-    """``a @ M`` over the last axes (summing the previous state).
-
-    Inside a scan, XLA's CPU backend runs a batched ``dot`` as a library call
-    per step: for one sequence a broadcast product and a reduce, fused into one
-    loop, is 5x faster (K = 8); over many sequences the ``dot`` is as fast as
-    any fused form (100 sequences: 33 ms per EM iteration against 39 for K
-    unrolled products and 100 for the reduce).
-    """
-    num_states = a.shape[-1]
-    matrix = jnp.broadcast_to(matrix, matrix.shape[:-2] + (num_states, num_states))
-    if math.prod(a.shape[:-1]) == 1:
-        return jnp.sum(a[..., :, None] * matrix, axis=-2)
-    return jnp.einsum("...p,...ps->...s", a, matrix)
-
-
-def _vecmat(matrix, b):
-    """``M @ b`` over the last axes (summing the current state); see :func:`_matvec`."""
-    num_states = b.shape[-1]
-    matrix = jnp.broadcast_to(matrix, matrix.shape[:-2] + (num_states, num_states))
-    if math.prod(b.shape[:-1]) == 1:
-        return jnp.sum(matrix * b[..., None, :], axis=-1)
-    return jnp.einsum("...ps,...s->...p", matrix, b)
-
-
-def _safe(norm):
-    """A zero normalizer (an impossible step) divides by 1: its log is -inf, and
-    neither the messages nor the gradients become NaN."""
-    return jnp.where(norm > 0, norm, 1.0)
-
-
-@jax.custom_vjp
-def _scaled_forward(alpha, steps, keep):
-    return _forward_pass(alpha, steps, keep).log_z
-
-
-class _Forward(NamedTuple):
-    log_z: jax.Array
-    first: jax.Array  # (*plates, K): the first step's normalized messages
-    previous: jax.Array  # (T - 1, *plates, K): the messages entering each later step
-    last: jax.Array  # (*plates, K): the messages after the last step
-    norms: jax.Array  # (T - 1, *plates): each step's normalizer (1 at padded steps)
-
-
-def _forward_pass(alpha, steps, keep) -> _Forward:
-    """Forward messages ``a_t``, normalized to sum to 1. A step's matrix is the
-    product of its factors' ``exp(F - max F)``, so a step of the scan is a
-    K x K elementwise product, a vector-matrix product and a normalization. A
-    padded step (``keep`` False) is the identity."""
-    shift = _finite_max(alpha, -1)
-    a = jnp.exp(alpha - shift)
-    norm = jnp.sum(a, -1, keepdims=True)
-    a = a / _safe(norm)
-    log_z = jnp.sum(jnp.log(norm) + shift)
-    varying, constant, step_shift = _step_exps(steps, keep.shape[0])
-
-    def step(a, inputs):
-        slices, keep = inputs
-        b = _matvec(a, _step_matrix(slices, constant))
-        norm = jnp.sum(b, -1)
-        b = b / _safe(norm)[..., None]
-        return jnp.where(keep[..., None], b, a), (a, jnp.where(keep, norm, 1.0))
-
-    last, (previous, norms) = jax.lax.scan(step, a, (varying, keep))
-    step_shift = jnp.broadcast_to(step_shift, keep.shape)
-    log_z = log_z + jnp.sum(jnp.log(norms)) + jnp.sum(jnp.where(keep, step_shift, 0.0))
-    return _Forward(log_z, a, previous, last, norms)
-
-
-def _backward_pass(varying, constant, keep, forward):
-    """The scaled backward messages ``b_{t-1} = M_t b_t / n_t``, with the forward
-    pass's normalizers: ``(b_0, (b_1, ..., b_{T-1}))``."""
-
-    def step(b, inputs):
-        slices, norm, keep = inputs
-        back = _vecmat(_step_matrix(slices, constant), b) / norm[..., None]
-        return jnp.where(keep[..., None], back, b), b
-
-    norms = _safe(forward.norms)
-    return jax.lax.scan(step, jnp.ones_like(forward.first), (varying, norms, keep), reverse=True)
-
-
-def _scaled_forward_fwd(alpha, steps, keep):
-    forward = _forward_pass(alpha, steps, keep)
-    return forward.log_z, (steps, keep, forward)
-
-
-def _scaled_forward_bwd(residuals, cotangent):
-    """A step's pairwise posterior is ``a_{t-1}[p] M_t[p, s] b_t[s] / n_t``; the
-    gradient with respect to a step factor is that summed over the dims the
-    factor does not vary along, and with respect to the first step's
-    log-messages it is the first state's posterior ``a_0 b_0``.
-
-    The usual factors are summed without building the (T - 1, K, K) pairwise
-    array: one over the current state only (an emission) gets the per-step
-    posterior ``a_t b_t``, and when every time-varying factor is such, a
-    time-invariant one (the transition matrix) gets
-    ``C[p, s] sum_t a_{t-1}[p] V_t[s] b_t[s] / n_t``, one matmul over time.
-    """
-    steps, keep, forward = residuals
-    varying, constant, _ = _step_exps(steps, keep.shape[0])
-    b_first, later = _backward_pass(varying, constant, keep, forward)
-    scale = cotangent * jnp.where(keep, 1.0 / _safe(forward.norms), 0.0)
-    weighted = later * scale[..., None]  # b_t / n_t
-    after = jnp.concatenate([forward.previous[1:], forward.last[None]])  # a_t
-    current = cotangent * jnp.where(keep[..., None], after * later, 0.0)
-    over_time = pairwise = None
-    if all(e.shape[-2] == 1 for e in varying):
-        emissions = functools.reduce(operator.mul, varying)[..., 0, :] if varying else 1.0
-        summed = jnp.einsum("t...p,t...s->...ps", forward.previous, emissions * weighted)
-        over_time = functools.reduce(operator.mul, constant, summed)[None]
-    grads = []
-    for factor in steps:
-        shape = jnp.shape(factor)
-        if shape[-2] == 1:
-            grads.append(_sum_to(current[..., None, :], shape))
-        elif over_time is not None and shape[0] == 1:
-            grads.append(_sum_to(over_time, shape))
-        else:
-            if pairwise is None:
-                matrices = _all_matrices(varying, constant)
-                pairwise = forward.previous[..., :, None] * matrices * weighted[..., None, :]
-            grads.append(_sum_to(pairwise, shape))
-    return cotangent * forward.first * b_first, tuple(grads), None
-
-
-_scaled_forward.defvjp(_scaled_forward_fwd, _scaled_forward_bwd)
-
-
-def _all_matrices(varying, constant):
-    """Every step's matrix at once, ``(T - 1 or 1, *plates, K, K)``."""
-    return functools.reduce(operator.mul, (*varying, *(c[None] for c in constant)))
-
-
-def _sum_to(x, shape):
-    """Sum ``x`` over the dims where ``shape`` (of equal length) is 1."""
-    axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
-    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
-
-
-def _logsumexp(x, axis):
-    """``logsumexp`` whose gradient is 0, not NaN, where every term is -inf (an
-    impossible cell, e.g. after a transition probability reached 0)."""
-    shift = _finite_max(x, axis)
-    total = jnp.sum(jnp.exp(x - shift), axis=axis, keepdims=True)
-    out = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + shift, -jnp.inf)
-    return jnp.squeeze(out, axis)
-
-
-def _log_matmul(x, y):
-    """``log(exp(x) @ exp(y))`` over the last two axes, as a logsumexp over the
-    inner index: a product of many steps spans thousands of nats, more than a
-    matmul of exponentials scaled by row and column maxima can represent."""
-    return _logsumexp(x[..., :, :, None] + y[..., None, :, :], axis=-2)
-
-
-def _forward_parallel(alpha, steps, shape, mask):
-    """The product of the step matrices as a balanced tree of log-matmuls:
-    log2(T) sequential levels of K^3 work, which a GPU runs in parallel."""
-    if steps is None:
-        return jnp.sum(_logsumexp(alpha, -1))
-    stacked = jnp.broadcast_to(sum(steps), shape)
-    if mask is not None:
-        # A padded step is the identity: log 1 on the diagonal, log 0 elsewhere.
-        eye = jnp.where(jnp.eye(stacked.shape[-1], dtype=bool), 0.0, -jnp.inf).astype(stacked.dtype)
-        stacked = jnp.where(mask[..., None, None], stacked, eye)
-    mats = stacked
-    while mats.shape[0] > 1:
-        if mats.shape[0] % 2:
-            eye = jnp.where(jnp.eye(mats.shape[-1], dtype=bool), 0.0, -jnp.inf).astype(mats.dtype)
-            mats = jnp.concatenate([mats, jnp.broadcast_to(eye, (1,) + mats.shape[1:])])
-        mats = _log_matmul(mats[0::2], mats[1::2])
-    final = _log_matmul(alpha[..., None, :], mats[0])[..., 0, :]
-    return jnp.sum(_logsumexp(final, -1))
 
 
 def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = False):
@@ -322,7 +116,7 @@ def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = F
 
 def _contract_tensors(tensors, parallel):
     alpha = _initial_log_messages(tensors)
-    forward = _forward_parallel if parallel else _forward_sequential
+    forward = log_z_by_tree if parallel else log_z_by_scan
     return forward(alpha, tensors.steps, tensors.shape, tensors.mask) + tensors.constant
 
 
@@ -332,18 +126,16 @@ def chain_posterior(log_factors: dict, trace, chain: Chain):
     tensors = _tensors(log_factors, trace, chain)
     alpha = _initial_log_messages(tensors)
     if tensors.steps is None:
-        shift = _finite_max(alpha, -1)
+        shift = finite_max(alpha, -1)
         first = jnp.exp(alpha - shift)
-        out = (first / _safe(jnp.sum(first, -1, keepdims=True)))[None]
+        out = (first / nonzero(jnp.sum(first, -1, keepdims=True)))[None]
     else:
-        keep = _kept_steps(tensors.shape, tensors.mask)
-        forward = _forward_pass(alpha, tensors.steps, keep)
-        varying, constant, _ = _step_exps(tensors.steps, keep.shape[0])
-        b_first, later = _backward_pass(varying, constant, keep, forward)
-        # The message after step t is the one entering step t + 1.
-        after = jnp.concatenate([forward.previous[1:], forward.last[None]])
-        later = jnp.where(keep[..., None], after * later, 0.0)
-        out = jnp.concatenate([(forward.first * b_first)[None], later])
+        keep = kept_steps(tensors.shape, tensors.mask)
+        forward = forward_pass(alpha, tensors.steps, keep)
+        parts = split_steps(tensors.steps, keep.shape[0])
+        first, later, _ = smooth(parts, keep, forward)
+        later = jnp.where(keep[..., None], later, 0.0)
+        out = jnp.concatenate([first[None], later])
     out = jnp.moveaxis(out, 0, -2)  # (*plates, T, K)
     return out.reshape(out.shape[chain.num_plate_dims - _chain_plate_ndim(chain) :])
 
@@ -417,9 +209,10 @@ def chain_sample(rng_key, log_factors: dict, trace, chain: Chain) -> dict:
 
     The last state is drawn from the last forward message, then each earlier
     one given the next: ``p(s_{t-1} | s_t, data) ∝ a_{t-1}[s_{t-1}] M_t[s_{t-1}, s_t]``
-    (the scaled forward messages ``a`` and step matrices ``M`` of the forward
-    pass), and the initial state outside the scan given the first. A padded
-    step is the identity, so its state is the next step's.
+    (the scaled forward messages ``a`` and the transition matrices ``M`` of
+    the forward pass; an emission is the same for every previous state), and
+    the initial state outside the scan given the first. A padded step is the
+    identity, so its state is the next step's.
     """
     tensors = _tensors(log_factors, trace, chain)
     alpha = _initial_log_messages(tensors)
@@ -427,23 +220,25 @@ def chain_sample(rng_key, log_factors: dict, trace, chain: Chain) -> dict:
     if tensors.steps is None:
         states = jax.random.categorical(first_key, alpha)[None]
     else:
-        keep = _kept_steps(tensors.shape, tensors.mask)
-        forward = _forward_pass(alpha, tensors.steps, keep)
-        varying, constant, _ = _step_exps(tensors.steps, keep.shape[0])
+        keep = kept_steps(tensors.shape, tensors.mask)
+        forward = forward_pass(alpha, tensors.steps, keep)
+        parts = split_steps(tensors.steps, keep.shape[0])
         last = jax.random.categorical(first_key, jnp.log(forward.last))
 
         def step(state, inputs):
             key, slices, previous, keep = inputs
-            matrix = _step_matrix(slices, constant)
-            num_states = previous.shape[-1]
-            matrix = jnp.broadcast_to(matrix, matrix.shape[:-2] + (num_states, num_states))
-            column = jnp.take_along_axis(matrix, state[..., None, None], axis=-1)[..., 0]
-            drawn = jax.random.categorical(key, jnp.log(previous * column))
+            weights = previous
+            matrix = step_matrix(slices, parts.constant)
+            if matrix is not None:
+                num_states = previous.shape[-1]
+                matrix = jnp.broadcast_to(matrix, matrix.shape[:-2] + (num_states, num_states))
+                weights = weights * jnp.take_along_axis(matrix, state[..., None, None], -1)[..., 0]
+            drawn = jax.random.categorical(key, jnp.log(weights))
             return jnp.where(keep, drawn, state), state
 
         keys = jax.random.split(steps_key, keep.shape[0])
         start, later = jax.lax.scan(
-            step, last, (keys, varying, forward.previous, keep), reverse=True
+            step, last, (keys, parts.varying, forward.previous, keep), reverse=True
         )
         states = jnp.concatenate([start[None], later])
     init = None

@@ -530,3 +530,42 @@ def test_two_latents_with_wide_dynamic_range_float32(x32):
     check_against_brute_force(
         two_latents, params32, args32, latents, log_joint, rtol=1e-5, atol=1e-4
     )
+
+
+# A scan chain whose reachable states lie far below an unreachable one under a narrow
+# emission: an emission shifted by its own max lost every reachable term, and the scan's
+# forward pass returned log Z = -inf and all-zero posteriors with no error.
+def _scan_hmm_narrow_emission_case(sigma):
+    params = {
+        "pi": np.array([1.0, 0.0]),
+        "A": np.array([[1.0, 0.0], [0.5, 0.5]]),  # the chain never leaves state 0
+        "mu": np.array([-1.0, 1.0]),
+        "sigma": np.array(sigma),
+    }
+    x = np.array([-1.0, -0.98, 1.0, -1.02])
+    T = x.shape[0]
+
+    def log_joint(z):
+        path = np.concatenate([z["z0"][:, None], z["z"]], axis=1)
+        with np.errstate(divide="ignore"):
+            lp = np.log(params["pi"][path[:, 0]])
+            lp = lp + np.log(params["A"][path[:, :-1], path[:, 1:]]).sum(-1)
+        return lp + stats.norm.logpdf(x, params["mu"][path], params["sigma"]).sum(-1)
+
+    return params, (x,), {"z0": ((), 2), "z": ((T - 1,), 2)}, log_joint
+
+
+def test_scan_hmm_with_a_narrow_emission(x64):
+    params, args, latents, log_joint = _scan_hmm_narrow_emission_case(0.05)
+    assert brute_force(latents, log_joint)[0] < -750
+    check_against_brute_force(gaussian_hmm, params, args, latents, log_joint)
+
+
+def test_scan_hmm_with_a_narrow_emission_float32(x32):
+    params, args, latents, log_joint = _scan_hmm_narrow_emission_case(0.1)
+    assert brute_force(latents, log_joint)[0] < -150
+    params32 = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    args32 = tuple(np.asarray(a, np.float32) for a in args)
+    check_against_brute_force(
+        gaussian_hmm, params32, args32, latents, log_joint, rtol=1e-5, atol=1e-4
+    )

@@ -604,3 +604,39 @@ def test_impossible_transitions_give_finite_posteriors(x64):
     for name in seq:
         assert bool(jnp.all(jnp.isfinite(par[name]))), name
         np.testing.assert_allclose(par[name], seq[name], atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["emissions over time", "time-invariant emission", "narrow"])
+def test_scaled_forward_pass_equals_the_log_space_contraction(x64, case):
+    """The scan's scaled forward pass and its smoother give the value and the
+    gradient (the posterior of every factor) of the log-space tree contraction,
+    for every kind of step factor: a time-invariant transition, one varying over
+    time, emissions varying over time or not, padded steps. With a narrow
+    emission that favours a state the chain cannot reach, the fast pass
+    underflows and the log-space pass takes over."""
+    from jaxem.forward_backward import log_z_by_scan, log_z_by_tree
+
+    K, T, N = 3, 7, 2
+    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+    alpha = jax.random.normal(keys[0], (N, K))
+    transition = jnp.log(jax.nn.softmax(jax.random.normal(keys[1], (1, 1, K, K)), -1))
+    emission = 3.0 * jax.random.normal(keys[3], (T - 1, N, 1, K))
+    if case == "narrow":
+        # The chains start in state 0 and never leave it.
+        alpha = alpha.at[:, 1:].set(-jnp.inf)
+        transition = transition.at[..., 0, 1:].set(-jnp.inf)
+        emission = emission.at[..., 1:].add(800.0)
+    steps = (transition, 0.5 * jax.random.normal(keys[2], (T - 1, N, K, K)))
+    if case == "time-invariant emission":
+        steps = steps + (jax.random.normal(keys[4], (1, 1, 1, K)),)
+    else:
+        steps = steps + (emission, jax.random.normal(keys[4], (1, 1, 1, K)))
+    shape = (T - 1, N, K, K)
+    mask = jnp.ones((T - 1, N), bool).at[4:, 1].set(False)
+    value = jax.value_and_grad(log_z_by_scan, argnums=(0, 1))
+    reference = jax.value_and_grad(log_z_by_tree, argnums=(0, 1))
+    got, expected = value(alpha, steps, shape, mask), reference(alpha, steps, shape, mask)
+    assert np.isfinite(expected[0])
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-12)
+    for g, e in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
+        np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-10)
