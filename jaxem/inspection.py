@@ -20,6 +20,7 @@ from numpyro.distributions.distribution import validation_enabled
 
 from jaxem.arguments import merge_args, split_args
 from jaxem.exceptions import ModelError
+from jaxem.global_sites import check_global_sites, global_site_names
 from jaxem.labels import known_labels_in_trace
 from jaxem.masks import mask_dtype_message
 from jaxem.missing import MissingData, MissingEntries
@@ -101,6 +102,9 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
 
     params, constraints_, latent, observed = {}, {}, [], []
     nesting = 0
+    global_sites = global_site_names(model)
+    if global_sites:
+        check_global_sites(global_sites, tr)
     for name, site in tr.items():
         if site["type"] == "param":
             constraint = site["kwargs"].get("constraint", dist.constraints.real)
@@ -110,6 +114,12 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
             for frame in site["cond_indep_stack"]:
                 if frame.dim is not None:
                     nesting = max(nesting, -frame.dim)
+            if name in global_sites:
+                # A parameter with a prior: constrained to the prior's support.
+                support = site["fn"].support
+                params[name] = _float_param(name, site["value"], support)
+                constraints_[name] = support
+                continue
             if site["is_observed"]:
                 check_observed_site(name, site)
                 observed.append(name)
@@ -117,9 +127,13 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
             fn = site["fn"]
             if not fn.support.is_discrete:
                 raise ModelError(
-                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is continuous. EM "
-                    "enumerates discrete latent sites only: observe it (obs=...), make it a "
-                    "numpyro.param, or integrate it out of the model analytically."
+                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is continuous and "
+                    "EM enumerates discrete latent sites only. If it is a parameter with a "
+                    f"prior, name it a global site: EM(model, global_sites=('{name}',)) fits "
+                    "it by MAP-EM. If it is a latent variable (one value per observation), "
+                    "fit it with jaxem.MCEM or jaxem.SAEM (Monte Carlo E-step). Otherwise "
+                    "observe it (obs=...), make it a numpyro.param, or integrate it out of "
+                    "the model analytically."
                 )
             if not fn.has_enumerate_support:
                 raise ModelError(
@@ -129,7 +143,7 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
                     "range) or observe the site."
                 )
             latent.append(name)
-    if not params:
+    if not params:  # global sites are params too
         raise ModelError(
             "jaxem: the model has no numpyro.param sites, so there are no parameters to fit. "
             "Declare each parameter with numpyro.param(name, init_value, constraint=...)."

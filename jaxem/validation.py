@@ -331,8 +331,10 @@ def raise_for_invalid(
             f"jaxem: site '{name}' has a log-density that depends on parameters only, not on "
             "any data: it is a prior (numpyro.factor or an observed site whose value is a "
             "parameter), and EM would silently add it to log_likelihood, bic and aic as if it "
-            "were data. jaxem maximizes the likelihood: remove the prior from the model "
-            "(penalized or MAP estimation is not supported yet). If the site is part of the "
+            "were data. For MAP estimation, write the parameter as a sample site with its "
+            "prior, numpyro.sample(name, prior), and name it in EM(model, global_sites=(...)): "
+            "the log prior is then reported apart (log_prior) and log_likelihood stays the "
+            "data's. Otherwise remove the prior from the model. If the site is part of the "
             "likelihood of the data, make it depend on the data: pass the data as an argument "
             "of the model, or put the site inside the data's plate."
         )
