@@ -27,6 +27,7 @@ from numpyro.primitives import Messenger
 
 from jaxem.arguments import is_array, merge_args
 from jaxem.exceptions import ModelError
+from jaxem.global_sites import global_site_names
 from jaxem.missing import MissingData, MissingEntries
 from jaxem.numpyro_internals import OBSERVED_SUFFIX, UNOBSERVED_SUFFIX, distribution_mask
 from jaxem.regularization import coordinate_variance
@@ -520,5 +521,11 @@ def prior_sites(model, rng_key, arrays, spec, params: dict) -> tuple[str, ...]:
         return any(frame.name in data_plates for frame in sample_sites[name]["cond_indep_stack"])
 
     # An obs= value made of parameters is a prior wherever it sits; a factor inside
-    # the data's plate is a per-observation term of the likelihood.
-    return tuple(name for name in flagged if name in values or not in_data_plate(name))
+    # the data's plate is a per-observation term of the likelihood. A global site's
+    # prior is the model's, declared (jaxem.global_sites): reported apart.
+    global_sites = global_site_names(model)
+    return tuple(
+        name
+        for name in flagged
+        if (name in values or not in_data_plate(name)) and name not in global_sites
+    )

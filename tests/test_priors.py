@@ -144,6 +144,12 @@ def test_gmm_dirichlet_weights_normal_means_match_scipy(x64):
         "sigma": constraints.positive,
     }
     _check_against_scipy(gmm, names, result, constraints_, x)
+    # BIC under MAP: the data's log-likelihood at the MAP estimate; w counts K - 1,
+    # mu K, sigma 1; the global sites are no observations.
+    bic = jaxem.bic(gmm, result.params, x, global_sites=names)
+    np.testing.assert_allclose(bic, -2 * result.log_likelihood + 4 * np.log(x.shape[0]))
+    aic = jaxem.aic(gmm, result.params, x, global_sites=names)
+    np.testing.assert_allclose(aic, -2 * result.log_likelihood + 2 * 4)
 
 
 def test_poisson_mixture_gamma_priors_match_scipy(x64):
