@@ -153,6 +153,14 @@ class EM(Fitter):
             the next iteration takes the plain EM step instead. Both work
             with every M-step path, hard EM, restarts and sharded data; both
             are kernel wrappers (:mod:`jaxem.accelerators`).
+        global_sites: names of sample sites that are parameters with priors
+            (``w = numpyro.sample("w", dist.Dirichlet(...))``): EM then
+            maximizes the log posterior (MAP-EM), in closed form where the
+            prior is conjugate to the closed-form update (see docs/priors.md),
+            by optax steps on Q + log prior otherwise. Each starts from a draw
+            from its prior (or ``init_params``) and stays in the prior's
+            support; ``EMResult.log_prior`` and ``log_posterior`` report the
+            prior apart from ``log_likelihood``.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
