@@ -41,6 +41,8 @@ class ModelStructure(NamedTuple):
         latent_sites: names of the discrete latent sample sites, in model order.
         observed_sites: names of the observed sample sites.
         max_plate_nesting: number of batch dimensions used by plates.
+        global_sites: the params that are sample sites with priors
+            (:mod:`jaxem.global_sites`), constrained to their prior's support.
     """
 
     param_names: tuple[str, ...]
@@ -48,6 +50,7 @@ class ModelStructure(NamedTuple):
     latent_sites: tuple[str, ...]
     observed_sites: tuple[str, ...]
     max_plate_nesting: int
+    global_sites: tuple[str, ...] = ()
 
 
 def _describe(fn) -> str:
@@ -156,7 +159,9 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
         leaves = {n for n in labelled if n not in kept}
         observed = [n for n in tr if n in leaves or n in observed]
         latent = [n for n in latent if n not in leaves]
-    structure = ModelStructure(tuple(params), constraints_, tuple(latent), tuple(observed), nesting)
+    structure = ModelStructure(
+        tuple(params), constraints_, tuple(latent), tuple(observed), nesting, global_sites
+    )
     if observed_values:
         return structure, params, {n: (tr[n]["fn"], tr[n]["value"]) for n in observed}
     return structure, params

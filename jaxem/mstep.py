@@ -310,6 +310,15 @@ def _raise_for_params_outside_support(structure, keys, labels) -> None:
             declared = structure.constraints[name]
             if constraint_wider_than_support(declared, support):
                 spelling = constraint_spelling(support)
+                if name in structure.global_sites:
+                    raise ModelError(
+                        f"jaxem: global site '{name}' has a prior whose support is "
+                        f"{constraint_spelling(declared)}, and is argument '{arg_name}' of "
+                        f"{cls.__name__} at site '{site}', whose values must satisfy "
+                        f"{spelling}: its MAP estimate could leave that support. Give it a "
+                        f"prior on {spelling} (for a scale: dist.HalfNormal, dist.LogNormal, "
+                        "dist.Gamma)."
+                    )
                 raise ModelError(
                     f"jaxem: param '{name}' (constraint {constraint_spelling(declared)}) is "
                     f"argument '{arg_name}' of {cls.__name__} at site '{site}', whose values "

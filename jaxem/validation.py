@@ -357,6 +357,12 @@ def raise_for_invalid(
         fitted = {name: v for name, v in validity.coverage.items() if name not in frozen}
         _raise_for_unobserved_coordinates(fitted)
     for name, ok in validity.good_params.items():
+        if not bool(ok) and name in structure.global_sites:
+            raise ModelError(
+                f"jaxem: the value of global site '{name}' is not finite or lies outside the "
+                f"support of its prior, {structure.constraints[name]}. Give an initial value "
+                "in that support (init_params), or a prior whose support holds it."
+            )
         if not bool(ok):
             raise ModelError(
                 f"jaxem: the value of param '{name}' is not finite or lies outside its "

@@ -208,7 +208,7 @@ def test_a_global_site_inside_the_data_plate():
 
 def test_an_initial_value_outside_the_prior_support():
     c = jnp.array([0.0, 1.0, 9.0, 12.0])
-    with pytest.raises(ModelError, match="rate"):
+    with pytest.raises(ModelError, match="global site .rate. .* outside the support of its prior"):
         EM(poisson_mixture, global_sites=("w", "rate")).run(
             jax.random.PRNGKey(0), c, init_params={"rate": jnp.array([-1.0, 5.0])}
         )
@@ -274,3 +274,14 @@ def test_variational_em_fits_global_sites(x64):
 def test_online_em_refuses_global_sites():
     with pytest.raises(ModelError, match="OnlineEM does not fit global sites"):
         jaxem.OnlineEM(gmm, global_sites=("w", "mu"))
+
+
+def test_a_prior_wider_than_the_argument_support():
+    def model(x):
+        s = numpyro.sample("s", dist.Normal(1.0, 0.1))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Normal(jnp.array([-1.0, 1.0])[z], s), obs=x)
+
+    with pytest.raises(ModelError, match="global site 's' has a prior whose support .* must satisfy constraints.positive"):
+        EM(model, global_sites=("s",)).run(jax.random.PRNGKey(0), _mixture_data())
