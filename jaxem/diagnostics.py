@@ -13,7 +13,7 @@ from numpyro.distributions.transforms import biject_to
 from jaxem.arguments import merge_args, split_args
 from jaxem.chain import find_chain
 from jaxem.estep import log_likelihood
-from jaxem.global_sites import global_site_names, log_prior_of_trace, with_global_sites
+from jaxem.global_sites import global_site_names, with_global_sites
 from jaxem.inspection import inspect_model
 from jaxem.masks import counted_cells
 from jaxem.numpyro_internals import is_time_dim
@@ -183,18 +183,7 @@ def bic(model, params, *args, num_observations=None, global_sites=(), **kwargs):
     if n is None:
         n = _count_observations(model, *args, **kwargs)
     k = num_free_params(model, params, *args, **kwargs)
-    return -2.0 * _data_log_likelihood(model, params, args, kwargs) + k * math.log(n)
-
-
-def _data_log_likelihood(model, params, args, kwargs):
-    """log p(x | params): the model's log Z, less its global sites' log prior."""
-    value = log_likelihood(model, params, *args, **kwargs)
-    names = global_site_names(model)
-    if not names:
-        return value
-    structure, _ = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
-    trace = enumerated_trace(model, dict(params), args, kwargs, structure.max_plate_nesting)
-    return value - log_prior_of_trace(trace, names)
+    return -2.0 * log_likelihood(model, params, *args, **kwargs) + k * math.log(n)
 
 
 def aic(model, params, *args, global_sites=(), **kwargs):
@@ -225,4 +214,4 @@ def aic(model, params, *args, global_sites=(), **kwargs):
     """
     model = with_global_sites(model, global_sites)
     k = num_free_params(model, params, *args, **kwargs)
-    return -2.0 * _data_log_likelihood(model, params, args, kwargs) + 2.0 * k
+    return -2.0 * log_likelihood(model, params, *args, **kwargs) + 2.0 * k

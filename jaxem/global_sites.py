@@ -83,8 +83,27 @@ class GlobalSiteModel:
 
 
 def with_global_sites(model, global_sites):
-    """``model`` with its sample sites ``global_sites`` fitted as parameters; the
+    """``model`` with its sample sites ``global_sites`` taken as parameters; the
     model itself when there are none.
+
+    ``EM(model, global_sites=...)`` fits this model. Passed to
+    :func:`jaxem.log_likelihood`, :func:`jaxem.posterior`,
+    :func:`jaxem.map_assignment`, :func:`jaxem.bic` or :func:`jaxem.aic` with a
+    MAP fit's params, it evaluates the model at the global sites' values:
+    ``log_likelihood`` is the data's, ``log p(x | params)``, without the prior.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> import jaxem
+        >>> def model(x):
+        ...     mu = numpyro.sample("mu", dist.Normal(jnp.zeros(2), 10.0).to_event(1))
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         z = numpyro.sample("z", dist.Categorical(jnp.array([0.5, 0.5])))
+        ...         numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+        >>> x, params = jnp.array([-1.0, 1.0]), {"mu": jnp.array([-1.0, 1.0])}
+        >>> ll = jaxem.log_likelihood(jaxem.with_global_sites(model, ("mu",)), params, x)
+        >>> round(float(ll), 4)
+        -2.9703
 
     Raises:
         TypeError: ``global_sites`` is a string or holds something else than names.

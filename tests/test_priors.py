@@ -144,6 +144,13 @@ def test_gmm_dirichlet_weights_normal_means_match_scipy(x64):
         "sigma": constraints.positive,
     }
     _check_against_scipy(gmm, names, result, constraints_, x)
+    # The public functions evaluate the model with its global sites as params.
+    fitted = jaxem.with_global_sites(gmm, names)
+    np.testing.assert_allclose(
+        jaxem.log_likelihood(fitted, result.params, x), result.log_likelihood, rtol=1e-10
+    )
+    responsibilities = jaxem.posterior(fitted, result.params, x)["z"]
+    np.testing.assert_allclose(responsibilities.sum(-1), 1.0, rtol=1e-10)
     # BIC under MAP: the data's log-likelihood at the MAP estimate; w counts K - 1,
     # mu K, sigma 1; the global sites are no observations.
     bic = jaxem.bic(gmm, result.params, x, global_sites=names)
@@ -283,5 +290,8 @@ def test_a_prior_wider_than_the_argument_support():
             z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
             numpyro.sample("x", dist.Normal(jnp.array([-1.0, 1.0])[z], s), obs=x)
 
-    with pytest.raises(ModelError, match="global site 's' has a prior whose support .* must satisfy constraints.positive"):
+    with pytest.raises(
+        ModelError,
+        match="global site 's' has a prior whose support .* must satisfy constraints.positive",
+    ):
         EM(model, global_sites=("s",)).run(jax.random.PRNGKey(0), _mixture_data())
