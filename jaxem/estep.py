@@ -240,8 +240,11 @@ def _log_likelihood(model, params, arrays, spec):
     check_params_complete(structure, params)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
     value = contract_factors({name: s.log_prob for name, s in trace.sites.items()}, trace)
+    names = global_site_names(model)
+    if not names:
+        return value
     # The global sites' priors are factors of the trace, not data (jaxem.global_sites).
-    return value - log_prior_of_trace(trace, global_site_names(model))
+    return value - log_prior_of_trace(trace, names)
 
 
 @partial(jax.jit, static_argnums=(0, 3))

@@ -130,7 +130,10 @@ def global_site_names(model) -> tuple[str, ...]:
         if isinstance(model, GlobalSiteModel):
             return model.global_sites
         # A BuiltModel holds the model as .model, a NumPyro handler as .fn.
-        model = getattr(model, "model", None) or getattr(model, "fn", None)
+        inner = getattr(model, "model", None)
+        if not callable(inner):
+            inner = getattr(model, "fn", None)
+        model = inner if callable(inner) else None
     return ()
 
 
@@ -182,10 +185,11 @@ def check_global_sites(names, trace) -> None:
                 )
 
 
-def log_prior_of_trace(trace, names) -> jnp.ndarray:
+def log_prior_of_trace(trace, names):
     """The log prior: the sum of the global sites' log-probabilities in an
     enumerated trace (:class:`jaxem.tracing.EnumTrace`) at the params."""
-    total = jnp.zeros((), jnp.result_type(float))
+    # A Python float: without global sites, adding it keeps the dtype of a value.
+    total = 0.0
     for name in names:
         site = trace.sites.get(name)
         if site is not None:
