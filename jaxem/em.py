@@ -211,6 +211,8 @@ class EM(Fitter):
         # Built once: every trace of the model below comes from its cache.
         self.global_sites = tuple(global_sites)
         self.model = built_model(with_global_sites(model, self.global_sites))
+        if self.global_sites:
+            self.objective = "log posterior"  # in messages
         self.m_step = m_step
         self.optimizer = optax.with_extra_args_support(optimizer or default_optimizer())
         self.m_step_iters = int(m_step_iters)
