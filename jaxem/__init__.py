@@ -6,6 +6,7 @@ from jaxem.diagnostics import aic, bic, num_free_params, num_observations
 from jaxem.em import EM, EMResult, EMState
 from jaxem.estep import log_likelihood, map_assignment, posterior
 from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
+from jaxem.global_sites import with_global_sites
 from jaxem.impute import impute
 from jaxem.missing import nan_as_missing
 from jaxem.online import OnlineEM, OnlineEMResult, OnlineEMState
@@ -41,4 +42,5 @@ __all__ = [
     "init",
     "posterior",
     "register_closed_form",
+    "with_global_sites",
 ]

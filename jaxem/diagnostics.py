@@ -13,6 +13,7 @@ from numpyro.distributions.transforms import biject_to
 from jaxem.arguments import merge_args, split_args
 from jaxem.chain import find_chain
 from jaxem.estep import log_likelihood
+from jaxem.global_sites import global_site_names, with_global_sites
 from jaxem.inspection import inspect_model
 from jaxem.masks import counted_cells
 from jaxem.numpyro_internals import is_time_dim
@@ -60,8 +61,9 @@ def _num_observations(model, arrays, spec):
     # cells per step in a nested plate are the coordinates of one observation.
     plate_dims = None if chain is None else chain.plate_dims
     counts = {}
+    global_sites = global_site_names(model)  # parameters, not observations
     for name, site in trace.sites.items():
-        if site.is_observed:
+        if site.is_observed and name not in global_sites:
             counts[name] = _observed_cells(site, plate_dims)
     if not counts:
         return jnp.ones((), jnp.int32)
@@ -136,8 +138,17 @@ def _observed_cells(site, plate_dims=None):
 _count_observations = num_observations  # bic's keyword argument shadows the function
 
 
-def bic(model, params, *args, num_observations=None, **kwargs):
+def bic(model, params, *args, num_observations=None, global_sites=(), **kwargs):
     """Bayesian information criterion ``-2 log L + k log n`` (lower is better).
+
+    Under MAP-EM (``global_sites``), ``params`` are the MAP estimate and ``L``
+    is still the data's likelihood ``p(x | params)`` (the prior does not enter:
+    :attr:`jaxem.EMResult.log_likelihood`, not ``log_posterior``); ``k`` counts
+    the global sites' free entries like any param's. BIC approximates
+    ``-2 log p(x | model)`` around the maximum-likelihood estimate; the MAP
+    estimate approaches it as ``n`` grows, so for large ``n`` the two BICs agree,
+    while for small ``n`` a strong prior makes this one larger than the
+    maximum-likelihood fit's.
 
     Args:
         model: the model.
@@ -145,6 +156,8 @@ def bic(model, params, *args, num_observations=None, **kwargs):
         *args, **kwargs: the model's arguments.
         num_observations: n; by default the observed cells that count (see
             :func:`num_observations`).
+        global_sites: the sample sites that are parameters with priors, as in
+            :class:`jaxem.EM`; their values are in ``params``.
 
     Examples:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -165,6 +178,7 @@ def bic(model, params, *args, num_observations=None, **kwargs):
         ...                  -2 * jaxem.log_likelihood(model, params, x) + k * jnp.log(n)))
         True
     """
+    model = with_global_sites(model, global_sites)
     n = num_observations
     if n is None:
         n = _count_observations(model, *args, **kwargs)
@@ -172,13 +186,18 @@ def bic(model, params, *args, num_observations=None, **kwargs):
     return -2.0 * log_likelihood(model, params, *args, **kwargs) + k * math.log(n)
 
 
-def aic(model, params, *args, **kwargs):
+def aic(model, params, *args, global_sites=(), **kwargs):
     """Akaike information criterion ``-2 log L + 2 k`` (lower is better).
+
+    Under MAP-EM, ``L`` is the data's likelihood at the MAP estimate and ``k``
+    counts the global sites' free entries, as for :func:`bic`.
 
     Args:
         model: the model.
         params: fitted ``{param name: value}``.
         *args, **kwargs: the model's arguments.
+        global_sites: the sample sites that are parameters with priors, as in
+            :class:`jaxem.EM`; their values are in ``params``.
 
     Examples:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -193,5 +212,6 @@ def aic(model, params, *args, **kwargs):
         ...                  -2 * jaxem.log_likelihood(model, params, x) + 2 * 2))
         True
     """
+    model = with_global_sites(model, global_sites)
     k = num_free_params(model, params, *args, **kwargs)
     return -2.0 * log_likelihood(model, params, *args, **kwargs) + 2.0 * k

@@ -326,17 +326,21 @@ class Fitter:
             at="at the values the fit stopped at (the initial values: they never moved)",
         )
         if result.log_likelihood is not None:
+            # With global sites the model's log Z is the log joint (their priors are
+            # factors of it): the value rechecked is log_likelihood + log_prior.
+            log_prior = getattr(result, "log_prior", None)
+            prior = 0.0 if log_prior is None else log_prior
             exact = recheck_in_float64(
                 model,
                 result.params,
-                result.log_likelihood,
+                result.log_likelihood + prior,
                 arrays,
                 spec,
                 hard=self.hard,
                 name=self.name,
             )
             if exact is not None:
-                return broken_down(result, exact, self.restart_scores, self.score)
+                return broken_down(result, exact - prior, self.restart_scores, self.score)
         if not bool(result.diverged):
             warn_if_held_by_reg_covar(result.params, plan, settings.reg_covar)
         return result

@@ -14,6 +14,7 @@ from jaxem.arguments import merge_args
 from jaxem.built import built_model
 from jaxem.driver import Fitter, MStep, in_support
 from jaxem.estep import e_step
+from jaxem.global_sites import log_prior_of_trace, with_global_sites
 from jaxem.gradient import default_optimizer, stationarity
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
@@ -87,6 +88,14 @@ class EMResult(NamedTuple):
             at the MAP assignment) with respect to the unconstrained value of
             every param that is not frozen, at ``params``; zero for a param
             with an entry on its constraint's boundary.
+        log_prior: with ``global_sites``, the log prior density of the global
+            sites at ``params`` (None without). With priors, ``history``,
+            ``converged`` and the choice of the restart refer to the log
+            posterior, ``gradient`` is its gradient, and ``log_likelihood`` and
+            ``restart_log_likelihoods`` stay the data's log-likelihood.
+        log_posterior: ``log_likelihood + log_prior``, the objective MAP-EM
+            maximizes (up to the constant log p(data)); None without
+            ``global_sites``.
     """
 
     params: dict
@@ -100,6 +109,8 @@ class EMResult(NamedTuple):
     restart_diverged: jax.Array
     restart_num_iters: jax.Array
     gradient: dict
+    log_prior: jax.Array | None = None
+    log_posterior: jax.Array | None = None
 
 
 class EM(Fitter):
@@ -142,6 +153,14 @@ class EM(Fitter):
             the next iteration takes the plain EM step instead. Both work
             with every M-step path, hard EM, restarts and sharded data; both
             are kernel wrappers (:mod:`jaxem.accelerators`).
+        global_sites: names of sample sites that are parameters with priors
+            (``w = numpyro.sample("w", dist.Dirichlet(...))``): EM then
+            maximizes the log posterior (MAP-EM), in closed form where the
+            prior is conjugate to the closed-form update (see docs/priors.md),
+            by optax steps on Q + log prior otherwise. Each starts from a draw
+            from its prior (or ``init_params``) and stays in the prior's
+            support; ``EMResult.log_prior`` and ``log_posterior`` report the
+            prior apart from ``log_likelihood``.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -175,6 +194,7 @@ class EM(Fitter):
         frozen: Sequence[str] = (),
         chain_contraction: str = "sequential",
         acceleration: str | None = None,
+        global_sites: Sequence[str] = (),
     ):
         if m_step not in ("auto", "gradient"):
             raise ValueError(f"m_step must be 'auto' or 'gradient', got {m_step!r}")
@@ -189,7 +209,10 @@ class EM(Fitter):
         if m_step_iters < 1:
             raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
         # Built once: every trace of the model below comes from its cache.
-        self.model = built_model(model)
+        self.global_sites = tuple(global_sites)
+        self.model = built_model(with_global_sites(model, self.global_sites))
+        if self.global_sites:
+            self.objective = "log posterior"  # in messages
         self.m_step = m_step
         self.optimizer = optax.with_extra_args_support(optimizer or default_optimizer())
         self.m_step_iters = int(m_step_iters)
@@ -282,20 +305,34 @@ class EM(Fitter):
         supported = in_support(self.model, params, args, kwargs, nesting)
         converged = loop.converged & stationary(gain, loop.value, tol) & supported
         diverged = loop.diverged | ~supported
+        log_likelihood, log_prior, log_posterior = loop.value, None, None
+        if self.global_sites:
+            # The loop's objective is the log joint: the global sites' log priors are
+            # factors of the enumerated trace.
+            trace = enumerated_trace(self.model, params, args, kwargs, nesting)
+            log_prior = log_prior_of_trace(trace, self.global_sites)
+            log_posterior, log_likelihood = loop.value, loop.value - log_prior
         result = EMResult(
             params,
-            loop.value,
+            log_likelihood,
             loop.history,
             loop.num_iters,
             converged,
             diverged,
-            loop.value,
+            log_likelihood,
             converged,
             diverged,
             loop.num_iters,
             gradient,
+            log_prior,
+            log_posterior,
         )
         return result, start.params
+
+    def _restart_score(self, fit):
+        # MAP-EM keeps the restart of the highest log posterior.
+        result = fit[0]
+        return result.log_likelihood if result.log_posterior is None else result.log_posterior
 
     def _gradient_at(self, state, arrays, spec):
         """The gradient of the log-likelihood at ``state``'s params (by Fisher's

@@ -26,6 +26,7 @@ from jaxem.chain import find_chain
 from jaxem.chain_inference import chain_indicators, chain_map, chain_posterior, contract_chain
 from jaxem.checks import validate
 from jaxem.funsor_contraction import funsor_log_partition
+from jaxem.global_sites import global_site_names, log_prior_of_trace
 from jaxem.inspection import model_structure
 from jaxem.labels import known_labels, labelled_latents
 from jaxem.missing import MissingEntries
@@ -238,7 +239,12 @@ def _log_likelihood(model, params, arrays, spec):
     structure, args, kwargs = structure_and_args(model, arrays, spec)
     check_params_complete(structure, params)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
-    return contract_factors({name: s.log_prob for name, s in trace.sites.items()}, trace)
+    value = contract_factors({name: s.log_prob for name, s in trace.sites.items()}, trace)
+    names = global_site_names(model)
+    if not names:
+        return value
+    # The global sites' priors are factors of the trace, not data (jaxem.global_sites).
+    return value - log_prior_of_trace(trace, names)
 
 
 @partial(jax.jit, static_argnums=(0, 3))

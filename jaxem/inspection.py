@@ -20,6 +20,7 @@ from numpyro.distributions.distribution import validation_enabled
 
 from jaxem.arguments import merge_args, split_args
 from jaxem.exceptions import ModelError
+from jaxem.global_sites import check_global_sites, global_site_names
 from jaxem.labels import known_labels_in_trace
 from jaxem.masks import mask_dtype_message
 from jaxem.missing import MissingData, MissingEntries
@@ -40,6 +41,8 @@ class ModelStructure(NamedTuple):
         latent_sites: names of the discrete latent sample sites, in model order.
         observed_sites: names of the observed sample sites.
         max_plate_nesting: number of batch dimensions used by plates.
+        global_sites: the params that are sample sites with priors
+            (:mod:`jaxem.global_sites`), constrained to their prior's support.
     """
 
     param_names: tuple[str, ...]
@@ -47,6 +50,7 @@ class ModelStructure(NamedTuple):
     latent_sites: tuple[str, ...]
     observed_sites: tuple[str, ...]
     max_plate_nesting: int
+    global_sites: tuple[str, ...] = ()
 
 
 def _describe(fn) -> str:
@@ -101,6 +105,9 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
 
     params, constraints_, latent, observed = {}, {}, [], []
     nesting = 0
+    global_sites = global_site_names(model)
+    if global_sites:
+        check_global_sites(global_sites, tr)
     for name, site in tr.items():
         if site["type"] == "param":
             constraint = site["kwargs"].get("constraint", dist.constraints.real)
@@ -110,6 +117,12 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
             for frame in site["cond_indep_stack"]:
                 if frame.dim is not None:
                     nesting = max(nesting, -frame.dim)
+            if name in global_sites:
+                # A parameter with a prior: constrained to the prior's support.
+                support = site["fn"].support
+                params[name] = _float_param(name, site["value"], support)
+                constraints_[name] = support
+                continue
             if site["is_observed"]:
                 check_observed_site(name, site)
                 observed.append(name)
@@ -117,9 +130,13 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
             fn = site["fn"]
             if not fn.support.is_discrete:
                 raise ModelError(
-                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is continuous. EM "
-                    "enumerates discrete latent sites only: observe it (obs=...), make it a "
-                    "numpyro.param, or integrate it out of the model analytically."
+                    f"jaxem: latent sample site '{name}' ({_describe(fn)}) is continuous and "
+                    "EM enumerates discrete latent sites only. If it is a parameter with a "
+                    f"prior, name it a global site: EM(model, global_sites=('{name}',)) fits "
+                    "it by MAP-EM. If it is a latent variable (one value per observation), "
+                    "fit it with jaxem.MCEM or jaxem.SAEM (Monte Carlo E-step). Otherwise "
+                    "observe it (obs=...), make it a numpyro.param, or integrate it out of "
+                    "the model analytically."
                 )
             if not fn.has_enumerate_support:
                 raise ModelError(
@@ -129,7 +146,7 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
                     "range) or observe the site."
                 )
             latent.append(name)
-    if not params:
+    if not params:  # global sites are params too
         raise ModelError(
             "jaxem: the model has no numpyro.param sites, so there are no parameters to fit. "
             "Declare each parameter with numpyro.param(name, init_value, constraint=...)."
@@ -142,7 +159,9 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
         leaves = {n for n in labelled if n not in kept}
         observed = [n for n in tr if n in leaves or n in observed]
         latent = [n for n in latent if n not in leaves]
-    structure = ModelStructure(tuple(params), constraints_, tuple(latent), tuple(observed), nesting)
+    structure = ModelStructure(
+        tuple(params), constraints_, tuple(latent), tuple(observed), nesting, global_sites
+    )
     if observed_values:
         return structure, params, {n: (tr[n]["fn"], tr[n]["value"]) for n in observed}
     return structure, params

@@ -23,8 +23,10 @@ import numpyro.distributions as dist
 
 from jaxem.arguments import merge_args
 from jaxem.closed_form import Cells, ClosedFormUpdate
+from jaxem.conjugate import add_prior_statistics, conjugate_statistics_fn, core_distribution
 from jaxem.exceptions import ModelError
 from jaxem.gaussian_stats import shared_statistics
+from jaxem.global_sites import global_site_names
 from jaxem.missing import MissingData, conditional_moments
 from jaxem.numpyro_internals import distribution_mask, user_site_name
 from jaxem.selection import dependencies, probe_selection
@@ -43,12 +45,16 @@ class ParamPath(NamedTuple):
             no closed form applies).
         update: the closed-form update, for ``"closed-form"``.
         consumers: ``(site name, argument name)`` pairs the parameter reaches.
+        prior: for a global site with a conjugate prior (:mod:`jaxem.conjugate`),
+            ``(site name, pseudo-statistics function)``: the prior's
+            pseudo-statistics are added to the expected ones before the solve.
     """
 
     kind: str
     reason: str
     update: ClosedFormUpdate | None = None
     consumers: tuple = ()
+    prior: tuple | None = None
 
 
 class _Family(NamedTuple):
@@ -194,6 +200,7 @@ def plan_m_step(
             )
         return cache[key]
     layout = []
+    global_sites = global_site_names(model)
 
     def traced(flat_params, flat_arrays):
         p = dict(zip(structure.param_names, flat_params))
@@ -203,6 +210,9 @@ def plan_m_step(
         for name, site in trace.sites.items():
             keys.append(("log_prob", name, None))
             outputs.append(site.log_prob)
+            if name in global_sites:
+                keys.append(("prior", name, type(core_distribution(site.fn))))
+                outputs.append(jnp.zeros(()))
             family, base = _family(site.fn, trace.constructor_args, registry)
             keys.append(("value", name, None))
             outputs.append(jnp.asarray(site.value))
@@ -227,6 +237,7 @@ def plan_m_step(
         closed, [{n: True} for n in structure.param_names] + [{}] * len(flat_arrays)
     )
     unsupported_site = {k[1]: k[2] for k in keys if k[0] == "family"}
+    prior_classes = {k[1]: k[2] for k in keys if k[0] == "prior"}
 
     _raise_for_params_outside_support(structure, keys, labels)
     plan = {}
@@ -234,8 +245,14 @@ def plan_m_step(
         if name in frozen:
             plan[name] = ParamPath("frozen", "frozen by the user")
             continue
-        reached = [(k, lab[name]) for k, lab in zip(keys, labels) if name in lab]
+        # A global site's own prior is not a consumer: it enters the solve as
+        # pseudo-statistics (conjugate) or through Q (gradient path).
+        own = name if name in prior_classes else None
+        reached = [(k, lab[name]) for k, lab in zip(keys, labels) if name in lab and k[1] != own]
         sites = sorted({k[1] for k, _ in reached if k[0] == "log_prob"})
+        if own is not None and not sites:
+            plan[name] = ParamPath("gradient", f"reaches its prior at site '{own}' only")
+            continue
         if not sites:
             plan[name] = ParamPath("unused", "does not reach any sample site")
             continue
@@ -255,7 +272,29 @@ def plan_m_step(
             arrays,
             keys,
         )
+        if own is not None:
+            arguments = {
+                k[2]
+                for k, _ in reached
+                if k[0] == "arg" and (k[1], k[2][1]) in plan[name].consumers
+            }
+            plan[name] = _with_prior(plan[name], own, prior_classes[own], arguments)
     return plan
+
+
+def _with_prior(path, site, prior_cls, arguments):
+    """A global site's path: its closed form kept where the prior is conjugate
+    (:mod:`jaxem.conjugate`), gradient steps on Q + log prior otherwise."""
+    if path.kind != "closed-form":
+        return path
+    pseudo_fn = conjugate_statistics_fn(prior_cls, arguments)
+    prior = f"{prior_cls.__name__} at site '{user_site_name(site)}'"
+    if pseudo_fn is None:
+        return ParamPath(
+            "gradient",
+            f"its prior ({prior}) has no conjugate closed form with {path.reason}",
+        )
+    return path._replace(reason=f"conjugate prior: {prior}; {path.reason}", prior=(site, pseudo_fn))
 
 
 def _raise_for_params_outside_support(structure, keys, labels) -> None:
@@ -271,6 +310,15 @@ def _raise_for_params_outside_support(structure, keys, labels) -> None:
             declared = structure.constraints[name]
             if constraint_wider_than_support(declared, support):
                 spelling = constraint_spelling(support)
+                if name in structure.global_sites:
+                    raise ModelError(
+                        f"jaxem: global site '{name}' has a prior whose support is "
+                        f"{constraint_spelling(declared)}, and is argument '{arg_name}' of "
+                        f"{cls.__name__} at site '{site}', whose values must satisfy "
+                        f"{spelling}: its MAP estimate could leave that support. Give it a "
+                        f"prior on {spelling} (for a scale: dist.HalfNormal, dist.LogNormal, "
+                        "dist.Gamma)."
+                    )
                 raise ModelError(
                     f"jaxem: param '{name}' (constraint {constraint_spelling(declared)}) is "
                     f"argument '{arg_name}' of {cls.__name__} at site '{site}', whose values "
@@ -427,6 +475,10 @@ def _closed_form_stages(
     closed = {n: p for n, p in plan.items() if p.kind == "closed-form"}
     for stage in sorted({p.update.stage for p in closed.values()}):
         paths = {name: path for name, path in closed.items() if path.update.stage == stage}
+        if trace is None:
+            trace = enumerated_trace(
+                model, params, args, kwargs, max_plate_nesting, log_probs=False
+            )
         statistics = _stage_statistics(
             model, params, marginals, paths, args, kwargs, max_plate_nesting, trace
         )
@@ -436,6 +488,12 @@ def _closed_form_stages(
                 statistics[name] = combine_fn(name, statistics[name])
             solved_from[name] = statistics[name]
             old = params[name]
+            if path.prior is not None:
+                # Added after combine_fn: a prior counts once, not once per minibatch.
+                site, pseudo_fn = path.prior
+                statistics[name] = add_prior_statistics(
+                    pseudo_fn, statistics[name], trace.sites[site].fn
+                )
             new = path.update.solve_fn(statistics[name], old, reg_covar)
             _check_solution(name, path, old, new)
             new_values[name] = jnp.asarray(new).astype(jnp.result_type(old))

@@ -47,7 +47,7 @@ from jaxem.built import built_model
 from jaxem.checks import validate
 from jaxem.driver import Fitter, MStep, raise_for_fitted_arguments
 from jaxem.estep import e_step
-from jaxem.exceptions import ConvergenceWarning
+from jaxem.exceptions import ConvergenceWarning, ModelError
 from jaxem.gradient import gradient_m_step
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
@@ -169,6 +169,8 @@ class OnlineEM(Fitter):
         m_step_iters: optimizer steps per minibatch (default 1).
         reg_covar: added to variances and covariance diagonals.
         frozen: names of parameters to keep at their initial values.
+        global_sites: not supported yet: a ``ModelError`` says why (fit a model with
+            priors by ``EM`` or ``VariationalEM``).
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -201,7 +203,17 @@ class OnlineEM(Fitter):
         m_step_iters: int = 1,
         reg_covar: float = 1e-6,
         frozen: Sequence[str] = (),
+        global_sites: Sequence[str] = (),
     ):
+        if global_sites:
+            # A prior weighs against the whole data set (log p(theta) / N per data
+            # point), whose size a stream of minibatches does not give.
+            raise ModelError(
+                f"jaxem: OnlineEM does not fit global sites {tuple(global_sites)} (parameters "
+                "with priors) yet: against per-data-point running statistics a prior weighs "
+                "1/N, and a stream does not tell N. Fit the model with "
+                "EM(model, global_sites=...) or VariationalEM(model, global_sites=...)."
+            )
         if m_step_iters < 1:
             raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
         # Built once: every trace of the model below comes from its cache.

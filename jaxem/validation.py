@@ -27,6 +27,7 @@ from numpyro.primitives import Messenger
 
 from jaxem.arguments import is_array, merge_args
 from jaxem.exceptions import ModelError
+from jaxem.global_sites import global_site_names
 from jaxem.missing import MissingData, MissingEntries
 from jaxem.numpyro_internals import OBSERVED_SUFFIX, UNOBSERVED_SUFFIX, distribution_mask
 from jaxem.regularization import coordinate_variance
@@ -331,8 +332,10 @@ def raise_for_invalid(
             f"jaxem: site '{name}' has a log-density that depends on parameters only, not on "
             "any data: it is a prior (numpyro.factor or an observed site whose value is a "
             "parameter), and EM would silently add it to log_likelihood, bic and aic as if it "
-            "were data. jaxem maximizes the likelihood: remove the prior from the model "
-            "(penalized or MAP estimation is not supported yet). If the site is part of the "
+            "were data. For MAP estimation, write the parameter as a sample site with its "
+            "prior, numpyro.sample(name, prior), and name it in EM(model, global_sites=(...)): "
+            "the log prior is then reported apart (log_prior) and log_likelihood stays the "
+            "data's. Otherwise remove the prior from the model. If the site is part of the "
             "likelihood of the data, make it depend on the data: pass the data as an argument "
             "of the model, or put the site inside the data's plate."
         )
@@ -354,6 +357,12 @@ def raise_for_invalid(
         fitted = {name: v for name, v in validity.coverage.items() if name not in frozen}
         _raise_for_unobserved_coordinates(fitted)
     for name, ok in validity.good_params.items():
+        if not bool(ok) and name in structure.global_sites:
+            raise ModelError(
+                f"jaxem: the value of global site '{name}' is not finite or lies outside the "
+                f"support of its prior, {structure.constraints[name]}. Give an initial value "
+                "in that support (init_params), or a prior whose support holds it."
+            )
         if not bool(ok):
             raise ModelError(
                 f"jaxem: the value of param '{name}' is not finite or lies outside its "
@@ -518,5 +527,11 @@ def prior_sites(model, rng_key, arrays, spec, params: dict) -> tuple[str, ...]:
         return any(frame.name in data_plates for frame in sample_sites[name]["cond_indep_stack"])
 
     # An obs= value made of parameters is a prior wherever it sits; a factor inside
-    # the data's plate is a per-observation term of the likelihood.
-    return tuple(name for name in flagged if name in values or not in_data_plate(name))
+    # the data's plate is a per-observation term of the likelihood. A global site's
+    # prior is the model's, declared (jaxem.global_sites): reported apart.
+    global_sites = global_site_names(model)
+    return tuple(
+        name
+        for name in flagged
+        if (name in values or not in_data_plate(name)) and name not in global_sites
+    )

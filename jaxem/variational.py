@@ -49,6 +49,7 @@ from jaxem.factorized import (
     tractable,
     uniform_q,
 )
+from jaxem.global_sites import log_prior_of_trace, with_global_sites
 from jaxem.gradient import default_optimizer, safeguarded_steps, stationarity, strongly_typed
 from jaxem.inspection import inspect_model, model_structure
 from jaxem.kernel import StepInfo
@@ -120,6 +121,10 @@ class VEMResult(NamedTuple):
         gradient: ``{param name: gradient}``: the gradient of the ELBO at
             ``q`` with respect to the unconstrained value of every model param
             that is not frozen, at ``params`` (as :attr:`jaxem.EMResult.gradient`).
+        log_prior: with ``global_sites``, the log prior of the global sites at
+            ``params`` (None without). With priors the model's joint includes
+            it: ``elbo`` (and ``history``) bound ``log_likelihood + log_prior``
+            from below, and ``log_likelihood`` stays the data's.
     """
 
     params: dict
@@ -136,6 +141,7 @@ class VEMResult(NamedTuple):
     restart_diverged: jax.Array
     restart_num_iters: jax.Array
     gradient: dict
+    log_prior: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -177,6 +183,9 @@ class VariationalEM(Fitter):
             and M-step) of variational EM and the safeguard comparing ELBOs;
             the extrapolated params start from the q of the point they come
             from.
+        global_sites: names of sample sites that are parameters with priors,
+            as in :class:`jaxem.EM` (MAP estimates of them, the discrete
+            latents variational).
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -217,6 +226,7 @@ class VariationalEM(Fitter):
         frozen: Sequence[str] = (),
         exact_log_likelihood: bool | str = "auto",
         acceleration: str | None = None,
+        global_sites: Sequence[str] = (),
     ):
         if acceleration is not None and acceleration not in ACCELERATIONS:
             raise ValueError(
@@ -228,7 +238,9 @@ class VariationalEM(Fitter):
             raise ValueError(
                 f"exact_log_likelihood must be 'auto', True or False, got {exact_log_likelihood!r}"
             )
-        self.model = built_model(model)  # traced once per input signature
+        self.global_sites = tuple(global_sites)
+        # Traced once per input signature.
+        self.model = built_model(with_global_sites(model, self.global_sites))
         self.guide = guide
         self.e_step_iters = int(e_step_iters)
         self.guide_optimizer = optax.with_extra_args_support(guide_optimizer or default_optimizer())
@@ -382,6 +394,12 @@ class VariationalEM(Fitter):
         last, log_lik, marginals = loop.aux
         if log_lik is not None:
             log_lik = log_lik.astype(dtype)
+        log_prior = None
+        if self.global_sites:
+            trace = enumerated_trace(self.model, last.params, args, kwargs, nesting)
+            log_prior = log_prior_of_trace(trace, self.global_sites).astype(dtype)
+            if log_lik is not None:
+                log_lik = log_lik - log_prior
         free = [n for n in structure.param_names if n not in self.frozen]
         gradient, gain = stationarity(
             self.model, last.params, marginals, free, structure.constraints, args, kwargs, nesting
@@ -404,6 +422,7 @@ class VariationalEM(Fitter):
             diverged,
             loop.num_iters,
             gradient,
+            log_prior,
         )
         return result, start.params
 
