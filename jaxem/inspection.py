@@ -119,7 +119,9 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
                 raise ModelError(
                     f"jaxem: latent sample site '{name}' ({_describe(fn)}) is continuous. EM "
                     "enumerates discrete latent sites only: observe it (obs=...), make it a "
-                    "numpyro.param, or integrate it out of the model analytically."
+                    "numpyro.param, integrate it out of the model analytically, or fit the "
+                    "model with jaxem.MCEM or jaxem.SAEM, which draw continuous latents by "
+                    "MCMC."
                 )
             if not fn.has_enumerate_support:
                 raise ModelError(

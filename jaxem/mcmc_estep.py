@@ -58,6 +58,19 @@ class LatentStructure(NamedTuple):
     num_observations: int
 
 
+def _base(fn):
+    while isinstance(fn, (dist.MaskedDistribution, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def _value_of_improper(site):
+    if site["type"] == "sample" and not site["is_observed"]:
+        if isinstance(_base(site["fn"]), dist.ImproperUniform):
+            return jnp.zeros(site["fn"].shape(site["kwargs"].get("sample_shape", ())))
+    return None
+
+
 def _describe(fn) -> str:
     return type(fn).__name__
 
@@ -76,7 +89,10 @@ class LatentModel:
         """The model's params and latent sites (concrete, outside ``jit``), with a
         :class:`~jaxem.exceptions.ModelError` naming the site for what cannot be fitted."""
         try:
-            tr = trace(seed(self.model, rng_key)).get_trace(*args, **kwargs)
+            # An improper latent cannot be drawn: give it a value so that the check
+            # below names it.
+            model = substitute(self.model, substitute_fn=_value_of_improper)
+            tr = trace(seed(model, rng_key)).get_trace(*args, **kwargs)
         except ModelError:
             raise
         except (ValueError, TypeError) as err:
@@ -98,9 +114,7 @@ class LatentModel:
                 observed.append(name)
                 num_obs += int(np.size(site["value"]))
                 continue
-            base = fn
-            while isinstance(base, (dist.MaskedDistribution, dist.ExpandedDistribution)):
-                base = base.base_dist
+            base = _base(fn)
             if isinstance(base, dist.ImproperUniform):
                 raise ModelError(
                     f"jaxem: latent sample site '{name}' has an improper density "

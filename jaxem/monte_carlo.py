@@ -29,6 +29,7 @@ from jaxem.importance import find_blocks, importance_log_likelihood
 from jaxem.kernel import Kernel
 from jaxem.loop import all_finite, loop_key, tree_where
 from jaxem.mcmc_estep import LatentModel, Sampler
+from jaxem.numpyro_internals import hmc_kernel_settings
 
 __all__ = ["MCInfo", "MCResult", "MCState", "MonteCarloEM"]
 
@@ -45,6 +46,8 @@ class MCState(NamedTuple):
             its chains).
         iteration: number of updates done.
         streak: consecutive iterations meeting the stopping rule (MCEM).
+        gain: the last M-step's rise of the Monte Carlo ``Q``.
+        gain_se: its Monte Carlo standard error (draws taken as independent).
     """
 
     params: dict
@@ -53,6 +56,8 @@ class MCState(NamedTuple):
     weights: jax.Array
     iteration: jax.Array
     streak: jax.Array
+    gain: jax.Array = jnp.zeros(())
+    gain_se: jax.Array = jnp.zeros(())
 
 
 class MCInfo(NamedTuple):
@@ -136,18 +141,7 @@ def _sampler_settings(kernel) -> tuple[str, dict]:
         return _KERNELS[kernel.lower()], {}
     if isinstance(kernel, (NUTS, HMC)):
         algo = "NUTS" if isinstance(kernel, NUTS) else "HMC"
-        settings = {
-            "step_size": kernel._step_size,
-            "adapt_step_size": kernel._adapt_step_size,
-            "adapt_mass_matrix": kernel._adapt_mass_matrix,
-            "dense_mass": kernel._dense_mass,
-            "target_accept_prob": kernel._target_accept_prob,
-        }
-        if algo == "NUTS":
-            settings["max_tree_depth"] = kernel._max_tree_depth
-        else:
-            settings["num_steps"] = kernel._num_steps
-            settings["trajectory_length"] = kernel._trajectory_length
+        settings = hmc_kernel_settings(kernel)
         return algo, settings
     raise ValueError(
         "kernel must be 'nuts', 'hmc' or a numpyro.infer.NUTS/HMC instance (its settings are "
@@ -244,19 +238,36 @@ class MonteCarloEM:
         draws = jax.tree.map(lambda x: jnp.zeros((self.num_slots,) + x.shape, x.dtype), constrained)
         zero = jnp.zeros((), jnp.int32)
         weights = jnp.zeros((self.num_slots,), jnp.result_type(float))
-        return MCState(params, chains, draws, weights, zero, zero)
+        nothing = jnp.zeros((), jnp.result_type(float))
+        return MCState(params, chains, draws, weights, zero, zero, nothing, nothing)
 
-    def _q(self, structure, params, draws, weights, args, kwargs):
-        """``sum_slot weight * mean_chain log p(x, z | params)``."""
+    def _per_draw(self, structure, params, draws, weights, args, kwargs):
+        """``(weight of each draw, log p(x, z | params) of each draw, 0 where unused)``."""
         flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
         per_draw = jnp.repeat(weights, self.num_chains) / self.num_chains
         lp = jax.vmap(lambda z: self.latent.log_joint(structure, params, z, args, kwargs))(flat)
-        return jnp.sum(jnp.where(per_draw > 0, per_draw * lp, 0.0))
+        return per_draw, jnp.where(per_draw > 0, lp, 0.0)
+
+    def _q(self, structure, params, draws, weights, args, kwargs):
+        """``sum_slot weight * mean_chain log p(x, z | params)``."""
+        per_draw, lp = self._per_draw(structure, params, draws, weights, args, kwargs)
+        return jnp.sum(per_draw * lp)
+
+    def _gain(self, structure, old, new, draws, weights, args, kwargs):
+        """``(Q(new) - Q(old), its Monte Carlo standard error)`` over the same draws."""
+        w, before = self._per_draw(structure, old, draws, weights, args, kwargs)
+        _, after = self._per_draw(structure, new, draws, weights, args, kwargs)
+        diff = after - before
+        gain = jnp.sum(w * diff)
+        return gain, jnp.sqrt(jnp.sum(w**2 * (diff - gain) ** 2))
 
     def _m_step(self, structure, params, draws, weights, args, kwargs):
         """``(new params, Q at params)``: ``m_step_iters`` optimizer steps on ``-Q``
         in unconstrained coordinates; the old params kept if ``Q`` would not rise."""
         free = [n for n in params if n not in self.frozen]
+        if not free:
+            zero = jnp.zeros((), jnp.result_type(float))
+            return params, self._q(structure, params, draws, weights, args, kwargs), zero, zero
         transforms = {n: biject_to(structure.constraints[n]) for n in free}
         u0 = {n: transforms[n].inv(params[n]) for n in free}
         scale = max(structure.num_observations, 1)
@@ -286,7 +297,8 @@ class MonteCarloEM:
         better = jnp.isfinite(end) & all_finite(u) & (end <= start)
         u = tree_where(better, u, u0)
         new = {**params, **{n: transforms[n](u[n]) for n in free}}
-        return new, -start * scale
+        gain, gain_se = self._gain(structure, params, new, draws, weights, args, kwargs)
+        return new, -start * scale, gain, gain_se
 
     @property
     def num_fresh(self) -> int:
@@ -329,17 +341,19 @@ class MonteCarloEM:
                 jax.tree.map(lambda x: x[: self.num_slots], fresh)
             )
             draws, weights = self._accumulate(state, constrained, num)
-            params, objective = self._maximize(
+            params, objective, gain, gain_se = self._maximize(
                 structure, state, draws, weights, constrained, num, args, kwargs
             )
-            return params, draws, weights, objective
+            return params, draws, weights, objective, gain, gain_se
 
         def keep():
             nan = jnp.array(jnp.nan, jnp.result_type(float))
-            return state.params, state.draws, state.weights, nan
+            return state.params, state.draws, state.weights, nan, state.gain, state.gain_se
 
-        params, draws, weights, objective = jax.lax.cond(final, keep, update)
+        params, draws, weights, objective, gain, gain_se = jax.lax.cond(final, keep, update)
         new_state = state._replace(
+            gain=gain,
+            gain_se=gain_se,
             params=params,
             chains=chains,
             draws=draws,
@@ -555,7 +569,7 @@ class MonteCarloEM:
                 "draws of the latents may miss part of their posterior, and Q and the "
                 "importance-sampling log-likelihood with them. Reparametrize the latents "
                 "(non-centred random effects), raise num_warmup, or raise target_accept_prob "
-                "(kernel=numpyro.infer.NUTS(None, target_accept_prob=0.95)).",
+                "(kernel=numpyro.infer.NUTS(model, target_accept_prob=0.95)).",
                 NumericalWarning,
                 stacklevel=3,
             )
