@@ -32,7 +32,10 @@ class MCEM(MonteCarloEM):
     with about 95% confidence (a single iteration can meet it by chance, three
     in a row rarely). ``converged`` says that it held. A parameter is then
     within Monte Carlo error of the maximum, not closer: ``max_draws`` sets
-    that error.
+    that error. An M-step raises ``Q`` on its own draws even at the maximum (it
+    fits their noise), by roughly the number of free parameters over twice the
+    number of effective draws, so ``tol`` must be above that floor: the default
+    1e-2 suits ``max_draws`` of 100-200 per chain and a few dozen parameters.
 
     Args:
         model: see :class:`jaxem.SAEM`.
@@ -91,7 +94,7 @@ class MCEM(MonteCarloEM):
         return done, done, streak
 
     def run(
-        self, rng_key, *args, max_iter: int = 200, tol: float = 1e-3, init_params=None, **kwargs
+        self, rng_key, *args, max_iter: int = 200, tol: float = 1e-2, init_params=None, **kwargs
     ):
         """Run to the stopping rule (or ``max_iter``) in one compiled loop, then draw
         the latents at the fitted params and estimate the log-likelihood by
