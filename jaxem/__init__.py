@@ -8,8 +8,11 @@ from jaxem.estep import log_likelihood, map_assignment, posterior
 from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
 from jaxem.global_sites import with_global_sites
 from jaxem.impute import impute
+from jaxem.mcem import MCEM
 from jaxem.missing import nan_as_missing
+from jaxem.monte_carlo import MCResult, MCState
 from jaxem.online import OnlineEM, OnlineEMResult, OnlineEMState
+from jaxem.saem import SAEM
 from jaxem.variational import VariationalEM, VEMResult, VEMState, elbo
 
 __version__ = "0.1.0"
@@ -19,6 +22,10 @@ __all__ = [
     "EMResult",
     "EMState",
     "VariationalEM",
+    "MCEM",
+    "MCResult",
+    "MCState",
+    "SAEM",
     "VEMResult",
     "VEMState",
     "Cells",

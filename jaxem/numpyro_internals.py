@@ -20,6 +20,10 @@ Private functions and global state:
 * ``_PYRO_STACK`` (``numpyro.primitives``, read by :func:`inside_handler`): the
   stack of active effect handlers; jaxem's cached model traces are only valid
   when no outside handler sees the model's sites.
+* The settings a ``numpyro.infer.NUTS``/``HMC`` instance keeps in private
+  attributes (``_step_size``, ``_target_accept_prob``, ...), read by
+  :func:`hmc_kernel_settings` so that a user can hand SAEM/MCEM a configured
+  kernel.
 * ``MaskedDistribution._mask`` (:func:`distribution_mask`): the mask given to
   ``handlers.mask`` or ``.mask()``; NumPyro has no public accessor.
 * The classes of NumPyro's singleton constraints (``_Real``, ``_Simplex``,
@@ -136,3 +140,23 @@ def base_constraint(constraint):
     while isinstance(constraint, constraints.independent):
         constraint = constraint.base_constraint
     return constraint
+
+
+def hmc_kernel_settings(kernel) -> dict:
+    """The ``init_kernel`` settings of a ``numpyro.infer.NUTS`` or ``HMC`` instance
+    (:func:`numpyro.infer.hmc.hmc`'s keyword arguments)."""
+    from numpyro.infer import NUTS
+
+    settings = {
+        "step_size": kernel._step_size,
+        "adapt_step_size": kernel._adapt_step_size,
+        "adapt_mass_matrix": kernel._adapt_mass_matrix,
+        "dense_mass": kernel._dense_mass,
+        "target_accept_prob": kernel._target_accept_prob,
+    }
+    if isinstance(kernel, NUTS):
+        settings["max_tree_depth"] = kernel._max_tree_depth
+    else:
+        settings["num_steps"] = kernel._num_steps
+        settings["trajectory_length"] = kernel._trajectory_length
+    return settings

@@ -1,0 +1,513 @@
+"""What :class:`jaxem.SAEM` and :class:`jaxem.MCEM` share: a kernel whose E-step draws
+the continuous latents with NumPyro's HMC/NUTS (:mod:`jaxem.mcmc_estep`), an M-step
+maximizing a weighted Monte Carlo estimate of ``Q`` over stored draws, the compiled
+loop, the importance-sampling log-likelihood at the end (:mod:`jaxem.importance`),
+and the warnings about divergent transitions and degenerate weights.
+
+A subclass says how an iteration's draws enter ``Q`` (``_draws_per_chain``,
+``_accumulate``) and when to stop (``_stop``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from numpyro.distributions.transforms import biject_to
+
+from jaxem.arguments import merge_args, merge_init_params, split_args
+from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
+from jaxem.importance import find_blocks, importance_log_likelihood
+from jaxem.kernel import Kernel
+from jaxem.loop import all_finite, loop_key, tree_where
+from jaxem.mcmc_estep import LatentModel, Sampler
+from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
+from jaxem.numpyro_internals import hmc_kernel_settings
+
+__all__ = ["MCInfo", "MCResult", "MCState", "MonteCarloEM"]
+
+
+_KERNELS = {"nuts": "NUTS", "hmc": "HMC"}
+
+
+def _sampler_settings(kernel) -> tuple[str, dict]:
+    """``(algo, init_kernel settings)`` from ``"nuts"``, ``"hmc"`` or a NumPyro
+    ``NUTS``/``HMC`` instance (its settings are read, its model is not used)."""
+    from numpyro.infer import HMC, NUTS
+
+    if isinstance(kernel, str):
+        if kernel.lower() not in _KERNELS:
+            raise ValueError(f"kernel must be 'nuts', 'hmc' or a NUTS/HMC instance, got {kernel!r}")
+        return _KERNELS[kernel.lower()], {}
+    if isinstance(kernel, (NUTS, HMC)):
+        algo = "NUTS" if isinstance(kernel, NUTS) else "HMC"
+        settings = hmc_kernel_settings(kernel)
+        return algo, settings
+    raise ValueError(
+        "kernel must be 'nuts', 'hmc' or a numpyro.infer.NUTS/HMC instance (its settings are "
+        f"used; the chains' target is jaxem's), got {type(kernel).__name__}"
+    )
+
+
+class MonteCarloEM:
+    """The shared part of :class:`jaxem.SAEM` and :class:`jaxem.MCEM` (see there)."""
+
+    name = "MonteCarloEM"
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        kernel="nuts",
+        num_chains: int = 4,
+        num_warmup: int = 100,
+        optimizer: optax.GradientTransformation | None = None,
+        m_step_iters: int = 10,
+        frozen: Sequence[str] = (),
+        num_is_draws: int = 250,
+        num_is_samples: int = 2000,
+    ):
+        if num_chains < 1 or m_step_iters < 1:
+            raise ValueError("num_chains and m_step_iters must be at least 1")
+        if num_is_draws < 2 or num_is_samples < 2:
+            raise ValueError("num_is_draws and num_is_samples must be at least 2")
+        self.model = model
+        self.latent = LatentModel(model)
+        algo, settings = _sampler_settings(kernel)
+        self.sampler = Sampler(self.latent, algo, num_warmup, settings)
+        self.num_chains = int(num_chains)
+        self.lbfgs = optimizer is None
+        self.optimizer = optax.with_extra_args_support(optimizer or optax.lbfgs())
+        self.m_step_iters = int(m_step_iters)
+        self.frozen = tuple(frozen)
+        self.num_is_draws = int(num_is_draws)
+        self.num_is_samples = int(num_is_samples)
+        self.kernel = Kernel(
+            init=self._init_state,
+            step=self._step,
+            get_params=self.get_params,
+            set_params=lambda state, params: state._replace(params=dict(params)),
+            constraints=lambda arrays, spec: self._structure(arrays, spec).constraints,
+        )
+        self._update_jit = jax.jit(self._update, static_argnums=(2,))
+        self._init_jit = jax.jit(self.kernel.init, static_argnums=(2,))
+        self._run_jit = jax.jit(self._fit, static_argnames=("spec", "max_iter", "num_blocks"))
+
+    # -- subclass hooks ---------------------------------------------------------
+
+    num_slots: int = 1
+
+    def _draws_per_chain(self, iteration):
+        """Transitions per chain in iteration ``iteration`` (may be traced)."""
+        raise NotImplementedError
+
+    def _accumulate(self, state, fresh, num):
+        """``(draws, weights)`` of ``Q`` after this iteration's ``fresh`` draws
+        (``(slots, chains, ...)``, the first ``num`` slots filled)."""
+        raise NotImplementedError
+
+    def _maximize(self, structure, state, draws, weights, fresh, num, args, kwargs):
+        """The M-step on ``Q`` of ``(draws, weights)`` (a subclass may take a shortcut)."""
+        del fresh, num
+        return self._m_step(structure, state.params, draws, weights, args, kwargs)
+
+    def _stop(self, state, new_state, tol):
+        """``(stop, converged, streak)`` after an update."""
+        raise NotImplementedError
+
+    # -- the model ---------------------------------------------------------------
+
+    def _structure(self, arrays, spec):
+        args, kwargs = merge_args(arrays, spec)
+        structure = self.latent.inspect(jax.random.PRNGKey(0), args, kwargs)
+        unknown = set(self.frozen) - set(structure.params)
+        if unknown:
+            raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
+        return structure
+
+    def _init_state(self, rng_key, arrays, spec, init_params):
+        structure = self._structure(arrays, spec)
+        args, kwargs = merge_args(arrays, spec)
+        params = merge_init_params(dict(structure.params), init_params)
+        params = {n: jnp.asarray(v, jnp.result_type(float)) for n, v in params.items()}
+        init_key, chain_key = jax.random.split(rng_key)
+        keys = jax.random.split(init_key, self.num_chains)
+        z0 = jax.vmap(lambda k: self.latent.prior_draw(structure, params, k, args, kwargs))(keys)
+        chains = self.sampler.init(chain_key, structure, partial(_merge, spec), params, arrays, z0)
+        constrained = jax.vmap(lambda z: self.latent.constrain(structure, z)[0])(chains.z)
+        draws = jax.tree.map(lambda x: jnp.zeros((self.num_slots,) + x.shape, x.dtype), constrained)
+        zero = jnp.zeros((), jnp.int32)
+        weights = jnp.zeros((self.num_slots,), jnp.result_type(float))
+        nothing = jnp.zeros((), jnp.result_type(float))
+        return MCState(params, chains, draws, weights, zero, zero, nothing, nothing)
+
+    def _per_draw(self, structure, params, draws, weights, args, kwargs):
+        """``(weight of each draw, log p(x, z | params) of each draw, 0 where unused)``."""
+        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
+        per_draw = jnp.repeat(weights, self.num_chains) / self.num_chains
+        lp = jax.vmap(lambda z: self.latent.log_joint(structure, params, z, args, kwargs))(flat)
+        return per_draw, jnp.where(per_draw > 0, lp, 0.0)
+
+    def _q(self, structure, params, draws, weights, args, kwargs):
+        """``sum_slot weight * mean_chain log p(x, z | params)``."""
+        per_draw, lp = self._per_draw(structure, params, draws, weights, args, kwargs)
+        return jnp.sum(per_draw * lp)
+
+    def _gain(self, structure, old, new, draws, weights, args, kwargs):
+        """``(Q(new) - Q(old), its Monte Carlo standard error)`` over the same draws."""
+        w, before = self._per_draw(structure, old, draws, weights, args, kwargs)
+        _, after = self._per_draw(structure, new, draws, weights, args, kwargs)
+        diff = after - before
+        gain = jnp.sum(w * diff)
+        return gain, jnp.sqrt(jnp.sum(w**2 * (diff - gain) ** 2))
+
+    def _m_step(self, structure, params, draws, weights, args, kwargs):
+        """``(new params, Q at params)``: ``m_step_iters`` optimizer steps on ``-Q``
+        in unconstrained coordinates; the old params kept if ``Q`` would not rise."""
+        free = [n for n in params if n not in self.frozen]
+        if not free:
+            zero = jnp.zeros((), jnp.result_type(float))
+            return params, self._q(structure, params, draws, weights, args, kwargs), zero, zero
+        transforms = {n: biject_to(structure.constraints[n]) for n in free}
+        u0 = {n: transforms[n].inv(params[n]) for n in free}
+        scale = max(structure.num_observations, 1)
+
+        def loss(u):
+            p = {**params, **{n: transforms[n](u[n]) for n in free}}
+            return -self._q(structure, p, draws, weights, args, kwargs) / scale
+
+        value_and_grad = (
+            optax.value_and_grad_from_state(loss) if self.lbfgs else jax.value_and_grad(loss)
+        )
+
+        def body(_, carry):
+            u, opt_state = carry
+            if self.lbfgs:
+                value, grad = value_and_grad(u, state=opt_state)
+            else:
+                value, grad = value_and_grad(u)
+            updates, opt_state = self.optimizer.update(
+                grad, opt_state, u, value=value, grad=grad, value_fn=loss
+            )
+            return optax.apply_updates(u, updates), opt_state
+
+        start = loss(u0)
+        u, _ = jax.lax.fori_loop(0, self.m_step_iters, body, (u0, self.optimizer.init(u0)))
+        end = loss(u)
+        better = jnp.isfinite(end) & all_finite(u) & (end <= start)
+        u = tree_where(better, u, u0)
+        new = {**params, **{n: transforms[n](u[n]) for n in free}}
+        gain, gain_se = self._gain(structure, params, new, draws, weights, args, kwargs)
+        return new, -start * scale, gain, gain_se
+
+    @property
+    def num_fresh(self) -> int:
+        """Transitions per chain the temporary draw buffer holds."""
+        return max(self.num_slots, self.num_is_draws)
+
+    def _step(self, rng_key, state, arrays, spec):
+        new_state, info, _ = self._step_or_draw(rng_key, state, arrays, spec, jnp.array(False))
+        return new_state, info
+
+    def _step_or_draw(self, rng_key, state, arrays, spec, final):
+        """One iteration, or (``final``) ``num_is_draws`` transitions at the state's params
+        and no M-step: one sampler and one M-step in the program for both.
+        Returns ``(state, info, unconstrained draws (num_fresh, chains, ...))``."""
+        structure = self._structure(arrays, spec)
+        args, kwargs = merge_args(arrays, spec)
+        num = jnp.where(final, self.num_is_draws, self._draws_per_chain(state.iteration))
+        fresh = jax.tree.map(
+            lambda x: jnp.zeros((self.num_fresh,) + x.shape, x.dtype), state.chains.z
+        )
+
+        def collect(buffer, i, z):
+            slot = jnp.minimum(i, self.num_fresh - 1)
+            return jax.tree.map(lambda b, v: b.at[slot].set(v), buffer, z)
+
+        chains, fresh, info = self.sampler.transitions(
+            rng_key,
+            state.chains,
+            structure,
+            partial(_merge, spec),
+            state.params,
+            arrays,
+            num,
+            fresh,
+            collect,
+        )
+
+        def update():
+            constrained = jax.vmap(jax.vmap(lambda x: self.latent.constrain(structure, x)[0]))(
+                jax.tree.map(lambda x: x[: self.num_slots], fresh)
+            )
+            draws, weights = self._accumulate(state, constrained, num)
+            params, objective, gain, gain_se = self._maximize(
+                structure, state, draws, weights, constrained, num, args, kwargs
+            )
+            return params, draws, weights, objective, gain, gain_se
+
+        def keep():
+            nan = jnp.array(jnp.nan, jnp.result_type(float))
+            return state.params, state.draws, state.weights, nan, state.gain, state.gain_se
+
+        params, draws, weights, objective, gain, gain_se = jax.lax.cond(final, keep, update)
+        new_state = state._replace(
+            gain=gain,
+            gain_se=gain_se,
+            params=params,
+            chains=chains,
+            draws=draws,
+            weights=weights,
+            iteration=state.iteration + (~final).astype(state.iteration.dtype),
+        )
+        info = MCInfo(
+            objective, ~final, info.accept_prob, info.num_divergences, info.step_size, num
+        )
+        return new_state, info, fresh
+
+    # -- the compiled fit ----------------------------------------------------------
+
+    def _fit(
+        self, rng_key, arrays, init_params, tol, coordinate, entry, *, spec, max_iter, num_blocks
+    ):
+        structure = self._structure(arrays, spec)
+        args, kwargs = merge_args(arrays, spec)
+        state = self.kernel.init(rng_key, arrays, spec, init_params)
+        key = loop_key(rng_key)
+        dtype = jnp.result_type(float)
+        nan = jnp.full((max_iter,), jnp.nan, dtype)
+        carry = dict(
+            state=state,
+            history=nan,
+            params=jax.tree.map(
+                lambda x: jnp.full((max_iter,) + x.shape, jnp.nan, dtype), state.params
+            ),
+            accept=nan,
+            step_size=nan,
+            divergences=jnp.zeros((), jnp.int32),
+            i=jnp.zeros((), jnp.int32),
+            stop=jnp.array(False),
+            converged=jnp.array(False),
+            diverged=jnp.array(False),
+            finished=jnp.array(False),
+            final=jax.tree.map(
+                lambda x: jnp.zeros((self.num_fresh,) + x.shape, x.dtype), state.chains.z
+            ),
+        )
+
+        def body(c):
+            # The iteration after the last update draws the latents at the fitted params.
+            final = (c["i"] >= max_iter) | c["stop"] | c["diverged"]
+            new, info, fresh = self._step_or_draw(
+                jax.random.fold_in(key, c["i"] + final), c["state"], arrays, spec, final
+            )
+            ok = final | (jnp.isfinite(info.objective) & all_finite(new.params))
+            stop, converged, streak = self._stop(c["state"], new, tol)
+            new = new._replace(streak=streak)
+            i = c["i"]
+            record = jnp.where(final, max_iter, i)  # out of range: dropped
+            return dict(
+                state=tree_where(ok, new, c["state"]),
+                history=c["history"].at[record].set(info.objective, mode="drop"),
+                params=jax.tree.map(
+                    lambda h, p: h.at[record].set(p, mode="drop"), c["params"], new.params
+                ),
+                accept=c["accept"].at[record].set(info.accept_prob, mode="drop"),
+                step_size=c["step_size"].at[record].set(info.step_size, mode="drop"),
+                divergences=(c["divergences"] + info.num_divergences).astype(jnp.int32),
+                i=i + (ok & ~final).astype(jnp.int32),
+                stop=jnp.where(final, c["stop"], stop),
+                converged=jnp.where(final, c["converged"], converged & ok),
+                diverged=jnp.where(final, c["diverged"], ~ok),
+                finished=final,
+                final=tree_where(final, fresh, c["final"]),
+            )
+
+        c = jax.lax.while_loop(lambda c: ~c["finished"], body, carry)
+        state = c["state"]
+        params = state.params
+        draws = jax.tree.map(
+            lambda x: x[: self.num_is_draws].reshape((-1,) + x.shape[2:]), c["final"]
+        )
+
+        def target(z):
+            return self.latent.log_target(structure, params, z, args, kwargs)
+
+        elementwise = None
+        if entry is not None:
+            _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], draws))
+
+            def elementwise(zf):
+                return self.latent.elementwise(structure, params, unravel(zf), args, kwargs)
+
+        estimate = importance_log_likelihood(
+            jax.random.fold_in(key, max_iter + 2),
+            draws,
+            target,
+            elementwise,
+            coordinate,
+            entry,
+            num_blocks,
+            self.num_is_samples,
+        )
+        k = sum(
+            int(np.size(biject_to(structure.constraints[n]).inv(v)))
+            for n, v in params.items()
+            if n not in self.frozen
+        )
+        n_obs = max(structure.num_observations, 1)
+        ll = estimate.log_likelihood
+        constrained = jax.vmap(lambda z: self.latent.constrain(structure, z)[0])(draws)
+        return MCResult(
+            params=params,
+            log_likelihood=ll,
+            log_likelihood_se=estimate.standard_error,
+            aic=-2.0 * ll + 2.0 * k,
+            bic=-2.0 * ll + k * math.log(n_obs),
+            history=c["history"],
+            param_history=c["params"],
+            num_iters=c["i"],
+            converged=c["converged"] & ~c["diverged"],
+            diverged=c["diverged"],
+            accept_prob=c["accept"],
+            num_divergences=c["divergences"],
+            step_size=c["step_size"],
+            draws=constrained,
+            min_ess=estimate.min_ess,
+        )
+
+    # -- public API --------------------------------------------------------------
+
+    def _check_start(self, rng_key, arrays, spec, init_params):
+        """Concrete checks before a fit: the chains' target and its gradient are finite
+        at the initial draws (a ModelError naming the latent otherwise)."""
+        structure = self._structure(arrays, spec)
+        args, kwargs = merge_args(arrays, spec)
+        params = merge_init_params(dict(structure.params), init_params)
+        z = self.latent.prior_draw(structure, params, rng_key, args, kwargs)
+        value, grad = jax.value_and_grad(
+            lambda z: self.latent.log_target(structure, params, z, args, kwargs)
+        )(z)
+        if not np.isfinite(float(value)):
+            raise ModelError(
+                "jaxem: the log-density of the model is not finite at latents drawn from the "
+                f"model at the initial params (latents {sorted(structure.continuous)}): check "
+                "the initial values (init_params) and that every latent's distribution is "
+                "proper and its support matches the values the model gives it."
+            )
+        bad = sorted(n for n, g in grad.items() if not np.all(np.isfinite(np.asarray(g))))
+        if bad:
+            raise ModelError(
+                f"jaxem: the gradient of the log-density with respect to the latent sites {bad} "
+                "is not finite at values drawn from the model: HMC/NUTS need a differentiable "
+                "log-density of every continuous latent. Write the model so that it is "
+                "differentiable in these latents (no rounding, no hard thresholds on them)."
+            )
+        return structure, params
+
+    def init(self, rng_key, *args, init_params=None, **kwargs) -> MCState:
+        """Initial state: params from their ``numpyro.param`` values (``init_params``
+        overriding some), chains started at draws from the model."""
+        arrays, spec = split_args(args, kwargs)
+        self._check_start(rng_key, arrays, spec, init_params)
+        return self._init_jit(rng_key, arrays, spec, init_params)
+
+    def _update(self, state, arrays, spec):
+        rng_key = jax.random.fold_in(jax.random.PRNGKey(0), state.iteration)
+        new_state, info = self.kernel.step(rng_key, state, arrays, spec)
+        return new_state, info.objective
+
+    def update(self, state, *args, **kwargs):
+        """One iteration, its draws from ``fold_in(PRNGKey(0), state.iteration)``:
+        ``(new_state, Q estimate at state's params)``."""
+        arrays, spec = split_args(args, kwargs)
+        return self._update_jit(state, arrays, spec)
+
+    def get_params(self, state) -> dict:
+        """Constrained parameter values of a state."""
+        return dict(state.params)
+
+    def _run(self, rng_key, args, kwargs, *, max_iter, tol, init_params):
+        arrays, spec = split_args(args, kwargs)
+        init_params = None if init_params is None else dict(init_params)
+        structure, params = self._check_start(rng_key, arrays, spec, init_params)
+        blocks = self._blocks(structure, params, arrays, spec, rng_key)
+        result = self._run_jit(
+            rng_key,
+            arrays,
+            init_params,
+            np.asarray(tol, jnp.result_type(float)),
+            jnp.asarray(blocks.coordinate),
+            None if blocks.entry is None else jnp.asarray(blocks.entry),
+            spec=spec,
+            max_iter=int(max_iter),
+            num_blocks=blocks.num_blocks,
+        )
+        self._warn(result, max_iter)
+        return result
+
+    def _blocks(self, structure, params, arrays, spec, rng_key):
+        args, kwargs = merge_args(arrays, spec)
+        points = [
+            self.latent.prior_draw(structure, params, k, args, kwargs)
+            for k in jax.random.split(jax.random.fold_in(rng_key, 7), 2)
+        ]
+        flat0, unravel = ravel_pytree(points[0])
+        if structure.discrete:
+            return find_blocks(None, [flat0])
+
+        def elementwise(zf):
+            return self.latent.elementwise(structure, params, unravel(zf), args, kwargs)
+
+        return find_blocks(jax.jit(elementwise), [flat0, ravel_pytree(points[1])[0]])
+
+    def _warn(self, result, max_iter):
+        divergences = int(result.num_divergences)
+        if divergences:
+            warnings.warn(
+                f"jaxem: {self.name}'s chains made {divergences} divergent transitions: the "
+                "draws of the latents may miss part of their posterior, and Q and the "
+                "importance-sampling log-likelihood with them. Reparametrize the latents "
+                "(non-centred random effects), raise num_warmup, or raise target_accept_prob "
+                "(kernel=numpyro.infer.NUTS(model, target_accept_prob=0.95)).",
+                NumericalWarning,
+                stacklevel=3,
+            )
+        if bool(result.diverged):
+            warnings.warn(
+                f"jaxem: {self.name} diverged after {int(result.num_iters)} iterations: Q or "
+                "a parameter became non-finite. The result holds the last finite parameters. "
+                "Start elsewhere (init_params) or keep the parameters away from degenerate "
+                "values.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        elif not bool(result.converged):
+            warnings.warn(
+                f"jaxem: {self.name} did not converge in max_iter={max_iter} iterations "
+                f"({self._convergence_rule}). Raise max_iter.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        if float(result.min_ess) < 50:
+            warnings.warn(
+                f"jaxem: the importance weights of the log-likelihood estimate degenerate "
+                f"(smallest effective sample size {float(result.min_ess):.0f} of "
+                f"{self.num_is_samples}): log_likelihood and its standard error are "
+                "doubtful. Raise num_is_samples and num_is_draws.",
+                NumericalWarning,
+                stacklevel=3,
+            )
+
+    _convergence_rule = ""
+
+
+def _merge(spec, arrays):
+    return merge_args(arrays, spec)

@@ -1,0 +1,133 @@
+"""Stochastic approximation EM (Delyon, Lavielle and Moulines 1999; Kuhn and Lavielle
+2004), the method behind Monolix, saemix and nlmixr2, with a NUTS/HMC E-step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxem.monte_carlo import MCResult, MCState, MonteCarloEM
+
+__all__ = ["SAEM"]
+
+
+class SAEM(MonteCarloEM):
+    """Stochastic approximation EM for models with continuous latents.
+
+    Every iteration moves each of ``num_chains`` chains by ``num_mcmc_steps``
+    transitions of NUTS (or HMC) targeting ``p(z | x, theta_k)`` (warm-started from
+    the previous iteration, discrete latents summed out exactly), and updates the
+    stochastic approximation of the expected complete-data log-likelihood
+
+    ``Q_k(theta) = Q_{k-1}(theta) + gamma_k (mean_chains log p(x, z_k | theta) - Q_{k-1}(theta))``
+
+    then maximizes ``Q_k`` (``m_step_iters`` L-BFGS steps in unconstrained
+    coordinates, or the given optax optimizer). ``Q_k`` is a weighted sum over the
+    stored draws (with ``gamma = 1`` only the current ones count), so this is SAEM
+    for any model, not only an exponential family. The step sizes: ``gamma_k = 1``
+    for the first ``schedule[0]`` iterations (exploration), then
+    ``gamma_k = (k - schedule[0] + 1) ** -decay`` for ``schedule[1]`` iterations
+    (saemix's defaults: 300 + 100, decay 1). With ``decay`` in (1/2, 1] the
+    ``theta_k`` converge almost surely to a stationary point of the log-likelihood
+    (Delyon et al. 1999).
+
+    Args:
+        model: a NumPyro model; ``numpyro.param`` sites are the parameters, every
+            latent continuous sample site is drawn, every discrete one enumerated.
+        schedule: ``(K1, K2)``: iterations with ``gamma = 1``, then decreasing.
+        decay: exponent of the decreasing step sizes.
+        num_mcmc_steps: transitions per chain and iteration.
+        kernel: ``"nuts"`` (default), ``"hmc"`` or a ``numpyro.infer.NUTS``/``HMC``
+            instance whose settings (target_accept_prob, max_tree_depth,
+            dense_mass, ...) are used; its model is ignored.
+        num_chains: chains, run side by side under ``vmap``.
+        num_warmup: transitions (from the start of the fit) during which step size
+            and diagonal mass matrix are adapted.
+        optimizer: optax optimizer of the M-step; default ``optax.lbfgs()``.
+        m_step_iters: optimizer steps per iteration.
+        frozen: params kept at their initial values.
+        num_is_draws: posterior draws per chain at the fitted params, for the
+            importance-sampling proposal and ``result.draws``.
+        num_is_samples: importance samples of the log-likelihood.
+    """
+
+    name = "SAEM"
+    _convergence_rule = "its step-size schedule did not reach its end"
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        schedule: tuple[int, int] = (300, 100),
+        decay: float = 1.0,
+        num_mcmc_steps: int = 1,
+        **options,
+    ):
+        k1, k2 = (int(k) for k in schedule)
+        if k1 < 0 or k2 < 1:
+            raise ValueError(f"schedule must be (K1 >= 0, K2 >= 1), got {schedule!r}")
+        if not 0.5 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0.5, 1], got {decay!r}")
+        if num_mcmc_steps < 1:
+            raise ValueError("num_mcmc_steps must be at least 1")
+        self.schedule = (k1, k2)
+        self.decay = float(decay)
+        self.num_mcmc_steps = int(num_mcmc_steps)
+        self.num_slots = k2
+        super().__init__(model, **options)
+
+    def gamma(self, iteration):
+        """The step size of iteration ``iteration`` (0-based)."""
+        k1 = self.schedule[0]
+        dtype = jnp.result_type(float)
+        after = jnp.maximum(iteration - k1 + 1, 1).astype(dtype)
+        return jnp.where(iteration < k1, jnp.ones((), dtype), after**-self.decay)
+
+    def _draws_per_chain(self, iteration):
+        return jnp.asarray(self.num_mcmc_steps, jnp.int32)
+
+    def _latest(self, fresh, num):
+        return jax.tree.map(lambda x: x[jnp.minimum(num, self.num_slots) - 1], fresh)
+
+    def _accumulate(self, state, fresh, num):
+        gamma = self.gamma(state.iteration)
+        slot = state.iteration % self.num_slots
+        latest = self._latest(fresh, num)
+        draws = jax.tree.map(lambda b, v: b.at[slot].set(v), state.draws, latest)
+        weights = (state.weights * (1.0 - gamma)).at[slot].set(gamma)
+        # A slot overwritten (a schedule longer than the buffer) loses its weight.
+        return draws, weights / jnp.sum(weights)
+
+    def _maximize(self, structure, state, draws, weights, fresh, num, args, kwargs):
+        # With gamma = 1 only this iteration's draws carry weight: the exploration phase
+        # skips the stored ones (an M-step over them all would cost K2 times more).
+        latest = jax.tree.map(lambda x: x[None], self._latest(fresh, num))
+        one = jnp.ones((1,), weights.dtype)
+        return jax.lax.cond(
+            self.gamma(state.iteration) >= 1.0,
+            lambda: self._m_step(structure, state.params, latest, one, args, kwargs),
+            lambda: self._m_step(structure, state.params, draws, weights, args, kwargs),
+        )
+
+    def _stop(self, state, new_state, tol):
+        done = new_state.iteration >= sum(self.schedule)
+        return done, done, new_state.streak
+
+    def run(self, rng_key, *args, max_iter: int | None = None, init_params=None, **kwargs):
+        """Run the schedule (``K1 + K2`` iterations, or ``max_iter`` if smaller: then
+        ``converged`` is False) in one compiled loop, then draw the latents at the
+        fitted params and estimate the log-likelihood by importance sampling.
+
+        Returns:
+            A :class:`jaxem.monte_carlo.MCResult`.
+        """
+        total = sum(self.schedule)
+        max_iter = total if max_iter is None else int(max_iter)
+        if max_iter < 1:
+            raise ValueError("max_iter must be at least 1")
+        return self._run(rng_key, args, kwargs, max_iter=max_iter, tol=0.0, init_params=init_params)
+
+
+__all__ += ["MCResult", "MCState"]

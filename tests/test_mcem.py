@@ -1,0 +1,315 @@
+"""SAEM and MCEM: continuous latents drawn by NUTS inside the EM loop, against exact
+maximum-likelihood references computed here (Gaussian marginal likelihood,
+adaptive Gauss-Hermite quadrature, scikit-learn's factor analysis, brute force)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.distributions import constraints
+from numpyro.handlers import condition
+from scipy import optimize, special, stats
+
+import jaxem
+from jaxem.exceptions import ModelError, NumericalWarning
+
+# -- sleepstudy: a linear mixed model, Reaction ~ Days + (Days | Subject) ---------------
+
+
+def sleepstudy_model(days, subject, y, num_subjects=18):
+    beta = numpyro.param("beta", jnp.array([200.0, 5.0]))
+    sd = numpyro.param("sd_re", jnp.array([10.0, 3.0]), constraint=constraints.positive)
+    corr = numpyro.param("corr", jnp.eye(2), constraint=constraints.corr_cholesky)
+    sigma = numpyro.param("sigma", 30.0, constraint=constraints.positive)
+    # Random effects centred at the fixed effects (saemix's parametrization): the
+    # M-step for beta is then the mean of the draws, and EM is fast.
+    with numpyro.plate("subject", num_subjects):
+        phi = numpyro.sample("phi", dist.MultivariateNormal(beta, scale_tril=sd[:, None] * corr))
+    with numpyro.plate("obs", y.shape[0]):
+        numpyro.sample("y", dist.Normal(phi[subject, 0] + phi[subject, 1] * days, sigma), obs=y)
+
+
+def _sleepstudy(load_csv):
+    data = load_csv("sleepstudy.csv")
+    y, days = data[:, 0], data[:, 1]
+    subject = np.unique(data[:, 2], return_inverse=True)[1]
+    return y, days, subject
+
+
+def _lmm_log_likelihood(y, days, subject, beta, cov, sigma2):
+    """The exact marginal log-likelihood of the linear mixed model."""
+    total = 0.0
+    for g in np.unique(subject):
+        rows = subject == g
+        design = np.stack([np.ones(rows.sum()), days[rows]], axis=1)
+        marginal = design @ cov @ design.T + sigma2 * np.eye(rows.sum())
+        total += stats.multivariate_normal(design @ beta, marginal).logpdf(y[rows])
+    return total
+
+
+def _lmm_mle(y, days, subject):
+    """The maximum-likelihood estimate (what statsmodels' MixedLM(reml=False) finds)."""
+
+    def unpack(t):
+        chol = np.array([[np.exp(t[2]), 0.0], [t[3], np.exp(t[4])]])
+        return t[:2], chol @ chol.T, np.exp(2 * t[5])
+
+    fit = optimize.minimize(
+        lambda t: -_lmm_log_likelihood(y, days, subject, *unpack(t)),
+        [250.0, 10.0, 3.0, 0.0, 1.5, 3.0],
+        method="BFGS",
+    )
+    beta, cov, sigma2 = unpack(fit.x)
+    return beta, np.sqrt(np.diag(cov)), np.sqrt(sigma2), -fit.fun
+
+
+@pytest.mark.parametrize("fitter", ["SAEM", "MCEM"])
+def test_sleepstudy_reaches_the_maximum_likelihood_estimate(x64, load_csv, fitter):
+    y, days, subject = _sleepstudy(load_csv)
+    beta, sds, sigma, best = _lmm_mle(y, days, subject)
+    if fitter == "SAEM":
+        em = jaxem.SAEM(sleepstudy_model, schedule=(100, 100))
+    else:
+        em = jaxem.MCEM(sleepstudy_model, max_draws=200)
+    args = (jnp.asarray(days), jnp.asarray(subject), jnp.asarray(y))
+    options = {"tol": 1e-2, "max_iter": 60} if fitter == "MCEM" else {}
+    result = em.run(jax.random.PRNGKey(0), *args, **options)
+    assert bool(result.converged) and not bool(result.diverged)
+    params = {k: np.asarray(v) for k, v in result.params.items()}
+    np.testing.assert_allclose(params["beta"], beta, rtol=5e-3)
+    np.testing.assert_allclose(params["sd_re"], sds, rtol=3e-2)
+    np.testing.assert_allclose(params["sigma"], sigma, rtol=3e-2)
+    se = float(result.log_likelihood_se)
+    assert 0 < se < 0.5
+    assert abs(float(result.log_likelihood) - best) <= 3 * se
+    # The importance-sampling estimate against the exact value at the fitted params.
+    chol = params["sd_re"][:, None] * params["corr"]
+    exact = _lmm_log_likelihood(
+        y, days, subject, params["beta"], chol @ chol.T, params["sigma"] ** 2
+    )
+    assert abs(float(result.log_likelihood) - exact) <= 3 * se
+    k, n = 6, 180
+    np.testing.assert_allclose(float(result.bic), -2 * float(result.log_likelihood) + k * np.log(n))
+    accept = np.asarray(result.accept_prob)[: int(result.num_iters)]
+    assert np.mean(accept[len(accept) // 2 :]) > 0.5  # after the adaptation
+    # The same seed gives the same fit.
+    again = em.run(jax.random.PRNGKey(0), *args, **options)
+    for name in params:
+        np.testing.assert_array_equal(np.asarray(again.params[name]), params[name])
+
+
+# -- cbpp: a binomial GLMM with a herd random intercept ----------------------------------
+
+
+def cbpp_model(herd, period, size, incidence, num_herds=15):
+    intercept = numpyro.param("intercept", 0.0)
+    effects = numpyro.param("period_effects", jnp.zeros(3))
+    sd = numpyro.param("sd_herd", 1.0, constraint=constraints.positive)
+    with numpyro.plate("herds", num_herds):
+        u = numpyro.sample("u", dist.Normal(intercept, sd))
+    logits = u[herd] + jnp.concatenate([jnp.zeros(1), effects])[period]
+    with numpyro.plate("obs", size.shape[0]):
+        numpyro.sample("incidence", dist.Binomial(size, logits=logits), obs=incidence)
+
+
+def _cbpp_log_likelihood(theta, herd, period, size, incidence, nodes=40):
+    """Adaptive Gauss-Hermite quadrature of the marginal likelihood, herd by herd."""
+    intercept, effects, sd = theta[0], np.concatenate([[0.0], theta[1:4]]), np.exp(theta[4])
+    x, w = special.roots_hermite(nodes)
+    total = 0.0
+    for h in np.unique(herd):
+        rows = herd == h
+        offset = effects[period[rows]]
+
+        def log_joint(u, rows=rows, offset=offset):
+            eta = np.add.outer(u, offset)
+            return stats.binom.logpmf(incidence[rows], size[rows], special.expit(eta)).sum(
+                -1
+            ) + stats.norm.logpdf(u, intercept, sd)
+
+        mode = optimize.minimize_scalar(lambda u: -log_joint(np.atleast_1d(u))[0]).x
+        step = 1e-4
+        curvature = (
+            -(
+                log_joint(np.array([mode + step]))[0]
+                - 2 * log_joint(np.array([mode]))[0]
+                + log_joint(np.array([mode - step]))[0]
+            )
+            / step**2
+        )
+        scale = 1.0 / np.sqrt(curvature)
+        u = mode + np.sqrt(2.0) * scale * x
+        total += special.logsumexp(log_joint(u) + x**2, b=w) + np.log(np.sqrt(2.0) * scale)
+    return total
+
+
+def test_cbpp_glmm_reaches_the_quadrature_mle(x64, load_csv):
+    data = load_csv("cbpp.csv")
+    herd = data[:, 0].astype(int) - 1
+    incidence, size = data[:, 1], data[:, 2]
+    period = data[:, 3].astype(int) - 1
+    reference = optimize.minimize(
+        lambda t: -_cbpp_log_likelihood(t, herd, period, size, incidence),
+        [-1.4, -1.0, -1.1, -1.6, np.log(0.6)],
+        method="Nelder-Mead",
+        options={"xatol": 1e-6, "fatol": 1e-8, "maxiter": 4000},
+    )
+    best = -reference.fun
+    args = tuple(jnp.asarray(a) for a in (herd, period, size, incidence))
+    result = jaxem.SAEM(cbpp_model, schedule=(100, 100)).run(jax.random.PRNGKey(1), *args)
+    assert bool(result.converged)
+    params = {k: np.asarray(v) for k, v in result.params.items()}
+    # Monte Carlo tolerance: a few times SAEM's Monte Carlo error (about 0.02 on
+    # these scales with 4 chains x 100 draws in the averaging phase).
+    np.testing.assert_allclose(params["intercept"], reference.x[0], atol=0.1)
+    np.testing.assert_allclose(params["period_effects"], reference.x[1:4], atol=0.1)
+    np.testing.assert_allclose(params["sd_herd"], np.exp(reference.x[4]), rtol=0.15)
+    se = float(result.log_likelihood_se)
+    theta = np.concatenate(
+        [[params["intercept"]], params["period_effects"], [np.log(params["sd_herd"])]]
+    )
+    at_fit = _cbpp_log_likelihood(theta, herd, period, size, incidence)
+    assert abs(float(result.log_likelihood) - at_fit) <= 3 * se
+    assert best - at_fit < 0.05
+
+
+# -- factor analysis -------------------------------------------------------------------
+
+
+def factor_model(x, num_factors=1):
+    n, p = x.shape
+    mean = numpyro.param("mean", jnp.zeros(p))
+    loadings = numpyro.param("loadings", jnp.full((p, num_factors), 0.5))
+    noise = numpyro.param("noise", jnp.ones(p), constraint=constraints.positive)
+    with numpyro.plate("rows", n):
+        scores = numpyro.sample("scores", dist.Normal(0.0, 1.0).expand([num_factors]).to_event(1))
+        numpyro.sample("x", dist.Normal(mean + scores @ loadings.T, noise).to_event(1), obs=x)
+
+
+def test_factor_analysis_reaches_scikit_learns_log_likelihood(x64, rng):
+    from sklearn.decomposition import FactorAnalysis
+
+    n, p = 150, 4
+    loadings = np.array([[1.0], [0.8], [0.6], [0.4]])
+    x = rng.normal(size=(n, 1)) @ loadings.T + rng.normal(size=(n, p)) * 0.5 + 1.0
+    reference = FactorAnalysis(n_components=1, tol=1e-10, max_iter=10_000).fit(x)
+    best = reference.score(x) * n
+    result = jaxem.SAEM(factor_model, schedule=(100, 50)).run(jax.random.PRNGKey(2), jnp.asarray(x))
+    params = {k: np.asarray(v) for k, v in result.params.items()}
+    cov = params["loadings"] @ params["loadings"].T + np.diag(params["noise"] ** 2)
+    exact = stats.multivariate_normal(params["mean"], cov).logpdf(x).sum()
+    assert best - exact < 0.5  # within Monte Carlo error of the maximum
+    se = float(result.log_likelihood_se)
+    assert abs(float(result.log_likelihood) - exact) <= 3 * se
+
+
+# -- a discrete and a continuous latent -------------------------------------------------
+
+
+def clustered_intercepts(y, num_groups=8):
+    """Groups belong to one of two classes (discrete, enumerated) and have their own
+    random intercept (continuous, drawn)."""
+    w = numpyro.param("w", jnp.array([0.5, 0.5]), constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+    tau = numpyro.param("tau", 1.0, constraint=constraints.positive)
+    sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+    with numpyro.plate("groups", num_groups):
+        c = numpyro.sample("c", dist.Categorical(w))
+        b = numpyro.sample("b", dist.Normal(0.0, tau))
+        with numpyro.plate("members", y.shape[0], dim=-2):
+            numpyro.sample("y", dist.Normal(mu[c] + b, sigma), obs=y)
+
+
+def test_discrete_and_continuous_latents(x64, rng):
+    classes = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    y = np.array([-3.0, 3.0])[classes] + 0.3 * rng.normal(size=8) + rng.normal(size=(10, 8))
+    result = jaxem.SAEM(clustered_intercepts, schedule=(60, 40), num_is_draws=50).run(
+        jax.random.PRNGKey(3), jnp.asarray(y)
+    )
+    mu = np.sort(np.asarray(result.params["mu"]))
+    np.testing.assert_allclose(mu, [-3.0, 3.0], atol=0.6)
+    params = {k: np.asarray(v) for k, v in result.params.items()}
+    draw = {"b": result.draws["b"][-1]}
+    found = np.asarray(
+        jaxem.posterior(condition(clustered_intercepts, draw), params, jnp.asarray(y))["c"]
+    )
+    # Brute force: p(c_g = k | b_g, y_g) by Bayes' rule over the two classes.
+    b = np.asarray(draw["b"])
+    log_joint = np.log(params["w"])[None, :] + stats.norm.logpdf(
+        y[:, :, None], params["mu"][None, None, :] + b[None, :, None], params["sigma"]
+    ).sum(0)
+    expected = np.exp(log_joint - special.logsumexp(log_joint, axis=1, keepdims=True))
+    np.testing.assert_allclose(found, expected, atol=1e-8)
+    assert float(result.log_likelihood_se) > 0
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def _improper(y):
+    s = numpyro.param("s", 1.0, constraint=constraints.positive)
+    z = numpyro.sample("z", dist.ImproperUniform(constraints.real, (), ()))
+    numpyro.sample("y", dist.Normal(z, s), obs=y)
+
+
+def _not_finite(y):
+    s = numpyro.param("s", 1.0, constraint=constraints.positive)
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    numpyro.factor("penalty", jnp.log(jnp.abs(z) * 0.0))  # log 0 for every z
+    numpyro.sample("y", dist.Normal(z, s), obs=y)
+
+
+def _infinite_discrete(y):
+    s = numpyro.param("s", 1.0, constraint=constraints.positive)
+    k = numpyro.sample("k", dist.Poisson(3.0))
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(z + k, s), obs=y)
+
+
+def _flat_root(y):
+    s = numpyro.param("s", 1.0, constraint=constraints.positive)
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(jnp.abs(z) ** 0.5 * 0.0 + jnp.cbrt(z - z), s), obs=y)
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (_improper, "latent sample site 'z' has an improper density"),
+        (_not_finite, "log-density of the model is not finite"),
+        (_infinite_discrete, "'k' .*cannot be enumerated"),
+        (_flat_root, r"gradient .* latent sites \['z'\] is not finite"),
+    ],
+)
+@pytest.mark.parametrize("fitter", [jaxem.SAEM, jaxem.MCEM])
+def test_bad_latent_densities_are_named(model, match, fitter):
+    with pytest.raises(ModelError, match=match):
+        fitter(model).run(jax.random.PRNGKey(0), jnp.ones(3))
+
+
+def test_em_refuses_a_continuous_latent_and_points_to_monte_carlo_em():
+    with pytest.raises(ModelError, match="MCEM or jaxem.SAEM"):
+        jaxem.EM(_not_finite).run(jax.random.PRNGKey(0), jnp.ones(3))
+
+
+# Five draws make a poor proposal: that warning is true here and not the point.
+@pytest.mark.filterwarnings("ignore:.*importance weights.*:jaxem.exceptions.NumericalWarning")
+def test_divergent_transitions_are_reported(x64):
+    from numpyro.infer import NUTS
+
+    def model(y):
+        m = numpyro.param("m", 0.0)
+        z = numpyro.sample("z", dist.Normal(m, 1.0))
+        numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    # A step size far too large for the posterior, never adapted: every transition
+    # diverges.
+    kernel = NUTS(model, step_size=1e3, adapt_step_size=False, adapt_mass_matrix=False)
+    em = jaxem.SAEM(
+        model, kernel=kernel, schedule=(3, 2), num_warmup=0, num_is_draws=5, num_is_samples=50
+    )
+    with pytest.warns(NumericalWarning, match="divergent transitions"):
+        result = em.run(jax.random.PRNGKey(0), jnp.ones(3))
+    assert int(result.num_divergences) > 0
