@@ -26,6 +26,7 @@ from jaxem.chain import Chain, arrange_factor, enumerated_names, step_mask
 
 __all__ = [
     "chain_indicators",
+    "chain_log_likelihoods",
     "chain_map",
     "chain_posterior",
     "chain_sample",
@@ -99,10 +100,10 @@ def _finite_max(x, axis):
 
 def _forward_sequential(alpha, steps, shape, mask):
     """log p(data) by the scaled forward pass (probabilities normalized at every
-    step, the log normalizers summed); its gradient is the scaled backward pass
-    of :func:`_scaled_forward`."""
+    step, the log normalizers summed), one value per plate cell ``(*plates)``;
+    its gradient is the scaled backward pass of :func:`_scaled_forward`."""
     if steps is None:
-        return jnp.sum(_logsumexp(alpha, -1))
+        return _logsumexp(alpha, -1)
     return _scaled_forward(alpha, steps, _kept_steps(shape, mask))
 
 
@@ -169,7 +170,7 @@ def _scaled_forward(alpha, steps, keep):
 
 
 class _Forward(NamedTuple):
-    log_z: jax.Array
+    log_z: jax.Array  # (*plates): one sequence's log-likelihood per plate cell
     first: jax.Array  # (*plates, K): the first step's normalized messages
     previous: jax.Array  # (T - 1, *plates, K): the messages entering each later step
     last: jax.Array  # (*plates, K): the messages after the last step
@@ -185,7 +186,7 @@ def _forward_pass(alpha, steps, keep) -> _Forward:
     a = jnp.exp(alpha - shift)
     norm = jnp.sum(a, -1, keepdims=True)
     a = a / _safe(norm)
-    log_z = jnp.sum(jnp.log(norm) + shift)
+    log_z = (jnp.log(norm) + shift)[..., 0]
     varying, constant, step_shift = _step_exps(steps, keep.shape[0])
 
     def step(a, inputs):
@@ -197,7 +198,7 @@ def _forward_pass(alpha, steps, keep) -> _Forward:
 
     last, (previous, norms) = jax.lax.scan(step, a, (varying, keep))
     step_shift = jnp.broadcast_to(step_shift, keep.shape)
-    log_z = log_z + jnp.sum(jnp.log(norms)) + jnp.sum(jnp.where(keep, step_shift, 0.0))
+    log_z = log_z + jnp.sum(jnp.log(norms), 0) + jnp.sum(jnp.where(keep, step_shift, 0.0), 0)
     return _Forward(log_z, a, previous, last, norms)
 
 
@@ -237,7 +238,8 @@ def _scaled_forward_bwd(residuals, cotangent):
     scale = cotangent * jnp.where(keep, 1.0 / _safe(forward.norms), 0.0)
     weighted = later * scale[..., None]  # b_t / n_t
     after = jnp.concatenate([forward.previous[1:], forward.last[None]])  # a_t
-    current = cotangent * jnp.where(keep[..., None], after * later, 0.0)
+    # The cotangent has one entry per plate cell (a sequence's weight).
+    current = cotangent[..., None] * jnp.where(keep[..., None], after * later, 0.0)
     over_time = pairwise = None
     if all(e.shape[-2] == 1 for e in varying):
         emissions = functools.reduce(operator.mul, varying)[..., 0, :] if varying else 1.0
@@ -255,7 +257,7 @@ def _scaled_forward_bwd(residuals, cotangent):
                 matrices = _all_matrices(varying, constant)
                 pairwise = forward.previous[..., :, None] * matrices * weighted[..., None, :]
             grads.append(_sum_to(pairwise, shape))
-    return cotangent * forward.first * b_first, tuple(grads), None
+    return cotangent[..., None] * forward.first * b_first, tuple(grads), None
 
 
 _scaled_forward.defvjp(_scaled_forward_fwd, _scaled_forward_bwd)
@@ -292,7 +294,7 @@ def _forward_parallel(alpha, steps, shape, mask):
     """The product of the step matrices as a balanced tree of log-matmuls:
     log2(T) sequential levels of K^3 work, which a GPU runs in parallel."""
     if steps is None:
-        return jnp.sum(_logsumexp(alpha, -1))
+        return _logsumexp(alpha, -1)
     stacked = jnp.broadcast_to(sum(steps), shape)
     if mask is not None:
         # A padded step is the identity: log 1 on the diagonal, log 0 elsewhere.
@@ -305,7 +307,7 @@ def _forward_parallel(alpha, steps, shape, mask):
             mats = jnp.concatenate([mats, jnp.broadcast_to(eye, (1,) + mats.shape[1:])])
         mats = _log_matmul(mats[0::2], mats[1::2])
     final = _log_matmul(alpha[..., None, :], mats[0])[..., 0, :]
-    return jnp.sum(_logsumexp(final, -1))
+    return _logsumexp(final, -1)
 
 
 def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = False):
@@ -320,10 +322,19 @@ def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = F
     return _contract_tensors(_tensors(log_factors, trace, chain), parallel)
 
 
+def chain_log_likelihoods(log_factors: dict, trace, chain: Chain, *, parallel: bool = False):
+    """The chain's log-likelihood per plate cell, ``(*plates)`` over the trace's
+    ``max_plate_nesting`` plate dims (one value per sequence of a batch), without
+    the factors over no latent."""
+    tensors = _tensors(log_factors, trace, chain)
+    forward = _forward_parallel if parallel else _forward_sequential
+    return forward(_initial_log_messages(tensors), tensors.steps, tensors.shape, tensors.mask)
+
+
 def _contract_tensors(tensors, parallel):
     alpha = _initial_log_messages(tensors)
     forward = _forward_parallel if parallel else _forward_sequential
-    return forward(alpha, tensors.steps, tensors.shape, tensors.mask) + tensors.constant
+    return jnp.sum(forward(alpha, tensors.steps, tensors.shape, tensors.mask)) + tensors.constant
 
 
 def chain_posterior(log_factors: dict, trace, chain: Chain):
