@@ -9,6 +9,7 @@ from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
 from jaxem.impute import impute
 from jaxem.missing import nan_as_missing
 from jaxem.online import OnlineEM, OnlineEMResult, OnlineEMState
+from jaxem.uncertainty import StandardErrors, standard_errors
 from jaxem.variational import VariationalEM, VEMResult, VEMState, elbo
 
 __version__ = "0.1.0"
@@ -41,4 +42,6 @@ __all__ = [
     "init",
     "posterior",
     "register_closed_form",
+    "StandardErrors",
+    "standard_errors",
 ]
