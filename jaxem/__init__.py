@@ -1,6 +1,7 @@
 """jaxem: expectation-maximization for NumPyro models with discrete latent variables."""
 
 from jaxem import init
+from jaxem.bootstrap import BootstrapResult, bootstrap
 from jaxem.closed_form import Cells, ClosedFormUpdate, contract_cells, register_closed_form
 from jaxem.diagnostics import aic, bic, num_free_params, num_observations
 from jaxem.em import EM, EMResult, EMState
@@ -42,6 +43,8 @@ __all__ = [
     "init",
     "posterior",
     "register_closed_form",
+    "BootstrapResult",
+    "bootstrap",
     "StandardErrors",
     "standard_errors",
 ]

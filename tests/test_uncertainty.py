@@ -7,11 +7,9 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from models import latent_class
 from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
-from test_weights import carcinoma_init, carcinoma_patterns, weighted_latent_class
 
 import jaxem
 from jaxem import EM
@@ -170,6 +168,11 @@ def test_mixture_standard_errors_equal_a_finite_difference_hessian(x64):
     cov_w = se.covariance[se.index["w"], se.index["w"]]
     np.testing.assert_allclose(cov_w @ np.ones(2), 0.0, atol=1e-12)
     np.testing.assert_allclose(se.standard_errors["w"][0], se.standard_errors["w"][1])
+    # A frozen param has no standard error; the others' are conditional on its value.
+    frozen = jaxem.standard_errors(mixture, fit, x, frozen=["w"])
+    assert set(frozen.standard_errors) == {"mu", "sigma"} and frozen.covariance.shape == (4, 4)
+    expected = finite_difference_covariance(mixture, fit.params, ["mu", "sigma"], x)
+    np.testing.assert_allclose(frozen.covariance, expected, rtol=1e-4, atol=1e-8)
 
 
 def test_hmm_standard_errors_equal_a_finite_difference_hessian(x64):
@@ -181,20 +184,6 @@ def test_hmm_standard_errors_equal_a_finite_difference_hessian(x64):
     names = ["A", "mu"]
     expected = finite_difference_covariance(hmm, fit.params, names, x)
     np.testing.assert_allclose(se.covariance, expected, rtol=2e-4, atol=1e-8)
-
-
-def test_frozen_params_have_no_standard_error(x64):
-    x = mixture_data()
-    em = EM(mixture, frozen=["w"])
-    fit = em.run(
-        jax.random.PRNGKey(0), x, max_iter=500, tol=1e-12, init_params={"w": jnp.array([0.4, 0.6])}
-    )
-    se = em.standard_errors(fit, x)
-    assert set(se.standard_errors) == {"mu", "sigma"}
-    assert se.covariance.shape == (4, 4)
-    params = {**fit.params}
-    expected = finite_difference_covariance(mixture, params, ["mu", "sigma"], x)
-    np.testing.assert_allclose(se.covariance, expected, rtol=1e-4, atol=1e-8)
 
 
 # --- warnings and errors --------------------------------------------------------------------
@@ -214,33 +203,3 @@ def test_hard_em_has_no_observed_information_errors(x64):
     em = EM(mixture, hard=True)
     with pytest.raises(ValueError, match="hard EM maximizes the complete-data likelihood"):
         em.standard_errors({"w": jnp.array([0.5, 0.5])}, x)
-
-
-# --- case weights ----------------------------------------------------------------------------
-
-
-def test_carcinoma_standard_errors_from_patterns_equal_those_from_rows(x64, load_csv):
-    x, patterns, counts = carcinoma_patterns(load_csv)
-    kwargs = dict(max_iter=2000, tol=1e-12, init_params=carcinoma_init())
-    rows = EM(latent_class).run(jax.random.PRNGKey(0), jnp.asarray(x), 3, **kwargs)
-    weighted = EM(weighted_latent_class).run(
-        jax.random.PRNGKey(0), jnp.asarray(patterns), jnp.asarray(counts), 3, **kwargs
-    )
-    assert abs(float(rows.log_likelihood) - (-293.705)) < 1e-3
-    # Some item probabilities reach exactly 0 (poLCA reports them as 0.0000).
-    with pytest.warns(NumericalWarning, match=r"p\[\d, \d\].* on the boundary of its constraint"):
-        se_rows = jaxem.standard_errors(latent_class, rows, jnp.asarray(x), 3)
-    with pytest.warns(NumericalWarning, match=r"p\[\d, \d\].* on the boundary of its constraint"):
-        se_weighted = jaxem.standard_errors(
-            weighted_latent_class, weighted, jnp.asarray(patterns), jnp.asarray(counts), 3
-        )
-    for name in ("w", "p"):
-        np.testing.assert_allclose(weighted.params[name], rows.params[name], atol=1e-7)
-        np.testing.assert_allclose(
-            se_weighted.standard_errors[name], se_rows.standard_errors[name], rtol=1e-5
-        )
-    assert np.isfinite(se_rows.standard_errors["w"]).all()
-    assert (
-        np.isnan(se_rows.standard_errors["p"]).any()
-        and np.isfinite(se_rows.standard_errors["p"]).sum() > 10
-    )

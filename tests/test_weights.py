@@ -21,7 +21,7 @@ from sklearn.mixture import GaussianMixture
 
 import jaxem
 from jaxem import EM
-from jaxem.exceptions import ModelError
+from jaxem.exceptions import ModelError, NumericalWarning
 
 
 def weighted_mixture(x, weights=1.0, K=2):
@@ -249,6 +249,22 @@ def test_carcinoma_from_response_patterns_is_the_fit_to_the_rows(x64, load_csv):
     np.testing.assert_allclose(weighted.log_likelihood, rows.log_likelihood, rtol=1e-10)
     for name in ("w", "p"):
         np.testing.assert_allclose(weighted.params[name], rows.params[name], atol=1e-7)
+    # The standard errors too. Some item probabilities reach exactly 0 (poLCA reports
+    # them as 0.0000): held there, with NaN errors, in both fits alike.
+    boundary = r"p\[\d, \d\].* on the boundary of its constraint"
+    with pytest.warns(NumericalWarning, match=boundary):
+        se_rows = jaxem.standard_errors(latent_class, rows, jnp.asarray(x), 3)
+    with pytest.warns(NumericalWarning, match=boundary):
+        se_weighted = jaxem.standard_errors(
+            weighted_latent_class, weighted, jnp.asarray(patterns), jnp.asarray(counts), 3
+        )
+    for name in ("w", "p"):
+        np.testing.assert_allclose(
+            se_weighted.standard_errors[name], se_rows.standard_errors[name], rtol=1e-5
+        )
+    assert np.isfinite(se_rows.standard_errors["w"]).all()
+    assert np.isnan(se_rows.standard_errors["p"]).any()
+    assert np.isfinite(se_rows.standard_errors["p"]).sum() > 10
     assert (
         jaxem.num_observations(weighted_latent_class, jnp.asarray(patterns), jnp.asarray(counts), 3)
         == 118
