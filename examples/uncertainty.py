@@ -95,7 +95,7 @@ def mixture_intervals():
 def plot(rows, path="uncertainty.png"):
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    for i, (label, estimate, wald, lower, upper) in enumerate(rows):
+    for i, (_, estimate, wald, lower, upper) in enumerate(rows):
         ax.errorbar(i - 0.1, estimate, yerr=1.96 * wald, fmt="o", color="C0", capsize=3)
         ax.errorbar(
             i + 0.1,
