@@ -156,7 +156,9 @@ def bootstrap(
     )
     keys = jax.random.split(rng_key, num_replicates)
     if kind == "nonparametric":
-        plate, dim = observation_plate(trace)
+        plate, dim = observation_plate(
+            trace, 'the nonparametric bootstrap (kind="parametric" does not)'
+        )
         size = next(
             s.log_prob.shape[dim]
             for s in trace.sites.values()

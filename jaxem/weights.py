@@ -182,7 +182,7 @@ def _plate_dim(trace, plate):
     return None
 
 
-def observation_plate(trace) -> tuple[str, int]:
+def observation_plate(trace, purpose: str = "per_observation=True") -> tuple[str, int]:
     """``(name, dim)`` of the data plate: the case weights' plate, else the
     plate that holds every sample site (the outermost one if several do).
 
@@ -203,16 +203,24 @@ def observation_plate(trace) -> tuple[str, int]:
         plate = max(counts, key=counts.get, default=None)
         outside = next(n for n, s in trace.sites.items() if plate not in s.plates)
         where = f"plate '{plate}'" if plate else "every plate"
-        hint = (
-            " A single sequence (a scan chain without a plate of sequences) is one "
-            "observation: its log-likelihood is log_likelihood(...) with "
-            "per_observation=False; for one value per sequence, put the sequences in a "
-            "numpyro.plate."
-            if find_chain(trace) is not None
-            else " Put the site inside the plate, or use per_observation=False."
-        )
+        scalar = purpose.startswith("per_observation")
+        if find_chain(trace) is not None:
+            hint = (
+                " A single sequence (a scan chain without a plate of sequences) is one "
+                "observation"
+                + (
+                    ": its log-likelihood is log_likelihood(...) with per_observation=False"
+                    if scalar
+                    else ""
+                )
+                + "; for one value per sequence, put the sequences in a numpyro.plate."
+            )
+        else:
+            hint = " Put the site inside the plate" + (
+                ", or use per_observation=False." if scalar else "."
+            )
         raise ModelError(
-            "jaxem: per_observation=True needs a data plate that holds every sample site, "
+            f"jaxem: {purpose} needs a data plate that holds every sample site, "
             f"each element of it one observation; site '{user_site_name(outside)}' is "
             f"outside {where}.{hint}"
         )

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_uncertainty import mixture
+from test_uncertainty import hmm, mixture
 
 import jaxem
 
@@ -40,3 +40,17 @@ def test_bootstrap_refuses_an_unknown_kind(x64):
     em = jaxem.EM(mixture)
     with pytest.raises(ValueError, match="kind must be 'nonparametric' or 'parametric'"):
         jaxem.bootstrap(em, {}, jax.random.PRNGKey(0), jnp.zeros(3), kind="jackknife")
+
+
+def test_nonparametric_bootstrap_of_a_single_sequence_says_what_it_can_do(x64):
+
+    em = jaxem.EM(hmm)
+    params = {
+        "pi": jnp.array([0.5, 0.5]),
+        "A": jnp.array([[0.8, 0.2], [0.2, 0.8]]),
+        "mu": jnp.array([-1.0, 1.0]),
+    }
+    with pytest.raises(
+        jaxem.ModelError, match=r"nonparametric bootstrap \(kind=\"parametric\" does not\)"
+    ):
+        jaxem.bootstrap(em, params, jax.random.PRNGKey(0), jnp.zeros(6), num_replicates=2)
