@@ -317,9 +317,12 @@ def test_weights_that_are_not_finite_or_negative_are_an_error(x64):
     [
         (lambda m: EM(m, hard=True), "hard EM does not support"),
         (lambda m: jaxem.VariationalEM(m), "VariationalEM does not support"),
+        (lambda m: jaxem.OnlineEM(m), "OnlineEM does not support"),
     ],
 )
 def test_fitters_without_case_weights_say_so(fitter, match, x64):
     x = jnp.array([-1.0, 0.2, 1.5])
+    fit = fitter(weighted_mixture)
     with pytest.raises(ModelError, match=match):
-        fitter(weighted_mixture).run(jax.random.PRNGKey(0), x, jnp.ones(3), max_iter=2)
+        state = fit.init(jax.random.PRNGKey(0), x, jnp.ones(3))
+        fit.update(state, x, jnp.ones(3))
