@@ -1,6 +1,7 @@
 """jaxem: expectation-maximization for NumPyro models with discrete latent variables."""
 
 from jaxem import init
+from jaxem.bootstrap import BootstrapResult, bootstrap
 from jaxem.closed_form import Cells, ClosedFormUpdate, contract_cells, register_closed_form
 from jaxem.diagnostics import aic, bic, num_free_params, num_observations
 from jaxem.em import EM, EMResult, EMState
@@ -13,6 +14,7 @@ from jaxem.missing import nan_as_missing
 from jaxem.monte_carlo import MCResult, MCState
 from jaxem.online import OnlineEM, OnlineEMResult, OnlineEMState
 from jaxem.saem import SAEM
+from jaxem.uncertainty import StandardErrors, standard_errors
 from jaxem.variational import VariationalEM, VEMResult, VEMState, elbo
 
 __version__ = "0.1.0"
@@ -50,4 +52,8 @@ __all__ = [
     "posterior",
     "register_closed_form",
     "with_global_sites",
+    "BootstrapResult",
+    "bootstrap",
+    "StandardErrors",
+    "standard_errors",
 ]

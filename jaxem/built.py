@@ -222,6 +222,7 @@ class _Object:
 class _TraceSkeleton(NamedTuple):
     sites: Any
     records: list  # [(class node, arguments node, instance node)]
+    weights: Any = None  # the node of the trace's case weights
 
 
 _OPAQUE = (
@@ -261,7 +262,7 @@ class _Splitter:
             for cls, arguments, instance in trace.constructor_args.values()
             if id(instance) in self.memo
         ]
-        return _TraceSkeleton(sites, records)
+        return _TraceSkeleton(sites, records, self.walk(trace.weights))
 
     def walk(self, x):
         if isinstance(x, jax.core.Tracer):
@@ -320,7 +321,7 @@ def _rebuild_trace(skeleton: _TraceSkeleton, outputs: list) -> EnumTrace:
             _rebuild(arguments, outputs, memo),
             instance,
         )
-    return EnumTrace(sites, records)
+    return EnumTrace(sites, records, _rebuild(skeleton.weights, outputs, memo))
 
 
 def _rebuild(node, outputs, memo):

@@ -36,6 +36,7 @@ from jaxem.forward_backward import (
 
 __all__ = [
     "chain_indicators",
+    "chain_log_likelihoods",
     "chain_map",
     "chain_posterior",
     "chain_sample",
@@ -114,10 +115,21 @@ def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = F
     return _contract_tensors(_tensors(log_factors, trace, chain), parallel)
 
 
-def _contract_tensors(tensors, parallel):
-    alpha = _initial_log_messages(tensors)
+def chain_log_likelihoods(log_factors: dict, trace, chain: Chain, *, parallel: bool = False):
+    """The chain's log-likelihood per plate cell, ``(*plates)`` over the trace's
+    ``max_plate_nesting`` plate dims (one value per sequence of a batch), without
+    the factors over no latent."""
+    tensors = _tensors(log_factors, trace, chain)
+    return _per_plate_cell(tensors, parallel)
+
+
+def _per_plate_cell(tensors, parallel):
     forward = log_z_by_tree if parallel else log_z_by_scan
-    return forward(alpha, tensors.steps, tensors.shape, tensors.mask) + tensors.constant
+    return forward(_initial_log_messages(tensors), tensors.steps, tensors.shape, tensors.mask)
+
+
+def _contract_tensors(tensors, parallel):
+    return jnp.sum(_per_plate_cell(tensors, parallel)) + tensors.constant
 
 
 def chain_posterior(log_factors: dict, trace, chain: Chain):

@@ -13,6 +13,7 @@ the concrete results (:func:`jaxem.validation.raise_for_invalid`,
 from __future__ import annotations
 
 import jax
+import numpy as np
 import numpyro.distributions as dist
 from numpyro import handlers
 
@@ -31,6 +32,7 @@ from jaxem.validation import (
     prior_sites,
     raise_for_invalid,
 )
+from jaxem.weights import raise_for_bad_weights
 
 __all__ = ["raise_for_model_arguments", "validate"]
 
@@ -76,6 +78,8 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     for key, bad in problems.items():
         if key[0] == "chain":
             raise_for_chain_padding(bad, key[1], key[2])
+        elif key[0] == "weights":
+            raise_for_bad_weights(np.asarray(bad), key[1])
     raise_for_latent_masks({key[1:]: bad for key, bad in problems.items() if key[0] == "latent"})
     return validity
 
@@ -118,15 +122,22 @@ def _mask_problems(model, spec, rng_key, arrays, params) -> dict:
     params = merge_init_params(initial, params)
     nesting = structure.max_plate_nesting
     trace = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False)
+    # Case weights given as a model argument are checked here, on concrete values.
+    weights = (
+        {} if trace.weights is None else {("weights", trace.weights.plate): trace.weights.values}
+    )
     if all(s.is_observed or mask_of(s.fn) is None for s in trace.sites.values()):
-        return {}
+        return weights
     # The log-probabilities name the time dim of a scan whose mask varies over time.
     trace = enumerated_trace(model, params, args, kwargs, nesting)
     chain = find_chain(trace)
     if chain is not None:
         plates = tuple(chain.plate_dims[d] for d in sorted(chain.plate_dims))
-        return {("chain", chain.name, plates): chain_padding_problems(trace, chain)}
-    return {("latent", *key): bad for key, bad in latent_mask_problems(trace).items()}
+        return {**weights, ("chain", chain.name, plates): chain_padding_problems(trace, chain)}
+    return {
+        **weights,
+        **{("latent", *key): bad for key, bad in latent_mask_problems(trace).items()},
+    }
 
 
 _mask_problems_jit = jit_once(_mask_problems, static_argnums=(0, 1))

@@ -46,9 +46,12 @@ def num_observations(model, *args, **kwargs) -> int:
     latent are summed over the latents). Only cells that count are counted: masked cells
     (``numpyro.handlers.mask``, ``obs_mask``, the padding of sequences) and
     cells with nothing observed (NaN under :func:`jaxem.nan_as_missing`) are not.
+    With case weights (a per-element ``numpyro.handlers.scale`` on a data plate,
+    see :mod:`jaxem.weights`), the sum of the weights (a float).
     """
     arrays, spec = split_args(args, kwargs)
-    return int(_num_observations(model, arrays, spec))
+    count = _num_observations(model, arrays, spec)
+    return float(count) if jnp.issubdtype(count.dtype, jnp.floating) else int(count)
 
 
 @partial(jax.jit, static_argnums=(0, 2))
@@ -56,6 +59,8 @@ def _num_observations(model, arrays, spec):
     args, kwargs = merge_args(arrays, spec)
     structure, params = inspect_model(model, jax.random.PRNGKey(0), args, kwargs)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
+    if trace.weights is not None:
+        return jnp.sum(trace.weights.values)
     chain = find_chain(trace)
     # A chain's observations are its steps (in its plates): several observed
     # cells per step in a nested plate are the coordinates of one observation.
@@ -154,8 +159,8 @@ def bic(model, params, *args, num_observations=None, global_sites=(), **kwargs):
         model: the model.
         params: fitted ``{param name: value}``.
         *args, **kwargs: the model's arguments.
-        num_observations: n; by default the observed cells that count (see
-            :func:`num_observations`).
+        num_observations: n; by default the observed cells that count, or the sum
+            of the case weights (see :func:`num_observations`).
         global_sites: the sample sites that are parameters with priors, as in
             :class:`jaxem.EM`; their values are in ``params``.
 

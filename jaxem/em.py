@@ -20,6 +20,7 @@ from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import iterate, loop_key, static_facts, stationary, upper_bound
 from jaxem.tracing import enumerated_trace
+from jaxem.uncertainty import standard_errors
 
 __all__ = ["EM", "EMState", "EMResult"]
 
@@ -353,3 +354,22 @@ class EM(Fitter):
             nesting,
         )
         return gradient
+
+    def standard_errors(self, result, *args, **kwargs):
+        """Standard errors of a fit from the observed information
+        (:func:`jaxem.standard_errors`), the fitter's frozen params left out.
+
+        Args:
+            result: the fit (:class:`EMResult`), or its params.
+            *args, **kwargs: the model's arguments, as given to ``run``.
+
+        Returns:
+            :class:`jaxem.uncertainty.StandardErrors`.
+        """
+        if self.hard:
+            raise ValueError(
+                "jaxem: hard EM maximizes the complete-data likelihood at the MAP assignment, "
+                "not the likelihood: the observed information does not give its standard "
+                "errors. Refit with hard=False, or use jaxem.bootstrap."
+            )
+        return standard_errors(self.model, result, *args, frozen=self.frozen, **kwargs)

@@ -32,6 +32,7 @@ from jaxem.labels import known_labels, labelled_latents
 from jaxem.missing import MissingEntries
 from jaxem.safe_log import zero_safe_log
 from jaxem.tracing import EnumTrace, enumerated_trace
+from jaxem.weights import element_log_likelihoods, reject_case_weights, weighted_log_likelihood
 
 __all__ = [
     "EStep",
@@ -65,6 +66,8 @@ class EStep(NamedTuple):
 def contract_factors(log_factors: dict, trace: EnumTrace, parallel: bool = False):
     """log p(data): the sum-product of an enumerated trace's log-factors over its latents
     (the forward algorithm for a ``scan`` chain, a logsumexp for one latent, funsor else)."""
+    if getattr(trace, "weights", None) is not None:
+        return weighted_log_likelihood(log_factors, trace, parallel=parallel)
     chain = find_chain(trace)
     if chain is not None:
         return contract_chain(log_factors, trace, chain, parallel=parallel)
@@ -136,6 +139,7 @@ def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False, parall
     if not hard:
         value, marginals = jax.value_and_grad(contract_factors)(log_factors, trace, parallel)
         return EStep(value, marginals, trace)
+    reject_case_weights(trace, "hard EM")
     chain = find_chain(trace)
     if chain is not None:
         # Viterbi by max-product with backpointers, as for mixtures below.
@@ -233,17 +237,21 @@ def check_params_complete(structure, params):
         raise ValueError(f"jaxem: params are missing values for {sorted(missing)}.")
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _log_likelihood(model, params, arrays, spec):
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _log_likelihood(model, params, arrays, spec, per_observation=False):
     model = built_model(model)
     structure, args, kwargs = structure_and_args(model, arrays, spec)
     check_params_complete(structure, params)
     trace = enumerated_trace(model, params, args, kwargs, structure.max_plate_nesting)
-    value = contract_factors({name: s.log_prob for name, s in trace.sites.items()}, trace)
+    log_factors = {name: s.log_prob for name, s in trace.sites.items()}
     names = global_site_names(model)
+    if per_observation:
+        # The global sites' priors are factors of the trace, not data (jaxem.global_sites).
+        log_factors = {n: jnp.zeros_like(f) if n in names else f for n, f in log_factors.items()}
+        return element_log_likelihoods(log_factors, trace, priors=names)
+    value = contract_factors(log_factors, trace)
     if not names:
         return value
-    # The global sites' priors are factors of the trace, not data (jaxem.global_sites).
     return value - log_prior_of_trace(trace, names)
 
 
@@ -319,7 +327,7 @@ def _validate(model, params, arrays, spec) -> None:
     validate(model, jax.random.PRNGKey(0), arrays, spec, params, fitting=False)
 
 
-def log_likelihood(model, params, *args, **kwargs):
+def log_likelihood(model, params, *args, per_observation=False, **kwargs):
     """Marginal log-likelihood of a model at given parameter values.
 
     The discrete latent sites are summed out exactly by enumeration.
@@ -328,9 +336,15 @@ def log_likelihood(model, params, *args, **kwargs):
         model: a NumPyro model with ``numpyro.param`` sites and discrete latents.
         params: ``{param name: constrained value}``, e.g. ``EM.get_params(state)``.
         *args, **kwargs: the model's arguments.
+        per_observation: one value per element of the data plate (the plate that
+            holds every sample site; with case weights, the weighted plate), as
+            scikit-learn's ``score_samples``: each element's log-likelihood with
+            its latents summed out, times its case weight; the values sum to the
+            log-likelihood. A model with no such plate (a single ``scan`` chain
+            is one observation) raises ``ModelError``.
 
     Returns:
-        Scalar log p(data | params).
+        Scalar log p(data | params), or ``(N,)`` with ``per_observation=True``.
 
     Examples:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -343,10 +357,13 @@ def log_likelihood(model, params, *args, **kwargs):
         >>> ll = jaxem.log_likelihood(model, {"w": jnp.array([0.5, 0.5])}, jnp.zeros(3))
         >>> round(float(ll), 4)
         -4.2568
+        >>> jaxem.log_likelihood(model, {"w": jnp.array([0.5, 0.5])}, jnp.zeros(3),
+        ...                      per_observation=True).shape
+        (3,)
     """
     arrays, spec = split_args(args, kwargs)
     _validate(model, params, arrays, spec)
-    return _log_likelihood(model, dict(params), arrays, spec)
+    return _log_likelihood(model, dict(params), arrays, spec, bool(per_observation))
 
 
 def posterior(model, params, *args, **kwargs):

@@ -40,11 +40,12 @@ def finite_max(x, axis):
 
 
 def log_z_by_scan(alpha, steps, shape, mask):
-    """log p(data) by the scaled forward pass (probabilities normalized at every
-    step, the log normalizers summed); its gradient is the posterior of every
-    factor, from the backward smoother of :func:`_scaled_forward`."""
+    """log p(data), one value per plate cell ``(*plates)``, by the scaled
+    forward pass (probabilities normalized at every step, the log normalizers
+    summed); its gradient is the posterior of every factor, from the backward
+    smoother of :func:`_scaled_forward`."""
     if steps is None:
-        return jnp.sum(logsumexp(alpha, -1))
+        return logsumexp(alpha, -1)
     return _scaled_forward(alpha, steps, kept_steps(shape, mask))
 
 
@@ -146,7 +147,7 @@ def _scaled_forward(alpha, steps, keep):
 
 
 class _Forward(NamedTuple):
-    log_z: jax.Array
+    log_z: jax.Array  # (*plates): one sequence's log-likelihood per plate cell
     first: jax.Array  # (*plates, K): the first step's normalized messages
     previous: jax.Array  # (T - 1, *plates, K): the messages entering each later step
     last: jax.Array  # (*plates, K): the messages after the last step
@@ -169,13 +170,13 @@ def forward_pass(alpha, steps, keep) -> _Forward:
     a = jnp.exp(alpha - shift)
     norm = jnp.sum(a, -1, keepdims=True)
     a = a / nonzero(norm)
-    log_z = jnp.sum(jnp.log(norm) + shift)
+    log_z = (jnp.log(norm) + shift)[..., 0]  # one value per plate cell
     parts = split_steps(steps, keep.shape[0])
     fast, smallest = _fast_forward(a, parts, keep)
     finfo = jnp.finfo(a.dtype)
     underflowed = smallest < finfo.tiny / finfo.eps
     forward = jax.lax.cond(underflowed, lambda: _log_space_forward(a, parts, keep), lambda: fast)
-    step_shift = jnp.sum(jnp.where(keep, jnp.broadcast_to(parts.shift, keep.shape), 0.0))
+    step_shift = jnp.sum(jnp.where(keep, jnp.broadcast_to(parts.shift, keep.shape), 0.0), 0)
     return forward._replace(log_z=forward.log_z + log_z + step_shift)
 
 
@@ -207,7 +208,7 @@ def _fast_forward(a, parts, keep):
 
     last, (previous, norms) = jax.lax.scan(step, a, (parts.varying, scanned, keep))
     emission_shift = jnp.where(keep, jnp.broadcast_to(emission_shift, keep.shape), 0.0)
-    log_z = jnp.sum(jnp.log(norms)) + jnp.sum(emission_shift)
+    log_z = jnp.sum(jnp.log(norms), 0) + jnp.sum(emission_shift, 0)
     smallest = jnp.min(norms)  # 0 too: an impossible step is redone, and stays -inf
     return _Forward(log_z, a, previous, last), smallest
 
@@ -229,7 +230,7 @@ def _log_space_forward(a, parts, keep):
         return jnp.where(keep[..., None], b, a), (a, log_norm)
 
     last, (previous, log_norms) = jax.lax.scan(step, a, (parts.varying, scanned, keep))
-    return _Forward(jnp.sum(log_norms), a, previous, last)
+    return _Forward(jnp.sum(log_norms, 0), a, previous, last)
 
 
 def _log(x):
@@ -293,11 +294,13 @@ def _scaled_forward_bwd(residuals, cotangent):
     steps, keep, forward = residuals
     parts = split_steps(steps, keep.shape[0])
     first, later, ratios = smooth(parts, keep, forward)
+    # The cotangent has one entry per plate cell (a sequence's weight).
+    cotangent = cotangent[..., None]
     current = cotangent * jnp.where(keep[..., None], later, 0.0)
     over_time = pairwise = None
     if not parts.varying and parts.constant:
-        summed = jnp.einsum("t...p,t...s->...ps", forward.previous, ratios)
-        over_time = cotangent * functools.reduce(operator.mul, parts.constant, summed)[None]
+        summed = jnp.einsum("t...p,t...s->...ps", forward.previous, cotangent * ratios)
+        over_time = functools.reduce(operator.mul, parts.constant, summed)[None]
     grads = []
     for factor in steps:
         shape = jnp.shape(factor)
@@ -309,7 +312,7 @@ def _scaled_forward_bwd(residuals, cotangent):
             if pairwise is None:
                 matrices = _all_matrices(parts.varying, parts.constant)
                 pairwise = forward.previous[..., :, None] * matrices * ratios[..., None, :]
-                pairwise = cotangent * pairwise
+                pairwise = cotangent[..., None] * pairwise
             grads.append(_sum_to(pairwise, shape))
     return cotangent * first, tuple(grads), None
 
@@ -345,10 +348,11 @@ def _log_matmul(x, y):
 
 
 def log_z_by_tree(alpha, steps, shape, mask):
-    """The product of the step matrices as a balanced tree of log-matmuls:
-    log2(T) sequential levels of K^3 work, which a GPU runs in parallel."""
+    """log p(data), one value per plate cell ``(*plates)``, by the product of
+    the step matrices as a balanced tree of log-matmuls: log2(T) sequential
+    levels of K^3 work, which a GPU runs in parallel."""
     if steps is None:
-        return jnp.sum(logsumexp(alpha, -1))
+        return logsumexp(alpha, -1)
     stacked = jnp.broadcast_to(sum(steps), shape)
     if mask is not None:
         # A padded step is the identity: log 1 on the diagonal, log 0 elsewhere.
@@ -361,4 +365,4 @@ def log_z_by_tree(alpha, steps, shape, mask):
             mats = jnp.concatenate([mats, jnp.broadcast_to(eye, (1,) + mats.shape[1:])])
         mats = _log_matmul(mats[0::2], mats[1::2])
     final = _log_matmul(alpha[..., None, :], mats[0])[..., 0, :]
-    return jnp.sum(logsumexp(final, -1))
+    return logsumexp(final, -1)

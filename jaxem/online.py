@@ -54,6 +54,7 @@ from jaxem.kernel import StepInfo
 from jaxem.loop import all_finite, tree_where
 from jaxem.mstep import closed_form_statistics_m_step
 from jaxem.regularization import warn_if_held_by_reg_covar
+from jaxem.weights import reject_case_weights
 
 __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
 
@@ -238,6 +239,8 @@ class OnlineEM(Fitter):
         structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
         result = e_step(self.model, state.params, args, kwargs, nesting)
+        # Its statistics are averages per data cell, not per unit of weight.
+        reject_case_weights(result.trace, "OnlineEM")
         plan = self.m_step_settings.plan(state.params, arrays, spec, structure)
         scale = 1.0 / _num_data_cells(result.trace)
 

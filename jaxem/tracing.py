@@ -53,6 +53,7 @@ from jaxem.numpyro_internals import (
     time_dim_name,
 )
 from jaxem.scan import enumerated_scan
+from jaxem.weights import CaseWeights, find_case_weights
 
 __all__ = ["EnumTrace", "Site", "enumerated_trace"]
 
@@ -84,11 +85,13 @@ class Site(NamedTuple):
 
 
 class EnumTrace(NamedTuple):
-    """The sample sites of an enumerated trace and the constructor arguments of
-    their distributions (``{id(distribution): (class, {arg name: value})}``)."""
+    """The sample sites of an enumerated trace, the constructor arguments of
+    their distributions (``{id(distribution): (class, {arg name: value})}``) and
+    the case weights of its data plate (:class:`jaxem.weights.CaseWeights`)."""
 
     sites: dict
     constructor_args: dict
+    weights: CaseWeights | None = None  # a weighted data plate (jaxem.weights)
 
 
 # ---------------------------------------------------------------------------
@@ -291,6 +294,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     latent_names = {
         n for n, site in tr.items() if site["type"] == "sample" and not site["is_observed"]
     }
+    case_weights = find_case_weights(tr, latent_names)
     time_names = {
         n
         for site in tr.values()
@@ -329,14 +333,10 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
             own = [d for d, n in dim_to_name.items() if n == name]
             log_prob = uniform_where_masked(log_prob, fn, own[0] if own else None)
         scale = site["scale"]
-        if scale is not None and not is_identically_one(scale):
-            if any(n in latent_names for n in dim_to_name.values()):
-                raise ModelError(
-                    f"jaxem: site '{name}' is scaled (numpyro.handlers.scale or a subsampled "
-                    "plate) and depends on an enumerated latent. A scale there changes the "
-                    "marginal likelihood itself (c * log sum_z p rather than log sum_z p^c), so "
-                    "jaxem rejects it: remove the scale, or replicate weighted data points."
-                )
+        # The sites of a weighted plate are weighted after their latents are summed
+        # out (jaxem.weights), not here.
+        weighted = case_weights is not None and case_weights.plate in plates
+        if scale is not None and not is_identically_one(scale) and not weighted:
             log_prob = scale * log_prob
         if name in labelled:
             log_prob = restrict_to_labels(log_prob, value, fn.event_dim, *labelled[name])
@@ -346,7 +346,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         sites[name] = Site(
             name, fn, value, log_prob, dim_to_name, site["is_observed"], plates, plate_dims
         )
-    return EnumTrace(sites, records)
+    return EnumTrace(sites, records, case_weights)
 
 
 def _check_factor_sizes(tr, labelled, depended_on) -> None:

@@ -55,6 +55,7 @@ from jaxem.inspection import inspect_model, model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import iterate, loop_key, stationary, upper_bound
 from jaxem.tracing import enumerated_trace
+from jaxem.weights import reject_case_weights
 
 __all__ = ["VariationalEM", "VEMState", "VEMResult", "elbo"]
 
@@ -277,6 +278,7 @@ class VariationalEM(Fitter):
         nesting = structure.max_plate_nesting
         trace = enumerated_trace(self.model, state.params, args, kwargs, nesting)
         reject_chains(trace, "VariationalEM")
+        reject_case_weights(trace, "VariationalEM")
         log_factors = {n: jax.lax.stop_gradient(s.log_prob) for n, s in trace.sites.items()}
         if self.guide is None:
             q = coordinate_ascent(state.q, log_factors, trace, self.e_step_iters)
@@ -321,6 +323,7 @@ class VariationalEM(Fitter):
         nesting = structure.max_plate_nesting
         trace = enumerated_trace(self.model, params, args, kwargs, nesting)
         reject_chains(trace, "VariationalEM")
+        reject_case_weights(trace, "VariationalEM")
         if self.guide is None:
             return VEMState(params, opt_state, uniform_q(trace), {}, (), jnp.zeros((), jnp.int32))
         guide_structure, guide_params = self._guide_structure(

@@ -231,14 +231,17 @@ def test_map_assignment_is_the_joint_argmax_by_brute_force(x64):
 # --- regressions found in review ----------------------------------------------------------
 
 
-def test_scaled_site_depending_on_a_latent_is_rejected():
+def test_scaled_site_depending_on_a_latent_outside_every_plate_is_rejected():
+    # A scale around a plate's latents is a case weight (tests/test_weights.py); with a
+    # latent outside every plate there is no element for it to weight.
     def model(x):
         mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
-        with numpyro.handlers.scale(scale=3.0), numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
-            numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+        with numpyro.handlers.scale(scale=3.0):
+            g = numpyro.sample("g", dist.Categorical(jnp.ones(2) / 2))
+            with numpyro.plate("data", x.shape[0]):
+                numpyro.sample("x", dist.Normal(mu[g], 1.0), obs=x)
 
-    with pytest.raises(jaxem.ModelError, match="'z' is scaled"):
+    with pytest.raises(jaxem.ModelError, match="'g' is scaled .* no plate holds every latent"):
         EM(model).run(jax.random.PRNGKey(0), jnp.zeros(4), max_iter=2)
 
 

@@ -299,8 +299,10 @@ def test_restarts_one_after_another_are_the_same_fits(x32):
         np.testing.assert_allclose(np.asarray(result.restart_log_likelihoods), lls, rtol=1e-5)
         np.testing.assert_allclose(float(result.log_likelihood), lls.max(), rtol=1e-5)
         np.testing.assert_allclose(
-            np.asarray(result.params["a"]), np.asarray(separate[lls.argmax()].params["a"]),
-            rtol=1e-4, atol=1e-5,
+            np.asarray(result.params["a"]),
+            np.asarray(separate[lls.argmax()].params["a"]),
+            rtol=1e-4,
+            atol=1e-5,
         )
         assert result.restart_num_iters.shape == (3,)
     # Inside jit the restarts run one after another in the compiled program (lax.map).

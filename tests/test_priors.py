@@ -154,6 +154,10 @@ def test_gmm_dirichlet_weights_normal_means_match_scipy(x64):
     )
     responsibilities = jaxem.posterior(fitted, result.params, x)["z"]
     np.testing.assert_allclose(responsibilities.sum(-1), 1.0, rtol=1e-10)
+    # Per observation: the priors belong to no data point.
+    per_point = jaxem.log_likelihood(fitted, result.params, x, per_observation=True)
+    assert per_point.shape == x.shape
+    np.testing.assert_allclose(jnp.sum(per_point), result.log_likelihood, rtol=1e-10)
     # BIC under MAP: the data's log-likelihood at the MAP estimate; w counts K - 1,
     # mu K, sigma 1; the global sites are no observations.
     bic = jaxem.bic(gmm, result.params, x, global_sites=names)
