@@ -16,6 +16,7 @@ from jaxem.online import OnlineEM, OnlineEMResult, OnlineEMState
 from jaxem.saem import SAEM
 from jaxem.uncertainty import StandardErrors, standard_errors
 from jaxem.variational import VariationalEM, VEMResult, VEMState, elbo
+from jaxem.vbem import VariationalBayesEM, VBResult, VBState
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,9 @@ __all__ = [
     "EMResult",
     "EMState",
     "VariationalEM",
+    "VariationalBayesEM",
+    "VBResult",
+    "VBState",
     "MCEM",
     "MCResult",
     "MCState",

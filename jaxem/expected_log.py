@@ -1,0 +1,170 @@
+"""Conjugate-exponential pieces of variational Bayes EM (:mod:`jaxem.vbem`).
+
+A global site's variational posterior q(theta) is in its prior's family, an
+exponential family with sufficient statistics T(theta) (``log w`` for a
+Dirichlet, ``(log lam, lam)`` for a Gamma, ...). Two registries:
+
+* :data:`PRIOR_FAMILIES`: per prior class, the moments ``E_q[T(theta)]`` of q,
+  its natural parameters (the coefficients of T in ``log q``) and back;
+* :data:`EXPECTED_LOG_DENSITIES`: per (likelihood class, argument), the
+  expected log-density ``E_q[log p(x | theta)]`` of a site whose argument is a
+  selection of theta (``w[z]``, ``lam[z]``), written from the moments selected
+  the same way. It is linear in the moments, so its gradient with respect to
+  them is the expected sufficient statistics, and the optimal q(theta) has
+  natural parameters ``prior's + that gradient`` (conjugacy).
+
+The expectation is written per family rather than by substituting a point into
+the model's own density: NumPyro's Categorical renormalizes its ``probs``, so
+``exp(E log w)`` in ``dist.Categorical`` would not give ``E log w``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jax.scipy.special import digamma, gammaln
+
+__all__ = [
+    "EXPECTED_LOG_DENSITIES",
+    "PRIOR_FAMILIES",
+    "PriorFamily",
+    "supported_pairs",
+]
+
+
+class PriorFamily(NamedTuple):
+    """A conjugate prior family, q(theta) in it described by its constructor's
+    arrays (``params``, each shaped like theta).
+
+    Attributes:
+        params: ``distribution -> tuple of arrays`` (its constructor arguments).
+        make: ``tuple of arrays -> distribution``.
+        moments: ``params -> E_q[T(theta)]``, a tuple of arrays shaped like theta.
+        natural: ``params -> natural parameters`` (coefficients of T in log q).
+        from_natural: the inverse of ``natural``.
+        proper: ``params -> bool array``: where the density is proper.
+    """
+
+    params: Callable
+    make: Callable
+    moments: Callable
+    natural: Callable
+    from_natural: Callable
+    proper: Callable
+
+
+def _dirichlet_moments(params):
+    (alpha,) = params
+    return (digamma(alpha) - digamma(jnp.sum(alpha, -1, keepdims=True)),)
+
+
+def _gamma_moments(params):
+    a, b = params
+    return digamma(a) - jnp.log(b), a / b
+
+
+def _beta_moments(params):
+    a, b = params
+    total = digamma(a + b)
+    return digamma(a) - total, digamma(b) - total
+
+
+def _normal_moments(params):
+    m, s = params
+    return m, m**2 + s**2
+
+
+def _normal_from_natural(eta):
+    var = -0.5 / eta[1]
+    return eta[0] * var, jnp.sqrt(var)
+
+
+PRIOR_FAMILIES: dict = {
+    dist.Dirichlet: PriorFamily(
+        params=lambda d: (d.concentration,),
+        make=lambda p: dist.Dirichlet(p[0]),
+        moments=_dirichlet_moments,
+        natural=lambda p: (p[0] - 1.0,),
+        from_natural=lambda eta: (eta[0] + 1.0,),
+        proper=lambda p: p[0] > 0,
+    ),
+    dist.Gamma: PriorFamily(
+        params=lambda d: (d.concentration, d.rate),
+        make=lambda p: dist.Gamma(*p),
+        moments=_gamma_moments,
+        natural=lambda p: (p[0] - 1.0, -p[1]),
+        from_natural=lambda eta: (eta[0] + 1.0, -eta[1]),
+        proper=lambda p: (p[0] > 0) & (p[1] > 0),
+    ),
+    dist.Beta: PriorFamily(
+        params=lambda d: (d.concentration1, d.concentration0),
+        make=lambda p: dist.Beta(*p),
+        moments=_beta_moments,
+        natural=lambda p: (p[0] - 1.0, p[1] - 1.0),
+        from_natural=lambda eta: (eta[0] + 1.0, eta[1] + 1.0),
+        proper=lambda p: (p[0] > 0) & (p[1] > 0),
+    ),
+    dist.Normal: PriorFamily(
+        params=lambda d: (d.loc, d.scale),
+        make=lambda p: dist.Normal(*p),
+        moments=_normal_moments,
+        natural=lambda p: (p[0] / p[1] ** 2, -0.5 / p[1] ** 2),
+        from_natural=_normal_from_natural,
+        proper=lambda p: (p[1] > 0) & jnp.isfinite(p[1]),
+    ),
+}
+
+
+# -- expected log-densities: (args, value, moments selected like the argument) ----
+
+
+def _categorical(args, value, moments):
+    (log_w,) = moments
+    value = jnp.asarray(value)
+    shape = jnp.broadcast_shapes(jnp.shape(value), jnp.shape(log_w)[:-1])
+    log_w = jnp.broadcast_to(log_w, shape + jnp.shape(log_w)[-1:])
+    index = jnp.broadcast_to(value, shape)[..., None].astype(jnp.int32)
+    return jnp.take_along_axis(log_w, index, -1)[..., 0]
+
+
+def _bernoulli(args, value, moments):
+    log_p, log_q = moments
+    return value * log_p + (1 - value) * log_q
+
+
+def _poisson(args, value, moments):
+    log_rate, rate = moments
+    return value * log_rate - rate - gammaln(value + 1.0)
+
+
+def _exponential(args, value, moments):
+    log_rate, rate = moments
+    return log_rate - rate * value
+
+
+def _normal_loc(args, value, moments):
+    mean, second = moments
+    scale = args["scale"]
+    square = value**2 - 2 * value * mean + second
+    return -0.5 * square / scale**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
+
+
+# {(likelihood class, argument): (prior class, expected log-density)}
+EXPECTED_LOG_DENSITIES: dict = {
+    (dist.CategoricalProbs, "probs"): (dist.Dirichlet, _categorical),
+    (dist.BernoulliProbs, "probs"): (dist.Beta, _bernoulli),
+    (dist.Poisson, "rate"): (dist.Gamma, _poisson),
+    (dist.Exponential, "rate"): (dist.Gamma, _exponential),
+    (dist.Normal, "loc"): (dist.Normal, _normal_loc),
+}
+
+
+def supported_pairs() -> str:
+    """The conjugate pairs, in words (for messages)."""
+    return ", ".join(
+        f"{prior.__name__} prior on a {cls.__name__.removesuffix('Probs')} '{arg}'"
+        for (cls, arg), (prior, _) in EXPECTED_LOG_DENSITIES.items()
+    )

@@ -1,0 +1,531 @@
+"""Variational Bayes EM: a posterior over the global sites, not a point.
+
+Mean field q(theta) q(z) for a conjugate-exponential model (Beal 2003; Bishop,
+PRML 10.2): each global site's q is in its prior's family
+(:mod:`jaxem.expected_log`), and the discrete latents keep the exact
+enumerated posterior given q(theta) (a chain's stays a chain's).
+
+One iteration, at q(theta) with moments ``M = E_q[T(theta)]``:
+
+* VB-E-step: the model's enumerated factors, with each factor that reads a
+  global site replaced by its expectation under q (``E log w_z`` for
+  ``Categorical(w)``, ...), contracted by the E-step's sum-product:
+  ``log Z_q(M) = log sum_z exp E_q(theta)[log p(x, z | theta)]``; its gradient
+  with respect to the factors is q(z)'s factor marginals.
+* VB-M-step: every expected factor is linear in ``M``, so
+  ``d log Z_q / d M`` is the expected sufficient statistics, and the optimal
+  q(theta) has natural parameters ``prior's + d log Z_q / d M``.
+
+The ELBO at q(theta), with q(z) optimal for it, is
+``log Z_q(M) - sum_sites KL(q(theta_s) || p(theta_s))`` (exact); coordinate
+ascent never lowers it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.distributions.kl import kl_divergence
+
+from jaxem.arguments import merge_args, split_args
+from jaxem.built import built_model
+from jaxem.conjugate import core_distribution
+from jaxem.estep import contract_factors, e_step
+from jaxem.exceptions import ConvergenceWarning, ModelError
+from jaxem.expected_log import EXPECTED_LOG_DENSITIES, PRIOR_FAMILIES, supported_pairs
+from jaxem.global_sites import check_global_sites, with_global_sites
+from jaxem.inspection import model_structure
+from jaxem.kernel import StepInfo
+from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
+
+__all__ = ["VariationalBayesEM", "VBState", "VBResult"]
+
+
+class VBState(NamedTuple):
+    """What the VBEM loop carries (a pytree).
+
+    Attributes:
+        q: ``{global site: tuple of arrays}``, the constructor arguments of its
+            variational posterior (``(concentration,)`` for a Dirichlet,
+            ``(concentration, rate)`` for a Gamma, ...), each shaped like the site.
+        iteration: number of updates done.
+    """
+
+    q: dict
+    iteration: jax.Array
+
+
+class VBResult(NamedTuple):
+    """Result of :meth:`VariationalBayesEM.run`.
+
+    Attributes:
+        posteriors: ``{global site: NumPyro distribution}``, q(theta) of each
+            global site (``dist.Dirichlet``, ``dist.Gamma``, ...), shaped like
+            the site's prior.
+        elbo: the evidence lower bound at ``posteriors``, q(z) optimal for them:
+            ``E_q[log p(x, z, theta)] - E_q[log q(z)] - E_q[log q(theta)]``.
+        history: shape ``(max_iter,)``: the ELBO at the start of every
+            iteration, NaN after ``num_iters``.
+        num_iters: number of iterations.
+        converged: whether the relative change of the ELBO fell below ``tol``.
+        diverged: whether the run stopped on an ELBO or a parameter that was not
+            finite.
+        latent_marginals: ``{site: q(z)'s marginal of the site's factor}``,
+            shaped like the site's enumerated log-probability.
+        latent_entropy: ``-E_q[log q(z)]``.
+        q: the final :class:`VBState`'s ``q``.
+    """
+
+    posteriors: dict
+    elbo: jax.Array
+    history: jax.Array
+    num_iters: jax.Array
+    converged: jax.Array
+    diverged: jax.Array
+    latent_marginals: dict
+    latent_entropy: jax.Array
+    q: dict
+
+
+class _Reader(NamedTuple):
+    """A site whose distribution argument ``argument`` is a selection of ``source``."""
+
+    source: str
+    argument: str
+    expected: Callable
+
+
+class _Plan(NamedTuple):
+    readers: dict  # {site name: _Reader}
+    families: dict  # {global site: prior class}
+    nesting: int
+
+
+def _core_args(trace, site):
+    core = core_distribution(site.fn)
+    record = trace.constructor_args.get(id(core))
+    if record is None or record[2] is not core:
+        return core, {}
+    return core, {k: v for k, v in record[1].items() if k != "validate_args"}
+
+
+def _expected_site_log_prob(fn, value, expected):
+    """The expected log-density of a site: ``expected(value)`` for its core
+    distribution, summed over ``to_event`` dims and masked as the site is."""
+    if isinstance(fn, dist.ExpandedDistribution):
+        return _expected_site_log_prob(fn.base_dist, value, expected)
+    if isinstance(fn, dist.Independent):
+        lp = _expected_site_log_prob(fn.base_dist, value, expected)
+        return jnp.sum(lp, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
+    if isinstance(fn, dist.MaskedDistribution):
+        lp = _expected_site_log_prob(fn.base_dist, value, expected)
+        mask = fn._mask
+        return lp if mask is True else jnp.where(mask, lp, 0.0)
+    return expected(value)
+
+
+class VariationalBayesEM:
+    """Variational Bayes EM: mean-field q(theta) q(z) for conjugate-exponential models.
+
+    Every ``numpyro.sample`` site named in ``global_sites`` gets a variational
+    posterior in its prior's family; the discrete latents are enumerated
+    exactly given q(theta). Supported conjugate pairs: a Dirichlet prior on a
+    Categorical's ``probs``, a Beta prior on a Bernoulli's ``probs``, a Gamma
+    prior on a Poisson's or an Exponential's ``rate``, a Normal prior on a
+    Normal's ``loc`` (its scale known). The ELBO is exact and never decreases.
+
+    Args:
+        model: a NumPyro model whose parameters are sample sites with priors.
+        global_sites: names of those sample sites.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> from jaxem import VariationalBayesEM
+        >>> def model(x, K=2):
+        ...     w = numpyro.sample("w", dist.Dirichlet(jnp.ones(K)))
+        ...     with numpyro.plate("components", K):
+        ...         lam = numpyro.sample("lam", dist.Gamma(1.0, 0.1))
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         z = numpyro.sample("z", dist.Categorical(w))
+        ...         numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
+        >>> x = jnp.array([0.0, 1.0, 0.0, 9.0, 11.0, 10.0])
+        >>> fit = VariationalBayesEM(model, global_sites=("w", "lam")).run(
+        ...     jax.random.PRNGKey(0), x)
+        >>> sorted(round(float(m), 1) for m in fit.posteriors["lam"].mean)
+        [0.3, 9.1]
+    """
+
+    name = "VariationalBayesEM"
+    objective = "ELBO"
+
+    def __init__(self, model: Callable, *, global_sites: Sequence[str]):
+        self.global_sites = tuple(global_sites)
+        if not self.global_sites:
+            raise ValueError(
+                "jaxem: VariationalBayesEM needs global_sites=(...), the sample sites that "
+                "are parameters with priors."
+            )
+        self.model = built_model(with_global_sites(model, self.global_sites))
+        self._plans: dict = {}
+        self._update_jit = jax.jit(self._update, static_argnums=(2,))
+        self._run_jit = jax.jit(self._run, static_argnames=("spec", "max_iter", "progress_bar"))
+
+    # -- the plan: which site reads which global site (Python, concrete) --------
+
+    def _plan(self, arrays, spec, rng_key=None) -> _Plan:
+        key = (spec, tuple((jnp.shape(a), jnp.result_type(a)) for a in arrays))
+        if key in self._plans:
+            return self._plans[key]
+        if any(isinstance(a, jax.core.Tracer) for a in arrays):
+            raise ValueError("jaxem: VariationalBayesEM.run/init takes concrete arrays")
+        args, kwargs = merge_args(arrays, spec)
+        rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+
+        def refuse_improper(msg):
+            # Before NumPyro draws from it (it cannot, or draws inf).
+            if msg["name"] in self.global_sites:
+                self._check_proper(msg["name"], core_distribution(msg["fn"]))
+
+        checked = handlers.substitute(self.model.model, substitute_fn=refuse_improper)
+        seeded = handlers.trace(handlers.seed(checked, rng_key)).get_trace(*args, **kwargs)
+        check_global_sites(self.global_sites, seeded)
+        structure = model_structure(self.model, args, kwargs)
+        others = [n for n in structure.param_names if n not in self.global_sites]
+        if others:
+            raise ModelError(
+                f"jaxem: VariationalBayesEM fits sample sites with priors; the model has "
+                f"numpyro.param sites {others}. Give each a conjugate prior (a sample site "
+                "named in global_sites), or fit the model by EM(model, global_sites=...) (MAP)."
+            )
+        nesting = structure.max_plate_nesting
+        values = {n: jnp.asarray(seeded[n]["value"]) for n in self.global_sites}
+        trace = self.model.enumerated_trace(values, args, kwargs, nesting)
+        families = {}
+        for name in self.global_sites:
+            prior = core_distribution(trace.sites[name].fn)
+            if type(prior) not in PRIOR_FAMILIES:
+                raise ModelError(self._unsupported(name, f"a {type(prior).__name__} prior"))
+            families[name] = type(prior)
+        readers = self._readers(trace, values, args, kwargs, nesting, families)
+        plan = _Plan(readers, families, nesting)
+        self._families = families
+        self._plans[key] = plan
+        return plan
+
+    def _check_proper(self, name, prior):
+        """A ModelError for an improper prior (variational Bayes updates the prior)."""
+        family = PRIOR_FAMILIES.get(type(prior))
+        improper = isinstance(prior, dist.ImproperUniform)
+        if family is not None:
+            params = family.params(prior)
+            improper = not bool(jnp.all(family.proper(params)))
+        if improper:
+            described = type(prior).__name__
+            if family is not None:
+                described += f" with parameters {[np.asarray(p).tolist() for p in params]}"
+            raise ModelError(
+                f"jaxem: global site '{name}' has an improper prior ({described}): "
+                "variational Bayes needs a proper prior (positive concentrations and rates, "
+                "finite positive scales), as q(theta) is the prior updated by the data. Give "
+                f"'{name}' a proper conjugate prior ({supported_pairs()}), or fit by "
+                "EM(model, global_sites=...) (MAP)."
+            )
+
+    def _unsupported(self, name, what):
+        return (
+            f"jaxem: global site '{name}' has {what}, which VariationalBayesEM does not "
+            f"support in closed form. Supported conjugate pairs: {supported_pairs()}. For a "
+            "MAP fit of any prior use EM(model, global_sites=...)."
+        )
+
+    def _readers(self, trace, values, args, kwargs, nesting, families) -> dict:
+        """Which distribution argument of which site each global site reaches, found
+        by a JVP in a random direction; the argument must be a selection of it."""
+        names = list(self.global_sites)
+        rng = np.random.default_rng(0)
+        tangents = {
+            n: jnp.asarray(rng.normal(size=jnp.shape(values[n])), jnp.result_type(values[n]))
+            for n in names
+        }
+
+        def site_args(vals):
+            tr = self.model.enumerated_trace(vals, args, kwargs, nesting, log_probs=False)
+            return {s: _core_args(tr, site)[1] for s, site in tr.sites.items()}
+
+        readers = {}
+        for source in names:
+            direction = {
+                n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in names
+            }
+            _, moved = jax.jvp(site_args, (values,), (direction,))
+            linear = site_args({n: direction[n] for n in names})
+            for site_name, arguments in moved.items():
+                for arg, change in arguments.items():
+                    if not isinstance(change, jax.Array) or not bool(jnp.any(change != 0)):
+                        continue
+                    if site_name in self.global_sites:
+                        raise ModelError(
+                            f"jaxem: the prior of global site '{site_name}' depends on global "
+                            f"site '{source}' (its '{arg}'): VariationalBayesEM supports "
+                            "independent conjugate priors only. Fix the prior's parameters, "
+                            "or fit by EM(model, global_sites=...) (MAP)."
+                        )
+                    site = trace.sites[site_name]
+                    core = core_distribution(site.fn)
+                    entry = EXPECTED_LOG_DENSITIES.get((type(core), arg))
+                    pair = f"a {families[source].__name__} prior on a {type(core).__name__} '{arg}'"
+                    if entry is None or entry[0] is not families[source]:
+                        raise ModelError(self._unsupported(source, pair + f" (site '{site_name}')"))
+                    if site_name in readers:
+                        raise ModelError(
+                            f"jaxem: site '{site_name}' reads two global sites "
+                            f"('{readers[site_name].source}' and '{source}'): "
+                            "VariationalBayesEM supports one global site per distribution. "
+                            "Fit by EM(model, global_sites=...) (MAP)."
+                        )
+                    # A selection (indexing, broadcasting) of the global site maps a
+                    # direction to its own entries, and linearly: E log(2 lam) is not
+                    # E log lam, nor is E(mu + 1)^2 E mu^2 + 1.
+                    selected = np.asarray(linear[site_name][arg])
+                    if not (
+                        np.allclose(selected, np.asarray(change))
+                        and np.all(np.isin(selected, np.asarray(tangents[source])))
+                    ):
+                        raise ModelError(
+                            self._unsupported(
+                                source,
+                                pair + f" through a transformation (site '{site_name}': "
+                                "write the argument as the global site itself or an "
+                                "indexing of it)",
+                            )
+                        )
+                    readers[site_name] = _Reader(source, arg, entry[1])
+        return readers
+
+    # -- one iteration ----------------------------------------------------------
+
+    def _factors(self, moments, point, arrays, spec, plan):
+        """The enumerated trace at ``point`` (values of the global sites) and its
+        factors, each factor that reads a global site replaced by its expectation
+        given the moments ``M`` (``{global site: tuple of arrays}``), the global
+        sites' own (prior) factors by zeros."""
+        args, kwargs = merge_args(arrays, spec)
+        trace = self.model.enumerated_trace(point, args, kwargs, plan.nesting)
+        num = max(len(m) for m in moments.values())
+        selected = []
+        for j in range(num):
+            vals = {n: m[min(j, len(m) - 1)] for n, m in moments.items()}
+            tr = self.model.enumerated_trace(vals, args, kwargs, plan.nesting, log_probs=False)
+            selected.append({s: _core_args(tr, site)[1] for s, site in tr.sites.items()})
+        factors = {}
+        for name, site in trace.sites.items():
+            if name in self.global_sites:
+                factors[name] = jnp.zeros_like(site.log_prob)
+            elif name in plan.readers:
+                reader = plan.readers[name]
+                _, core_args = _core_args(trace, site)
+                count = len(moments[reader.source])
+                sel = tuple(selected[j][name][reader.argument] for j in range(count))
+                lp = _expected_site_log_prob(
+                    site.fn, site.value, lambda v, a=core_args, s=sel, r=reader: r.expected(a, v, s)
+                )
+                factors[name] = jnp.broadcast_to(lp, jnp.shape(site.log_prob))
+            else:
+                factors[name] = jax.lax.stop_gradient(site.log_prob)
+        return trace, factors
+
+    def _e_step(self, q, arrays, spec, plan):
+        """``(log Z_q, d log Z_q / dM, factor marginals, expected factors, trace)``."""
+        moments = {n: PRIOR_FAMILIES[plan.families[n]].moments(q[n]) for n in self.global_sites}
+        # Any point in the support gives the factors that read no global site.
+        point = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]).mean for n in self.global_sites}
+
+        def log_z(moments, factors_delta):
+            trace, factors = self._factors(moments, point, arrays, spec, plan)
+            factors = {n: f + factors_delta[n] for n, f in factors.items()}
+            return contract_factors(factors, trace), (factors, trace)
+
+        trace, factors = self._factors(moments, point, arrays, spec, plan)
+        zeros = {n: jnp.zeros_like(f) for n, f in factors.items()}
+        (value, (factors, trace)), (stats, marginals) = jax.value_and_grad(
+            log_z, argnums=(0, 1), has_aux=True
+        )(moments, zeros)
+        return value, stats, marginals, factors, trace
+
+    def _priors(self, trace, plan):
+        priors = {}
+        for name in self.global_sites:
+            site = trace.sites[name]
+            prior = core_distribution(site.fn)
+            family = PRIOR_FAMILIES[plan.families[name]]
+            shape = jnp.shape(site.value)
+            priors[name] = tuple(
+                jnp.broadcast_to(jnp.asarray(p, jnp.result_type(float)), shape)
+                for p in family.params(prior)
+            )
+        return priors
+
+    def _kl(self, q, priors, plan):
+        total = 0.0
+        for name in self.global_sites:
+            family = PRIOR_FAMILIES[plan.families[name]]
+            total = total + jnp.sum(kl_divergence(family.make(q[name]), family.make(priors[name])))
+        return total
+
+    def _elbo_and_update(self, q, arrays, spec, plan):
+        value, stats, marginals, factors, trace = self._e_step(q, arrays, spec, plan)
+        priors = self._priors(trace, plan)
+        elbo = value - self._kl(q, priors, plan)
+        new_q = {}
+        for name in self.global_sites:
+            family = PRIOR_FAMILIES[plan.families[name]]
+            eta = tuple(p + s for p, s in zip(family.natural(priors[name]), stats[name]))
+            new_q[name] = family.from_natural(eta)
+        return elbo, new_q, (value, marginals, factors)
+
+    def _step(self, rng_key, state, arrays, spec):
+        plan = self._plan(arrays, spec)
+        elbo, new_q, _ = self._elbo_and_update(state.q, arrays, spec, plan)
+        return VBState(new_q, state.iteration + 1), StepInfo(elbo, jnp.array(True))
+
+    def _init_state(self, rng_key, arrays, spec, init_params):
+        """q(theta) from the posterior marginals of the latents at a point: a draw
+        from the priors (or ``init_params``), then one VB-M-step."""
+        plan = self._plan(arrays, spec)
+        args, kwargs = merge_args(arrays, spec)
+        _, point = initial_params(self.model, (), rng_key, arrays, spec, init_params)
+        result = e_step(self.model, point, args, kwargs, plan.nesting)
+        trace = self.model.enumerated_trace(point, args, kwargs, plan.nesting)
+        priors = self._priors(trace, plan)
+        # The expected factors are linear in the moments: their gradient, weighted by
+        # the latents' posterior at the point, is the expected sufficient statistics
+        # wherever it is taken (here at the priors' moments).
+        moments = {
+            n: PRIOR_FAMILIES[plan.families[n]].moments(priors[n]) for n in self.global_sites
+        }
+
+        def expected(moments):
+            _, factors = self._factors(moments, point, arrays, spec, plan)
+            return sum(jnp.sum(result.marginals[n] * f) for n, f in factors.items())
+
+        stats = jax.grad(expected)(moments)
+        priors = self._priors(trace, plan)
+        q = {}
+        for name in self.global_sites:
+            family = PRIOR_FAMILIES[plan.families[name]]
+            eta = tuple(p + s for p, s in zip(family.natural(priors[name]), stats[name]))
+            q[name] = family.from_natural(eta)
+        return VBState(q, jnp.zeros((), jnp.int32))
+
+    # -- public API -----------------------------------------------------------------
+
+    def init(self, rng_key, *args, init_params=None, **kwargs) -> VBState:
+        """Initial state: the latents' posterior at a draw from the priors (or
+        ``init_params``), then q(theta) from it (one VB-M-step)."""
+        arrays, spec = split_args(args, kwargs)
+        self._plan(arrays, spec, rng_key)
+        return jax.jit(self._init_state, static_argnums=(2,))(rng_key, arrays, spec, init_params)
+
+    def _update(self, state, arrays, spec):
+        new_state, info = self._step(None, state, arrays, spec)
+        return new_state, info.objective
+
+    def update(self, state, *args, **kwargs):
+        """One iteration: ``(new_state, ELBO at state)``."""
+        arrays, spec = split_args(args, kwargs)
+        self._plan(arrays, spec)
+        return self._update_jit(state, arrays, spec)
+
+    def get_params(self, state) -> dict:
+        """``{global site: q(theta)}`` as NumPyro distributions."""
+        return {n: PRIOR_FAMILIES[self._families[n]].make(state.q[n]) for n in self.global_sites}
+
+    def _run(self, rng_key, arrays, init_params, tol, *, spec, max_iter, progress_bar):
+        plan = self._plan(arrays, spec)
+        start = self._init_state(rng_key, arrays, spec, init_params)
+
+        def final(state):
+            elbo, _, aux = self._elbo_and_update(state.q, arrays, spec, plan)
+            return elbo, aux
+
+        loop = iterate(
+            lambda key, state: self._step(key, state, arrays, spec),
+            loop_key(rng_key),
+            start,
+            lambda state: state.q,
+            final_fn=final,
+            max_iter=max_iter,
+            tol=tol,
+            progress_bar=progress_bar,
+        )
+        log_z, marginals, factors = loop.aux
+        expected = sum(jnp.sum(marginals[n] * f) for n, f in factors.items())
+        posteriors = {
+            n: PRIOR_FAMILIES[plan.families[n]].make(loop.state.q[n]) for n in self.global_sites
+        }
+        return VBResult(
+            posteriors,
+            loop.value,
+            loop.history,
+            loop.num_iters,
+            loop.converged,
+            loop.diverged,
+            marginals,
+            log_z - expected,
+            loop.state.q,
+        )
+
+    def run(
+        self, rng_key, *args, max_iter=200, tol=1e-8, init_params=None, progress_bar=False, **kwargs
+    ) -> VBResult:
+        """Run to convergence inside one compiled ``lax.while_loop``.
+
+        Args:
+            rng_key: PRNG key (draws the initial point from the priors).
+            *args, **kwargs: the model's arguments.
+            max_iter: maximum number of iterations.
+            tol: stop when the relative change of the ELBO is at most ``tol``.
+            init_params: ``{global site: value}``: the point whose latent
+                posterior starts the fit, instead of a draw from the priors.
+            progress_bar: show a progress bar.
+
+        Returns:
+            :class:`VBResult`.
+        """
+        if max_iter < 1:
+            raise ValueError("max_iter must be at least 1")
+        arrays, spec = split_args(args, kwargs)
+        self._plan(arrays, spec, rng_key)
+        call = lambda: self._run_jit(  # noqa: E731
+            rng_key,
+            arrays,
+            init_params,
+            np.asarray(tol, jnp.result_type(float)),
+            spec=spec,
+            max_iter=int(max_iter),
+            progress_bar=bool(progress_bar),
+        )
+        result = run_with_progress(call, progress_bar, max_iter, self.name)
+        if bool(result.diverged):
+            warnings.warn(
+                f"jaxem: {self.name} stopped after {int(result.num_iters)} iterations on an "
+                "ELBO or a variational parameter that was not finite; the result holds the "
+                "last finite one.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        elif tol > 0 and not bool(result.converged):
+            warnings.warn(
+                f"jaxem: {self.name} reached max_iter={max_iter} before the relative change "
+                f"of the ELBO fell below tol={tol}; raise max_iter.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return result

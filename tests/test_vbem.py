@@ -1,0 +1,310 @@
+"""Variational Bayes EM (jaxem.VariationalBayesEM).
+
+References: coordinate-ascent updates written out by hand in numpy (Bishop,
+PRML 10.2 for a mixture), a Monte Carlo estimate of the ELBO from draws of
+q(theta) with the latents summed exactly, numpyro's KL divergences.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from jax.scipy.special import gammaln
+from numpyro.contrib.control_flow import scan
+from numpyro.distributions import constraints
+from scipy.special import digamma, logsumexp
+
+import jaxem
+from jaxem import VariationalBayesEM
+from jaxem.exceptions import ModelError
+
+
+def poisson_mixture(x, K=2):
+    w = numpyro.sample("w", dist.Dirichlet(jnp.array([1.5, 2.0])[:K]))
+    with numpyro.plate("components", K):
+        lam = numpyro.sample("lam", dist.Gamma(jnp.array([2.0, 1.0])[:K], 0.5))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
+
+
+def gmm(x, K=3):
+    w = numpyro.sample("w", dist.Dirichlet(0.5 * jnp.ones(K)))
+    with numpyro.plate("components", K):
+        mu = numpyro.sample("mu", dist.Normal(1.0, 5.0))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], 1.5), obs=x)
+
+
+def latent_class(y, K=2):
+    w = numpyro.sample("w", dist.Dirichlet(jnp.ones(K)))
+    with numpyro.plate("classes", K):
+        p = numpyro.sample("p", dist.Beta(jnp.full(y.shape[1], 1.5), 2.0).to_event(1))
+    with numpyro.plate("data", y.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("y", dist.Bernoulli(p[z]).to_event(1), obs=y)
+
+
+def hmm(x, K=2):
+    trans = numpyro.sample("trans", dist.Dirichlet(jnp.ones((K, K))).to_event(1))
+    with numpyro.plate("states", K):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+
+    def step(z_prev, xt):
+        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+        numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=xt)
+        return z, None
+
+    scan(step, 0, x)
+
+
+def _counts():
+    return jnp.array([0.0, 1.0, 2.0, 0.0, 1.0, 8.0, 11.0, 9.0, 12.0, 10.0])
+
+
+def _reals():
+    key = jax.random.PRNGKey(1)
+    return jnp.concatenate(
+        [jax.random.normal(key, (15,)) - 3.0, jax.random.normal(jax.random.PRNGKey(2), (15,)) + 3.0]
+    )
+
+
+def _binary():
+    key = jax.random.PRNGKey(3)
+    high = jnp.arange(24)[:, None] < 12
+    return (jax.random.uniform(key, (24, 4)) < jnp.where(high, 0.85, 0.15)).astype(jnp.float64)
+
+
+def test_poisson_mixture_matches_hand_written_cavi(x64):
+    """Each update equals PRML-style coordinate ascent written out in numpy, and
+    the reported ELBO equals the one written out term by term."""
+    x = _counts()
+    vb = VariationalBayesEM(poisson_mixture, global_sites=("w", "lam"))
+    state = vb.init(jax.random.PRNGKey(0), x)
+    alpha0, a0, b0 = np.array([1.5, 2.0]), np.array([2.0, 1.0]), 0.5
+    xs = np.asarray(x)
+    for _ in range(4):
+        alpha, (a, b) = np.asarray(state.q["w"][0]), map(np.asarray, state.q["lam"])
+        new_state, elbo = vb.update(state, x)
+        # q(z): r_nk proportional to exp(E log w_k + x E log lam_k - E lam_k - log x!).
+        e_log_w = digamma(alpha) - digamma(alpha.sum())
+        e_log_lam, e_lam = digamma(a) - np.log(b), a / b
+        log_r = e_log_w + xs[:, None] * e_log_lam - e_lam - np.asarray(gammaln(xs[:, None] + 1))
+        log_z = logsumexp(log_r, axis=1)
+        r = np.exp(log_r - log_z[:, None])
+        kl_w = dist.kl_divergence(dist.Dirichlet(alpha), dist.Dirichlet(alpha0))
+        kl_lam = dist.kl_divergence(dist.Gamma(a, b), dist.Gamma(a0, b0)).sum()
+        np.testing.assert_allclose(elbo, log_z.sum() - kl_w - kl_lam, rtol=1e-12)
+        np.testing.assert_allclose(new_state.q["w"][0], alpha0 + r.sum(0), rtol=1e-12)
+        np.testing.assert_allclose(new_state.q["lam"][0], a0 + r.T @ xs, rtol=1e-12)
+        np.testing.assert_allclose(new_state.q["lam"][1], b0 + r.sum(0), rtol=1e-12)
+        state = new_state
+    posterior = vb.get_params(state)
+    assert isinstance(posterior["w"], dist.Dirichlet)
+    assert isinstance(posterior["lam"], dist.Gamma)
+
+
+def test_gmm_loc_matches_hand_written_cavi(x64):
+    """A Normal prior on a Normal's mean with a known scale: q(mu) Normal with
+    precision 1/s0^2 + N_k/sigma^2."""
+    x = _reals()
+    vb = VariationalBayesEM(gmm, global_sites=("w", "mu"))
+    state = vb.init(jax.random.PRNGKey(4), x)
+    xs, sigma = np.asarray(x), 1.5
+    for _ in range(3):
+        alpha = np.asarray(state.q["w"][0])
+        m, s = map(np.asarray, state.q["mu"])
+        new_state, elbo = vb.update(state, x)
+        e_log_w = digamma(alpha) - digamma(alpha.sum())
+        square = xs[:, None] ** 2 - 2 * xs[:, None] * m + m**2 + s**2
+        log_r = e_log_w - 0.5 * square / sigma**2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
+        log_z = logsumexp(log_r, axis=1)
+        r = np.exp(log_r - log_z[:, None])
+        kl = dist.kl_divergence(dist.Dirichlet(alpha), dist.Dirichlet(0.5 * np.ones(3)))
+        kl = kl + dist.kl_divergence(dist.Normal(m, s), dist.Normal(1.0, 5.0)).sum()
+        np.testing.assert_allclose(elbo, log_z.sum() - kl, rtol=1e-12)
+        precision = 1 / 25.0 + r.sum(0) / sigma**2
+        np.testing.assert_allclose(new_state.q["mu"][1], precision**-0.5, rtol=1e-12)
+        np.testing.assert_allclose(
+            new_state.q["mu"][0], (1.0 / 25.0 + r.T @ xs / sigma**2) / precision, rtol=1e-12
+        )
+        state = new_state
+
+
+CASES = {
+    "poisson": (poisson_mixture, _counts, ("w", "lam"), None),
+    "gmm": (gmm, _reals, ("w", "mu"), None),
+    "latent_class": (latent_class, _binary, ("w", "p"), None),
+    "hmm": (hmm, _reals, ("trans", "mu"), {"mu": np.array([-1.0, 1.0])}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_elbo_monotone_and_equal_to_monte_carlo(case, x64):
+    """The ELBO never decreases, and equals a Monte Carlo estimate of
+    E_q[log p(x, z, theta) - log q(z) - log q(theta)]: theta drawn from q, the
+    latents summed exactly under q(z)'s factor marginals."""
+    model, data_fn, sites, init = CASES[case]
+    data = data_fn()
+    init = None if init is None else {k: jnp.asarray(v) for k, v in init.items()}
+    fit = VariationalBayesEM(model, global_sites=sites).run(
+        jax.random.PRNGKey(0), data, max_iter=60, tol=0, init_params=init
+    )
+    history = np.asarray(fit.history[: int(fit.num_iters)])
+    assert np.all(np.diff(history) >= -1e-9 * np.abs(history[1:]))
+    assert history[-1] <= float(fit.elbo) + 1e-9 * abs(float(fit.elbo))
+
+    draws = {n: q.sample(jax.random.PRNGKey(5), (400,)) for n, q in fit.posteriors.items()}
+    joint_model = jaxem.with_global_sites(model, sites)
+
+    def one(theta):
+        trace = jaxem_trace(joint_model, theta, data)
+        expected = sum(
+            jnp.sum(fit.latent_marginals[n] * site.log_prob)
+            for n, site in trace.sites.items()
+            if n not in sites
+        )
+        # numpyro's Beta.log_prob is off by ~1e-7 per entry in float64: exact densities.
+        log_prior = sum(exact_log_density(trace.sites[n].fn, theta[n]) for n in sites)
+        log_q = sum(exact_log_density(fit.posteriors[n], theta[n]) for n in sites)
+        return expected + log_prior - log_q
+
+    values = np.asarray(jax.lax.map(one, draws))
+    estimate = values.mean() + float(fit.latent_entropy)
+    se = values.std(ddof=1) / np.sqrt(len(values))
+    assert abs(estimate - float(fit.elbo)) < 3 * se + 1e-9
+
+
+def exact_log_density(d, x):
+    """The log density of a Dirichlet, Beta, Gamma or Normal (possibly expanded or
+    with event dims) at x, summed, from jax.scipy's formulas."""
+    while isinstance(d, (dist.ExpandedDistribution, dist.Independent)):
+        d = d.base_dist
+    if isinstance(d, dist.Dirichlet):
+        alpha = jnp.broadcast_to(d.concentration, jnp.shape(x))
+        norm = gammaln(alpha.sum(-1)) - gammaln(alpha).sum(-1)
+        return jnp.sum(norm) + jnp.sum((alpha - 1) * jnp.log(x))
+    if isinstance(d, dist.Beta):
+        return jnp.sum(jax.scipy.stats.beta.logpdf(x, d.concentration1, d.concentration0))
+    if isinstance(d, dist.Gamma):
+        return jnp.sum(jax.scipy.stats.gamma.logpdf(x, d.concentration, scale=1 / d.rate))
+    return jnp.sum(jax.scipy.stats.norm.logpdf(x, d.loc, d.scale))
+
+
+def jaxem_trace(model, params, data):
+    from jaxem.built import built_model
+    from jaxem.inspection import model_structure
+
+    built = built_model(model)
+    nesting = model_structure(built, (data,), {}).max_plate_nesting
+    return built.enumerated_trace(params, (data,), {}, nesting)
+
+
+def test_prunes_unneeded_components(x64):
+    """A small Dirichlet concentration empties surplus components: their
+    expected weights fall to about the prior's share."""
+    x = _reals()
+
+    def model(x, K=6):
+        w = numpyro.sample("w", dist.Dirichlet(1e-3 * jnp.ones(K)))
+        with numpyro.plate("components", K):
+            mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+    # Started from every component in use (a draw from this prior puts all weight on one).
+    start = {"w": jnp.ones(6) / 6, "mu": jnp.linspace(-5.0, 5.0, 6)}
+    fit = VariationalBayesEM(model, global_sites=("w", "mu")).run(
+        jax.random.PRNGKey(0), x, max_iter=500, tol=1e-10, init_params=start
+    )
+    weights = np.sort(np.asarray(fit.posteriors["w"].mean))
+    assert np.sum(weights > 0.05) == 2
+    np.testing.assert_allclose(weights[-2:].sum(), 1.0, atol=1e-3)
+
+
+# -- bad input --------------------------------------------------------------------
+
+
+def test_unsupported_prior_names_site_and_pairs(x64):
+    def model(x):
+        w = numpyro.sample("w", dist.Dirichlet(jnp.ones(2)))
+        with numpyro.plate("components", 2):
+            lam = numpyro.sample("lam", dist.LogNormal(0.0, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
+
+    with pytest.raises(ModelError, match=r"'lam' has a LogNormal prior.*Gamma prior on a Poisson"):
+        VariationalBayesEM(model, global_sites=("w", "lam")).run(jax.random.PRNGKey(0), _counts())
+
+
+def test_prior_not_conjugate_to_its_likelihood(x64):
+    def model(x):
+        with numpyro.plate("components", 2):
+            lam = numpyro.sample("lam", dist.Normal(5.0, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
+
+    with pytest.raises(ModelError, match=r"'lam'.*Normal prior on a Poisson 'rate'.*EM\(model"):
+        VariationalBayesEM(model, global_sites=("lam",)).run(jax.random.PRNGKey(0), _counts())
+
+
+def test_transformed_argument_is_an_error(x64):
+    def model(x):
+        with numpyro.plate("components", 2):
+            lam = numpyro.sample("lam", dist.Gamma(2.0, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Poisson(2.0 * lam[z]), obs=x)
+
+    with pytest.raises(ModelError, match=r"'lam'.*through a transformation"):
+        VariationalBayesEM(model, global_sites=("lam",)).run(jax.random.PRNGKey(0), _counts())
+
+
+def test_improper_prior_is_an_error(x64):
+    def improper(x):
+        mu = numpyro.sample("mu", dist.ImproperUniform(constraints.real, (), (2,)))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+    with pytest.raises(ModelError, match=r"'mu' has an improper prior"):
+        VariationalBayesEM(improper, global_sites=("mu",)).run(jax.random.PRNGKey(0), _reals())
+
+    def flat(x):
+        with numpyro.plate("components", 2):
+            mu = numpyro.sample("mu", dist.Normal(0.0, jnp.inf))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+    with pytest.raises(ModelError, match=r"'mu' has an improper prior \(Normal"):
+        VariationalBayesEM(flat, global_sites=("mu",)).run(jax.random.PRNGKey(0), _reals())
+
+
+def test_global_site_in_data_plate_is_an_error(x64):
+    def model(x):
+        with numpyro.plate("data", x.shape[0]):
+            lam = numpyro.sample("lam", dist.Gamma(2.0, 1.0))
+            numpyro.sample("x", dist.Poisson(lam), obs=x)
+
+    with pytest.raises(ModelError, match=r"global site 'lam' is inside plate 'data'"):
+        VariationalBayesEM(model, global_sites=("lam",)).run(jax.random.PRNGKey(0), _counts())
+
+
+def test_param_sites_are_an_error(x64):
+    def model(x):
+        w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
+        with numpyro.plate("components", 2):
+            lam = numpyro.sample("lam", dist.Gamma(2.0, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
+
+    with pytest.raises(ModelError, match=r"numpyro.param sites \['w'\]"):
+        VariationalBayesEM(model, global_sites=("lam",)).run(jax.random.PRNGKey(0), _counts())
