@@ -134,9 +134,8 @@ def test_gmm_loc_matches_hand_written_cavi(x64):
         state = new_state
 
 
+# The Poisson and Gaussian mixtures' ELBOs are checked term by term above.
 CASES = {
-    "poisson": (poisson_mixture, _counts, ("w", "lam"), None),
-    "gmm": (gmm, _reals, ("w", "mu"), None),
     "latent_class": (latent_class, _binary, ("w", "p"), None),
     "hmm": (hmm, _reals, ("trans", "mu"), {"mu": np.array([-1.0, 1.0])}),
 }
@@ -221,6 +220,8 @@ def test_prunes_unneeded_components(x64):
     fit = VariationalBayesEM(model, global_sites=("w", "mu")).run(
         jax.random.PRNGKey(0), x, max_iter=500, tol=1e-10, init_params=start
     )
+    history = np.asarray(fit.history[: int(fit.num_iters)])
+    assert np.all(np.diff(history) >= -1e-9 * np.abs(history[1:]))
     weights = np.sort(np.asarray(fit.posteriors["w"].mean))
     assert np.sum(weights > 0.05) == 2
     np.testing.assert_allclose(weights[-2:].sum(), 1.0, atol=1e-3)
