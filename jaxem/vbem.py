@@ -44,6 +44,7 @@ from jaxem.global_sites import check_global_sites, with_global_sites
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
+from jaxem.missing import MissingData
 from jaxem.numpyro_internals import distribution_mask
 
 __all__ = ["VariationalBayesEM", "VBState", "VBResult"]
@@ -109,8 +110,13 @@ class _Plan(NamedTuple):
     nesting: int
 
 
+def _core(fn):
+    """The distribution under missing entries, plate expansion, ``to_event``, masks."""
+    return core_distribution(fn.base_dist if isinstance(fn, MissingData) else fn)
+
+
 def _core_args(trace, site):
-    core = core_distribution(site.fn)
+    core = _core(site.fn)
     record = trace.constructor_args.get(id(core))
     if record is None or record[2] is not core:
         return core, {}
@@ -120,6 +126,15 @@ def _core_args(trace, site):
 def _expected_site_log_prob(fn, value, expected):
     """The expected log-density of a site: ``expected(value)`` for its core
     distribution, summed over ``to_event`` dims and masked as the site is."""
+    if isinstance(fn, MissingData):
+        # Missing entries score nothing; the value holds a stand-in there.
+        if fn.base_dist.event_shape:
+            raise ModelError(
+                "jaxem: VariationalBayesEM does not support missing entries (NaN) in a "
+                "site with event dims; drop the incomplete rows."
+            )
+        lp = _expected_site_log_prob(fn.base_dist, value, expected)
+        return jnp.where(fn.observed, lp, 0.0)
     if isinstance(fn, dist.ExpandedDistribution):
         return _expected_site_log_prob(fn.base_dist, value, expected)
     if isinstance(fn, dist.Independent):
@@ -215,6 +230,15 @@ class VariationalBayesEM:
                 raise ModelError(self._unsupported(name, f"a {type(prior).__name__} prior"))
             families[name] = type(prior)
         readers = self._readers(trace, values, args, kwargs, nesting, families)
+        # The expected factors are written unscaled: a scaled site (case weights,
+        # handlers.scale) reading a global site would be fitted as if unweighted.
+        scaled = [n for n in readers if seeded[n].get("scale") is not None]
+        if scaled or trace.weights is not None:
+            raise ModelError(
+                f"jaxem: VariationalBayesEM does not support scaled sites (case weights, "
+                f"numpyro.handlers.scale){': site ' + repr(scaled[0]) if scaled else ''}. "
+                "Fit the unweighted model, or use EM(model, global_sites=...) (MAP)."
+            )
         plan = _Plan(readers, families, nesting)
         self._families = families
         self._plans[key] = plan
@@ -279,7 +303,7 @@ class VariationalBayesEM:
                             "or fit by EM(model, global_sites=...) (MAP)."
                         )
                     site = trace.sites[site_name]
-                    core = core_distribution(site.fn)
+                    core = _core(site.fn)
                     entry = EXPECTED_LOG_DENSITIES.get((type(core), arg))
                     pair = f"a {families[source].__name__} prior on a {type(core).__name__} '{arg}'"
                     if entry is None or entry[0] is not families[source]:
@@ -308,6 +332,30 @@ class VariationalBayesEM:
                             )
                         )
                     readers[site_name] = _Reader(source, arg, entry[1])
+
+        # Every factor that moves with a global site must be one taken in expectation:
+        # a site read through anything not recorded above would otherwise keep its
+        # density at one point of q (silently a different model).
+        def site_log_probs(vals):
+            tr = self.model.enumerated_trace(vals, args, kwargs, nesting)
+            return {s: site.log_prob for s, site in tr.sites.items() if s not in names}
+
+        for source in names:
+            direction = {
+                n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in names
+            }
+            _, moved = jax.jvp(site_log_probs, (values,), (direction,))
+            for site_name, change in moved.items():
+                reader = readers.get(site_name)
+                if bool(jnp.any(change != 0)) and (reader is None or reader.source != source):
+                    raise ModelError(
+                        self._unsupported(
+                            source,
+                            f"a {families[source].__name__} prior, read by site '{site_name}' "
+                            f"({type(trace.sites[site_name].fn).__name__}) in a way it cannot "
+                            "take the expectation of",
+                        )
+                    )
         return readers
 
     # -- one iteration ----------------------------------------------------------

@@ -78,33 +78,50 @@ def _binary():
     return (jax.random.uniform(key, (24, 4)) < jnp.where(high, 0.85, 0.15)).astype(jnp.float64)
 
 
-def test_poisson_mixture_matches_hand_written_cavi(x64):
-    """Each update equals PRML-style coordinate ascent written out in numpy, and
-    the reported ELBO equals the one written out term by term."""
-    x = _counts()
-    vb = VariationalBayesEM(poisson_mixture, global_sites=("w", "lam"))
-    state = vb.init(jax.random.PRNGKey(0), x)
+def _check_poisson_cavi(vb, state, x, observed, steps=4):
+    """Each update of the Poisson mixture equals coordinate ascent written out in
+    numpy, and the reported ELBO the one written out term by term; a row whose x
+    is missing keeps only its latent's factor E log w_z."""
     alpha0, a0, b0 = np.array([1.5, 2.0]), np.array([2.0, 1.0]), 0.5
-    xs = np.asarray(x)
-    for _ in range(4):
+    xs = np.where(observed, np.asarray(x), 0.0)
+    for _ in range(steps):
         alpha, (a, b) = np.asarray(state.q["w"][0]), map(np.asarray, state.q["lam"])
         new_state, elbo = vb.update(state, x)
         # q(z): r_nk proportional to exp(E log w_k + x E log lam_k - E lam_k - log x!).
         e_log_w = digamma(alpha) - digamma(alpha.sum())
         e_log_lam, e_lam = digamma(a) - np.log(b), a / b
-        log_r = e_log_w + xs[:, None] * e_log_lam - e_lam - np.asarray(gammaln(xs[:, None] + 1))
+        log_x = xs[:, None] * e_log_lam - e_lam - np.asarray(gammaln(xs[:, None] + 1))
+        log_r = e_log_w + np.where(observed[:, None], log_x, 0.0)
         log_z = logsumexp(log_r, axis=1)
         r = np.exp(log_r - log_z[:, None])
         kl_w = dist.kl_divergence(dist.Dirichlet(alpha), dist.Dirichlet(alpha0))
         kl_lam = dist.kl_divergence(dist.Gamma(a, b), dist.Gamma(a0, b0)).sum()
         np.testing.assert_allclose(elbo, log_z.sum() - kl_w - kl_lam, rtol=1e-12)
+        r_x = r * observed[:, None]
         np.testing.assert_allclose(new_state.q["w"][0], alpha0 + r.sum(0), rtol=1e-12)
-        np.testing.assert_allclose(new_state.q["lam"][0], a0 + r.T @ xs, rtol=1e-12)
-        np.testing.assert_allclose(new_state.q["lam"][1], b0 + r.sum(0), rtol=1e-12)
+        np.testing.assert_allclose(new_state.q["lam"][0], a0 + r_x.T @ xs, rtol=1e-12)
+        np.testing.assert_allclose(new_state.q["lam"][1], b0 + r_x.sum(0), rtol=1e-12)
         state = new_state
+    return state
+
+
+def test_poisson_mixture_matches_hand_written_cavi(x64):
+    x = _counts()
+    vb = VariationalBayesEM(poisson_mixture, global_sites=("w", "lam"))
+    state = _check_poisson_cavi(vb, vb.init(jax.random.PRNGKey(0), x), x, np.ones(10, bool))
     posterior = vb.get_params(state)
     assert isinstance(posterior["w"], dist.Dirichlet)
     assert isinstance(posterior["lam"], dist.Gamma)
+
+
+def test_missing_observations_drop_out_of_expected_factors(x64):
+    """NaN data (jaxem.nan_as_missing): a missing x scores nothing in the
+    expected factors, as in the exact ones (before, the site was taken for one
+    that reads no global site and kept its density at q's mean)."""
+    x = _counts().at[2].set(jnp.nan)
+    vb = VariationalBayesEM(jaxem.nan_as_missing(poisson_mixture), global_sites=("w", "lam"))
+    observed = ~np.isnan(np.asarray(x))
+    _check_poisson_cavi(vb, vb.init(jax.random.PRNGKey(0), x), x, observed, steps=2)
 
 
 def test_gmm_loc_matches_hand_written_cavi(x64):
@@ -308,4 +325,18 @@ def test_param_sites_are_an_error(x64):
             numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
 
     with pytest.raises(ModelError, match=r"numpyro.param sites \['w'\]"):
+        VariationalBayesEM(model, global_sites=("lam",)).run(jax.random.PRNGKey(0), _counts())
+
+
+def test_scaled_site_is_an_error(x64):
+    """Expected factors are unscaled: a weighted site would be fitted as unweighted."""
+
+    def model(x):
+        with numpyro.plate("components", 2):
+            lam = numpyro.sample("lam", dist.Gamma(2.0, 1.0))
+        with numpyro.plate("data", x.shape[0]), numpyro.handlers.scale(scale=2.0 * jnp.ones(10)):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
+
+    with pytest.raises(ModelError, match=r"scaled sites.*site 'x'"):
         VariationalBayesEM(model, global_sites=("lam",)).run(jax.random.PRNGKey(0), _counts())
