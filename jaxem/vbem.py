@@ -30,7 +30,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions.kl import kl_divergence
 
@@ -39,13 +38,19 @@ from jaxem.built import built_model
 from jaxem.conjugate import core_distribution
 from jaxem.estep import contract_factors, e_step
 from jaxem.exceptions import ConvergenceWarning, ModelError
-from jaxem.expected_log import EXPECTED_LOG_DENSITIES, PRIOR_FAMILIES, supported_pairs
+from jaxem.expected_log import PRIOR_FAMILIES
 from jaxem.global_sites import check_global_sites, with_global_sites
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
-from jaxem.missing import MissingData
-from jaxem.numpyro_internals import distribution_mask
+from jaxem.numpyro_internals import user_site_name
+from jaxem.vb_sites import (
+    check_proper,
+    core_args,
+    expected_site_log_prob,
+    find_readers,
+    unsupported,
+)
 
 __all__ = ["VariationalBayesEM", "VBState", "VBResult"]
 
@@ -96,55 +101,10 @@ class VBResult(NamedTuple):
     q: dict
 
 
-class _Reader(NamedTuple):
-    """A site whose distribution argument ``argument`` is a selection of ``source``."""
-
-    source: str
-    argument: str
-    expected: Callable
-
-
 class _Plan(NamedTuple):
-    readers: dict  # {site name: _Reader}
+    readers: dict  # {site name: Reader}
     families: dict  # {global site: prior class}
     nesting: int
-
-
-def _core(fn):
-    """The distribution under missing entries, plate expansion, ``to_event``, masks."""
-    return core_distribution(fn.base_dist if isinstance(fn, MissingData) else fn)
-
-
-def _core_args(trace, site):
-    core = _core(site.fn)
-    record = trace.constructor_args.get(id(core))
-    if record is None or record[2] is not core:
-        return core, {}
-    return core, {k: v for k, v in record[1].items() if k != "validate_args"}
-
-
-def _expected_site_log_prob(fn, value, expected):
-    """The expected log-density of a site: ``expected(value)`` for its core
-    distribution, summed over ``to_event`` dims and masked as the site is."""
-    if isinstance(fn, MissingData):
-        # Missing entries score nothing; the value holds a stand-in there.
-        if fn.base_dist.event_shape:
-            raise ModelError(
-                "jaxem: VariationalBayesEM does not support missing entries (NaN) in a "
-                "site with event dims; drop the incomplete rows."
-            )
-        lp = _expected_site_log_prob(fn.base_dist, value, expected)
-        return jnp.where(fn.observed, lp, 0.0)
-    if isinstance(fn, dist.ExpandedDistribution):
-        return _expected_site_log_prob(fn.base_dist, value, expected)
-    if isinstance(fn, dist.Independent):
-        lp = _expected_site_log_prob(fn.base_dist, value, expected)
-        return jnp.sum(lp, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
-    if isinstance(fn, dist.MaskedDistribution):
-        lp = _expected_site_log_prob(fn.base_dist, value, expected)
-        mask = distribution_mask(fn)
-        return lp if mask is None or mask is True else jnp.where(mask, lp, 0.0)
-    return expected(value)
 
 
 class VariationalBayesEM:
@@ -191,6 +151,7 @@ class VariationalBayesEM:
         self.model = built_model(with_global_sites(model, self.global_sites))
         self._plans: dict = {}
         self._update_jit = jax.jit(self._update, static_argnums=(2,))
+        self._init_jit = jax.jit(self._init_state, static_argnums=(2,))
         self._run_jit = jax.jit(self._run, static_argnames=("spec", "max_iter", "progress_bar"))
 
     # -- the plan: which site reads which global site (Python, concrete) --------
@@ -207,7 +168,7 @@ class VariationalBayesEM:
         def refuse_improper(msg):
             # Before NumPyro draws from it (it cannot, or draws inf).
             if msg["name"] in self.global_sites:
-                self._check_proper(msg["name"], core_distribution(msg["fn"]))
+                check_proper(msg["name"], core_distribution(msg["fn"]))
 
         checked = handlers.substitute(self.model.model, substitute_fn=refuse_improper)
         seeded = handlers.trace(handlers.seed(checked, rng_key)).get_trace(*args, **kwargs)
@@ -227,12 +188,18 @@ class VariationalBayesEM:
         for name in self.global_sites:
             prior = core_distribution(trace.sites[name].fn)
             if type(prior) not in PRIOR_FAMILIES:
-                raise ModelError(self._unsupported(name, f"a {type(prior).__name__} prior"))
+                raise ModelError(unsupported(name, f"a {type(prior).__name__} prior"))
             families[name] = type(prior)
-        readers = self._readers(trace, values, args, kwargs, nesting, families)
+        readers = find_readers(
+            self.model, self.global_sites, trace, values, args, kwargs, nesting, families
+        )
         # The expected factors are written unscaled: a scaled site (case weights,
         # handlers.scale) reading a global site would be fitted as if unweighted.
-        scaled = [n for n in readers if seeded[n].get("scale") is not None]
+        scaled = [
+            user_site_name(n)
+            for n in readers
+            if seeded.get(user_site_name(n), {}).get("scale") is not None
+        ]
         if scaled or trace.weights is not None:
             raise ModelError(
                 f"jaxem: VariationalBayesEM does not support scaled sites (case weights, "
@@ -243,120 +210,6 @@ class VariationalBayesEM:
         self._families = families
         self._plans[key] = plan
         return plan
-
-    def _check_proper(self, name, prior):
-        """A ModelError for an improper prior (variational Bayes updates the prior)."""
-        family = PRIOR_FAMILIES.get(type(prior))
-        improper = isinstance(prior, dist.ImproperUniform)
-        if family is not None:
-            params = family.params(prior)
-            improper = not bool(jnp.all(family.proper(params)))
-        if improper:
-            described = type(prior).__name__
-            if family is not None:
-                described += f" with parameters {[np.asarray(p).tolist() for p in params]}"
-            raise ModelError(
-                f"jaxem: global site '{name}' has an improper prior ({described}): "
-                "variational Bayes needs a proper prior (positive concentrations and rates, "
-                "finite positive scales), as q(theta) is the prior updated by the data. Give "
-                f"'{name}' a proper conjugate prior ({supported_pairs()}), or fit by "
-                "EM(model, global_sites=...) (MAP)."
-            )
-
-    def _unsupported(self, name, what):
-        return (
-            f"jaxem: global site '{name}' has {what}, which VariationalBayesEM does not "
-            f"support in closed form. Supported conjugate pairs: {supported_pairs()}. For a "
-            "MAP fit of any prior use EM(model, global_sites=...)."
-        )
-
-    def _readers(self, trace, values, args, kwargs, nesting, families) -> dict:
-        """Which distribution argument of which site each global site reaches, found
-        by a JVP in a random direction; the argument must be a selection of it."""
-        names = list(self.global_sites)
-        rng = np.random.default_rng(0)
-        tangents = {
-            n: jnp.asarray(rng.normal(size=jnp.shape(values[n])), jnp.result_type(values[n]))
-            for n in names
-        }
-
-        def site_args(vals):
-            tr = self.model.enumerated_trace(vals, args, kwargs, nesting, log_probs=False)
-            return {s: _core_args(tr, site)[1] for s, site in tr.sites.items()}
-
-        readers = {}
-        for source in names:
-            direction = {
-                n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in names
-            }
-            _, moved = jax.jvp(site_args, (values,), (direction,))
-            linear = site_args({n: direction[n] for n in names})
-            for site_name, arguments in moved.items():
-                for arg, change in arguments.items():
-                    if not isinstance(change, jax.Array) or not bool(jnp.any(change != 0)):
-                        continue
-                    if site_name in self.global_sites:
-                        raise ModelError(
-                            f"jaxem: the prior of global site '{site_name}' depends on global "
-                            f"site '{source}' (its '{arg}'): VariationalBayesEM supports "
-                            "independent conjugate priors only. Fix the prior's parameters, "
-                            "or fit by EM(model, global_sites=...) (MAP)."
-                        )
-                    site = trace.sites[site_name]
-                    core = _core(site.fn)
-                    entry = EXPECTED_LOG_DENSITIES.get((type(core), arg))
-                    pair = f"a {families[source].__name__} prior on a {type(core).__name__} '{arg}'"
-                    if entry is None or entry[0] is not families[source]:
-                        raise ModelError(self._unsupported(source, pair + f" (site '{site_name}')"))
-                    if site_name in readers:
-                        raise ModelError(
-                            f"jaxem: site '{site_name}' reads two global sites "
-                            f"('{readers[site_name].source}' and '{source}'): "
-                            "VariationalBayesEM supports one global site per distribution. "
-                            "Fit by EM(model, global_sites=...) (MAP)."
-                        )
-                    # A selection (indexing, broadcasting) of the global site maps a
-                    # direction to its own entries, and linearly: E log(2 lam) is not
-                    # E log lam, nor is E(mu + 1)^2 E mu^2 + 1.
-                    selected = np.asarray(linear[site_name][arg])
-                    if not (
-                        np.allclose(selected, np.asarray(change))
-                        and np.all(np.isin(selected, np.asarray(tangents[source])))
-                    ):
-                        raise ModelError(
-                            self._unsupported(
-                                source,
-                                pair + f" through a transformation (site '{site_name}': "
-                                "write the argument as the global site itself or an "
-                                "indexing of it)",
-                            )
-                        )
-                    readers[site_name] = _Reader(source, arg, entry[1])
-
-        # Every factor that moves with a global site must be one taken in expectation:
-        # a site read through anything not recorded above would otherwise keep its
-        # density at one point of q (silently a different model).
-        def site_log_probs(vals):
-            tr = self.model.enumerated_trace(vals, args, kwargs, nesting)
-            return {s: site.log_prob for s, site in tr.sites.items() if s not in names}
-
-        for source in names:
-            direction = {
-                n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in names
-            }
-            _, moved = jax.jvp(site_log_probs, (values,), (direction,))
-            for site_name, change in moved.items():
-                reader = readers.get(site_name)
-                if bool(jnp.any(change != 0)) and (reader is None or reader.source != source):
-                    raise ModelError(
-                        self._unsupported(
-                            source,
-                            f"a {families[source].__name__} prior, read by site '{site_name}' "
-                            f"({type(trace.sites[site_name].fn).__name__}) in a way it cannot "
-                            "take the expectation of",
-                        )
-                    )
-        return readers
 
     # -- one iteration ----------------------------------------------------------
 
@@ -372,18 +225,18 @@ class VariationalBayesEM:
         for j in range(num):
             vals = {n: m[min(j, len(m) - 1)] for n, m in moments.items()}
             tr = self.model.enumerated_trace(vals, args, kwargs, plan.nesting, log_probs=False)
-            selected.append({s: _core_args(tr, site)[1] for s, site in tr.sites.items()})
+            selected.append({s: core_args(tr, site)[1] for s, site in tr.sites.items()})
         factors = {}
         for name, site in trace.sites.items():
             if name in self.global_sites:
                 factors[name] = jnp.zeros_like(site.log_prob)
             elif name in plan.readers:
                 reader = plan.readers[name]
-                _, core_args = _core_args(trace, site)
+                _, arguments = core_args(trace, site)
                 count = len(moments[reader.source])
                 sel = tuple(selected[j][name][reader.argument] for j in range(count))
-                lp = _expected_site_log_prob(
-                    site.fn, site.value, lambda v, a=core_args, s=sel, r=reader: r.expected(a, v, s)
+                lp = expected_site_log_prob(
+                    site.fn, site.value, lambda v, a=arguments, s=sel, r=reader: r.expected(a, v, s)
                 )
                 factors[name] = jnp.broadcast_to(lp, jnp.shape(site.log_prob))
             else:
@@ -480,7 +333,7 @@ class VariationalBayesEM:
         ``init_params``), then q(theta) from it (one VB-M-step)."""
         arrays, spec = split_args(args, kwargs)
         self._plan(arrays, spec, rng_key)
-        return jax.jit(self._init_state, static_argnums=(2,))(rng_key, arrays, spec, init_params)
+        return self._init_jit(rng_key, arrays, spec, init_params)
 
     def _update(self, state, arrays, spec):
         new_state, info = self._step(None, state, arrays, spec)
@@ -532,7 +385,7 @@ class VariationalBayesEM:
         )
 
     def run(
-        self, rng_key, *args, max_iter=200, tol=1e-8, init_params=None, progress_bar=False, **kwargs
+        self, rng_key, *args, max_iter=200, tol=1e-5, init_params=None, progress_bar=False, **kwargs
     ) -> VBResult:
         """Run to convergence inside one compiled ``lax.while_loop``.
 

@@ -1,0 +1,196 @@
+"""Which sites of a model read which global sites, for variational Bayes EM.
+
+:class:`jaxem.VariationalBayesEM` replaces every factor that reads a global site
+by its expectation under q (:mod:`jaxem.expected_log`). Which factors those are,
+and through which distribution argument, is found on concrete values, once per
+input signature: a JVP of the recorded constructor arguments (and of every
+factor's log-probability) in a random direction of each global site. An argument
+must be a selection of the site (indexing, broadcasting): that is what makes the
+expectation of the factor the factor of the selected moments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from jaxem.conjugate import core_distribution
+from jaxem.exceptions import ModelError
+from jaxem.expected_log import EXPECTED_LOG_DENSITIES, PRIOR_FAMILIES, supported_pairs
+from jaxem.missing import MissingData
+from jaxem.numpyro_internals import distribution_mask, user_site_name
+
+__all__ = [
+    "Reader",
+    "check_proper",
+    "core_args",
+    "core_of",
+    "expected_site_log_prob",
+    "find_readers",
+    "unsupported",
+]
+
+
+class Reader(NamedTuple):
+    """A site whose distribution argument ``argument`` is a selection of ``source``."""
+
+    source: str
+    argument: str
+    expected: Callable
+
+
+def core_of(fn):
+    """The distribution under missing entries, plate expansion, ``to_event``, masks."""
+    return core_distribution(fn.base_dist if isinstance(fn, MissingData) else fn)
+
+
+def core_args(trace, site):
+    core = core_of(site.fn)
+    record = trace.constructor_args.get(id(core))
+    if record is None or record[2] is not core:
+        return core, {}
+    return core, {k: v for k, v in record[1].items() if k != "validate_args"}
+
+
+def expected_site_log_prob(fn, value, expected):
+    """The expected log-density of a site: ``expected(value)`` for its core
+    distribution, summed over ``to_event`` dims and masked as the site is."""
+    if isinstance(fn, MissingData):
+        # Missing entries score nothing; the value holds a stand-in there.
+        if fn.base_dist.event_shape:
+            raise ModelError(
+                "jaxem: VariationalBayesEM does not support missing entries (NaN) in a "
+                "site with event dims; drop the incomplete rows."
+            )
+        lp = expected_site_log_prob(fn.base_dist, value, expected)
+        return jnp.where(fn.observed, lp, 0.0)
+    if isinstance(fn, dist.ExpandedDistribution):
+        return expected_site_log_prob(fn.base_dist, value, expected)
+    if isinstance(fn, dist.Independent):
+        lp = expected_site_log_prob(fn.base_dist, value, expected)
+        return jnp.sum(lp, axis=tuple(range(-fn.reinterpreted_batch_ndims, 0)))
+    if isinstance(fn, dist.MaskedDistribution):
+        lp = expected_site_log_prob(fn.base_dist, value, expected)
+        mask = distribution_mask(fn)
+        return lp if mask is None or mask is True else jnp.where(mask, lp, 0.0)
+    return expected(value)
+
+
+def check_proper(name, prior):
+    """A ModelError for an improper prior (variational Bayes updates the prior)."""
+    family = PRIOR_FAMILIES.get(type(prior))
+    improper = isinstance(prior, dist.ImproperUniform)
+    if family is not None:
+        params = family.params(prior)
+        improper = not bool(jnp.all(family.proper(params)))
+    if improper:
+        described = type(prior).__name__
+        if family is not None:
+            described += f" with parameters {[np.asarray(p).tolist() for p in params]}"
+        raise ModelError(
+            f"jaxem: global site '{name}' has an improper prior ({described}): "
+            "variational Bayes needs a proper prior (positive concentrations and rates, "
+            "finite positive scales), as q(theta) is the prior updated by the data. Give "
+            f"'{name}' a proper conjugate prior ({supported_pairs()}), or fit by "
+            "EM(model, global_sites=...) (MAP)."
+        )
+
+
+def unsupported(name, what):
+    return (
+        f"jaxem: global site '{name}' has {what}, which VariationalBayesEM does not "
+        f"support in closed form. Supported conjugate pairs: {supported_pairs()}. For a "
+        "MAP fit of any prior use EM(model, global_sites=...)."
+    )
+
+
+def find_readers(model, names, trace, values, args, kwargs, nesting, families) -> dict:
+    """Which distribution argument of which site each global site reaches, found
+    by a JVP in a random direction; the argument must be a selection of it."""
+    names = list(names)
+    rng = np.random.default_rng(0)
+    tangents = {
+        n: jnp.asarray(rng.normal(size=jnp.shape(values[n])), jnp.result_type(values[n]))
+        for n in names
+    }
+
+    def site_args(vals):
+        tr = model.enumerated_trace(vals, args, kwargs, nesting, log_probs=False)
+        return {s: core_args(tr, site)[1] for s, site in tr.sites.items()}
+
+    readers = {}
+    for source in names:
+        direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in names}
+        _, moved = jax.jvp(site_args, (values,), (direction,))
+        linear = site_args({n: direction[n] for n in names})
+        for site_name, arguments in moved.items():
+            shown = user_site_name(site_name)  # as the user wrote it (a scan step)
+            for arg, change in arguments.items():
+                if not isinstance(change, jax.Array) or not bool(jnp.any(change != 0)):
+                    continue
+                if site_name in names:
+                    raise ModelError(
+                        f"jaxem: the prior of global site '{shown}' depends on global "
+                        f"site '{source}' (its '{arg}'): VariationalBayesEM supports "
+                        "independent conjugate priors only. Fix the prior's parameters, "
+                        "or fit by EM(model, global_sites=...) (MAP)."
+                    )
+                site = trace.sites[site_name]
+                core = core_of(site.fn)
+                entry = EXPECTED_LOG_DENSITIES.get((type(core), arg))
+                pair = f"a {families[source].__name__} prior on a {type(core).__name__} '{arg}'"
+                if entry is None or entry[0] is not families[source]:
+                    raise ModelError(unsupported(source, pair + f" (site '{shown}')"))
+                if site_name in readers:
+                    raise ModelError(
+                        f"jaxem: site '{shown}' reads two global sites "
+                        f"('{readers[site_name].source}' and '{source}'): "
+                        "VariationalBayesEM supports one global site per distribution. "
+                        "Fit by EM(model, global_sites=...) (MAP)."
+                    )
+                # A selection (indexing, broadcasting) of the global site maps a
+                # direction to its own entries, and linearly: E log(2 lam) is not
+                # E log lam, nor is E(mu + 1)^2 E mu^2 + 1.
+                selected = np.asarray(linear[site_name][arg])
+                if not (
+                    np.allclose(selected, np.asarray(change))
+                    and np.all(np.isin(selected, np.asarray(tangents[source])))
+                ):
+                    raise ModelError(
+                        unsupported(
+                            source,
+                            pair + f" through a transformation (site '{shown}': "
+                            "write the argument as the global site itself or an "
+                            "indexing of it)",
+                        )
+                    )
+                readers[site_name] = Reader(source, arg, entry[1])
+
+    # Every factor that moves with a global site must be one taken in expectation:
+    # a site read through anything not recorded above would otherwise keep its
+    # density at one point of q (silently a different model).
+    def site_log_probs(vals):
+        tr = model.enumerated_trace(vals, args, kwargs, nesting)
+        return {s: site.log_prob for s, site in tr.sites.items() if s not in names}
+
+    for source in names:
+        direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in names}
+        _, moved = jax.jvp(site_log_probs, (values,), (direction,))
+        for site_name, change in moved.items():
+            shown = user_site_name(site_name)  # as the user wrote it (a scan step)
+            reader = readers.get(site_name)
+            if bool(jnp.any(change != 0)) and (reader is None or reader.source != source):
+                raise ModelError(
+                    unsupported(
+                        source,
+                        f"a {families[source].__name__} prior, read by site '{shown}' "
+                        f"({type(trace.sites[site_name].fn).__name__}) in a way it cannot "
+                        "take the expectation of",
+                    )
+                )
+    return readers
