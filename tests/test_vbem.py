@@ -340,3 +340,23 @@ def test_scaled_site_is_an_error(x64):
 
     with pytest.raises(ModelError, match=r"scaled sites.*site 'x'"):
         VariationalBayesEM(model, global_sites=("lam",)).run(jax.random.PRNGKey(0), _counts())
+
+
+def test_factor_reading_a_global_site_unseen_is_an_error(x64):
+    """A site that reads a global site through a wrapper whose arguments jaxem does
+    not see (a TransformedDistribution) is an error, not a density kept at one point."""
+
+    def model(x):
+        with numpyro.plate("components", 2):
+            mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            log_normal = dist.TransformedDistribution(
+                dist.Normal(mu[z], 1.0), dist.transforms.ExpTransform()
+            )
+            numpyro.sample("x", log_normal, obs=x)
+
+    with pytest.raises(ModelError, match=r"'mu'.*read by site 'x'.*cannot take the expectation"):
+        VariationalBayesEM(model, global_sites=("mu",)).run(
+            jax.random.PRNGKey(0), jnp.exp(_reals())
+        )
