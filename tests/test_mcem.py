@@ -94,10 +94,6 @@ def test_sleepstudy_reaches_the_maximum_likelihood_estimate(x64, load_csv, fitte
     np.testing.assert_allclose(float(result.bic), -2 * float(result.log_likelihood) + k * np.log(n))
     accept = np.asarray(result.accept_prob)[: int(result.num_iters)]
     assert np.mean(accept[len(accept) // 2 :]) > 0.5  # after the adaptation
-    # The same seed gives the same fit.
-    again = em.run(jax.random.PRNGKey(0), *args, **options)
-    for name in params:
-        np.testing.assert_array_equal(np.asarray(again.params[name]), params[name])
 
 
 # -- cbpp: a binomial GLMM with a herd random intercept ----------------------------------
@@ -274,16 +270,18 @@ def _flat_root(y):
     numpyro.sample("y", dist.Normal(jnp.abs(z) ** 0.5 * 0.0 + jnp.cbrt(z - z), s), obs=y)
 
 
+# The checks are shared by both fitters (monte_carlo.py): each message is tested once,
+# the first with both fitters.
 @pytest.mark.parametrize(
-    "model, match",
+    "model, match, fitter",
     [
-        (_improper, "latent sample site 'z' has an improper density"),
-        (_not_finite, "log-density of the model is not finite"),
-        (_infinite_discrete, "'k' .*cannot be enumerated"),
-        (_flat_root, r"gradient .* latent sites \['z'\] is not finite"),
+        (_improper, "latent sample site 'z' has an improper density", jaxem.SAEM),
+        (_improper, "latent sample site 'z' has an improper density", jaxem.MCEM),
+        (_not_finite, "log-density of the model is not finite", jaxem.MCEM),
+        (_infinite_discrete, "'k' .*cannot be enumerated", jaxem.SAEM),
+        (_flat_root, r"gradient .* latent sites \['z'\] is not finite", jaxem.MCEM),
     ],
 )
-@pytest.mark.parametrize("fitter", [jaxem.SAEM, jaxem.MCEM])
 def test_bad_latent_densities_are_named(model, match, fitter):
     with pytest.raises(ModelError, match=match):
         fitter(model).run(jax.random.PRNGKey(0), jnp.ones(3))
@@ -313,3 +311,26 @@ def test_divergent_transitions_are_reported(x64):
     with pytest.warns(NumericalWarning, match="divergent transitions"):
         result = em.run(jax.random.PRNGKey(0), jnp.ones(3))
     assert int(result.num_divergences) > 0
+
+
+@pytest.mark.parametrize("fitter", [jaxem.SAEM, jaxem.MCEM])
+def test_the_same_seed_gives_the_same_fit(x64, fitter):
+    def model(y):
+        m = numpyro.param("m", 0.0)
+        s = numpyro.param("s", 1.0, constraint=constraints.positive)
+        with numpyro.plate("groups", y.shape[0]):
+            z = numpyro.sample("z", dist.Normal(m, s))
+            numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    y = jnp.linspace(-1.0, 3.0, 6)
+    if fitter is jaxem.SAEM:
+        em, options = jaxem.SAEM(model, schedule=(10, 5), num_is_draws=20), {}
+    else:
+        em, options = jaxem.MCEM(model, max_draws=20, num_is_draws=20), {"max_iter": 15}
+    first = em.run(jax.random.PRNGKey(4), y, **options)
+    again = em.run(jax.random.PRNGKey(4), y, **options)
+    for name in first.params:
+        np.testing.assert_array_equal(np.asarray(again.params[name]), first.params[name])
+    assert float(again.log_likelihood) == float(first.log_likelihood)
+    other = em.run(jax.random.PRNGKey(5), y, **options)
+    assert float(other.params["m"]) != float(first.params["m"])
