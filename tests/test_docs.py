@@ -1,0 +1,105 @@
+"""The documentation checks itself: every Python code block of every page runs.
+
+Each page's ``python`` blocks run in page order in one namespace (a page is one session a
+reader would type), from the repository root so that ``data/...`` paths resolve. A block
+that cannot run here (it needs several processes, an accelerator, or is deliberately a
+fragment) is marked in the Markdown with an HTML comment right before its fence::
+
+    <!-- skip: why this block does not run as written -->
+
+and is reported as skipped with that reason. A block that raises fails the page's test
+with the block's line number.
+"""
+
+import re
+from pathlib import Path
+
+import jax
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")  # pictures a snippet draws go nowhere
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+PAGES = sorted(p.name for p in DOCS.glob("*.md"))
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)\s*(?P<info>[^\n]*)$")
+_SKIP = re.compile(r"^\s*<!--\s*skip:\s*(?P<reason>.+?)\s*-->\s*$")
+
+
+def code_blocks(text):
+    """The fenced code blocks of a Markdown page.
+
+    Returns:
+        A list of ``(line, language, source, skip_reason)`` with the 1-based line of the
+        opening fence; ``skip_reason`` is None unless a ``<!-- skip: ... -->`` comment is the
+        last non-blank line before the fence.
+    """
+    lines = text.splitlines()
+    blocks = []
+    i = 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if m is None:
+            i += 1
+            continue
+        indent, fence, info = m["indent"], m["fence"], m["info"].strip()
+        language = info.split()[0].lstrip(".{").rstrip("}") if info else ""
+        body = []
+        j = i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence):
+            line = lines[j]
+            body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
+            j += 1
+        prev = i - 1
+        while prev >= 0 and not lines[prev].strip():
+            prev -= 1
+        skip = _SKIP.match(lines[prev]) if prev >= 0 else None
+        blocks.append((i + 1, language, "\n".join(body) + "\n", skip and skip["reason"]))
+        i = j + 1
+    return blocks
+
+
+def test_code_blocks_are_found():
+    """The parser sees fences, languages and skip markers (a check on the checker)."""
+    page = (
+        "text\n```python\nx = 1\n```\n<!-- skip: needs a GPU -->\n\n```python\ny = 2\n```\n"
+        "!!! note\n    ```python\n    z = 3\n    ```\n```bash\nls\n```\n"
+    )
+    assert code_blocks(page) == [
+        (2, "python", "x = 1\n", None),
+        (7, "python", "y = 2\n", "needs a GPU"),
+        (11, "python", "z = 3\n", None),
+        (14, "bash", "ls\n", None),
+    ]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_code_runs(page, monkeypatch):
+    # Relative data paths (`data/...`) resolve from the repository root.
+    monkeypatch.chdir(REPO)
+    blocks = [b for b in code_blocks((DOCS / page).read_text()) if b[1] in ("python", "py")]
+    if not blocks:
+        pytest.skip(f"{page} has no Python code")
+    namespace = {"__name__": f"docs_{page[:-3].replace('-', '_')}"}
+    skipped = []
+    # A page that turns on float64 does so for itself only, as in a reader's fresh session.
+    x64 = jax.config.jax_enable_x64
+    try:
+        for line, _, source, reason in blocks:
+            if reason is not None:
+                skipped.append(f"line {line}: {reason}")
+                continue
+            code = compile(source, f"docs/{page}:{line}", "exec")
+            try:
+                exec(code, namespace)
+            except Exception as err:
+                raise AssertionError(f"docs/{page}, the code block at line {line} raised") from err
+    finally:
+        plt.close("all")
+        jax.config.update("jax_enable_x64", x64)
+    if skipped:
+        # The rest of the page ran; say which blocks did not, and why.
+        pytest.skip(f"{page}: ran the other blocks; skipped " + "; ".join(skipped))
