@@ -1,7 +1,7 @@
 """The documentation checks itself: every Python code block of every page runs.
 
 Each page's ``python`` blocks run in page order in one namespace (a page is one session a
-reader would type), from the repository root so that ``data/...`` paths resolve. A block
+reader would type), in a temporary directory where ``data/...`` paths resolve. A block
 that cannot run here (it needs several processes, an accelerator, or is deliberately a
 fragment) is marked in the Markdown with an HTML comment right before its fence::
 
@@ -80,9 +80,10 @@ def test_code_blocks_are_found():
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_page_code_runs(page, monkeypatch):
-    # Relative data paths (`data/...`) resolve from the repository root.
-    monkeypatch.chdir(REPO)
+def test_page_code_runs(page, monkeypatch, tmp_path):
+    # Files a snippet writes land in a temporary directory; `data/...` paths still resolve.
+    (tmp_path / "data").symlink_to(REPO / "data")
+    monkeypatch.chdir(tmp_path)
     blocks = [b for b in code_blocks((DOCS / page).read_text()) if b[1] in ("python", "py")]
     if not blocks:
         pytest.skip(f"{page} has no Python code")
