@@ -88,8 +88,9 @@ def squarem(kernel: Kernel) -> Kernel:
 
     Returns:
         A kernel whose state is an `jaxem.kernel.AcceleratedState` (the
-        inner state, a [`jaxem.acceleration.SquaremState`][jaxem.acceleration.SquaremState]) and whose info
-        is a `SquaremInfo`.
+        inner state, a
+        [`jaxem.acceleration.SquaremState`][jaxem.acceleration.SquaremState])
+        and whose info is a `SquaremInfo`.
     """
 
     def init(rng_key, arrays, spec, init_params):
@@ -190,7 +191,8 @@ def accelerate(kernel: Kernel, acceleration: str | None) -> Kernel:
     """``kernel`` wrapped by the accelerator named ``acceleration`` (None: itself),
     over the inner kernel's own state type.
 
-    The fitters' states ([`jaxem.EMState`][jaxem.EMState], [`jaxem.VEMState`][jaxem.VEMState]) have an
+    The fitters' states ([`jaxem.EMState`][jaxem.EMState],
+    [`jaxem.VEMState`][jaxem.VEMState]) have an
     ``acceleration`` field: the wrapper's state is kept there (``()`` without
     acceleration), so a state keeps its type and fields with every accelerator,
     and its ``iteration`` counts the wrapped steps (SQUAREM cycles).

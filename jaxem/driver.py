@@ -357,7 +357,8 @@ class Fitter:
                 some or all initial values.
 
         Returns:
-            The fitter's state ([`jaxem.EMState`][jaxem.EMState], [`jaxem.VEMState`][jaxem.VEMState]).
+            The fitter's state ([`jaxem.EMState`][jaxem.EMState],
+            [`jaxem.VEMState`][jaxem.VEMState]).
         """
         arrays, spec = split_args(args, kwargs)
         self.m_step_settings.validate(rng_key, arrays, spec, init_params)
@@ -444,7 +445,8 @@ class Fitter:
                 separate fits); batched otherwise.
 
         Returns:
-            The fitter's result ([`jaxem.EMResult`][jaxem.EMResult], [`jaxem.VEMResult`][jaxem.VEMResult]).
+            The fitter's result ([`jaxem.EMResult`][jaxem.EMResult],
+            [`jaxem.VEMResult`][jaxem.VEMResult]).
         """
         if max_iter < 1 or num_restarts < 1:
             raise ValueError("max_iter and num_restarts must be at least 1")

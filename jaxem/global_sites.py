@@ -88,7 +88,8 @@ def with_global_sites(model, global_sites):
 
     ``EM(model, global_sites=...)`` fits this model. Passed to
     [`jaxem.log_likelihood`][jaxem.log_likelihood], [`jaxem.posterior`][jaxem.posterior],
-    [`jaxem.map_assignment`][jaxem.map_assignment], [`jaxem.bic`][jaxem.bic] or [`jaxem.aic`][jaxem.aic] with a
+    [`jaxem.map_assignment`][jaxem.map_assignment], [`jaxem.bic`][jaxem.bic] or
+    [`jaxem.aic`][jaxem.aic] with a
     MAP fit's params, it evaluates the model at the global sites' values:
     ``log_likelihood`` is the data's, ``log p(x | params)``, without the prior.
 

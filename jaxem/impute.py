@@ -141,7 +141,7 @@ def _join_scanned_steps(filled):
 
 
 def impute(model, params, *args, rng_key=None, **kwargs):
-    """Fill the missing entries of every site of a [`jaxem.nan_as_missing`][jaxem.nan_as_missing] model.
+    """Fill the missing entries of every site of a `jaxem.nan_as_missing` model.
 
     Without ``rng_key``, each missing entry becomes its conditional expectation
     given the observed data, averaged over the posterior of the discrete

@@ -25,8 +25,10 @@ their closures, and the state is a pytree that the loop carries:
 ``arrays`` are the model's array arguments (a pytree, traced under ``jit``),
 ``spec`` the rest of its arguments (static): `jaxem.arguments.split_args`.
 
-A wrapper is a function from kernels to kernels ([`jaxem.accelerators.squarem`][jaxem.accelerators.squarem],
-[`jaxem.accelerators.anderson`][jaxem.accelerators.anderson]); its state holds the inner kernel's state
+A wrapper is a function from kernels to kernels
+([`jaxem.accelerators.squarem`][jaxem.accelerators.squarem],
+[`jaxem.accelerators.anderson`][jaxem.accelerators.anderson]); its state holds the inner
+kernel's state
 and its own (`AcceleratedState`), and it calls the inner ``step`` as a
 black box, so it works for any kernel: exact EM, variational EM, and the
 E-step kinds to come.
