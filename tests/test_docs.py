@@ -120,7 +120,8 @@ def test_site_builds_without_raw_markup(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
         cwd=REPO,
-        env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+        # The examples are not run here (minutes); the Examples page says so instead.
+        env=dict(os.environ, NO_MKDOCS_2_WARNING="1", JAXEM_DOCS_EXAMPLES="0"),
         capture_output=True,
         text=True,
         timeout=600,
