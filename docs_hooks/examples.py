@@ -75,7 +75,9 @@ def on_page_markdown(markdown, page, **kwargs):
     if _enabled() or page.file.src_uri != PAGE:
         return markdown
     return _IMAGE.sub(
-        lambda m: f"*(The picture `{m.group(2)}` is drawn when the site is built with the "
-        "examples run; this build set `JAXEM_DOCS_EXAMPLES=0`.)*",
+        lambda m: (
+            f"*(The picture `{m.group(2)}` is drawn when the site is built with the "
+            "examples run; this build set `JAXEM_DOCS_EXAMPLES=0`.)*"
+        ),
         markdown,
     )
