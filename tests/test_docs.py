@@ -135,3 +135,12 @@ def test_site_builds_without_raw_markup(tmp_path):
     assert raw == []
     # Autorefs left unresolved show as "[name][target]" text.
     assert [p.name for p in site.rglob("*.html") if "][jaxem." in p.read_text()] == []
+
+
+def test_examples_page_shows_every_example():
+    """Every example script is on the Examples page, with its picture if it draws one."""
+    page = (DOCS / "examples.md").read_text()
+    for script in sorted((REPO / "examples").glob("*.py")):
+        assert f"`{script.name}`" in page, script.name
+        if "savefig" in script.read_text():
+            assert f"(examples/{script.stem}.png)" in page, script.name
