@@ -3,7 +3,8 @@
 Every script in ``examples/`` that saves a picture is run when the site is built (from a
 cache folder, with the Agg backend), and each ``saved NAME.png`` it prints becomes
 ``examples/NAME.png`` of the site; nothing is committed. Results are kept in
-``.cache/docs-examples/<key>/``, the key a hash of the script and of ``jaxem/``, so a
+``.cache/docs-examples/<key>/``, the key a hash of the script, of ``jaxem/`` and of
+``JAXEM_EXAMPLE_QUICK``, so a
 rebuild reruns only the examples whose code changed.
 
 ``JAXEM_DOCS_EXAMPLES=0`` builds without running them (the test that checks the site's
@@ -33,6 +34,8 @@ def _enabled():
 
 def _key(script):
     digest = hashlib.sha256(script.read_bytes())
+    # Quick runs (fewer restarts) are cached apart from full ones.
+    digest.update(os.environ.get("JAXEM_EXAMPLE_QUICK", "").encode())
     for source in sorted((REPO / "jaxem").rglob("*.py")):
         digest.update(source.read_bytes())
     return f"{script.stem}-{digest.hexdigest()[:16]}"
