@@ -5,18 +5,18 @@ slowly where components overlap. SQUAREM takes two EM steps,
 ``theta_1 = F(theta_0)`` and ``theta_2 = F(theta_1)``, and extrapolates along
 the path they trace,
 
-.. math::
-
-    r = \\theta_1 - \\theta_0, \\quad v = \\theta_2 - 2\\theta_1 + \\theta_0, \\quad
-    \\theta' = \\theta_0 + 2\\alpha r + \\alpha^2 v, \\quad
-    \\alpha = \\max(1, \\min(\\alpha_{\\max}, \\lVert r \\rVert / \\lVert v \\rVert)),
+$$
+r = \\theta_1 - \\theta_0, \\quad v = \\theta_2 - 2\\theta_1 + \\theta_0, \\quad
+\\theta' = \\theta_0 + 2\\alpha r + \\alpha^2 v, \\quad
+\\alpha = \\max(1, \\min(\\alpha_{\\max}, \\lVert r \\rVert / \\lVert v \\rVert)),
+$$
 
 with the step length of their scheme S3 (``alpha = 1`` gives ``theta_2``
 back; Varadhan and Roland write ``alpha`` with the opposite sign). The
 extrapolation is done in ``log p`` for simplex parameters (the softmax maps
 back) and in NumPyro's unconstrained space (``biject_to``) for the others, so
 ``theta'`` always satisfies the constraints; the step length is measured on
-the simplex values themselves (see :func:`squarem_extrapolate`). One more EM
+the simplex values themselves (see `squarem_extrapolate`). One more EM
 step from ``theta'`` stabilizes it; its E-step gives the log-likelihood at
 ``theta'``, so the safeguard costs nothing. The cycle ends at ``F(theta')`` if
 the log-likelihood at ``theta'`` is not below that at ``theta_0``, otherwise
@@ -33,11 +33,11 @@ differences ``df_j = f(theta_{j+1}) - f(theta_j)`` and
 ``dF_j = F(theta_{j+1}) - F(theta_j)`` between successive accepted points, the
 next point to try is
 
-.. math::
-
-    \\theta' = F(\\theta_k) - \\sum_j \\gamma_j\\, dF_j, \\quad
-    \\gamma = \\arg\\min_\\gamma \\lVert f(\\theta_k) - \\textstyle\\sum_j \\gamma_j df_j
-    \\rVert^2 + \\lambda \\lVert \\gamma \\rVert^2,
+$$
+\\theta' = F(\\theta_k) - \\sum_j \\gamma_j\\, dF_j, \\quad
+\\gamma = \\arg\\min_\\gamma \\lVert f(\\theta_k) - \\textstyle\\sum_j \\gamma_j df_j
+\\rVert^2 + \\lambda \\lVert \\gamma \\rVert^2,
+$$
 
 with the smallest ridge ``lambda >= 0`` that keeps ``||gamma||`` within a
 bound adapted like SQUAREM's ``alpha_max``, by a factor 4 instead of 2 (from
@@ -339,7 +339,7 @@ def anderson_step(state: AndersonState, log_lik, image, constraints):
     the trial, update the memory, choose the next trial.
 
     Args:
-        state: the :class:`AndersonState` whose ``trial`` was evaluated.
+        state: the `AndersonState` whose ``trial`` was evaluated.
         log_lik: the log-likelihood at ``state.trial``.
         image: the EM map at ``state.trial`` (constrained values).
         constraints: ``{param name: constraint}``.

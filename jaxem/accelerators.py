@@ -1,9 +1,9 @@
 """SQUAREM and Anderson acceleration as wrappers of any kernel.
 
-``squarem(kernel)`` and ``anderson(kernel)`` take a :class:`jaxem.kernel.Kernel`
+``squarem(kernel)`` and ``anderson(kernel)`` take a `jaxem.kernel.Kernel`
 and return one: its steps call the inner kernel's ``step`` as the EM map
 ``theta -> F(theta)`` and extrapolate the params it returns (the mathematics
-is in :mod:`jaxem.acceleration`). They read and replace params through the
+is in `jaxem.acceleration`). They read and replace params through the
 kernel's ``get_params`` and ``set_params``, and extrapolate in the
 coordinates its ``constraints`` give, so they accelerate exact EM,
 variational EM, or a kernel written by hand alike. ``accelerate`` is what
@@ -87,9 +87,10 @@ def squarem(kernel: Kernel) -> Kernel:
         kernel: the kernel whose step is the map to accelerate.
 
     Returns:
-        A kernel whose state is an :class:`jaxem.kernel.AcceleratedState` (the
-        inner state, a :class:`jaxem.acceleration.SquaremState`) and whose info
-        is a :class:`SquaremInfo`.
+        A kernel whose state is an `jaxem.kernel.AcceleratedState` (the
+        inner state, a
+        [`jaxem.acceleration.SquaremState`][jaxem.acceleration.SquaremState])
+        and whose info is a `SquaremInfo`.
     """
 
     def init(rng_key, arrays, spec, init_params):
@@ -143,10 +144,10 @@ def anderson(kernel: Kernel) -> Kernel:
         kernel: the kernel whose step is the map to accelerate.
 
     Returns:
-        A kernel whose state is an :class:`jaxem.kernel.AcceleratedState` (the
+        A kernel whose state is an `jaxem.kernel.AcceleratedState` (the
         inner state at the current point, an
-        :class:`jaxem.acceleration.AndersonState`) and whose info is an
-        :class:`AndersonInfo`.
+        [`jaxem.acceleration.AndersonState`][jaxem.acceleration.AndersonState]) and whose info is an
+        `AndersonInfo`.
     """
 
     def init(rng_key, arrays, spec, init_params):
@@ -190,7 +191,8 @@ def accelerate(kernel: Kernel, acceleration: str | None) -> Kernel:
     """``kernel`` wrapped by the accelerator named ``acceleration`` (None: itself),
     over the inner kernel's own state type.
 
-    The fitters' states (:class:`jaxem.EMState`, :class:`jaxem.VEMState`) have an
+    The fitters' states ([`jaxem.EMState`][jaxem.EMState],
+    [`jaxem.VEMState`][jaxem.VEMState]) have an
     ``acceleration`` field: the wrapper's state is kept there (``()`` without
     acceleration), so a state keeps its type and fields with every accelerator,
     and its ``iteration`` counts the wrapped steps (SQUAREM cycles).

@@ -2,9 +2,9 @@
 
 ``run``, ``log_likelihood`` and every other entry point split the model's
 ``(args, kwargs)`` into traced array leaves and a hashable static spec
-(:func:`split_args`), so that a new dataset of the same shape does not
+(`split_args`), so that a new dataset of the same shape does not
 recompile, and merge them back inside the compiled function
-(:func:`merge_args`). Initial values given by the user (``init_params``) are
+(`merge_args`). Initial values given by the user (``init_params``) are
 checked and merged into the model's own here too.
 """
 
@@ -64,7 +64,7 @@ def split_args(args: tuple, kwargs: dict):
 
 
 def merge_args(arrays, spec: _StaticLeaves):
-    """Inverse of :func:`split_args`."""
+    """Inverse of `split_args`."""
     arrays = iter(arrays)
     static = iter(spec.static_values)
     leaves = [next(arrays) if a else next(static) for a in spec.is_array]

@@ -5,8 +5,8 @@ scatters) pick a branch with ``lax.cond``. Under ``vmap`` a ``cond`` whose
 predicate differs across the batch becomes a ``select``: every restart would
 compute both branches, the cheap expansion and the ``K x N x D`` exact one
 (measured 5x slower per iteration for 4 restarts of a diagonal mixture).
-:func:`best_restart <jaxem.loop.best_restart>` names its ``vmap`` axis, and
-:func:`shared_predicate` reduces a predicate over it, so the ``cond`` stays a
+`best_restart <jaxem.loop.best_restart>` names its ``vmap`` axis, and
+`shared_predicate` reduces a predicate over it, so the ``cond`` stays a
 branch: all restarts take the fast path, or all take the exact one.
 """
 
@@ -35,8 +35,8 @@ def restart_axis():
 
 
 def restarts_active() -> bool:
-    """Whether code is traced under the restarts' ``vmap`` (see :func:`restart_axis`):
-    what :func:`shared_predicate` stages depends on it."""
+    """Whether code is traced under the restarts' ``vmap`` (see `restart_axis`):
+    what `shared_predicate` stages depends on it."""
     return _ACTIVE.get()
 
 

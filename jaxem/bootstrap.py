@@ -33,7 +33,7 @@ __all__ = ["BootstrapResult", "bootstrap"]
 
 
 class BootstrapResult(NamedTuple):
-    """Result of :func:`bootstrap`.
+    """Result of `bootstrap`.
 
     Attributes:
         params: ``{param name: (num_replicates, *shape)}``: every replicate's
@@ -104,7 +104,7 @@ def bootstrap(
     """Bootstrap standard errors and percentile intervals of an EM fit.
 
     Args:
-        em: the :class:`jaxem.EM` that made the fit (its settings are reused).
+        em: the [`jaxem.EM`][jaxem.EM] that made the fit (its settings are reused).
         result: the fit (its ``params``), or the fitted params.
         rng_key: PRNG key for the resampling.
         *args, **kwargs: the model's arguments, as given to ``run``.
@@ -119,7 +119,7 @@ def bootstrap(
             permuted together). None: for a model with one latent site.
 
     Returns:
-        :class:`BootstrapResult`.
+        `BootstrapResult`.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist

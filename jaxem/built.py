@@ -6,11 +6,11 @@ the gradient path's objective, the M-step plan, the checks after a fit. Running
 the model's Python body for each of them made compiling one step of a
 four-parameter mixture trace the model about ten times.
 
-:class:`BuiltModel` runs it once per input signature (the shapes, dtypes and weak
+`BuiltModel` runs it once per input signature (the shapes, dtypes and weak
 types of the params and array arguments, the static arguments, the plate nesting,
 whether log-probabilities are built, the x64 mode, whether restarts run under
 ``vmap``) under ``jax.make_jaxpr``. The non-array parts of the resulting
-:class:`~jaxem.tracing.EnumTrace` (site names, dims, distribution classes, shapes,
+`EnumTrace` (site names, dims, distribution classes, shapes,
 constraints) are kept as they are; every later call evaluates the cached jaxpr on
 its inputs and puts the results in place of the
 arrays. The program that comes out is the one the model's body would have
@@ -21,7 +21,7 @@ concrete inputs (then one compiled program evaluates it).
 Distributions are rebuilt from their ``__dict__`` (not from NumPyro's pytree
 fields, which leave out lazily computed attributes and a user family's own), with
 the sharing of the trace kept: the distribution a ``constructor_args`` record
-holds is the one under the site, as :func:`jaxem.mstep` checks by identity.
+holds is the one under the site, as `jaxem.mstep` checks by identity.
 
 The cache lives on the object: a fitter builds one in its constructor and passes
 it wherever the model goes (it is called like the model, and hashes and compares
@@ -49,7 +49,7 @@ __all__ = ["BuiltModel", "built_model"]
 
 
 def built_model(model) -> BuiltModel:
-    """``model`` built (:class:`BuiltModel`); a built model is returned as it is."""
+    """``model`` built (`BuiltModel`); a built model is returned as it is."""
     return model if isinstance(model, BuiltModel) else BuiltModel(model)
 
 
@@ -57,7 +57,7 @@ class BuiltModel:
     """A NumPyro model whose enumerated trace is traced once per input signature.
 
     Called like the model (any NumPyro handler can wrap it); passed as the model
-    to :func:`jaxem.tracing.enumerated_trace`, it answers from its cache.
+    to `jaxem.tracing.enumerated_trace`, it answers from its cache.
 
     Args:
         model: the NumPyro model.
@@ -82,11 +82,11 @@ class BuiltModel:
         return f"BuiltModel({self.model!r})"
 
     def structure(self, args, kwargs) -> ModelStructure:
-        """The model's :class:`~jaxem.tracing.ModelStructure` for these arguments."""
+        """The model's `ModelStructure` for these arguments."""
         return model_structure(self.model, args, kwargs)
 
     def enumerated_trace(self, params, args, kwargs, max_plate_nesting, *, log_probs=True):
-        """:func:`jaxem.tracing.enumerated_trace` of the model, from the cache."""
+        """`jaxem.tracing.enumerated_trace` of the model, from the cache."""
         if inside_handler():
             # Inside another handler the model's sites go through it as well: its
             # effects cannot be cached with the trace.
@@ -96,7 +96,7 @@ class BuiltModel:
 
     def trace(self, params, arrays, spec, max_plate_nesting, *, log_probs=True) -> EnumTrace:
         """The enumerated trace at ``params`` for the model's array arguments ``arrays``
-        and static ones ``spec`` (:func:`jaxem.tracing.split_args`)."""
+        and static ones ``spec`` (`jaxem.tracing.split_args`)."""
         leaves, treedef = jax.tree.flatten((params, list(arrays)))
         avals = tuple(_aval(x) for x in leaves)
         key = (

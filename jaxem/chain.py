@@ -11,11 +11,11 @@ therefore fall into
 * first-step factors, over that latent and the chain's first state,
 * stacked factors, over the previous and the current state of every later step.
 
-:func:`find_chain` recognizes them (and refuses the scans jaxem cannot
-contract), :func:`arrange_factor` lays a factor out as ``(*plates, *states)``,
-and :func:`chain_padding_problems` checks that masked steps are padding at the
+`find_chain` recognizes them (and refuses the scans jaxem cannot
+contract), `arrange_factor` lays a factor out as ``(*plates, *states)``,
+and `chain_padding_problems` checks that masked steps are padding at the
 end of a sequence. The algorithms over the arranged factors (forward-backward,
-Viterbi, sampling) are in :mod:`jaxem.chain_inference`.
+Viterbi, sampling) are in `jaxem.chain_inference`.
 """
 
 from __future__ import annotations
@@ -273,8 +273,8 @@ def _counted_steps(site, chain):
 
 
 def raise_for_chain_padding(problems, name: str, plates: tuple) -> None:
-    """Raise a :class:`ModelError` naming the chain's site ``name`` (or the
-    observed site) and the sequences of a true :func:`chain_padding_problems`
+    """Raise a `ModelError` naming the chain's site ``name`` (or the
+    observed site) and the sequences of a true `chain_padding_problems`
     (concrete values).
 
     Args:

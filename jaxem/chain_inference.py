@@ -1,8 +1,8 @@
 """Inference over a Markov chain's factors: forward-backward, Viterbi, sampling.
 
-The factors of a first-order chain (:func:`jaxem.chain.find_chain`) are laid
+The factors of a first-order chain (`jaxem.chain.find_chain`) are laid
 out as a first-step tensor and per-step ``K x K`` tensors, and their
-sum-product is the forward algorithm (:mod:`jaxem.forward_backward`): T K^2
+sum-product is the forward algorithm (`jaxem.forward_backward`): T K^2
 work in a ``lax.scan`` (or a parallel reduction of K x K matrices, log T
 deep). Its gradient with respect
 to the factors' log-probabilities is the posterior of every factor (Eisner
@@ -109,7 +109,7 @@ def contract_chain(log_factors: dict, trace, chain: Chain, *, parallel: bool = F
     Args:
         log_factors: ``{site name: log-probability tensor}`` of the trace.
         trace: the enumerated trace.
-        chain: its :class:`Chain`.
+        chain: its `Chain`.
         parallel: a parallel (log-depth) reduction over time instead of a scan.
     """
     return _contract_tensors(_tensors(log_factors, trace, chain), parallel)
@@ -217,7 +217,7 @@ def _assignment(states, init, trace, chain) -> dict:
 
 def chain_sample(rng_key, log_factors: dict, trace, chain: Chain) -> dict:
     """A draw of the chain's states from their joint posterior given the data
-    (forward filtering, backward sampling), in the format of :func:`chain_map`.
+    (forward filtering, backward sampling), in the format of `chain_map`.
 
     The last state is drawn from the last forward message, then each earlier
     one given the next: ``p(s_{t-1} | s_t, data) ∝ a_{t-1}[s_{t-1}] M_t[s_{t-1}, s_t]``

@@ -1,13 +1,13 @@
 """Checking a model's data and parameter values before it is fitted or evaluated.
 
-:func:`validate` is the entry point of every fitter and public function: one
+`validate` is the entry point of every fitter and public function: one
 compiled check per model and argument signature gathers the values
-(:func:`jaxem.validation.check_values`, the supports of distribution
+(`jaxem.validation.check_values`, the supports of distribution
 arguments, the masks of latent sites), then the named errors are raised from
-the concrete results (:func:`jaxem.validation.raise_for_invalid`,
-:func:`jaxem.supports.raise_for_arguments`,
-:func:`jaxem.chain.raise_for_chain_padding`,
-:func:`jaxem.masks.raise_for_latent_masks`).
+the concrete results (`jaxem.validation.raise_for_invalid`,
+`jaxem.supports.raise_for_arguments`,
+`jaxem.chain.raise_for_chain_padding`,
+`jaxem.masks.raise_for_latent_masks`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = ["raise_for_model_arguments", "validate"]
 
 
 def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()):
-    """Raise a :class:`ModelError` for bad data or parameter values.
+    """Raise a `ModelError` for bad data or parameter values.
 
     Checks the observed data (NaN or infinite entries, values outside the
     support, missing-data problems, sites that are priors rather than data)
@@ -48,11 +48,11 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     any input is a tracer (under ``jit``/``vmap`` nothing can be raised).
     With ``fitting``, also a model with nothing observed and MultivariateNormal
     coordinates that the data never observe, for the params not ``frozen``
-    (:func:`jaxem.validation.raise_for_invalid`). Distribution arguments outside
-    their support are an error too (:func:`jaxem.supports.argument_support`).
+    (`jaxem.validation.raise_for_invalid`). Distribution arguments outside
+    their support are an error too (`jaxem.supports.argument_support`).
 
     Returns:
-        The :class:`jaxem.validation.Validity` found, None under ``jit``/``vmap``.
+        The `jaxem.validation.Validity` found, None under ``jit``/``vmap``.
     """
     check_init_params(params)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
@@ -96,7 +96,7 @@ def _compiled(fn, fn_jit, model, *args):
 
 
 def raise_for_model_arguments(model, args, kwargs, params, found, when: str) -> None:
-    """The :class:`ModelError` of :func:`jaxem.supports.raise_for_arguments` for the
+    """The `ModelError` of `jaxem.supports.raise_for_arguments` for the
     arguments ``found`` outside their support at ``params`` (all of them, concrete),
     naming the params each depends on (read from the model's jaxpr)."""
     nesting = model_structure(model, args, kwargs).max_plate_nesting
@@ -116,7 +116,7 @@ def raise_for_model_arguments(model, args, kwargs, params, found, when: str) -> 
 def _mask_problems(model, spec, rng_key, arrays, params) -> dict:
     """Masked latents that are not padding, on concrete masks: ``{("chain", site,
     plates): per sequence}`` for a ``scan`` chain, else ``{("latent", masked,
-    dependent): bool}`` (see :mod:`jaxem.masks`). Empty without masked latents."""
+    dependent): bool}`` (see `jaxem.masks`). Empty without masked latents."""
     args, kwargs = merge_args(arrays, spec)
     structure, initial = inspect_model(model, rng_key, args, kwargs)
     params = merge_init_params(initial, params)

@@ -139,7 +139,7 @@ class Cells(NamedTuple):
         shape: the cell shape: the distribution's batch shape over the
             enumeration and plate dims.
         value_cov: None for complete data. For a MultivariateNormal site with
-            missing coordinates (:func:`jaxem.nan_as_missing`), ``value`` holds
+            missing coordinates ([`jaxem.nan_as_missing`][jaxem.nan_as_missing]), ``value`` holds
             each cell's conditional mean E[x | observed coordinates] and
             ``value_cov`` its conditional covariance, broadcastable to ``cells.shape + (D, D)``
             (zero in the observed rows and columns), so E[x x^T] is
@@ -208,7 +208,7 @@ def register_closed_form(dist_class, arg_name, update: ClosedFormUpdate) -> None
 
     Examples:
         A Rayleigh family, whose scale has the closed form
-        :math:`\\hat\\sigma^2 = \\sum_c w_c x_c^2 / (2 \\sum_c w_c)`:
+        $\\hat\\sigma^2 = \\sum_c w_c x_c^2 / (2 \\sum_c w_c)$:
 
         >>> import jax.numpy as jnp, numpyro.distributions as dist
         >>> from numpyro.distributions import constraints

@@ -28,12 +28,12 @@ _PLATFORMS = ("cpu", "gpu", "cuda", "rocm")
 
 
 def once_options() -> dict:
-    """:data:`ONCE_OPTIONS` on CPU and GPU, else none."""
+    """`ONCE_OPTIONS` on CPU and GPU, else none."""
     return dict(ONCE_OPTIONS) if jax.default_backend() in _PLATFORMS else {}
 
 
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:
-    """``jax.jit(fn, **jit_kwargs)`` compiled with :func:`once_options` (chosen at the
+    """``jax.jit(fn, **jit_kwargs)`` compiled with `once_options` (chosen at the
     first call, when the backend is known)."""
     compiled = None
 
@@ -48,5 +48,5 @@ def jit_once(fn: Callable, **jit_kwargs) -> Callable:
 
 
 def compile_once(lowered):
-    """``lowered.compile()`` (a ``jax.stages.Lowered``) with :func:`once_options`."""
+    """``lowered.compile()`` (a ``jax.stages.Lowered``) with `once_options`."""
     return lowered.compile(compiler_options=once_options() or None)

@@ -1,6 +1,6 @@
 """Conjugate priors: a prior's pseudo-statistics added to the expected statistics.
 
-A global site's prior (:mod:`jaxem.global_sites`) conjugate to the closed-form
+A global site's prior (`jaxem.global_sites`) conjugate to the closed-form
 update of the argument the param reaches keeps that update in closed form under
 MAP-EM: the posterior mode solves the same equation as the maximum-likelihood
 update, from the expected sufficient statistics plus the prior's

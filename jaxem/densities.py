@@ -1,11 +1,11 @@
 """The log-density of a site's distribution, with fast kernels for Gaussians.
 
-:func:`site_log_prob` is ``fn.log_prob(value)`` except for the densities that
+`site_log_prob` is ``fn.log_prob(value)`` except for the densities that
 dominate a fit's run time on CPU: a diagonal Normal (``Normal(...).to_event(1)``)
 and a MultivariateNormal are evaluated as matmuls over the components and the
 points, as scikit-learn does, rather than elementwise over a ``K x N x D``
 array or by a triangular solve per point. Sites with missing entries
-(:class:`jaxem.missing.MissingData`) are marginalized over them.
+(`jaxem.missing.MissingData`) are marginalized over them.
 """
 
 from __future__ import annotations

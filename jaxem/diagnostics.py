@@ -45,9 +45,9 @@ def num_observations(model, *args, **kwargs) -> int:
     ``markov`` (where latents depend on latents, the observations of each
     latent are summed over the latents). Only cells that count are counted: masked cells
     (``numpyro.handlers.mask``, ``obs_mask``, the padding of sequences) and
-    cells with nothing observed (NaN under :func:`jaxem.nan_as_missing`) are not.
+    cells with nothing observed (NaN under [`jaxem.nan_as_missing`][jaxem.nan_as_missing]) are not.
     With case weights (a per-element ``numpyro.handlers.scale`` on a data plate,
-    see :mod:`jaxem.weights`), the sum of the weights (a float).
+    see [`jaxem.weights`][jaxem.weights]), the sum of the weights (a float).
     """
     arrays, spec = split_args(args, kwargs)
     count = _num_observations(model, arrays, spec)
@@ -148,7 +148,7 @@ def bic(model, params, *args, num_observations=None, global_sites=(), **kwargs):
 
     Under MAP-EM (``global_sites``), ``params`` are the MAP estimate and ``L``
     is still the data's likelihood ``p(x | params)`` (the prior does not enter:
-    :attr:`jaxem.EMResult.log_likelihood`, not ``log_posterior``); ``k`` counts
+    `jaxem.EMResult.log_likelihood`, not ``log_posterior``); ``k`` counts
     the global sites' free entries like any param's. BIC approximates
     ``-2 log p(x | model)`` around the maximum-likelihood estimate; the MAP
     estimate approaches it as ``n`` grows, so for large ``n`` the two BICs agree,
@@ -160,9 +160,9 @@ def bic(model, params, *args, num_observations=None, global_sites=(), **kwargs):
         params: fitted ``{param name: value}``.
         *args, **kwargs: the model's arguments.
         num_observations: n; by default the observed cells that count, or the sum
-            of the case weights (see :func:`num_observations`).
+            of the case weights (see `num_observations`).
         global_sites: the sample sites that are parameters with priors, as in
-            :class:`jaxem.EM`; their values are in ``params``.
+            [`jaxem.EM`][jaxem.EM]; their values are in ``params``.
 
     Examples:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -195,14 +195,14 @@ def aic(model, params, *args, global_sites=(), **kwargs):
     """Akaike information criterion ``-2 log L + 2 k`` (lower is better).
 
     Under MAP-EM, ``L`` is the data's likelihood at the MAP estimate and ``k``
-    counts the global sites' free entries, as for :func:`bic`.
+    counts the global sites' free entries, as for `bic`.
 
     Args:
         model: the model.
         params: fitted ``{param name: value}``.
         *args, **kwargs: the model's arguments.
         global_sites: the sample sites that are parameters with priors, as in
-            :class:`jaxem.EM`; their values are in ``params``.
+            [`jaxem.EM`][jaxem.EM]; their values are in ``params``.
 
     Examples:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist

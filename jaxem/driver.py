@@ -1,8 +1,8 @@
 """The driver shared by ``EM``, ``VariationalEM`` and ``OnlineEM``.
 
-A fitter is a kernel (:mod:`jaxem.kernel`: how to start a state, one step),
+A fitter is a kernel ([`jaxem.kernel`][jaxem.kernel]: how to start a state, one step),
 wrapped by the accelerator its ``acceleration=`` names
-(:mod:`jaxem.accelerators`), plus one restart's compiled fit, the gradient at
+(`jaxem.accelerators`), plus one restart's compiled fit, the gradient at
 a state and the settings of its M-step; the
 driver does the rest once for all of them: ``init``, ``update``,
 ``get_params``, ``run`` with its validation before the compiled program,
@@ -79,7 +79,7 @@ class MStep:
 
     Args:
         model: the NumPyro model.
-        mode: ``"auto"`` or ``"gradient"`` (see :class:`jaxem.EM`).
+        mode: ``"auto"`` or ``"gradient"`` (see [`jaxem.EM`][jaxem.EM]).
         optimizer: the optax optimizer of the gradient path (with extra-args
             support).
         num_steps: optimizer steps per update.
@@ -108,7 +108,7 @@ class MStep:
         self.plans: dict = {}
 
     def plan(self, params, arrays, spec, structure) -> dict:
-        """``{param name: ParamPath}`` (:func:`jaxem.mstep.plan_m_step`), cached."""
+        """``{param name: ParamPath}`` (`jaxem.mstep.plan_m_step`), cached."""
         return plan_m_step(
             self.model,
             params,
@@ -122,7 +122,7 @@ class MStep:
         )
 
     def initial_params(self, rng_key, arrays, spec, init_params):
-        """``(structure, initial params)`` (:func:`jaxem.loop.initial_params`)."""
+        """``(structure, initial params)`` (`jaxem.loop.initial_params`)."""
         return initial_params(self.model, self.frozen, rng_key, arrays, spec, init_params)
 
     def start(self, rng_key, arrays, spec, init_params):
@@ -166,7 +166,7 @@ class MStep:
         )
 
     def paths(self, arrays, spec) -> dict:
-        """How each param is updated (:meth:`jaxem.EM.m_step_paths`)."""
+        """How each param is updated (`jaxem.EM.m_step_paths`)."""
         args, kwargs = merge_args(arrays, spec)
         structure, params = inspect_model(self.model, jax.random.PRNGKey(0), args, kwargs)
         return describe_plan(self.plan(params, arrays, spec, structure))
@@ -178,15 +178,15 @@ class Fitter:
 
     * ``_init_state(rng_key, arrays, spec, init_params) -> state`` and
       ``_step(rng_key, state, arrays, spec) -> (state, info)``: the kernel's
-      ``init`` and ``step`` (:class:`jaxem.kernel.Kernel`); a state is a
+      ``init`` and ``step`` (`jaxem.kernel.Kernel`); a state is a
       NamedTuple with ``params`` (and, to be accelerated, ``acceleration``)
-      fields, ``info`` a :class:`jaxem.kernel.StepInfo`;
+      fields, ``info`` a `jaxem.kernel.StepInfo`;
     * ``_fit_one(rng_key, arrays, init_params, tol, spec, max_iter, progress_bar)
       -> (result, start params)``: one restart's fit, compiled, running
-      ``self.kernel`` (the kernel, accelerated) in :func:`jaxem.loop.iterate`;
+      ``self.kernel`` (the kernel, accelerated) in `jaxem.loop.iterate`;
     * ``_gradient_at(state, arrays, spec)``: the objective's gradient at a state.
 
-    The subclass sets ``self.m_step_settings`` (an :class:`MStep`),
+    The subclass sets ``self.m_step_settings`` (an `MStep`),
     ``self.acceleration`` (None, ``"squarem"``, ``"anderson"``) and the class
     attributes naming its objective and its result's fields before calling
     ``Fitter.__init__``.
@@ -299,7 +299,7 @@ class Fitter:
         """After ``run``, on concrete values: a ModelError for a fit whose distribution
         arguments left their support or whose gradient-path params have a non-finite
         gradient and never moved; the float32 log-likelihood checked in float64
-        (:func:`jaxem.precision.recheck_in_float64`); a NumericalWarning for variances
+        (`jaxem.precision.recheck_in_float64`); a NumericalWarning for variances
         held up by reg_covar. ``start``: the kept restart's initial params (from the
         compiled run: no model is traced eagerly here). Returns the result, updated."""
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((result, start))):
@@ -357,7 +357,8 @@ class Fitter:
                 some or all initial values.
 
         Returns:
-            The fitter's state (:class:`jaxem.EMState`, :class:`jaxem.VEMState`).
+            The fitter's state ([`jaxem.EMState`][jaxem.EMState],
+            [`jaxem.VEMState`][jaxem.VEMState]).
         """
         arrays, spec = split_args(args, kwargs)
         self.m_step_settings.validate(rng_key, arrays, spec, init_params)
@@ -377,7 +378,7 @@ class Fitter:
         ``update`` makes none of ``run``'s checks: it tests no convergence,
         rejects no non-finite update and warns of nothing; ``new_state`` may
         hold non-finite params, and an objective that stopped changing does
-        not make a maximum (see :attr:`jaxem.EMResult.converged`). ``init``
+        not make a maximum (see `jaxem.EMResult.converged`). ``init``
         raises the ``ModelError`` ``run`` does for a param whose gradient is
         not finite, at the initial values.
 
@@ -444,7 +445,8 @@ class Fitter:
                 separate fits); batched otherwise.
 
         Returns:
-            The fitter's result (:class:`jaxem.EMResult`, :class:`jaxem.VEMResult`).
+            The fitter's result ([`jaxem.EMResult`][jaxem.EMResult],
+            [`jaxem.VEMResult`][jaxem.VEMResult]).
         """
         if max_iter < 1 or num_restarts < 1:
             raise ValueError("max_iter and num_restarts must be at least 1")

@@ -33,9 +33,9 @@ class EMState(NamedTuple):
         opt_state: optax state of the gradient-path parameters (in
             unconstrained space), carried across iterations.
         iteration: number of updates done.
-        acceleration: a :class:`jaxem.acceleration.SquaremState` with
+        acceleration: a [`jaxem.acceleration.SquaremState`][jaxem.acceleration.SquaremState] with
             ``acceleration="squarem"``, a
-            :class:`jaxem.acceleration.AndersonState` with
+            [`jaxem.acceleration.AndersonState`][jaxem.acceleration.AndersonState] with
             ``acceleration="anderson"``, else ``()``.
     """
 
@@ -46,7 +46,7 @@ class EMState(NamedTuple):
 
 
 class EMResult(NamedTuple):
-    """Result of :meth:`EM.run`.
+    """Result of `EM.run`.
 
     Attributes:
         params: ``{param name: constrained value}`` of the best restart.
@@ -62,7 +62,7 @@ class EMResult(NamedTuple):
         converged: whether the relative change of the log-likelihood fell
             below ``tol`` and ``params`` are a stationary point: a step along
             the gradient could not raise the log-likelihood by more than 100
-            times what ``tol`` allows per iteration (see :attr:`gradient`).
+            times what ``tol`` allows per iteration (see `gradient`).
         diverged: whether the run stopped on a log-likelihood or parameter that
             was not finite, or not credible: above 0 for a model whose
             observed sites are all discrete, or a jump a thousand times larger
@@ -70,9 +70,9 @@ class EMResult(NamedTuple):
             down). ``params`` are then the last ones before it. Also True when,
             after a float32 fit, the log-likelihood at ``params`` evaluated again
             in float64 differs from the float32 one by more than rounding
-            explains (:mod:`jaxem.precision`): a density broke down in float32,
+            explains (`jaxem.precision`): a density broke down in float32,
             ``params`` are the fitted ones, ``log_likelihood`` the float64 value,
-            and a :class:`~jaxem.exceptions.NumericalWarning` names the site.
+            and a `NumericalWarning` names the site.
         restart_log_likelihoods: shape ``(num_restarts,)``: the final
             log-likelihood of every restart, in the order of the keys that
             ``jax.random.split(rng_key, num_restarts)`` gives (``rng_key``
@@ -121,7 +121,7 @@ class EM(Fitter):
     configured automatically) and obtains every posterior marginal as a
     gradient of the log marginal likelihood. The M-step updates each parameter
     in closed form where its distribution and the way it reaches the
-    distribution allow it (see :func:`jaxem.register_closed_form`), and by
+    distribution allow it (see [`jaxem.register_closed_form`][jaxem.register_closed_form]), and by
     optax steps on the expected complete-data log-likelihood otherwise.
 
     Args:
@@ -141,7 +141,7 @@ class EM(Fitter):
             ``"parallel"`` (a balanced reduction of the step matrices,
             log2 T steps of K^3 work each; faster on GPUs for long chains).
         acceleration: ``None`` (plain EM), ``"squarem"`` or ``"anderson"``
-            (see :mod:`jaxem.acceleration`). ``"squarem"``: each iteration is
+            (see `jaxem.acceleration`). ``"squarem"``: each iteration is
             one SQUAREM cycle (Varadhan and Roland 2008, step length S3) of
             three EM steps, extrapolated in ``log p`` for simplex parameters
             and in unconstrained space for the others, the plain EM point kept
@@ -153,7 +153,7 @@ class EM(Fitter):
             whose log-likelihood is below the current one is rejected and
             the next iteration takes the plain EM step instead. Both work
             with every M-step path, hard EM, restarts and sharded data; both
-            are kernel wrappers (:mod:`jaxem.accelerators`).
+            are kernel wrappers (`jaxem.accelerators`).
         global_sites: names of sample sites that are parameters with priors
             (``w = numpyro.sample("w", dist.Dirichlet(...))``): EM then
             maximizes the log posterior (MAP-EM), in closed form where the
@@ -357,14 +357,14 @@ class EM(Fitter):
 
     def standard_errors(self, result, *args, **kwargs):
         """Standard errors of a fit from the observed information
-        (:func:`jaxem.standard_errors`), the fitter's frozen params left out.
+        ([`jaxem.standard_errors`][jaxem.standard_errors]), the fitter's frozen params left out.
 
         Args:
-            result: the fit (:class:`EMResult`), or its params.
+            result: the fit (`EMResult`), or its params.
             *args, **kwargs: the model's arguments, as given to ``run``.
 
         Returns:
-            :class:`jaxem.uncertainty.StandardErrors`.
+            `jaxem.uncertainty.StandardErrors`.
         """
         if self.hard:
             raise ValueError(

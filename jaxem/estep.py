@@ -82,7 +82,7 @@ def _contract_mixture(log_factors: dict, trace: EnumTrace, name: str):
 
     Factors of sites in plates nested inside the latent's are summed over those
     plates first (conditional independence). The enumeration axis is moved first
-    and the values summed out by :func:`_logsumexp_leading`.
+    and the values summed out by `_logsumexp_leading`.
     """
     latent = trace.sites[name]
     enum_dims = [d for d, n in latent.dim_to_name.items() if n == name]
@@ -119,10 +119,10 @@ def _logsumexp_leading(x):
 
 def _contract_funsor(log_factors: dict, trace: EnumTrace):
     """General contraction: funsor's sum-product over plates and enumerated dims,
-    each pairwise contraction exact in log space (see :mod:`jaxem.funsor_contraction`).
+    each pairwise contraction exact in log space (see `jaxem.funsor_contraction`).
 
     funsor takes the log of messages that are exactly zero for states that a
-    zero probability makes impossible; :func:`zero_safe_log` keeps their zero
+    zero probability makes impossible; `zero_safe_log` keeps their zero
     cotangents from turning every marginal into NaN.
     """
     return zero_safe_log(partial(funsor_log_partition, trace=trace))(log_factors)
@@ -224,8 +224,8 @@ def site_posterior(site, marginal):
 
 def structure_and_args(model, arrays, spec):
     """``(structure, args, kwargs)``: the model's
-    :class:`jaxem.inspection.ModelStructure` and its arguments merged back from
-    :func:`jaxem.arguments.split_args`."""
+    `jaxem.inspection.ModelStructure` and its arguments merged back from
+    `jaxem.arguments.split_args`."""
     args, kwargs = merge_args(arrays, spec)
     return model_structure(model, args, kwargs), args, kwargs
 
@@ -289,7 +289,7 @@ def map_assignment(model, params, *args, **kwargs):
     """The most likely joint assignment of the discrete latent sites.
 
     Max-product over the enumerated factors, then argmax backtracking: the
-    exact joint MAP, not the per-site argmax of :func:`posterior` (the two can
+    exact joint MAP, not the per-site argmax of `posterior` (the two can
     differ when latents depend on each other).
 
     Args:

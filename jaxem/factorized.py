@@ -1,6 +1,6 @@
 """The ELBO of a factorized q over the discrete latents, computed exactly from the
 model's enumerated factors: mean-field coordinate ascent, a guide's enumerated
-marginals, and :func:`elbo` (the public function).
+marginals, and `elbo` (the public function).
 
 The expected log joint is a sum over the enumerated factor tensors of the
 model of ``<product of the q's of the factor's latents, log factor>``, so
@@ -83,7 +83,7 @@ def _factor_weights(q, trace, names):
 
 
 def expected_log_joint(q, log_factors, trace, names=None):
-    """:math:`E_q[\\log p] = \\sum_f \\langle \\prod_{j \\in f} q_j, \\log f \\rangle`."""
+    """$E_q[\\log p] = \\sum_f \\langle \\prod_{j \\in f} q_j, \\log f \\rangle$."""
     names = list(trace.sites) if names is None else names
     total = 0.0
     for name, weight in _factor_weights(q, trace, names).items():
@@ -163,7 +163,7 @@ def colour(trace):
 
 
 def coordinate_ascent(q, log_factors, trace, num_sweeps):
-    """Mean-field E-step: ``num_sweeps`` sweeps over the groups of :func:`colour`."""
+    """Mean-field E-step: ``num_sweeps`` sweeps over the groups of `colour`."""
     groups = colour(trace)
     if len(groups) <= 1:
         num_sweeps = 1  # latents that share no factor: one sweep is the optimum
@@ -290,7 +290,7 @@ def _elbo_jit(model, params, q, arrays, spec):
 
 
 def elbo(model, params, q, *args, **kwargs):
-    """The ELBO of a factorized q: :math:`E_q[\\log p(x, z)] + H(q)`.
+    """The ELBO of a factorized q: $E_q[\\log p(x, z)] + H(q)$.
 
     Computed exactly from the model's enumerated factors (no sampling).
 
@@ -298,12 +298,12 @@ def elbo(model, params, q, *args, **kwargs):
         model: a NumPyro model with ``numpyro.param`` sites and discrete latents.
         params: ``{param name: constrained value}``.
         q: ``{latent site: probabilities}``, each shaped like the site's entry
-            of :func:`jaxem.posterior` (plate shape, then the site's values);
+            of [`jaxem.posterior`][jaxem.posterior] (plate shape, then the site's values);
             latents with a single value take no entry.
         *args, **kwargs: the model's arguments.
 
     Returns:
-        Scalar ELBO, at most :func:`jaxem.log_likelihood`, with equality when
+        Scalar ELBO, at most [`jaxem.log_likelihood`][jaxem.log_likelihood], with equality when
         q is the posterior and the posterior factorizes (mixtures).
 
     Examples:

@@ -1,12 +1,12 @@
 """The sum-product of a chain's step factors: the forward pass and its gradient.
 
 A chain's factors come as log messages of the first state and per-step log
-factors over the previous x the current state (:mod:`jaxem.chain_inference`
-lays them out). :func:`log_z_by_scan` is the scaled forward algorithm in a
+factors over the previous x the current state (`jaxem.chain_inference`
+lays them out). `log_z_by_scan` is the scaled forward algorithm in a
 ``lax.scan``, T K^2 work; its custom gradient is the forward-filter
 backward-smoother, which yields every factor's posterior (the gradient of
 ``log Z`` with respect to a log-factor is its posterior, Eisner 2016).
-:func:`log_z_by_tree` is a log-depth tree of log-space matrix products, for
+`log_z_by_tree` is a log-depth tree of log-space matrix products, for
 GPUs and as an independent reference.
 """
 
@@ -43,7 +43,7 @@ def log_z_by_scan(alpha, steps, shape, mask):
     """log p(data), one value per plate cell ``(*plates)``, by the scaled
     forward pass (probabilities normalized at every step, the log normalizers
     summed); its gradient is the posterior of every factor, from the backward
-    smoother of :func:`_scaled_forward`."""
+    smoother of `_scaled_forward`."""
     if steps is None:
         return logsumexp(alpha, -1)
     return _scaled_forward(alpha, steps, kept_steps(shape, mask))
@@ -125,7 +125,7 @@ def _matvec(a, matrix):
 
 
 def _vecmat(matrix, b):
-    """``M @ b`` over the last axes (summing the current state); see :func:`_matvec`."""
+    """``M @ b`` over the last axes (summing the current state); see `_matvec`."""
     if matrix is None:
         return jnp.broadcast_to(jnp.sum(b, -1, keepdims=True), b.shape)
     num_states = b.shape[-1]
@@ -215,7 +215,7 @@ def _fast_forward(a, parts, keep):
 
 def _log_space_forward(a, parts, keep):
     """The forward pass with the emissions in log space: per step, ``log u + E``
-    shifted by its max (see :func:`forward_pass`)."""
+    shifted by its max (see `forward_pass`)."""
     scanned, fixed = _emission_at(parts.emission, keep.shape[0])
 
     def step(a, inputs):
@@ -285,7 +285,7 @@ def _scaled_forward_bwd(residuals, cotangent):
     an emission gets the per-step posterior ``g_t``, a transition-like factor
     the pairwise posterior ``a_{t-1}[p] M_t[p, s] r_t[s]`` summed over the dims
     it does not vary along, and the first step's log-messages the first
-    state's posterior ``g_0`` (see :func:`smooth`).
+    state's posterior ``g_0`` (see `smooth`).
 
     A time-invariant transition matrix, when no transition-like factor varies
     over time, gets ``C[p, s] sum_t a_{t-1}[p] r_t[s]``: one matmul over time

@@ -10,7 +10,7 @@ narrow emission density meeting a state the other factor makes impossible or
 all but impossible), every ``exp`` underflows to 0 and the message is
 ``log(0) = -inf``: a finite log-likelihood computed as ``-inf`` with no error.
 
-:data:`exact_log` is funsor's eager interpretation with one rule in front:
+`exact_log` is funsor's eager interpretation with one rule in front:
 the log-space contraction of two tensors is the broadcast sum of the two,
 reduced by a logsumexp, which shifts every output cell by the maximum of its
 own terms, so no term that matters can underflow. It materializes the pairwise
@@ -48,11 +48,11 @@ def funsor_log_partition(log_factors: dict, trace) -> jnp.ndarray:
     """log Z: the sum-product of an enumerated trace's log-factors by funsor.
 
     Sums out every latent and multiplies out every plate, with the pairwise
-    contractions of :data:`exact_log`.
+    contractions of `exact_log`.
 
     Args:
         log_factors: ``{site name: log-probability tensor}`` of the trace's sites.
-        trace: the :class:`jaxem.tracing.EnumTrace` the factors come from (its
+        trace: the `jaxem.tracing.EnumTrace` the factors come from (its
             sites name the dims of each tensor and the plates they sit in).
 
     Returns:

@@ -367,13 +367,13 @@ def solve_covariance(stats, old, reg_covar):
 
 
 def solve_scale_tril(stats, old, reg_covar):
-    """The Cholesky factor of :func:`solve_covariance`'s covariance."""
+    """The Cholesky factor of `solve_covariance`'s covariance."""
     valid, cov = _mvn_covariance(stats, old, reg_covar)
     return jnp.where(valid, jnp.linalg.cholesky(cov), old)
 
 
 def solve_precision(stats, old, reg_covar):
-    """The inverse of :func:`solve_covariance`'s covariance."""
+    """The inverse of `solve_covariance`'s covariance."""
     valid, cov = _mvn_covariance(stats, old, reg_covar)
     tril = jnp.linalg.cholesky(cov)
     eye = jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype), cov.shape)

@@ -6,7 +6,7 @@ priors (``w = numpyro.sample("w", dist.Dirichlet(...))``). Named in
 the prior's support, whose prior density is one more factor of the joint. The
 fitters then maximize ``log p(x | theta) + log p(theta)`` (MAP-EM).
 
-The model is wrapped (:func:`with_global_sites`) by a handler that marks each
+The model is wrapped (`with_global_sites`) by a handler that marks each
 global site observed: wherever jaxem substitutes the params (every enumerated
 trace), the site's value is the param's and its log-probability the log prior,
 a factor with no latent dims. So the E-step's log Z is the log joint, the
@@ -52,7 +52,7 @@ class GlobalSiteModel:
     """A model whose sample sites ``global_sites`` are parameters with priors.
 
     Called like the model; ``global_sites`` is read by the inspection of the model
-    (:func:`global_site_names`).
+    (`global_site_names`).
 
     Args:
         model: the NumPyro model.
@@ -87,8 +87,9 @@ def with_global_sites(model, global_sites):
     model itself when there are none.
 
     ``EM(model, global_sites=...)`` fits this model. Passed to
-    :func:`jaxem.log_likelihood`, :func:`jaxem.posterior`,
-    :func:`jaxem.map_assignment`, :func:`jaxem.bic` or :func:`jaxem.aic` with a
+    [`jaxem.log_likelihood`][jaxem.log_likelihood], [`jaxem.posterior`][jaxem.posterior],
+    [`jaxem.map_assignment`][jaxem.map_assignment], [`jaxem.bic`][jaxem.bic] or
+    [`jaxem.aic`][jaxem.aic] with a
     MAP fit's params, it evaluates the model at the global sites' values:
     ``log_likelihood`` is the data's, ``log p(x | params)``, without the prior.
 
@@ -122,8 +123,8 @@ def with_global_sites(model, global_sites):
 
 
 def global_site_names(model) -> tuple[str, ...]:
-    """The global sites of a model (:class:`GlobalSiteModel`, possibly wrapped by
-    :class:`jaxem.built.BuiltModel`); ``()`` for a plain model."""
+    """The global sites of a model (`GlobalSiteModel`, possibly wrapped by
+    `jaxem.built.BuiltModel`); ``()`` for a plain model."""
     seen = set()
     while model is not None and id(model) not in seen:
         seen.add(id(model))
@@ -187,7 +188,7 @@ def check_global_sites(names, trace) -> None:
 
 def log_prior_of_trace(trace, names):
     """The log prior: the sum of the global sites' log-probabilities in an
-    enumerated trace (:class:`jaxem.tracing.EnumTrace`) at the params."""
+    enumerated trace (`jaxem.tracing.EnumTrace`) at the params."""
     # A Python float: without global sites, adding it keeps the dtype of a value.
     total = 0.0
     for name in names:

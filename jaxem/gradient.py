@@ -2,7 +2,9 @@
 
 Parameters without a closed-form update take ``m_step_iters`` optax steps on
 
-.. math:: -Q(\\theta) = -\\sum_f \\langle \\mathrm{sg}(q_f), \\log f(\\theta) \\rangle
+$$
+-Q(\\theta) = -\\sum_f \\langle \\mathrm{sg}(q_f), \\log f(\\theta) \\rangle
+$$
 
 in unconstrained space (NumPyro's ``biject_to``), the optimizer state carried
 across EM iterations. The step is accepted only if Q did not decrease, so
@@ -51,7 +53,7 @@ def to_unconstrained(params, constraints, names):
 
 
 def gradient_names(plan) -> list:
-    """The params an M-step plan (:func:`jaxem.mstep.plan_m_step`) updates by optax steps."""
+    """The params an M-step plan (`jaxem.mstep.plan_m_step`) updates by optax steps."""
     return [n for n, path in plan.items() if path.kind == "gradient"]
 
 
@@ -158,7 +160,9 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
     search along ``g`` on Q's quadratic model raises Q, and so (by the EM
     inequality) the log-likelihood, by
 
-    .. math:: \\delta = \\frac{\\lVert g \\rVert^4}{2\\, |g^T H g|},
+    $$
+    \\delta = \\frac{\\lVert g \\rVert^4}{2\\, |g^T H g|},
+    $$
 
     a gain in nats, whatever the units of the data or of the parameters. A
     param with an entry on its constraint's boundary (a weight exactly 0: its

@@ -102,7 +102,7 @@ def importance_log_likelihood(
             one leading draw axis.
         log_target_fn: ``z -> log p(x, z)`` (unconstrained, Jacobian included).
         elementwise_fn: ``z_flat -> entries`` summing to it, or None.
-        coordinate, entry, num_blocks: the :class:`Blocks`.
+        coordinate, entry, num_blocks: the `Blocks`.
         num_samples: proposal draws.
     """
     flat = jax.vmap(lambda d: ravel_pytree(d)[0])(draws)

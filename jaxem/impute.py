@@ -141,11 +141,11 @@ def _join_scanned_steps(filled):
 
 
 def impute(model, params, *args, rng_key=None, **kwargs):
-    """Fill the missing entries of every site of a :func:`jaxem.nan_as_missing` model.
+    """Fill the missing entries of every site of a `jaxem.nan_as_missing` model.
 
     Without ``rng_key``, each missing entry becomes its conditional expectation
     given the observed data, averaged over the posterior of the discrete
-    latents: :math:`\\sum_z p(z \\mid x_{obs}) \\, E[x_{mis} \\mid x_{obs}, z]`
+    latents: $\\sum_z p(z \\mid x_{obs}) \\, E[x_{mis} \\mid x_{obs}, z]$
     (for a MultivariateNormal, the regression of the missing coordinates on
     the observed ones). With ``rng_key``, one draw instead: the discrete
     latents from their posterior, then the missing entries from their
@@ -156,7 +156,7 @@ def impute(model, params, *args, rng_key=None, **kwargs):
     independent given the params, as in a mixture).
 
     Args:
-        model: a model wrapped with :func:`jaxem.nan_as_missing`.
+        model: a model wrapped with [`jaxem.nan_as_missing`][jaxem.nan_as_missing].
         params: ``{param name: constrained value}``, e.g. ``EMResult.params``.
         *args, **kwargs: the model's arguments.
         rng_key: PRNG key to draw imputations instead of expectations.

@@ -1,6 +1,6 @@
 """Data-driven initial values, usable as callable ``numpyro.param`` inits.
 
-NumPyro calls a callable initial value with a PRNG key, and :meth:`jaxem.EM.run`
+NumPyro calls a callable initial value with a PRNG key, and `jaxem.EM.run`
 gives every restart its own key: an initializer built here inside the model,
 from the model's own data argument, makes each restart start from different
 data points.

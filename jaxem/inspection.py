@@ -2,9 +2,9 @@
 
 Running the model once under ``seed`` gives the ``numpyro.param`` sites
 (initial values and constraints), the plates and the kinds of the sample
-sites (:func:`inspect_model`). Its static part, the :class:`ModelStructure`,
+sites (`inspect_model`). Its static part, the `ModelStructure`,
 depends on the shapes and dtypes of the arguments alone, so it is traced once
-per model and signature (:func:`model_structure`).
+per model and signature (`model_structure`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class ModelStructure(NamedTuple):
         observed_sites: names of the observed sample sites.
         max_plate_nesting: number of batch dimensions used by plates.
         global_sites: the params that are sample sites with priors
-            (:mod:`jaxem.global_sites`), constrained to their prior's support.
+            (`jaxem.global_sites`), constrained to their prior's support.
     """
 
     param_names: tuple[str, ...]
@@ -74,7 +74,7 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     """Run the model once under ``seed`` and classify its sites.
 
     Returns:
-        ``(structure, initial_params)``: a :class:`ModelStructure` and the
+        ``(structure, initial_params)``: a `ModelStructure` and the
         initial (constrained) values of the params, callable initial values
         called with keys derived from ``rng_key``, integer ones cast to the
         default float dtype (EM moves them continuously); with
@@ -83,9 +83,9 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     Raises:
         ModelError: no params, a param with a discrete constraint, a continuous
             or non-enumerable latent site, data whose shape is not the site's
-            (:func:`jaxem.validation.check_observed_site`). Checks of values (NaN
+            (`jaxem.validation.check_observed_site`). Checks of values (NaN
             data, initial values outside their constraints) are in
-            :func:`jaxem.validation.check_values`.
+            `jaxem.validation.check_values`.
     """
     # Latent sites take a value of their support instead of a prior draw: the
     # trace is for params and structure, and sampling N labels would be staged
@@ -182,7 +182,7 @@ def _float_param(name, value, constraint):
 
 
 def model_structure(model, args, kwargs) -> ModelStructure:
-    """The :class:`ModelStructure` of a model, from an abstract trace.
+    """The `ModelStructure` of a model, from an abstract trace.
 
     Nothing of the trace (initial values, latent samples) is staged into an
     enclosing ``jit``: only the static structure comes out. The structure depends
@@ -221,7 +221,7 @@ def mvn_sites_of_params(model, rng_key, args, kwargs, params) -> dict:
     depend on it}``, params reaching no such site left out.
 
     Read from the jaxpr of ``params -> (loc, scale_tril)`` of every such site
-    in a seeded trace (:func:`jaxem.selection.dependencies`, which follows
+    in a seeded trace (`jaxem.selection.dependencies`, which follows
     calls and ``scan`` bodies; the stacked site of a ``scan`` body is one site
     there). Other control flow makes every output depend on every input: a
     param may be reported to reach more sites than it does, never fewer.

@@ -1,7 +1,7 @@
 """The kernel interface: one EM variant as a pair of pure functions.
 
 In the spirit of blackjax's ``SamplingAlgorithm`` and optax's
-``GradientTransformation``, a :class:`Kernel` is a NamedTuple of pure
+``GradientTransformation``, a `Kernel` is a NamedTuple of pure
 functions; the model, the M-step settings and every other choice live in
 their closures, and the state is a pytree that the loop carries:
 
@@ -9,9 +9,9 @@ their closures, and the state is a pytree that the loop carries:
   initial params (``rng_key`` for callable initial values);
 * ``step(rng_key, state, arrays, spec) -> (state, info)``: one iteration.
   ``rng_key`` is this iteration's own key (the run loop derives one per
-  iteration from the run's key, :func:`jaxem.loop.iterate`); an exact E-step
+  iteration from the run's key, `jaxem.loop.iterate`); an exact E-step
   ignores it, a Monte Carlo E-step draws from it. ``info`` is a NamedTuple
-  whose first two fields are those of :class:`StepInfo`: ``objective``, the
+  whose first two fields are those of `StepInfo`: ``objective``, the
   objective (log-likelihood, ELBO) at the params of the state passed in, and
   ``moved``, whether the new state's params are a new point (False where a
   safeguard kept the point, so that the next objective repeats this one);
@@ -23,11 +23,13 @@ their closures, and the state is a pytree that the loop carries:
   of those params (an accelerator extrapolates in unconstrained coordinates).
 
 ``arrays`` are the model's array arguments (a pytree, traced under ``jit``),
-``spec`` the rest of its arguments (static): :func:`jaxem.arguments.split_args`.
+``spec`` the rest of its arguments (static): `jaxem.arguments.split_args`.
 
-A wrapper is a function from kernels to kernels (:func:`jaxem.accelerators.squarem`,
-:func:`jaxem.accelerators.anderson`); its state holds the inner kernel's state
-and its own (:class:`AcceleratedState`), and it calls the inner ``step`` as a
+A wrapper is a function from kernels to kernels
+([`jaxem.accelerators.squarem`][jaxem.accelerators.squarem],
+[`jaxem.accelerators.anderson`][jaxem.accelerators.anderson]); its state holds the inner
+kernel's state
+and its own (`AcceleratedState`), and it calls the inner ``step`` as a
 black box, so it works for any kernel: exact EM, variational EM, and the
 E-step kinds to come.
 
@@ -95,7 +97,7 @@ class Kernel(NamedTuple):
     Attributes:
         init: ``(rng_key, arrays, spec, init_params) -> state``.
         step: ``(rng_key, state, arrays, spec) -> (state, info)``, ``info`` a
-            NamedTuple starting with :class:`StepInfo`'s fields.
+            NamedTuple starting with `StepInfo`'s fields.
         get_params: ``state -> {param name: constrained value}``.
         set_params: ``(state, params) -> state`` with those params.
         constraints: ``(arrays, spec) -> {param name: constraint}``.
@@ -114,8 +116,8 @@ class AcceleratedState(NamedTuple):
     Attributes:
         inner: the inner kernel's state (its params the current point).
         acceleration: the wrapper's own state (a
-            :class:`jaxem.acceleration.SquaremState`, an
-            :class:`jaxem.acceleration.AndersonState`).
+            [`jaxem.acceleration.SquaremState`][jaxem.acceleration.SquaremState], an
+            [`jaxem.acceleration.AndersonState`][jaxem.acceleration.AndersonState]).
     """
 
     inner: Any

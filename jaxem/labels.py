@@ -4,7 +4,7 @@ NumPyro splits ``numpyro.sample(name, fn, obs=labels, obs_mask=known)`` into an
 observed site ``<name>_observed`` (masked to the known entries) and a latent
 ``<name>_unobserved`` (masked to the others). Enumerated, the latent part
 keeps only the cell of the label where the label is known
-(:func:`restrict_to_labels`), so a labelled point counts once and its posterior
+(`restrict_to_labels`), so a labelled point counts once and its posterior
 is one-hot at its label.
 """
 
@@ -81,7 +81,7 @@ _IMPOSSIBLE = -1e30  # a log-probability: a sum of a few stays finite in float32
 def labelled_latents(sites: dict) -> dict:
     """``{latent site: the name the user gave it}`` for the enumerated
     unobserved parts of discrete sites with an ``obs_mask``
-    (``"z_unobserved" -> "z"``), from the sites of a :class:`jaxem.tracing.EnumTrace`."""
+    (``"z_unobserved" -> "z"``), from the sites of a `jaxem.tracing.EnumTrace`."""
     found = {}
     for name, site in sites.items():
         if site.is_observed or not name.endswith(UNOBSERVED_SUFFIX):
@@ -95,7 +95,7 @@ def labelled_latents(sites: dict) -> dict:
 
 def known_labels(sites: dict, name: str):
     """``(labels, known)`` of the ``obs_mask`` latent ``name`` (see
-    :func:`labelled_latents`)."""
+    `labelled_latents`)."""
     observed = sites[name[: -len(UNOBSERVED_SUFFIX)] + OBSERVED_SUFFIX]
     labels = observed.value
     batch = jnp.shape(labels)[: jnp.ndim(labels) - observed.fn.event_dim]

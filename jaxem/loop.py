@@ -69,12 +69,12 @@ def initial_params(model, frozen: Sequence[str], rng_key, arrays, spec, init_par
 # -- the compiled loop --------------------------------------------------------
 
 # An iteration whose gain in the objective exceeds this many times the largest gain
-# before it is a numerical breakdown, not an EM step (see :func:`iterate`).
+# before it is a numerical breakdown, not an EM step (see `iterate`).
 JUMP_FACTOR = 1e3
 
 
 class LoopResult(NamedTuple):
-    """What :func:`iterate` ends with.
+    """What `iterate` ends with.
 
     Attributes:
         state: the last state; after a divergence, the last state whose value
@@ -113,7 +113,7 @@ class _Carry(NamedTuple):
 
 def loop_key(rng_key):
     """The key a restart's loop derives its per-iteration keys from
-    (:func:`iterate`): apart from ``rng_key`` itself, which draws the initial
+    (`iterate`): apart from ``rng_key`` itself, which draws the initial
     values, so that those stay what ``init(rng_key)`` gives."""
     return jax.random.split(rng_key)[1]
 
@@ -143,7 +143,7 @@ def credible(value, previous, max_gain, upper_bound=None):
 
     Not credible: a value above ``upper_bound`` (a log-likelihood of discrete
     observations is at most 0), and a gain ``value - previous`` more than
-    :data:`JUMP_FACTOR` times ``max_gain``, the largest gain before it. EM's gains
+    `JUMP_FACTOR` times ``max_gain``, the largest gain before it. EM's gains
     shrink as it converges (geometrically near a maximum) and grow only gradually
     away from a saddle point, so a gain a thousand times every earlier one is a
     density evaluated where its rounding error dominates (a variance collapsing to
@@ -180,7 +180,7 @@ def iterate(
 ) -> LoopResult:
     """Run ``step_fn`` in a ``lax.while_loop`` until convergence or ``max_iter``.
 
-    Every value is checked (:func:`credible`): one that is not finite, above
+    Every value is checked (`credible`): one that is not finite, above
     ``upper_bound`` or a jump no EM step makes stops the loop as a divergence,
     and the state before it is kept. After the loop ``final_fn`` evaluates the
     last state (the output of the last update, which no iteration evaluated);
@@ -188,7 +188,7 @@ def iterate(
     state before the last update is returned.
 
     Args:
-        step_fn: a kernel's step (:mod:`jaxem.kernel`), its data bound:
+        step_fn: a kernel's step ([`jaxem.kernel`][jaxem.kernel]), its data bound:
             ``(rng_key, state) -> (new_state, info)``, ``info.objective`` the
             objective at ``state``'s params and ``info.moved`` whether
             ``new_state``'s params are a new point. After a step that did not
@@ -204,11 +204,11 @@ def iterate(
         max_iter: maximum number of updates.
         tol: stop when ``|value_t - value_{t-1}| <= tol * |value_t|``; 0 runs
             exactly ``max_iter`` updates, even at a fixed point.
-        progress_bar: advance the bar of :func:`run_with_progress`.
+        progress_bar: advance the bar of `run_with_progress`.
         upper_bound: a value no state can exceed (None: no bound).
 
     Returns:
-        A :class:`LoopResult`.
+        A `LoopResult`.
     """
     dtype = jnp.result_type(float)
 
@@ -282,7 +282,7 @@ def best_restart(
     """``fit_fn(key)`` for ``num_restarts`` keys split from ``rng_key``: under
     ``vmap`` (``batched``), or one after another inside the compiled program
     (``lax.map``), each restart then stopping at its own iteration. The kept
-    restart: :func:`select_best`.
+    restart: `select_best`.
 
     One restart runs ``fit_fn(rng_key)`` itself (no vmap), so that it starts
     where ``init(rng_key)`` does. The restart kept is the one with the highest
@@ -322,8 +322,8 @@ def select_best(fits, score_fn: Callable, diverged_fn=None):
 
 def stationary(gain, value, tol):
     """Whether the gain still to be had along the gradient (see
-    :func:`jaxem.gradient.stationarity`) is negligible: at most
-    :data:`STATIONARITY_FACTOR` times what the convergence test allows per
+    `jaxem.gradient.stationarity`) is negligible: at most
+    `STATIONARITY_FACTOR` times what the convergence test allows per
     iteration, ``tol * |value|`` (``|value|`` at least 1)."""
     return gain <= STATIONARITY_FACTOR * tol * jnp.maximum(jnp.abs(value), 1.0)
 
@@ -364,7 +364,7 @@ def refuse_differentiation(tree, name: str):
 
 
 def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: float) -> None:
-    """Emit a :class:`~jaxem.exceptions.ConvergenceWarning` when the kept restart of
+    """Emit a `ConvergenceWarning` when the kept restart of
     ``result`` diverged, reached ``max_iter`` (``tol > 0``) or stopped away from a
     stationary point. Nothing under ``jit``/``vmap`` (the values are not known)."""
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(result)):
@@ -430,7 +430,7 @@ def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: flo
 
 
 def raise_for_gradient(gradient, paths, *, objective: str = "log-likelihood", at: str) -> None:
-    """A :class:`~jaxem.exceptions.ModelError` naming the gradient-path params whose
+    """A `ModelError` naming the gradient-path params whose
     gradient (``{name: gradient}``, concrete) is not finite: their gradient M-step
     rejects every step, so they cannot be fitted. ``paths``: ``m_step_paths``'
     ``{name: description}``; ``at``: where the gradient was taken, for the message.

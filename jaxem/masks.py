@@ -10,9 +10,9 @@ masked too) then leave the likelihood of the real steps unchanged.
 This is exact only when nothing that still counts depends on the masked
 latent's value: a masked latent feeding an unmasked one (a sequence padded at
 its start, or a gap inside it) would make that latent's prior an average over
-a uniform previous state, a model nobody wrote. :func:`latent_mask_problems`
+a uniform previous state, a model nobody wrote. `latent_mask_problems`
 finds such cells on concrete masks before fitting; Markov chains written with
-``scan`` have their own rule (:func:`jaxem.chain.chain_padding_problems`).
+``scan`` have their own rule (`jaxem.chain.chain_padding_problems`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def mask_of(fn):
 def counted_cells(fn, value):
     """Where an observed site counts, a boolean array over its batch shape
     (that of its distribution and its value together): not masked, and with at
-    least one entry observed (not NaN under :func:`jaxem.nan_as_missing`)."""
+    least one entry observed (not NaN under [`jaxem.nan_as_missing`][jaxem.nan_as_missing])."""
     value_batch = jnp.shape(value)[: jnp.ndim(value) - fn.event_dim]
     real = jnp.ones(jnp.broadcast_shapes(fn.batch_shape, value_batch), bool)
     if isinstance(fn, MissingData):
@@ -131,8 +131,8 @@ def latent_mask_problems(trace) -> dict:
 
 
 def raise_for_latent_masks(problems: dict) -> None:
-    """Raise a :class:`ModelError` for the first true entry of
-    :func:`latent_mask_problems` (concrete values)."""
+    """Raise a `ModelError` for the first true entry of
+    `latent_mask_problems` (concrete values)."""
     for (name, other, observed), bad in problems.items():
         if not bool(bad):
             continue

@@ -38,13 +38,13 @@ class MCEM(MonteCarloEM):
     1e-2 suits ``max_draws`` of 100-200 per chain and a few dozen parameters.
 
     Args:
-        model: see :class:`jaxem.SAEM`.
+        model: see [`jaxem.SAEM`][jaxem.SAEM].
         num_draws: draws per chain in the first iteration.
         growth: factor by which the draws per chain grow each iteration.
         max_draws: the largest number of draws per chain.
         **options: ``kernel``, ``num_chains``, ``num_warmup``, ``optimizer``,
             ``m_step_iters``, ``frozen``, ``num_is_draws``, ``num_is_samples``, as
-            for :class:`jaxem.SAEM`.
+            for [`jaxem.SAEM`][jaxem.SAEM].
     """
 
     name = "MCEM"
@@ -101,7 +101,7 @@ class MCEM(MonteCarloEM):
         importance sampling.
 
         Returns:
-            A :class:`jaxem.monte_carlo.MCResult`.
+            A `jaxem.monte_carlo.MCResult`.
         """
         if max_iter < 1:
             raise ValueError("max_iter must be at least 1")

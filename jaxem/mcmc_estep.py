@@ -1,9 +1,9 @@
 """The Monte Carlo E-step: continuous latents drawn by NumPyro's HMC/NUTS.
 
-A model for :class:`jaxem.SAEM` and :class:`jaxem.MCEM` has ``numpyro.param``
+A model for [`jaxem.SAEM`][jaxem.SAEM] and [`jaxem.MCEM`][jaxem.MCEM] has ``numpyro.param``
 sites (the parameters), observed sample sites, and latent sample sites: every
 continuous latent is drawn, every discrete one is summed out exactly inside the
-target density by NumPyro's enumeration (as :class:`jaxem.EM` does). The target of
+target density by NumPyro's enumeration (as [`jaxem.EM`][jaxem.EM] does). The target of
 the chains is ``p(z | x, theta)`` in unconstrained coordinates, for the current
 params ``theta``; the chains are carried from one EM iteration to the next (warm
 starts), their potential energy refreshed at each iteration's params, and their
@@ -11,7 +11,7 @@ step size and diagonal mass matrix adapted during a burn-in by NumPyro's own
 window adaptation (the first ``num_warmup`` transitions, whatever iteration they
 fall in). Chains run side by side under ``vmap``.
 
-NumPyro's functional HMC (:func:`numpyro.infer.hmc.hmc`) is used with a
+NumPyro's functional HMC (`numpyro.infer.hmc.hmc`) is used with a
 ``potential_fn_gen`` taking the params and the model's arrays, so the sampler's
 state can live in the compiled EM loop.
 """
@@ -87,7 +87,7 @@ class LatentModel:
 
     def inspect(self, rng_key, args, kwargs) -> LatentStructure:
         """The model's params and latent sites (concrete, outside ``jit``), with a
-        :class:`~jaxem.exceptions.ModelError` naming the site for what cannot be fitted."""
+        `ModelError` naming the site for what cannot be fitted."""
         try:
             # An improper latent cannot be drawn: give it a value so that the check
             # below names it.
@@ -183,7 +183,7 @@ class LatentModel:
 
     def elementwise(self, structure, params, z_unc, args, kwargs):
         """Every entry of every sample site's log-density and of the latents' log
-        |Jacobian|, raveled into one vector whose sum is :meth:`log_target` (continuous
+        |Jacobian|, raveled into one vector whose sum is `log_target` (continuous
         latents only: an enumerated sum does not split into entries)."""
         z = {}
         parts = []
@@ -226,7 +226,7 @@ class Sampler:
     """Chains of NumPyro's HMC or NUTS on ``p(z | x, theta)``, vmapped.
 
     Args:
-        latent: the :class:`LatentModel`.
+        latent: the `LatentModel`.
         algo: ``"NUTS"`` or ``"HMC"``.
         num_warmup: transitions (counted over the whole fit) during which the
             step size and the diagonal mass matrix are adapted.

@@ -5,7 +5,7 @@ values of every latent the site depends on and over its plates: a site that
 depends on 20 binary latents has 2^20 cells per data point, a transition
 between two Categorical latents with K values has K^2. Such a program takes
 minutes to compile and then runs out of memory. The shapes are known when the
-model is traced (before compilation), so :func:`check_enumeration_size`
+model is traced (before compilation), so `check_enumeration_size`
 refuses it there, naming the sites and latents responsible.
 
 The limit is ``jaxem.memory.max_enumeration_bytes``, a module-level setting
@@ -41,7 +41,7 @@ def enumeration_bytes(shape, dtype) -> int:
 
 
 def check_enumeration_size(factors: dict, latent_names, plate_names) -> None:
-    """Raise a :class:`ModelError` when a factor would not fit in memory.
+    """Raise a `ModelError` when a factor would not fit in memory.
 
     Args:
         factors: ``{site name: (shape, dtype, dim_to_name)}`` of the

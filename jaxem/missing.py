@@ -10,7 +10,7 @@ An observed site may have missing entries in two ways:
   like any discrete latent, and dropped only when no other site depends on
   it. ``obs_mask`` masks whole events (a row of a MultivariateNormal), as in
   NumPyro.
-* NaN entries, when the model is wrapped with :func:`nan_as_missing` (an
+* NaN entries, when the model is wrapped with `nan_as_missing` (an
   explicit opt-in: without it NaN data stay an error, so a NaN typo never
   silently fits a different model). Entries are missing one by one, also
   inside an event: a MultivariateNormal row is scored by the marginal of its
@@ -18,10 +18,10 @@ An observed site may have missing entries in two ways:
 
 Missing entries are replaced by a value in the distribution's support before
 any density is evaluated, so no NaN reaches values or gradients. The site's
-distribution is wrapped in :class:`MissingData`, which records which entries
+distribution is wrapped in `MissingData`, which records which entries
 are observed; the closed-form M-step of a MultivariateNormal then uses the
 conditional moments of the missing coordinates given the observed ones
-(:func:`conditional_moments`). Everything happens per site, so it applies to
+(`conditional_moments`). Everything happens per site, so it applies to
 any model structure: mixtures, several latents, models with no latent at all.
 """
 
@@ -186,10 +186,10 @@ def conditional_moments(loc, covariance, observed, value):
 
     For a row with observed coordinates v and missing ones h,
 
-    .. math::
-
-        m_h = \\mu_h + \\Sigma_{hv} \\Sigma_{vv}^{-1} (x_v - \\mu_v), \\qquad
-        V_{hh} = \\Sigma_{hh} - \\Sigma_{hv} \\Sigma_{vv}^{-1} \\Sigma_{vh},
+    $$
+    m_h = \\mu_h + \\Sigma_{hv} \\Sigma_{vv}^{-1} (x_v - \\mu_v), \\qquad
+    V_{hh} = \\Sigma_{hh} - \\Sigma_{hv} \\Sigma_{vv}^{-1} \\Sigma_{vh},
+    $$
 
     and ``m_v = x_v``, ``V`` zero in the observed rows and columns, so that
     ``E[x] = m`` and ``E[x x^T] = m m^T + V``.

@@ -1,7 +1,7 @@
-"""What :class:`jaxem.SAEM` and :class:`jaxem.MCEM` share: a kernel whose E-step draws
-the continuous latents with NumPyro's HMC/NUTS (:mod:`jaxem.mcmc_estep`), an M-step
+"""What [`jaxem.SAEM`][jaxem.SAEM] and [`jaxem.MCEM`][jaxem.MCEM] share: a kernel whose E-step draws
+the continuous latents with NumPyro's HMC/NUTS (`jaxem.mcmc_estep`), an M-step
 maximizing a weighted Monte Carlo estimate of ``Q`` over stored draws, the compiled
-loop, the importance-sampling log-likelihood at the end (:mod:`jaxem.importance`),
+loop, the importance-sampling log-likelihood at the end (`jaxem.importance`),
 and the warnings about divergent transitions and degenerate weights.
 
 A subclass says how an iteration's draws enter ``Q`` (``_draws_per_chain``,
@@ -57,7 +57,7 @@ def _sampler_settings(kernel) -> tuple[str, dict]:
 
 
 class MonteCarloEM:
-    """The shared part of :class:`jaxem.SAEM` and :class:`jaxem.MCEM` (see there)."""
+    """The shared part of [`jaxem.SAEM`][jaxem.SAEM] and [`jaxem.MCEM`][jaxem.MCEM] (see there)."""
 
     name = "MonteCarloEM"
 

@@ -1,5 +1,5 @@
-"""The state, per-iteration report and result of :class:`jaxem.SAEM` and
-:class:`jaxem.MCEM`."""
+"""The state, per-iteration report and result of [`jaxem.SAEM`][jaxem.SAEM] and
+[`jaxem.MCEM`][jaxem.MCEM]."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class MCState(NamedTuple):
 
 
 class MCInfo(NamedTuple):
-    """One iteration's report: :class:`jaxem.kernel.StepInfo`'s fields, then the
+    """One iteration's report: `jaxem.kernel.StepInfo`'s fields, then the
     chains' diagnostics.
 
     Attributes:
@@ -60,12 +60,12 @@ class MCInfo(NamedTuple):
 
 
 class MCResult(NamedTuple):
-    """Result of :meth:`SAEM.run` / :meth:`MCEM.run`.
+    """Result of `SAEM.run` / `MCEM.run`.
 
     Attributes:
         params: ``{param name: constrained value}``.
         log_likelihood: the observed-data log-likelihood at ``params``,
-            estimated by importance sampling (:mod:`jaxem.importance`).
+            estimated by importance sampling (`jaxem.importance`).
         log_likelihood_se: its Monte Carlo standard error.
         aic, bic: from ``log_likelihood``, the number of free parameter
             entries and the number of observed entries.
@@ -75,7 +75,7 @@ class MCResult(NamedTuple):
             every iteration, NaN after ``num_iters``.
         num_iters: iterations done.
         converged: SAEM: its schedule ran to the end; MCEM: the stopping rule
-            held (see :class:`jaxem.MCEM`). False after a divergence.
+            held (see [`jaxem.MCEM`][jaxem.MCEM]). False after a divergence.
         diverged: whether the run stopped on non-finite params or ``Q``
             (``params`` are then the last finite ones).
         accept_prob: shape ``(max_iter,)``: mean acceptance per iteration.

@@ -45,7 +45,7 @@ class ParamPath(NamedTuple):
             no closed form applies).
         update: the closed-form update, for ``"closed-form"``.
         consumers: ``(site name, argument name)`` pairs the parameter reaches.
-        prior: for a global site with a conjugate prior (:mod:`jaxem.conjugate`),
+        prior: for a global site with a conjugate prior (`jaxem.conjugate`),
             ``(site name, pseudo-statistics function)``: the prior's
             pseudo-statistics are added to the expected ones before the solve.
     """
@@ -284,7 +284,7 @@ def plan_m_step(
 
 def _with_prior(path, site, prior_cls, arguments):
     """A global site's path: its closed form kept where the prior is conjugate
-    (:mod:`jaxem.conjugate`), gradient steps on Q + log prior otherwise."""
+    (`jaxem.conjugate`), gradient steps on Q + log prior otherwise."""
     if path.kind != "closed-form":
         return path
     pseudo_fn = conjugate_statistics_fn(prior_cls, arguments)
@@ -442,7 +442,7 @@ def closed_form_statistics_m_step(
     trace=None,
     combine_fn=None,
 ):
-    """:func:`closed_form_m_step` that also returns each parameter's statistics.
+    """`closed_form_m_step` that also returns each parameter's statistics.
 
     Every closed-form update solves from statistics summed over the data (the
     sufficient statistics, pulled back to the parameter's entries).

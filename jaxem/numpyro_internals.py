@@ -9,22 +9,22 @@ Private functions and global state:
 
 * ``_promote_fn_shapes``, ``_promote_scanned_value_shapes`` and
   ``_subs_wrapper`` (``numpyro.contrib.control_flow.scan``): jaxem's
-  first-order scan (:mod:`jaxem.scan`) substitutes and shapes the sites of a
+  first-order scan (`jaxem.scan`) substitutes and shapes the sites of a
   scan body exactly as NumPyro's enumerated scan does, so that the two trace
   the same sites.
 * ``COERCIONS`` (``numpyro.distributions.distribution``): the list of hooks
   that NumPyro's ``DistributionMeta`` consults before constructing a
   distribution (``handlers.collapse`` uses it too). jaxem appends a hook only
-  while it traces a model (:func:`jaxem.tracing.enumerated_trace`) to record
+  while it traces a model (`jaxem.tracing.enumerated_trace`) to record
   the constructor arguments the user wrote, and removes it on exit.
-* ``_PYRO_STACK`` (``numpyro.primitives``, read by :func:`inside_handler`): the
+* ``_PYRO_STACK`` (``numpyro.primitives``, read by `inside_handler`): the
   stack of active effect handlers; jaxem's cached model traces are only valid
   when no outside handler sees the model's sites.
 * The settings a ``numpyro.infer.NUTS``/``HMC`` instance keeps in private
   attributes (``_step_size``, ``_target_accept_prob``, ...), read by
-  :func:`hmc_kernel_settings` so that a user can hand SAEM/MCEM a configured
+  `hmc_kernel_settings` so that a user can hand SAEM/MCEM a configured
   kernel.
-* ``MaskedDistribution._mask`` (:func:`distribution_mask`): the mask given to
+* ``MaskedDistribution._mask`` (`distribution_mask`): the mask given to
   ``handlers.mask`` or ``.mask()``; NumPyro has no public accessor.
 * The classes of NumPyro's singleton constraints (``_Real``, ``_Simplex``,
   ``_PositiveDefinite``, ``_LowerCholesky``, ``_Dependent``): jaxem decides a
@@ -34,15 +34,15 @@ Private functions and global state:
   are public under those names.
 
 Site names NumPyro makes up (jaxem recognizes them, and must never show them
-to a user: :func:`user_site_name`):
+to a user: `user_site_name`):
 
 * under enumeration, NumPyro's ``scan`` traces the first step of a scan body
-  unrolled, each site renamed ``_PREV_<name>`` (:data:`PREV_PREFIX`), and the
+  unrolled, each site renamed ``_PREV_<name>`` (`PREV_PREFIX`), and the
   later steps stacked along a dim named ``_time_<name>``
-  (:data:`TIME_PREFIX`);
+  (`TIME_PREFIX`);
 * ``numpyro.sample(name, fn, obs=data, obs_mask=known)`` becomes an observed
-  site ``<name>_observed`` (:data:`OBSERVED_SUFFIX`) and a latent one
-  ``<name>_unobserved`` (:data:`UNOBSERVED_SUFFIX`).
+  site ``<name>_observed`` (`OBSERVED_SUFFIX`) and a latent one
+  ``<name>_unobserved`` (`UNOBSERVED_SUFFIX`).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def base_constraint(constraint):
 
 def hmc_kernel_settings(kernel) -> dict:
     """The ``init_kernel`` settings of a ``numpyro.infer.NUTS`` or ``HMC`` instance
-    (:func:`numpyro.infer.hmc.hmc`'s keyword arguments)."""
+    (`numpyro.infer.hmc.hmc`'s keyword arguments)."""
     from numpyro.infer import NUTS
 
     settings = {

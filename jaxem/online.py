@@ -5,8 +5,10 @@ over the whole dataset. Online EM keeps a running average of those statistics
 instead, updated from one minibatch at a time with a decreasing step size
 ``gamma_t``,
 
-.. math:: s_t = (1 - \\gamma_t)\\, s_{t-1} + \\gamma_t\\, \\bar s(Y_t; \\theta_{t-1}),
-          \\qquad \\theta_t = \\bar\\theta(s_t),
+$$
+s_t = (1 - \\gamma_t)\\, s_{t-1} + \\gamma_t\\, \\bar s(Y_t; \\theta_{t-1}),
+\\qquad \\theta_t = \\bar\\theta(s_t),
+$$
 
 where ``s_bar`` is the minibatch's statistics averaged per data point, and
 ``theta_bar`` the closed-form solve, as in batch EM. With ``sum gamma_t =
@@ -109,22 +111,22 @@ class OnlineEMState(NamedTuple):
 
 
 class OnlineEMResult(NamedTuple):
-    """Result of :meth:`OnlineEM.run`.
+    """Result of `OnlineEM.run`.
 
     Online EM processes every minibatch it is given: a stochastic approximation
     of fixed length has no convergence test, and its parameters are not a
     stationary point of any one minibatch's likelihood, so there is no
     ``converged`` flag. Judge convergence from ``log_likelihoods`` over the
-    last epoch, or with :func:`jaxem.log_likelihood` on held-out data.
+    last epoch, or with [`jaxem.log_likelihood`][jaxem.log_likelihood] on held-out data.
 
     Attributes:
         params: ``{param name: constrained value}`` after the last accepted
             update.
-        state: the final :class:`OnlineEMState` (to go on streaming).
+        state: the final `OnlineEMState` (to go on streaming).
         log_likelihoods: shape ``(num_batches,)``: every minibatch's
             log-likelihood at the parameters it was processed with.
         diverged: whether an update of this run was rejected (see
-            ``num_rejected``); a :class:`~jaxem.exceptions.ConvergenceWarning`
+            ``num_rejected``); a `ConvergenceWarning`
             says which. ``params`` are then those of the updates accepted, which
             may be the ones at which a later minibatch's log-likelihood was not
             finite.
@@ -160,7 +162,7 @@ class OnlineEM(Fitter):
             minibatch (its plates sized by the minibatch).
         step_size: schedule ``t -> gamma_t`` (``t`` the number of minibatches
             processed before) for the closed-form parameters' running
-            statistics; default :func:`power_decay` with ``kappa = 0.6``.
+            statistics; default `power_decay` with ``kappa = 0.6``.
             With ``gamma_0 = 1`` the first update is one batch-EM step on the
             first minibatch.
         optimizer: optax optimizer for the parameters without a closed form;
@@ -349,8 +351,8 @@ class OnlineEM(Fitter):
             **kwargs: keyword arguments of the model, the same for every batch.
 
         Returns:
-            An :class:`OnlineEMResult`. A
-            :class:`~jaxem.exceptions.NumericalWarning` says when a fitted
+            An `OnlineEMResult`. A
+            `NumericalWarning` says when a fitted
             variance is held up by ``reg_covar`` (and ``init`` when
             ``reg_covar`` is not small against the first minibatch's data).
 

@@ -8,7 +8,7 @@ reports a log-likelihood far above the true one, every step looking like
 progress. Nothing computed in float32 tells such a value from a real one: EM's
 ascent identity ``ll(t) - Q_old(t) = H(q_old) + KL(q_old || p(z | x, t))`` holds
 for any function used as ``log p``, broken or not, and the jump rule of
-:func:`jaxem.loop.credible` sees only jumps a thousand times every earlier gain.
+`jaxem.loop.credible` sees only jumps a thousand times every earlier gain.
 
 So once, after a float32 fit and outside the compiled loop, the log-likelihood
 at the fitted params is evaluated in float64 (the same params and data, exactly
@@ -16,7 +16,7 @@ representable). A well-conditioned float32 evaluation agrees with it to
 ``sqrt(eps32) * (|ll| + cells)`` with a wide margin (summation error grows like
 ``eps * log(cells)``); a disagreement beyond that is a density that broke down.
 The fit is then a divergence, its ``log_likelihood`` the float64 value, and a
-:class:`~jaxem.exceptions.NumericalWarning` names the site, found by comparing
+`NumericalWarning` names the site, found by comparing
 every site's log-probabilities in the two precisions. A float64 fit has no
 higher precision to compare with; this check does nothing there.
 """
@@ -117,7 +117,7 @@ def recheck_in_float64(model, params, value, arrays, spec, *, hard=False, name="
         model: the fitted model.
         params: ``{param name: value}`` the fit returned (concrete).
         value: the log-likelihood the fit reported at ``params``.
-        arrays, spec: the model's arguments (:func:`jaxem.arguments.split_args`).
+        arrays, spec: the model's arguments (`jaxem.arguments.split_args`).
         hard: the value is hard EM's (the complete-data log-likelihood at the MAP
             assignment).
         name: the engine, for the message.

@@ -1,7 +1,7 @@
 """Warnings for a ``reg_covar`` that is not small against the data.
 
 The closed-form variance and covariance updates add ``reg_covar`` to what the
-data give (:mod:`jaxem.gaussian_stats`). On data whose spread is comparable to
+data give (`jaxem.gaussian_stats`). On data whose spread is comparable to
 it (measurements at a scale of 1e-4 with the default 1e-6), the regularizer
 decides the fit: components merge or are held at a variance of ``reg_covar``,
 and since the M-step then maximizes a regularized Q rather than Q, the
@@ -9,8 +9,8 @@ log-likelihood need not increase from one iteration to the next. Nothing in
 the compiled loop can say so; these checks run in Python around it:
 
 * before a fit, on the data's variance per coordinate
-  (:func:`coordinate_variance`, computed in the compiled validity check);
-* after it, on the fitted variances (:func:`warn_if_held_by_reg_covar`).
+  (`coordinate_variance`, computed in the compiled validity check);
+* after it, on the fitted variances (`warn_if_held_by_reg_covar`).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def regularized_sites(plan) -> dict:
 
 
 def _warn(message: str) -> None:
-    """A :class:`NumericalWarning` attributed to the first caller outside jaxem."""
+    """A `NumericalWarning` attributed to the first caller outside jaxem."""
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(0), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
@@ -140,11 +140,11 @@ _CONSEQUENCE = (
 
 
 def warn_if_reg_covar_dominates(spread: dict, plan_fn: Callable[[], dict], reg_covar) -> None:
-    """Warn when ``reg_covar`` exceeds :data:`DATA_FACTOR` times the smallest positive
-    variance per coordinate (``spread``: :attr:`jaxem.validation.Validity.spread`,
+    """Warn when ``reg_covar`` exceeds `DATA_FACTOR` times the smallest positive
+    variance per coordinate (``spread``: `jaxem.validation.Validity.spread`,
     concrete) of a site whose variance some param fits in closed form.
 
-    ``plan_fn()`` gives the M-step plan (:func:`jaxem.mstep.plan_m_step`); it is
+    ``plan_fn()`` gives the M-step plan (`jaxem.mstep.plan_m_step`); it is
     called only when some site's data are at such a scale."""
     if reg_covar <= 0:
         return
@@ -174,7 +174,7 @@ def warn_if_reg_covar_dominates(spread: dict, plan_fn: Callable[[], dict], reg_c
 
 def warn_if_held_by_reg_covar(params: dict, plan, reg_covar: float) -> None:
     """Warn when a fitted variance (a covariance eigenvalue) of a param whose closed-form
-    update adds ``reg_covar`` is at most :data:`FLOOR_FACTOR` times ``reg_covar``: the
+    update adds ``reg_covar`` is at most `FLOOR_FACTOR` times ``reg_covar``: the
     regularizer, not the data, holds that component up (concrete ``params``)."""
     if reg_covar <= 0:
         return

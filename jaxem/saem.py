@@ -121,7 +121,7 @@ class SAEM(MonteCarloEM):
         fitted params and estimate the log-likelihood by importance sampling.
 
         Returns:
-            A :class:`jaxem.monte_carlo.MCResult`.
+            A `jaxem.monte_carlo.MCResult`.
         """
         total = sum(self.schedule)
         max_iter = total if max_iter is None else int(max_iter)

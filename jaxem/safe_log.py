@@ -1,7 +1,7 @@
 """Log-space contractions whose derivatives stay finite at impossible states.
 
 The posterior marginals are the gradient of log Z with respect to the log
-factors (see :mod:`jaxem.estep`). A contraction in log space computes each
+factors (see `jaxem.estep`). A contraction in log space computes each
 intermediate message as ``log(sum(exp(...)))``; the message of a state that
 cannot occur (a probability of exactly zero, or a sum whose terms all
 underflow) is ``log(0) = -inf``. Its cotangent is zero, since ``exp(-inf)``
@@ -10,7 +10,7 @@ infinite, and ``0 * inf`` is NaN: one impossible state poisons every marginal
 it shares a contraction with.
 
 funsor's contraction calls ``log`` inside its own code, so the fix is applied
-to the traced program: :func:`zero_safe_log` re-evaluates a function's jaxpr
+to the traced program: `zero_safe_log` re-evaluates a function's jaxpr
 with every ``log`` replaced by one whose derivative at 0 is 0. The value is
 unchanged, and so is the derivative anywhere the argument is positive.
 """

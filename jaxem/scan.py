@@ -11,8 +11,8 @@ the carry changes from step to step (e.g. an autoregressive model carrying
 the previous observation), the steps run in ``lax.scan`` as in NumPyro.
 
 Only first-order chains (``history=1``) scanned forward take this path
-(:func:`_first_order_scan`); it produces traces in the format of NumPyro's
-enumerated scan, which :mod:`jaxem.chain` reads. Any other ``scan`` runs
+(`_first_order_scan`); it produces traces in the format of NumPyro's
+enumerated scan, which `jaxem.chain` reads. Any other ``scan`` runs
 NumPyro's own implementation.
 """
 
@@ -214,7 +214,7 @@ class _NoNestedScan(Messenger):
 
 class _ObsMaskParts(Messenger):
     """The unobserved part of an ``obs_mask`` site in the scan body, as
-    :class:`jaxem.missing.MissingEntries` makes it outside a scan: an observed
+    `jaxem.missing.MissingEntries` makes it outside a scan: an observed
     site of no weight (NumPyro would sample it, here with no random key).
 
     ``sample(name, fn, obs=x, obs_mask=m)`` is NumPyro's pair of sites

@@ -10,7 +10,7 @@ log-likelihood above any possible value.
 
 A parameter that reaches an argument through a function (``jnp.abs(p)``,
 ``a * b``, ``w * c``) cannot be judged from the constraints; its values are
-checked instead (:func:`argument_support`): on the initial values before a
+checked instead (`argument_support`): on the initial values before a
 fit, and on the fitted values after it, where an argument that left its
 support marks the fit as diverged.
 """
@@ -173,7 +173,7 @@ def argument_support(trace) -> dict:
 
 def arguments_in_support(trace) -> jax.Array:
     """Whether every constrained argument of an enumerated trace lies in its support
-    (see :func:`argument_support`)."""
+    (see `argument_support`)."""
     counts = [count for count, _ in argument_support(trace).values()]
     return jnp.all(jnp.stack(counts) == 0) if counts else jnp.array(True)
 
@@ -195,11 +195,11 @@ def params_of_argument(trace_fn: Callable, params: dict, site: str, arg: str) ->
 def raise_for_arguments(
     found: dict, when: str, params_of: Callable[[str, str], list], family_of: Callable
 ) -> None:
-    """A :class:`ModelError` for the first argument of :func:`argument_support`
+    """A `ModelError` for the first argument of `argument_support`
     (concrete values) outside its support.
 
     Args:
-        found: :func:`argument_support`'s output.
+        found: `argument_support`'s output.
         when: which values these are: "initial", "given" or "fitted".
         params_of: ``(site, argument) -> names of the params it depends on``.
         family_of: ``site -> its distribution`` (core family), for the message.

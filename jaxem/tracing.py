@@ -3,15 +3,15 @@
 The model runs with its params substituted under NumPyro's ``enum`` (with
 ``first_available_dim`` worked out from the plate nesting), so each sample
 site gives a log-probability tensor over the enumerated values of the
-discrete latents and the plates (:func:`enumerated_trace`). While tracing,
+discrete latents and the plates (`enumerated_trace`). While tracing,
 the constructor arguments of every distribution are recorded, so the M-step
 sees ``covariance_matrix=Sigma[z]`` as the user wrote it rather than the
 Cholesky factor NumPyro stores. Every ``scan`` runs as jaxem's first-order
-scan (:func:`jaxem.scan.enumerated_scan`).
+scan (`jaxem.scan.enumerated_scan`).
 
 The seeded trace that gives the params and the structure of a model is in
-:mod:`jaxem.inspection`, the densities in :mod:`jaxem.densities`, the checks of
-data and values in :mod:`jaxem.checks` and :mod:`jaxem.validation`.
+`jaxem.inspection`, the densities in `jaxem.densities`, the checks of
+data and values in `jaxem.checks` and `jaxem.validation`.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Site(NamedTuple):
 class EnumTrace(NamedTuple):
     """The sample sites of an enumerated trace, the constructor arguments of
     their distributions (``{id(distribution): (class, {arg name: value})}``) and
-    the case weights of its data plate (:class:`jaxem.weights.CaseWeights`)."""
+    the case weights of its data plate (`jaxem.weights.CaseWeights`)."""
 
     sites: dict
     constructor_args: dict
@@ -187,8 +187,8 @@ class _StashArgs(Messenger):
 
 
 class _EnumeratedScan(Messenger):
-    """Run every ``scan`` by :func:`jaxem.scan.enumerated_scan`, its body under
-    :class:`_StashArgs`."""
+    """Run every ``scan`` by `jaxem.scan.enumerated_scan`, its body under
+    `_StashArgs`."""
 
     def __init__(self, fn, records):
         self.records = records
@@ -247,7 +247,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
     plates (``first_available_dim = -max_plate_nesting - 1``). Each site's
     log-probability tensor is computed unless ``log_probs`` is False (the
     M-step only needs distribution arguments; not building the densities
-    keeps the compiled program small). A :class:`jaxem.built.BuiltModel` answers
+    keeps the compiled program small). A `jaxem.built.BuiltModel` answers
     from the trace it cached for these inputs' signature.
     """
     from jaxem.built import BuiltModel  # built.py builds on this module
@@ -350,7 +350,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
 
 
 def _check_factor_sizes(tr, labelled, depended_on) -> None:
-    """Refuse factors too large for memory (:mod:`jaxem.memory`) from their
+    """Refuse factors too large for memory (`jaxem.memory`) from their
     shapes, before any is built: under ``jit`` this runs while tracing, so the
     error comes before a long compilation."""
     factors, latents, plates = {}, set(), set()

@@ -5,10 +5,10 @@ log-likelihood (the latents summed out by enumeration), taken by autodiff in
 the unconstrained coordinates NumPyro's ``biject_to`` gives each param's
 constraint, where a maximum in the interior is a smooth maximum:
 
-.. math::
-
-    I(\\hat u) = -\\nabla^2_u \\log p(x \\mid \\theta(u)) \\big|_{u = \\hat u},
-    \\qquad \\operatorname{Cov}(\\hat u) \\approx I(\\hat u)^{-1}.
+$$
+I(\\hat u) = -\\nabla^2_u \\log p(x \\mid \\theta(u)) \\big|_{u = \\hat u},
+\\qquad \\operatorname{Cov}(\\hat u) \\approx I(\\hat u)^{-1}.
+$$
 
 The delta method carries it to the constrained params,
 ``Cov(theta) = J Cov(u) J^T`` with ``J = d theta / d u``: a simplex of K
@@ -41,7 +41,7 @@ __all__ = ["StandardErrors", "standard_errors"]
 
 
 class StandardErrors(NamedTuple):
-    """Standard errors of a fit (:func:`standard_errors`).
+    """Standard errors of a fit (`standard_errors`).
 
     Attributes:
         standard_errors: ``{param name: standard errors}``, shaped like the
@@ -75,14 +75,14 @@ def standard_errors(model, params, *args, frozen=(), **kwargs) -> StandardErrors
     Args:
         model: the NumPyro model (with discrete latents, summed out exactly).
         params: the estimate, ``{param name: constrained value}``, or a fit result
-            with a ``params`` field (``EM.run``'s). :meth:`jaxem.EM.standard_errors`
+            with a ``params`` field (``EM.run``'s). `jaxem.EM.standard_errors`
             passes the fitter's frozen params too.
         *args, **kwargs: the model's arguments (the data the fit used).
         frozen: names of params held fixed in the fit: they have no standard
             error, and the others' are conditional on their values.
 
     Returns:
-        :class:`StandardErrors`.
+        `StandardErrors`.
 
     Warns:
         NumericalWarning: the observed information is not positive definite (not

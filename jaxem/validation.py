@@ -1,15 +1,15 @@
 """Checks of a model's arguments, data and initial values, before anything is fitted.
 
 Everything here runs outside the compiled loop, on concrete values where it can
-(:func:`jaxem.checks.validate` gathers the values in one compiled check per model
-and signature and calls :func:`raise_for_invalid`):
+(`jaxem.checks.validate` gathers the values in one compiled check per model
+and signature and calls `raise_for_invalid`):
 
 * observed sites: data of exactly the site's shape (no broadcasting), inside
   the distribution's support, something observed at all;
 * sites that are priors rather than data (a ``numpyro.factor`` that depends
   on parameters only), which EM would silently add to the log-likelihood;
 * initial values: finite and inside their constraints (their names, shapes and
-  kinds are checked by :func:`jaxem.arguments.merge_init_params`).
+  kinds are checked by `jaxem.arguments.merge_init_params`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _site_label(name: str) -> str:
 
 
 def check_observed_site(name: str, site: dict) -> None:
-    """Raise a :class:`ModelError` unless an observed site's data has the shape of
+    """Raise a `ModelError` unless an observed site's data has the shape of
     its distribution after plates (``sample_shape + batch_shape + event_shape``),
     up to size-1 dims of the distribution that the data fills (a distribution
     shared by repeated measurements).
@@ -190,7 +190,7 @@ def describe_support(fn) -> str:
 
 
 class Validity(NamedTuple):
-    """What one compiled check found (arrays; :func:`raise_for_invalid` reads them).
+    """What one compiled check found (arrays; `raise_for_invalid` reads them).
 
     Attributes:
         non_finite: ``{observed site: number of NaN or infinite entries}``.
@@ -198,16 +198,16 @@ class Validity(NamedTuple):
         partial: ``{site with missing entries: number of events partly missing in
             a family without a closed-form marginal}``.
         coverage: ``{param: {MultivariateNormal site it reaches: which coordinates
-            some row observes}}`` (see :func:`check_values`).
+            some row observes}}`` (see `check_values`).
         outside_support: ``{observed site: (number of observed events outside the
             support, their first indices (k, ndim), their values)}``.
         num_observed: ``{observed site: number of events that enter the likelihood}``.
         priors: ``{site: 0}`` for the sites whose density depends on parameters only
-            (:func:`prior_sites`).
+            (`prior_sites`).
         arguments: ``{(site, argument): (number of cells outside its support, an
-            example)}`` (:func:`jaxem.supports.argument_support`).
+            example)}`` (`jaxem.supports.argument_support`).
         spread: ``{observed Gaussian site: variance of its data per coordinate}``
-            (:func:`jaxem.regularization.coordinate_variance`).
+            (`jaxem.regularization.coordinate_variance`).
     """
 
     non_finite: dict
@@ -227,18 +227,18 @@ def check_values(
     """Validity of data and initial values as arrays (jittable).
 
     Args:
-        structure: the model's :class:`jaxem.inspection.ModelStructure`.
+        structure: the model's `jaxem.inspection.ModelStructure`.
         params: initial values.
         sites: ``{observed site: (distribution, data)}`` at ``params``, missing
-            entries filled (:class:`jaxem.missing.MissingEntries`).
+            entries filled (`jaxem.missing.MissingEntries`).
         reach: ``{param: the MultivariateNormal sites whose arguments depend
-            on it}`` (:func:`jaxem.inspection.mvn_sites_of_params`).
-        priors: names of the sites that are priors (:func:`prior_sites`).
-        arguments: :func:`jaxem.supports.argument_support` of the model at
+            on it}`` (`jaxem.inspection.mvn_sites_of_params`).
+        priors: names of the sites that are priors (`prior_sites`).
+        arguments: `jaxem.supports.argument_support` of the model at
             ``params`` (None: not checked).
 
     Returns:
-        A :class:`Validity`. Its ``coverage`` holds only params that reach
+        A `Validity`. Its ``coverage`` holds only params that reach
         nothing but sites with missing entries, all with the same number of
         coordinates, that being the length of the param's last axis (a
         per-coordinate param).
@@ -310,7 +310,7 @@ def raise_for_invalid(
     frozen=(),
     support_of: Callable[[str], str] | None = None,
 ) -> None:
-    """Raise a :class:`ModelError` naming the first invalid site or param.
+    """Raise a `ModelError` naming the first invalid site or param.
 
     A param whose coordinates are missing in every row of every site it
     reaches (``validity.coverage``) is an error only when ``fitting`` and the
@@ -450,7 +450,7 @@ def prior_sites(model, rng_key, arrays, spec, params: dict) -> tuple[str, ...]:
 
     Read from the jaxpr of ``(params, model arguments, site values) -> (each
     numpyro.factor's log-factor, each observed site's obs= value)``, latent and
-    observed site values substituted as inputs (:func:`jaxem.selection.dependencies`).
+    observed site values substituted as inputs (`jaxem.selection.dependencies`).
     A site is a prior when
 
     * it is a ``numpyro.factor`` whose log-factor depends on no model argument,

@@ -2,14 +2,16 @@
 
 Generalized EM maximizes
 
-.. math:: \\mathrm{ELBO}(q, \\theta) = E_q[\\log p(x, z \\mid \\theta)] + H(q)
-          = \\log p(x \\mid \\theta) - \\mathrm{KL}(q \\,\\|\\, p(z \\mid x, \\theta)).
+$$
+\\mathrm{ELBO}(q, \\theta) = E_q[\\log p(x, z \\mid \\theta)] + H(q)
+= \\log p(x \\mid \\theta) - \\mathrm{KL}(q \\,\\|\\, p(z \\mid x, \\theta)).
+$$
 
 Exact EM sets q to the posterior. Here q is fully factorized over the latent
 sites, one categorical per site (and per plate element):
 
 * mean field (no guide): block coordinate ascent, each factor set to the
-  softmax of the gradient of :math:`E_q[\\log p]` with respect to it. The
+  softmax of the gradient of $E_q[\\log p]$ with respect to it. The
   expected log joint is a sum over the enumerated factor tensors of the model
   of ``<product of the q's of the factor's latents, log factor>``, so autodiff
   gives the update for any model, and latents that share no factor are updated
@@ -68,13 +70,13 @@ class VEMState(NamedTuple):
         opt_state: optax state of the model's gradient-path parameters.
         q: ``{latent site: probabilities}``, the variational marginals, each
             with the site's plate shape in front and its values on the last
-            axis (the layout of :func:`jaxem.posterior`).
+            axis (the layout of [`jaxem.posterior`][jaxem.posterior]).
         guide_params: ``{guide param name: constrained value}`` (empty without
             a guide).
         guide_opt_state: optax state of the guide parameters.
         iteration: number of updates done.
         acceleration: the accelerator's state with ``acceleration=`` (as
-            :attr:`jaxem.EMState.acceleration`), else ``()``.
+            `jaxem.EMState.acceleration`), else ``()``.
     """
 
     params: dict
@@ -87,7 +89,7 @@ class VEMState(NamedTuple):
 
 
 class VEMResult(NamedTuple):
-    """Result of :meth:`VariationalEM.run`.
+    """Result of `VariationalEM.run`.
 
     Attributes:
         params: ``{param name: constrained value}`` of the best restart.
@@ -98,9 +100,9 @@ class VEMResult(NamedTuple):
         num_iters: number of updates done.
         converged: whether the relative change of the ELBO fell below ``tol``
             and ``params`` are a stationary point of the ELBO at ``q`` (as
-            :attr:`jaxem.EMResult.converged`).
+            `jaxem.EMResult.converged`).
         diverged: whether the run stopped on an ELBO or parameter that was
-            not finite or not credible (as :attr:`jaxem.EMResult.diverged`);
+            not finite or not credible (as `jaxem.EMResult.diverged`);
             ``params`` are then the last ones before it. Also True when the
             exact ``log_likelihood`` of a float32 fit, evaluated again in
             float64, shows a density broken down in float32 (as for EM;
@@ -108,7 +110,7 @@ class VEMResult(NamedTuple):
         log_likelihood: the exact marginal log-likelihood at ``params`` (at
             least ``elbo``), or None where exact enumeration was judged
             intractable or was switched off.
-        q: the variational marginals at ``params`` (see :class:`VEMState`).
+        q: the variational marginals at ``params`` (see `VEMState`).
         guide_params: the guide's parameters (empty without a guide).
         restart_elbos: shape ``(num_restarts,)``: the final ELBO of every
             restart. The restart kept is the one with the highest ELBO among
@@ -121,7 +123,7 @@ class VEMResult(NamedTuple):
             restart.
         gradient: ``{param name: gradient}``: the gradient of the ELBO at
             ``q`` with respect to the unconstrained value of every model param
-            that is not frozen, at ``params`` (as :attr:`jaxem.EMResult.gradient`).
+            that is not frozen, at ``params`` (as `jaxem.EMResult.gradient`).
         log_prior: with ``global_sites``, the log prior of the global sites at
             ``params`` (None without). With priors the model's joint includes
             it: ``elbo`` (and ``history``) bound ``log_likelihood + log_prior``
@@ -153,7 +155,7 @@ class VEMResult(NamedTuple):
 class VariationalEM(Fitter):
     """Variational EM: the ELBO over a factorized q and the parameters.
 
-    Same interface as :class:`jaxem.EM`; the objective is the ELBO, a lower
+    Same interface as [`jaxem.EM`][jaxem.EM]; the objective is the ELBO, a lower
     bound of the log-likelihood that equals it when q is the posterior. With
     ``guide=None``, q is mean field (one categorical per latent site and plate
     element) updated by coordinate ascent; with a guide, q is the guide's
@@ -174,18 +176,18 @@ class VariationalEM(Fitter):
             optimizer steps on the guide parameters per iteration.
         guide_optimizer: optax optimizer for the guide; default ``optax.lbfgs()``.
         m_step, optimizer, m_step_iters, reg_covar, frozen: the M-step, as in
-            :class:`jaxem.EM`.
+            [`jaxem.EM`][jaxem.EM].
         exact_log_likelihood: ``"auto"`` reports the exact log-likelihood at
-            the final parameters in :class:`VEMResult` when exact enumeration
+            the final parameters in `VEMResult` when exact enumeration
             needs at most ``2**20`` cells per plate element; True always,
             False never.
         acceleration: ``None``, ``"squarem"`` or ``"anderson"``, as in
-            :class:`jaxem.EM`, the map accelerated being one iteration (E-step
+            [`jaxem.EM`][jaxem.EM], the map accelerated being one iteration (E-step
             and M-step) of variational EM and the safeguard comparing ELBOs;
             the extrapolated params start from the q of the point they come
             from.
         global_sites: names of sample sites that are parameters with priors,
-            as in :class:`jaxem.EM` (MAP estimates of them, the discrete
+            as in [`jaxem.EM`][jaxem.EM] (MAP estimates of them, the discrete
             latents variational).
 
     Examples:

@@ -4,9 +4,9 @@ A per-element ``numpyro.handlers.scale`` around the sites of a data plate is a
 case weight: element ``n`` of the plate counts ``w_n`` times. jaxem weights the
 element's *marginal* log-likelihood, after its latents are summed out,
 
-.. math::
-
-    \\log L(\\theta) = \\sum_n w_n \\log \\sum_{z_n} p(x_n, z_n \\mid \\theta),
+$$
+\\log L(\\theta) = \\sum_n w_n \\log \\sum_{z_n} p(x_n, z_n \\mid \\theta),
+$$
 
 which is what replicating element ``n`` ``w_n`` times gives for integer
 weights (scaling each factor instead, ``log sum_z p^w``, would not be). The
@@ -252,7 +252,7 @@ def _to_elements(x, dim, size):
 
 def _mixture_elements(log_factors, trace, name, dim, size):
     """Per element: the logsumexp over one latent's values (the mixture contraction
-    of :func:`jaxem.estep.contract_factors`, stopped before the plate sum)."""
+    of `jaxem.estep.contract_factors`, stopped before the plate sum)."""
     latent = trace.sites[name]
     enum_dims = [d for d, n in latent.dim_to_name.items() if n == name]
     involved = []
@@ -305,7 +305,7 @@ def _funsor_elements(log_factors, trace, plate, dim, size):
 
 
 def element_log_likelihoods(log_factors: dict, trace, *, parallel: bool = False, priors=()):
-    """Each element's log-likelihood over the data plate (:func:`observation_plate`),
+    """Each element's log-likelihood over the data plate (`observation_plate`),
     weighted by its case weight, ``(N,)``; they sum to the log-likelihood.
     ``priors`` names the global sites, whose prior belongs to no element (their
     factors in ``log_factors`` are zeros).

@@ -1,0 +1,146 @@
+"""The documentation checks itself: every Python code block of every page runs.
+
+Each page's ``python`` blocks run in page order in one namespace (a page is one session a
+reader would type), in a temporary directory where ``data/...`` paths resolve. A block
+that cannot run here (it needs several processes, an accelerator, or is deliberately a
+fragment) is marked in the Markdown with an HTML comment right before its fence::
+
+    <!-- skip: why this block does not run as written -->
+
+and is reported as skipped with that reason. A block that raises fails the page's test
+with the block's line number.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")  # pictures a snippet draws go nowhere
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+PAGES = sorted(p.name for p in DOCS.glob("*.md"))
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)\s*(?P<info>[^\n]*)$")
+_SKIP = re.compile(r"^\s*<!--\s*skip:\s*(?P<reason>.+?)\s*-->\s*$")
+
+
+def code_blocks(text):
+    """The fenced code blocks of a Markdown page.
+
+    Returns:
+        A list of ``(line, language, source, skip_reason)`` with the 1-based line of the
+        opening fence; ``skip_reason`` is None unless a ``<!-- skip: ... -->`` comment is the
+        last non-blank line before the fence.
+    """
+    lines = text.splitlines()
+    blocks = []
+    i = 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if m is None:
+            i += 1
+            continue
+        indent, fence, info = m["indent"], m["fence"], m["info"].strip()
+        language = info.split()[0].lstrip(".{").rstrip("}") if info else ""
+        body = []
+        j = i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence):
+            line = lines[j]
+            body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
+            j += 1
+        prev = i - 1
+        while prev >= 0 and not lines[prev].strip():
+            prev -= 1
+        skip = _SKIP.match(lines[prev]) if prev >= 0 else None
+        blocks.append((i + 1, language, "\n".join(body) + "\n", skip and skip["reason"]))
+        i = j + 1
+    return blocks
+
+
+def test_code_blocks_are_found():
+    """The parser sees fences, languages and skip markers (a check on the checker)."""
+    page = (
+        "text\n```python\nx = 1\n```\n<!-- skip: needs a GPU -->\n\n```python\ny = 2\n```\n"
+        "!!! note\n    ```python\n    z = 3\n    ```\n```bash\nls\n```\n"
+    )
+    assert code_blocks(page) == [
+        (2, "python", "x = 1\n", None),
+        (7, "python", "y = 2\n", "needs a GPU"),
+        (11, "python", "z = 3\n", None),
+        (14, "bash", "ls\n", None),
+    ]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_code_runs(page, monkeypatch, tmp_path):
+    # Files a snippet writes land in a temporary directory; `data/...` paths still resolve.
+    (tmp_path / "data").symlink_to(REPO / "data")
+    monkeypatch.chdir(tmp_path)
+    blocks = [b for b in code_blocks((DOCS / page).read_text()) if b[1] in ("python", "py")]
+    if not blocks:
+        pytest.skip(f"{page} has no Python code")
+    namespace = {"__name__": f"docs_{page[:-3].replace('-', '_')}"}
+    skipped = []
+    # A page that turns on float64 does so for itself only, as in a reader's fresh session.
+    x64 = jax.config.jax_enable_x64
+    try:
+        for line, _, source, reason in blocks:
+            if reason is not None:
+                skipped.append(f"line {line}: {reason}")
+                continue
+            code = compile(source, f"docs/{page}:{line}", "exec")
+            try:
+                exec(code, namespace)
+            except Exception as err:
+                raise AssertionError(f"docs/{page}, the code block at line {line} raised") from err
+    finally:
+        plt.close("all")
+        jax.config.update("jax_enable_x64", x64)
+    if skipped:
+        # The rest of the page ran; say which blocks did not, and why.
+        pytest.skip(f"{page}: ran the other blocks; skipped " + "; ".join(skipped))
+
+
+_RAW_ROLE = re.compile(r":(?:func|class|mod|math|meth|attr|data|obj|exc|ref):`|\.\. math::")
+
+
+def test_site_builds_without_raw_markup(tmp_path):
+    """The site builds strictly, and no Sphinx role reaches a reader as literal text."""
+    pytest.importorskip("mkdocs", reason="the docs extra is not installed (pip install -e .[docs])")
+    pytest.importorskip("mkdocstrings", reason="the docs extra is not installed")
+    site = tmp_path / "site"
+    completed = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
+        cwd=REPO,
+        # The examples are not run here (minutes); the Examples page says so instead.
+        env=dict(os.environ, NO_MKDOCS_2_WARNING="1", JAXEM_DOCS_EXAMPLES="0"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    raw = [
+        f"{page.relative_to(site)}: {match.group(0)}"
+        for page in sorted(site.rglob("*.html"))
+        for match in _RAW_ROLE.finditer(page.read_text())
+    ]
+    assert raw == []
+    # Autorefs left unresolved show as "[name][target]" text.
+    assert [p.name for p in site.rglob("*.html") if "][jaxem." in p.read_text()] == []
+
+
+def test_examples_page_shows_every_example():
+    """Every example script is on the Examples page, with its picture if it draws one."""
+    page = (DOCS / "examples.md").read_text()
+    for script in sorted((REPO / "examples").glob("*.py")):
+        assert f"`{script.name}`" in page, script.name
+        if "savefig" in script.read_text():
+            assert f"(examples/{script.stem}.png)" in page, script.name
