@@ -1,4 +1,4 @@
-"""Conjugate-exponential pieces of variational Bayes EM (:mod:`jaxem.vbem`).
+"""Conjugate-exponential pieces of variational Bayes EM (`jaxem.vbem`).
 
 A global site's variational posterior q(theta) is in its prior's family, an
 exponential family with sufficient statistics T(theta) (``log w`` for a

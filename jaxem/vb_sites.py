@@ -1,7 +1,7 @@
 """Which sites of a model read which global sites, for variational Bayes EM.
 
-:class:`jaxem.VariationalBayesEM` replaces every factor that reads a global site
-by its expectation under q (:mod:`jaxem.expected_log`). Which factors those are,
+`jaxem.VariationalBayesEM` replaces every factor that reads a global site
+by its expectation under q (`jaxem.expected_log`). Which factors those are,
 and through which distribution argument, is found on concrete values, once per
 input signature: a JVP of the recorded constructor arguments (and of every
 factor's log-probability) in a random direction of each global site. An argument

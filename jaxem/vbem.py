@@ -2,7 +2,7 @@
 
 Mean field q(theta) q(z) for a conjugate-exponential model (Beal 2003; Bishop,
 PRML 10.2): each global site's q is in its prior's family
-(:mod:`jaxem.expected_log`), and the discrete latents keep the exact
+(`jaxem.expected_log`), and the discrete latents keep the exact
 enumerated posterior given q(theta) (a chain's stays a chain's).
 
 One iteration, at q(theta) with moments ``M = E_q[T(theta)]``:
@@ -70,7 +70,7 @@ class VBState(NamedTuple):
 
 
 class VBResult(NamedTuple):
-    """Result of :meth:`VariationalBayesEM.run`.
+    """Result of `VariationalBayesEM.run`.
 
     Attributes:
         posteriors: ``{global site: NumPyro distribution}``, q(theta) of each
@@ -87,7 +87,7 @@ class VBResult(NamedTuple):
         latent_marginals: ``{site: q(z)'s marginal of the site's factor}``,
             shaped like the site's enumerated log-probability.
         latent_entropy: ``-E_q[log q(z)]``.
-        q: the final :class:`VBState`'s ``q``.
+        q: the final `VBState`'s ``q``.
     """
 
     posteriors: dict
@@ -399,7 +399,7 @@ class VariationalBayesEM:
             progress_bar: show a progress bar.
 
         Returns:
-            :class:`VBResult`.
+            `VBResult`.
         """
         if max_iter < 1:
             raise ValueError("max_iter must be at least 1")

@@ -79,6 +79,7 @@ def test_code_blocks_are_found():
     ]
 
 
+@pytest.mark.docs
 @pytest.mark.parametrize("page", PAGES)
 def test_page_code_runs(page, monkeypatch, tmp_path):
     # Files a snippet writes land in a temporary directory; `data/...` paths still resolve.

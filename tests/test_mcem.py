@@ -65,7 +65,8 @@ def _lmm_mle(y, days, subject):
     return beta, np.sqrt(np.diag(cov)), np.sqrt(sigma2), -fit.fun
 
 
-@pytest.mark.parametrize("fitter", ["SAEM", "MCEM"])
+# MCEM's fit takes about as long as SAEM's; both run with `pytest -m slow`, SAEM's in CI too.
+@pytest.mark.parametrize("fitter", ["SAEM", pytest.param("MCEM", marks=pytest.mark.slow)])
 def test_sleepstudy_reaches_the_maximum_likelihood_estimate(x64, load_csv, fitter):
     y, days, subject = _sleepstudy(load_csv)
     beta, sds, sigma, best = _lmm_mle(y, days, subject)
