@@ -105,11 +105,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-# One worker runs every test of this module, so the subprocess runs once.
+# One worker runs every test of this module, and the fixture lives for that worker's
+# session: a module-scoped one was set up again (130 s each time) whenever the worker ran
+# another module's test between two of these.
 pytestmark = pytest.mark.xdist_group("sharding")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sharded_results():
     tests = Path(__file__).parent
     env = dict(os.environ)
