@@ -6,14 +6,14 @@ replacement; jaxem fits it as the original data with multinomial case weights
 shapes and all of them run as one batched program. A parametric replicate
 draws new observations from the fitted model and refits. Each replicate starts
 from the fitted params, so it converges to the matching optimum in a few
-iterations; for a mixture, each replicate's components are then matched to the
-original fit's (the permutation of the component axis closest to it), since a
-replicate may find the same optimum with its labels switched.
+iterations; for a mixture or a hidden Markov model, each replicate's states are
+then matched to the original fit's (`jaxem.alignment`: the permutation closest to
+it, applied to every param axis the states index), since a replicate may find
+the same optimum with its labels switched.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import jax
@@ -22,6 +22,7 @@ import numpy as np
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
+from jaxem.alignment import align_states, match_states, num_states, state_axes
 from jaxem.arguments import split_args
 from jaxem.em import EM
 from jaxem.estep import structure_and_args
@@ -66,7 +67,7 @@ class _PlateWeights(Messenger):
         frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
         if frame is None:
             return
-        if msg["scale"] is not None:
+        if msg["scale"] is not None and not _is_one(msg["scale"]):
             raise ModelError(
                 f"jaxem: site '{msg['name']}' is already scaled: bootstrap the model without "
                 "its numpyro.handlers.scale (the replicates' weights take its place)."
@@ -76,6 +77,15 @@ class _PlateWeights(Messenger):
             shape = (-1,) + (1,) * (-frame.dim - 1)
             self.reshaped[frame.dim] = jnp.reshape(self.weights, shape)
         msg["scale"] = self.reshaped[frame.dim]
+
+
+def _is_one(scale) -> bool:
+    """Whether a site's scale is a concrete 1 (a model's default case weight), which
+    the replicates' weights may replace."""
+    try:
+        return bool(np.all(np.asarray(scale) == 1.0))
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return False
 
 
 class _Resample(Messenger):
@@ -114,9 +124,12 @@ def bootstrap(
             observations from the fitted model).
         level: the coverage of the percentile intervals.
         max_iter, tol: each replicate's fit, which starts from the fitted params.
-        align: match each replicate's components to the original fit's (a
-            mixture: one latent site, the params with a leading axis of its size
-            permuted together). None: for a model with one latent site.
+        align: match each replicate's states to the original fit's
+            (`jaxem.alignment.align_states`: a mixture's components, a hidden
+            Markov model's states, permuted in every param axis they index,
+            both axes of a transition matrix). None: where the model's latent
+            sites share one number of values and permuting them leaves the
+            likelihood unchanged. True: a ModelError where they do not.
 
     Returns:
         `BootstrapResult`.
@@ -199,12 +212,8 @@ def bootstrap(
 
     fits = jax.vmap(one)(keys)
     estimates = {n: np.asarray(v) for n, v in fits.params.items()}
-    latents = structure.latent_sites
-    if align is None:
-        align = len(latents) == 1
-    if align:
-        size = int(trace.sites[latents[0]].value.size) if latents else 0
-        estimates = _align(estimates, {n: np.asarray(v) for n, v in params.items()}, size)
+    if align or align is None:
+        estimates = _aligned(em.model, estimates, params, align, args, kwargs)
     tail = (1.0 - level) / 2.0
     return BootstrapResult(
         params={n: jnp.asarray(v) for n, v in estimates.items()},
@@ -221,20 +230,11 @@ def bootstrap(
     )
 
 
-def _align(estimates: dict, original: dict, num_components: int) -> dict:
-    """Permute each replicate's components (the leading axis of size K of the
-    params that have one) to the permutation closest to the original fit, in
-    squared differences scaled by each param's magnitude."""
-    names = [n for n, v in original.items() if v.ndim and v.shape[0] == num_components]
-    if num_components < 2 or not names or num_components > 8:
-        return estimates
-    scales = {n: np.mean(np.abs(original[n])) + 1e-12 for n in names}
-    permutations = np.array(list(itertools.permutations(range(num_components))))
-    cost = 0.0
-    for n in names:
-        permuted = estimates[n][:, permutations]  # (B, P, K, ...)
-        diff = (permuted - original[n][None, None]) / scales[n]
-        cost = cost + np.sum(diff.reshape(diff.shape[0], diff.shape[1], -1) ** 2, axis=-1)
-    best = permutations[np.argmin(cost, axis=1)]  # (B, K)
-    rows = np.arange(best.shape[0])[:, None]
-    return {n: (v[rows, best] if n in names else v) for n, v in estimates.items()}
+def _aligned(model, estimates, params, align, args, kwargs):
+    """The replicates' states aligned to the fit (`jaxem.alignment`); with
+    ``align=None``, only where the model has a label symmetry to undo."""
+    if align:
+        return align_states(model, estimates, params, *args, **kwargs)
+    num = num_states(model, params, *args, **kwargs)
+    axes = None if num is None else state_axes(model, params, num, *args, **kwargs)
+    return estimates if axes is None else match_states(estimates, params, axes, num)
