@@ -30,6 +30,7 @@ from jaxem.global_sites import global_site_names, log_prior_of_trace
 from jaxem.inspection import model_structure
 from jaxem.labels import known_labels, labelled_latents
 from jaxem.missing import MissingEntries
+from jaxem.mixture_factors import gather_latent_factors
 from jaxem.safe_log import zero_safe_log
 from jaxem.tracing import EnumTrace, enumerated_trace
 from jaxem.weights import element_log_likelihoods, reject_case_weights, weighted_log_likelihood
@@ -84,24 +85,9 @@ def _contract_mixture(log_factors: dict, trace: EnumTrace, name: str):
     plates first (conditional independence). The enumeration axis is moved first
     and the values summed out by `_logsumexp_leading`.
     """
-    latent = trace.sites[name]
-    enum_dims = [d for d, n in latent.dim_to_name.items() if n == name]
-    if not enum_dims:  # a support of one value: nothing to sum out
-        return sum(jnp.sum(log_prob) for log_prob in log_factors.values())
-    (enum_dim,) = enum_dims
-    involved, rest = [], 0.0
-    for site_name, site in trace.sites.items():
-        log_prob = log_factors[site_name]
-        if name not in site.dim_to_name.values():
-            rest = rest + jnp.sum(log_prob)
-            continue
-        inner = tuple(
-            jnp.ndim(log_prob) + d
-            for d, n in site.dim_to_name.items()
-            if n in site.plates and n not in latent.plates
-        )
-        involved.append(jnp.sum(log_prob, axis=inner, keepdims=True) if inner else log_prob)
-    joint = sum(involved[1:], involved[0])
+    joint, enum_dim, rest = gather_latent_factors(log_factors, trace, name)
+    if joint is None:
+        return rest
     joint = jnp.moveaxis(joint, jnp.ndim(joint) + enum_dim, 0)
     return jnp.sum(_logsumexp_leading(joint.reshape(joint.shape[0], -1))) + rest
 

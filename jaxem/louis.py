@@ -192,17 +192,13 @@ def _structure(model, params, draws, args, kwargs) -> tuple[list, LatentStructur
     model); a ModelError for a latent with no draws, or draws that do not fit it."""
     tr = trace(seed(substitute(model, data=params), jax.random.PRNGKey(0)))
     sites = tr.get_trace(*args, **kwargs)
-    names, constraints_, discrete, observed, nesting = [], {}, [], [], 0
-    for name, site in sites.items():
-        if site["type"] == "param":
-            names.append(name)
-            constraints_[name] = site["kwargs"].get("constraint", dist.constraints.real)
-            continue
-        if site["type"] != "sample":
-            continue
-        for frame in site["cond_indep_stack"]:
-            if frame.dim is not None:
-                nesting = max(nesting, -frame.dim)
+    names = [n for n, s in sites.items() if s["type"] == "param"]
+    constraints_ = {n: sites[n]["kwargs"].get("constraint", dist.constraints.real) for n in names}
+    samples = {n: s for n, s in sites.items() if s["type"] == "sample"}
+    frames = [f for s in samples.values() for f in s["cond_indep_stack"] if f.dim is not None]
+    nesting = max((-f.dim for f in frames), default=0)
+    discrete, observed = [], []
+    for name, site in samples.items():
         scale = site.get("scale")
         if scale is not None and not np.all(np.isin(np.asarray(scale), (0.0, 1.0))):
             # A weight w stands for w elements, each with a latent of its own: one draw

@@ -34,6 +34,7 @@ from jaxem.chain import find_chain
 from jaxem.chain_inference import chain_log_likelihoods
 from jaxem.exceptions import ModelError
 from jaxem.funsor_contraction import exact_log
+from jaxem.mixture_factors import gather_latent_factors
 from jaxem.numpyro_internals import user_site_name
 from jaxem.safe_log import zero_safe_log
 
@@ -253,22 +254,11 @@ def _to_elements(x, dim, size):
 def _mixture_elements(log_factors, trace, name, dim, size):
     """Per element: the logsumexp over one latent's values (the mixture contraction
     of `jaxem.estep.contract_factors`, stopped before the plate sum)."""
-    latent = trace.sites[name]
-    enum_dims = [d for d, n in latent.dim_to_name.items() if n == name]
-    involved = []
-    for site_name, site in trace.sites.items():
-        if name not in site.dim_to_name.values():
-            continue
-        log_prob = log_factors[site_name]
-        inner = tuple(
-            jnp.ndim(log_prob) + d
-            for d, n in site.dim_to_name.items()
-            if n in site.plates and n not in latent.plates
-        )
-        involved.append(jnp.sum(log_prob, axis=inner, keepdims=True) if inner else log_prob)
-    joint = sum(involved[1:], involved[0])
-    if enum_dims:  # left of the plate dims: removing it leaves their negative dims
-        joint = _logsumexp(joint, jnp.ndim(joint) + enum_dims[0])
+    joint, enum_dim, rest = gather_latent_factors(log_factors, trace, name)
+    if joint is None:  # a support of one value: nothing to sum out
+        return sum(_to_elements(f, dim, size) for f in log_factors.values())
+    # The enumeration dim is left of the plate dims: removing it leaves their negative dims.
+    joint = _logsumexp(joint, jnp.ndim(joint) + enum_dim)
     return _to_elements(joint, dim, size)
 
 

@@ -326,3 +326,19 @@ def test_fitters_without_case_weights_say_so(fitter, match, x64):
     with pytest.raises(ModelError, match=match):
         state = fit.init(jax.random.PRNGKey(0), x, jnp.ones(3))
         fit.update(state, x, jnp.ones(3))
+
+
+def test_per_observation_of_a_latent_with_one_value_is_the_observations_density(x64):
+    # A support of one value has no enumeration dim: nothing to sum out (this raised an
+    # IndexError).
+    def one_class(x):
+        mu = numpyro.param("mu", jnp.array([0.5]))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(1)))
+            numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+    x = jnp.array([0.1, -0.3, 1.2])
+    params = {"mu": jnp.array([0.5])}
+    per = jaxem.log_likelihood(one_class, params, x, per_observation=True)
+    np.testing.assert_allclose(per, norm.logpdf(np.asarray(x), 0.5, 1.0), rtol=1e-12)
+    np.testing.assert_allclose(per.sum(), jaxem.log_likelihood(one_class, params, x))
