@@ -23,6 +23,8 @@ information, is EM's rate of linear convergence.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -36,6 +38,7 @@ from jaxem.delta_method import (
     unconstrained_coordinates,
 )
 from jaxem.estep import e_step, log_likelihood, structure_and_args
+from jaxem.exceptions import ConvergenceWarning
 from jaxem.gradient import expected_log_joint
 from jaxem.louis import louis_standard_errors
 from jaxem.monte_carlo_types import MCResult
@@ -87,6 +90,14 @@ def standard_errors(model, params, *args, frozen=(), **kwargs) -> StandardErrors
         [0.141, 0.141]
     """
     if isinstance(params, MCResult):
+        if not bool(params.converged):
+            warnings.warn(
+                "jaxem: the Monte Carlo fit did not converge (or diverged): its params need "
+                "not be the maximum, and standard errors from the information there do not "
+                "describe the estimate. Refit longer (max_iter, the schedule) first.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
         return louis_standard_errors(
             model, params.params, params.draws, *args, frozen=frozen, **kwargs
         )

@@ -149,6 +149,8 @@ def test_saem_standard_errors_by_louis_identity_match_the_closed_form_informatio
     expected = finite_difference_standard_errors(np.asarray(y), params)
     assert_within_monte_carlo_error(se, expected)
     assert se.covariance.shape == (3, 3)
+    with pytest.warns(jaxem.ConvergenceWarning, match="Monte Carlo fit did not converge"):
+        jaxem.standard_errors(random_intercept, result._replace(converged=jnp.array(False)), y)
 
 
 def test_louis_names_a_continuous_latent_without_draws(x64):
