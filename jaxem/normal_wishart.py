@@ -22,6 +22,7 @@ them (``Lam[z]``, ``mu[z]``), which is how the other pairs select their moments.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -307,6 +308,15 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
             )
         mean = means[0]
         core = priors[mean]
+        if jnp.shape(values[mean])[:-1] != jnp.shape(values[prec])[:-2]:
+            # A tied precision shared by several means: q(mu, Lam) is then no
+            # product of Normal-Wisharts, and the per-pair updates would be wrong.
+            raise ModelError(
+                f"jaxem: global site '{mean}' has shape {jnp.shape(values[mean])} and "
+                f"'{prec}' {jnp.shape(values[prec])}: VariationalBayesEM's Normal-Wishart "
+                "pair needs one mean per precision matrix (in the same plates; a tied "
+                f"precision is not supported); {fix}."
+            )
         if not isinstance(core, dist.MultivariateNormal) or set(
             a for s, a in moved if s == mean
         ) != {"precision_matrix"}:
@@ -359,6 +369,23 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
                         f"of it ({arg}); write the argument as the global site itself or an "
                         f"indexing of it; {fix}."
                     )
+        # loc and precision_matrix must select the same component (mu[z] with
+        # Lam[z]): E[Lam_j mu_k] for j != k is no selection of E[Lam mu].
+        batch = jnp.shape(values[mean])[:-1]
+        ids = jnp.reshape(1.0 + jnp.arange(math.prod(batch)), batch)
+        probe = dict(values)
+        probe[prec] = ids[..., None, None] * jnp.ones_like(values[prec])
+        probe[mean] = ids[..., None] * jnp.ones_like(values[mean])
+        selected = compiled(fn)(probe)
+        for site in sites:
+            loc_ids = np.asarray(selected[site]["loc"])[..., 0]
+            prec_ids = np.asarray(selected[site]["precision_matrix"])[..., 0, 0]
+            if not np.array_equal(*np.broadcast_arrays(loc_ids, prec_ids)):
+                raise ModelError(
+                    f"jaxem: site '{user_site_name(site)}' reads '{mean}' and '{prec}' at "
+                    f"different components: the Normal-Wishart pair needs loc={mean}[z] and "
+                    f"precision_matrix={prec}[z] with the same index; {fix}."
+                )
         group = NormalWishart(prec, mean, tuple(sites))
         groups[prec] = group
         for site in sites:

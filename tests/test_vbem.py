@@ -561,8 +561,14 @@ def _nw_variant(kind):
     def model(x, K=2):
         m0, w0 = map(jnp.asarray, _nw_prior())
         w = numpyro.sample("w", dist.Dirichlet(jnp.ones(K)))
+        if kind == "tied":  # one precision shared by the components
+            lam = numpyro.sample("lam", dist.Wishart(NW_NU0, scale_matrix=w0))
         with numpyro.plate("components", K):
-            if kind == "inverse_wishart":
+            if kind == "tied":
+                mu = numpyro.sample(
+                    "mu", dist.MultivariateNormal(m0, precision_matrix=NW_BETA0 * lam)
+                )
+            elif kind == "inverse_wishart":
                 sigma = numpyro.sample("sigma", dist.InverseWishart(NW_NU0, w0))
                 mu = numpyro.sample("mu", dist.MultivariateNormal(m0, sigma / NW_BETA0))
             else:
@@ -579,6 +585,10 @@ def _nw_variant(kind):
                 likelihood = dist.MultivariateNormal(mu[z], sigma[z])
             elif kind == "covariance":
                 likelihood = dist.MultivariateNormal(mu[z], jnp.linalg.inv(lam[z]))
+            elif kind == "other_component":
+                likelihood = dist.MultivariateNormal(mu[z], precision_matrix=lam[1 - z])
+            elif kind == "tied":
+                likelihood = dist.MultivariateNormal(mu[z], precision_matrix=lam)
             else:
                 likelihood = dist.MultivariateNormal(mu[z], precision_matrix=lam[z])
             numpyro.sample("x", likelihood, obs=x)
@@ -592,6 +602,8 @@ def _nw_variant(kind):
         ("covariance", ("w", "lam", "mu"), r"site 'x' reads 'lam' through \['covariance_matrix'\]"),
         ("independent_mean", ("w", "lam", "mu"), r"'lam' has a Wishart prior but no global site"),
         ("inverse_wishart", ("w", "sigma", "mu"), r"'sigma' has a InverseWishart prior.*precision"),
+        ("other_component", ("w", "lam", "mu"), r"site 'x' reads 'mu' and 'lam' at different"),
+        ("tied", ("w", "lam", "mu"), r"one mean per precision matrix"),
     ],
 )
 def test_normal_wishart_unsupported_spelling_names_site(kind, sites, match, x64):
