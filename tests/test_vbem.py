@@ -398,20 +398,14 @@ def _nw_start(K=3):
     return {"w": np.ones(K) / K, "mu": mu, "lam": np.stack([np.eye(2)] * K)}
 
 
-@pytest.mark.parametrize(
-    "spelling",
-    [
-        "scale_matrix",
-        # The other spellings of the Wishart prior: the same fit, deselected by default (CI time).
-        pytest.param("rate_matrix", marks=pytest.mark.slow),
-        pytest.param("scale_tril", marks=pytest.mark.slow),
-    ],
-)
-def test_normal_wishart_matches_sklearn(spelling, x64):
-    """Same priors, same initial responsibilities (the posterior at the same point):
-    every variational parameter equals scikit-learn's BayesianGaussianMixture after
-    the same number of iterations, and the ELBO its lower bound plus the constant
-    it drops."""
+_NW_FITS: dict = {}
+
+
+def _nw_fits(spelling="scale_matrix"):
+    """``(x, K, iterations, jaxem's fit, scikit-learn's fit)`` from the same initial
+    responsibilities, computed once per spelling (the Monte Carlo test reuses it)."""
+    if spelling in _NW_FITS:
+        return _NW_FITS[spelling]
     import warnings
 
     from scipy.stats import multivariate_normal
@@ -458,6 +452,27 @@ def test_normal_wishart_matches_sklearn(spelling, x64):
         tol=0,
         init_params={k: jnp.asarray(v) for k, v in start.items()},
     )
+    _NW_FITS[spelling] = (x, K, n, fit, sk)
+    return _NW_FITS[spelling]
+
+
+@pytest.mark.xdist_group("normal_wishart")  # shares _nw_fits with the Monte Carlo test
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "scale_matrix",
+        # The other spellings of the Wishart prior: the same fit, deselected by default (CI time).
+        pytest.param("rate_matrix", marks=pytest.mark.slow),
+        pytest.param("scale_tril", marks=pytest.mark.slow),
+    ],
+)
+def test_normal_wishart_matches_sklearn(spelling, x64):
+    """Same priors, same initial responsibilities (the posterior at the same point):
+    every variational parameter equals scikit-learn's BayesianGaussianMixture after
+    the same number of iterations, and the ELBO its lower bound plus the constant
+    it drops."""
+    x, K, n, fit, sk = _nw_fits(spelling)
+    m0, w0 = _nw_prior()
     (alpha,), (nu, w), (m, beta) = fit.q["w"], fit.q["lam"], fit.q["mu"]
     rtol = 1e-6
     np.testing.assert_allclose(alpha, sk.weight_concentration_, rtol=rtol)
@@ -495,6 +510,7 @@ def test_normal_wishart_matches_sklearn(spelling, x64):
     assert isinstance(fit.posteriors["mu"], dist.MultivariateStudentT)
 
 
+@pytest.mark.xdist_group("normal_wishart")
 def test_normal_wishart_elbo_monotone_and_equal_to_monte_carlo(x64):
     """The Normal-Wishart ELBO never decreases and equals a Monte Carlo estimate of
     E_q[log p(x, z, theta) - log q]: (Lam, mu) drawn jointly from q(Lam) q(mu | Lam),
@@ -503,13 +519,10 @@ def test_normal_wishart_elbo_monotone_and_equal_to_monte_carlo(x64):
 
     from jaxem.normal_wishart import mean_given_precision
 
-    x, K = jnp.asarray(_nw_data((8, 8, 0))), 2
+    x, K, _, fit, _ = _nw_fits()
+    x = jnp.asarray(x)
     sites = ("w", "lam", "mu")
     model = lambda x: full_gmm(x, K)  # noqa: E731
-    start = {k: jnp.asarray(v) for k, v in _nw_start(K).items()}
-    fit = VariationalBayesEM(model, global_sites=sites).run(
-        jax.random.PRNGKey(0), x, max_iter=25, tol=0, init_params=start
-    )
     history = np.asarray(fit.history[: int(fit.num_iters)])
     assert np.all(np.diff(history) >= -1e-9 * np.abs(history[1:]))
     assert history[-1] <= float(fit.elbo) + 1e-9 * abs(float(fit.elbo))
