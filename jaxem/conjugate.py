@@ -20,7 +20,15 @@ Normal(m, s)           Normal / LogNormal ``loc``             (sum w P x + m / s
                                                               sum w P + 1 / s^2)
 Normal(m, s) (event)   MultivariateNormal ``loc``             (sum w P x + m / s^2,
 / MultivariateNormal                                          sum w P + diag(1 / s^2))
+Wishart(nu, W)         MultivariateNormal                     (scatter + W^-1,
+                       ``precision_matrix``                   sum w + nu - D - 1)
+InverseWishart(nu, P)  MultivariateNormal                     (scatter + P,
+                       ``covariance_matrix``                  sum w + nu + D + 1)
 =====================  =====================================  ==============================
+
+A prior on a variance or precision reaching a Normal's ``scale`` through a
+transformation (``jnp.sqrt(var)``, ``1 / jnp.sqrt(tau)``) is no selection of the
+site, so no closed form applies: its M-step takes gradient steps on Q + log prior.
 
 Pseudo-counts that would make a statistic negative (a concentration below 1 on
 a cell without weight) are clipped at zero: the mode is then on the boundary,
@@ -87,6 +95,26 @@ def _mvn_loc(stats, prior):
     return num + jnp.einsum("...de,...e->...d", precision, loc), den + precision
 
 
+def _wishart_precision(stats, prior):
+    # log|L| (count + nu - D - 1) / 2 - tr((scatter + W0^-1) L) / 2: the mode has
+    # covariance (scatter + W0^-1) / (count + nu - D - 1).
+    scatter, count = stats
+    dim = jnp.shape(scatter)[-1]
+    nu = jnp.asarray(prior.concentration, jnp.result_type(count))[..., None, None]
+    rate = jnp.broadcast_to(jnp.asarray(prior.rate_matrix, jnp.result_type(scatter)), scatter.shape)
+    return scatter + rate, jnp.maximum(count + nu - dim - 1, 0.0)
+
+
+def _inverse_wishart_covariance(stats, prior):
+    # -log|S| (count + nu + D + 1) / 2 - tr((scatter + Psi) S^-1) / 2: the mode is
+    # (scatter + Psi) / (count + nu + D + 1).
+    scatter, count = stats
+    dim = jnp.shape(scatter)[-1]
+    nu = jnp.asarray(prior.concentration, jnp.result_type(count))[..., None, None]
+    psi = jnp.broadcast_to(jnp.asarray(prior.scale_matrix, jnp.result_type(scatter)), scatter.shape)
+    return scatter + psi, count + nu + dim + 1
+
+
 _PROBS = (
     dist.CategoricalProbs,
     dist.MultinomialProbs,
@@ -108,6 +136,10 @@ for _cls in (dist.Normal, dist.LogNormal):
     _CONJUGATE[(dist.Normal, _cls, "loc")] = _normal_loc
 for _prior in (dist.Normal, dist.MultivariateNormal):
     _CONJUGATE[(_prior, dist.MultivariateNormal, "loc")] = _mvn_loc
+_CONJUGATE[(dist.Wishart, dist.MultivariateNormal, "precision_matrix")] = _wishart_precision
+_CONJUGATE[(dist.InverseWishart, dist.MultivariateNormal, "covariance_matrix")] = (
+    _inverse_wishart_covariance
+)
 
 
 def conjugate_statistics_fn(prior_cls, consumers) -> Callable | None:

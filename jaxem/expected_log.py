@@ -164,7 +164,12 @@ EXPECTED_LOG_DENSITIES: dict = {
 
 def supported_pairs() -> str:
     """The conjugate pairs, in words (for messages)."""
-    return ", ".join(
+    singles = ", ".join(
         f"{prior.__name__} prior on a {cls.__name__.removesuffix('Probs')} '{arg}'"
         for (cls, arg), (prior, _) in EXPECTED_LOG_DENSITIES.items()
+    )
+    return (
+        singles + ", Normal-Wishart prior on a MultivariateNormal's 'loc' and "
+        "'precision_matrix' (Lam ~ Wishart, mu ~ MultivariateNormal(m0, "
+        "precision_matrix=beta0 * Lam))"
     )

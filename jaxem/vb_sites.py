@@ -28,10 +28,12 @@ from jaxem.numpyro_internals import distribution_mask, user_site_name
 __all__ = [
     "Reader",
     "check_proper",
+    "compiled",
     "core_args",
     "core_of",
     "expected_site_log_prob",
     "find_readers",
+    "tangent_fn",
     "unsupported",
 ]
 
@@ -109,14 +111,36 @@ def unsupported(name, what):
     )
 
 
+def compiled(fn):
+    """``fn`` compiled once and called for the direction of every global site:
+    eager JVPs of a whole model trace are slow. Eager (as written) where the
+    model cannot be traced under ``jit`` or an output is not an array."""
+    jitted = jax.jit(fn)
+
+    def call(*a):
+        try:
+            return jitted(*a)
+        except Exception:  # noqa: BLE001 - the eager call gives the same values
+            return fn(*a)
+
+    return call
+
+
+def tangent_fn(fn):
+    """``(values, direction) -> d fn(values) [direction]``, compiled (`compiled`)."""
+    return compiled(lambda values, direction: jax.jvp(fn, (values,), (direction,))[1])
+
+
 def find_readers(model, names, trace, values, args, kwargs, nesting, families) -> dict:
-    """Which distribution argument of which site each global site reaches, found
-    by a JVP in a random direction; the argument must be a selection of it."""
+    """Which distribution argument of which site each global site in ``names``
+    reaches, found by a JVP in a random direction; the argument must be a
+    selection of it. ``values`` holds every global site (``names`` may leave out
+    the Normal-Wishart pairs, found by `jaxem.normal_wishart`)."""
     names = list(names)
     rng = np.random.default_rng(0)
     tangents = {
         n: jnp.asarray(rng.normal(size=jnp.shape(values[n])), jnp.result_type(values[n]))
-        for n in names
+        for n in values
     }
 
     def site_args(vals):
@@ -124,16 +148,17 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
         return {s: core_args(tr, site)[1] for s, site in tr.sites.items()}
 
     readers = {}
+    site_args_jvp, site_args_fast = tangent_fn(site_args), compiled(site_args)
     for source in names:
-        direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in names}
-        _, moved = jax.jvp(site_args, (values,), (direction,))
-        linear = site_args({n: direction[n] for n in names})
+        direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in values}
+        moved = site_args_jvp(values, direction)
+        linear = site_args_fast(direction)
         for site_name, arguments in moved.items():
             shown = user_site_name(site_name)  # as the user wrote it (a scan step)
             for arg, change in arguments.items():
                 if not isinstance(change, jax.Array) or not bool(jnp.any(change != 0)):
                     continue
-                if site_name in names:
+                if site_name in values:
                     raise ModelError(
                         f"jaxem: the prior of global site '{shown}' depends on global "
                         f"site '{source}' (its '{arg}'): VariationalBayesEM supports "
@@ -176,11 +201,12 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
     # density at one point of q (silently a different model).
     def site_log_probs(vals):
         tr = model.enumerated_trace(vals, args, kwargs, nesting)
-        return {s: site.log_prob for s, site in tr.sites.items() if s not in names}
+        return {s: site.log_prob for s, site in tr.sites.items() if s not in values}
 
+    log_probs_jvp = tangent_fn(site_log_probs)
     for source in names:
-        direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in names}
-        _, moved = jax.jvp(site_log_probs, (values,), (direction,))
+        direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in values}
+        moved = log_probs_jvp(values, direction)
         for site_name, change in moved.items():
             shown = user_site_name(site_name)  # as the user wrote it (a scan step)
             reader = readers.get(site_name)

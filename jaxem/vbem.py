@@ -43,6 +43,16 @@ from jaxem.global_sites import check_global_sites, with_global_sites
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
+from jaxem.normal_wishart import (
+    find_normal_wishart,
+    nw_expected_log_density,
+    nw_kl,
+    nw_make,
+    nw_moments,
+    nw_point,
+    nw_priors,
+    nw_update,
+)
 from jaxem.numpyro_internals import user_site_name
 from jaxem.vb_sites import (
     check_proper,
@@ -75,7 +85,9 @@ class VBResult(NamedTuple):
     Attributes:
         posteriors: ``{global site: NumPyro distribution}``, q(theta) of each
             global site (``dist.Dirichlet``, ``dist.Gamma``, ...), shaped like
-            the site's prior.
+            the site's prior. For a Normal-Wishart pair, ``dist.Wishart`` for the
+            precision and the marginal ``dist.MultivariateStudentT`` of the mean
+            (q(mu | Lam) is `jaxem.normal_wishart.mean_given_precision`).
         elbo: the evidence lower bound at ``posteriors``, q(z) optimal for them:
             ``E_q[log p(x, z, theta)] - E_q[log q(z)] - E_q[log q(theta)]``.
         history: shape ``(max_iter,)``: the ELBO at the start of every
@@ -87,7 +99,8 @@ class VBResult(NamedTuple):
         latent_marginals: ``{site: q(z)'s marginal of the site's factor}``,
             shaped like the site's enumerated log-probability.
         latent_entropy: ``-E_q[log q(z)]``.
-        q: the final `VBState`'s ``q``.
+        q: the final `VBState`'s ``q`` (for a Normal-Wishart pair ``(nu, W)``
+            for the precision, ``(m, beta)`` for the mean).
     """
 
     posteriors: dict
@@ -105,6 +118,8 @@ class _Plan(NamedTuple):
     readers: dict  # {site name: Reader}
     families: dict  # {global site: prior class}
     nesting: int
+    groups: dict  # {precision site: NormalWishart}
+    nw_readers: dict  # {site name: NormalWishart}
 
 
 class VariationalBayesEM:
@@ -115,7 +130,10 @@ class VariationalBayesEM:
     exactly given q(theta). Supported conjugate pairs: a Dirichlet prior on a
     Categorical's ``probs``, a Beta prior on a Bernoulli's ``probs``, a Gamma
     prior on a Poisson's or an Exponential's ``rate``, a Normal prior on a
-    Normal's ``loc`` (its scale known). The ELBO is exact and never decreases.
+    Normal's ``loc`` (its scale known), and the Normal-Wishart pair of a
+    MultivariateNormal's ``loc`` and ``precision_matrix`` (``Lam ~ Wishart``,
+    ``mu ~ MultivariateNormal(m0, precision_matrix=beta0 * Lam)``; see
+    `jaxem.normal_wishart`). The ELBO is exact and never decreases.
 
     Args:
         model: a NumPyro model whose parameters are sample sites with priors.
@@ -184,15 +202,27 @@ class VariationalBayesEM:
         nesting = structure.max_plate_nesting
         values = {n: jnp.asarray(seeded[n]["value"]) for n in self.global_sites}
         trace = self.model.enumerated_trace(values, args, kwargs, nesting)
+        groups, nw_readers = find_normal_wishart(
+            self.model, self.global_sites, trace, values, args, kwargs, nesting
+        )
+        paired = {n for g in groups.values() for n in (g.precision, g.mean)}
         families = {}
         for name in self.global_sites:
             prior = core_distribution(trace.sites[name].fn)
-            if type(prior) not in PRIOR_FAMILIES:
+            if name not in paired and type(prior) not in PRIOR_FAMILIES:
                 raise ModelError(unsupported(name, f"a {type(prior).__name__} prior"))
             families[name] = type(prior)
-        readers = find_readers(
-            self.model, self.global_sites, trace, values, args, kwargs, nesting, families
-        )
+        singles = [n for n in self.global_sites if n not in paired]
+        readers = find_readers(self.model, singles, trace, values, args, kwargs, nesting, families)
+        both = sorted(set(readers) & set(nw_readers))
+        if both:
+            raise ModelError(
+                f"jaxem: site '{user_site_name(both[0])}' reads global site "
+                f"'{readers[both[0]].source}' besides the Normal-Wishart pair "
+                f"'{nw_readers[both[0]].mean}'/'{nw_readers[both[0]].precision}': "
+                "VariationalBayesEM supports one conjugate prior per distribution. "
+                "Fit by EM(model, global_sites=...) (MAP)."
+            )
         # The expected factors are written unscaled: a scaled site (case weights,
         # handlers.scale) reading a global site would be fitted as if unweighted.
         scaled = [
@@ -206,8 +236,9 @@ class VariationalBayesEM:
                 f"numpyro.handlers.scale){': site ' + repr(scaled[0]) if scaled else ''}. "
                 "Fit the unweighted model, or use EM(model, global_sites=...) (MAP)."
             )
-        plan = _Plan(readers, families, nesting)
+        plan = _Plan(readers, families, nesting, groups, nw_readers)
         self._families = families
+        self._groups = groups
         self._plans[key] = plan
         return plan
 
@@ -230,6 +261,15 @@ class VariationalBayesEM:
         for name, site in trace.sites.items():
             if name in self.global_sites:
                 factors[name] = jnp.zeros_like(site.log_prob)
+            elif name in plan.nw_readers:
+                loc = tuple(selected[j][name]["loc"] for j in range(2))
+                precision = tuple(selected[j][name]["precision_matrix"] for j in range(2))
+                lp = expected_site_log_prob(
+                    site.fn,
+                    site.value,
+                    lambda v, a=loc, p=precision: nw_expected_log_density(v, a, p),
+                )
+                factors[name] = jnp.broadcast_to(lp, jnp.shape(site.log_prob))
             elif name in plan.readers:
                 reader = plan.readers[name]
                 _, arguments = core_args(trace, site)
@@ -245,9 +285,9 @@ class VariationalBayesEM:
 
     def _e_step(self, q, arrays, spec, plan):
         """``(log Z_q, d log Z_q / dM, factor marginals, expected factors, trace)``."""
-        moments = {n: PRIOR_FAMILIES[plan.families[n]].moments(q[n]) for n in self.global_sites}
+        moments = self._moments(q, plan)
         # Any point in the support gives the factors that read no global site.
-        point = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]).mean for n in self.global_sites}
+        point = self._point(q, plan)
 
         def log_z(moments, factors_delta):
             trace, factors = self._factors(moments, point, arrays, spec, plan)
@@ -261,9 +301,48 @@ class VariationalBayesEM:
         )(moments, zeros)
         return value, stats, marginals, factors, trace
 
+    # -- per family: single sites by `PRIOR_FAMILIES`, pairs by `normal_wishart` --
+
+    def _singles(self, plan):
+        paired = {n for g in plan.groups.values() for n in (g.precision, g.mean)}
+        return [n for n in self.global_sites if n not in paired]
+
+    def _moments(self, q, plan):
+        out = {n: PRIOR_FAMILIES[plan.families[n]].moments(q[n]) for n in self._singles(plan)}
+        for g in plan.groups.values():
+            out[g.precision], out[g.mean] = nw_moments(q[g.precision], q[g.mean])
+        return out
+
+    def _point(self, q, plan):
+        out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]).mean for n in self._singles(plan)}
+        for g in plan.groups.values():
+            out[g.precision], out[g.mean] = nw_point(q[g.precision], q[g.mean])
+        return out
+
+    def _posteriors(self, q, plan):
+        out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]) for n in self._singles(plan)}
+        for g in plan.groups.values():
+            out[g.precision], out[g.mean] = nw_make(q[g.precision], q[g.mean])
+        return {n: out[n] for n in self.global_sites}
+
+    def _new_q(self, priors, stats, plan):
+        """The VB-M-step: natural parameters the prior's plus the statistics."""
+        q = {}
+        for name in self._singles(plan):
+            family = PRIOR_FAMILIES[plan.families[name]]
+            eta = tuple(p + s for p, s in zip(family.natural(priors[name]), stats[name]))
+            q[name] = family.from_natural(eta)
+        for g in plan.groups.values():
+            q[g.precision], q[g.mean] = nw_update(
+                priors[g.precision], priors[g.mean], stats[g.precision], stats[g.mean]
+            )
+        return q
+
     def _priors(self, trace, plan):
         priors = {}
-        for name in self.global_sites:
+        for g in plan.groups.values():
+            priors[g.precision], priors[g.mean] = nw_priors(trace, g)
+        for name in self._singles(plan):
             site = trace.sites[name]
             prior = core_distribution(site.fn)
             family = PRIOR_FAMILIES[plan.families[name]]
@@ -276,20 +355,18 @@ class VariationalBayesEM:
 
     def _kl(self, q, priors, plan):
         total = 0.0
-        for name in self.global_sites:
+        for name in self._singles(plan):
             family = PRIOR_FAMILIES[plan.families[name]]
             total = total + jnp.sum(kl_divergence(family.make(q[name]), family.make(priors[name])))
+        for g in plan.groups.values():
+            total = total + nw_kl(q[g.precision], q[g.mean], priors[g.precision], priors[g.mean])
         return total
 
     def _elbo_and_update(self, q, arrays, spec, plan):
         value, stats, marginals, factors, trace = self._e_step(q, arrays, spec, plan)
         priors = self._priors(trace, plan)
         elbo = value - self._kl(q, priors, plan)
-        new_q = {}
-        for name in self.global_sites:
-            family = PRIOR_FAMILIES[plan.families[name]]
-            eta = tuple(p + s for p, s in zip(family.natural(priors[name]), stats[name]))
-            new_q[name] = family.from_natural(eta)
+        new_q = self._new_q(priors, stats, plan)
         return elbo, new_q, (value, marginals, factors)
 
     def _step(self, rng_key, state, arrays, spec):
@@ -309,22 +386,14 @@ class VariationalBayesEM:
         # The expected factors are linear in the moments: their gradient, weighted by
         # the latents' posterior at the point, is the expected sufficient statistics
         # wherever it is taken (here at the priors' moments).
-        moments = {
-            n: PRIOR_FAMILIES[plan.families[n]].moments(priors[n]) for n in self.global_sites
-        }
+        moments = self._moments(priors, plan)
 
         def expected(moments):
             _, factors = self._factors(moments, point, arrays, spec, plan)
             return sum(jnp.sum(result.marginals[n] * f) for n, f in factors.items())
 
         stats = jax.grad(expected)(moments)
-        priors = self._priors(trace, plan)
-        q = {}
-        for name in self.global_sites:
-            family = PRIOR_FAMILIES[plan.families[name]]
-            eta = tuple(p + s for p, s in zip(family.natural(priors[name]), stats[name]))
-            q[name] = family.from_natural(eta)
-        return VBState(q, jnp.zeros((), jnp.int32))
+        return VBState(self._new_q(priors, stats, plan), jnp.zeros((), jnp.int32))
 
     # -- public API -----------------------------------------------------------------
 
@@ -347,7 +416,8 @@ class VariationalBayesEM:
 
     def get_params(self, state) -> dict:
         """``{global site: q(theta)}`` as NumPyro distributions."""
-        return {n: PRIOR_FAMILIES[self._families[n]].make(state.q[n]) for n in self.global_sites}
+        plan = _Plan({}, self._families, 0, self._groups, {})
+        return self._posteriors(state.q, plan)
 
     def _run(self, rng_key, arrays, init_params, tol, *, spec, max_iter, progress_bar):
         plan = self._plan(arrays, spec)
@@ -369,9 +439,7 @@ class VariationalBayesEM:
         )
         log_z, marginals, factors = loop.aux
         expected = sum(jnp.sum(marginals[n] * f) for n, f in factors.items())
-        posteriors = {
-            n: PRIOR_FAMILIES[plan.families[n]].make(loop.state.q[n]) for n in self.global_sites
-        }
+        posteriors = self._posteriors(loop.state.q, plan)
         return VBResult(
             posteriors,
             loop.value,

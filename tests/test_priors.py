@@ -369,3 +369,131 @@ def test_a_gaussian_prior_on_a_multivariate_loc_is_its_posterior_mode(x64, prior
     precision = np.diag(1 / np.asarray(s0) ** 2)
     expected = np.linalg.solve(den[0] + precision, num[0] + precision @ np.asarray(m0))
     np.testing.assert_allclose(mode[0], expected, rtol=1e-12)
+
+
+# -- priors on variances: Wishart / InverseWishart closed forms, the rest gradient -----
+
+
+def _mvn_mixture_data():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(10, 2)) @ np.array([[1.0, 0.4], [0.0, 0.7]]) + [2.0, 1.0]
+    b = rng.normal(size=(9, 2)) * 0.6 - [1.5, 1.0]
+    return jnp.asarray(np.concatenate([a, b]))
+
+
+def mvn_wishart(x, K=2):
+    w = numpyro.sample("w", dist.Dirichlet(2.0 * jnp.ones(K)))
+    mu = numpyro.param("mu", jnp.array([[1.0, 0.5], [-1.0, -0.5]]))
+    with numpyro.plate("components", K):
+        lam = numpyro.sample(
+            "lam", dist.Wishart(5.0, scale_matrix=jnp.array([[0.5, 0.1], [0.1, 0.4]]))
+        )
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(mu[z], precision_matrix=lam[z]), obs=x)
+
+
+def mvn_inverse_wishart(x, K=2):
+    w = numpyro.sample("w", dist.Dirichlet(2.0 * jnp.ones(K)))
+    mu = numpyro.param("mu", jnp.array([[1.0, 0.5], [-1.0, -0.5]]))
+    with numpyro.plate("components", K):
+        sigma = numpyro.sample(
+            "sigma", dist.InverseWishart(4.0, jnp.array([[0.8, 0.2], [0.2, 1.2]]))
+        )
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(mu[z], covariance_matrix=sigma[z]), obs=x)
+
+
+@pytest.mark.slow  # a full fit and a scipy maximization per prior (about 30 s); fast below
+@pytest.mark.parametrize(
+    "model, site",
+    [(mvn_wishart, "lam"), (mvn_inverse_wishart, "sigma")],
+    ids=["wishart", "inverse-wishart"],
+)
+def test_a_wishart_prior_on_a_precision_or_covariance_is_closed_form(x64, model, site):
+    """A Wishart prior on a MultivariateNormal's precision_matrix, an InverseWishart
+    on its covariance_matrix: closed form, and the MAP of a scipy maximization."""
+    x = _mvn_mixture_data()
+    names = ("w", site)
+    em = EM(model, global_sites=names, reg_covar=0.0)
+    paths = em.m_step_paths(x)
+    assert "conjugate prior" in paths[site] and paths[site].startswith("closed-form"), paths
+    result = em.run(jax.random.PRNGKey(0), x, max_iter=1000, tol=1e-13)
+    assert bool(result.converged)
+    constraints_ = {
+        "w": constraints.simplex,
+        "mu": constraints.real_vector,
+        site: constraints.positive_definite,
+    }
+    _check_against_scipy(model, names, result, constraints_, x)
+
+
+@pytest.mark.slow  # a full fit and a scipy maximization (about 15 s)
+def test_a_prior_on_a_normal_variance_through_sqrt_takes_gradient_steps(x64):
+    """An InverseGamma prior on a variance that reaches the Normal's scale as
+    jnp.sqrt(var) is not a selection of the site: no closed form, gradient steps on
+    Q + log prior, and still the MAP."""
+
+    def model(x):
+        w = numpyro.sample("w", dist.Dirichlet(2.0 * jnp.ones(2)))
+        var = numpyro.sample("var", dist.InverseGamma(3.0, 2.0))
+        mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("x", dist.Normal(mu[z], jnp.sqrt(var)), obs=x)
+
+    x = _mixture_data()
+    em = EM(model, global_sites=("w", "var"))
+    paths = em.m_step_paths(x)
+    assert paths["var"].startswith("gradient"), paths
+    result = em.run(jax.random.PRNGKey(0), x, max_iter=1000, tol=1e-12)
+    assert bool(result.converged)
+    constraints_ = {"w": constraints.simplex, "mu": constraints.real, "var": constraints.positive}
+    _check_against_scipy(model, ("w", "var"), result, constraints_, x)
+
+
+@pytest.mark.parametrize(
+    "prior, argument",
+    [
+        (dist.Wishart(5.0, scale_matrix=jnp.array([[0.5, 0.1], [0.1, 0.4]])), "precision_matrix"),
+        (dist.InverseWishart(4.0, jnp.array([[0.8, 0.2], [0.2, 1.2]])), "covariance_matrix"),
+    ],
+    ids=["wishart-precision", "inverse-wishart-covariance"],
+)
+def test_a_wishart_solve_maximizes_q_plus_the_log_prior(x64, prior, argument):
+    """The closed form from the expected statistics (scatter, count) plus the prior's
+    pseudo-statistics is the maximum of Q + log prior found by scipy."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2, 2))
+    scatter, count = jnp.asarray(a @ a.T + np.eye(2))[None], jnp.full((1, 2, 2), 3.5)
+    pseudo = conjugate_statistics_fn(type(prior), {(dist.MultivariateNormal, argument)})
+    update = registered_closed_forms()[dist.MultivariateNormal][argument]
+    stats = add_prior_statistics(pseudo, (scatter, count), prior)
+    solved = update.solve_fn(stats, jnp.eye(2)[None], 0.0)[0]
+
+    def q(matrix):  # Q of a Gaussian's precision or covariance from (scatter, count)
+        precision = matrix if argument == "precision_matrix" else jnp.linalg.inv(matrix)
+        return 0.5 * count[0, 0, 0] * jnp.linalg.slogdet(precision)[1] - 0.5 * jnp.trace(
+            scatter[0] @ precision
+        )
+
+    to_value = biject_to(constraints.positive_definite)
+    objective = jax.jit(
+        jax.value_and_grad(lambda u: -(q(to_value(u)) + prior.log_prob(to_value(u))))
+    )
+    found = scipy.optimize.minimize(
+        lambda u: tuple(np.asarray(v, np.float64) for v in objective(jnp.asarray(u))),
+        np.zeros(3),
+        jac=True,
+        method="BFGS",
+        options={"gtol": 1e-10},
+    )
+    np.testing.assert_allclose(solved, to_value(jnp.asarray(found.x)), rtol=1e-6)
+
+
+def test_wishart_priors_on_gaussian_covariances_are_closed_form_paths(x64):
+    x = _mvn_mixture_data()
+    for model, site in ((mvn_wishart, "lam"), (mvn_inverse_wishart, "sigma")):
+        paths = EM(model, global_sites=("w", site)).m_step_paths(x)
+        assert paths[site].startswith("closed-form (conjugate prior:"), paths

@@ -360,3 +360,267 @@ def test_factor_reading_a_global_site_unseen_is_an_error(x64):
         VariationalBayesEM(model, global_sites=("mu",)).run(
             jax.random.PRNGKey(0), jnp.exp(_reals())
         )
+
+
+# -- Normal-Wishart: a Gaussian mixture with full covariances ----------------------
+
+NW_ALPHA0, NW_BETA0, NW_NU0 = 0.7, 0.5, 4.0
+
+
+def _nw_prior():
+    return np.array([0.5, -0.2]), np.array([[0.8, 0.2], [0.2, 0.5]])
+
+
+def full_gmm(x, K=3, spelling="scale_matrix"):
+    m0, w0 = map(jnp.asarray, _nw_prior())
+    wishart = {
+        "scale_matrix": lambda: dist.Wishart(NW_NU0, scale_matrix=w0),
+        "rate_matrix": lambda: dist.Wishart(NW_NU0, rate_matrix=jnp.linalg.inv(w0)),
+        "scale_tril": lambda: dist.Wishart(NW_NU0, scale_tril=jnp.linalg.cholesky(w0)),
+    }[spelling]
+    w = numpyro.sample("w", dist.Dirichlet(NW_ALPHA0 * jnp.ones(K)))
+    with numpyro.plate("components", K):
+        lam = numpyro.sample("lam", wishart())
+        mu = numpyro.sample("mu", dist.MultivariateNormal(m0, precision_matrix=NW_BETA0 * lam))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(mu[z], precision_matrix=lam[z]), obs=x)
+
+
+def _nw_data(n=(12, 12, 9)):
+    rng = np.random.default_rng(0)
+    centers, scales = np.array([[3.0, 0.0], [-2.0, -1.0], [0.0, 3.0]]), (1.0, 0.5, 1.0)
+    return np.concatenate([rng.normal(size=(k, 2)) * s + c for k, s, c in zip(n, scales, centers)])
+
+
+def _nw_start(K=3):
+    mu = np.array([[2.0, 0.0], [-1.0, -1.0], [0.0, 2.0]])[:K]
+    return {"w": np.ones(K) / K, "mu": mu, "lam": np.stack([np.eye(2)] * K)}
+
+
+_NW_FITS: dict = {}
+
+
+def _nw_fits(spelling="scale_matrix"):
+    """``(x, K, iterations, jaxem's fit, scikit-learn's fit)`` from the same initial
+    responsibilities, computed once per spelling (the Monte Carlo test reuses it)."""
+    if spelling in _NW_FITS:
+        return _NW_FITS[spelling]
+    import warnings
+
+    from scipy.stats import multivariate_normal
+    from sklearn.mixture import BayesianGaussianMixture
+
+    x, start, K, n = _nw_data(), _nw_start(), 3, 6
+    m0, w0 = _nw_prior()
+    log_r = np.log(start["w"]) + np.stack(
+        [
+            multivariate_normal.logpdf(x, start["mu"][k], np.linalg.inv(start["lam"][k]))
+            for k in range(K)
+        ],
+        1,
+    )
+    resp = np.exp(log_r - logsumexp(log_r, 1, keepdims=True))
+
+    class FromResponsibilities(BayesianGaussianMixture):
+        def _initialize_parameters(self, X, random_state, xp=None):
+            self._initialize(X, resp)
+
+    sk = FromResponsibilities(
+        n_components=K,
+        covariance_type="full",
+        weight_concentration_prior_type="dirichlet_distribution",
+        weight_concentration_prior=NW_ALPHA0,
+        mean_precision_prior=NW_BETA0,
+        mean_prior=m0,
+        degrees_of_freedom_prior=NW_NU0,
+        covariance_prior=np.linalg.inv(w0),  # sklearn's is W0^-1
+        reg_covar=0.0,
+        tol=0.0,
+        max_iter=n,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iter reached, by design
+        sk.fit(x)
+
+    fit = VariationalBayesEM(
+        lambda x: full_gmm(x, K, spelling), global_sites=("w", "lam", "mu")
+    ).run(
+        jax.random.PRNGKey(0),
+        jnp.asarray(x),
+        max_iter=n,
+        tol=0,
+        init_params={k: jnp.asarray(v) for k, v in start.items()},
+    )
+    _NW_FITS[spelling] = (x, K, n, fit, sk)
+    return _NW_FITS[spelling]
+
+
+@pytest.mark.xdist_group("normal_wishart")  # shares _nw_fits with the Monte Carlo test
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "scale_matrix",
+        # The other spellings of the Wishart prior: the same fit, deselected by default (CI time).
+        pytest.param("rate_matrix", marks=pytest.mark.slow),
+        pytest.param("scale_tril", marks=pytest.mark.slow),
+    ],
+)
+def test_normal_wishart_matches_sklearn(spelling, x64):
+    """Same priors, same initial responsibilities (the posterior at the same point):
+    every variational parameter equals scikit-learn's BayesianGaussianMixture after
+    the same number of iterations, and the ELBO its lower bound plus the constant
+    it drops."""
+    x, K, n, fit, sk = _nw_fits(spelling)
+    m0, w0 = _nw_prior()
+    (alpha,), (nu, w), (m, beta) = fit.q["w"], fit.q["lam"], fit.q["mu"]
+    rtol = 1e-6
+    np.testing.assert_allclose(alpha, sk.weight_concentration_, rtol=rtol)
+    np.testing.assert_allclose(beta, sk.mean_precision_, rtol=rtol)
+    np.testing.assert_allclose(m, sk.means_, rtol=rtol)
+    np.testing.assert_allclose(nu, sk.degrees_of_freedom_, rtol=rtol)
+    # sklearn's covariances_ is E[Lam]^-1 = W^-1 / nu; precisions_cholesky_ is U
+    # (upper triangular) with U U^T = E[Lam] = nu W.
+    np.testing.assert_allclose(np.linalg.inv(w) / nu[:, None, None], sk.covariances_, rtol=rtol)
+    u = sk.precisions_cholesky_
+    np.testing.assert_allclose(nu[:, None, None] * w, u @ np.swapaxes(u, 1, 2), rtol=rtol)
+
+    # sklearn's lower bound after iteration i is L(r_i, q_i), r_i the responsibilities
+    # it updated q_i from, less the terms constant in q: the data's -N D/2 log 2 pi
+    # and the priors' log normalizers (log pi terms cancel between Wisharts).
+    N, D = x.shape
+    constant = (
+        -0.5 * N * D * np.log(2 * np.pi)
+        + gammaln(K * NW_ALPHA0)
+        - K * gammaln(NW_ALPHA0)
+        + K
+        * (
+            0.5 * D * np.log(NW_BETA0)
+            - 0.5 * NW_NU0 * np.linalg.slogdet(w0)[1]
+            - 0.5 * NW_NU0 * D * np.log(2.0)
+            - sum(gammaln(0.5 * (NW_NU0 - i)) for i in range(D))
+        )
+    )
+    sklearn_bound = np.asarray(sk.lower_bounds_) + constant
+    # Ours at q_i has q(z) optimal for q_i: at least L(r_i, q_i), equal at convergence.
+    ours = np.append(np.asarray(fit.history[1:n]), float(fit.elbo))
+    assert np.all(ours >= sklearn_bound - 1e-9 * np.abs(sklearn_bound))
+    np.testing.assert_allclose(ours[-1], sklearn_bound[-1], rtol=1e-8)
+    assert isinstance(fit.posteriors["lam"], dist.Wishart)
+    assert isinstance(fit.posteriors["mu"], dist.MultivariateStudentT)
+
+
+@pytest.mark.xdist_group("normal_wishart")
+def test_normal_wishart_elbo_monotone_and_equal_to_monte_carlo(x64):
+    """The Normal-Wishart ELBO never decreases and equals a Monte Carlo estimate of
+    E_q[log p(x, z, theta) - log q]: (Lam, mu) drawn jointly from q(Lam) q(mu | Lam),
+    densities of the priors and of q from scipy."""
+    from scipy.stats import dirichlet, wishart
+
+    from jaxem.normal_wishart import mean_given_precision
+
+    x, K, _, fit, _ = _nw_fits()
+    x = jnp.asarray(x)
+    sites = ("w", "lam", "mu")
+    model = lambda x: full_gmm(x, K)  # noqa: E731
+    history = np.asarray(fit.history[: int(fit.num_iters)])
+    assert np.all(np.diff(history) >= -1e-9 * np.abs(history[1:]))
+    assert history[-1] <= float(fit.elbo) + 1e-9 * abs(float(fit.elbo))
+
+    draws = 300
+
+    @jax.jit  # one compilation, not one per eager sampling op
+    def sample(key):
+        keys = jax.random.split(key, 3)
+        lam = fit.posteriors["lam"].sample(keys[0], (draws,))
+        mu = mean_given_precision(fit.q["mu"], lam).sample(keys[1])
+        return fit.posteriors["w"].sample(keys[2], (draws,)), lam, mu
+
+    w, lam, mu = sample(jax.random.PRNGKey(5))
+    joint_model = jaxem.with_global_sites(model, sites)
+
+    def expected(theta):
+        trace = jaxem_trace(joint_model, theta, x)
+        return sum(
+            jnp.sum(fit.latent_marginals[n] * site.log_prob)
+            for n, site in trace.sites.items()
+            if n not in sites
+        )
+
+    values = np.array(jax.lax.map(expected, {"w": w, "lam": lam, "mu": mu}))
+    m0, w0 = _nw_prior()
+    (alpha,), (nu, scale), (m, beta) = (
+        tuple(map(np.asarray, fit.q[s])) for s in ("w", "lam", "mu")
+    )
+    lam, mu, w = np.asarray(lam), np.asarray(mu), np.asarray(w)
+
+    def mvn_logpdf(v, mean, precision):  # (draws, D) under (draws, D, D) precisions
+        d = v - mean
+        quad = np.einsum("ni,nij,nj->n", d, precision, d)
+        return 0.5 * (np.linalg.slogdet(precision)[1] - quad - d.shape[-1] * np.log(2 * np.pi))
+
+    values += dirichlet.logpdf(w.T, NW_ALPHA0 * np.ones(K)) - dirichlet.logpdf(w.T, alpha)
+    for k in range(K):
+        lam_k = np.moveaxis(lam[:, k], 0, -1)  # scipy's wishart: draws on the last axis
+        values += wishart.logpdf(lam_k, NW_NU0, w0) - wishart.logpdf(lam_k, nu[k], scale[k])
+        values += mvn_logpdf(mu[:, k], m0, NW_BETA0 * lam[:, k])
+        values -= mvn_logpdf(mu[:, k], m[k], beta[k] * lam[:, k])
+    estimate = values.mean() + float(fit.latent_entropy)
+    se = values.std(ddof=1) / np.sqrt(draws)
+    assert abs(estimate - float(fit.elbo)) < 3 * se + 1e-9
+
+
+def _nw_variant(kind):
+    def model(x, K=2):
+        m0, w0 = map(jnp.asarray, _nw_prior())
+        w = numpyro.sample("w", dist.Dirichlet(jnp.ones(K)))
+        if kind == "tied":  # one precision shared by the components
+            lam = numpyro.sample("lam", dist.Wishart(NW_NU0, scale_matrix=w0))
+        with numpyro.plate("components", K):
+            if kind == "tied":
+                mu = numpyro.sample(
+                    "mu", dist.MultivariateNormal(m0, precision_matrix=NW_BETA0 * lam)
+                )
+            elif kind == "inverse_wishart":
+                sigma = numpyro.sample("sigma", dist.InverseWishart(NW_NU0, w0))
+                mu = numpyro.sample("mu", dist.MultivariateNormal(m0, sigma / NW_BETA0))
+            else:
+                lam = numpyro.sample("lam", dist.Wishart(NW_NU0, scale_matrix=w0))
+                mean_prior = (
+                    dist.MultivariateNormal(m0, jnp.eye(2))
+                    if kind == "independent_mean"
+                    else dist.MultivariateNormal(m0, precision_matrix=NW_BETA0 * lam)
+                )
+                mu = numpyro.sample("mu", mean_prior)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            if kind == "inverse_wishart":
+                likelihood = dist.MultivariateNormal(mu[z], sigma[z])
+            elif kind == "covariance":
+                likelihood = dist.MultivariateNormal(mu[z], jnp.linalg.inv(lam[z]))
+            elif kind == "other_component":
+                likelihood = dist.MultivariateNormal(mu[z], precision_matrix=lam[1 - z])
+            elif kind == "tied":
+                likelihood = dist.MultivariateNormal(mu[z], precision_matrix=lam)
+            else:
+                likelihood = dist.MultivariateNormal(mu[z], precision_matrix=lam[z])
+            numpyro.sample("x", likelihood, obs=x)
+
+    return model
+
+
+@pytest.mark.parametrize(
+    "kind, sites, match",
+    [
+        ("covariance", ("w", "lam", "mu"), r"site 'x' reads 'lam' through \['covariance_matrix'\]"),
+        ("independent_mean", ("w", "lam", "mu"), r"'lam' has a Wishart prior but no global site"),
+        ("inverse_wishart", ("w", "sigma", "mu"), r"'sigma' has a InverseWishart prior.*precision"),
+        ("other_component", ("w", "lam", "mu"), r"site 'x' reads 'mu' and 'lam' at different"),
+        ("tied", ("w", "lam", "mu"), r"one mean per precision matrix"),
+    ],
+)
+def test_normal_wishart_unsupported_spelling_names_site(kind, sites, match, x64):
+    with pytest.raises(ModelError, match=match):
+        VariationalBayesEM(_nw_variant(kind), global_sites=sites).run(
+            jax.random.PRNGKey(0), jnp.asarray(_nw_data((5, 5, 0)))
+        )
