@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 
 from jaxem.exceptions import ModelError
 from jaxem.masks import counted_cells, mask_of
@@ -132,6 +133,17 @@ def find_chain(trace) -> Chain | None:
     # The later steps of the body's sites: their time dim is left out of
     # dim_to_name where it has size 1 (a site that is the same at every step).
     stacked = tuple(n for n in sites if not n.startswith(PREV_PREFIX) and PREV_PREFIX + n in sites)
+    for site_name in (*firsts, *stacked):
+        if _is_factor(sites[site_name].fn):
+            raise ModelError(
+                f"jaxem: numpyro.factor '{user_site_name(site_name)}' is inside the scan body "
+                f"of the Markov chain over '{name}'. NumPyro's scan labels the dims of a "
+                "factor's log-factor inconsistently with its values (the time axis is "
+                "misplaced), so jaxem cannot place it in the chain. Write the term into a "
+                "distribution instead: a term on the states into the transition's logits "
+                "(dist.Categorical(logits=jnp.log(A[z_prev]) + bonus[z_prev])), a term on the "
+                "data alone as one numpyro.factor after the scan, over every step."
+            )
     global_sites = tuple(n for n in sites if n not in stacked and n not in firsts)
     global_latents = [n for n in global_sites if not sites[n].is_observed]
     if len(global_latents) > 1:
@@ -169,6 +181,14 @@ def find_chain(trace) -> Chain | None:
     return Chain(
         name, first, time, initial, global_sites, tuple(firsts), stacked, plate_dims, num_plate_dims
     )
+
+
+def _is_factor(fn) -> bool:
+    """Whether a site's distribution is a ``numpyro.factor`` (``dist.Unit``), under
+    masks, plates and ``to_event``."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Unit)
 
 
 def arrange_factor(x, site, names, chain):

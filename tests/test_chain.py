@@ -457,10 +457,24 @@ def _shared_initial_state(x):
     scan(step, z0 * jnp.ones(x.shape[1], jnp.int32), x)
 
 
+def _factor_in_the_body(x):
+    A = numpyro.param("A", jnp.ones((2, 2)) / 2, constraint=constraints.simplex)
+
+    def step(z_prev, x_t):
+        z = numpyro.sample("z", dist.Categorical(A[z_prev]))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x_t)
+        # A "sticky" bonus on staying in a state: NumPyro's scan mislabels its dims.
+        numpyro.factor("sticky", 0.5 * (z == z_prev))
+        return z, None
+
+    scan(step, 0, x)
+
+
 @pytest.mark.parametrize(
     "model, x, message",
     [
         (_history_two, jnp.zeros(5), "history > 1"),
+        (_factor_in_the_body, jnp.zeros(5), "numpyro.factor 'sticky' is inside the scan body"),
         (_two_latents_per_step, jnp.zeros(5), "latent sites ['w', 'z']"),
         (_shared_initial_state, jnp.zeros((5, 3)), "initial state 'z0' is shared"),
     ],
