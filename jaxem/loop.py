@@ -250,14 +250,18 @@ def iterate(
     )
     carry = jax.lax.while_loop(cond, body, carry)
     last = tree_where(carry.diverged, carry.good, carry.state)
-    value, aux = final_fn(last)
-    value = value.astype(dtype)
+    # The last state and the one before it are evaluated by one compiled final_fn (the
+    # two steps of a lax.map): two call sites would compile the E-step twice more.
+    values, auxes = jax.lax.map(
+        final_fn, jax.tree.map(lambda a, b: jnp.stack([a, b]), last, carry.good)
+    )
+    values = values.astype(dtype)
+    value = values[0]
     # The last update's output: its params were checked in the loop, its value was not.
     previous = jnp.where(carry.diverged, jnp.nan, carry.previous)
     bad = ~carry.diverged & ~credible(value, previous, carry.max_gain, upper_bound)
     state = tree_where(bad, carry.good, last)
-    fallback_value, fallback_aux = final_fn(state)
-    value, aux = tree_where(bad, (fallback_value.astype(dtype), fallback_aux), (value, aux))
+    value, aux = jax.tree.map(lambda x: jnp.where(bad, x[1], x[0]), (values, auxes))
     diverged = carry.diverged | bad
     return LoopResult(
         state=state,
