@@ -107,8 +107,10 @@ class SAEM(MonteCarloEM):
         one = jnp.ones((1,), weights.dtype)
         return jax.lax.cond(
             self.gamma(state.iteration) >= 1.0,
-            lambda: self._m_step(structure, state.params, latest, one, args, kwargs),
-            lambda: self._m_step(structure, state.params, draws, weights, args, kwargs),
+            lambda: self._closed_then_gradient(structure, state.params, latest, one, args, kwargs),
+            lambda: self._closed_then_gradient(
+                structure, state.params, draws, weights, args, kwargs
+            ),
         )
 
     def _stop(self, state, new_state, tol):
