@@ -130,10 +130,13 @@ class MonteCarloEM:
         """The closed-form params solved from their statistics averaged over ``(draws,
         weights)`` (`jaxem.monte_carlo_stats`), then gradient steps on ``Q`` for the
         others: ``(params, Q at params, gain, gain_se)``."""
-        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
-        per_draw = jnp.repeat(weights, self.num_chains) / self.num_chains
-        start = self.closed_form.step(params, flat, per_draw, args, kwargs)
+        start = self.closed_form.step(params, *self._flat(draws, weights), args, kwargs)
         return self._m_step(structure, params, draws, weights, args, kwargs, start)
+
+    def _flat(self, draws, weights):
+        """``(draws with one draw axis, the weight of each)``."""
+        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
+        return flat, jnp.repeat(weights, self.num_chains) / self.num_chains
 
     def _stop(self, state, new_state, tol):
         """``(stop, converged, streak)`` after an update."""
@@ -210,19 +213,31 @@ class MonteCarloEM:
             optax.value_and_grad_from_state(loss) if self.lbfgs else jax.value_and_grad(loss)
         )
 
-        def body(_, carry):
-            u, opt_state = carry
+        # Stop once the gradient is below the dtype's resolution: at a flat maximum a
+        # line search only spends evaluations of Q (each over every stored draw).
+        tol = jnp.sqrt(jnp.finfo(jnp.result_type(float)).eps)
+
+        def body(carry):
+            i, u, opt_state, _ = carry
             if self.lbfgs:
                 value, grad = value_and_grad(u, state=opt_state)
             else:
                 value, grad = value_and_grad(u)
-            updates, opt_state = self.optimizer.update(
+            norm = optax.tree_utils.tree_norm(grad)
+            updates, new_state = self.optimizer.update(
                 grad, opt_state, u, value=value, grad=grad, value_fn=loss
             )
-            return optax.apply_updates(u, updates), opt_state
+            moving = norm > tol
+            u = tree_where(moving, optax.apply_updates(u, updates), u)
+            return i + 1, u, tree_where(moving, new_state, opt_state), norm
 
         first = loss(u0)
-        u, _ = jax.lax.fori_loop(0, self.m_step_iters, body, (u0, self.optimizer.init(u0)))
+        inf = jnp.array(jnp.inf, jnp.result_type(float))
+        _, u, _, _ = jax.lax.while_loop(
+            lambda c: (c[0] < self.m_step_iters) & (c[3] > tol),
+            body,
+            (jnp.zeros((), jnp.int32), u0, self.optimizer.init(u0), inf),
+        )
         end = loss(u)
         better = jnp.isfinite(end) & all_finite(u) & (end <= first)
         u = tree_where(better, u, u0)

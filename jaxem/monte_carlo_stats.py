@@ -35,12 +35,14 @@ import jax.numpy as jnp
 from numpyro.handlers import condition
 
 from jaxem.arguments import split_args
+from jaxem.built import built_model
 from jaxem.closed_form import registered_closed_forms
 from jaxem.driver import describe_plan
 from jaxem.estep import e_step
 from jaxem.exceptions import ModelError
 from jaxem.inspection import model_structure
 from jaxem.mstep import ParamPath, closed_form_statistics_m_step, plan_m_step
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["ClosedFormMStep", "conditioned_model"]
 
@@ -74,7 +76,8 @@ class ClosedFormMStep:
     def __init__(self, model, mode: str, reg_covar: float, frozen: tuple):
         if mode not in ("auto", "gradient"):
             raise ValueError(f"m_step must be 'auto' or 'gradient', got {mode!r}")
-        self.conditioned = conditioned_model(model)
+        # Built once (jaxem.built): every trace below evaluates one cached program.
+        self.conditioned = built_model(conditioned_model(model))
         self.mode = mode
         self.reg_covar = float(reg_covar)
         self.frozen = tuple(frozen)
@@ -146,9 +149,14 @@ class ClosedFormMStep:
         def one(z, w):
             _, _, structure, full_args = self._inputs(z, args, kwargs)
             nesting = structure.max_plate_nesting
-            # Discrete latents of the conditioned model are enumerated exactly; with
-            # none, every cell's weight is 1.
-            estep = e_step(self.conditioned, params, full_args, kwargs, nesting)
+            if structure.latent_sites:
+                # Discrete latents of the conditioned model are enumerated exactly.
+                estep = e_step(self.conditioned, params, full_args, kwargs, nesting)
+                trace, marginals = estep.trace, estep.marginals
+            else:
+                # Nothing to enumerate: every cell weighs 1 (no contraction to compile).
+                trace = enumerated_trace(self.conditioned, params, full_args, kwargs, nesting)
+                marginals = {n: jnp.ones_like(site.log_prob) for n, site in trace.sites.items()}
 
             def averaged(name, statistics):
                 # Unused draws (weight 0) may hold placeholder values: kept out exactly.
@@ -160,13 +168,13 @@ class ClosedFormMStep:
             return closed_form_statistics_m_step(
                 self.conditioned,
                 params,
-                estep.marginals,
+                marginals,
                 closed,
                 full_args,
                 kwargs,
                 nesting,
                 self.reg_covar,
-                estep.trace,
+                trace,
                 combine_fn=averaged,
             )[0]
 

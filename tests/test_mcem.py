@@ -415,6 +415,7 @@ def _map_model(y):
             numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
 
 
+@pytest.mark.slow  # a full SAEM fit; the fast check of the MAP update is below
 def test_global_sites_are_fitted_by_map(x64, rng):
     """A prior on a fixed effect: SAEM maximizes log p(y | mu, s) + log p(mu), against
     scipy on the exact Gaussian marginal; the log-likelihood it reports is the data's."""
@@ -455,3 +456,17 @@ def test_a_model_em_would_refuse_keeps_the_gradient_path():
     paths = jaxem.SAEM(model).m_step_paths(jnp.ones(3))
     assert paths["m"].startswith("gradient (no closed form: EM's planner refuses the model")
     assert "does not broadcast data" in paths["m"]
+
+
+def test_a_conjugate_prior_enters_the_averaged_statistics(x64):
+    """MCEM's MAP update of ``mu`` (a Normal prior on a Normal random effect's
+    location): the posterior mean given the draws' averaged statistics,
+    (sum_g z_g / s^2 + 0 / 0.5^2) / (G / s^2 + 1 / 0.5^2), at the initial s = 1."""
+    y = jnp.asarray(np.linspace(0.0, 4.0, 12).reshape(2, 6))
+    em = jaxem.MCEM(_map_model, global_sites=("mu",), num_draws=4, max_draws=8, num_chains=2)
+    state = em.init(jax.random.PRNGKey(0), y, init_params={"mu": 1.0})
+    state, _ = em.update(state, y)
+    z = np.asarray(state.draws["z"][:4])  # (draws, chains, groups)
+    np.testing.assert_allclose(float(state.params["mu"]), z.sum(-1).mean() / (6 + 4), rtol=1e-10)
+    with pytest.raises(TypeError, match="global_sites must be a sequence of site names"):
+        jaxem.SAEM(_map_model, global_sites="mu")
