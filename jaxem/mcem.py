@@ -43,8 +43,10 @@ class MCEM(MonteCarloEM):
         growth: factor by which the draws per chain grow each iteration.
         max_draws: the largest number of draws per chain.
         **options: ``kernel``, ``num_chains``, ``num_warmup``, ``optimizer``,
-            ``m_step_iters``, ``frozen``, ``num_is_draws``, ``num_is_samples``, as
-            for [`jaxem.SAEM`][jaxem.SAEM].
+            ``m_step_iters``, ``frozen``, ``num_is_draws``, ``num_is_samples``,
+            ``m_step``, ``reg_covar``, ``global_sites``, as for
+            [`jaxem.SAEM`][jaxem.SAEM]. Closed-form params solve from their
+            sufficient statistics averaged over the iteration's draws.
     """
 
     name = "MCEM"

@@ -32,6 +32,7 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.util import log_density
 
 from jaxem.exceptions import ModelError
+from jaxem.global_sites import check_global_sites, global_site_names
 
 __all__ = ["LatentModel", "LatentStructure", "Sampler", "SamplerInfo"]
 
@@ -99,6 +100,9 @@ class LatentModel:
             raise ModelError(f"jaxem: running the model failed: {err}") from err
         params, constraints_, continuous, discrete, observed = {}, {}, {}, [], []
         nesting, num_obs = 0, 0
+        global_sites = global_site_names(self.model)
+        if global_sites:
+            check_global_sites(global_sites, tr)
         for name, site in tr.items():
             if site["type"] == "param":
                 params[name] = jnp.asarray(site["value"], jnp.result_type(float))
@@ -110,6 +114,12 @@ class LatentModel:
                 if frame.dim is not None:
                     nesting = max(nesting, -frame.dim)
             fn = site["fn"]
+            if name in global_sites:
+                # A parameter with a prior (MAP): constrained to the prior's support; its
+                # log prior is a factor of the joint wherever the params are substituted.
+                params[name] = jnp.asarray(site["value"], jnp.result_type(float))
+                constraints_[name] = fn.support
+                continue
             if site["is_observed"]:
                 observed.append(name)
                 num_obs += int(np.size(site["value"]))
@@ -200,6 +210,13 @@ class LatentModel:
                 lp = lp * site["scale"]
             parts.append(jnp.ravel(lp))
         return jnp.concatenate([jnp.ravel(p).astype(jnp.result_type(float)) for p in parts])
+
+    def log_prior(self, names, params, args, kwargs):
+        """The summed log-densities of the global sites ``names`` at ``params`` (their
+        priors are outside the plates that hold data, so no latent enters them)."""
+        model = seed(substitute(self.model, data=params), jax.random.PRNGKey(0))
+        tr = trace(model).get_trace(*args, **kwargs)
+        return sum(jnp.sum(tr[n]["fn"].log_prob(tr[n]["value"])) for n in names)
 
     def prior_draw(self, structure, params, rng_key, args, kwargs):
         """Unconstrained latents drawn from the model at ``params`` (initial chain

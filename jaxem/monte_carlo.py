@@ -24,10 +24,12 @@ from numpyro.distributions.transforms import biject_to
 
 from jaxem.arguments import merge_args, merge_init_params, split_args
 from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
+from jaxem.global_sites import global_site_names, with_global_sites
 from jaxem.importance import find_blocks, importance_log_likelihood
 from jaxem.kernel import Kernel
 from jaxem.loop import all_finite, loop_key, tree_where
 from jaxem.mcmc_estep import LatentModel, Sampler
+from jaxem.monte_carlo_stats import ClosedFormMStep
 from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
 from jaxem.numpyro_internals import hmc_kernel_settings
 
@@ -73,11 +75,16 @@ class MonteCarloEM:
         frozen: Sequence[str] = (),
         num_is_draws: int = 250,
         num_is_samples: int = 2000,
+        m_step: str = "auto",
+        reg_covar: float = 1e-6,
+        global_sites: Sequence[str] = (),
     ):
         if num_chains < 1 or m_step_iters < 1:
             raise ValueError("num_chains and m_step_iters must be at least 1")
         if num_is_draws < 2 or num_is_samples < 2:
             raise ValueError("num_is_draws and num_is_samples must be at least 2")
+        model = with_global_sites(model, global_sites)
+        self.global_sites = global_site_names(model)
         self.model = model
         self.latent = LatentModel(model)
         algo, settings = _sampler_settings(kernel)
@@ -87,6 +94,7 @@ class MonteCarloEM:
         self.optimizer = optax.with_extra_args_support(optimizer or optax.lbfgs())
         self.m_step_iters = int(m_step_iters)
         self.frozen = tuple(frozen)
+        self.closed_form = ClosedFormMStep(model, m_step, reg_covar, self.frozen)
         self.num_is_draws = int(num_is_draws)
         self.num_is_samples = int(num_is_samples)
         self.kernel = Kernel(
@@ -116,7 +124,19 @@ class MonteCarloEM:
     def _maximize(self, structure, state, draws, weights, fresh, num, args, kwargs):
         """The M-step on ``Q`` of ``(draws, weights)`` (a subclass may take a shortcut)."""
         del fresh, num
-        return self._m_step(structure, state.params, draws, weights, args, kwargs)
+        return self._closed_then_gradient(structure, state.params, draws, weights, args, kwargs)
+
+    def _closed_then_gradient(self, structure, params, draws, weights, args, kwargs):
+        """The closed-form params solved from their statistics averaged over ``(draws,
+        weights)`` (`jaxem.monte_carlo_stats`), then gradient steps on ``Q`` for the
+        others: ``(params, Q at params, gain, gain_se)``."""
+        start = self.closed_form.step(params, *self._flat(draws, weights), args, kwargs)
+        return self._m_step(structure, params, draws, weights, args, kwargs, start)
+
+    def _flat(self, draws, weights):
+        """``(draws with one draw axis, the weight of each)``."""
+        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
+        return flat, jnp.repeat(weights, self.num_chains) / self.num_chains
 
     def _stop(self, state, new_state, tol):
         """``(stop, converged, streak)`` after an update."""
@@ -161,51 +181,70 @@ class MonteCarloEM:
         return jnp.sum(per_draw * lp)
 
     def _gain(self, structure, old, new, draws, weights, args, kwargs):
-        """``(Q(new) - Q(old), its Monte Carlo standard error)`` over the same draws."""
+        """``(Q(new) - Q(old), its Monte Carlo standard error, Q(old))`` over the same
+        draws."""
         w, before = self._per_draw(structure, old, draws, weights, args, kwargs)
         _, after = self._per_draw(structure, new, draws, weights, args, kwargs)
         diff = after - before
         gain = jnp.sum(w * diff)
-        return gain, jnp.sqrt(jnp.sum(w**2 * (diff - gain) ** 2))
+        return gain, jnp.sqrt(jnp.sum(w**2 * (diff - gain) ** 2)), jnp.sum(w * before)
 
-    def _m_step(self, structure, params, draws, weights, args, kwargs):
-        """``(new params, Q at params)``: ``m_step_iters`` optimizer steps on ``-Q``
-        in unconstrained coordinates; the old params kept if ``Q`` would not rise."""
-        free = [n for n in params if n not in self.frozen]
+    def _m_step(self, structure, params, draws, weights, args, kwargs, start=None):
+        """``(new params, Q at params, gain, gain_se)``: ``m_step_iters`` optimizer steps
+        on ``-Q`` in unconstrained coordinates for the params without a closed form,
+        from ``start`` (params with the closed-form ones updated; default ``params``);
+        they keep their values if ``Q`` would not rise."""
+        begin = params if start is None else start
+        example = jax.tree.map(lambda x: x[0, 0], draws)
+        closed = self.closed_form.closed_names(params, example, args, kwargs)
+        free = [n for n in params if n not in self.frozen and n not in closed]
         if not free:
-            zero = jnp.zeros((), jnp.result_type(float))
-            return params, self._q(structure, params, draws, weights, args, kwargs), zero, zero
+            gain, gain_se, q = self._gain(structure, params, begin, draws, weights, args, kwargs)
+            return begin, q, gain, gain_se
         transforms = {n: biject_to(structure.constraints[n]) for n in free}
-        u0 = {n: transforms[n].inv(params[n]) for n in free}
+        u0 = {n: transforms[n].inv(begin[n]) for n in free}
         scale = max(structure.num_observations, 1)
 
         def loss(u):
-            p = {**params, **{n: transforms[n](u[n]) for n in free}}
+            p = {**begin, **{n: transforms[n](u[n]) for n in free}}
             return -self._q(structure, p, draws, weights, args, kwargs) / scale
 
         value_and_grad = (
             optax.value_and_grad_from_state(loss) if self.lbfgs else jax.value_and_grad(loss)
         )
 
-        def body(_, carry):
-            u, opt_state = carry
+        # Stop once the gradient is below the dtype's resolution: at a flat maximum a
+        # line search only spends evaluations of Q (each over every stored draw).
+        tol = jnp.sqrt(jnp.finfo(jnp.result_type(float)).eps)
+
+        def body(carry):
+            i, u, opt_state, _ = carry
             if self.lbfgs:
                 value, grad = value_and_grad(u, state=opt_state)
             else:
                 value, grad = value_and_grad(u)
-            updates, opt_state = self.optimizer.update(
+            norm = optax.tree_utils.tree_norm(grad)
+            updates, new_state = self.optimizer.update(
                 grad, opt_state, u, value=value, grad=grad, value_fn=loss
             )
-            return optax.apply_updates(u, updates), opt_state
+            moving = norm > tol
+            u = tree_where(moving, optax.apply_updates(u, updates), u)
+            return i + 1, u, tree_where(moving, new_state, opt_state), norm
 
-        start = loss(u0)
-        u, _ = jax.lax.fori_loop(0, self.m_step_iters, body, (u0, self.optimizer.init(u0)))
+        first = loss(u0)
+        inf = jnp.array(jnp.inf, jnp.result_type(float))
+        _, u, _, _ = jax.lax.while_loop(
+            lambda c: (c[0] < self.m_step_iters) & (c[3] > tol),
+            body,
+            (jnp.zeros((), jnp.int32), u0, self.optimizer.init(u0), inf),
+        )
         end = loss(u)
-        better = jnp.isfinite(end) & all_finite(u) & (end <= start)
+        better = jnp.isfinite(end) & all_finite(u) & (end <= first)
         u = tree_where(better, u, u0)
-        new = {**params, **{n: transforms[n](u[n]) for n in free}}
-        gain, gain_se = self._gain(structure, params, new, draws, weights, args, kwargs)
-        return new, -start * scale, gain, gain_se
+        new = {**begin, **{n: transforms[n](u[n]) for n in free}}
+        gain, gain_se, q = self._gain(structure, params, new, draws, weights, args, kwargs)
+        # Q at the params passed in (``first`` is at the closed-form update's).
+        return new, q, gain, gain_se
 
     @property
     def num_fresh(self) -> int:
@@ -248,16 +287,14 @@ class MonteCarloEM:
                 jax.tree.map(lambda x: x[: self.num_slots], fresh)
             )
             draws, weights = self._accumulate(state, constrained, num)
-            params, objective, gain, gain_se = self._maximize(
-                structure, state, draws, weights, constrained, num, args, kwargs
-            )
-            return params, draws, weights, objective, gain, gain_se
+            found = self._maximize(structure, state, draws, weights, constrained, num, args, kwargs)
+            return (draws, weights) + found
 
         def keep():
             nan = jnp.array(jnp.nan, jnp.result_type(float))
-            return state.params, state.draws, state.weights, nan, state.gain, state.gain_se
+            return state.draws, state.weights, state.params, nan, state.gain, state.gain_se
 
-        params, draws, weights, objective, gain, gain_se = jax.lax.cond(final, keep, update)
+        draws, weights, params, objective, gain, gain_se = jax.lax.cond(final, keep, update)
         new_state = state._replace(
             gain=gain,
             gain_se=gain_se,
@@ -363,7 +400,11 @@ class MonteCarloEM:
             if n not in self.frozen
         )
         n_obs = max(structure.num_observations, 1)
-        ll = estimate.log_likelihood
+        # With global sites the target holds their log prior, a constant in the latents.
+        log_prior = None
+        if self.global_sites:
+            log_prior = self.latent.log_prior(self.global_sites, params, args, kwargs)
+        ll = estimate.log_likelihood - (0.0 if log_prior is None else log_prior)
         constrained = jax.vmap(lambda z: self.latent.constrain(structure, z)[0])(draws)
         return MCResult(
             params=params,
@@ -381,6 +422,7 @@ class MonteCarloEM:
             step_size=c["step_size"],
             draws=constrained,
             min_ess=estimate.min_ess,
+            log_prior=log_prior,
         )
 
     # -- public API --------------------------------------------------------------
@@ -429,6 +471,17 @@ class MonteCarloEM:
         ``(new_state, Q estimate at state's params)``."""
         arrays, spec = split_args(args, kwargs)
         return self._update_jit(state, arrays, spec)
+
+    def m_step_paths(self, *args, **kwargs) -> dict:
+        """How each parameter is updated, as [`jaxem.EM.m_step_paths`][jaxem.EM.m_step_paths]:
+        ``{name: "closed-form (...)" | "gradient (...)" | "frozen" | "unused (...)"}``,
+        planned on the model given a draw of its continuous latents."""
+        arrays, spec = split_args(args, kwargs)
+        structure = self._structure(arrays, spec)
+        args, kwargs = merge_args(arrays, spec)
+        z = self.latent.prior_draw(structure, structure.params, jax.random.PRNGKey(0), args, kwargs)
+        z = self.latent.constrain(structure, z)[0]
+        return self.closed_form.paths(structure.params, z, args, kwargs)
 
     def get_params(self, state) -> dict:
         """Constrained parameter values of a state."""

@@ -85,6 +85,9 @@ class MCResult(NamedTuple):
             continuous latents at ``params`` (constrained).
         min_ess: the smallest effective sample size of the importance weights
             over independent blocks of latents.
+        log_prior: with ``global_sites``, the log prior density of the global
+            sites at ``params`` (MAP: the fit maximizes ``log_likelihood +
+            log_prior``); None without.
     """
 
     params: dict
@@ -102,3 +105,4 @@ class MCResult(NamedTuple):
     step_size: jax.Array
     draws: dict
     min_ess: jax.Array
+    log_prior: jax.Array | None = None

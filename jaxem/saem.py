@@ -23,11 +23,16 @@ class SAEM(MonteCarloEM):
 
     ``Q_k(theta) = Q_{k-1}(theta) + gamma_k (mean_chains log p(x, z_k | theta) - Q_{k-1}(theta))``
 
-    then maximizes ``Q_k`` (``m_step_iters`` L-BFGS steps in unconstrained
-    coordinates, or the given optax optimizer). ``Q_k`` is a weighted sum over the
-    stored draws (with ``gamma = 1`` only the current ones count), so this is SAEM
-    for any model, not only an exponential family. The step sizes: ``gamma_k = 1``
-    for the first ``schedule[0]`` iterations (exploration), then
+    then maximizes ``Q_k``. ``Q_k`` is a weighted sum over the stored draws (with
+    ``gamma = 1`` only the current ones count), so this is SAEM for any model, not
+    only an exponential family. A param that [`jaxem.EM`][jaxem.EM]'s closed-form
+    registry covers on the model given the draws (a random effect's location and
+    scale, a residual scale, mixture weights; `m_step_paths` says which) is solved
+    from its sufficient statistics averaged with those weights: exactly the
+    stochastic approximation ``s_k = s_{k-1} + gamma_k (S(z_k) - s_{k-1})`` of
+    Delyon et al. (1999), as saemix does. The others take ``m_step_iters`` L-BFGS
+    steps (or the given optax optimizer) on ``Q_k`` in unconstrained coordinates.
+    The step sizes: ``gamma_k = 1`` for the first ``schedule[0]`` iterations (exploration), then
     ``gamma_k = (k - schedule[0] + 1) ** -decay`` for ``schedule[1]`` iterations
     (saemix's defaults: 300 + 100, decay 1). With ``decay`` in (1/2, 1] the
     ``theta_k`` converge almost surely to a stationary point of the log-likelihood
@@ -51,6 +56,13 @@ class SAEM(MonteCarloEM):
         num_is_draws: posterior draws per chain at the fitted params, for the
             importance-sampling proposal and ``result.draws``.
         num_is_samples: importance samples of the log-likelihood.
+        m_step: ``"auto"`` (closed form where the registry applies) or
+            ``"gradient"`` (optimizer steps for every param).
+        reg_covar: added to variances and covariance diagonals of the closed-form
+            updates, as in `EM`.
+        global_sites: sample sites that are parameters with priors (MAP, as in
+            `EM`); every other continuous sample site is a latent drawn by the
+            chains. ``result.log_prior`` reports their log prior.
     """
 
     name = "SAEM"
@@ -107,8 +119,10 @@ class SAEM(MonteCarloEM):
         one = jnp.ones((1,), weights.dtype)
         return jax.lax.cond(
             self.gamma(state.iteration) >= 1.0,
-            lambda: self._m_step(structure, state.params, latest, one, args, kwargs),
-            lambda: self._m_step(structure, state.params, draws, weights, args, kwargs),
+            lambda: self._closed_then_gradient(structure, state.params, latest, one, args, kwargs),
+            lambda: self._closed_then_gradient(
+                structure, state.params, draws, weights, args, kwargs
+            ),
         )
 
     def _stop(self, state, new_state, tol):

@@ -335,3 +335,138 @@ def test_the_same_seed_gives_the_same_fit(x64, fitter):
     assert float(again.log_likelihood) == float(first.log_likelihood)
     other = em.run(jax.random.PRNGKey(5), y, **options)
     assert float(other.params["m"]) != float(first.params["m"])
+
+
+# -- closed-form M-steps from Monte Carlo averages of sufficient statistics ---------------
+
+
+def test_m_step_paths_say_which_params_take_the_closed_form():
+    days, subject, y = jnp.zeros(6), jnp.array([0, 0, 1, 1, 2, 2]), jnp.ones(6)
+    paths = jaxem.SAEM(sleepstudy_model).m_step_paths(days, subject, y, num_subjects=3)
+    assert paths["beta"].startswith("closed-form (MultivariateNormal.loc at site 'phi')")
+    assert paths["sigma"].startswith("closed-form (Normal.scale at site 'y')")
+    # A scale_tril built from two params is not a selection of either.
+    assert paths["sd_re"].startswith("gradient") and paths["corr"].startswith("gradient")
+    herd, period = jnp.array([0, 1, 1]), jnp.array([0, 1, 2])
+    paths = jaxem.MCEM(cbpp_model).m_step_paths(herd, period, jnp.ones(3), jnp.ones(3), 2)
+    assert paths["intercept"].startswith("closed-form (Normal.loc at site 'u')")
+    assert paths["sd_herd"].startswith("closed-form (Normal.scale at site 'u')")
+    assert paths["period_effects"].startswith("gradient")
+    # Discrete latents enumerated given the drawn ones: the weights have a closed form.
+    paths = jaxem.SAEM(clustered_intercepts).m_step_paths(jnp.ones((3, 8)))
+    assert paths["w"].startswith("closed-form (Categorical")
+    assert paths["tau"].startswith("closed-form") and paths["sigma"].startswith("closed-form")
+    assert paths["mu"].startswith("gradient")
+    forced = jaxem.SAEM(clustered_intercepts, m_step="gradient").m_step_paths(jnp.ones((3, 8)))
+    assert all(p.startswith("gradient") for p in forced.values())
+    with pytest.raises(ValueError, match="m_step must be 'auto' or 'gradient'"):
+        jaxem.SAEM(clustered_intercepts, m_step="closed")
+
+
+def _random_intercepts(y):
+    m = numpyro.param("m", 0.0)
+    s = numpyro.param("s", 1.0, constraint=constraints.positive)
+    with numpyro.plate("groups", y.shape[0]):
+        z = numpyro.sample("z", dist.Normal(m, s))
+        numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+
+def test_saem_approximates_the_sufficient_statistics(x64):
+    """SAEM's closed-form params against Delyon, Lavielle and Moulines' recursion on
+    the sufficient statistics S = (sum_g z_g, sum_g z_g^2) of the same draws:
+    s_k = s_{k-1} + gamma_k (S(z_k) - s_{k-1}), m_k = s_k[0] / G, s_k^2 = s_k[1] / G - m_k^2."""
+    y = jnp.linspace(-1.0, 3.0, 6)
+    em = jaxem.SAEM(_random_intercepts, schedule=(2, 4), num_chains=3, reg_covar=0.0)
+    state = em.init(jax.random.PRNGKey(0), y)
+    stats_ = np.zeros(2)
+    for k in range(6):
+        state, _ = em.update(state, y)
+        z = np.asarray(state.draws["z"][k % 4])  # (chains, groups): this iteration's draws
+        gamma = 1.0 if k < 2 else 1.0 / (k - 1)
+        stats_ += gamma * (np.array([z.sum(1).mean(), (z**2).sum(1).mean()]) - stats_)
+        m = stats_[0] / 6
+        np.testing.assert_allclose(float(state.params["m"]), m, rtol=1e-9)
+        np.testing.assert_allclose(
+            float(state.params["s"]), np.sqrt(stats_[1] / 6 - m**2), rtol=1e-9
+        )
+
+
+def test_mcem_averages_the_sufficient_statistics_over_its_draws(x64):
+    y = jnp.linspace(-1.0, 3.0, 6)
+    em = jaxem.MCEM(_random_intercepts, num_draws=4, max_draws=8, num_chains=2, reg_covar=0.0)
+    state = em.init(jax.random.PRNGKey(0), y)
+    state, _ = em.update(state, y)
+    z = np.asarray(state.draws["z"][:4])  # (draws, chains, groups): the 4 used slots
+    m = z.sum(-1).mean() / 6
+    np.testing.assert_allclose(float(state.params["m"]), m, rtol=1e-10)
+    scale = np.sqrt(((z - m) ** 2).sum(-1).mean() / 6)
+    np.testing.assert_allclose(float(state.params["s"]), scale, rtol=1e-10)
+
+
+# -- global sites: parameters with priors (MAP) -------------------------------------------
+
+
+def _map_model(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 0.5))
+    s = numpyro.param("s", 1.0, constraint=constraints.positive)
+    with numpyro.plate("groups", y.shape[1]):
+        z = numpyro.sample("z", dist.Normal(mu, s))
+        with numpyro.plate("members", y.shape[0], dim=-2):
+            numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+
+@pytest.mark.slow  # a full SAEM fit; the fast check of the MAP update is below
+def test_global_sites_are_fitted_by_map(x64, rng):
+    """A prior on a fixed effect: SAEM maximizes log p(y | mu, s) + log p(mu), against
+    scipy on the exact Gaussian marginal; the log-likelihood it reports is the data's."""
+    members, groups = 5, 6
+    y = 2.0 + rng.normal(size=(1, groups)) + rng.normal(size=(members, groups))
+
+    def log_likelihood(mu, s):
+        cov = s**2 * np.ones((members, members)) + np.eye(members)
+        return stats.multivariate_normal(np.full(members, mu), cov).logpdf(y.T).sum()
+
+    def negative_log_posterior(t):
+        return -log_likelihood(t[0], np.exp(t[1])) - stats.norm.logpdf(t[0], 0.0, 0.5)
+
+    reference = optimize.minimize(negative_log_posterior, [1.0, 0.0], method="Nelder-Mead")
+    mle = optimize.minimize(lambda t: -log_likelihood(t[0], np.exp(t[1])), [1.0, 0.0]).x
+    assert abs(mle[0] - reference.x[0]) > 0.3  # the prior matters here
+    em = jaxem.SAEM(_map_model, global_sites=("mu",), schedule=(30, 40), num_is_draws=50)
+    paths = em.m_step_paths(jnp.asarray(y))
+    assert paths["mu"].startswith("closed-form (conjugate prior: Normal at site 'mu'")
+    result = em.run(jax.random.PRNGKey(0), jnp.asarray(y))
+    mu, s = float(result.params["mu"]), float(result.params["s"])
+    np.testing.assert_allclose(mu, reference.x[0], atol=0.06)
+    np.testing.assert_allclose(s, np.exp(reference.x[1]), rtol=0.1)
+    np.testing.assert_allclose(float(result.log_prior), stats.norm.logpdf(mu, 0.0, 0.5))
+    se = float(result.log_likelihood_se)
+    assert abs(float(result.log_likelihood) - log_likelihood(mu, s)) <= 3 * se + 1e-6
+
+
+def test_a_model_em_would_refuse_keeps_the_gradient_path():
+    """EM does not broadcast data; the chains do. Such a model fits as before, every
+    param on the gradient path, and m_step_paths says why."""
+
+    def model(y):
+        m = numpyro.param("m", 0.0)
+        z = numpyro.sample("z", dist.Normal(m, 1.0))
+        numpyro.sample("y", dist.Normal(z, 1.0), obs=y)  # one z for every y: broadcast
+
+    paths = jaxem.SAEM(model).m_step_paths(jnp.ones(3))
+    assert paths["m"].startswith("gradient (no closed form: EM's planner refuses the model")
+    assert "does not broadcast data" in paths["m"]
+
+
+def test_a_conjugate_prior_enters_the_averaged_statistics(x64):
+    """MCEM's MAP update of ``mu`` (a Normal prior on a Normal random effect's
+    location): the posterior mean given the draws' averaged statistics,
+    (sum_g z_g / s^2 + 0 / 0.5^2) / (G / s^2 + 1 / 0.5^2), at the initial s = 1."""
+    y = jnp.asarray(np.linspace(0.0, 4.0, 12).reshape(2, 6))
+    em = jaxem.MCEM(_map_model, global_sites=("mu",), num_draws=4, max_draws=8, num_chains=2)
+    state = em.init(jax.random.PRNGKey(0), y, init_params={"mu": 1.0})
+    state, _ = em.update(state, y)
+    z = np.asarray(state.draws["z"][:4])  # (draws, chains, groups)
+    np.testing.assert_allclose(float(state.params["mu"]), z.sum(-1).mean() / (6 + 4), rtol=1e-10)
+    with pytest.raises(TypeError, match="global_sites must be a sequence of site names"):
+        jaxem.SAEM(_map_model, global_sites="mu")
