@@ -456,7 +456,8 @@ def _nw_fits(spelling="scale_matrix"):
     return _NW_FITS[spelling]
 
 
-@pytest.mark.xdist_group("normal_wishart")  # shares _nw_fits with the Monte Carlo test
+# Shares _nw_fits with the Monte Carlo test when both run on one worker (see pyproject).
+@pytest.mark.xdist_group("normal_wishart")
 @pytest.mark.parametrize(
     "spelling",
     [
