@@ -201,15 +201,21 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
     # 2.5 times the gradient's, and every fit's compile time pays for it; the gain is an
     # order-of-magnitude test, which a relative error of order eps^(2/3) does not move.
     dtype = jnp.result_type(float)
-    # The step's length: eps^(1/3) relative to the root mean square of the
-    # unconstrained coordinates (at least 1), the optimum for a central difference.
-    size = sum(jnp.size(u) for u in start.values())
-    rms = jnp.sqrt(sum(jnp.vdot(u, u) for u in start.values()) / max(size, 1))
-    step = jnp.finfo(dtype).eps ** (1.0 / 3.0) * (1.0 + rms)
+    # The step h along g moves no coordinate by more than eps^(1/3) (the optimum for a
+    # central difference) relative to its own size (at least 1): a log-scale next to a
+    # location of 1e8 moves on its own scale, not the location's.
+    relative_step = jnp.finfo(dtype).eps ** (1.0 / 3.0)
 
     def evaluate(direction, sign):
-        norm = jnp.sqrt(sum(jnp.vdot(d, d) for d in direction.values()))
-        h = jnp.where(norm > 0, step / jnp.where(norm > 0, norm, 1.0), 0.0)
+        reach = jnp.max(
+            jnp.stack(
+                [
+                    jnp.max(jnp.abs(direction[n]) / (1.0 + jnp.abs(start[n])), initial=0.0)
+                    for n in names
+                ]
+            )
+        )
+        h = jnp.where(reach > 0, relative_step / jnp.where(reach > 0, reach, 1.0), 0.0)
         point = {n: start[n] + sign * h * direction[n] for n in names}
         g = {n: jnp.where(inside[n], g, 0.0) for n, g in grad_fn(point).items()}
         # The direction is the gradient at u (the first evaluation), kept after.

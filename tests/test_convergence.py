@@ -283,3 +283,50 @@ def test_a_stop_at_a_non_stationary_point_is_not_convergence(x32):
         assert gain <= 100 * 1e-5 * abs(float(result.log_likelihood)), gain
     else:
         assert any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e8])
+def test_the_stationarity_gain_equals_the_exact_newton_gain_along_the_gradient(x64, offset):
+    """gradient.stationarity's gain ||g||^4 / (2 |g^T H g|), its curvature a central
+    difference of one compiled gradient, against g^T H g from jax.hessian of the same
+    expected complete-data log-likelihood, in the unconstrained coordinates. The
+    offset puts the locations at 1e8 next to log-scales near 0: a step sized by the
+    locations would overflow the scales."""
+    from numpyro.distributions.transforms import biject_to
+
+    from jaxem.estep import e_step
+    from jaxem.gradient import expected_log_joint, stationarity
+    from jaxem.inspection import model_structure
+
+    x = X + offset
+    params = {
+        "w": jnp.array([0.3, 0.7]),
+        "mu": jnp.array([-2.5, 3.5]) + offset,
+        "sigma": jnp.array([0.8, 1.3]),
+    }
+    structure = model_structure(mixture, (x,), {})
+    nesting = structure.max_plate_nesting
+    marginals = e_step(mixture, params, (x,), {}, nesting).marginals
+    names = list(params)
+    gradient, gain = stationarity(
+        mixture, params, marginals, names, structure.constraints, (x,), {}, nesting
+    )
+    transforms = {n: biject_to(structure.constraints[n]) for n in names}
+    sizes = [int(np.size(transforms[n].inv(params[n]))) for n in names]
+
+    def q(flat):
+        parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+        values = {n: transforms[n](u) for n, u in zip(names, parts)}
+        return expected_log_joint(mixture, values, marginals, (x,), {}, nesting)
+
+    u = jnp.concatenate([jnp.ravel(transforms[n].inv(params[n])) for n in names])
+    g = jax.grad(q)(u)
+    hessian = jax.hessian(q)(u)
+    np.testing.assert_allclose(
+        np.concatenate([np.ravel(gradient[n]) for n in names]), g, rtol=1e-10
+    )
+    exact = float(jnp.vdot(g, g) ** 2 / (2.0 * jnp.abs(g @ hessian @ g)))
+    # The step moves each coordinate by eps^(1/3) of its size: at 1e8 a location moves by
+    # 600 standard deviations, and Q's third derivatives cost a few 1e-5 (a test of
+    # orders of magnitude needs far less).
+    np.testing.assert_allclose(float(gain), exact, rtol=1e-3 if offset else 1e-6)
