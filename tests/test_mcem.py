@@ -314,7 +314,8 @@ def test_divergent_transitions_are_reported(x64):
     assert int(result.num_divergences) > 0
 
 
-@pytest.mark.parametrize("fitter", [jaxem.SAEM, jaxem.MCEM])
+# MCEM draws through the same seeded sampler code; its case runs under -m slow (CI time).
+@pytest.mark.parametrize("fitter", [jaxem.SAEM, pytest.param(jaxem.MCEM, marks=pytest.mark.slow)])
 def test_the_same_seed_gives_the_same_fit(x64, fitter):
     def model(y):
         m = numpyro.param("m", 0.0)

@@ -160,6 +160,12 @@ def _jnp(params):
 
 
 MODELS = [(full_hmm, lambda: PARAMS), (diag_hmm, _diag_params)]
+# The full-covariance HMM exercises everything the diagonal one does (and the
+# conditional means); the diagonal one's fits run under -m slow, for CI time.
+MODELS_DIAG_SLOW = [
+    pytest.param(full_hmm, lambda: PARAMS, id="full"),
+    pytest.param(diag_hmm, _diag_params, id="diag", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("first_missing", [False, True])
@@ -180,7 +186,7 @@ def test_log_likelihood_and_posterior_equal_the_reference(x64, rng, model, param
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
 
 
-@pytest.mark.parametrize("model, params", MODELS, ids=["full", "diag"])
+@pytest.mark.parametrize("model, params", MODELS_DIAG_SLOW)
 def test_complete_data_equals_the_ordinary_path(x64, rng, model, params):
     params = _jnp(params())
     x = jnp.asarray(sample_hmm(rng, 20, 2, 0.0, first_missing=False)[:, :, :])
@@ -209,7 +215,7 @@ def test_complete_data_equals_the_ordinary_path(x64, rng, model, params):
         np.testing.assert_allclose(fitted_wrapped[name], value, rtol=1e-12)
 
 
-@pytest.mark.parametrize("model, params", MODELS, ids=["full", "diag"])
+@pytest.mark.parametrize("model, params", MODELS_DIAG_SLOW)
 def test_em_is_monotone_and_closed_form(x64, rng, model, params):
     x = sample_hmm(rng, 30, 3, 0.3)
     # The first step's site x0 never observes coordinate 1; the emission params it
