@@ -165,22 +165,9 @@ def nw_kl(q_prec, q_mean, prior_prec, prior_mean):
     m0, beta0 = prior_mean
     d = m.shape[-1]
     e_logdet = _e_logdet(nu, w)
-    log2 = jnp.log(2.0)
-    log_q = (
-        -0.5 * nu * _logdet(w)
-        - 0.5 * nu * d * log2
-        - multigammaln(0.5 * nu, d)
-        + 0.5 * (nu - d - 1) * e_logdet
-        - 0.5 * nu * d
-    )
+    log_q = _wishart_log_normalizer(nu, w, d) + 0.5 * (nu - d - 1) * e_logdet - 0.5 * nu * d
     trace = jnp.trace(jnp.linalg.solve(w0, w), axis1=-2, axis2=-1)
-    log_p = (
-        -0.5 * nu0 * _logdet(w0)
-        - 0.5 * nu0 * d * log2
-        - multigammaln(0.5 * nu0, d)
-        + 0.5 * (nu0 - d - 1) * e_logdet
-        - 0.5 * nu * trace
-    )
+    log_p = _wishart_log_normalizer(nu0, w0, d) + 0.5 * (nu0 - d - 1) * e_logdet - 0.5 * nu * trace
     diff = m - m0
     kl_mean = 0.5 * (
         d * beta0 / beta
@@ -409,3 +396,8 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
                         + "."
                     )
     return groups, readers
+
+
+def _wishart_log_normalizer(nu, w, d):
+    """log B(W, nu) of a Wishart density: -nu/2 log|W| - nu d/2 log 2 - log Gamma_d(nu/2)."""
+    return -0.5 * nu * _logdet(w) - 0.5 * nu * d * jnp.log(2.0) - multigammaln(0.5 * nu, d)
