@@ -40,6 +40,7 @@ __all__ = [
     "check_params_complete",
     "contract_factors",
     "e_step",
+    "log_joint",
     "log_likelihood",
     "map_assignment",
     "map_values",
@@ -223,8 +224,8 @@ def check_params_complete(structure, params):
         raise ValueError(f"jaxem: params are missing values for {sorted(missing)}.")
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
-def _log_likelihood(model, params, arrays, spec, per_observation=False):
+@partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _log_likelihood(model, params, arrays, spec, per_observation=False, with_prior=False):
     model = built_model(model)
     structure, args, kwargs = structure_and_args(model, arrays, spec)
     check_params_complete(structure, params)
@@ -236,7 +237,7 @@ def _log_likelihood(model, params, arrays, spec, per_observation=False):
         log_factors = {n: jnp.zeros_like(f) if n in names else f for n, f in log_factors.items()}
         return element_log_likelihoods(log_factors, trace, priors=names)
     value = contract_factors(log_factors, trace)
-    if not names:
+    if not names or with_prior:
         return value
     return value - log_prior_of_trace(trace, names)
 
@@ -350,6 +351,25 @@ def log_likelihood(model, params, *args, per_observation=False, **kwargs):
     arrays, spec = split_args(args, kwargs)
     _validate(model, params, arrays, spec)
     return _log_likelihood(model, dict(params), arrays, spec, bool(per_observation))
+
+
+def log_joint(model, params, *args, **kwargs):
+    """``log p(data | params) + log p(params)``: MAP-EM's objective.
+
+    With global sites (`jaxem.global_sites`) the log prior of their values is
+    added to `log_likelihood`; without, the two are equal.
+
+    Args:
+        model: the (built) model, global sites marked.
+        params: ``{param name: constrained value}``.
+        *args, **kwargs: the model's arguments.
+
+    Returns:
+        Scalar.
+    """
+    arrays, spec = split_args(args, kwargs)
+    _validate(model, params, arrays, spec)
+    return _log_likelihood(model, dict(params), arrays, spec, False, True)
 
 
 def posterior(model, params, *args, **kwargs):

@@ -37,7 +37,7 @@ from jaxem.delta_method import (
     symmetric,
     unconstrained_coordinates,
 )
-from jaxem.estep import e_step, log_likelihood, structure_and_args
+from jaxem.estep import e_step, log_joint, log_likelihood, structure_and_args
 from jaxem.exceptions import ConvergenceWarning
 from jaxem.gradient import expected_log_joint
 from jaxem.louis import louis_standard_errors
@@ -55,6 +55,12 @@ def standard_errors(model, params, *args, frozen=(), **kwargs) -> StandardErrors
     `jaxem.louis.louis_standard_errors`), and ``monte_carlo_error`` holds the
     Monte Carlo standard error of each standard error.
 
+    For a MAP fit (``global_sites=``, through the fitter's ``standard_errors``
+    method, whose model marks the global sites), the information is the negative
+    Hessian of the objective the fit maximized, ``log p(x | theta) + log p(theta)``:
+    the Laplace approximation, whose standard errors are posterior standard
+    deviations and shrink with a tighter prior.
+
     Args:
         model: the NumPyro model (with discrete latents, summed out exactly).
         params: the estimate, ``{param name: constrained value}``, or a fit result
@@ -62,8 +68,8 @@ def standard_errors(model, params, *args, frozen=(), **kwargs) -> StandardErrors
             `jaxem.EM.standard_errors` passes the fitter's frozen params too.
         *args, **kwargs: the model's arguments (the data the fit used).
         frozen: names of params held fixed in the fit: they have no standard
-            error, and the others' are conditional on their values. A Monte Carlo
-            result does not record them: pass the fitter's ``frozen``.
+            error, and the others' are conditional on their values. A result does
+            not record them: the fitters' ``standard_errors`` methods pass them.
 
     Returns:
         `StandardErrors`.
@@ -115,8 +121,11 @@ def standard_errors(model, params, *args, frozen=(), **kwargs) -> StandardErrors
     )
     constrained = coordinates.constrained
 
+    # With global sites (MAP-EM) the objective the fit maximized is the log joint: its
+    # curvature at the MAP is the Laplace approximation's, and the complete-data
+    # information below includes the same log prior (Louis' path does too).
     def objective(v):
-        return log_likelihood(model, constrained(v), *args, **kwargs)
+        return log_joint(model, constrained(v), *args, **kwargs)
 
     nesting = structure.max_plate_nesting
 

@@ -68,9 +68,10 @@ def hmm_data():
     return jnp.asarray(np.where(states == 0, -1.0, 1.0) * 1.5 + rng.normal(0, 1.0, states.size))
 
 
-def finite_difference_covariance(model, params, names, *args, step=1e-4):
+def finite_difference_covariance(model, params, names, *args, step=1e-4, log_prior=None):
     """The delta-method covariance of the constrained params from a central-difference
-    Hessian of jaxem.log_likelihood in unconstrained coordinates (float64)."""
+    Hessian of jaxem.log_likelihood (plus ``log_prior(params)``, if given) in
+    unconstrained coordinates (float64)."""
     structure_params = {n: params[n] for n in names}
     constraints_ = {
         "w": constraints.simplex,
@@ -92,7 +93,11 @@ def finite_difference_covariance(model, params, names, *args, step=1e-4):
         return out
 
     # Compiled once (under jit the checks of concrete values are skipped).
-    compiled = jax.jit(lambda p: jaxem.log_likelihood(model, p, *args))
+    def objective(p):
+        value = jaxem.log_likelihood(model, p, *args)
+        return value if log_prior is None else value + log_prior(p)
+
+    compiled = jax.jit(objective)
 
     def f(flat):
         return float(compiled({**params, **unflatten(flat)}))
@@ -184,6 +189,39 @@ def test_hmm_standard_errors_equal_a_finite_difference_hessian(x64):
     names = ["A", "mu"]
     expected = finite_difference_covariance(hmm, fit.params, names, x)
     np.testing.assert_allclose(se.covariance, expected, rtol=2e-4, atol=1e-8)
+
+
+PRIOR_SCALE = 0.5
+
+
+def mixture_with_a_prior(x):
+    """`mixture` with Normal(0, PRIOR_SCALE) priors on the means (a global site)."""
+    w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
+    mu = numpyro.sample("mu", dist.Normal(0.0, PRIOR_SCALE).expand([2]).to_event(1))
+    sigma = numpyro.param("sigma", jnp.ones(2), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+
+
+def test_map_standard_errors_are_the_curvature_of_the_log_posterior(x64):
+    """A MAP fit's information is that of the objective it maximized (the Laplace
+    approximation), log p(x | theta) + log p(theta), not of the likelihood alone."""
+    x = mixture_data()[::5]
+    em = EM(mixture_with_a_prior, global_sites=("mu",))
+    fit = em.run(jax.random.PRNGKey(0), x, max_iter=500, tol=1e-12)
+    se = em.standard_errors(fit, x)
+    names = ["w", "mu", "sigma"]
+
+    def log_prior(p):
+        return jnp.sum(dist.Normal(0.0, PRIOR_SCALE).log_prob(p["mu"]))
+
+    expected = finite_difference_covariance(mixture, fit.params, names, x, log_prior=log_prior)
+    np.testing.assert_allclose(se.covariance, expected, rtol=1e-4, atol=1e-8)
+    # The likelihood's curvature alone gives larger errors for the means.
+    likelihood_only = finite_difference_covariance(mixture, fit.params, names, x)
+    index = se.index["mu"]
+    assert np.all(np.diag(likelihood_only)[index] > 1.05 * np.diag(expected)[index])
 
 
 # --- warnings and errors --------------------------------------------------------------------
