@@ -32,6 +32,7 @@ from jaxem.mcmc_estep import LatentModel, Sampler
 from jaxem.monte_carlo_stats import ClosedFormMStep
 from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
 from jaxem.numpyro_internals import hmc_kernel_settings
+from jaxem.uncertainty import standard_errors
 
 __all__ = ["MCInfo", "MCResult", "MCState", "MonteCarloEM"]
 
@@ -482,6 +483,20 @@ class MonteCarloEM:
         z = self.latent.prior_draw(structure, structure.params, jax.random.PRNGKey(0), args, kwargs)
         z = self.latent.constrain(structure, z)[0]
         return self.closed_form.paths(structure.params, z, args, kwargs)
+
+    def standard_errors(self, result, *args, **kwargs):
+        """Standard errors of a fit by Louis' identity over its posterior draws
+        ([`jaxem.standard_errors`][jaxem.standard_errors]), the fitter's frozen
+        params left out and, with ``global_sites``, the log prior included (MAP).
+
+        Args:
+            result: the fit (`MCResult`).
+            *args, **kwargs: the model's arguments, as given to ``run``.
+
+        Returns:
+            `jaxem.uncertainty.StandardErrors`, with ``monte_carlo_error``.
+        """
+        return standard_errors(self.model, result, *args, frozen=self.frozen, **kwargs)
 
     def get_params(self, state) -> dict:
         """Constrained parameter values of a state."""

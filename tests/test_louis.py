@@ -183,3 +183,25 @@ def test_louis_refuses_case_weights_by_name(x64):
             jnp.zeros(4),
             jnp.array([1.0, 2.0, 1.0, 3.0]),
         )
+
+
+def test_a_monte_carlo_fitter_s_standard_errors_leave_its_frozen_params_out(x64):
+    """`SAEM.standard_errors` passes the fitter's ``frozen``: a result does not record it."""
+    y = lmm_data()
+    params = {"mu": 2.2, "tau": 1.3, "sigma": 0.9}
+    precision = 1 / params["tau"] ** 2 + PER_GROUP / params["sigma"] ** 2
+    mean = (PER_GROUP / params["sigma"] ** 2) * (y.mean(1) - params["mu"]) / precision
+    draws = mean + np.random.default_rng(6).normal(size=(400, NUM_GROUPS)) / np.sqrt(precision)
+    params = {n: jnp.asarray(v) for n, v in params.items()}
+    draws = {"b": jnp.asarray(draws)}
+    # The fields a fit fills that standard errors read; no chain is run.
+    result = jaxem.MCResult(**dict.fromkeys(jaxem.MCResult._fields))._replace(
+        params=params, draws=draws, converged=jnp.array(True)
+    )
+    se = jaxem.SAEM(random_intercept, frozen=("sigma",)).standard_errors(result, jnp.asarray(y))
+    assert set(se.standard_errors) == {"mu", "tau"} and se.covariance.shape == (2, 2)
+    expected = louis_standard_errors(
+        random_intercept, params, draws, jnp.asarray(y), frozen=("sigma",)
+    )
+    for name in ("mu", "tau"):
+        np.testing.assert_allclose(se.standard_errors[name], expected.standard_errors[name])
