@@ -10,9 +10,12 @@ reference fit.
 
 Which param axes the labels index is read from the model, not guessed from
 shapes: among the axes of size K, the largest set whose joint permutation
-leaves the log-likelihood at the reference params unchanged (so a ``(K, K)``
-emission matrix of a latent class model keeps its columns, and a transition
-matrix gets its rows and columns permuted).
+leaves the log-likelihood unchanged (so a ``(K, K)`` emission matrix of a latent
+class model keeps its columns, and a transition matrix gets its rows and columns
+permuted). Unchanged at the reference params and at a random point near them: a
+symmetry of the model holds at every point, while a param that happens to have
+equal entries at the reference (exactly symmetric data) is unchanged by a
+permutation only there.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.distributions.transforms import biject_to
 from scipy.optimize import linear_sum_assignment
 
 from jaxem.arguments import split_args
@@ -80,19 +84,49 @@ def state_axes(model, params: dict, num: int, *args, **kwargs) -> dict | None:
     if num < 2 or not candidates:
         return None
     compiled = jax.jit(lambda p: log_likelihood(model, p, *args, **kwargs))
-    reference = float(compiled(params))
+    points = [params, _nearby(model, params, args, kwargs)]
+    references = [float(compiled(p)) for p in points]
     dtype = jnp.result_type(*params.values())
-    tolerance = float(np.sqrt(np.finfo(np.dtype(dtype)).eps)) * max(1.0, abs(reference))
+    relative = float(np.sqrt(np.finfo(np.dtype(dtype)).eps))
     shift = np.roll(np.arange(num), 1)
+
+    def unchanged(axes):
+        for point, reference in zip(points, references):
+            value = float(compiled(permute_states(point, axes, shift)))
+            tolerance = relative * max(1.0, abs(reference))
+            if not np.isfinite(value) or abs(value - reference) > tolerance:
+                return False
+        return True
+
     for size in range(len(candidates), 0, -1):
         for chosen in itertools.combinations(candidates, size):
             axes: dict = {}
             for name, axis in chosen:
                 axes.setdefault(name, []).append(axis)
-            value = float(compiled(permute_states(params, axes, shift)))
-            if np.isfinite(value) and abs(value - reference) <= tolerance:
+            if unchanged(axes):
                 return axes
     return None
+
+
+def _nearby(model, params, args, kwargs):
+    """``params`` moved by a fixed random step of 0.1 in each unconstrained
+    coordinate: a point where entries equal by chance at ``params`` differ."""
+    arrays, spec = split_args(args, kwargs)
+    structure = structure_and_args(model, arrays, spec)[0]
+    rng = np.random.default_rng(0)
+    out = dict(params)
+    for name, value in params.items():
+        if name not in structure.constraints:
+            continue
+        transform = biject_to(structure.constraints[name])
+        free = transform.inv(value)
+        step = 0.1 * rng.standard_normal(np.shape(free))
+        moved = transform(free + jnp.asarray(step, jnp.result_type(free)))
+        # A value on its constraint's boundary (a simplex vertex) has no finite
+        # coordinates: it stays where it is.
+        if bool(jnp.all(jnp.isfinite(moved))):
+            out[name] = moved
+    return out
 
 
 def align_states(model, estimates: dict, reference: dict, *args, axes=None, **kwargs) -> dict:

@@ -134,6 +134,27 @@ def test_state_axes_keep_the_item_axis_of_a_square_emission_matrix(x64):
     assert state_axes(latent_class, params, 2, x, 2) == {"p": [0], "w": [0]}
 
 
+def shifted_mixture(x, c):
+    """A mixture with a regression on two covariates: ``beta`` has as many entries as
+    there are components, but the labels do not index it."""
+    w = numpyro.param("w", jnp.array([0.5, 0.5]), constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+    beta = numpyro.param("beta", jnp.zeros(2))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z] + c @ beta, 1.0), obs=x)
+
+
+def test_state_axes_leave_out_a_param_whose_entries_are_equal_only_at_the_reference(x64):
+    # Permuting beta's two entries, equal at the reference, leaves the log-likelihood
+    # unchanged there, but beta is not indexed by the labels.
+    rng = np.random.default_rng(2)
+    c = jnp.asarray(rng.normal(size=(30, 2)))
+    x = jnp.asarray(rng.normal(size=30))
+    params = {"w": jnp.array([0.3, 0.7]), "mu": jnp.array([-1.0, 2.0]), "beta": jnp.full(2, 0.4)}
+    assert state_axes(shifted_mixture, params, 2, x, c) == {"w": [0], "mu": [0]}
+
+
 def test_the_resampling_unit_of_a_batch_of_sequences_is_a_sequence(x64):
     # The nonparametric bootstrap weights the elements of this plate (fast check; the
     # slow test below refits).
