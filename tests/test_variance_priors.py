@@ -18,6 +18,7 @@ import numpyro.distributions as dist
 import pytest
 import scipy.optimize
 from jax.scipy.special import logsumexp
+from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
 
 from jaxem import EM
@@ -192,3 +193,36 @@ def test_non_conjugate_prior_on_a_variance_takes_gradient_steps():
     em = EM(mixture("sqrt", dist.Gamma(3.0, 2.0)), global_sites=("w", "mu", "v"))
     path = em.m_step_paths(X)["v"]
     assert path.startswith("gradient (its prior (Gamma at site 'v') is not conjugate"), path
+
+
+def scan_hmm(variance):
+    def model(x, K=2):
+        A = numpyro.param("A", jnp.array([[0.8, 0.2], [0.3, 0.7]]), constraint=constraints.simplex)
+        mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+        s = numpyro.param("s", jnp.array([1.0, 4.0]), constraint=constraints.positive)
+        scale = jnp.sqrt(s) if variance else s
+        z0 = numpyro.sample("z0", dist.Categorical(jnp.ones(K) / K))
+        numpyro.sample("x0", dist.Normal(mu[z0], scale[z0]), obs=x[0])
+
+        def step(z_prev, x_t):
+            z = numpyro.sample("z", dist.Categorical(A[z_prev]))
+            numpyro.sample("x", dist.Normal(mu[z], jnp.sqrt(s[z]) if variance else s[z]), obs=x_t)
+            return z, None
+
+        scan(step, z0, x[1:])
+
+    return model
+
+
+def test_scan_hmm_variance_is_closed_form_and_steps_like_the_scale(x64):
+    """Inside numpyro's scan too; EM on the variance takes the scale's steps, squared."""
+    x = jnp.asarray(X[[0, 8, 1, 2, 9, 10, 3, 11, 12, 4]])
+    path = EM(scan_hmm(True)).m_step_paths(x)["s"]
+    assert path.startswith("closed-form (Normal.scale at site 'x0', Normal.scale at site 'x'")
+    assert "a variance" in path, path
+    key = jax.random.PRNGKey(0)
+    reference = EM(scan_hmm(False), reg_covar=0.0).run(key, x, max_iter=15, tol=0.0)
+    init = {"s": jnp.array([1.0, 16.0])}
+    result = EM(scan_hmm(True), reg_covar=0.0).run(key, x, init_params=init, max_iter=15, tol=0.0)
+    np.testing.assert_allclose(result.params["s"], reference.params["s"] ** 2, rtol=1e-9)
+    np.testing.assert_allclose(result.history, reference.history, rtol=1e-12)
