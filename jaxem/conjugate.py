@@ -26,9 +26,9 @@ InverseWishart(nu, P)  MultivariateNormal                     (scatter + P,
                        ``covariance_matrix``                  sum w + nu + D + 1)
 =====================  =====================================  ==============================
 
-A prior on a variance or precision reaching a Normal's ``scale`` through a
-transformation (``jnp.sqrt(var)``, ``1 / jnp.sqrt(tau)``) is no selection of the
-site, so no closed form applies: its M-step takes gradient steps on Q + log prior.
+A prior on a variance or precision reaching a Normal's ``scale`` through
+``jnp.sqrt(var)`` or ``1 / jnp.sqrt(tau)`` is no selection of the site: its
+InverseGamma / Gamma pair lives in `jaxem.power_selection`.
 
 Pseudo-counts that would make a statistic negative (a concentration below 1 on
 a cell without weight) are clipped at zero: the mode is then on the boundary,

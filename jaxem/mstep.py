@@ -29,6 +29,13 @@ from jaxem.gaussian_stats import shared_statistics
 from jaxem.global_sites import global_site_names
 from jaxem.missing import MissingData, conditional_moments
 from jaxem.numpyro_internals import distribution_mask, user_site_name
+from jaxem.power_selection import (
+    PowerSelections,
+    is_power_update,
+    linearization_point,
+    power_description,
+    prior_arguments,
+)
 from jaxem.selection import dependencies, probe_selection
 from jaxem.supports import constraint_spelling, constraint_wider_than_support
 from jaxem.tracing import enumerated_trace
@@ -213,6 +220,9 @@ def plan_m_step(
             if name in global_sites:
                 keys.append(("prior", name, type(core_distribution(site.fn))))
                 outputs.append(jnp.zeros(()))
+                for arg_name, value in prior_arguments(core_distribution(site.fn)).items():
+                    keys.append(("prior_arg", name, arg_name))
+                    outputs.append(value)
             family, base = _family(site.fn, trace.constructor_args, registry)
             keys.append(("value", name, None))
             outputs.append(jnp.asarray(site.value))
@@ -236,6 +246,9 @@ def plan_m_step(
     labels = dependencies(
         closed, [{n: True} for n in structure.param_names] + [{}] * len(flat_arrays)
     )
+    # Params reaching a Normal's scale as sqrt / 1 / sqrt of a selection (a variance,
+    # a precision): checked on first use only.
+    powers = PowerSelections(closed, keys, structure.param_names, params, arrays)
     unsupported_site = {k[1]: k[2] for k in keys if k[0] == "family"}
     prior_classes = {k[1]: k[2] for k in keys if k[0] == "prior"}
 
@@ -271,6 +284,7 @@ def plan_m_step(
             params,
             arrays,
             keys,
+            powers,
         )
         if own is not None:
             arguments = {
@@ -278,17 +292,23 @@ def plan_m_step(
                 for k, _ in reached
                 if k[0] == "arg" and (k[1], k[2][1]) in plan[name].consumers
             }
-            plan[name] = _with_prior(plan[name], own, prior_classes[own], arguments)
+            plan[name] = _with_prior(plan[name], own, prior_classes[own], arguments, powers)
     return plan
 
 
-def _with_prior(path, site, prior_cls, arguments):
+def _with_prior(path, site, prior_cls, arguments, powers=None):
     """A global site's path: its closed form kept where the prior is conjugate
-    (`jaxem.conjugate`), gradient steps on Q + log prior otherwise."""
+    (`jaxem.conjugate`, `jaxem.power_selection` for a variance or precision),
+    gradient steps on Q + log prior otherwise."""
     if path.kind != "closed-form":
         return path
-    pseudo_fn = conjugate_statistics_fn(prior_cls, arguments)
     prior = f"{prior_cls.__name__} at site '{user_site_name(site)}'"
+    if is_power_update(path.update):
+        pseudo_fn, why_not = powers.conjugate(path.update, prior_cls, site)
+        if pseudo_fn is None:
+            return ParamPath("gradient", f"its prior ({prior}) {why_not}; {path.reason}")
+    else:
+        pseudo_fn = conjugate_statistics_fn(prior_cls, arguments)
     if pseudo_fn is None:
         return ParamPath(
             "gradient",
@@ -329,7 +349,18 @@ def _raise_for_params_outside_support(structure, keys, labels) -> None:
 
 
 def _decide(
-    name, index, reached, sites, unsupported_site, registry, structure, closed, params, arrays, keys
+    name,
+    index,
+    reached,
+    sites,
+    unsupported_site,
+    registry,
+    structure,
+    closed,
+    params,
+    arrays,
+    keys,
+    powers,
 ):
     def gradient(reason):
         return ParamPath("gradient", reason)
@@ -348,7 +379,10 @@ def _decide(
                 f"reaches argument '{arg_name}' of {cls.__name__} at site "
                 f"'{user_site_name(site)}', which has no closed-form update"
             )
-        if not is_selection:
+        if not is_selection and arg_name == "scale":
+            # sqrt(var[z]) or 1 / sqrt(tau[z]): a variance's or precision's update.
+            update = powers.update(keys.index(key), name, cls)
+        if not is_selection and not is_power_update(update):
             return gradient(
                 f"reaches {cls.__name__}.{arg_name} at site '{user_site_name(site)}' through "
                 "operations other than indexing/broadcasting/reshaping"
@@ -383,6 +417,8 @@ def _decide(
     # A scan's first step and its later steps are one site to the user.
     described = (f"{c[2].__name__}.{c[1]} at site '{user_site_name(c[0])}'" for c in consumers)
     description = ", ".join(dict.fromkeys(described))
+    if is_power_update(update):
+        description += f" ({power_description(update)})"
     return ParamPath("closed-form", description, update, tuple((c[0], c[1]) for c in consumers))
 
 
@@ -551,7 +587,10 @@ def _stage_statistics(model, params, marginals, paths, args, kwargs, max_plate_n
             outs[(site_name, arg_name)] = jnp.asarray(family.args[arg_name])
         return outs
 
-    outs, vjp_fn = jax.vjp(arguments, {n: params[n] for n in paths})
+    # At a variance's or precision's linearization point the VJP is the selection's
+    # times the power (`jaxem.power_selection`); every other VJP is the selection's.
+    point = {n: linearization_point(path.update, params[n]) for n, path in paths.items()}
+    outs, vjp_fn = jax.vjp(arguments, point)
     pulled = {}
     for key, arg in outs.items():
         update = updates[key]

@@ -82,7 +82,7 @@ def _sub_jaxpr(eqn):
     return None
 
 
-def _propagate_scan(eqn, inputs):
+def _propagate_scan(eqn, inputs, rule=None):
     """Labels through a ``lax.scan``. Its stacked outputs select the body's
     per-step outputs, so a parameter that enters the body as a constant and
     reaches a stacked output through selections only is selected (``A[z_prev]``
@@ -99,7 +99,7 @@ def _propagate_scan(eqn, inputs):
     )
     carry = [dict.fromkeys(labels, False) for labels in carry]
     while True:
-        outputs = _propagate(body, consts + carry + xs)
+        outputs = _propagate(body, consts + carry + xs, rule)
         new_carry = [
             {**before, **dict.fromkeys(after, False)}
             for before, after in zip(carry, outputs[:num_carry])
@@ -109,7 +109,7 @@ def _propagate_scan(eqn, inputs):
         carry = new_carry
 
 
-def _propagate(jaxpr, in_labels):
+def _propagate(jaxpr, in_labels, rule=None):
     env = {}
 
     def read(var):
@@ -124,10 +124,13 @@ def _propagate(jaxpr, in_labels):
         if not any(inputs):
             continue
         sub = _sub_jaxpr(eqn)
-        if sub is not None:
-            outputs = _propagate(sub, inputs)
+        outputs = None if rule is None or sub is not None else rule(eqn, inputs)
+        if outputs is not None:
+            pass
+        elif sub is not None:
+            outputs = _propagate(sub, inputs, rule)
         elif eqn.primitive.name == "scan":
-            outputs = _propagate_scan(eqn, inputs)
+            outputs = _propagate_scan(eqn, inputs, rule)
         else:
             positions = _SELECTION_PRIMITIVES.get(eqn.primitive.name, ())
             if eqn.primitive.name == "convert_element_type" and not np.issubdtype(
@@ -147,19 +150,23 @@ def _propagate(jaxpr, in_labels):
     return [read(v) for v in jaxpr.outvars]
 
 
-def dependencies(closed_jaxpr, input_labels):
+def dependencies(closed_jaxpr, input_labels, rule=None):
     """Label every output of a jaxpr with the inputs it depends on.
 
     Args:
         closed_jaxpr: the jaxpr of a function of flat inputs.
         input_labels: one ``{name: True}`` dict per input (``{}`` for inputs
             that are not parameters).
+        rule: optional ``(eqn, input labels) -> output labels or None``, asked
+            first for every equation with a labeled input (outside call
+            primitives, which are followed into); None keeps the rules above.
+            `jaxem.power_selection` uses it to follow elementwise powers.
 
     Returns:
         One dict per output: ``{param name: True if the output depends on the
         parameter only through selection operations, else False}``.
     """
-    return _propagate(closed_jaxpr.jaxpr, list(input_labels))
+    return _propagate(closed_jaxpr.jaxpr, list(input_labels), rule)
 
 
 def probe_selection(closed_jaxpr, inputs, output_indices):
