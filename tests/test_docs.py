@@ -145,3 +145,45 @@ def test_examples_page_shows_every_example():
         assert f"`{script.name}`" in page, script.name
         if "savefig" in script.read_text():
             assert f"(examples/{script.stem}.png)" in page, script.name
+
+
+# A timing or speed-up: "26 ms", "0.49 s", "25 minutes", "20x slower", "1.8x fewer".
+_MEASURED = re.compile(
+    r"(?<![\w.])\d+(?:\.\d+)?\s?(?:ms|s|seconds|minutes)\b"
+    r"|(?<![\w.])\d+(?:\.\d+)?x (?:faster|slower|fewer|less|more)\b"
+)
+# What reproduces it: a script or test of the repository, a code block on the page, or
+# the honest "measured once".
+_SOURCE = re.compile(r"benchmarks/|examples/|tests/test_|pytest|```python|measured once")
+_NEAR = 12  # lines either side
+
+
+def unsourced_measurements(text):
+    """The timings of a page with no command, code block or "measured once" near them.
+
+    Returns:
+        A list of ``(line, match)``, 1-based.
+    """
+    lines = text.splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        for match in _MEASURED.finditer(line):
+            window = "\n".join(lines[max(0, i - _NEAR) : i + _NEAR + 1])
+            if not _SOURCE.search(window):
+                missing.append((i + 1, match.group(0)))
+    return missing
+
+
+def test_unsourced_measurements_are_found():
+    """The check sees a bare timing and accepts one next to its command (a check on the checker)."""
+    bare = "intro\n\nEM takes 26 ms per iteration, 3.5x faster than before.\n"
+    assert unsourced_measurements(bare) == [(3, "26 ms"), (3, "3.5x faster")]
+    sourced = bare + "(`python benchmarks/gmm.py --quick`)\n"
+    assert unsourced_measurements(sourced) == []
+    assert unsourced_measurements("version 0.10.2 and 1e-6 relative, 3 components\n") == []
+
+
+@pytest.mark.parametrize("page", PAGES + ["../README.md"])
+def test_measured_numbers_name_their_command(page):
+    """Every timing or speed-up on a page names what reproduces it (issue 20)."""
+    assert unsourced_measurements((DOCS / page).read_text()) == []
