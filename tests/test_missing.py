@@ -229,7 +229,7 @@ def test_accelerated_em_reaches_the_observed_data_mle(
 
     # A property, not a count: how many steps Anderson's extrapolation saves depends on the
     # rounding of its small least-squares solves, which changes with the jax/XLA release
-    # (74 EM steps under one release, 112 under jax 0.10.2; SQUAREM 45; plain EM 192).
+    # (74, 112 and 66 EM steps have been seen; SQUAREM 45; plain EM 192: docs/missing-data.md).
     plain = fit_mvn(x)
     assert em_steps_to(fit.history, em_steps_per_iter) < em_steps_to(plain.history, 1)
 
