@@ -625,3 +625,90 @@ def test_normal_wishart_unsupported_spelling_names_site(kind, sites, match, x64)
         VariationalBayesEM(_nw_variant(kind), global_sites=sites).run(
             jax.random.PRNGKey(0), jnp.asarray(_nw_data((5, 5, 0)))
         )
+
+
+# -- Beal's variational Bayesian HMM: the chain's posterior stays exact ------------
+
+BEAL_SCALE = 0.8
+
+
+def beal_hmm(x, K=3):
+    """Dirichlet priors on the initial distribution and on each row of the
+    transition matrix, Normal priors on the emission means (scale known)."""
+    pi = numpyro.sample("pi", dist.Dirichlet(jnp.array([1.0, 2.0, 0.5])[:K]))
+    trans = numpyro.sample("trans", dist.Dirichlet(jnp.full((K, K), 0.7)).to_event(1))
+    with numpyro.plate("states", K):
+        mu = numpyro.sample("mu", dist.Normal(0.5, 4.0))
+    z0 = numpyro.sample("z0", dist.Categorical(pi))
+    numpyro.sample("x0", dist.Normal(mu[z0], BEAL_SCALE), obs=x[0])
+
+    def step(z_prev, xt):
+        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+        numpyro.sample("x", dist.Normal(mu[z], BEAL_SCALE), obs=xt)
+        return z, None
+
+    scan(step, z0, x[1:])
+
+
+def _beal_forward_backward(log_pi, log_a, log_e):
+    """log Z, the marginals gamma_t(k) and the summed pair marginals
+    sum_t xi_t(j, k) of a chain with (unnormalized) log potentials, in numpy."""
+    T, K = log_e.shape
+    log_alpha = np.zeros((T, K))
+    log_alpha[0] = log_pi + log_e[0]
+    for t in range(1, T):
+        log_alpha[t] = logsumexp(log_alpha[t - 1][:, None] + log_a, axis=0) + log_e[t]
+    log_beta = np.zeros((T, K))
+    for t in range(T - 2, -1, -1):
+        log_beta[t] = logsumexp(log_a + (log_e[t + 1] + log_beta[t + 1])[None], axis=1)
+    log_z = logsumexp(log_alpha[-1])
+    gamma = np.exp(log_alpha + log_beta - log_z)
+    xi = sum(
+        np.exp(
+            log_alpha[t - 1][:, None] + log_a + (log_e[t] + log_beta[t])[None] - log_z
+        )
+        for t in range(1, T)
+    )
+    return log_z, gamma, xi
+
+
+def test_beal_hmm_matches_hand_written_forward_backward(x64):
+    """A scan HMM under VBEM is Beal's variational Bayesian HMM (Beal 2003, ch. 3):
+    q(z) is the exact chain posterior under exp E[log pi], exp E[log A] and the
+    expected log emissions (forward-backward written out in numpy here), the ELBO
+    is its log normalizer less the KLs, and q(pi), q(A) rows, q(mu) are the priors
+    updated by the expected initial counts, transition counts and emission sums."""
+    x = _reals()[::2]  # 15 steps
+    xs, K, s = np.asarray(x), 3, BEAL_SCALE
+    vb = VariationalBayesEM(beal_hmm, global_sites=("pi", "trans", "mu"))
+    start = {
+        "pi": jnp.ones(K) / K,
+        "trans": jnp.full((K, K), 1.0 / K),
+        "mu": jnp.array([-2.0, 0.0, 2.0]),
+    }
+    state = vb.init(jax.random.PRNGKey(0), x, init_params=start)
+    alpha_pi0, alpha_a0, m0, s0 = np.array([1.0, 2.0, 0.5]), np.full((K, K), 0.7), 0.5, 4.0
+    elbos = []
+    for _ in range(4):
+        alpha_pi = np.asarray(state.q["pi"][0])
+        alpha_a = np.asarray(state.q["trans"][0])
+        m, sd = map(np.asarray, state.q["mu"])
+        new_state, elbo = vb.update(state, x)
+        log_pi = digamma(alpha_pi) - digamma(alpha_pi.sum())
+        log_a = digamma(alpha_a) - digamma(alpha_a.sum(1, keepdims=True))
+        square = xs[:, None] ** 2 - 2 * xs[:, None] * m + m**2 + sd**2
+        log_e = -0.5 * square / s**2 - np.log(s) - 0.5 * np.log(2 * np.pi)
+        log_z, gamma, xi = _beal_forward_backward(log_pi, log_a, log_e)
+        kl = dist.kl_divergence(dist.Dirichlet(alpha_pi), dist.Dirichlet(alpha_pi0))
+        kl = kl + dist.kl_divergence(dist.Dirichlet(alpha_a), dist.Dirichlet(alpha_a0)).sum()
+        kl = kl + dist.kl_divergence(dist.Normal(m, sd), dist.Normal(m0, s0)).sum()
+        np.testing.assert_allclose(elbo, log_z - kl, rtol=1e-12)
+        np.testing.assert_allclose(new_state.q["pi"][0], alpha_pi0 + gamma[0], rtol=1e-12)
+        np.testing.assert_allclose(new_state.q["trans"][0], alpha_a0 + xi, rtol=1e-12)
+        precision = 1 / s0**2 + gamma.sum(0) / s**2
+        np.testing.assert_allclose(new_state.q["mu"][1], precision**-0.5, rtol=1e-12)
+        mean = (m0 / s0**2 + gamma.T @ xs / s**2) / precision
+        np.testing.assert_allclose(new_state.q["mu"][0], mean, rtol=1e-12)
+        elbos.append(float(elbo))
+        state = new_state
+    assert np.all(np.diff(elbos) >= -1e-12 * np.abs(elbos[1:]))
