@@ -664,9 +664,7 @@ def _beal_forward_backward(log_pi, log_a, log_e):
     log_z = logsumexp(log_alpha[-1])
     gamma = np.exp(log_alpha + log_beta - log_z)
     xi = sum(
-        np.exp(
-            log_alpha[t - 1][:, None] + log_a + (log_e[t] + log_beta[t])[None] - log_z
-        )
+        np.exp(log_alpha[t - 1][:, None] + log_a + (log_e[t] + log_beta[t])[None] - log_z)
         for t in range(1, T)
     )
     return log_z, gamma, xi
