@@ -26,6 +26,12 @@ point (a stochastic gradient of the log-likelihood, by Fisher's identity);
 the theorem does not cover them, and with a constant learning rate they
 fluctuate around the optimum.
 
+With ``global_sites`` (parameters with priors) it is online MAP-EM: the prior
+counts once for the whole data set of ``num_data`` points, so against the
+running averages per data point its conjugate pseudo-statistics weigh
+``1 / num_data`` (``s_t + pseudo / N``, the solve unchanged), as does its log
+density in the optax steps' Q per data point.
+
 References:
     O. Cappé and E. Moulines (2009). On-line expectation-maximization
     algorithm for latent data models. Journal of the Royal Statistical
