@@ -151,8 +151,31 @@ def test_gmm_loc_matches_hand_written_cavi(x64):
         state = new_state
 
 
+def mix_weights(beta):
+    """Stick-breaking weights, as in NumPyro's Dirichlet-process mixture example."""
+    rest = jnp.cumprod(1 - beta, axis=-1)
+    return jnp.pad(beta, (0, 1), constant_values=1) * jnp.pad(rest, (1, 0), constant_values=1)
+
+
+def dp_poisson(x, K=4):
+    """A truncated Dirichlet-process Poisson mixture: K - 1 Beta(1, alpha) sticks."""
+    with numpyro.plate("sticks", K - 1):
+        beta = numpyro.sample("beta", dist.Beta(1.0, 0.5))
+    with numpyro.plate("components", K):
+        lam = numpyro.sample("lam", dist.Gamma(2.0, 0.5))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(mix_weights(beta)))
+        numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
+
+
 # The Poisson and Gaussian mixtures' ELBOs are checked term by term above.
 CASES = {
+    "dp_poisson": (
+        dp_poisson,
+        _counts,
+        ("beta", "lam"),
+        {"beta": np.full(3, 0.3), "lam": np.array([1.0, 4.0, 8.0, 11.0])},
+    ),
     "latent_class": (latent_class, _binary, ("w", "p"), None),
     "hmm": (hmm, _reals, ("trans", "mu"), {"mu": np.array([-1.0, 1.0])}),
 }
@@ -710,3 +733,116 @@ def test_beal_hmm_matches_hand_written_forward_backward(x64):
         elbos.append(float(elbo))
         state = new_state
     assert np.all(np.diff(elbos) >= -1e-12 * np.abs(elbos[1:]))
+
+
+# -- truncated stick-breaking (Dirichlet process) weights ---------------------------
+
+DP_ALPHA = 0.8
+
+
+def dp_gmm(x, K=3, sticks="cumprod"):
+    """full_gmm with truncated Dirichlet-process weights: K - 1 Beta(1, alpha) sticks."""
+    m0, w0 = map(jnp.asarray, _nw_prior())
+    beta = numpyro.sample("beta", dist.Beta(1.0, DP_ALPHA).expand([K - 1]).to_event(1))
+    if sticks == "cumprod":
+        weights = mix_weights(beta)
+    else:  # numpyro's transform, on the logits shifted as it shifts them back
+        shift = jnp.log(jnp.arange(K - 1, 0, -1.0))
+        weights = dist.transforms.StickBreakingTransform()(jax.scipy.special.logit(beta) + shift)
+    with numpyro.plate("components", K):
+        lam = numpyro.sample("lam", dist.Wishart(NW_NU0, scale_matrix=w0))
+        mu = numpyro.sample("mu", dist.MultivariateNormal(m0, precision_matrix=NW_BETA0 * lam))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("x", dist.MultivariateNormal(mu[z], precision_matrix=lam[z]), obs=x)
+
+
+@pytest.mark.parametrize(
+    # The transform's spelling: the same fit, deselected by default (CI time).
+    "sticks",
+    ["cumprod", pytest.param("transform", marks=pytest.mark.slow)],
+)
+def test_stick_breaking_matches_sklearn_dirichlet_process(sticks, x64):
+    """From the same responsibilities (the posterior at the same point) and the same
+    priors, the VB-M-step gives scikit-learn's BayesianGaussianMixture
+    (weight_concentration_prior_type="dirichlet_process") q(v_k) = Beta(1 + N_k,
+    alpha + sum_{j>k} N_j) for the K - 1 sticks, its Normal-Wishart parameters, and
+    its E[log w_k] = E[log v_k] + sum_{j<k} E[log(1 - v_j)] for k < K. The last
+    component differs by a convention: scikit-learn keeps a K-th stick v_K ~
+    Beta(1 + N_K, alpha) (weights summing to less than 1), NumPyro's spelling sets
+    v_K = 1, so scikit-learn's E[log w_K] is ours plus E[log v_K]. Iterations after
+    the first differ through that last weight, so only this step is compared."""
+    from scipy.stats import multivariate_normal
+    from sklearn.mixture import BayesianGaussianMixture
+
+    from jaxem.stick_breaking import expected_log_stick_weights
+
+    x, start, K = _nw_data(), _nw_start(), 3
+    m0, w0 = _nw_prior()
+    log_r = np.log(start["w"]) + np.stack(
+        [
+            multivariate_normal.logpdf(x, start["mu"][k], np.linalg.inv(start["lam"][k]))
+            for k in range(K)
+        ],
+        1,
+    )
+    resp = np.exp(log_r - logsumexp(log_r, 1, keepdims=True))
+    sk = BayesianGaussianMixture(
+        n_components=K,
+        covariance_type="full",
+        weight_concentration_prior_type="dirichlet_process",
+        weight_concentration_prior=DP_ALPHA,
+        mean_precision_prior=NW_BETA0,
+        mean_prior=m0,
+        degrees_of_freedom_prior=NW_NU0,
+        covariance_prior=np.linalg.inv(w0),
+        reg_covar=0.0,
+    )
+    sk._check_parameters(x)
+    sk._initialize(x, resp)
+
+    # A point with the start's weights: the sticks that break into them.
+    w = start["w"]
+    sticks_start = w[:-1] / (1.0 - np.concatenate([[0.0], np.cumsum(w)[:-2]]))
+    init = {"beta": sticks_start, "mu": start["mu"], "lam": start["lam"]}
+    vb = VariationalBayesEM(lambda x: dp_gmm(x, K, sticks), global_sites=("beta", "lam", "mu"))
+    state = vb.init(
+        jax.random.PRNGKey(0),
+        jnp.asarray(x),
+        init_params={k: jnp.asarray(v) for k, v in init.items()},
+    )
+    (a, b), (nu, scale), (m, beta) = state.q["beta"], state.q["lam"], state.q["mu"]
+    rtol = 1e-10
+    np.testing.assert_allclose(a, sk.weight_concentration_[0][:-1], rtol=rtol)
+    np.testing.assert_allclose(b, sk.weight_concentration_[1][:-1], rtol=rtol)
+    np.testing.assert_allclose(beta, sk.mean_precision_, rtol=rtol)
+    np.testing.assert_allclose(m, sk.means_, rtol=rtol)
+    np.testing.assert_allclose(nu, sk.degrees_of_freedom_, rtol=rtol)
+    u = sk.precisions_cholesky_
+    np.testing.assert_allclose(nu[:, None, None] * scale, u @ np.swapaxes(u, 1, 2), rtol=rtol)
+    e_log_v = digamma(np.asarray(a)) - digamma(np.asarray(a + b))
+    e_log_rest = digamma(np.asarray(b)) - digamma(np.asarray(a + b))
+    ours = np.asarray(expected_log_stick_weights(e_log_v, e_log_rest))
+    theirs = sk._estimate_log_weights()
+    np.testing.assert_allclose(ours[:-1], theirs[:-1], rtol=rtol)
+    a_last, b_last = sk.weight_concentration_[0][-1], sk.weight_concentration_[1][-1]
+    e_log_v_last = digamma(a_last) - digamma(a_last + b_last)
+    np.testing.assert_allclose(theirs[-1], ours[-1] + e_log_v_last, rtol=rtol)
+    assert isinstance(vb.get_params(state)["beta"], dist.Beta)
+
+
+def test_beta_prior_on_weights_other_than_sticks_is_an_error(x64):
+    """Beta sticks whose weights are not the stick-breaking ones (reversed) are a
+    transformation VBEM cannot take the expectation through: an error."""
+
+    def model(x, K=3):
+        with numpyro.plate("sticks", K - 1):
+            beta = numpyro.sample("beta", dist.Beta(1.0, 0.5))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(mix_weights(beta)[::-1]))
+            numpyro.sample("x", dist.Poisson(jnp.array([1.0, 5.0, 10.0])[z]), obs=x)
+
+    with pytest.raises(
+        ModelError, match=r"'beta' has a Beta prior on a CategoricalProbs 'probs'.*stick-breaking"
+    ):
+        VariationalBayesEM(model, global_sites=("beta",)).run(jax.random.PRNGKey(0), _counts())
