@@ -152,7 +152,16 @@ def conjugate_statistics_fn(prior_cls, consumers) -> Callable | None:
     return found.pop()
 
 
-def add_prior_statistics(pseudo_fn, statistics, prior_fn):
-    """``statistics`` (a param's expected statistics) plus the pseudo-statistics of
-    its prior, the global site's distribution ``prior_fn`` (as traced)."""
-    return pseudo_fn(tuple(statistics), core_distribution(prior_fn))
+def add_prior_statistics(pseudo_fn, statistics, prior_fn, weight=1.0):
+    """``statistics`` (a param's expected statistics) plus ``weight`` times the
+    pseudo-statistics of its prior, the global site's distribution ``prior_fn`` (as
+    traced).
+
+    ``weight`` is ``1 / N`` for statistics averaged over ``N`` data points (online
+    EM): the prior counts once for the whole data set. The pseudo-statistics are
+    added to ``statistics / weight`` and the sum scaled back, so that a statistic
+    clipped at zero is clipped where the total over the data set would be."""
+    if isinstance(weight, (int, float)) and weight == 1.0:
+        return pseudo_fn(tuple(statistics), core_distribution(prior_fn))
+    totals = pseudo_fn(tuple(s / weight for s in statistics), core_distribution(prior_fn))
+    return tuple(t * weight for t in totals)

@@ -29,6 +29,7 @@ from jax.scipy.special import digamma, gammaln
 
 __all__ = [
     "EXPECTED_LOG_DENSITIES",
+    "categorical_expected_log_density",
     "PRIOR_FAMILIES",
     "PriorFamily",
     "supported_pairs",
@@ -130,6 +131,9 @@ def _categorical(args, value, moments):
     return jnp.take_along_axis(log_w, index, -1)[..., 0]
 
 
+categorical_expected_log_density = _categorical
+
+
 def _bernoulli(args, value, moments):
     log_p, log_q = moments
     return value * log_p + (1 - value) * log_q
@@ -169,7 +173,9 @@ def supported_pairs() -> str:
         for (cls, arg), (prior, _) in EXPECTED_LOG_DENSITIES.items()
     )
     return (
-        singles + ", Normal-Wishart prior on a MultivariateNormal's 'loc' and "
+        singles + ", Beta prior on the sticks of a Categorical's stick-breaking 'probs' "
+        "(truncated Dirichlet process: w_k = v_k prod_{j<k} (1 - v_j), w_K = "
+        "prod_{j<K} (1 - v_j)), Normal-Wishart prior on a MultivariateNormal's 'loc' and "
         "'precision_matrix' (Lam ~ Wishart, mu ~ MultivariateNormal(m0, "
         "precision_matrix=beta0 * Lam))"
     )

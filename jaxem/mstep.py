@@ -477,6 +477,7 @@ def closed_form_statistics_m_step(
     reg_covar,
     trace=None,
     combine_fn=None,
+    prior_weight=1.0,
 ):
     """`closed_form_m_step` that also returns each parameter's statistics.
 
@@ -484,7 +485,8 @@ def closed_form_statistics_m_step(
     sufficient statistics, pulled back to the parameter's entries).
     ``combine_fn(name, statistics) -> statistics``, when given, maps them
     before the solve; online EM uses it to mix a minibatch's statistics into
-    running averages.
+    running averages, and ``prior_weight`` (``1 / N``) weighs a conjugate
+    prior's pseudo-statistics against such averages over ``N`` data points.
 
     Returns:
         ``(params, {name: statistics solved from})``.
@@ -501,11 +503,22 @@ def closed_form_statistics_m_step(
             reg_covar,
             trace,
             combine_fn,
+            prior_weight,
         )
 
 
 def _closed_form_stages(
-    model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace, combine_fn
+    model,
+    params,
+    marginals,
+    plan,
+    args,
+    kwargs,
+    max_plate_nesting,
+    reg_covar,
+    trace,
+    combine_fn,
+    prior_weight=1.0,
 ):
     params, solved_from = dict(params), {}
     closed = {n: p for n, p in plan.items() if p.kind == "closed-form"}
@@ -528,7 +541,7 @@ def _closed_form_stages(
                 # Added after combine_fn: a prior counts once, not once per minibatch.
                 site, pseudo_fn = path.prior
                 statistics[name] = add_prior_statistics(
-                    pseudo_fn, statistics[name], trace.sites[site].fn
+                    pseudo_fn, statistics[name], trace.sites[site].fn, prior_weight
                 )
             new = path.update.solve_fn(statistics[name], old, reg_covar)
             _check_solution(name, path, old, new)

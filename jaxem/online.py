@@ -26,6 +26,12 @@ point (a stochastic gradient of the log-likelihood, by Fisher's identity);
 the theorem does not cover them, and with a constant learning rate they
 fluctuate around the optimum.
 
+With ``global_sites`` (parameters with priors) it is online MAP-EM: the prior
+counts once for the whole data set of ``num_data`` points, so against the
+running averages per data point its conjugate pseudo-statistics weigh
+``1 / num_data`` (``s_t + pseudo / N``, the solve unchanged), as does its log
+density in the optax steps' Q per data point.
+
 References:
     O. Cappé and E. Moulines (2009). On-line expectation-maximization
     algorithm for latent data models. Journal of the Royal Statistical
@@ -50,6 +56,7 @@ from jaxem.checks import validate
 from jaxem.driver import Fitter, MStep, raise_for_fitted_arguments
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning, ModelError
+from jaxem.global_sites import log_prior_of_trace, with_global_sites
 from jaxem.gradient import gradient_m_step
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
@@ -58,7 +65,7 @@ from jaxem.mstep import closed_form_statistics_m_step
 from jaxem.regularization import warn_if_held_by_reg_covar
 from jaxem.weights import reject_case_weights
 
-__all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "power_decay"]
+__all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "check_num_data", "power_decay"]
 
 
 def power_decay(kappa: float = 0.6) -> Callable[[jax.Array], jax.Array]:
@@ -142,6 +149,30 @@ class OnlineEMResult(NamedTuple):
     num_rejected: jax.Array
 
 
+def check_num_data(global_sites, num_data) -> float:
+    """``num_data`` as a float, checked: required (a positive count) with global
+    sites, and meaningless without them."""
+    if not global_sites:
+        if num_data is not None:
+            raise ValueError(
+                "jaxem: OnlineEM's num_data weighs the priors of global_sites; the model "
+                "has none named. Drop num_data, or name the global sites."
+            )
+        return 1.0
+    if num_data is None:
+        raise ModelError(
+            f"jaxem: OnlineEM with global_sites {global_sites} needs num_data=N, the number "
+            "of data points of the whole data set (one epoch's minibatches together): the "
+            "prior counts once for the whole data set, 1/N against the running averages "
+            "per data point, and a stream of minibatches does not tell N."
+        )
+    if isinstance(num_data, bool) or not float(num_data) > 0 or not math.isfinite(num_data):
+        raise ValueError(
+            f"jaxem: num_data must be a positive number of data points, got {num_data!r}"
+        )
+    return float(num_data)
+
+
 def _num_data_cells(trace) -> int:
     """The largest number of plate cells of any site: the number of data points
     the minibatch's statistics are averaged over."""
@@ -172,8 +203,16 @@ class OnlineEM(Fitter):
         m_step_iters: optimizer steps per minibatch (default 1).
         reg_covar: added to variances and covariance diagonals.
         frozen: names of parameters to keep at their initial values.
-        global_sites: not supported yet: a ``ModelError`` says why (fit a model with
-            priors by ``EM`` or ``VariationalEM``).
+        global_sites: names of sample sites that are parameters with priors
+            (`jaxem.with_global_sites`): online MAP-EM, the stochastic
+            approximation of ``EM(model, global_sites=...)`` on the whole data set.
+        num_data: with ``global_sites``, required: the number of data points of
+            the whole data set (one epoch's minibatches together, counted like a
+            minibatch's: the cells of its largest plate). The prior counts once
+            for the whole data set, so against the running statistics, averages
+            per data point, its pseudo-statistics (and, on the gradient path, its
+            log density) weigh ``1 / num_data``. A stream does not tell its length:
+            it is given here.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -207,20 +246,14 @@ class OnlineEM(Fitter):
         reg_covar: float = 1e-6,
         frozen: Sequence[str] = (),
         global_sites: Sequence[str] = (),
+        num_data: int | None = None,
     ):
-        if global_sites:
-            # A prior weighs against the whole data set (log p(theta) / N per data
-            # point), whose size a stream of minibatches does not give.
-            raise ModelError(
-                f"jaxem: OnlineEM does not fit global sites {tuple(global_sites)} (parameters "
-                "with priors) yet: against per-data-point running statistics a prior weighs "
-                "1/N, and a stream does not tell N. Fit the model with "
-                "EM(model, global_sites=...) or VariationalEM(model, global_sites=...)."
-            )
+        self.global_sites = tuple(global_sites)
+        self.num_data = check_num_data(self.global_sites, num_data)
         if m_step_iters < 1:
             raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
         # Built once: every trace of the model below comes from its cache.
-        self.model = built_model(model)
+        self.model = built_model(with_global_sites(model, self.global_sites))
         self.step_size = step_size or power_decay(0.6)
         self.optimizer = optax.with_extra_args_support(optimizer or optax.adam(1e-2))
         self.m_step_iters = int(m_step_iters)
@@ -245,6 +278,8 @@ class OnlineEM(Fitter):
         reject_case_weights(result.trace, "OnlineEM")
         plan = self.m_step_settings.plan(state.params, arrays, spec, structure)
         scale = 1.0 / _num_data_cells(result.trace)
+        # The prior counts once for the whole data set: 1 / N against averages per point.
+        prior_weight = 1.0 / self.num_data if self.global_sites else 1.0
 
         def combine(name, statistics):
             running = state.statistics[name]
@@ -264,9 +299,14 @@ class OnlineEM(Fitter):
             self.reg_covar,
             result.trace,
             combine_fn=combine if state.statistics else None,
+            prior_weight=prior_weight,
         )
-        # Q per data point: step sizes that do not depend on the batch size.
-        marginals = {n: m * scale for n, m in result.marginals.items()}
+        # Q per data point: step sizes that do not depend on the batch size; a global
+        # site's log prior (its own factor) per data point of the whole data set.
+        marginals = {
+            n: m * (prior_weight if n in self.global_sites else scale)
+            for n, m in result.marginals.items()
+        }
         params, opt_state = gradient_m_step(
             self.model,
             params,
@@ -279,7 +319,9 @@ class OnlineEM(Fitter):
             args,
             kwargs,
         )
-        return params, statistics, opt_state, result.log_likelihood
+        # The data's log-likelihood: the E-step's log Z holds the log prior as a factor.
+        log_lik = result.log_likelihood - log_prior_of_trace(result.trace, self.global_sites)
+        return params, statistics, opt_state, log_lik
 
     def _step(self, rng_key, state, arrays, spec):
         """One minibatch's update (``rng_key`` not used: the E-step is exact)."""

@@ -24,6 +24,7 @@ from jaxem.exceptions import ModelError
 from jaxem.expected_log import EXPECTED_LOG_DENSITIES, PRIOR_FAMILIES, supported_pairs
 from jaxem.missing import MissingData
 from jaxem.numpyro_internals import distribution_mask, user_site_name
+from jaxem.stick_breaking import is_stick_breaking, stick_breaking_expected
 
 __all__ = [
     "Reader",
@@ -39,11 +40,14 @@ __all__ = [
 
 
 class Reader(NamedTuple):
-    """A site whose distribution argument ``argument`` is a selection of ``source``."""
+    """A site whose distribution argument ``argument`` is a selection of ``source``
+    (``selected``), or a function of the whole site that ``expected`` takes the
+    source's own moments for (``selected=False``: stick-breaking weights)."""
 
     source: str
     argument: str
     expected: Callable
+    selected: bool = True
 
 
 def core_of(fn):
@@ -149,6 +153,7 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
 
     readers = {}
     site_args_jvp, site_args_fast = tangent_fn(site_args), compiled(site_args)
+    at_values = None
     for source in names:
         direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in values}
         moved = site_args_jvp(values, direction)
@@ -167,10 +172,6 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                     )
                 site = trace.sites[site_name]
                 core = core_of(site.fn)
-                entry = EXPECTED_LOG_DENSITIES.get((type(core), arg))
-                pair = f"a {families[source].__name__} prior on a {type(core).__name__} '{arg}'"
-                if entry is None or entry[0] is not families[source]:
-                    raise ModelError(unsupported(source, pair + f" (site '{shown}')"))
                 if site_name in readers:
                     raise ModelError(
                         f"jaxem: site '{shown}' reads two global sites "
@@ -178,6 +179,24 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                         "VariationalBayesEM supports one global site per distribution. "
                         "Fit by EM(model, global_sites=...) (MAP)."
                     )
+                if (
+                    families[source] is dist.Beta
+                    and isinstance(core, dist.CategoricalProbs)
+                    and arg == "probs"
+                ):
+                    # Truncated stick-breaking (Dirichlet process) weights of Beta sticks.
+                    at_values = site_args_fast(values) if at_values is None else at_values
+                    if is_stick_breaking(
+                        at_values[site_name][arg], values[source], change, tangents[source]
+                    ):
+                        readers[site_name] = Reader(
+                            source, arg, stick_breaking_expected, selected=False
+                        )
+                        continue
+                entry = EXPECTED_LOG_DENSITIES.get((type(core), arg))
+                pair = f"a {families[source].__name__} prior on a {type(core).__name__} '{arg}'"
+                if entry is None or entry[0] is not families[source]:
+                    raise ModelError(unsupported(source, pair + f" (site '{shown}')"))
                 # A selection (indexing, broadcasting) of the global site maps a
                 # direction to its own entries, and linearly: E log(2 lam) is not
                 # E log lam, nor is E(mu + 1)^2 E mu^2 + 1.

@@ -274,7 +274,11 @@ class VariationalBayesEM:
                 reader = plan.readers[name]
                 _, arguments = core_args(trace, site)
                 count = len(moments[reader.source])
-                sel = tuple(selected[j][name][reader.argument] for j in range(count))
+                sel = (
+                    tuple(selected[j][name][reader.argument] for j in range(count))
+                    if reader.selected
+                    else moments[reader.source]  # the weights of stick-breaking Beta sticks
+                )
                 lp = expected_site_log_prob(
                     site.fn, site.value, lambda v, a=arguments, s=sel, r=reader: r.expected(a, v, s)
                 )

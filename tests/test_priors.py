@@ -292,8 +292,9 @@ def test_variational_em_fits_global_sites(x64):
     )
 
 
-def test_online_em_refuses_global_sites():
-    with pytest.raises(ModelError, match="OnlineEM does not fit global sites"):
+def test_online_em_global_sites_need_num_data():
+    # Online MAP-EM itself is tested against batch MAP-EM in test_online.py.
+    with pytest.raises(ModelError, match=r"needs num_data=N, the number of data points"):
         jaxem.OnlineEM(gmm, global_sites=("w", "mu"))
 
 

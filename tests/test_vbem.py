@@ -151,8 +151,31 @@ def test_gmm_loc_matches_hand_written_cavi(x64):
         state = new_state
 
 
+def mix_weights(beta):
+    """Stick-breaking weights, as in NumPyro's Dirichlet-process mixture example."""
+    rest = jnp.cumprod(1 - beta, axis=-1)
+    return jnp.pad(beta, (0, 1), constant_values=1) * jnp.pad(rest, (1, 0), constant_values=1)
+
+
+def dp_poisson(x, K=4):
+    """A truncated Dirichlet-process Poisson mixture: K - 1 Beta(1, alpha) sticks."""
+    with numpyro.plate("sticks", K - 1):
+        beta = numpyro.sample("beta", dist.Beta(1.0, 0.5))
+    with numpyro.plate("components", K):
+        lam = numpyro.sample("lam", dist.Gamma(2.0, 0.5))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(mix_weights(beta)))
+        numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
+
+
 # The Poisson and Gaussian mixtures' ELBOs are checked term by term above.
 CASES = {
+    "dp_poisson": (
+        dp_poisson,
+        _counts,
+        ("beta", "lam"),
+        {"beta": np.full(3, 0.3), "lam": np.array([1.0, 4.0, 8.0, 11.0])},
+    ),
     "latent_class": (latent_class, _binary, ("w", "p"), None),
     "hmm": (hmm, _reals, ("trans", "mu"), {"mu": np.array([-1.0, 1.0])}),
 }
@@ -625,3 +648,201 @@ def test_normal_wishart_unsupported_spelling_names_site(kind, sites, match, x64)
         VariationalBayesEM(_nw_variant(kind), global_sites=sites).run(
             jax.random.PRNGKey(0), jnp.asarray(_nw_data((5, 5, 0)))
         )
+
+
+# -- Beal's variational Bayesian HMM: the chain's posterior stays exact ------------
+
+BEAL_SCALE = 0.8
+
+
+def beal_hmm(x, K=3):
+    """Dirichlet priors on the initial distribution and on each row of the
+    transition matrix, Normal priors on the emission means (scale known)."""
+    pi = numpyro.sample("pi", dist.Dirichlet(jnp.array([1.0, 2.0, 0.5])[:K]))
+    trans = numpyro.sample("trans", dist.Dirichlet(jnp.full((K, K), 0.7)).to_event(1))
+    with numpyro.plate("states", K):
+        mu = numpyro.sample("mu", dist.Normal(0.5, 4.0))
+    z0 = numpyro.sample("z0", dist.Categorical(pi))
+    numpyro.sample("x0", dist.Normal(mu[z0], BEAL_SCALE), obs=x[0])
+
+    def step(z_prev, xt):
+        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+        numpyro.sample("x", dist.Normal(mu[z], BEAL_SCALE), obs=xt)
+        return z, None
+
+    scan(step, z0, x[1:])
+
+
+def _beal_forward_backward(log_pi, log_a, log_e):
+    """log Z, the marginals gamma_t(k) and the summed pair marginals
+    sum_t xi_t(j, k) of a chain with (unnormalized) log potentials, in numpy."""
+    T, K = log_e.shape
+    log_alpha = np.zeros((T, K))
+    log_alpha[0] = log_pi + log_e[0]
+    for t in range(1, T):
+        log_alpha[t] = logsumexp(log_alpha[t - 1][:, None] + log_a, axis=0) + log_e[t]
+    log_beta = np.zeros((T, K))
+    for t in range(T - 2, -1, -1):
+        log_beta[t] = logsumexp(log_a + (log_e[t + 1] + log_beta[t + 1])[None], axis=1)
+    log_z = logsumexp(log_alpha[-1])
+    gamma = np.exp(log_alpha + log_beta - log_z)
+    xi = sum(
+        np.exp(log_alpha[t - 1][:, None] + log_a + (log_e[t] + log_beta[t])[None] - log_z)
+        for t in range(1, T)
+    )
+    return log_z, gamma, xi
+
+
+def test_beal_hmm_matches_hand_written_forward_backward(x64):
+    """A scan HMM under VBEM is Beal's variational Bayesian HMM (Beal 2003, ch. 3):
+    q(z) is the exact chain posterior under exp E[log pi], exp E[log A] and the
+    expected log emissions (forward-backward written out in numpy here), the ELBO
+    is its log normalizer less the KLs, and q(pi), q(A) rows, q(mu) are the priors
+    updated by the expected initial counts, transition counts and emission sums."""
+    x = _reals()[::2]  # 15 steps
+    xs, K, s = np.asarray(x), 3, BEAL_SCALE
+    vb = VariationalBayesEM(beal_hmm, global_sites=("pi", "trans", "mu"))
+    start = {
+        "pi": jnp.ones(K) / K,
+        "trans": jnp.full((K, K), 1.0 / K),
+        "mu": jnp.array([-2.0, 0.0, 2.0]),
+    }
+    state = vb.init(jax.random.PRNGKey(0), x, init_params=start)
+    alpha_pi0, alpha_a0, m0, s0 = np.array([1.0, 2.0, 0.5]), np.full((K, K), 0.7), 0.5, 4.0
+    elbos = []
+    for _ in range(4):
+        alpha_pi = np.asarray(state.q["pi"][0])
+        alpha_a = np.asarray(state.q["trans"][0])
+        m, sd = map(np.asarray, state.q["mu"])
+        new_state, elbo = vb.update(state, x)
+        log_pi = digamma(alpha_pi) - digamma(alpha_pi.sum())
+        log_a = digamma(alpha_a) - digamma(alpha_a.sum(1, keepdims=True))
+        square = xs[:, None] ** 2 - 2 * xs[:, None] * m + m**2 + sd**2
+        log_e = -0.5 * square / s**2 - np.log(s) - 0.5 * np.log(2 * np.pi)
+        log_z, gamma, xi = _beal_forward_backward(log_pi, log_a, log_e)
+        kl = dist.kl_divergence(dist.Dirichlet(alpha_pi), dist.Dirichlet(alpha_pi0))
+        kl = kl + dist.kl_divergence(dist.Dirichlet(alpha_a), dist.Dirichlet(alpha_a0)).sum()
+        kl = kl + dist.kl_divergence(dist.Normal(m, sd), dist.Normal(m0, s0)).sum()
+        np.testing.assert_allclose(elbo, log_z - kl, rtol=1e-12)
+        np.testing.assert_allclose(new_state.q["pi"][0], alpha_pi0 + gamma[0], rtol=1e-12)
+        np.testing.assert_allclose(new_state.q["trans"][0], alpha_a0 + xi, rtol=1e-12)
+        precision = 1 / s0**2 + gamma.sum(0) / s**2
+        np.testing.assert_allclose(new_state.q["mu"][1], precision**-0.5, rtol=1e-12)
+        mean = (m0 / s0**2 + gamma.T @ xs / s**2) / precision
+        np.testing.assert_allclose(new_state.q["mu"][0], mean, rtol=1e-12)
+        elbos.append(float(elbo))
+        state = new_state
+    assert np.all(np.diff(elbos) >= -1e-12 * np.abs(elbos[1:]))
+
+
+# -- truncated stick-breaking (Dirichlet process) weights ---------------------------
+
+DP_ALPHA = 0.8
+
+
+def dp_gmm(x, K=3, sticks="cumprod"):
+    """full_gmm with truncated Dirichlet-process weights: K - 1 Beta(1, alpha) sticks."""
+    m0, w0 = map(jnp.asarray, _nw_prior())
+    beta = numpyro.sample("beta", dist.Beta(1.0, DP_ALPHA).expand([K - 1]).to_event(1))
+    if sticks == "cumprod":
+        weights = mix_weights(beta)
+    else:  # numpyro's transform, on the logits shifted as it shifts them back
+        shift = jnp.log(jnp.arange(K - 1, 0, -1.0))
+        weights = dist.transforms.StickBreakingTransform()(jax.scipy.special.logit(beta) + shift)
+    with numpyro.plate("components", K):
+        lam = numpyro.sample("lam", dist.Wishart(NW_NU0, scale_matrix=w0))
+        mu = numpyro.sample("mu", dist.MultivariateNormal(m0, precision_matrix=NW_BETA0 * lam))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("x", dist.MultivariateNormal(mu[z], precision_matrix=lam[z]), obs=x)
+
+
+@pytest.mark.parametrize(
+    # The transform's spelling: the same fit, deselected by default (CI time).
+    "sticks",
+    ["cumprod", pytest.param("transform", marks=pytest.mark.slow)],
+)
+def test_stick_breaking_matches_sklearn_dirichlet_process(sticks, x64):
+    """From the same responsibilities (the posterior at the same point) and the same
+    priors, the VB-M-step gives scikit-learn's BayesianGaussianMixture
+    (weight_concentration_prior_type="dirichlet_process") q(v_k) = Beta(1 + N_k,
+    alpha + sum_{j>k} N_j) for the K - 1 sticks, its Normal-Wishart parameters, and
+    its E[log w_k] = E[log v_k] + sum_{j<k} E[log(1 - v_j)] for k < K. The last
+    component differs by a convention: scikit-learn keeps a K-th stick v_K ~
+    Beta(1 + N_K, alpha) (weights summing to less than 1), NumPyro's spelling sets
+    v_K = 1, so scikit-learn's E[log w_K] is ours plus E[log v_K]. Iterations after
+    the first differ through that last weight, so only this step is compared."""
+    from scipy.stats import multivariate_normal
+    from sklearn.mixture import BayesianGaussianMixture
+
+    from jaxem.stick_breaking import expected_log_stick_weights
+
+    x, start, K = _nw_data(), _nw_start(), 3
+    m0, w0 = _nw_prior()
+    log_r = np.log(start["w"]) + np.stack(
+        [
+            multivariate_normal.logpdf(x, start["mu"][k], np.linalg.inv(start["lam"][k]))
+            for k in range(K)
+        ],
+        1,
+    )
+    resp = np.exp(log_r - logsumexp(log_r, 1, keepdims=True))
+    sk = BayesianGaussianMixture(
+        n_components=K,
+        covariance_type="full",
+        weight_concentration_prior_type="dirichlet_process",
+        weight_concentration_prior=DP_ALPHA,
+        mean_precision_prior=NW_BETA0,
+        mean_prior=m0,
+        degrees_of_freedom_prior=NW_NU0,
+        covariance_prior=np.linalg.inv(w0),
+        reg_covar=0.0,
+    )
+    sk._check_parameters(x)
+    sk._initialize(x, resp)
+
+    # A point with the start's weights: the sticks that break into them.
+    w = start["w"]
+    sticks_start = w[:-1] / (1.0 - np.concatenate([[0.0], np.cumsum(w)[:-2]]))
+    init = {"beta": sticks_start, "mu": start["mu"], "lam": start["lam"]}
+    vb = VariationalBayesEM(lambda x: dp_gmm(x, K, sticks), global_sites=("beta", "lam", "mu"))
+    state = vb.init(
+        jax.random.PRNGKey(0),
+        jnp.asarray(x),
+        init_params={k: jnp.asarray(v) for k, v in init.items()},
+    )
+    (a, b), (nu, scale), (m, beta) = state.q["beta"], state.q["lam"], state.q["mu"]
+    rtol = 1e-10
+    np.testing.assert_allclose(a, sk.weight_concentration_[0][:-1], rtol=rtol)
+    np.testing.assert_allclose(b, sk.weight_concentration_[1][:-1], rtol=rtol)
+    np.testing.assert_allclose(beta, sk.mean_precision_, rtol=rtol)
+    np.testing.assert_allclose(m, sk.means_, rtol=rtol)
+    np.testing.assert_allclose(nu, sk.degrees_of_freedom_, rtol=rtol)
+    u = sk.precisions_cholesky_
+    np.testing.assert_allclose(nu[:, None, None] * scale, u @ np.swapaxes(u, 1, 2), rtol=rtol)
+    e_log_v = digamma(np.asarray(a)) - digamma(np.asarray(a + b))
+    e_log_rest = digamma(np.asarray(b)) - digamma(np.asarray(a + b))
+    ours = np.asarray(expected_log_stick_weights(e_log_v, e_log_rest))
+    theirs = sk._estimate_log_weights()
+    np.testing.assert_allclose(ours[:-1], theirs[:-1], rtol=rtol)
+    a_last, b_last = sk.weight_concentration_[0][-1], sk.weight_concentration_[1][-1]
+    e_log_v_last = digamma(a_last) - digamma(a_last + b_last)
+    np.testing.assert_allclose(theirs[-1], ours[-1] + e_log_v_last, rtol=rtol)
+    assert isinstance(vb.get_params(state)["beta"], dist.Beta)
+
+
+def test_beta_prior_on_weights_other_than_sticks_is_an_error(x64):
+    """Beta sticks whose weights are not the stick-breaking ones (reversed) are a
+    transformation VBEM cannot take the expectation through: an error."""
+
+    def model(x, K=3):
+        with numpyro.plate("sticks", K - 1):
+            beta = numpyro.sample("beta", dist.Beta(1.0, 0.5))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(mix_weights(beta)[::-1]))
+            numpyro.sample("x", dist.Poisson(jnp.array([1.0, 5.0, 10.0])[z]), obs=x)
+
+    with pytest.raises(
+        ModelError, match=r"'beta' has a Beta prior on a CategoricalProbs 'probs'.*stick-breaking"
+    ):
+        VariationalBayesEM(model, global_sites=("beta",)).run(jax.random.PRNGKey(0), _counts())
