@@ -40,6 +40,7 @@ __all__ = [
     "check_params_complete",
     "contract_factors",
     "e_step",
+    "latent_posteriors",
     "log_joint",
     "log_likelihood",
     "map_assignment",
@@ -248,14 +249,21 @@ def _posterior(model, params, arrays, spec):
     structure, args, kwargs = structure_and_args(model, arrays, spec)
     check_params_complete(structure, params)
     result = e_step(model, params, args, kwargs, structure.max_plate_nesting)
-    chain = find_chain(result.trace)
     log_factors = {name: site.log_prob for name, site in result.trace.sites.items()}
-    user_names = labelled_latents(result.trace.sites)
+    return latent_posteriors(result.trace, log_factors, result.marginals, structure.latent_sites)
+
+
+def latent_posteriors(trace, log_factors, marginals, latent_sites) -> dict:
+    """``{latent site, as the user named it: its posterior marginal}`` (values on
+    the last axis; a ``scan`` chain's per-step marginals, ``(*plates, T, K)``), from
+    an enumerated trace, its (possibly expected) log factors and their marginals."""
+    chain = find_chain(trace)
+    user_names = labelled_latents(trace.sites)
     return {
-        user_names.get(name, name): chain_posterior(log_factors, result.trace, chain)
+        user_names.get(name, name): chain_posterior(log_factors, trace, chain)
         if chain is not None and name == chain.name
-        else site_posterior(result.trace.sites[name], result.marginals[name])
-        for name in structure.latent_sites
+        else site_posterior(trace.sites[name], marginals[name])
+        for name in latent_sites
     }
 
 

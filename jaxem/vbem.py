@@ -36,7 +36,7 @@ from numpyro.distributions.kl import kl_divergence
 from jaxem.arguments import merge_args, split_args
 from jaxem.built import built_model
 from jaxem.conjugate import core_distribution
-from jaxem.estep import contract_factors, e_step
+from jaxem.estep import contract_factors, e_step, latent_posteriors
 from jaxem.exceptions import ConvergenceWarning, ModelError
 from jaxem.expected_log import PRIOR_FAMILIES
 from jaxem.global_sites import check_global_sites, with_global_sites
@@ -97,10 +97,15 @@ class VBResult(NamedTuple):
         diverged: whether the run stopped on an ELBO or a parameter that was not
             finite.
         latent_marginals: ``{site: q(z)'s marginal of the site's factor}``,
-            shaped like the site's enumerated log-probability.
+            shaped like the site's enumerated log-probability, keyed by NumPyro's
+            trace names (a ``scan``'s first step is a site of its own there): the
+            engine's view, for expectations of factors. Use ``latent_posteriors``.
         latent_entropy: ``-E_q[log q(z)]``.
         q: the final `VBState`'s ``q`` (for a Normal-Wishart pair ``(nu, W)``
             for the precision, ``(m, beta)`` for the mean).
+        latent_posteriors: ``{latent site: q(z)'s marginal}``, as
+            [`jaxem.posterior`][jaxem.posterior] gives them for EM: the values on
+            the last axis, a ``scan`` chain's per-step marginals ``(T, K)``.
     """
 
     posteriors: dict
@@ -112,6 +117,7 @@ class VBResult(NamedTuple):
     latent_marginals: dict
     latent_entropy: jax.Array
     q: dict
+    latent_posteriors: dict
 
 
 class _Plan(NamedTuple):
@@ -444,6 +450,13 @@ class VariationalBayesEM:
         log_z, marginals, factors = loop.aux
         expected = sum(jnp.sum(marginals[n] * f) for n, f in factors.items())
         posteriors = self._posteriors(loop.state.q, plan)
+        # The trace's structure (its sites and dims) for the per-site marginals; its
+        # log-probabilities are unused, so XLA drops them.
+        trace, _ = self._factors(
+            self._moments(loop.state.q, plan), self._point(loop.state.q, plan), arrays, spec, plan
+        )
+        latent_sites = model_structure(self.model, *merge_args(arrays, spec)).latent_sites
+        latents = latent_posteriors(trace, factors, marginals, latent_sites)
         return VBResult(
             posteriors,
             loop.value,
@@ -454,6 +467,7 @@ class VariationalBayesEM:
             marginals,
             log_z - expected,
             loop.state.q,
+            latents,
         )
 
     def run(

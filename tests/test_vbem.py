@@ -735,6 +735,32 @@ def test_beal_hmm_matches_hand_written_forward_backward(x64):
     assert np.all(np.diff(elbos) >= -1e-12 * np.abs(elbos[1:]))
 
 
+def test_a_vb_hmm_s_latent_posteriors_are_its_chain_marginals_by_the_user_s_names(x64):
+    """``latent_posteriors`` holds q(z) per step as ``jaxem.posterior`` gives it for
+    EM (forward-backward under the final q), keyed by the user's site names: no
+    internal name of a ``scan``'s first step."""
+    x = _reals()[::2]
+    xs, K, s = np.asarray(x), 3, BEAL_SCALE
+    vb = VariationalBayesEM(beal_hmm, global_sites=("pi", "trans", "mu"))
+    start = {
+        "pi": jnp.ones(K) / K,
+        "trans": jnp.full((K, K), 1.0 / K),
+        "mu": jnp.array([-2.0, 0.0, 2.0]),
+    }
+    fit = vb.run(jax.random.PRNGKey(0), x, init_params=start, max_iter=3, tol=0.0)
+    assert not any(name.startswith("_") for name in fit.latent_posteriors)
+    alpha_pi, alpha_a = np.asarray(fit.q["pi"][0]), np.asarray(fit.q["trans"][0])
+    m, sd = map(np.asarray, fit.q["mu"])
+    log_pi = digamma(alpha_pi) - digamma(alpha_pi.sum())
+    log_a = digamma(alpha_a) - digamma(alpha_a.sum(1, keepdims=True))
+    square = xs[:, None] ** 2 - 2 * xs[:, None] * m + m**2 + sd**2
+    log_e = -0.5 * square / s**2 - np.log(s) - 0.5 * np.log(2 * np.pi)
+    gamma = _beal_forward_backward(log_pi, log_a, log_e)[1]
+    assert set(fit.latent_posteriors) == {"z0", "z"}
+    np.testing.assert_allclose(fit.latent_posteriors["z0"], gamma[0], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(fit.latent_posteriors["z"], gamma[1:], rtol=1e-10, atol=1e-14)
+
+
 # -- truncated stick-breaking (Dirichlet process) weights ---------------------------
 
 DP_ALPHA = 0.8
