@@ -26,6 +26,7 @@ from jaxem.accelerators import accelerate
 from jaxem.arguments import merge_args, split_args
 from jaxem.checks import raise_for_model_arguments, validate
 from jaxem.closed_form import registered_closed_forms
+from jaxem.closed_form_step import closed_form_m_step
 from jaxem.gradient import gradient_m_step, init_opt_state
 from jaxem.inspection import inspect_model, model_structure
 from jaxem.kernel import Kernel
@@ -38,7 +39,7 @@ from jaxem.loop import (
     select_best,
     warn_about_fit,
 )
-from jaxem.mstep import closed_form_m_step, plan_m_step
+from jaxem.mstep import plan_m_step
 from jaxem.precision import broken_down, recheck_in_float64
 from jaxem.regularization import warn_if_held_by_reg_covar, warn_if_reg_covar_dominates
 from jaxem.supports import argument_support, arguments_in_support

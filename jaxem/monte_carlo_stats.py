@@ -8,7 +8,7 @@ observed values is one that [`jaxem.EM`][jaxem.EM] fits exactly: its discrete la
 cells (``sum_n u_n``, ``sum_n (y_n - m_n)^2``, ``sum_g phi_g phi_g^T``, ...). The
 exact engine's planner (`jaxem.mstep.plan_m_step`) decides, on that conditioned
 model, which params take a closed form; its statistics are computed per draw
-(`jaxem.mstep.closed_form_statistics_m_step`), averaged over the draws with their
+(`jaxem.closed_form_step.closed_form_statistics_m_step`), averaged over the draws with their
 weights (a ``psum`` over the vmapped draw axis) and solved. The other params take
 the gradient path on the Monte Carlo ``Q`` afterwards, given the closed-form ones
 (an ECM step, as in `EM`).
@@ -37,11 +37,12 @@ from numpyro.handlers import condition
 from jaxem.arguments import split_args
 from jaxem.built import built_model
 from jaxem.closed_form import registered_closed_forms
+from jaxem.closed_form_step import closed_form_statistics_m_step
 from jaxem.driver import describe_plan
 from jaxem.estep import e_step
 from jaxem.exceptions import ModelError
 from jaxem.inspection import model_structure
-from jaxem.mstep import ParamPath, closed_form_statistics_m_step, plan_m_step
+from jaxem.mstep import ParamPath, plan_m_step
 from jaxem.tracing import enumerated_trace
 
 __all__ = ["ClosedFormMStep", "conditioned_model"]

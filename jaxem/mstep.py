@@ -1,9 +1,10 @@
-"""M-step planning and the closed-form M-step.
+"""M-step planning: which parameters take a closed form, and which gradient steps.
 
 For every parameter, decide (once per compilation, from the model's jaxpr)
-whether it takes a closed-form update or gradient steps, then execute the
-closed-form updates stage by stage: per-cell statistics from the posterior
-weights, summed per parameter entry by the VJP of the selection map.
+whether it takes a closed-form update or gradient steps. The closed-form
+updates are executed by `jaxem.closed_form_step`, stage by stage: per-cell
+statistics from the posterior weights, summed per parameter entry by the VJP
+of the selection map.
 
 The order within one M-step is: closed-form stage 1 (locations, rates,
 probabilities), closed-form stage 2 (scales, covariances) given stage 1, then
@@ -22,17 +23,15 @@ import numpy as np
 import numpyro.distributions as dist
 
 from jaxem.arguments import merge_args
-from jaxem.closed_form import Cells, ClosedFormUpdate
-from jaxem.conjugate import add_prior_statistics, conjugate_statistics_fn, core_distribution
+from jaxem.closed_form import ClosedFormUpdate
+from jaxem.conjugate import conjugate_statistics_fn, core_distribution
 from jaxem.exceptions import ModelError
-from jaxem.gaussian_stats import shared_statistics
 from jaxem.global_sites import global_site_names
-from jaxem.missing import MissingData, conditional_moments
+from jaxem.missing import MissingData
 from jaxem.numpyro_internals import distribution_mask, user_site_name
 from jaxem.power_selection import (
     PowerSelections,
     is_power_update,
-    linearization_point,
     power_description,
     prior_arguments,
 )
@@ -40,7 +39,7 @@ from jaxem.selection import dependencies, probe_selection
 from jaxem.supports import constraint_spelling, constraint_wider_than_support
 from jaxem.tracing import enumerated_trace
 
-__all__ = ["ParamPath", "plan_m_step", "closed_form_m_step", "closed_form_statistics_m_step"]
+__all__ = ["ParamPath", "SiteFamily", "plan_m_step", "site_family"]
 
 
 class ParamPath(NamedTuple):
@@ -64,7 +63,7 @@ class ParamPath(NamedTuple):
     prior: tuple | None = None
 
 
-class _Family(NamedTuple):
+class SiteFamily(NamedTuple):
     cls: type
     args: dict
     reinterpreted_ndim: int
@@ -73,7 +72,7 @@ class _Family(NamedTuple):
     observed: object = None
 
 
-def _family(fn, records, registry=None):
+def site_family(fn, records, registry=None):
     """Unwrap missing entries, plate expansion, ``to_event`` and masks down to a
     registered family (any recorded distribution when ``registry`` is None)."""
     reinterpreted, masks, observed = 0, [], None
@@ -114,58 +113,7 @@ def _family(fn, records, registry=None):
         mask = entries if mask is None else mask * entries
         if not (cls is dist.MultivariateNormal and fn.event_dim == 1):
             observed = None
-    return _Family(cls, args, reinterpreted, mask, fn.event_dim, observed), fn
-
-
-def _site_cells(site, family, weight):
-    """Weights and shape of a family's cells from the site marginal."""
-    # to_event dims sit just left of the family's own event dims in the value.
-    extra, own = family.reinterpreted_ndim, family.event_ndim
-    ndim = jnp.ndim(site.value)
-    event = jnp.shape(site.value)[ndim - own - extra : ndim - own] if extra else ()
-    shape = tuple(jnp.shape(weight)) + tuple(event)
-    weight = jnp.reshape(weight, jnp.shape(weight) + (1,) * extra)
-    if family.mask is not None:
-        weight = weight * family.mask
-    args = dict(family.args)
-    if family.observed is None:
-        return Cells(weight, site.value, args, shape)
-    value, value_cov = _mvn_conditional_moments(args, family.observed, site.value)
-    return Cells(weight, value, args, shape, value_cov)
-
-
-def _mvn_conditional_moments(args, observed, value):
-    """E[x] and Cov[x] of a MultivariateNormal's cells given their observed
-    coordinates, at the distribution's current arguments.
-
-    In a staged (ECM) M-step the covariance stage sees the updated location:
-    its moments are those of the missing coordinates at (new location, old
-    covariance). That is an extra partial E-step, which only raises the lower
-    bound, so the log-likelihood stays monotone.
-    """
-    loc = jnp.asarray(args["loc"])
-    if args.get("covariance_matrix") is not None:
-        covariance = jnp.asarray(args["covariance_matrix"])
-    elif args.get("scale_tril") is not None:
-        tril = jnp.asarray(args["scale_tril"])
-        covariance = tril @ jnp.swapaxes(tril, -1, -2)
-    else:
-        covariance = jnp.linalg.inv(jnp.asarray(args["precision_matrix"]))
-    dtype = jnp.result_type(covariance)
-    loc = jnp.asarray(loc, dtype)
-    # The covariance of the missing coordinates does not depend on the location:
-    # with a covariance shared by the components it is one per row, not per cell.
-    cov_batch = jnp.broadcast_shapes(covariance.shape[:-2], observed.shape[:-1])
-    batch = jnp.broadcast_shapes(loc.shape[:-1], cov_batch)
-    dim = value.shape[-1]
-    return jax.lax.cond(
-        jnp.all(observed),
-        lambda: (
-            jnp.broadcast_to(value, batch + (dim,)).astype(dtype),
-            jnp.zeros(cov_batch + (dim, dim), dtype),
-        ),
-        lambda: conditional_moments(loc, covariance, observed, value),
-    )
+    return SiteFamily(cls, args, reinterpreted, mask, fn.event_dim, observed), fn
 
 
 def _array_args(args):
@@ -223,7 +171,7 @@ def plan_m_step(
                 for arg_name, value in prior_arguments(core_distribution(site.fn)).items():
                     keys.append(("prior_arg", name, arg_name))
                     outputs.append(value)
-            family, base = _family(site.fn, trace.constructor_args, registry)
+            family, base = site_family(site.fn, trace.constructor_args, registry)
             keys.append(("value", name, None))
             outputs.append(jnp.asarray(site.value))
             if family is None:
@@ -450,198 +398,3 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
         if not (np.all(rows - rows[:, :1] == np.arange(block)) and np.all(rows[:, 0] % block == 0)):
             return False
     return True
-
-
-def closed_form_m_step(
-    model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace=None
-):
-    """Update every closed-form parameter, stage by stage (ECM).
-
-    ``trace`` is an enumerated trace at ``params`` (the E-step's), reused by the
-    first stage.
-    """
-    params, _ = closed_form_statistics_m_step(
-        model, params, marginals, plan, args, kwargs, max_plate_nesting, reg_covar, trace
-    )
-    return params
-
-
-def closed_form_statistics_m_step(
-    model,
-    params,
-    marginals,
-    plan,
-    args,
-    kwargs,
-    max_plate_nesting,
-    reg_covar,
-    trace=None,
-    combine_fn=None,
-    prior_weight=1.0,
-):
-    """`closed_form_m_step` that also returns each parameter's statistics.
-
-    Every closed-form update solves from statistics summed over the data (the
-    sufficient statistics, pulled back to the parameter's entries).
-    ``combine_fn(name, statistics) -> statistics``, when given, maps them
-    before the solve; online EM uses it to mix a minibatch's statistics into
-    running averages, and ``prior_weight`` (``1 / N``) weighs a conjugate
-    prior's pseudo-statistics against such averages over ``N`` data points.
-
-    Returns:
-        ``(params, {name: statistics solved from})``.
-    """
-    with shared_statistics(reg_covar):
-        return _closed_form_stages(
-            model,
-            params,
-            marginals,
-            plan,
-            args,
-            kwargs,
-            max_plate_nesting,
-            reg_covar,
-            trace,
-            combine_fn,
-            prior_weight,
-        )
-
-
-def _closed_form_stages(
-    model,
-    params,
-    marginals,
-    plan,
-    args,
-    kwargs,
-    max_plate_nesting,
-    reg_covar,
-    trace,
-    combine_fn,
-    prior_weight=1.0,
-):
-    params, solved_from = dict(params), {}
-    closed = {n: p for n, p in plan.items() if p.kind == "closed-form"}
-    for stage in sorted({p.update.stage for p in closed.values()}):
-        paths = {name: path for name, path in closed.items() if path.update.stage == stage}
-        if trace is None:
-            trace = enumerated_trace(
-                model, params, args, kwargs, max_plate_nesting, log_probs=False
-            )
-        statistics = _stage_statistics(
-            model, params, marginals, paths, args, kwargs, max_plate_nesting, trace
-        )
-        new_values = {}
-        for name, path in paths.items():
-            if combine_fn is not None:
-                statistics[name] = combine_fn(name, statistics[name])
-            solved_from[name] = statistics[name]
-            old = params[name]
-            if path.prior is not None:
-                # Added after combine_fn: a prior counts once, not once per minibatch.
-                site, pseudo_fn = path.prior
-                statistics[name] = add_prior_statistics(
-                    pseudo_fn, statistics[name], trace.sites[site].fn, prior_weight
-                )
-            new = path.update.solve_fn(statistics[name], old, reg_covar)
-            _check_solution(name, path, old, new)
-            new_values[name] = jnp.asarray(new).astype(jnp.result_type(old))
-        params.update(new_values)
-        trace = None
-    return params, solved_from
-
-
-def _check_solution(name, path, old, new) -> None:
-    """A named error, at trace time, for a ``solve_fn`` whose result does not have
-    the parameter's shape and a dtype that casts to the parameter's safely
-    (broadcasting it would fill every entry from one, silently)."""
-    problem = None
-    if not hasattr(new, "shape") or not hasattr(new, "dtype"):
-        problem = f"returned {type(new).__name__}, not an array"
-    elif tuple(new.shape) != tuple(jnp.shape(old)):
-        problem = f"returned shape {tuple(new.shape)}, expected {tuple(jnp.shape(old))}"
-    elif not (
-        jnp.issubdtype(new.dtype, jnp.floating) or jnp.issubdtype(new.dtype, jnp.integer)
-    ) or jnp.issubdtype(new.dtype, jnp.complexfloating):
-        problem = f"returned dtype {new.dtype}, expected {jnp.result_type(old)}"
-    if problem is not None:
-        raise ModelError(
-            f"jaxem: the closed-form update registered for {path.reason} "
-            f"(register_closed_form) {problem} for param '{name}' (shape "
-            f"{tuple(jnp.shape(old))}, dtype {jnp.result_type(old)}). Its solve_fn(stats, "
-            "old, reg_covar) must return a real array of the param's shape: one value per "
-            "entry of the param."
-        )
-
-
-def _stage_statistics(model, params, marginals, paths, args, kwargs, max_plate_nesting, trace):
-    """``{param: statistics}`` of one stage's closed-form params (``paths``), from one
-    trace of the model and one VJP of the selection map of all of them.
-
-    Each consumer ``(site, argument)`` gets its statistics once, pulled back to every
-    param of the stage at once (a param that does not reach it gets zeros there);
-    each param sums its own consumers' in their order. ``trace``: an enumerated
-    trace at ``params`` (the E-step's for the first stage), or None.
-    """
-    if trace is None:
-        trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting, log_probs=False)
-    updates = {}
-    for path in paths.values():
-        for key in path.consumers:
-            updates.setdefault(key, path.update)
-
-    def arguments(values):
-        own = enumerated_trace(
-            model, {**params, **values}, args, kwargs, max_plate_nesting, log_probs=False
-        )
-        outs = {}
-        for site_name, arg_name in updates:
-            family, _ = _family(own.sites[site_name].fn, own.constructor_args)
-            outs[(site_name, arg_name)] = jnp.asarray(family.args[arg_name])
-        return outs
-
-    # At a variance's or precision's linearization point the VJP is the selection's
-    # times the power (`jaxem.power_selection`); every other VJP is the selection's.
-    point = {n: linearization_point(path.update, params[n]) for n, path in paths.items()}
-    outs, vjp_fn = jax.vjp(arguments, point)
-    pulled = {}
-    for key, arg in outs.items():
-        update = updates[key]
-        site = trace.sites[key[0]]
-        family, _ = _family(site.fn, trace.constructor_args)
-        cells = _site_cells(site, family, jax.lax.stop_gradient(marginals[key[0]]))
-        num_cells = len(cells.shape)
-        arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - update.event_ndim]
-        target = (1,) * (num_cells - len(arg_batch)) + tuple(arg_batch)
-        stats = update.stats_fn(cells, target)
-        stats = tuple(
-            jnp.reshape(s, jnp.shape(arg) + jnp.shape(s)[num_cells + update.event_ndim :])
-            for s in stats
-        )
-        pulled[key] = [_pullback(vjp_fn, outs, key, s, jnp.ndim(arg)) for s in stats]
-    statistics = {}
-    for name, path in paths.items():
-        totals = None
-        for key in dict.fromkeys(path.consumers):
-            per_entry = tuple(by_param[name] for by_param in pulled[key])
-            if totals is not None:
-                per_entry = tuple(a + b for a, b in zip(totals, per_entry))
-            totals = per_entry
-        statistics[name] = totals
-    return statistics
-
-
-def _pullback(vjp_fn, outs, key, stat, arg_ndim):
-    """VJP of the selection map for one statistic, vectorized over its extra dims:
-    ``{param: statistic per entry}``."""
-    extra_shape = jnp.shape(stat)[arg_ndim:]
-    flat = jnp.reshape(stat, jnp.shape(stat)[:arg_ndim] + (-1,))
-
-    def one(cotangent):
-        cts = {k: jnp.zeros_like(v) for k, v in outs.items()}
-        cts[key] = cotangent.astype(outs[key].dtype)
-        (result,) = vjp_fn(cts)
-        return result
-
-    pulled = jax.vmap(one, in_axes=-1, out_axes=-1)(flat)
-    return {n: jnp.reshape(p, jnp.shape(p)[:-1] + extra_shape) for n, p in pulled.items()}

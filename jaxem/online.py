@@ -53,6 +53,7 @@ import optax
 from jaxem.arguments import merge_args, split_args
 from jaxem.built import built_model
 from jaxem.checks import validate
+from jaxem.closed_form_step import closed_form_statistics_m_step
 from jaxem.driver import Fitter, MStep, raise_for_fitted_arguments
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning, ModelError
@@ -61,7 +62,6 @@ from jaxem.gradient import gradient_m_step
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import all_finite, tree_where
-from jaxem.mstep import closed_form_statistics_m_step
 from jaxem.regularization import warn_if_held_by_reg_covar
 from jaxem.weights import reject_case_weights
 
