@@ -6,11 +6,13 @@ NumPyro user does today, NUTS on the full model (flat priors on the fixed effect
 a half-normal on the SD) followed by the posterior mean. The reference is the exact
 MLE by adaptive Gauss-Hermite quadrature (20 nodes per group, vectorized in JAX,
 optimized by L-BFGS). Each method's seconds are split into the first call
-(compilation included) and a second call with another seed (run time only).
-SAEM and MCEM run twice: with their default M-step (closed form for the
-intercept and the SD from the draws' averaged sufficient statistics, L-BFGS on
-the Monte Carlo Q for the slope) and with ``m_step="gradient"`` (L-BFGS for
-every param), to show what the closed form saves.
+(compilation included), the XLA compile time within it (jax.monitoring's
+backend-compile events, CPU-bound), and a second call with another seed (run
+time only); the machine's load average is printed with each row, since on a
+shared 2-core machine wall seconds scale with it. SAEM runs with 4 chains (the
+default) and with 1 chain (saemix's default: with many groups one chain already
+averages over them); ``--gradient`` adds SAEM and MCEM with ``m_step="gradient"``
+(L-BFGS for every param), to show what the closed form saves.
 
 Run from the repository root::
 
@@ -19,6 +21,7 @@ Run from the repository root::
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,10 +110,24 @@ def quadrature_mle(group, x, y, num_groups, nodes=20):
     return {"intercept": fit.x[0], "slope": fit.x[1], "sd": np.exp(fit.x[2])}, -fit.fun
 
 
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
 def timed(fn):
+    """``(result, wall seconds, seconds of XLA compilation within)``."""
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == COMPILE_EVENT:
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
     start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - start
+    try:
+        out = jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return out, time.perf_counter() - start, sum(compiled)
 
 
 def main():
@@ -118,6 +135,7 @@ def main():
     parser.add_argument("--groups", type=int, default=1000)
     parser.add_argument("--per-group", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="100 groups")
+    parser.add_argument("--gradient", action="store_true", help='also m_step="gradient"')
     options = parser.parse_args()
     groups = 100 if options.quick else options.groups
     data = simulate(groups, options.per_group)
@@ -129,24 +147,34 @@ def main():
     )
     rows = []
     print("M-step paths:", jaxem.SAEM(glmm).m_step_paths(*data, groups))
-    for name, fitter in [
+    fitters = [
         ("SAEM", jaxem.SAEM(glmm, schedule=(100, 50))),
-        ("SAEM grad", jaxem.SAEM(glmm, schedule=(100, 50), m_step="gradient")),
+        ("SAEM 1ch", jaxem.SAEM(glmm, schedule=(100, 50), num_chains=1)),
         ("MCEM", jaxem.MCEM(glmm, max_draws=50)),
-        ("MCEM grad", jaxem.MCEM(glmm, max_draws=50, m_step="gradient")),
-    ]:
-        first, t_first = timed(lambda f=fitter: f.run(jax.random.PRNGKey(0), *data, groups))
-        second, t_second = timed(lambda f=fitter: f.run(jax.random.PRNGKey(1), *data, groups))
+    ]
+    if options.gradient:
+        fitters += [
+            ("SAEM grad", jaxem.SAEM(glmm, schedule=(100, 50), m_step="gradient")),
+            ("MCEM grad", jaxem.MCEM(glmm, max_draws=50, m_step="gradient")),
+        ]
+    for name, fitter in fitters:
+        first, t_first, t_compile = timed(
+            lambda f=fitter: f.run(jax.random.PRNGKey(0), *data, groups)
+        )
+        second, t_second, _ = timed(lambda f=fitter: f.run(jax.random.PRNGKey(1), *data, groups))
         rows.append(
             (
                 name,
                 second.params,
                 t_first,
+                t_compile,
                 t_second,
                 f"{float(second.log_likelihood):.3f} +- {float(second.log_likelihood_se):.3f}"
                 f" ({int(second.num_iters)} iterations)",
+                os.getloadavg()[0],
             )
         )
+        print(rows[-1][0], f"{t_first:.1f} s first call, load {rows[-1][-1]:.1f}", flush=True)
 
     from numpyro.infer import MCMC, NUTS
 
@@ -155,14 +183,18 @@ def main():
         mcmc.run(jax.random.PRNGKey(seed), *data, groups)
         return {k: jnp.mean(v) for k, v in mcmc.get_samples().items() if k != "z"}
 
-    _, t_first = timed(lambda: nuts(0))
-    posterior, t_second = timed(lambda: nuts(1))
-    rows.append(("NUTS mean", posterior, t_first, t_second, ""))
-    print(f"{'method':10}{'intercept':>10}{'slope':>8}{'sd':>8}{'first s':>9}{'run s':>8}  loglik")
-    for name, params, t_first, t_second, ll in rows:
+    _, t_first, t_compile = timed(lambda: nuts(0))
+    posterior, t_second, _ = timed(lambda: nuts(1))
+    rows.append(("NUTS mean", posterior, t_first, t_compile, t_second, "", os.getloadavg()[0]))
+    print(
+        f"{'method':10}{'intercept':>10}{'slope':>8}{'sd':>8}{'first s':>9}{'compile s':>10}"
+        f"{'run s':>8}{'load':>6}  loglik"
+    )
+    for name, params, t_first, t_compile, t_second, ll, load in rows:
         print(
             f"{name:10}{float(params['intercept']):>10.4f}{float(params['slope']):>8.4f}"
-            f"{float(params['sd']):>8.4f}{t_first:>9.1f}{t_second:>8.1f}  {ll}"
+            f"{float(params['sd']):>8.4f}{t_first:>9.1f}{t_compile:>10.1f}{t_second:>8.1f}"
+            f"{load:>6.1f}  {ll}"
         )
 
 

@@ -28,7 +28,14 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.scipy.special import gammaln
 
-__all__ = ["Blocks", "ImportanceEstimate", "find_blocks", "importance_log_likelihood"]
+__all__ = [
+    "Blocks",
+    "ImportanceEstimate",
+    "blocks_from_pattern",
+    "find_blocks",
+    "importance_log_likelihood",
+    "sparsity_pattern",
+]
 
 # Degrees of freedom of the Student-t proposal.
 DF = 10.0
@@ -61,20 +68,22 @@ class ImportanceEstimate(NamedTuple):
     min_ess: jax.Array
 
 
-def find_blocks(elementwise_fn, z_flat_points) -> Blocks:
-    """Blocks of the coordinates of ``z_flat`` (concrete), from the sparsity of the
-    Jacobian of ``elementwise_fn`` (entries of the log-density) at the given points;
-    ``elementwise_fn`` None: one block."""
+def sparsity_pattern(elementwise_fn, z_flat_points):
+    """Which log-density entries depend on which latent coordinates: the nonzero
+    pattern of the Jacobian of ``elementwise_fn`` at each of ``z_flat_points`` (a
+    leading point axis), OR-ed. Traceable, so that a caller can compile it into
+    one program (run eagerly, it costs one small compilation per primitive)."""
+    jac = jax.vmap(jax.jacfwd(elementwise_fn))(z_flat_points)
+    return jnp.any(jac != 0, axis=0)
+
+
+def blocks_from_pattern(pattern) -> Blocks:
+    """`Blocks` of a concrete ``(entries, coordinates)`` dependency pattern: the
+    connected components of the coordinates linked through some entry."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components
 
-    num_coords = int(np.size(z_flat_points[0]))
-    if elementwise_fn is None:
-        return Blocks(np.zeros(num_coords, np.int32), None, 1)
-    pattern = None
-    for point in z_flat_points:
-        jac = np.asarray(jax.jacfwd(elementwise_fn)(point)) != 0
-        pattern = jac if pattern is None else pattern | jac
+    pattern = np.asarray(pattern)
     incidence = csr_matrix(pattern.astype(np.int8))
     linked = (incidence.T @ incidence).tocsr()
     num_blocks, coordinate = connected_components(linked, directed=False)
@@ -82,6 +91,16 @@ def find_blocks(elementwise_fn, z_flat_points) -> Blocks:
     first = np.argmax(pattern, axis=1)
     entry = np.where(depends, coordinate[first], -1).astype(np.int32)
     return Blocks(coordinate.astype(np.int32), entry, int(num_blocks))
+
+
+def find_blocks(elementwise_fn, z_flat_points) -> Blocks:
+    """Blocks of the coordinates of ``z_flat`` (concrete), from the sparsity of the
+    Jacobian of ``elementwise_fn`` (entries of the log-density) at the given points;
+    ``elementwise_fn`` None: one block."""
+    num_coords = int(np.size(z_flat_points[0]))
+    if elementwise_fn is None:
+        return Blocks(np.zeros(num_coords, np.int32), None, 1)
+    return blocks_from_pattern(sparsity_pattern(elementwise_fn, jnp.stack(z_flat_points)))
 
 
 def importance_log_likelihood(

@@ -25,7 +25,12 @@ from numpyro.distributions.transforms import biject_to
 from jaxem.arguments import merge_args, merge_init_params, split_args
 from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
 from jaxem.global_sites import global_site_names, with_global_sites
-from jaxem.importance import find_blocks, importance_log_likelihood
+from jaxem.importance import (
+    blocks_from_pattern,
+    find_blocks,
+    importance_log_likelihood,
+    sparsity_pattern,
+)
 from jaxem.kernel import Kernel
 from jaxem.loop import all_finite, loop_key, tree_where
 from jaxem.mcmc_estep import LatentModel, Sampler
@@ -108,6 +113,7 @@ class MonteCarloEM:
         self._update_jit = jax.jit(self._update, static_argnums=(2,))
         self._init_jit = jax.jit(self.kernel.init, static_argnums=(2,))
         self._run_jit = jax.jit(self._fit, static_argnames=("spec", "max_iter", "num_blocks"))
+        self._start_jit = jax.jit(self._start_values, static_argnames=("spec", "with_pattern"))
 
     # -- subclass hooks ---------------------------------------------------------
 
@@ -428,16 +434,40 @@ class MonteCarloEM:
 
     # -- public API --------------------------------------------------------------
 
-    def _check_start(self, rng_key, arrays, spec, init_params):
-        """Concrete checks before a fit: the chains' target and its gradient are finite
-        at the initial draws (a ModelError naming the latent otherwise)."""
+    def _start_values(self, rng_key, arrays, params, *, spec, with_pattern):
+        """What the checks before a fit need, as one compiled program (run eagerly,
+        every primitive of the model on the full data is a compilation of its own):
+        the chains' target and its gradient at latents drawn from the model, and
+        (``with_pattern``, continuous latents only) which log-density entries depend
+        on which latent coordinates, at two more draws (`jaxem.importance`)."""
         structure = self._structure(arrays, spec)
         args, kwargs = merge_args(arrays, spec)
-        params = merge_init_params(dict(structure.params), init_params)
         z = self.latent.prior_draw(structure, params, rng_key, args, kwargs)
         value, grad = jax.value_and_grad(
             lambda z: self.latent.log_target(structure, params, z, args, kwargs)
         )(z)
+        if not with_pattern or structure.discrete:
+            return value, grad, None
+        _, unravel = ravel_pytree(z)
+        keys = jax.random.split(jax.random.fold_in(rng_key, 7), 2)
+        points = jax.vmap(
+            lambda k: ravel_pytree(self.latent.prior_draw(structure, params, k, args, kwargs))[0]
+        )(keys)
+
+        def elementwise(zf):
+            return self.latent.elementwise(structure, params, unravel(zf), args, kwargs)
+
+        return value, grad, sparsity_pattern(elementwise, points)
+
+    def _check_start(self, rng_key, arrays, spec, init_params, with_pattern=False):
+        """Concrete checks before a fit: the chains' target and its gradient are finite
+        at the initial draws (a ModelError naming the latent otherwise). Returns
+        ``(structure, params, dependency pattern or None, number of latent coordinates)``."""
+        structure = self._structure(arrays, spec)
+        params = merge_init_params(dict(structure.params), init_params)
+        value, grad, pattern = self._start_jit(
+            rng_key, arrays, params, spec=spec, with_pattern=with_pattern
+        )
         if not np.isfinite(float(value)):
             raise ModelError(
                 "jaxem: the log-density of the model is not finite at latents drawn from the "
@@ -453,7 +483,8 @@ class MonteCarloEM:
                 "log-density of every continuous latent. Write the model so that it is "
                 "differentiable in these latents (no rounding, no hard thresholds on them)."
             )
-        return structure, params
+        num_coords = sum(int(np.size(g)) for g in grad.values())
+        return structure, params, pattern, num_coords
 
     def init(self, rng_key, *args, init_params=None, **kwargs) -> MCState:
         """Initial state: params from their ``numpyro.param`` values (``init_params``
@@ -505,8 +536,10 @@ class MonteCarloEM:
     def _run(self, rng_key, args, kwargs, *, max_iter, tol, init_params):
         arrays, spec = split_args(args, kwargs)
         init_params = None if init_params is None else dict(init_params)
-        structure, params = self._check_start(rng_key, arrays, spec, init_params)
-        blocks = self._blocks(structure, params, arrays, spec, rng_key)
+        _, _, pattern, num_coords = self._check_start(
+            rng_key, arrays, spec, init_params, with_pattern=True
+        )
+        blocks = self._blocks(pattern, num_coords)
         result = self._run_jit(
             rng_key,
             arrays,
@@ -521,20 +554,14 @@ class MonteCarloEM:
         self._warn(result, max_iter)
         return result
 
-    def _blocks(self, structure, params, arrays, spec, rng_key):
-        args, kwargs = merge_args(arrays, spec)
-        points = [
-            self.latent.prior_draw(structure, params, k, args, kwargs)
-            for k in jax.random.split(jax.random.fold_in(rng_key, 7), 2)
-        ]
-        flat0, unravel = ravel_pytree(points[0])
-        if structure.discrete:
-            return find_blocks(None, [flat0])
-
-        def elementwise(zf):
-            return self.latent.elementwise(structure, params, unravel(zf), args, kwargs)
-
-        return find_blocks(jax.jit(elementwise), [flat0, ravel_pytree(points[1])[0]])
+    @staticmethod
+    def _blocks(pattern, num_coords):
+        """The importance sampler's independent blocks of the ``num_coords`` latent
+        coordinates (one block when discrete latents are summed out inside the
+        density: then there is no ``pattern``)."""
+        if pattern is None:
+            return find_blocks(None, [np.zeros(num_coords)])
+        return blocks_from_pattern(pattern)
 
     def _warn(self, result, max_iter):
         divergences = int(result.num_divergences)

@@ -1,0 +1,67 @@
+"""SAEM/MCEM compile what a fit needs once: the checks before the fit are one
+program (not every primitive of the model run eagerly on the full data), and a
+second fit on data of the same shapes compiles nothing."""
+
+import warnings
+
+import jax
+import jax.monitoring
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+import jaxem
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def glmm(group, x, y, num_groups):
+    intercept = numpyro.param("intercept", 0.0)
+    slope = numpyro.param("slope", 0.0)
+    sd = numpyro.param("sd", 1.0, constraint=constraints.positive)
+    with numpyro.plate("groups", num_groups):
+        u = numpyro.sample("u", dist.Normal(intercept, sd))
+    with numpyro.plate("obs", y.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=u[group] + slope * x), obs=y)
+
+
+class CompileCounter:
+    """Counts XLA compilations while active (jax.monitoring's compile events)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, duration, **kwargs):
+        if event == COMPILE_EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+# MCEM goes through the same checks and compiled fit (CI time: one case, ~30 s).
+def test_a_fit_compiles_a_few_programs_and_a_second_fit_none(x64):
+    rng = np.random.default_rng(0)
+    group = jnp.repeat(jnp.arange(6), 5)
+    x = jnp.asarray(rng.normal(size=30))
+    y = jnp.asarray((rng.random(30) < 0.5).astype(float))
+    small = dict(num_is_draws=5, num_is_samples=20)
+    fit = jaxem.SAEM(glmm, schedule=(3, 2), num_chains=2, num_warmup=5, **small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a 5-iteration fit on 30 points: not the point here
+        with CompileCounter() as first:
+            fit.run(jax.random.PRNGKey(0), group, x, y, 6)
+        with CompileCounter() as second:
+            fit.run(jax.random.PRNGKey(1), group, x, y, 6)
+    # The checks before the fit used to run eagerly: about a hundred one-primitive
+    # programs on the first call, and a fresh jit of the model's elementwise
+    # density on every call. Now: the model's trace at the start (a few small
+    # eager ops), one program for the checks, one for the fit.
+    assert first.count <= 40, first.count
+    assert second.count == 0, second.count
