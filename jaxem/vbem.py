@@ -54,6 +54,7 @@ from jaxem.normal_wishart import (
     nw_update,
 )
 from jaxem.numpyro_internals import user_site_name
+from jaxem.vb_powers import select_moments
 from jaxem.vb_sites import (
     check_proper,
     core_args,
@@ -120,6 +121,7 @@ class _Plan(NamedTuple):
     nesting: int
     groups: dict  # {precision site: NormalWishart}
     nw_readers: dict  # {site name: NormalWishart}
+    powers: dict = {}  # {(site, argument): (global site, power)}: read through a power
 
 
 class VariationalBayesEM:
@@ -236,7 +238,12 @@ class VariationalBayesEM:
                 f"numpyro.handlers.scale){': site ' + repr(scaled[0]) if scaled else ''}. "
                 "Fit the unweighted model, or use EM(model, global_sites=...) (MAP)."
             )
-        plan = _Plan(readers, families, nesting, groups, nw_readers)
+        powers = {
+            (site, r.argument): (r.source, r.power)
+            for site, r in readers.items()
+            if r.power is not None
+        }
+        plan = _Plan(readers, families, nesting, groups, nw_readers, powers)
         self._families = families
         self._groups = groups
         self._plans[key] = plan
@@ -252,11 +259,15 @@ class VariationalBayesEM:
         args, kwargs = merge_args(arrays, spec)
         trace = self.model.enumerated_trace(point, args, kwargs, plan.nesting)
         num = max(len(m) for m in moments.values())
+
+        def site_args(vals):
+            tr = self.model.enumerated_trace(vals, args, kwargs, plan.nesting, log_probs=False)
+            return {s: core_args(tr, site)[1] for s, site in tr.sites.items()}
+
         selected = []
         for j in range(num):
             vals = {n: m[min(j, len(m) - 1)] for n, m in moments.items()}
-            tr = self.model.enumerated_trace(vals, args, kwargs, plan.nesting, log_probs=False)
-            selected.append({s: core_args(tr, site)[1] for s, site in tr.sites.items()})
+            selected.append(select_moments(site_args, vals, plan.powers))
         factors = {}
         for name, site in trace.sites.items():
             if name in self.global_sites:
