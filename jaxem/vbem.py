@@ -43,7 +43,19 @@ from jaxem.global_sites import check_global_sites, with_global_sites
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
+from jaxem.normal_gamma import (
+    NormalGamma,
+    find_normal_gamma,
+    ng_expected_log_density,
+    ng_kl,
+    ng_make,
+    ng_moments,
+    ng_point,
+    ng_priors,
+    ng_update,
+)
 from jaxem.normal_wishart import (
+    NormalWishart,
     find_normal_wishart,
     nw_expected_log_density,
     nw_kl,
@@ -115,12 +127,43 @@ class VBResult(NamedTuple):
     q: dict
 
 
+class _Pair(NamedTuple):
+    """A jointly conjugate pair (mean, precision): its pieces, and the argument
+    through which its likelihoods read the precision."""
+
+    moments: Callable
+    point: Callable
+    make: Callable
+    priors: Callable
+    update: Callable
+    kl: Callable
+    expected: Callable
+    precision_arg: str
+
+
+_PAIRS = {
+    NormalWishart: _Pair(
+        nw_moments,
+        nw_point,
+        nw_make,
+        nw_priors,
+        nw_update,
+        nw_kl,
+        nw_expected_log_density,
+        "precision_matrix",
+    ),
+    NormalGamma: _Pair(
+        ng_moments, ng_point, ng_make, ng_priors, ng_update, ng_kl, ng_expected_log_density, "scale"
+    ),
+}
+
+
 class _Plan(NamedTuple):
     readers: dict  # {site name: Reader}
     families: dict  # {global site: prior class}
     nesting: int
-    groups: dict  # {precision site: NormalWishart}
-    nw_readers: dict  # {site name: NormalWishart}
+    groups: dict  # {precision site: NormalWishart or NormalGamma}
+    nw_readers: dict  # {site name: NormalWishart or NormalGamma}
     powers: dict = {}  # {(site, argument): (global site, power)}: read through a power
 
 
@@ -207,6 +250,10 @@ class VariationalBayesEM:
         groups, nw_readers = find_normal_wishart(
             self.model, self.global_sites, trace, values, args, kwargs, nesting
         )
+        ng_groups, ng_readers, powers = find_normal_gamma(
+            self.model, self.global_sites, trace, values, args, kwargs, nesting
+        )
+        groups, nw_readers = {**groups, **ng_groups}, {**nw_readers, **ng_readers}
         paired = {n for g in groups.values() for n in (g.precision, g.mean)}
         families = {}
         for name in self.global_sites:
@@ -220,7 +267,7 @@ class VariationalBayesEM:
         if both:
             raise ModelError(
                 f"jaxem: site '{user_site_name(both[0])}' reads global site "
-                f"'{readers[both[0]].source}' besides the Normal-Wishart pair "
+                f"'{readers[both[0]].source}' besides the conjugate pair "
                 f"'{nw_readers[both[0]].mean}'/'{nw_readers[both[0]].precision}': "
                 "VariationalBayesEM supports one conjugate prior per distribution. "
                 "Fit by EM(model, global_sites=...) (MAP)."
@@ -238,11 +285,13 @@ class VariationalBayesEM:
                 f"numpyro.handlers.scale){': site ' + repr(scaled[0]) if scaled else ''}. "
                 "Fit the unweighted model, or use EM(model, global_sites=...) (MAP)."
             )
-        powers = {
-            (site, r.argument): (r.source, r.power)
-            for site, r in readers.items()
-            if r.power is not None
-        }
+        powers.update(
+            {
+                (site, r.argument): (r.source, r.power)
+                for site, r in readers.items()
+                if r.power is not None
+            }
+        )
         plan = _Plan(readers, families, nesting, groups, nw_readers, powers)
         self._families = families
         self._groups = groups
@@ -273,12 +322,13 @@ class VariationalBayesEM:
             if name in self.global_sites:
                 factors[name] = jnp.zeros_like(site.log_prob)
             elif name in plan.nw_readers:
+                pair = _PAIRS[type(plan.nw_readers[name])]
                 loc = tuple(selected[j][name]["loc"] for j in range(2))
-                precision = tuple(selected[j][name]["precision_matrix"] for j in range(2))
+                precision = tuple(selected[j][name][pair.precision_arg] for j in range(2))
                 lp = expected_site_log_prob(
                     site.fn,
                     site.value,
-                    lambda v, a=loc, p=precision: nw_expected_log_density(v, a, p),
+                    lambda v, a=loc, p=precision, e=pair.expected: e(v, a, p),
                 )
                 factors[name] = jnp.broadcast_to(lp, jnp.shape(site.log_prob))
             elif name in plan.readers:
@@ -321,19 +371,19 @@ class VariationalBayesEM:
     def _moments(self, q, plan):
         out = {n: PRIOR_FAMILIES[plan.families[n]].moments(q[n]) for n in self._singles(plan)}
         for g in plan.groups.values():
-            out[g.precision], out[g.mean] = nw_moments(q[g.precision], q[g.mean])
+            out[g.precision], out[g.mean] = _PAIRS[type(g)].moments(q[g.precision], q[g.mean])
         return out
 
     def _point(self, q, plan):
         out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]).mean for n in self._singles(plan)}
         for g in plan.groups.values():
-            out[g.precision], out[g.mean] = nw_point(q[g.precision], q[g.mean])
+            out[g.precision], out[g.mean] = _PAIRS[type(g)].point(q[g.precision], q[g.mean])
         return out
 
     def _posteriors(self, q, plan):
         out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]) for n in self._singles(plan)}
         for g in plan.groups.values():
-            out[g.precision], out[g.mean] = nw_make(q[g.precision], q[g.mean])
+            out[g.precision], out[g.mean] = _PAIRS[type(g)].make(q[g.precision], q[g.mean])
         return {n: out[n] for n in self.global_sites}
 
     def _new_q(self, priors, stats, plan):
@@ -344,7 +394,7 @@ class VariationalBayesEM:
             eta = tuple(p + s for p, s in zip(family.natural(priors[name]), stats[name]))
             q[name] = family.from_natural(eta)
         for g in plan.groups.values():
-            q[g.precision], q[g.mean] = nw_update(
+            q[g.precision], q[g.mean] = _PAIRS[type(g)].update(
                 priors[g.precision], priors[g.mean], stats[g.precision], stats[g.mean]
             )
         return q
@@ -352,7 +402,7 @@ class VariationalBayesEM:
     def _priors(self, trace, plan):
         priors = {}
         for g in plan.groups.values():
-            priors[g.precision], priors[g.mean] = nw_priors(trace, g)
+            priors[g.precision], priors[g.mean] = _PAIRS[type(g)].priors(trace, g)
         for name in self._singles(plan):
             site = trace.sites[name]
             prior = core_distribution(site.fn)
@@ -370,7 +420,9 @@ class VariationalBayesEM:
             family = PRIOR_FAMILIES[plan.families[name]]
             total = total + jnp.sum(kl_divergence(family.make(q[name]), family.make(priors[name])))
         for g in plan.groups.values():
-            total = total + nw_kl(q[g.precision], q[g.mean], priors[g.precision], priors[g.mean])
+            total = total + _PAIRS[type(g)].kl(
+                q[g.precision], q[g.mean], priors[g.precision], priors[g.mean]
+            )
         return total
 
     def _elbo_and_update(self, q, arrays, spec, plan):
