@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
@@ -170,7 +171,7 @@ def _moved(jvp, values, direction):
         (s, a): c
         for s, arguments in moved.items()
         for a, c in arguments.items()
-        if hasattr(c, "dtype") and bool(jnp.any(c != 0))
+        if isinstance(c, jax.Array) and bool(jnp.any(c != 0))
     }
 
 

@@ -43,29 +43,8 @@ from jaxem.global_sites import check_global_sites, with_global_sites
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
-from jaxem.normal_gamma import (
-    NormalGamma,
-    find_normal_gamma,
-    ng_expected_log_density,
-    ng_kl,
-    ng_make,
-    ng_moments,
-    ng_point,
-    ng_priors,
-    ng_update,
-)
-from jaxem.normal_wishart import (
-    NormalWishart,
-    find_normal_wishart,
-    nw_expected_log_density,
-    nw_kl,
-    nw_make,
-    nw_moments,
-    nw_point,
-    nw_priors,
-    nw_update,
-)
 from jaxem.numpyro_internals import user_site_name
+from jaxem.vb_pairs import PAIRS, find_pairs
 from jaxem.vb_powers import select_moments
 from jaxem.vb_sites import (
     check_proper,
@@ -100,7 +79,9 @@ class VBResult(NamedTuple):
             global site (``dist.Dirichlet``, ``dist.Gamma``, ...), shaped like
             the site's prior. For a Normal-Wishart pair, ``dist.Wishart`` for the
             precision and the marginal ``dist.MultivariateStudentT`` of the mean
-            (q(mu | Lam) is `jaxem.normal_wishart.mean_given_precision`).
+            (q(mu | Lam) is `jaxem.normal_wishart.mean_given_precision`); for a
+            Normal-Gamma pair ``dist.Gamma`` and ``dist.StudentT``
+            (`jaxem.normal_gamma.mean_given_precision`).
         elbo: the evidence lower bound at ``posteriors``, q(z) optimal for them:
             ``E_q[log p(x, z, theta)] - E_q[log q(z)] - E_q[log q(theta)]``.
         history: shape ``(max_iter,)``: the ELBO at the start of every
@@ -113,7 +94,8 @@ class VBResult(NamedTuple):
             shaped like the site's enumerated log-probability.
         latent_entropy: ``-E_q[log q(z)]``.
         q: the final `VBState`'s ``q`` (for a Normal-Wishart pair ``(nu, W)``
-            for the precision, ``(m, beta)`` for the mean).
+            for the precision, ``(m, beta)`` for the mean; for a Normal-Gamma
+            pair ``(a, b)`` and ``(m, beta)``).
     """
 
     posteriors: dict
@@ -125,37 +107,6 @@ class VBResult(NamedTuple):
     latent_marginals: dict
     latent_entropy: jax.Array
     q: dict
-
-
-class _Pair(NamedTuple):
-    """A jointly conjugate pair (mean, precision): its pieces, and the argument
-    through which its likelihoods read the precision."""
-
-    moments: Callable
-    point: Callable
-    make: Callable
-    priors: Callable
-    update: Callable
-    kl: Callable
-    expected: Callable
-    precision_arg: str
-
-
-_PAIRS = {
-    NormalWishart: _Pair(
-        nw_moments,
-        nw_point,
-        nw_make,
-        nw_priors,
-        nw_update,
-        nw_kl,
-        nw_expected_log_density,
-        "precision_matrix",
-    ),
-    NormalGamma: _Pair(
-        ng_moments, ng_point, ng_make, ng_priors, ng_update, ng_kl, ng_expected_log_density, "scale"
-    ),
-}
 
 
 class _Plan(NamedTuple):
@@ -175,7 +126,10 @@ class VariationalBayesEM:
     exactly given q(theta). Supported conjugate pairs: a Dirichlet prior on a
     Categorical's ``probs``, a Beta prior on a Bernoulli's ``probs``, a Gamma
     prior on a Poisson's or an Exponential's ``rate``, a Normal prior on a
-    Normal's ``loc`` (its scale known), and the Normal-Wishart pair of a
+    Normal's ``loc`` (its scale known), a Gamma prior on a Normal's precision
+    ``tau`` (scale ``1 / jnp.sqrt(tau[z])``, its loc known), the Normal-Gamma
+    pair of a Normal's ``loc`` and precision (``mu ~ Normal(m0, 1 / jnp.sqrt(beta0
+    * tau))``; see `jaxem.normal_gamma`), and the Normal-Wishart pair of a
     MultivariateNormal's ``loc`` and ``precision_matrix`` (``Lam ~ Wishart``,
     ``mu ~ MultivariateNormal(m0, precision_matrix=beta0 * Lam)``; see
     `jaxem.normal_wishart`). The ELBO is exact and never decreases.
@@ -247,13 +201,9 @@ class VariationalBayesEM:
         nesting = structure.max_plate_nesting
         values = {n: jnp.asarray(seeded[n]["value"]) for n in self.global_sites}
         trace = self.model.enumerated_trace(values, args, kwargs, nesting)
-        groups, nw_readers = find_normal_wishart(
+        groups, nw_readers, powers = find_pairs(
             self.model, self.global_sites, trace, values, args, kwargs, nesting
         )
-        ng_groups, ng_readers, powers = find_normal_gamma(
-            self.model, self.global_sites, trace, values, args, kwargs, nesting
-        )
-        groups, nw_readers = {**groups, **ng_groups}, {**nw_readers, **ng_readers}
         paired = {n for g in groups.values() for n in (g.precision, g.mean)}
         families = {}
         for name in self.global_sites:
@@ -322,7 +272,7 @@ class VariationalBayesEM:
             if name in self.global_sites:
                 factors[name] = jnp.zeros_like(site.log_prob)
             elif name in plan.nw_readers:
-                pair = _PAIRS[type(plan.nw_readers[name])]
+                pair = PAIRS[type(plan.nw_readers[name])]
                 loc = tuple(selected[j][name]["loc"] for j in range(2))
                 precision = tuple(selected[j][name][pair.precision_arg] for j in range(2))
                 lp = expected_site_log_prob(
@@ -362,7 +312,7 @@ class VariationalBayesEM:
         )(moments, zeros)
         return value, stats, marginals, factors, trace
 
-    # -- per family: single sites by `PRIOR_FAMILIES`, pairs by `normal_wishart` --
+    # -- per family: single sites by `PRIOR_FAMILIES`, pairs by `vb_pairs.PAIRS` ------
 
     def _singles(self, plan):
         paired = {n for g in plan.groups.values() for n in (g.precision, g.mean)}
@@ -371,19 +321,19 @@ class VariationalBayesEM:
     def _moments(self, q, plan):
         out = {n: PRIOR_FAMILIES[plan.families[n]].moments(q[n]) for n in self._singles(plan)}
         for g in plan.groups.values():
-            out[g.precision], out[g.mean] = _PAIRS[type(g)].moments(q[g.precision], q[g.mean])
+            out[g.precision], out[g.mean] = PAIRS[type(g)].moments(q[g.precision], q[g.mean])
         return out
 
     def _point(self, q, plan):
         out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]).mean for n in self._singles(plan)}
         for g in plan.groups.values():
-            out[g.precision], out[g.mean] = _PAIRS[type(g)].point(q[g.precision], q[g.mean])
+            out[g.precision], out[g.mean] = PAIRS[type(g)].point(q[g.precision], q[g.mean])
         return out
 
     def _posteriors(self, q, plan):
         out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]) for n in self._singles(plan)}
         for g in plan.groups.values():
-            out[g.precision], out[g.mean] = _PAIRS[type(g)].make(q[g.precision], q[g.mean])
+            out[g.precision], out[g.mean] = PAIRS[type(g)].make(q[g.precision], q[g.mean])
         return {n: out[n] for n in self.global_sites}
 
     def _new_q(self, priors, stats, plan):
@@ -394,7 +344,7 @@ class VariationalBayesEM:
             eta = tuple(p + s for p, s in zip(family.natural(priors[name]), stats[name]))
             q[name] = family.from_natural(eta)
         for g in plan.groups.values():
-            q[g.precision], q[g.mean] = _PAIRS[type(g)].update(
+            q[g.precision], q[g.mean] = PAIRS[type(g)].update(
                 priors[g.precision], priors[g.mean], stats[g.precision], stats[g.mean]
             )
         return q
@@ -402,7 +352,7 @@ class VariationalBayesEM:
     def _priors(self, trace, plan):
         priors = {}
         for g in plan.groups.values():
-            priors[g.precision], priors[g.mean] = _PAIRS[type(g)].priors(trace, g)
+            priors[g.precision], priors[g.mean] = PAIRS[type(g)].priors(trace, g)
         for name in self._singles(plan):
             site = trace.sites[name]
             prior = core_distribution(site.fn)
@@ -420,7 +370,7 @@ class VariationalBayesEM:
             family = PRIOR_FAMILIES[plan.families[name]]
             total = total + jnp.sum(kl_divergence(family.make(q[name]), family.make(priors[name])))
         for g in plan.groups.values():
-            total = total + _PAIRS[type(g)].kl(
+            total = total + PAIRS[type(g)].kl(
                 q[g.precision], q[g.mean], priors[g.precision], priors[g.mean]
             )
         return total
