@@ -185,7 +185,9 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                     raise ModelError(
                         f"jaxem: site '{shown}' reads two global sites "
                         f"('{readers[site_name].source}' and '{source}'): "
-                        "VariationalBayesEM supports one global site per distribution. "
+                        "VariationalBayesEM supports one global site per distribution, "
+                        "besides the conjugate pairs (for a Normal's mean and precision, "
+                        "mu ~ dist.Normal(m0, 1 / jnp.sqrt(beta0 * tau))). "
                         "Fit by EM(model, global_sites=...) (MAP)."
                     )
                 power = POWER_ARGUMENTS.get((type(core), arg))
