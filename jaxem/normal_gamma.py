@@ -192,8 +192,8 @@ def find_normal_gamma(model, names, trace, values, args, kwargs, nesting):
     names = list(names)
     priors = {n: core_distribution(trace.sites[n].fn) for n in names}
     gammas = [n for n in names if type(priors[n]) is dist.Gamma]
-    if not gammas:
-        return {}, {}, {}
+    if not gammas or not any(type(p) is dist.Normal for p in priors.values()):
+        return {}, {}, {}  # no pair possible: skip the JVPs
 
     def fn(vals):
         tr = model.enumerated_trace(vals, args, kwargs, nesting, log_probs=False)
