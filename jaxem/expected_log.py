@@ -29,6 +29,7 @@ from jax.scipy.special import digamma, gammaln
 
 __all__ = [
     "EXPECTED_LOG_DENSITIES",
+    "POWER_ARGUMENTS",
     "categorical_expected_log_density",
     "PRIOR_FAMILIES",
     "PriorFamily",
@@ -156,6 +157,13 @@ def _normal_loc(args, value, moments):
     return -0.5 * square / scale**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
 
 
+def _normal_precision(args, value, moments):
+    # The scale is tau ** -1/2 (`jaxem.vb_powers`): the moments are tau's, selected.
+    log_tau, tau = moments
+    square = (value - args["loc"]) ** 2
+    return 0.5 * log_tau - 0.5 * jnp.log(2 * jnp.pi) - 0.5 * tau * square
+
+
 # {(likelihood class, argument): (prior class, expected log-density)}
 EXPECTED_LOG_DENSITIES: dict = {
     (dist.CategoricalProbs, "probs"): (dist.Dirichlet, _categorical),
@@ -163,19 +171,36 @@ EXPECTED_LOG_DENSITIES: dict = {
     (dist.Poisson, "rate"): (dist.Gamma, _poisson),
     (dist.Exponential, "rate"): (dist.Gamma, _exponential),
     (dist.Normal, "loc"): (dist.Normal, _normal_loc),
+    # Read through a power, not a selection: scale = 1 / sqrt(tau[z]) (`jaxem.vb_powers`).
+    (dist.Normal, "scale"): (dist.Gamma, _normal_precision),
+}
+
+# {(likelihood class, argument): (power, the supported spellings)}: the arguments a
+# prior reads through a power of a selection, not a selection.
+POWER_ARGUMENTS: dict = {
+    (dist.Normal, "scale"): (
+        -0.5,
+        "the precision tau, scale=1 / jnp.sqrt(tau[z]), tau[z] ** -0.5 or "
+        "jax.lax.rsqrt(tau[z]) (tau the site or an indexing of it)",
+    ),
 }
 
 
 def supported_pairs() -> str:
     """The conjugate pairs, in words (for messages)."""
     singles = ", ".join(
-        f"{prior.__name__} prior on a {cls.__name__.removesuffix('Probs')} '{arg}'"
+        f"{prior.__name__} prior on a {cls.__name__}'s {POWER_ARGUMENTS[(cls, arg)][1]}"
+        if (cls, arg) in POWER_ARGUMENTS
+        else f"{prior.__name__} prior on a {cls.__name__.removesuffix('Probs')} '{arg}'"
         for (cls, arg), (prior, _) in EXPECTED_LOG_DENSITIES.items()
     )
     return (
         singles + ", Beta prior on the sticks of a Categorical's stick-breaking 'probs' "
         "(truncated Dirichlet process: w_k = v_k prod_{j<k} (1 - v_j), w_K = "
-        "prod_{j<K} (1 - v_j)), Normal-Wishart prior on a MultivariateNormal's 'loc' and "
+        "prod_{j<K} (1 - v_j)), Normal-Gamma prior on a Normal's 'loc' and precision "
+        "(tau ~ Gamma, mu ~ Normal(m0, 1 / jnp.sqrt(beta0 * tau)), "
+        "x ~ Normal(mu[z], 1 / jnp.sqrt(tau[z]))), "
+        "Normal-Wishart prior on a MultivariateNormal's 'loc' and "
         "'precision_matrix' (Lam ~ Wishart, mu ~ MultivariateNormal(m0, "
         "precision_matrix=beta0 * Lam))"
     )

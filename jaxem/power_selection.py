@@ -62,6 +62,7 @@ __all__ = [
     "power_description",
     "power_rule",
     "prior_arguments",
+    "update_power",
 ]
 
 DATA = "<data>"  # the label of the data arrays: a chain's constants must not depend on them
@@ -182,6 +183,12 @@ def is_power_update(update) -> bool:
     return id(update) in _BY_UPDATE
 
 
+def update_power(update) -> float:
+    """The power ``p`` of a variance (1/2) or precision (-1/2) update: the
+    distribution argument is ``sel(param) ** p``."""
+    return _BY_UPDATE[id(update)].power
+
+
 def power_description(update) -> str:
     """How the param reaches the scale, for ``m_step_paths``."""
     if _BY_UPDATE[id(update)].power > 0:
@@ -255,9 +262,10 @@ class PowerSelections:
         power = self._probe_power(output_index, name)
         return None if power is None else _UPDATES[(cls, power)].update
 
-    def _probe_power(self, output_index, name):
-        """The power p in {1/2, -1/2} with argument = c ** p and d argument / dc =
-        p c ** (p - 1) in every cell, every entry of the param at c; None if none."""
+    def _probe(self, output_index, name):
+        """``(c, values, slopes)``: the output and its derivative in ``c`` with every
+        entry of the param at ``c`` (for each probe point), the other inputs at 0;
+        None where the jaxpr closes over traced values or the output is empty."""
         closed = self.closed
         if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
             return None
@@ -287,12 +295,41 @@ class PowerSelections:
         if values[0].size == 0:
             return None
         c = points.astype(np.float64).reshape((-1,) + (1,) * (values.ndim - 1))
-        tolerance = 64 * float(jnp.finfo(dtype).eps)
+        return c, values, slopes, 64 * float(jnp.finfo(dtype).eps)
+
+    def _probe_power(self, output_index, name):
+        """The power p in {1/2, -1/2} with argument = c ** p and d argument / dc =
+        p c ** (p - 1) in every cell, every entry of the param at c; None if none."""
+        found = self.scaled_power(output_index, name)
+        if found is None or not np.allclose(found[1], 1.0, rtol=found[2], atol=0):
+            return None
+        return found[0]
+
+    def scaled_power(self, output_index, name):
+        """``(p, k, tolerance)`` with the output ``k * sel(param) ** p``, p in
+        {1/2, -1/2} and ``k`` a positive array shaped like the output, verified as
+        the chain's structure and ``k c ** p`` (and its slope) at every probe point
+        ``c``; None if the output is not such a power of ``name`` alone.
+
+        `jaxem.vbem`'s Normal-Gamma pair reads a prior scale ``1 / sqrt(beta0 tau)``
+        with it (``k = beta0 ** -0.5``).
+        """
+        labels = self._output_labels()[output_index]
+        chained = {k: v for k, v in labels.items() if _is_param_key(k)}
+        if chained != {(name, _CHAIN): True}:
+            return None
+        probed = self._probe(output_index, name)
+        if probed is None:
+            return None
+        c, values, slopes, tolerance = probed
         for power in (0.5, -0.5):
-            if np.allclose(values, c**power, rtol=tolerance, atol=0) and np.allclose(
-                slopes, power * c ** (power - 1), rtol=tolerance, atol=0
+            k = values[0] / c[0] ** power
+            if (
+                np.all(k > 0)
+                and np.allclose(values, k * c**power, rtol=tolerance, atol=0)
+                and np.allclose(slopes, power * k * c ** (power - 1), rtol=tolerance, atol=0)
             ):
-                return power
+                return power, k, tolerance
         return None
 
     def constant(self, output_index):

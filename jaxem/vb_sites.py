@@ -6,7 +6,8 @@ and through which distribution argument, is found on concrete values, once per
 input signature: a JVP of the recorded constructor arguments (and of every
 factor's log-probability) in a random direction of each global site. An argument
 must be a selection of the site (indexing, broadcasting): that is what makes the
-expectation of the factor the factor of the selected moments.
+expectation of the factor the factor of the selected moments; or, for a Normal's
+precision, the scale ``sel(tau) ** -1/2`` (`jaxem.vb_powers`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ import numpyro.distributions as dist
 
 from jaxem.conjugate import core_distribution
 from jaxem.exceptions import ModelError
-from jaxem.expected_log import EXPECTED_LOG_DENSITIES, PRIOR_FAMILIES, supported_pairs
+from jaxem.expected_log import (
+    EXPECTED_LOG_DENSITIES,
+    POWER_ARGUMENTS,
+    PRIOR_FAMILIES,
+    supported_pairs,
+)
 from jaxem.missing import MissingData
 from jaxem.numpyro_internals import distribution_mask, user_site_name
 from jaxem.stick_breaking import is_stick_breaking, stick_breaking_expected
+from jaxem.vb_powers import PowerReads
 
 __all__ = [
     "Reader",
@@ -42,12 +49,14 @@ __all__ = [
 class Reader(NamedTuple):
     """A site whose distribution argument ``argument`` is a selection of ``source``
     (``selected``), or a function of the whole site that ``expected`` takes the
-    source's own moments for (``selected=False``: stick-breaking weights)."""
+    source's own moments for (``selected=False``: stick-breaking weights), or the
+    selection to the power ``power`` (`jaxem.vb_powers`)."""
 
     source: str
     argument: str
     expected: Callable
     selected: bool = True
+    power: float | None = None
 
 
 def core_of(fn):
@@ -154,6 +163,7 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
     readers = {}
     site_args_jvp, site_args_fast = tangent_fn(site_args), compiled(site_args)
     at_values = None
+    powers = PowerReads(site_args, values)
     for source in names:
         direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in values}
         moved = site_args_jvp(values, direction)
@@ -176,7 +186,9 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                     raise ModelError(
                         f"jaxem: site '{shown}' reads two global sites "
                         f"('{readers[site_name].source}' and '{source}'): "
-                        "VariationalBayesEM supports one global site per distribution. "
+                        "VariationalBayesEM supports one global site per distribution, "
+                        "besides the conjugate pairs (for a Normal's mean and precision, "
+                        "mu ~ dist.Normal(m0, 1 / jnp.sqrt(beta0 * tau))). "
                         "Fit by EM(model, global_sites=...) (MAP)."
                     )
                 if (
@@ -197,6 +209,20 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                 pair = f"a {families[source].__name__} prior on a {type(core).__name__} '{arg}'"
                 if entry is None or entry[0] is not families[source]:
                     raise ModelError(unsupported(source, pair + f" (site '{shown}')"))
+                power = POWER_ARGUMENTS.get((type(core), arg))
+                if power is not None:
+                    # Read through a power (1 / sqrt(tau[z])), verified exactly.
+                    if powers.power(site_name, arg, source) != power[0]:
+                        raise ModelError(
+                            f"jaxem: global site '{source}' has a "
+                            f"{families[source].__name__} prior and reaches the '{arg}' of "
+                            f"site '{shown}' ({type(core).__name__}) in a spelling "
+                            "VariationalBayesEM cannot take in closed form. Supported: "
+                            f"{power[1]}. For a MAP fit of any prior use "
+                            "EM(model, global_sites=...)."
+                        )
+                    readers[site_name] = Reader(source, arg, entry[1], power=power[0])
+                    continue
                 # A selection (indexing, broadcasting) of the global site maps a
                 # direction to its own entries, and linearly: E log(2 lam) is not
                 # E log lam, nor is E(mu + 1)^2 E mu^2 + 1.

@@ -43,17 +43,9 @@ from jaxem.global_sites import check_global_sites, with_global_sites
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
-from jaxem.normal_wishart import (
-    find_normal_wishart,
-    nw_expected_log_density,
-    nw_kl,
-    nw_make,
-    nw_moments,
-    nw_point,
-    nw_priors,
-    nw_update,
-)
 from jaxem.numpyro_internals import user_site_name
+from jaxem.vb_pairs import PAIRS, find_pairs
+from jaxem.vb_powers import select_moments
 from jaxem.vb_sites import (
     check_proper,
     core_args,
@@ -87,7 +79,9 @@ class VBResult(NamedTuple):
             global site (``dist.Dirichlet``, ``dist.Gamma``, ...), shaped like
             the site's prior. For a Normal-Wishart pair, ``dist.Wishart`` for the
             precision and the marginal ``dist.MultivariateStudentT`` of the mean
-            (q(mu | Lam) is `jaxem.normal_wishart.mean_given_precision`).
+            (q(mu | Lam) is `jaxem.normal_wishart.mean_given_precision`); for a
+            Normal-Gamma pair ``dist.Gamma`` and ``dist.StudentT``
+            (`jaxem.normal_gamma.mean_given_precision`).
         elbo: the evidence lower bound at ``posteriors``, q(z) optimal for them:
             ``E_q[log p(x, z, theta)] - E_q[log q(z)] - E_q[log q(theta)]``.
         history: shape ``(max_iter,)``: the ELBO at the start of every
@@ -102,7 +96,8 @@ class VBResult(NamedTuple):
             engine's view, for expectations of factors. Use ``latent_posteriors``.
         latent_entropy: ``-E_q[log q(z)]``.
         q: the final `VBState`'s ``q`` (for a Normal-Wishart pair ``(nu, W)``
-            for the precision, ``(m, beta)`` for the mean).
+            for the precision, ``(m, beta)`` for the mean; for a Normal-Gamma
+            pair ``(a, b)`` and ``(m, beta)``).
         latent_posteriors: ``{latent site: q(z)'s marginal}``, as
             [`jaxem.posterior`][jaxem.posterior] gives them for EM: the values on
             the last axis, a ``scan`` chain's per-step marginals ``(T, K)``.
@@ -124,8 +119,9 @@ class _Plan(NamedTuple):
     readers: dict  # {site name: Reader}
     families: dict  # {global site: prior class}
     nesting: int
-    groups: dict  # {precision site: NormalWishart}
-    nw_readers: dict  # {site name: NormalWishart}
+    groups: dict  # {precision site: NormalWishart or NormalGamma}
+    nw_readers: dict  # {site name: NormalWishart or NormalGamma}
+    powers: dict = {}  # {(site, argument): (global site, power)}: read through a power
 
 
 class VariationalBayesEM:
@@ -136,7 +132,10 @@ class VariationalBayesEM:
     exactly given q(theta). Supported conjugate pairs: a Dirichlet prior on a
     Categorical's ``probs``, a Beta prior on a Bernoulli's ``probs``, a Gamma
     prior on a Poisson's or an Exponential's ``rate``, a Normal prior on a
-    Normal's ``loc`` (its scale known), and the Normal-Wishart pair of a
+    Normal's ``loc`` (its scale known), a Gamma prior on a Normal's precision
+    ``tau`` (scale ``1 / jnp.sqrt(tau[z])``, its loc known), the Normal-Gamma
+    pair of a Normal's ``loc`` and precision (``mu ~ Normal(m0, 1 / jnp.sqrt(beta0
+    * tau))``; see `jaxem.normal_gamma`), and the Normal-Wishart pair of a
     MultivariateNormal's ``loc`` and ``precision_matrix`` (``Lam ~ Wishart``,
     ``mu ~ MultivariateNormal(m0, precision_matrix=beta0 * Lam)``; see
     `jaxem.normal_wishart`). The ELBO is exact and never decreases.
@@ -208,7 +207,7 @@ class VariationalBayesEM:
         nesting = structure.max_plate_nesting
         values = {n: jnp.asarray(seeded[n]["value"]) for n in self.global_sites}
         trace = self.model.enumerated_trace(values, args, kwargs, nesting)
-        groups, nw_readers = find_normal_wishart(
+        groups, nw_readers, powers = find_pairs(
             self.model, self.global_sites, trace, values, args, kwargs, nesting
         )
         paired = {n for g in groups.values() for n in (g.precision, g.mean)}
@@ -224,7 +223,7 @@ class VariationalBayesEM:
         if both:
             raise ModelError(
                 f"jaxem: site '{user_site_name(both[0])}' reads global site "
-                f"'{readers[both[0]].source}' besides the Normal-Wishart pair "
+                f"'{readers[both[0]].source}' besides the conjugate pair "
                 f"'{nw_readers[both[0]].mean}'/'{nw_readers[both[0]].precision}': "
                 "VariationalBayesEM supports one conjugate prior per distribution. "
                 "Fit by EM(model, global_sites=...) (MAP)."
@@ -242,7 +241,14 @@ class VariationalBayesEM:
                 f"numpyro.handlers.scale){': site ' + repr(scaled[0]) if scaled else ''}. "
                 "Fit the unweighted model, or use EM(model, global_sites=...) (MAP)."
             )
-        plan = _Plan(readers, families, nesting, groups, nw_readers)
+        powers.update(
+            {
+                (site, r.argument): (r.source, r.power)
+                for site, r in readers.items()
+                if r.power is not None
+            }
+        )
+        plan = _Plan(readers, families, nesting, groups, nw_readers, powers)
         self._families = families
         self._groups = groups
         self._plans[key] = plan
@@ -258,22 +264,27 @@ class VariationalBayesEM:
         args, kwargs = merge_args(arrays, spec)
         trace = self.model.enumerated_trace(point, args, kwargs, plan.nesting)
         num = max(len(m) for m in moments.values())
+
+        def site_args(vals):
+            tr = self.model.enumerated_trace(vals, args, kwargs, plan.nesting, log_probs=False)
+            return {s: core_args(tr, site)[1] for s, site in tr.sites.items()}
+
         selected = []
         for j in range(num):
             vals = {n: m[min(j, len(m) - 1)] for n, m in moments.items()}
-            tr = self.model.enumerated_trace(vals, args, kwargs, plan.nesting, log_probs=False)
-            selected.append({s: core_args(tr, site)[1] for s, site in tr.sites.items()})
+            selected.append(select_moments(site_args, vals, plan.powers))
         factors = {}
         for name, site in trace.sites.items():
             if name in self.global_sites:
                 factors[name] = jnp.zeros_like(site.log_prob)
             elif name in plan.nw_readers:
+                pair = PAIRS[type(plan.nw_readers[name])]
                 loc = tuple(selected[j][name]["loc"] for j in range(2))
-                precision = tuple(selected[j][name]["precision_matrix"] for j in range(2))
+                precision = tuple(selected[j][name][pair.precision_arg] for j in range(2))
                 lp = expected_site_log_prob(
                     site.fn,
                     site.value,
-                    lambda v, a=loc, p=precision: nw_expected_log_density(v, a, p),
+                    lambda v, a=loc, p=precision, e=pair.expected: e(v, a, p),
                 )
                 factors[name] = jnp.broadcast_to(lp, jnp.shape(site.log_prob))
             elif name in plan.readers:
@@ -311,7 +322,7 @@ class VariationalBayesEM:
         )(moments, zeros)
         return value, stats, marginals, factors, trace
 
-    # -- per family: single sites by `PRIOR_FAMILIES`, pairs by `normal_wishart` --
+    # -- per family: single sites by `PRIOR_FAMILIES`, pairs by `vb_pairs.PAIRS` ------
 
     def _singles(self, plan):
         paired = {n for g in plan.groups.values() for n in (g.precision, g.mean)}
@@ -320,19 +331,19 @@ class VariationalBayesEM:
     def _moments(self, q, plan):
         out = {n: PRIOR_FAMILIES[plan.families[n]].moments(q[n]) for n in self._singles(plan)}
         for g in plan.groups.values():
-            out[g.precision], out[g.mean] = nw_moments(q[g.precision], q[g.mean])
+            out[g.precision], out[g.mean] = PAIRS[type(g)].moments(q[g.precision], q[g.mean])
         return out
 
     def _point(self, q, plan):
         out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]).mean for n in self._singles(plan)}
         for g in plan.groups.values():
-            out[g.precision], out[g.mean] = nw_point(q[g.precision], q[g.mean])
+            out[g.precision], out[g.mean] = PAIRS[type(g)].point(q[g.precision], q[g.mean])
         return out
 
     def _posteriors(self, q, plan):
         out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]) for n in self._singles(plan)}
         for g in plan.groups.values():
-            out[g.precision], out[g.mean] = nw_make(q[g.precision], q[g.mean])
+            out[g.precision], out[g.mean] = PAIRS[type(g)].make(q[g.precision], q[g.mean])
         return {n: out[n] for n in self.global_sites}
 
     def _new_q(self, priors, stats, plan):
@@ -343,7 +354,7 @@ class VariationalBayesEM:
             eta = tuple(p + s for p, s in zip(family.natural(priors[name]), stats[name]))
             q[name] = family.from_natural(eta)
         for g in plan.groups.values():
-            q[g.precision], q[g.mean] = nw_update(
+            q[g.precision], q[g.mean] = PAIRS[type(g)].update(
                 priors[g.precision], priors[g.mean], stats[g.precision], stats[g.mean]
             )
         return q
@@ -351,7 +362,7 @@ class VariationalBayesEM:
     def _priors(self, trace, plan):
         priors = {}
         for g in plan.groups.values():
-            priors[g.precision], priors[g.mean] = nw_priors(trace, g)
+            priors[g.precision], priors[g.mean] = PAIRS[type(g)].priors(trace, g)
         for name in self._singles(plan):
             site = trace.sites[name]
             prior = core_distribution(site.fn)
@@ -369,7 +380,9 @@ class VariationalBayesEM:
             family = PRIOR_FAMILIES[plan.families[name]]
             total = total + jnp.sum(kl_divergence(family.make(q[name]), family.make(priors[name])))
         for g in plan.groups.values():
-            total = total + nw_kl(q[g.precision], q[g.mean], priors[g.precision], priors[g.mean])
+            total = total + PAIRS[type(g)].kl(
+                q[g.precision], q[g.mean], priors[g.precision], priors[g.mean]
+            )
         return total
 
     def _elbo_and_update(self, q, arrays, spec, plan):
