@@ -34,6 +34,7 @@ from jaxem.gaussian_stats import (
     mvn_loc_solve,
     mvn_loc_stats,
     mvn_scatter_stats,
+    normal_loc_solve,
     normal_loc_stats,
     normal_scale_solve,
     normal_scale_stats,
@@ -425,7 +426,7 @@ def _register_builtins() -> None:
         register_closed_form(
             cls,
             "loc",
-            ClosedFormUpdate(normal_loc_stats(transform), _ratio, domain=_unconstrained),
+            ClosedFormUpdate(normal_loc_stats(transform), normal_loc_solve, domain=_unconstrained),
         )
         register_closed_form(
             cls,

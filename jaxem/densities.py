@@ -129,11 +129,15 @@ def _mvn_log_prob(loc, scale_tril, value):
     dim = scale_tril.shape[-1]
     eye = jnp.broadcast_to(jnp.eye(dim, dtype=scale_tril.dtype), scale_tril.shape)
     inv_tril = solve_triangular(scale_tril, eye, lower=True)
-    # L^-1 (x - loc) = L^-1 x - L^-1 loc, each contracted on the operands' own
-    # batch shapes: (K, 1) factors against (N,) points is one matmul, with no
-    # K x N x D x D broadcast.
+    # L^-1 applied to the residuals x - loc: a K x N x D array, the size of the
+    # whitened output (no K x N x D x D broadcast), contracted per component. Not
+    # L^-1 x - L^-1 loc: each term rounds by eps times its size, and for a
+    # component far from 0 against its scale they cancel (float32: a component of
+    # scale 10 at 1e5 lost 1e-2 nats per point). Measured on benchmarks/gmm.py
+    # (full, float32, N=1e4 D=2 K=3 and N=1e5 D=16 K=16): no slower per iteration
+    # than the two separate matmuls; a lax.cond choosing between the two forms was
+    # twice as slow (both operand sets stay live).
     batch = jnp.broadcast_shapes(scale_tril.shape[:-2], value.shape[:-1], loc.shape[:-1])
-    whitened = contract_cells(batch, batch, (inv_tril, "de"), (value, "e"), out="d")
-    whitened = whitened - contract_cells(batch, batch, (inv_tril, "de"), (loc, "e"), out="d")
+    whitened = contract_cells(batch, batch, (inv_tril, "de"), (value - loc, "e"), out="d")
     half_log_det = jnp.sum(jnp.log(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)), axis=-1)
     return -0.5 * jnp.sum(whitened**2, axis=-1) - half_log_det - 0.5 * dim * jnp.log(2 * jnp.pi)

@@ -14,6 +14,15 @@ the M-step's objective can absorb, takes an exact path instead:
   ``eps * sum w |x|`` is that of storing the data themselves;
 * scales and covariances: the residuals ``x - m`` of every cell.
 
+A location is solved as the ratio of two such sums, which rounds by a few
+``eps |m|`` whatever the path (`LOCATION_ROUNDING`). For a component
+narrower than that (collapsed onto tied points far from 0 and held up by
+``reg_covar``: float32 points at -4.6e5 are 0.03 apart, its scale 1e-3) a
+move of one ulp lowers Q by nats per point, and the next scale stage fits
+the ulp instead of the tie. So a location moves only where the solved move
+exceeds twice that bound (`keep_within_rounding`): a smaller move cannot
+be told from rounding, and keeping the old value never lowers Q.
+
 The threshold: the M-step maximizes Q, which is stationary at the maximizer,
 so an error ``delta`` (relative to the component's spread) in a statistic
 lowers Q by ``O(count * delta^2)``; ``delta <= sqrt(eps)`` keeps that below
@@ -38,6 +47,7 @@ __all__ = [
     "mvn_loc_solve",
     "mvn_loc_stats",
     "mvn_scatter_stats",
+    "normal_loc_solve",
     "normal_loc_stats",
     "normal_scale_solve",
     "normal_scale_stats",
@@ -221,6 +231,41 @@ def normal_scale_stats(transform=lambda x: x):
         return sq, count
 
     return stats
+
+
+# Relative rounding of a location solved as ``(P sum w x) / (P sum w)``, in units of
+# ``eps |m|``: the shifted or centred first moment plus ``m count`` (two roundings),
+# the products with ``P`` (two), the division (one), and the sums over a param's
+# consumers (an HMM's first step and its scan: one more each), at ``eps / 2`` apiece.
+LOCATION_ROUNDING = 4.0
+
+
+def keep_within_rounding(new, old, size):
+    """``new`` where it moved from ``old`` by more than twice its rounding bound
+    ``LOCATION_ROUNDING * eps * size``, else ``old``.
+
+    With ``m*`` the exact maximizer of Q (a quadratic in the location) and ``e
+    <= B`` the rounding of ``new``, a move ``|new - old| > 2 B`` implies ``|old
+    - m*| > B >= |new - m*|``: the move raises Q. A smaller one may be rounding
+    alone, and where the location is sharper than its ulp it lowers Q.
+
+    Args:
+        new: the solved location(s).
+        old: the location(s) before the step.
+        size: a bound on the magnitude the rounding is relative to (same shape,
+            or broadcastable; for a vector location, its per-component norm
+            already reduced by the caller).
+    """
+    bound = LOCATION_ROUNDING * _eps(new) * size
+    return jnp.where(jnp.abs(new - old) > 2 * bound, new, old)
+
+
+def normal_loc_solve(stats, old, reg_covar):
+    """``sum w P x / sum w P``; ``old`` where nothing weighs, or where the move is
+    within rounding (`keep_within_rounding`)."""
+    num, den = stats
+    new = jnp.where(den > 0, _safe_div(num, den), old)
+    return keep_within_rounding(new, old, jnp.abs(new))
 
 
 def normal_scale_solve(stats, old, reg_covar):
