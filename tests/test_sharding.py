@@ -24,7 +24,6 @@ SCRIPT = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from models import gmm_scale_tril, normal_mixture
     from test_chain import gaussian_hmm
-    from test_monotone import latent_class
     from jaxem import EM, OnlineEM
     from jaxem.arguments import split_args
 
@@ -43,9 +42,6 @@ SCRIPT = textwrap.dedent(
         "mvn": (gmm_scale_tril, mvn_x, (3,), {}, mvn_init, P("data")),
         "normal_squarem": (normal_mixture, rng.normal(size=800) + centers[z, 0], (3,),
                            {"acceleration": "squarem"}, {"mu": [-1.0, 0.0, 1.0]}, P("data")),
-        "latent_class": (latent_class, (rng.uniform(size=(800, 5)) < np.where(
-            z[:, None] == 0, 0.2, 0.7)).astype(float), (3,), {}, {
-            "p": np.linspace(0.3, 0.7, 15).reshape(3, 5).tolist()}, P("data")),
         "hmm_sequences": (gaussian_hmm, hmm_x, (), {}, mvn_init, P(None, "data")),
     }
     out = {}
@@ -118,7 +114,9 @@ def _sharded_results():
 
 # One accelerated case: an accelerator mixes replicated params only, so SQUAREM and
 # Anderson shard alike (an Anderson case cost 45 s of compiling, a third of the module).
-EM_CASES = ["mvn", "normal_squarem", "latent_class", "hmm_sequences"]
+# A Bernoulli latent class case was dropped for CI time (25 s): its statistics are
+# summed per device by the same closed-form path as the two mixtures'.
+EM_CASES = ["mvn", "normal_squarem", "hmm_sequences"]
 
 
 def test_sharded_fits_equal_single_device_fits_and_stay_on_the_data():
