@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
@@ -40,7 +39,14 @@ from jaxem.conjugate import core_distribution
 from jaxem.exceptions import ModelError
 from jaxem.numpyro_internals import user_site_name
 from jaxem.vb_powers import PowerReads, select_moments
-from jaxem.vb_sites import compiled, core_args, core_of, tangent_fn
+from jaxem.vb_sites import (
+    check_pair_factors,
+    compiled,
+    core_of,
+    moved_arguments,
+    site_args_fn,
+    tangent_fn,
+)
 
 __all__ = [
     "NormalGamma",
@@ -165,16 +171,6 @@ def mean_given_precision(q_mean, precision):
 # -- detection (Python, concrete values, once per input signature) ------------------
 
 
-def _moved(jvp, values, direction):
-    moved = jvp(values, direction)
-    return {
-        (s, a): c
-        for s, arguments in moved.items()
-        for a, c in arguments.items()
-        if isinstance(c, jax.Array) and bool(jnp.any(c != 0))
-    }
-
-
 def find_normal_gamma(model, names, trace, values, args, kwargs, nesting):
     """The Normal-Gamma pairs among the global sites ``names``: a Gamma site read
     by another global site's Normal prior (a Gamma site no prior reads is left to
@@ -195,10 +191,7 @@ def find_normal_gamma(model, names, trace, values, args, kwargs, nesting):
     if not gammas or not any(type(p) is dist.Normal for p in priors.values()):
         return {}, {}, {}  # no pair possible: skip the JVPs
 
-    def fn(vals):
-        tr = model.enumerated_trace(vals, args, kwargs, nesting, log_probs=False)
-        return {s: core_args(tr, site)[1] for s, site in tr.sites.items()}
-
+    fn = site_args_fn(model, args, kwargs, nesting)
     rng = np.random.default_rng(2)
     tangents = {
         n: jnp.asarray(rng.normal(size=jnp.shape(values[n])), jnp.result_type(values[n]))
@@ -212,7 +205,7 @@ def find_normal_gamma(model, names, trace, values, args, kwargs, nesting):
 
     groups, readers, power_args = {}, {}, {}
     for prec in gammas:
-        moved = _moved(jvp, values, direction(prec))
+        moved = moved_arguments(jvp, values, direction(prec))
         means = sorted({s for s, _ in moved if s in names})
         if not means:
             continue  # a Gamma prior on its own (a rate, or a precision with known mean)
@@ -248,7 +241,7 @@ def find_normal_gamma(model, names, trace, values, args, kwargs, nesting):
                 f"jaxem: the prior scale of global site '{mean}' must read '{prec}' entry "
                 f"by entry (each mean its own precision); {fix}."
             )
-        moved_mean = _moved(jvp, values, direction(mean))
+        moved_mean = moved_arguments(jvp, values, direction(mean))
         substituted = compiled(fn)(tangents)
         sites = sorted({s for s, _ in moved if s != mean} | {s for s, _ in moved_mean})
         for site in sites:
@@ -300,20 +293,5 @@ def find_normal_gamma(model, names, trace, values, args, kwargs, nesting):
             readers[site] = group
 
     # Every factor moving with the pair must be one taken in expectation.
-    def log_probs(vals):
-        tr = model.enumerated_trace(vals, args, kwargs, nesting)
-        return {s: site.log_prob for s, site in tr.sites.items() if s not in names}
-
-    jvp_log_probs = tangent_fn(log_probs)
-    for group in groups.values():
-        for source in (group.precision, group.mean):
-            moved = jvp_log_probs(values, direction(source))
-            for site, change in moved.items():
-                if bool(jnp.any(change != 0)) and site not in group.readers:
-                    raise ModelError(
-                        f"jaxem: site '{user_site_name(site)}' reads global site '{source}' "
-                        "in a way VariationalBayesEM cannot take the expectation of; "
-                        + _SPELLING.format(prec=group.precision, mean=group.mean)
-                        + "."
-                    )
+    check_pair_factors(model, groups, names, values, direction, args, kwargs, nesting, _SPELLING)
     return groups, readers, power_args

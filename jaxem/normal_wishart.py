@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
@@ -34,7 +33,15 @@ from jax.scipy.special import digamma, multigammaln
 from jaxem.conjugate import core_distribution
 from jaxem.exceptions import ModelError
 from jaxem.numpyro_internals import user_site_name
-from jaxem.vb_sites import compiled, core_args, core_of, tangent_fn
+from jaxem.vb_sites import (
+    check_pair_factors,
+    compiled,
+    core_args,
+    core_of,
+    moved_arguments,
+    site_args_fn,
+    tangent_fn,
+)
 
 __all__ = [
     "NormalWishart",
@@ -211,24 +218,6 @@ def mean_given_precision(q_mean, precision):
 # -- detection (Python, concrete values, once per input signature) ------------------
 
 
-def _site_args(model, args, kwargs, nesting):
-    def fn(vals):
-        tr = model.enumerated_trace(vals, args, kwargs, nesting, log_probs=False)
-        return {s: core_args(tr, site)[1] for s, site in tr.sites.items()}
-
-    return fn
-
-
-def _moved(jvp, values, direction):
-    moved = jvp(values, direction)
-    return {
-        (s, a): c
-        for s, arguments in moved.items()
-        for a, c in arguments.items()
-        if isinstance(c, jax.Array) and bool(jnp.any(c != 0))
-    }
-
-
 def _is_selection(linear, change, tangent):
     linear, change = np.asarray(linear), np.asarray(change)
     return np.allclose(linear, change) and bool(np.all(np.isin(linear, np.asarray(tangent))))
@@ -263,7 +252,7 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
         n: jnp.asarray(rng.normal(size=jnp.shape(values[n])), jnp.result_type(values[n]))
         for n in names
     }
-    fn = _site_args(model, args, kwargs, nesting)
+    fn = site_args_fn(model, args, kwargs, nesting)
     linear = compiled(fn)(tangents)
     jvp = tangent_fn(fn)
 
@@ -280,7 +269,7 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
                 f"{np.asarray(prior.concentration).tolist()} must exceed dimension - 1 = "
                 f"{dim - 1}): variational Bayes needs a proper prior."
             )
-        moved = _moved(jvp, values, direction(prec))
+        moved = moved_arguments(jvp, values, direction(prec))
         means = [s for s, _ in moved if s in names]
         fix = _SPELLING.format(prec=prec, mean=means[0] if means else "mu")
         if len(set(means)) != 1:
@@ -323,7 +312,7 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
             raise ModelError(
                 f"jaxem: the prior mean of global site '{mean}' reads '{prec}'; {fix}."
             )
-        moved_mean = _moved(jvp, values, direction(mean))
+        moved_mean = moved_arguments(jvp, values, direction(mean))
         sites = sorted({s for s, _ in moved if s != mean} | {s for s, _ in moved_mean})
         for site in sites:
             shown = user_site_name(site)
@@ -379,22 +368,7 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
             readers[site] = group
 
     # Every factor moving with the pair must be one taken in expectation.
-    def log_probs(vals):
-        tr = model.enumerated_trace(vals, args, kwargs, nesting)
-        return {s: site.log_prob for s, site in tr.sites.items() if s not in names}
-
-    jvp_log_probs = tangent_fn(log_probs)
-    for group in groups.values():
-        for source in (group.precision, group.mean):
-            moved = jvp_log_probs(values, direction(source))
-            for site, change in moved.items():
-                if bool(jnp.any(change != 0)) and site not in group.readers:
-                    raise ModelError(
-                        f"jaxem: site '{user_site_name(site)}' reads global site '{source}' "
-                        "in a way VariationalBayesEM cannot take the expectation of; "
-                        + _SPELLING.format(prec=group.precision, mean=group.mean)
-                        + "."
-                    )
+    check_pair_factors(model, groups, names, values, direction, args, kwargs, nesting, _SPELLING)
     return groups, readers
 
 

@@ -35,12 +35,15 @@ from jaxem.vb_powers import PowerReads
 
 __all__ = [
     "Reader",
+    "check_pair_factors",
     "check_proper",
     "compiled",
     "core_args",
     "core_of",
     "expected_site_log_prob",
     "find_readers",
+    "moved_arguments",
+    "site_args_fn",
     "tangent_fn",
     "unsupported",
 ]
@@ -144,6 +147,53 @@ def tangent_fn(fn):
     return compiled(lambda values, direction: jax.jvp(fn, (values,), (direction,))[1])
 
 
+def site_args_fn(model, args, kwargs, nesting):
+    """``values -> {site: its distribution's constructor arguments}`` in the
+    enumerated trace at ``values`` (the global sites' values)."""
+
+    def fn(vals):
+        tr = model.enumerated_trace(vals, args, kwargs, nesting, log_probs=False)
+        return {s: core_args(tr, site)[1] for s, site in tr.sites.items()}
+
+    return fn
+
+
+def moved_arguments(jvp, values, direction) -> dict:
+    """``{(site, argument): change}`` for the distribution arguments that
+    ``jvp`` (a `tangent_fn` of `site_args_fn`) moves along ``direction``."""
+    moved = jvp(values, direction)
+    return {
+        (s, a): c
+        for s, arguments in moved.items()
+        for a, c in arguments.items()
+        if isinstance(c, jax.Array) and bool(jnp.any(c != 0))
+    }
+
+
+def check_pair_factors(model, groups, names, values, direction, args, kwargs, nesting, spelling):
+    """Raise unless every factor that moves with a conjugate pair's two global
+    sites (``groups``: ``{precision site: pair}``, each with ``precision``,
+    ``mean`` and ``readers``) is one of the pair's readers, taken in expectation;
+    ``spelling`` (with ``{prec}`` and ``{mean}``) says how to write the pair."""
+
+    def log_probs(vals):
+        tr = model.enumerated_trace(vals, args, kwargs, nesting)
+        return {s: site.log_prob for s, site in tr.sites.items() if s not in names}
+
+    jvp_log_probs = tangent_fn(log_probs)
+    for group in groups.values():
+        for source in (group.precision, group.mean):
+            moved = jvp_log_probs(values, direction(source))
+            for site, change in moved.items():
+                if bool(jnp.any(change != 0)) and site not in group.readers:
+                    raise ModelError(
+                        f"jaxem: site '{user_site_name(site)}' reads global site '{source}' "
+                        "in a way VariationalBayesEM cannot take the expectation of; "
+                        + spelling.format(prec=group.precision, mean=group.mean)
+                        + "."
+                    )
+
+
 def find_readers(model, names, trace, values, args, kwargs, nesting, families) -> dict:
     """Which distribution argument of which site each global site in ``names``
     reaches, found by a JVP in a random direction; the argument must be a
@@ -156,10 +206,7 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
         for n in values
     }
 
-    def site_args(vals):
-        tr = model.enumerated_trace(vals, args, kwargs, nesting, log_probs=False)
-        return {s: core_args(tr, site)[1] for s, site in tr.sites.items()}
-
+    site_args = site_args_fn(model, args, kwargs, nesting)
     readers = {}
     site_args_jvp, site_args_fast = tangent_fn(site_args), compiled(site_args)
     at_values = None
