@@ -20,6 +20,7 @@ from numpyro import handlers
 from jaxem.arguments import check_init_params, merge_args, merge_init_params
 from jaxem.chain import chain_padding_problems, find_chain, raise_for_chain_padding
 from jaxem.compiling import jit_once
+from jaxem.factor_priors import prior_sites
 from jaxem.inspection import inspect_model, model_structure, mvn_sites_of_params
 from jaxem.masks import latent_mask_problems, mask_of, raise_for_latent_masks
 from jaxem.missing import MissingData
@@ -29,7 +30,6 @@ from jaxem.validation import (
     check_values,
     core_family,
     describe_support,
-    prior_sites,
     raise_for_invalid,
 )
 from jaxem.weights import raise_for_bad_weights
