@@ -1,4 +1,6 @@
-"""jaxem: expectation-maximization for NumPyro models with discrete latent variables."""
+"""jaxem: expectation-maximization for NumPyro models with latent variables: exact EM by
+enumeration of discrete latents, MAP-EM and variational Bayes EM under priors, variational
+EM, online EM, Monte Carlo EM and SAEM for continuous latents, and standard errors."""
 
 from jaxem import init
 from jaxem.bootstrap import BootstrapResult, bootstrap

@@ -10,6 +10,7 @@ checked and merged into the model's own here too.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ import numpy as np
 from jaxem.exceptions import ModelError
 
 __all__ = [
+    "check_model_call",
     "check_init_params",
     "is_array",
     "merge_args",
@@ -61,6 +63,35 @@ def split_args(args: tuple, kwargs: dict):
             "floats, strings or tuples."
         ) from None
     return arrays, _StaticLeaves(treedef, flags, static)
+
+
+def check_model_call(model, args: tuple, kwargs: dict) -> None:
+    """A `TypeError` in jaxem's words when the model cannot take ``args`` and
+    ``kwargs``: every keyword a fitter's ``run`` does not know is passed on to the
+    model, so a misspelt option (or an option of another fitter, such as
+    ``num_restarts`` given to a fitter without restarts) would otherwise fail deep
+    inside the model. Models whose signature cannot be read are left alone."""
+    try:
+        signature = inspect.signature(model)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        unknown = [k for k in kwargs if k not in signature.parameters]
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        name = getattr(model, "__name__", "the model")
+        if unknown and not takes_any:
+            raise TypeError(
+                f"jaxem: {name}() takes no argument {', '.join(map(repr, unknown))} (its "
+                f"arguments: {', '.join(signature.parameters) or 'none'}). A keyword that the "
+                "fitter's method does not know is passed on to the model: check the spelling "
+                "of the method's options (help(<fitter>.run)); an option of another fitter "
+                "(e.g. num_restarts, which EM.run has) is not one of this fitter's."
+            ) from None
+        raise TypeError(
+            f"jaxem: the model's arguments do not match its signature {name}{signature}: {err}"
+        ) from None
 
 
 def merge_args(arrays, spec: _StaticLeaves):

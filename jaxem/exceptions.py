@@ -1,6 +1,6 @@
 """The exceptions and warnings jaxem raises, in one place so every module can import them."""
 
-__all__ = ["ConvergenceWarning", "ModelError", "NumericalWarning"]
+__all__ = ["ConvergenceWarning", "ModelError", "NumericalWarning", "a_or_an"]
 
 
 class ModelError(ValueError):
@@ -20,3 +20,8 @@ class NumericalWarning(UserWarning):
     """A result is finite but doubtful: rounding, a regularizer that dominates the data,
     or a density evaluated where it breaks down. The message says which site or parameter.
     """
+
+
+def a_or_an(word: str) -> str:
+    """``word`` with its indefinite article, for messages ("an Exponential")."""
+    return f"{'an' if word[:1] in 'AEIOU' else 'a'} {word}"

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.scipy.special import digamma, gammaln
 
+from jaxem.exceptions import a_or_an
+
 __all__ = [
     "EXPECTED_LOG_DENSITIES",
     "POWER_ARGUMENTS",
@@ -189,9 +191,9 @@ POWER_ARGUMENTS: dict = {
 def supported_pairs() -> str:
     """The conjugate pairs, in words (for messages)."""
     singles = ", ".join(
-        f"{prior.__name__} prior on a {cls.__name__}'s {POWER_ARGUMENTS[(cls, arg)][1]}"
+        f"{prior.__name__} prior on {a_or_an(cls.__name__)}'s {POWER_ARGUMENTS[(cls, arg)][1]}"
         if (cls, arg) in POWER_ARGUMENTS
-        else f"{prior.__name__} prior on a {cls.__name__.removesuffix('Probs')} '{arg}'"
+        else f"{prior.__name__} prior on {a_or_an(cls.__name__.removesuffix('Probs'))} '{arg}'"
         for (cls, arg), (prior, _) in EXPECTED_LOG_DENSITIES.items()
     )
     return (

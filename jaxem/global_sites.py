@@ -17,6 +17,8 @@ seeded trace that gives initial values), NumPyro draws the site from its prior.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from numpyro.primitives import Messenger
 
@@ -63,6 +65,7 @@ class GlobalSiteModel:
         self.model = model
         self.global_sites = tuple(global_sites)
         self._names = frozenset(self.global_sites)
+        functools.update_wrapper(self, model, updated=())  # the model's signature
 
     def __call__(self, *args, **kwargs):
         with _MarkGlobal(None, self._names):

@@ -18,7 +18,7 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions.distribution import validation_enabled
 
-from jaxem.arguments import merge_args, split_args
+from jaxem.arguments import check_model_call, merge_args, split_args
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import check_global_sites, global_site_names
 from jaxem.labels import known_labels_in_trace
@@ -87,6 +87,7 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
             data, initial values outside their constraints) are in
             `jaxem.validation.check_values`.
     """
+    check_model_call(model, args, kwargs)
     # Latent sites take a value of their support instead of a prior draw: the
     # trace is for params and structure, and sampling N labels would be staged
     # into every compiled program that inspects the model.
@@ -149,7 +150,8 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     if not params:  # global sites are params too
         raise ModelError(
             "jaxem: the model has no numpyro.param sites, so there are no parameters to fit. "
-            "Declare each parameter with numpyro.param(name, init_value, constraint=...)."
+            "Declare each parameter with numpyro.param(name, init_value, constraint=...), or "
+            "give it a prior as a numpyro.sample site and name it in global_sites=(...)."
         )
     labelled = [n for n in latent if n in known_labels_in_trace(tr)]
     if labelled:
@@ -189,6 +191,7 @@ def model_structure(model, args, kwargs) -> ModelStructure:
     on the arrays' shapes and dtypes alone, so it is traced once per model and
     signature (``run`` checks its inputs against it on every call).
     """
+    check_model_call(model, args, kwargs)
     arrays, spec = split_args(args, kwargs)
     leaves, treedef = jax.tree.flatten(arrays)
     signature = tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in leaves)

@@ -147,7 +147,8 @@ class LatentModel:
             raise ModelError(
                 "jaxem: the model has no numpyro.param sites, so there are no parameters to "
                 "fit. Declare each parameter with numpyro.param(name, init_value, "
-                "constraint=...)."
+                "constraint=...), or give it a prior as a numpyro.sample site and name it "
+                "in global_sites=(...)."
             )
         if not continuous:
             raise ModelError(

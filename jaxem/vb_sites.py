@@ -21,7 +21,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from jaxem.conjugate import core_distribution
-from jaxem.exceptions import ModelError
+from jaxem.exceptions import ModelError, a_or_an
 from jaxem.expected_log import (
     EXPECTED_LOG_DENSITIES,
     POWER_ARGUMENTS,
@@ -253,7 +253,10 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                         )
                         continue
                 entry = EXPECTED_LOG_DENSITIES.get((type(core), arg))
-                pair = f"a {families[source].__name__} prior on a {type(core).__name__} '{arg}'"
+                pair = (
+                    f"{a_or_an(families[source].__name__)} prior on "
+                    f"{a_or_an(type(core).__name__)} '{arg}'"
+                )
                 if entry is None or entry[0] is not families[source]:
                     raise ModelError(unsupported(source, pair + f" (site '{shown}')"))
                 power = POWER_ARGUMENTS.get((type(core), arg))
@@ -306,7 +309,7 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                 raise ModelError(
                     unsupported(
                         source,
-                        f"a {families[source].__name__} prior, read by site '{shown}' "
+                        f"{a_or_an(families[source].__name__)} prior, read by site '{shown}' "
                         f"({type(trace.sites[site_name].fn).__name__}) in a way it cannot "
                         "take the expectation of",
                     )

@@ -33,11 +33,11 @@ import numpy as np
 from numpyro import handlers
 from numpyro.distributions.kl import kl_divergence
 
-from jaxem.arguments import merge_args, split_args
+from jaxem.arguments import check_model_call, merge_args, split_args
 from jaxem.built import built_model
 from jaxem.conjugate import core_distribution
 from jaxem.estep import contract_factors, e_step, latent_posteriors
-from jaxem.exceptions import ConvergenceWarning, ModelError
+from jaxem.exceptions import ConvergenceWarning, ModelError, a_or_an
 from jaxem.expected_log import PRIOR_FAMILIES
 from jaxem.global_sites import check_global_sites, with_global_sites
 from jaxem.inspection import model_structure
@@ -193,6 +193,7 @@ class VariationalBayesEM:
             if msg["name"] in self.global_sites:
                 check_proper(msg["name"], core_distribution(msg["fn"]))
 
+        check_model_call(self.model, args, kwargs)
         checked = handlers.substitute(self.model.model, substitute_fn=refuse_improper)
         seeded = handlers.trace(handlers.seed(checked, rng_key)).get_trace(*args, **kwargs)
         check_global_sites(self.global_sites, seeded)
@@ -215,7 +216,7 @@ class VariationalBayesEM:
         for name in self.global_sites:
             prior = core_distribution(trace.sites[name].fn)
             if name not in paired and type(prior) not in PRIOR_FAMILIES:
-                raise ModelError(unsupported(name, f"a {type(prior).__name__} prior"))
+                raise ModelError(unsupported(name, f"{a_or_an(type(prior).__name__)} prior"))
             families[name] = type(prior)
         singles = [n for n in self.global_sites if n not in paired]
         readers = find_readers(self.model, singles, trace, values, args, kwargs, nesting, families)

@@ -144,7 +144,10 @@ def test_data_shape_disagrees_with_plate(entry, x32):
 
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_model_without_params(entry, x32):
-    with pytest.raises(ValueError, match=r"(?i)\b(no|zero|any|without)\b.*param"):
+    # The fix names both ways to declare a parameter.
+    with pytest.raises(
+        ValueError, match=r"(?i)\b(no|zero|any|without)\b.*param.*numpyro.param.*global_sites="
+    ):
         _call(entry, EM(no_param_model), _data())
 
 
@@ -171,3 +174,41 @@ def test_callable_init_params(entry, x32):
         ValueError, match=r"(?s)init_params\['loc'\] is a callable.*numpyro\.param\('loc'"
     ):
         _call(entry, EM(good_model), _data(), init_params={"loc": init_fn})
+
+
+def vb_poisson_mixture(x):
+    w = numpyro.sample("w", dist.Dirichlet(jnp.ones(2)))
+    with numpyro.plate("components", 2):
+        lam = numpyro.sample("lam", dist.Gamma(2.0, 1.0))
+    with numpyro.plate("rows", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("counts", dist.Poisson(lam[z]), obs=x)
+
+
+@pytest.mark.parametrize(
+    "call, unknown",
+    [
+        # An option of another fitter: VariationalBayesEM.run has no restarts.
+        (
+            lambda x: jaxem.VariationalBayesEM(vb_poisson_mixture, global_sites=("w", "lam")).run(
+                KEY, x, num_restarts=3
+            ),
+            "num_restarts",
+        ),
+        # A misspelt option, with global sites (the wrapped model keeps its signature).
+        (
+            lambda x: EM(vb_poisson_mixture, global_sites=("w", "lam")).run(KEY, x, max_iters=3),
+            "max_iters",
+        ),
+        (lambda x: EM(good_model).init(KEY, x, tol=1e-3), "tol"),
+    ],
+    ids=["vbem-num_restarts", "map-em-max_iters", "em-init-tol"],
+)
+def test_a_keyword_the_model_does_not_take_is_named(call, unknown, x32):
+    """Keywords a fitter does not know go to the model; one it cannot take is a jaxem
+    error naming it and the model's arguments, not a TypeError from inside the model."""
+    x = jnp.asarray([0.0, 1.0, 3.0, 4.0, 2.0, 5.0])
+    with pytest.raises(
+        TypeError, match=rf"jaxem: .*takes no argument '{unknown}' \(its arguments: "
+    ):
+        call(x)

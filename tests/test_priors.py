@@ -430,30 +430,6 @@ def test_a_wishart_prior_on_a_precision_or_covariance_is_closed_form(x64, model,
     _check_against_scipy(model, names, result, constraints_, x)
 
 
-@pytest.mark.slow  # a full fit and a scipy maximization (about 15 s)
-def test_a_prior_on_a_normal_variance_through_sqrt_takes_gradient_steps(x64):
-    """An InverseGamma prior on a variance that reaches the Normal's scale as
-    jnp.sqrt(var) is not a selection of the site: no closed form, gradient steps on
-    Q + log prior, and still the MAP."""
-
-    def model(x):
-        w = numpyro.sample("w", dist.Dirichlet(2.0 * jnp.ones(2)))
-        var = numpyro.sample("var", dist.InverseGamma(3.0, 2.0))
-        mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
-        with numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", dist.Categorical(w))
-            numpyro.sample("x", dist.Normal(mu[z], jnp.sqrt(var)), obs=x)
-
-    x = _mixture_data()
-    em = EM(model, global_sites=("w", "var"))
-    paths = em.m_step_paths(x)
-    assert paths["var"].startswith("gradient"), paths
-    result = em.run(jax.random.PRNGKey(0), x, max_iter=1000, tol=1e-12)
-    assert bool(result.converged)
-    constraints_ = {"w": constraints.simplex, "mu": constraints.real, "var": constraints.positive}
-    _check_against_scipy(model, ("w", "var"), result, constraints_, x)
-
-
 @pytest.mark.parametrize(
     "prior, argument",
     [

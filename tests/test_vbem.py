@@ -279,8 +279,12 @@ def test_unsupported_prior_names_site_and_pairs(x64):
             z = numpyro.sample("z", dist.Categorical(w))
             numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
 
-    with pytest.raises(ModelError, match=r"'lam' has a LogNormal prior.*Gamma prior on a Poisson"):
+    with pytest.raises(
+        ModelError, match=r"'lam' has a LogNormal prior.*Gamma prior on a Poisson"
+    ) as err:
         VariationalBayesEM(model, global_sites=("w", "lam")).run(jax.random.PRNGKey(0), _counts())
+    # Each pair in words, with its article.
+    assert "Gamma prior on an Exponential 'rate'" in str(err.value)
 
 
 def test_prior_not_conjugate_to_its_likelihood(x64):
