@@ -232,7 +232,7 @@ class VariationalBayesEM:
         # handlers.scale) reading a global site would be fitted as if unweighted.
         scaled = [
             user_site_name(n)
-            for n in readers
+            for n in (*readers, *nw_readers)
             if seeded.get(user_site_name(n), {}).get("scale") is not None
         ]
         if scaled or trace.weights is not None:

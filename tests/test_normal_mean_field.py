@@ -224,3 +224,21 @@ def test_variance_prior_wrong_spelling_names_supported_ones(x64):
         VariationalBayesEM(model, global_sites=("v",)).run(
             jax.random.PRNGKey(0), jnp.asarray(_data())
         )
+
+
+@pytest.mark.parametrize("pair", ["mean_field", "normal_gamma"])
+def test_scaled_site_reading_a_pair_is_an_error(pair, x64):
+    """The expected factors are written unscaled: a scaled site reading a (mean,
+    precision) pair would be fitted as if unweighted (it was, silently)."""
+
+    def model(x):
+        tau = numpyro.sample("tau", dist.Gamma(A0, B0))
+        mean_scale = 1 / jnp.sqrt(0.5 * tau) if pair == "normal_gamma" else S0
+        mu = numpyro.sample("mu", dist.Normal(M0, mean_scale))
+        with numpyro.plate("data", x.shape[0]), numpyro.handlers.scale(scale=3.0):
+            numpyro.sample("x", dist.Normal(mu, 1 / jnp.sqrt(tau)), obs=x)
+
+    with pytest.raises(ModelError, match=r"does not support scaled sites.*site 'x'"):
+        VariationalBayesEM(model, global_sites=("mu", "tau")).run(
+            jax.random.PRNGKey(0), jnp.asarray(_data())
+        )
