@@ -133,7 +133,9 @@ class VariationalBayesEM:
     Categorical's ``probs``, a Beta prior on a Bernoulli's ``probs``, a Gamma
     prior on a Poisson's or an Exponential's ``rate``, a Normal prior on a
     Normal's ``loc`` (its scale known), a Gamma prior on a Normal's precision
-    ``tau`` (scale ``1 / jnp.sqrt(tau[z])``, its loc known), the Normal-Gamma
+    ``tau`` (scale ``1 / jnp.sqrt(tau[z])``, its loc known) or an InverseGamma
+    prior on its variance ``v`` (scale ``jnp.sqrt(v[z])``), independent priors on
+    both (mean field q(mu) q(tau); see `jaxem.normal_mean_field`), the Normal-Gamma
     pair of a Normal's ``loc`` and precision (``mu ~ Normal(m0, 1 / jnp.sqrt(beta0
     * tau))``; see `jaxem.normal_gamma`), and the Normal-Wishart pair of a
     MultivariateNormal's ``loc`` and ``precision_matrix`` (``Lam ~ Wishart``,
