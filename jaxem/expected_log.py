@@ -6,8 +6,8 @@ Dirichlet, ``(log lam, lam)`` for a Gamma, ...). Two registries:
 
 * :data:`PRIOR_FAMILIES`: per prior class, the moments ``E_q[T(theta)]`` of q,
   its natural parameters (the coefficients of T in ``log q``) and back;
-* :data:`EXPECTED_LOG_DENSITIES`: per (likelihood class, argument), the
-  expected log-density ``E_q[log p(x | theta)]`` of a site whose argument is a
+* :data:`EXPECTED_LOG_DENSITIES`: per (likelihood class, argument, prior
+  class), the expected log-density ``E_q[log p(x | theta)]`` of a site whose argument is a
   selection of theta (``w[z]``, ``lam[z]``), written from the moments selected
   the same way. It is linear in the moments, so its gradient with respect to
   them is the expected sufficient statistics, and the optimal q(theta) has
@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.scipy.special import digamma, gammaln
+from numpyro.distributions.kl import kl_divergence
 
 from jaxem.exceptions import a_or_an
 
@@ -33,6 +34,8 @@ __all__ = [
     "EXPECTED_LOG_DENSITIES",
     "POWER_ARGUMENTS",
     "categorical_expected_log_density",
+    "conjugate_update",
+    "normal_expected_log_density",
     "PRIOR_FAMILIES",
     "PriorFamily",
     "supported_pairs",
@@ -50,6 +53,9 @@ class PriorFamily(NamedTuple):
         natural: ``params -> natural parameters`` (coefficients of T in log q).
         from_natural: the inverse of ``natural``.
         proper: ``params -> bool array``: where the density is proper.
+        kl: ``(params of q, params of the prior) -> KL(q || prior)``, elementwise.
+        point: ``params -> a point in the support`` (the mean, or where the mean
+            may be infinite the mode).
     """
 
     params: Callable
@@ -58,6 +64,8 @@ class PriorFamily(NamedTuple):
     natural: Callable
     from_natural: Callable
     proper: Callable
+    kl: Callable
+    point: Callable
 
 
 def _dirichlet_moments(params):
@@ -81,6 +89,20 @@ def _normal_moments(params):
     return m, m**2 + s**2
 
 
+def _inverse_gamma_moments(params):
+    # T(v) = (log v, 1 / v): 1 / v is Gamma(a, b).
+    a, b = params
+    return jnp.log(b) - digamma(a), a / b
+
+
+def _kl_of(make):
+    return lambda q, prior: kl_divergence(make(q), make(prior))
+
+
+def _mean_of(make):
+    return lambda q: make(q).mean
+
+
 def _normal_from_natural(eta):
     var = -0.5 / eta[1]
     return eta[0] * var, jnp.sqrt(var)
@@ -94,6 +116,8 @@ PRIOR_FAMILIES: dict = {
         natural=lambda p: (p[0] - 1.0,),
         from_natural=lambda eta: (eta[0] + 1.0,),
         proper=lambda p: p[0] > 0,
+        kl=_kl_of(lambda p: dist.Dirichlet(p[0])),
+        point=_mean_of(lambda p: dist.Dirichlet(p[0])),
     ),
     dist.Gamma: PriorFamily(
         params=lambda d: (d.concentration, d.rate),
@@ -102,6 +126,8 @@ PRIOR_FAMILIES: dict = {
         natural=lambda p: (p[0] - 1.0, -p[1]),
         from_natural=lambda eta: (eta[0] + 1.0, -eta[1]),
         proper=lambda p: (p[0] > 0) & (p[1] > 0),
+        kl=_kl_of(lambda p: dist.Gamma(*p)),
+        point=_mean_of(lambda p: dist.Gamma(*p)),
     ),
     dist.Beta: PriorFamily(
         params=lambda d: (d.concentration1, d.concentration0),
@@ -110,6 +136,8 @@ PRIOR_FAMILIES: dict = {
         natural=lambda p: (p[0] - 1.0, p[1] - 1.0),
         from_natural=lambda eta: (eta[0] + 1.0, eta[1] + 1.0),
         proper=lambda p: (p[0] > 0) & (p[1] > 0),
+        kl=_kl_of(lambda p: dist.Beta(*p)),
+        point=_mean_of(lambda p: dist.Beta(*p)),
     ),
     dist.Normal: PriorFamily(
         params=lambda d: (d.loc, d.scale),
@@ -118,8 +146,29 @@ PRIOR_FAMILIES: dict = {
         natural=lambda p: (p[0] / p[1] ** 2, -0.5 / p[1] ** 2),
         from_natural=_normal_from_natural,
         proper=lambda p: (p[1] > 0) & jnp.isfinite(p[1]),
+        kl=_kl_of(lambda p: dist.Normal(*p)),
+        point=_mean_of(lambda p: dist.Normal(*p)),
+    ),
+    # On a Normal's variance. log q(v) = -(a + 1) log v - b / v + const; the KL is
+    # that of the Gammas of 1 / v (NumPyro registers none for InverseGamma), and the
+    # point the mode (the mean is infinite for a <= 1).
+    dist.InverseGamma: PriorFamily(
+        params=lambda d: (d.concentration, d.rate),
+        make=lambda p: dist.InverseGamma(*p),
+        moments=_inverse_gamma_moments,
+        natural=lambda p: (-p[0] - 1.0, -p[1]),
+        from_natural=lambda eta: (-eta[0] - 1.0, -eta[1]),
+        proper=lambda p: (p[0] > 0) & (p[1] > 0),
+        kl=_kl_of(lambda p: dist.Gamma(*p)),
+        point=lambda p: p[1] / (p[0] + 1.0),
     ),
 }
+
+
+def conjugate_update(family, prior, stats):
+    """q(theta) in ``family`` whose natural parameters are the prior's plus the
+    expected sufficient statistics ``stats`` (the VB-M-step of one site)."""
+    return family.from_natural(tuple(p + s for p, s in zip(family.natural(prior), stats)))
 
 
 # -- expected log-densities: (args, value, moments selected like the argument) ----
@@ -159,31 +208,49 @@ def _normal_loc(args, value, moments):
     return -0.5 * square / scale**2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
 
 
+def normal_expected_log_density(square, scale_prior, moments):
+    """``E_q[log N(x | mu, sigma)]`` from ``square = E_q[(x - mu)^2]`` and the
+    moments of the prior on the scale: a Gamma on the precision ``(E log tau,
+    E tau)`` or an InverseGamma on the variance ``(E log v, E[1 / v])``."""
+    e_log, e_precision = moments
+    e_log_precision = e_log if scale_prior is dist.Gamma else -e_log
+    return 0.5 * e_log_precision - 0.5 * jnp.log(2 * jnp.pi) - 0.5 * e_precision * square
+
+
 def _normal_precision(args, value, moments):
     # The scale is tau ** -1/2 (`jaxem.vb_powers`): the moments are tau's, selected.
-    log_tau, tau = moments
-    square = (value - args["loc"]) ** 2
-    return 0.5 * log_tau - 0.5 * jnp.log(2 * jnp.pi) - 0.5 * tau * square
+    return normal_expected_log_density((value - args["loc"]) ** 2, dist.Gamma, moments)
 
 
-# {(likelihood class, argument): (prior class, expected log-density)}
+def _normal_variance(args, value, moments):
+    # The scale is v ** 1/2: the moments are v's, selected.
+    return normal_expected_log_density((value - args["loc"]) ** 2, dist.InverseGamma, moments)
+
+
+# {(likelihood class, argument, prior class): expected log-density}
 EXPECTED_LOG_DENSITIES: dict = {
-    (dist.CategoricalProbs, "probs"): (dist.Dirichlet, _categorical),
-    (dist.BernoulliProbs, "probs"): (dist.Beta, _bernoulli),
-    (dist.Poisson, "rate"): (dist.Gamma, _poisson),
-    (dist.Exponential, "rate"): (dist.Gamma, _exponential),
-    (dist.Normal, "loc"): (dist.Normal, _normal_loc),
-    # Read through a power, not a selection: scale = 1 / sqrt(tau[z]) (`jaxem.vb_powers`).
-    (dist.Normal, "scale"): (dist.Gamma, _normal_precision),
+    (dist.CategoricalProbs, "probs", dist.Dirichlet): _categorical,
+    (dist.BernoulliProbs, "probs", dist.Beta): _bernoulli,
+    (dist.Poisson, "rate", dist.Gamma): _poisson,
+    (dist.Exponential, "rate", dist.Gamma): _exponential,
+    (dist.Normal, "loc", dist.Normal): _normal_loc,
+    # Read through a power, not a selection: scale = 1 / sqrt(tau[z]), sqrt(v[z])
+    # (`jaxem.vb_powers`).
+    (dist.Normal, "scale", dist.Gamma): _normal_precision,
+    (dist.Normal, "scale", dist.InverseGamma): _normal_variance,
 }
 
-# {(likelihood class, argument): (power, the supported spellings)}: the arguments a
-# prior reads through a power of a selection, not a selection.
+# {(likelihood class, argument, prior class): (power, the supported spellings)}: the
+# arguments a prior reads through a power of a selection, not a selection.
 POWER_ARGUMENTS: dict = {
-    (dist.Normal, "scale"): (
+    (dist.Normal, "scale", dist.Gamma): (
         -0.5,
         "the precision tau, scale=1 / jnp.sqrt(tau[z]), tau[z] ** -0.5 or "
         "jax.lax.rsqrt(tau[z]) (tau the site or an indexing of it)",
+    ),
+    (dist.Normal, "scale", dist.InverseGamma): (
+        0.5,
+        "the variance v, scale=jnp.sqrt(v[z]) or v[z] ** 0.5 (v the site or an indexing of it)",
     ),
 }
 
@@ -191,15 +258,19 @@ POWER_ARGUMENTS: dict = {
 def supported_pairs() -> str:
     """The conjugate pairs, in words (for messages)."""
     singles = ", ".join(
-        f"{prior.__name__} prior on {a_or_an(cls.__name__)}'s {POWER_ARGUMENTS[(cls, arg)][1]}"
-        if (cls, arg) in POWER_ARGUMENTS
+        f"{prior.__name__} prior on {a_or_an(cls.__name__)}'s "
+        f"{POWER_ARGUMENTS[(cls, arg, prior)][1]}"
+        if (cls, arg, prior) in POWER_ARGUMENTS
         else f"{prior.__name__} prior on {a_or_an(cls.__name__.removesuffix('Probs'))} '{arg}'"
-        for (cls, arg), (prior, _) in EXPECTED_LOG_DENSITIES.items()
+        for cls, arg, prior in EXPECTED_LOG_DENSITIES
     )
     return (
         singles + ", Beta prior on the sticks of a Categorical's stick-breaking 'probs' "
         "(truncated Dirichlet process: w_k = v_k prod_{j<k} (1 - v_j), w_K = "
-        "prod_{j<K} (1 - v_j)), Normal-Gamma prior on a Normal's 'loc' and precision "
+        "prod_{j<K} (1 - v_j)), independent Normal prior on a Normal's 'loc' beside a "
+        "Gamma prior on its precision or an InverseGamma prior on its variance (mean "
+        "field: x ~ Normal(mu[z], 1 / jnp.sqrt(tau[z])) or Normal(mu[z], "
+        "jnp.sqrt(v[z]))), Normal-Gamma prior on a Normal's 'loc' and precision "
         "(tau ~ Gamma, mu ~ Normal(m0, 1 / jnp.sqrt(beta0 * tau)), "
         "x ~ Normal(mu[z], 1 / jnp.sqrt(tau[z]))), "
         "Normal-Wishart prior on a MultivariateNormal's 'loc' and "

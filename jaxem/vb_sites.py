@@ -43,6 +43,8 @@ __all__ = [
     "expected_site_log_prob",
     "find_readers",
     "moved_arguments",
+    "prior_params",
+    "read_arguments",
     "site_args_fn",
     "tangent_fn",
     "unsupported",
@@ -117,6 +119,18 @@ def check_proper(name, prior):
             f"'{name}' a proper conjugate prior ({supported_pairs()}), or fit by "
             "EM(model, global_sites=...) (MAP)."
         )
+
+
+def prior_params(trace, name):
+    """The constructor arrays of global site ``name``'s prior, in its
+    `PRIOR_FAMILIES` entry, each broadcast to the site's shape."""
+    site = trace.sites[name]
+    prior = core_distribution(site.fn)
+    shape = jnp.shape(site.value)
+    return tuple(
+        jnp.broadcast_to(jnp.asarray(p, jnp.result_type(float)), shape)
+        for p in PRIOR_FAMILIES[type(prior)].params(prior)
+    )
 
 
 def unsupported(name, what):
@@ -194,27 +208,27 @@ def check_pair_factors(model, groups, names, values, direction, args, kwargs, ne
                     )
 
 
-def find_readers(model, names, trace, values, args, kwargs, nesting, families) -> dict:
+def read_arguments(model, names, trace, values, args, kwargs, nesting, families) -> dict:
     """Which distribution argument of which site each global site in ``names``
-    reaches, found by a JVP in a random direction; the argument must be a
-    selection of it. ``values`` holds every global site (``names`` may leave out
-    the Normal-Wishart pairs, found by `jaxem.normal_wishart`)."""
-    names = list(names)
-    rng = np.random.default_rng(0)
-    tangents = {
-        n: jnp.asarray(rng.normal(size=jnp.shape(values[n])), jnp.result_type(values[n]))
-        for n in values
-    }
+    reaches, found by a JVP in a random direction, each read checked: a selection
+    of the global site, or its power (`jaxem.vb_powers`), or stick-breaking
+    weights. ``values`` holds every global site (``names`` may leave out the
+    jointly conjugate pairs).
 
+    Returns:
+        ``{site: [Reader, ...]}``, one Reader per global site the site reads (in
+        the order of ``names``).
+    """
+    names = list(names)
+    tangents = _tangents(values)
     site_args = site_args_fn(model, args, kwargs, nesting)
-    readers = {}
+    reads: dict = {}
     site_args_jvp, site_args_fast = tangent_fn(site_args), compiled(site_args)
     at_values = None
     powers = PowerReads(site_args, values)
     for source in names:
-        direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in values}
-        moved = site_args_jvp(values, direction)
-        linear = site_args_fast(direction)
+        moved = site_args_jvp(values, _direction(tangents, values, source))
+        linear = site_args_fast(_direction(tangents, values, source))
         for site_name, arguments in moved.items():
             shown = user_site_name(site_name)  # as the user wrote it (a scan step)
             for arg, change in arguments.items():
@@ -229,15 +243,7 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                     )
                 site = trace.sites[site_name]
                 core = core_of(site.fn)
-                if site_name in readers:
-                    raise ModelError(
-                        f"jaxem: site '{shown}' reads two global sites "
-                        f"('{readers[site_name].source}' and '{source}'): "
-                        "VariationalBayesEM supports one global site per distribution, "
-                        "besides the conjugate pairs (for a Normal's mean and precision, "
-                        "mu ~ dist.Normal(m0, 1 / jnp.sqrt(beta0 * tau))). "
-                        "Fit by EM(model, global_sites=...) (MAP)."
-                    )
+                found = reads.setdefault(site_name, [])
                 if (
                     families[source] is dist.Beta
                     and isinstance(core, dist.CategoricalProbs)
@@ -248,30 +254,30 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                     if is_stick_breaking(
                         at_values[site_name][arg], values[source], change, tangents[source]
                     ):
-                        readers[site_name] = Reader(
-                            source, arg, stick_breaking_expected, selected=False
-                        )
+                        found.append(Reader(source, arg, stick_breaking_expected, selected=False))
                         continue
-                entry = EXPECTED_LOG_DENSITIES.get((type(core), arg))
+                key = (type(core), arg, families[source])
+                expected = EXPECTED_LOG_DENSITIES.get(key)
                 pair = (
                     f"{a_or_an(families[source].__name__)} prior on "
                     f"{a_or_an(type(core).__name__)} '{arg}'"
                 )
-                if entry is None or entry[0] is not families[source]:
+                if expected is None:
                     raise ModelError(unsupported(source, pair + f" (site '{shown}')"))
-                power = POWER_ARGUMENTS.get((type(core), arg))
+                power = POWER_ARGUMENTS.get(key)
                 if power is not None:
-                    # Read through a power (1 / sqrt(tau[z])), verified exactly.
+                    # Read through a power (1 / sqrt(tau[z]), sqrt(v[z])), verified exactly.
                     if powers.power(site_name, arg, source) != power[0]:
                         raise ModelError(
-                            f"jaxem: global site '{source}' has a "
-                            f"{families[source].__name__} prior and reaches the '{arg}' of "
+                            f"jaxem: global site '{source}' has "
+                            f"{a_or_an(families[source].__name__)} prior and reaches the "
+                            f"'{arg}' of "
                             f"site '{shown}' ({type(core).__name__}) in a spelling "
                             "VariationalBayesEM cannot take in closed form. Supported: "
                             f"{power[1]}. For a MAP fit of any prior use "
                             "EM(model, global_sites=...)."
                         )
-                    readers[site_name] = Reader(source, arg, entry[1], power=power[0])
+                    found.append(Reader(source, arg, expected, power=power[0]))
                     continue
                 # A selection (indexing, broadcasting) of the global site maps a
                 # direction to its own entries, and linearly: E log(2 lam) is not
@@ -289,7 +295,43 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
                             "indexing of it)",
                         )
                     )
-                readers[site_name] = Reader(source, arg, entry[1])
+                found.append(Reader(source, arg, expected))
+    return {s: found for s, found in reads.items() if found}
+
+
+def _tangents(values):
+    rng = np.random.default_rng(0)
+    return {
+        n: jnp.asarray(rng.normal(size=jnp.shape(values[n])), jnp.result_type(values[n]))
+        for n in values
+    }
+
+
+def _direction(tangents, values, source):
+    return {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in values}
+
+
+def find_readers(model, names, trace, values, args, kwargs, nesting, families) -> dict:
+    """``{site: Reader}``: the one global site in ``names`` each site reads
+    (`read_arguments`), every factor that moves with one of them checked to be
+    taken in expectation."""
+    names = list(names)
+    readers = {}
+    for site_name, found in read_arguments(
+        model, names, trace, values, args, kwargs, nesting, families
+    ).items():
+        if len(found) > 1:
+            raise ModelError(
+                f"jaxem: site '{user_site_name(site_name)}' reads two global sites "
+                f"('{found[0].source}' and '{found[1].source}'): "
+                "VariationalBayesEM supports one global site per distribution, "
+                "besides the conjugate pairs (for a Normal's mean and precision, "
+                "mu ~ dist.Normal(m0, 1 / jnp.sqrt(beta0 * tau)), or independent priors "
+                "mu ~ dist.Normal(m0, s0), tau ~ dist.Gamma(a0, b0) with "
+                "x ~ dist.Normal(mu[z], 1 / jnp.sqrt(tau[z]))). "
+                "Fit by EM(model, global_sites=...) (MAP)."
+            )
+        readers[site_name] = found[0]
 
     # Every factor that moves with a global site must be one taken in expectation:
     # a site read through anything not recorded above would otherwise keep its
@@ -299,9 +341,9 @@ def find_readers(model, names, trace, values, args, kwargs, nesting, families) -
         return {s: site.log_prob for s, site in tr.sites.items() if s not in values}
 
     log_probs_jvp = tangent_fn(site_log_probs)
+    tangents = _tangents(values)
     for source in names:
-        direction = {n: (tangents[n] if n == source else jnp.zeros_like(values[n])) for n in values}
-        moved = log_probs_jvp(values, direction)
+        moved = log_probs_jvp(values, _direction(tangents, values, source))
         for site_name, change in moved.items():
             shown = user_site_name(site_name)  # as the user wrote it (a scan step)
             reader = readers.get(site_name)

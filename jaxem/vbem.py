@@ -31,26 +31,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
-from numpyro.distributions.kl import kl_divergence
 
 from jaxem.arguments import check_model_call, merge_args, split_args
 from jaxem.built import built_model
 from jaxem.conjugate import core_distribution
 from jaxem.estep import contract_factors, e_step, latent_posteriors
 from jaxem.exceptions import ConvergenceWarning, ModelError, a_or_an
-from jaxem.expected_log import PRIOR_FAMILIES
+from jaxem.expected_log import PRIOR_FAMILIES, conjugate_update
 from jaxem.global_sites import check_global_sites, with_global_sites
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
 from jaxem.numpyro_internals import user_site_name
-from jaxem.vb_pairs import PAIRS, find_pairs
+from jaxem.vb_pairs import PAIRS, find_pairs, update_pairs
 from jaxem.vb_powers import select_moments
 from jaxem.vb_sites import (
     check_proper,
     core_args,
     expected_site_log_prob,
     find_readers,
+    prior_params,
     unsupported,
 )
 
@@ -133,7 +133,9 @@ class VariationalBayesEM:
     Categorical's ``probs``, a Beta prior on a Bernoulli's ``probs``, a Gamma
     prior on a Poisson's or an Exponential's ``rate``, a Normal prior on a
     Normal's ``loc`` (its scale known), a Gamma prior on a Normal's precision
-    ``tau`` (scale ``1 / jnp.sqrt(tau[z])``, its loc known), the Normal-Gamma
+    ``tau`` (scale ``1 / jnp.sqrt(tau[z])``, its loc known) or an InverseGamma
+    prior on its variance ``v`` (scale ``jnp.sqrt(v[z])``), independent priors on
+    both (mean field q(mu) q(tau); see `jaxem.normal_mean_field`), the Normal-Gamma
     pair of a Normal's ``loc`` and precision (``mu ~ Normal(m0, 1 / jnp.sqrt(beta0
     * tau))``; see `jaxem.normal_gamma`), and the Normal-Wishart pair of a
     MultivariateNormal's ``loc`` and ``precision_matrix`` (``Lam ~ Wishart``,
@@ -233,7 +235,7 @@ class VariationalBayesEM:
         # handlers.scale) reading a global site would be fitted as if unweighted.
         scaled = [
             user_site_name(n)
-            for n in readers
+            for n in (*readers, *nw_readers)
             if seeded.get(user_site_name(n), {}).get("scale") is not None
         ]
         if scaled or trace.weights is not None:
@@ -336,7 +338,7 @@ class VariationalBayesEM:
         return out
 
     def _point(self, q, plan):
-        out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]).mean for n in self._singles(plan)}
+        out = {n: PRIOR_FAMILIES[plan.families[n]].point(q[n]) for n in self._singles(plan)}
         for g in plan.groups.values():
             out[g.precision], out[g.mean] = PAIRS[type(g)].point(q[g.precision], q[g.mean])
         return out
@@ -347,39 +349,40 @@ class VariationalBayesEM:
             out[g.precision], out[g.mean] = PAIRS[type(g)].make(q[g.precision], q[g.mean])
         return {n: out[n] for n in self.global_sites}
 
-    def _new_q(self, priors, stats, plan):
-        """The VB-M-step: natural parameters the prior's plus the statistics."""
-        q = {}
-        for name in self._singles(plan):
-            family = PRIOR_FAMILIES[plan.families[name]]
-            eta = tuple(p + s for p, s in zip(family.natural(priors[name]), stats[name]))
-            q[name] = family.from_natural(eta)
-        for g in plan.groups.values():
-            q[g.precision], q[g.mean] = PAIRS[type(g)].update(
-                priors[g.precision], priors[g.mean], stats[g.precision], stats[g.mean]
-            )
-        return q
+    def _new_q(self, priors, stats, plan, restat):
+        """The VB-M-step: natural parameters the prior's plus the statistics
+        (``restat``: see `jaxem.vb_pairs.update_pairs`)."""
+        q = {
+            name: conjugate_update(PRIOR_FAMILIES[plan.families[name]], priors[name], stats[name])
+            for name in self._singles(plan)
+        }
+        return {**q, **update_pairs(plan.groups, priors, stats, restat)}
+
+    def _stats_at(self, marginals, moments, point, arrays, spec, plan):
+        """``{site: moments} -> d E_q[log p] / dM`` with q(z)'s factor marginals
+        held, at ``moments`` with those sites' replaced: the expected factors are
+        linear in each site's moments, so this is the expected sufficient
+        statistics for a VB-M-step at any q(theta)."""
+
+        def expected(moments):
+            _, factors = self._factors(moments, point, arrays, spec, plan)
+            return sum(jnp.sum(marginals[n] * f) for n, f in factors.items())
+
+        return lambda replaced: jax.grad(expected)({**moments, **replaced})
 
     def _priors(self, trace, plan):
         priors = {}
         for g in plan.groups.values():
             priors[g.precision], priors[g.mean] = PAIRS[type(g)].priors(trace, g)
         for name in self._singles(plan):
-            site = trace.sites[name]
-            prior = core_distribution(site.fn)
-            family = PRIOR_FAMILIES[plan.families[name]]
-            shape = jnp.shape(site.value)
-            priors[name] = tuple(
-                jnp.broadcast_to(jnp.asarray(p, jnp.result_type(float)), shape)
-                for p in family.params(prior)
-            )
+            priors[name] = prior_params(trace, name)
         return priors
 
     def _kl(self, q, priors, plan):
         total = 0.0
         for name in self._singles(plan):
             family = PRIOR_FAMILIES[plan.families[name]]
-            total = total + jnp.sum(kl_divergence(family.make(q[name]), family.make(priors[name])))
+            total = total + jnp.sum(family.kl(q[name], priors[name]))
         for g in plan.groups.values():
             total = total + PAIRS[type(g)].kl(
                 q[g.precision], q[g.mean], priors[g.precision], priors[g.mean]
@@ -390,7 +393,9 @@ class VariationalBayesEM:
         value, stats, marginals, factors, trace = self._e_step(q, arrays, spec, plan)
         priors = self._priors(trace, plan)
         elbo = value - self._kl(q, priors, plan)
-        new_q = self._new_q(priors, stats, plan)
+        moments, point = self._moments(q, plan), self._point(q, plan)
+        restat = self._stats_at(marginals, moments, point, arrays, spec, plan)
+        new_q = self._new_q(priors, stats, plan, restat)
         return elbo, new_q, (value, marginals, factors)
 
     def _step(self, rng_key, state, arrays, spec):
@@ -411,13 +416,8 @@ class VariationalBayesEM:
         # the latents' posterior at the point, is the expected sufficient statistics
         # wherever it is taken (here at the priors' moments).
         moments = self._moments(priors, plan)
-
-        def expected(moments):
-            _, factors = self._factors(moments, point, arrays, spec, plan)
-            return sum(jnp.sum(result.marginals[n] * f) for n, f in factors.items())
-
-        stats = jax.grad(expected)(moments)
-        return VBState(self._new_q(priors, stats, plan), jnp.zeros((), jnp.int32))
+        stats_at = self._stats_at(result.marginals, moments, point, arrays, spec, plan)
+        return VBState(self._new_q(priors, stats_at({}), plan, stats_at), jnp.zeros((), jnp.int32))
 
     # -- public API -----------------------------------------------------------------
 

@@ -252,21 +252,3 @@ def test_normal_gamma_unsupported_spelling_names_site(kind, match, x64):
         VariationalBayesEM(_ng_variant(kind), global_sites=("tau", "mu")).run(
             jax.random.PRNGKey(0), jnp.asarray(_data())
         )
-
-
-def test_independent_mean_prior_points_to_the_pair(x64):
-    """An independent Normal prior on the mean beside a Gamma on the precision is
-    mean field over (mu, tau), not in closed form: the message shows the pair."""
-
-    def model(x, K=2):
-        tau = numpyro.sample("tau", dist.Gamma(A0, B0).expand([K]).to_event(1))
-        mu = numpyro.sample("mu", dist.Normal(M0, 2.0).expand([K]).to_event(1))
-        with numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", dist.Categorical(jnp.ones(K) / K))
-            numpyro.sample("x", dist.Normal(mu[z], 1 / jnp.sqrt(tau[z])), obs=x)
-
-    match = r"site 'x' reads two global sites.*Normal\(m0, 1 / jnp.sqrt\(beta0 \* tau\)\)"
-    with pytest.raises(ModelError, match=match):
-        VariationalBayesEM(model, global_sites=("tau", "mu")).run(
-            jax.random.PRNGKey(0), jnp.asarray(_data())
-        )
