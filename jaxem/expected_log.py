@@ -245,12 +245,12 @@ EXPECTED_LOG_DENSITIES: dict = {
 POWER_ARGUMENTS: dict = {
     (dist.Normal, "scale", dist.Gamma): (
         -0.5,
-        "the precision tau, scale=1 / jnp.sqrt(tau[z]), tau[z] ** -0.5 or "
-        "jax.lax.rsqrt(tau[z]) (tau the site or an indexing of it)",
+        "precision tau (scale=1 / jnp.sqrt(tau[z]), tau[z] ** -0.5 or "
+        "jax.lax.rsqrt(tau[z]), tau the site or an indexing of it)",
     ),
     (dist.Normal, "scale", dist.InverseGamma): (
         0.5,
-        "the variance v, scale=jnp.sqrt(v[z]) or v[z] ** 0.5 (v the site or an indexing of it)",
+        "variance v (scale=jnp.sqrt(v[z]) or v[z] ** 0.5, v the site or an indexing of it)",
     ),
 }
 

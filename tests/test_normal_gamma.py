@@ -101,7 +101,7 @@ def test_unsupported_precision_spelling_names_site_and_spellings(scale, x64):
 
     match = (
         r"global site 'tau' has a Gamma prior and reaches the 'scale' of site 'x' \(Normal\)"
-        r".*Supported: the precision tau, scale=1 / jnp.sqrt\(tau\[z\]\), tau\[z\] \*\* -0.5 "
+        r".*Supported: precision tau \(scale=1 / jnp.sqrt\(tau\[z\]\), tau\[z\] \*\* -0.5 "
         r"or jax.lax.rsqrt\(tau\[z\]\)"
     )
     with pytest.raises(ModelError, match=match):
