@@ -14,6 +14,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.contrib.control_flow import scan
+from numpyro.contrib.funsor import markov
 from scipy.special import digamma, gammaln, logsumexp
 
 from jaxem import VariationalBayesEM
@@ -153,12 +154,14 @@ def _check_against_numpy(vb, x, steps):
     return state, elbos
 
 
+@pytest.mark.xdist_group("vbem_mean_field")  # the fitters of _fitter, compiled once
 def test_mean_field_matches_hand_written_cavi(x64):
     """Each update: q(z1) then q(z2) (e_step_iters sweeps), the ELBO at them and
     q(theta), then q(w1), q(w2), q(lam) from their statistics."""
     _check_against_numpy(_fitter("mean_field"), _counts(), steps=4)
 
 
+@pytest.mark.xdist_group("vbem_mean_field")  # the fitters of _fitter, compiled once
 def test_mean_field_elbo_monotone_and_below_exact(x64):
     """The mean-field ELBO never decreases, and at every q(theta) stays below the
     exact-enumeration ELBO (the best q(z) for it), strictly here: the two causes
@@ -238,3 +241,35 @@ def test_scan_chain_with_mean_field_is_an_error():
     vb = VariationalBayesEM(scan_hmm, global_sites=("trans", "mu"), latents="mean_field")
     with pytest.raises(ModelError, match=r"chain of site 'z'.*latents='exact'.*Python loop"):
         vb.init(jax.random.PRNGKey(0), jnp.array([0.1, -0.3, 2.0, 2.2]))
+
+
+def loop_hmm(x, K=2):
+    trans = numpyro.sample("trans", dist.Dirichlet(jnp.ones((K, K))).to_event(1))
+    with numpyro.plate("states", K):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    z = 0
+    for t in markov(range(x.shape[0])):
+        z = numpyro.sample(f"z_{t}", dist.Categorical(trans[z]))
+        numpyro.sample(f"x_{t}", dist.Normal(mu[z], 1.0), obs=x[t])
+
+
+@pytest.mark.slow
+def test_python_loop_chain_gets_one_factor_per_step(x64):
+    """The alternative the scan error names: a chain written as a Python loop under
+    markov has one latent site per step, so one factor per step; the ELBO never
+    decreases and stays below the exact (forward-backward) one. (Slow: the loop
+    compiles one site per step.)"""
+    x = jnp.array([0.1, -0.3, 2.0, 2.2, 0.0])
+    start = {"trans": jnp.array([[0.7, 0.3], [0.4, 0.6]]), "mu": jnp.array([0.0, 2.0])}
+    mean_field = VariationalBayesEM(loop_hmm, global_sites=("trans", "mu"), latents="mean_field")
+    exact = VariationalBayesEM(loop_hmm, global_sites=("trans", "mu"))
+    state = mean_field.init(jax.random.PRNGKey(0), x, init_params=start)
+    assert sorted(state.q_latents) == [f"z_{t}" for t in range(5)]
+    previous = -np.inf
+    for _ in range(4):
+        new_state, elbo = mean_field.update(state, x)
+        _, exact_elbo = exact.update(state, x)
+        assert previous - 1e-10 * abs(elbo) <= elbo < exact_elbo - 1e-4
+        previous, state = elbo, new_state
+    # Steps near 2 and near 0 lean to different states.
+    assert state.q_latents["z_2"][1] > 0.5 > state.q_latents["z_4"][1]
