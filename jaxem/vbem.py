@@ -500,8 +500,9 @@ class VariationalBayesEM:
     # -- public API -----------------------------------------------------------------
 
     def init(self, rng_key, *args, init_params=None, **kwargs) -> VBState:
-        """Initial state: the latents' posterior at a draw from the priors (or
-        ``init_params``), then q(theta) from it (one VB-M-step)."""
+        """Initial state: the latents' posterior (with mean field, their mean-field
+        q) at a draw from the priors (or ``init_params``), then q(theta) from it
+        (one VB-M-step)."""
         arrays, spec = split_args(args, kwargs)
         self._plan(arrays, spec, rng_key)
         return self._init_jit(rng_key, arrays, spec, init_params)
