@@ -113,15 +113,16 @@ def factor_marginals(q, log_factors, trace):
     )
 
 
-def reject_chains(trace, what):
+def reject_chains(trace, what, exact="jaxem.EM"):
     """A factorized q cannot represent a Markov chain written with ``scan``: its
-    steps are one stacked site, which would get one q for all time steps."""
+    steps are one stacked site, which would get one q for all time steps.
+    ``exact`` names the fit to use instead, whose E-step is exact for chains."""
     chain = find_chain(trace)
     if chain is not None:
         raise ModelError(
             f"jaxem: {what} does not support the Markov chain of site '{chain.name}' written "
-            "with numpyro's scan: a factorized q would give all its time steps one factor. Use "
-            "jaxem.EM, whose E-step is exact for chains (the forward-backward algorithm), or "
+            f"with numpyro's scan: a factorized q would give all its time steps one factor. Use "
+            f"{exact}, whose E-step is exact for chains (the forward-backward algorithm), or "
             "write the chain as a Python loop under numpyro.contrib.funsor.markov (one latent "
             "site per step)."
         )

@@ -19,6 +19,11 @@ One iteration, at q(theta) with moments ``M = E_q[T(theta)]``:
 The ELBO at q(theta), with q(z) optimal for it, is
 ``log Z_q(M) - sum_sites KL(q(theta_s) || p(theta_s))`` (exact); coordinate
 ascent never lowers it.
+
+With ``latents="mean_field"``, q(z) is a product over the latent sites (and
+plate elements) instead, as in `jaxem.VariationalEM`: the VB-E-step is the
+mean-field coordinate ascent of `jaxem.factorized` on the expected factors, the
+ELBO ``E_q[log p] + H(q(z)) - KL`` and the statistics its gradient in ``M``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,13 @@ from jaxem.conjugate import core_distribution
 from jaxem.estep import contract_factors, e_step, latent_posteriors
 from jaxem.exceptions import ConvergenceWarning, ModelError, a_or_an
 from jaxem.expected_log import PRIOR_FAMILIES, conjugate_update
+from jaxem.factorized import (
+    coordinate_ascent,
+    elbo_of,
+    factor_marginals,
+    reject_chains,
+    uniform_q,
+)
 from jaxem.global_sites import check_global_sites, with_global_sites
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
@@ -65,10 +77,14 @@ class VBState(NamedTuple):
             variational posterior (``(concentration,)`` for a Dirichlet,
             ``(concentration, rate)`` for a Gamma, ...), each shaped like the site.
         iteration: number of updates done.
+        q_latents: with ``latents="mean_field"``, ``{latent site: q(z_site)}``
+            (plate shape, then the site's values, as `jaxem.VEMState.q`), the
+            start of the next coordinate ascent; empty with ``"exact"``.
     """
 
     q: dict
     iteration: jax.Array
+    q_latents: dict = {}
 
 
 class VBResult(NamedTuple):
@@ -145,6 +161,15 @@ class VariationalBayesEM:
     Args:
         model: a NumPyro model whose parameters are sample sites with priors.
         global_sites: names of those sample sites.
+        latents: ``"exact"`` (default): q(z) is the exact posterior of the
+            latents given q(theta) (a chain's by forward-backward).
+            ``"mean_field"``: q(z) is a product of one categorical per latent
+            site and plate element, updated by `jaxem.VariationalEM`'s
+            mean-field coordinate ascent (cheaper where exact enumeration of
+            coupled latents is not; a ``scan`` chain is an error, as there).
+        e_step_iters: with ``"mean_field"``, coordinate-ascent sweeps over the
+            latents per iteration, as in `jaxem.VariationalEM` (one when no two
+            latents share a factor, where one sweep is the optimum).
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -166,7 +191,24 @@ class VariationalBayesEM:
     name = "VariationalBayesEM"
     objective = "ELBO"
 
-    def __init__(self, model: Callable, *, global_sites: Sequence[str]):
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        global_sites: Sequence[str],
+        latents: str = "exact",
+        e_step_iters: int = 5,
+    ):
+        if latents not in ("exact", "mean_field"):
+            raise ValueError(
+                f"jaxem: VariationalBayesEM's latents must be 'exact' (the latents' exact "
+                f"posterior given q(theta)) or 'mean_field' (one factor per latent site), "
+                f"got {latents!r}."
+            )
+        if e_step_iters < 1:
+            raise ValueError(f"e_step_iters must be at least 1, got {e_step_iters}")
+        self.latents = latents
+        self.e_step_iters = int(e_step_iters)
         self.global_sites = tuple(global_sites)
         if not self.global_sites:
             raise ValueError(
@@ -210,6 +252,12 @@ class VariationalBayesEM:
         nesting = structure.max_plate_nesting
         values = {n: jnp.asarray(seeded[n]["value"]) for n in self.global_sites}
         trace = self.model.enumerated_trace(values, args, kwargs, nesting)
+        if self.latents == "mean_field":
+            reject_chains(
+                trace,
+                "VariationalBayesEM(latents='mean_field')",
+                exact="VariationalBayesEM(latents='exact') (Beal's variational Bayesian HMM)",
+            )
         groups, nw_readers, powers = find_pairs(
             self.model, self.global_sites, trace, values, args, kwargs, nesting
         )
@@ -307,11 +355,14 @@ class VariationalBayesEM:
                 factors[name] = jax.lax.stop_gradient(site.log_prob)
         return trace, factors
 
-    def _e_step(self, q, arrays, spec, plan):
-        """``(log Z_q, d log Z_q / dM, factor marginals, expected factors, trace)``."""
+    def _e_step(self, q, q_latents, arrays, spec, plan):
+        """``(log Z_q, d log Z_q / dM, factor marginals, expected factors, trace,
+        q_latents)``; with mean field, ``E_q[log p] + H(q(z))`` in place of ``log Z_q``."""
         moments = self._moments(q, plan)
         # Any point in the support gives the factors that read no global site.
         point = self._point(q, plan)
+        if self.latents == "mean_field":
+            return self._mean_field_e_step(moments, point, q_latents, arrays, spec, plan)
 
         def log_z(moments, factors_delta):
             trace, factors = self._factors(moments, point, arrays, spec, plan)
@@ -323,7 +374,22 @@ class VariationalBayesEM:
         (value, (factors, trace)), (stats, marginals) = jax.value_and_grad(
             log_z, argnums=(0, 1), has_aux=True
         )(moments, zeros)
-        return value, stats, marginals, factors, trace
+        return value, stats, marginals, factors, trace, q_latents
+
+    def _mean_field_e_step(self, moments, point, q_latents, arrays, spec, plan):
+        """Coordinate ascent in q(z) on the expected factors, then ``E_q[log p] +
+        H(q(z))`` at the new q(z), its gradient in the moments (the expected
+        statistics: the expected factors are linear in them) and q's factor marginals."""
+        trace, factors = self._factors(moments, point, arrays, spec, plan)
+        factors = jax.lax.stop_gradient(factors)
+        q_latents = coordinate_ascent(q_latents, factors, trace, self.e_step_iters)
+
+        def bound(moments):
+            return elbo_of(q_latents, self._factors(moments, point, arrays, spec, plan)[1], trace)
+
+        value, stats = jax.value_and_grad(bound)(moments)
+        marginals = factor_marginals(q_latents, factors, trace)
+        return value, stats, marginals, factors, trace, q_latents
 
     # -- per family: single sites by `PRIOR_FAMILIES`, pairs by `vb_pairs.PAIRS` ------
 
@@ -389,41 +455,56 @@ class VariationalBayesEM:
             )
         return total
 
-    def _elbo_and_update(self, q, arrays, spec, plan):
-        value, stats, marginals, factors, trace = self._e_step(q, arrays, spec, plan)
+    def _elbo_and_update(self, state, arrays, spec, plan):
+        """The latents' factors, then the parameters' posteriors: ``(ELBO after the
+        former, state after both, aux)``."""
+        value, stats, marginals, factors, trace, q_latents = self._e_step(
+            state.q, state.q_latents, arrays, spec, plan
+        )
         priors = self._priors(trace, plan)
-        elbo = value - self._kl(q, priors, plan)
-        moments, point = self._moments(q, plan), self._point(q, plan)
+        elbo = value - self._kl(state.q, priors, plan)
+        moments, point = self._moments(state.q, plan), self._point(state.q, plan)
         restat = self._stats_at(marginals, moments, point, arrays, spec, plan)
         new_q = self._new_q(priors, stats, plan, restat)
-        return elbo, new_q, (value, marginals, factors)
+        new_state = VBState(new_q, state.iteration + 1, q_latents)
+        return elbo, new_state, (value, marginals, factors)
 
     def _step(self, rng_key, state, arrays, spec):
         plan = self._plan(arrays, spec)
-        elbo, new_q, _ = self._elbo_and_update(state.q, arrays, spec, plan)
-        return VBState(new_q, state.iteration + 1), StepInfo(elbo, jnp.array(True))
+        elbo, new_state, _ = self._elbo_and_update(state, arrays, spec, plan)
+        return new_state, StepInfo(elbo, jnp.array(True))
 
     def _init_state(self, rng_key, arrays, spec, init_params):
         """q(theta) from the posterior marginals of the latents at a point: a draw
-        from the priors (or ``init_params``), then one VB-M-step."""
+        from the priors (or ``init_params``), then one VB-M-step. With mean field,
+        the latents' mean-field q at the point (from uniform) in place of their
+        posterior."""
         plan = self._plan(arrays, spec)
         args, kwargs = merge_args(arrays, spec)
         _, point = initial_params(self.model, (), rng_key, arrays, spec, init_params)
-        result = e_step(self.model, point, args, kwargs, plan.nesting)
         trace = self.model.enumerated_trace(point, args, kwargs, plan.nesting)
+        q_latents = {}
+        if self.latents == "mean_field":
+            log_factors = {n: s.log_prob for n, s in trace.sites.items()}
+            q_latents = coordinate_ascent(uniform_q(trace), log_factors, trace, self.e_step_iters)
+            marginals = factor_marginals(q_latents, log_factors, trace)
+        else:
+            marginals = e_step(self.model, point, args, kwargs, plan.nesting).marginals
         priors = self._priors(trace, plan)
         # The expected factors are linear in the moments: their gradient, weighted by
         # the latents' posterior at the point, is the expected sufficient statistics
         # wherever it is taken (here at the priors' moments).
         moments = self._moments(priors, plan)
-        stats_at = self._stats_at(result.marginals, moments, point, arrays, spec, plan)
-        return VBState(self._new_q(priors, stats_at({}), plan, stats_at), jnp.zeros((), jnp.int32))
+        stats_at = self._stats_at(marginals, moments, point, arrays, spec, plan)
+        new_q = self._new_q(priors, stats_at({}), plan, stats_at)
+        return VBState(new_q, jnp.zeros((), jnp.int32), q_latents)
 
     # -- public API -----------------------------------------------------------------
 
     def init(self, rng_key, *args, init_params=None, **kwargs) -> VBState:
-        """Initial state: the latents' posterior at a draw from the priors (or
-        ``init_params``), then q(theta) from it (one VB-M-step)."""
+        """Initial state: the latents' posterior (with mean field, their mean-field
+        q) at a draw from the priors (or ``init_params``), then q(theta) from it
+        (one VB-M-step)."""
         arrays, spec = split_args(args, kwargs)
         self._plan(arrays, spec, rng_key)
         return self._init_jit(rng_key, arrays, spec, init_params)
@@ -433,7 +514,9 @@ class VariationalBayesEM:
         return new_state, info.objective
 
     def update(self, state, *args, **kwargs):
-        """One iteration: ``(new_state, ELBO at state)``."""
+        """One iteration: ``(new_state, ELBO at state)`` (with mean field, at
+        ``state``'s q(theta) and the q(z) that the iteration's coordinate ascent
+        reaches from ``state.q_latents``)."""
         arrays, spec = split_args(args, kwargs)
         self._plan(arrays, spec)
         return self._update_jit(state, arrays, spec)
@@ -448,7 +531,7 @@ class VariationalBayesEM:
         start = self._init_state(rng_key, arrays, spec, init_params)
 
         def final(state):
-            elbo, _, aux = self._elbo_and_update(state.q, arrays, spec, plan)
+            elbo, _, aux = self._elbo_and_update(state, arrays, spec, plan)
             return elbo, aux
 
         loop = iterate(
