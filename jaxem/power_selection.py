@@ -305,14 +305,15 @@ class PowerSelections:
             return None
         return found[0]
 
-    def scaled_power(self, output_index, name):
+    def scaled_power(self, output_index, name, powers=(0.5, -0.5)):
         """``(p, k, tolerance)`` with the output ``k * sel(param) ** p``, p in
-        {1/2, -1/2} and ``k`` a positive array shaped like the output, verified as
+        ``powers`` and ``k`` a positive array shaped like the output, verified as
         the chain's structure and ``k c ** p`` (and its slope) at every probe point
         ``c``; None if the output is not such a power of ``name`` alone.
 
         `jaxem.vbem`'s Normal-Gamma pair reads a prior scale ``1 / sqrt(beta0 tau)``
-        with it (``k = beta0 ** -0.5``).
+        with it (``k = beta0 ** -0.5``), `jaxem.scaled_selection` a Normal-Wishart
+        prior's ``precision_matrix = beta0 * lam`` (``p = 1``).
         """
         labels = self._output_labels()[output_index]
         chained = {k: v for k, v in labels.items() if _is_param_key(k)}
@@ -322,7 +323,7 @@ class PowerSelections:
         if probed is None:
             return None
         c, values, slopes, tolerance = probed
-        for power in (0.5, -0.5):
+        for power in powers:
             k = values[0] / c[0] ** power
             if (
                 np.all(k > 0)
