@@ -19,7 +19,7 @@ import pytest
 import scipy.optimize
 from jax.scipy.special import logsumexp
 
-from jaxem import EM
+from jaxem import EM, OnlineEM
 
 _RNG = np.random.default_rng(3)
 X = np.concatenate(
@@ -169,8 +169,10 @@ def test_normal_wishart_joint_mode_formulas_in_one_step(x64):
     def model(x, g):
         lam = numpyro.sample("lam", dist.Wishart(NU0, scale_matrix=jnp.asarray(W0)))
         with numpyro.plate("components", 2):
+            # A constant array, not a literal: the chain takes it too.
+            beta0 = jnp.asarray(BETA0)
             mu = numpyro.sample(
-                "mu", dist.MultivariateNormal(jnp.asarray(M0), precision_matrix=BETA0 * lam)
+                "mu", dist.MultivariateNormal(jnp.asarray(M0), precision_matrix=beta0 * lam)
             )
         with numpyro.plate("data", x.shape[0]):
             numpyro.sample("x", dist.MultivariateNormal(mu[g], precision_matrix=lam), obs=x)
@@ -201,15 +203,25 @@ def test_normal_wishart_joint_mode_formulas_in_one_step(x64):
     np.testing.assert_allclose(state.params["lam"], np.linalg.inv(2 * X.T @ X / len(X)), rtol=1e-12)
 
 
-def test_mean_prior_not_proportional_to_the_precision_takes_gradient_steps(x64):
-    """``precision_matrix = beta0 * lam + I`` is no Normal-Wishart prior: optax steps
-    on Q + log prior, with the path saying why and how to spell the closed form."""
+NOT_PROPORTIONAL = {
+    "plus identity": lambda lam, beta0: BETA0 * lam + jnp.eye(2),
+    "one factor per component": lambda lam, beta0: jnp.array([0.3, 0.6])[:, None, None] * lam,
+    "factor from the data": lambda lam, beta0: beta0 * lam,
+}
 
-    def model(x, K=2):
+
+@pytest.mark.parametrize("spelling", list(NOT_PROPORTIONAL))
+def test_mean_prior_not_proportional_to_the_precision_takes_gradient_steps(spelling, x64):
+    """A mean's prior precision that is not one constant times the precision site
+    (``beta0 * lam + I``; a factor per component; a factor passed as data, which
+    the plan cannot read) is no Normal-Wishart prior: optax steps on Q + log prior,
+    with the path saying why and how to spell the closed form."""
+
+    def model(x, beta0, K=2):
         w = numpyro.sample("w", dist.Dirichlet(2.0 * jnp.ones(K)))
         with numpyro.plate("components", K):
             lam = numpyro.sample("lam", dist.Wishart(NU0, scale_matrix=jnp.asarray(W0)))
-            prior_precision = BETA0 * lam + jnp.eye(2)
+            prior_precision = NOT_PROPORTIONAL[spelling](lam, beta0)
             mu = numpyro.sample(
                 "mu", dist.MultivariateNormal(jnp.asarray(M0), precision_matrix=prior_precision)
             )
@@ -217,10 +229,33 @@ def test_mean_prior_not_proportional_to_the_precision_takes_gradient_steps(x64):
             z = numpyro.sample("z", dist.Categorical(w))
             numpyro.sample("x", dist.MultivariateNormal(mu[z], precision_matrix=lam[z]), obs=x)
 
-    em = EM(model, global_sites=("w", "lam", "mu"), reg_covar=0.0)
-    path = em.m_step_paths(X)["lam"]
+    em = EM(model, global_sites=("w", "lam", "mu"))
+    path = em.m_step_paths(X, jnp.asarray(BETA0))["lam"]
     assert path.startswith(
         "gradient (reaches MultivariateNormal.precision_matrix at site 'mu' through operations "
         "other than indexing"
     ), path
     assert "precision_matrix=beta0 * lam with a constant beta0 > 0" in path, path
+
+
+def test_online_map_em_counts_the_mean_prior_once_for_the_data_set(x64):
+    """OnlineEM(num_data=N): the mean's prior, read by the precision's closed form,
+    weighs 1 / N against the running statistics per data point, like the prior's
+    pseudo-statistics. One step (step size 1, from zero statistics) on a minibatch
+    of B = N / 2 points is then batch MAP-EM's step on the minibatch twice over."""
+    batch = X[:7]
+    init = {
+        "w": jnp.array([0.6, 0.4]),
+        "mu": jnp.array([[1.0, 0.5], [-1.0, -0.5]]),
+        "lam": jnp.stack([jnp.eye(2), 2.0 * jnp.eye(2)]),
+    }
+    names = ("w", "lam", "mu")
+    online = OnlineEM(
+        mixture("precision"), global_sites=names, num_data=2 * len(batch), reg_covar=0.0
+    )
+    state, _ = online.update(online.init(jax.random.PRNGKey(0), batch, init_params=init), batch)
+    em = EM(mixture("precision"), global_sites=names, reg_covar=0.0)
+    twice = np.concatenate([batch, batch])
+    expected, _ = em.update(em.init(jax.random.PRNGKey(0), twice, init_params=init), twice)
+    for name in names:
+        np.testing.assert_allclose(state.params[name], expected.params[name], rtol=1e-10)
