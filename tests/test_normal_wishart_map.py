@@ -127,7 +127,11 @@ def _scipy_map(spelling, start):
     )
 
 
-@pytest.mark.parametrize("spelling", ["precision", "covariance"])
+@pytest.mark.parametrize(
+    "spelling",
+    # The covariance spelling's closed form is checked by the one-step mode formulas.
+    ["precision", pytest.param("covariance", marks=pytest.mark.slow)],
+)
 def test_normal_wishart_map_em_is_closed_form_and_matches_scipy(spelling, x64):
     em = EM(mixture(spelling), global_sites=("w", "lam", "mu"), reg_covar=0.0)
     paths = em.m_step_paths(X)
@@ -158,37 +162,68 @@ def test_normal_wishart_map_em_is_closed_form_and_matches_scipy(spelling, x64):
     np.testing.assert_allclose(result.log_posterior, best, rtol=1e-10)
 
 
-def test_normal_wishart_joint_mode_formulas_in_one_step(x64):
-    """Known groups (no latent): one M-step from anywhere gives the joint mode,
-    ``mu_k = (beta0 m0 + S1_k) / (beta0 + n_k)`` and, for a precision shared by the
-    groups, ``lam^-1 = (S + W0^-1 + beta0 sum_k (mu_k - m0)(mu_k - m0)^T) / (n + K +
-    nu0 - D - 1)``: the Normal-Wishart posterior's mode. Also a data site reading
-    the precision scaled (``precision_matrix = 2 * lam``), maximum likelihood."""
-    groups = np.array([0] * 7 + [1] * 6)
+def known_groups(spelling):
+    """The pair with observed groups ``g`` (no latent): a precision shared by the
+    groups (``beta0`` a constant array, not a literal: the chain takes it too), or
+    a covariance per group."""
 
     def model(x, g):
-        lam = numpyro.sample("lam", dist.Wishart(NU0, scale_matrix=jnp.asarray(W0)))
-        with numpyro.plate("components", 2):
-            # A constant array, not a literal: the chain takes it too.
-            beta0 = jnp.asarray(BETA0)
-            mu = numpyro.sample(
-                "mu", dist.MultivariateNormal(jnp.asarray(M0), precision_matrix=beta0 * lam)
-            )
+        if spelling == "shared precision":
+            lam = numpyro.sample("lam", dist.Wishart(NU0, scale_matrix=jnp.asarray(W0)))
+            with numpyro.plate("components", 2):
+                beta0 = jnp.asarray(BETA0)
+                mean_prior = dist.MultivariateNormal(jnp.asarray(M0), precision_matrix=beta0 * lam)
+                mu = numpyro.sample("mu", mean_prior)
+            reading = {"precision_matrix": lam}
+        else:
+            with numpyro.plate("components", 2):
+                sigma = numpyro.sample("lam", dist.InverseWishart(NU0, jnp.asarray(PSI0)))
+                mean_prior = dist.MultivariateNormal(
+                    jnp.asarray(M0), covariance_matrix=sigma / BETA0
+                )
+                mu = numpyro.sample("mu", mean_prior)
+            reading = {"covariance_matrix": sigma[g]}
         with numpyro.plate("data", x.shape[0]):
-            numpyro.sample("x", dist.MultivariateNormal(mu[g], precision_matrix=lam), obs=x)
+            numpyro.sample("x", dist.MultivariateNormal(mu[g], **reading), obs=x)
 
-    em = EM(model, global_sites=("lam", "mu"), reg_covar=0.0)
-    assert "Normal-Wishart with the mean at site 'mu'" in em.m_step_paths(X, groups)["lam"]
-    init = {"lam": 3.0 * jnp.eye(2), "mu": jnp.zeros((2, 2))}
+    return model
+
+
+@pytest.mark.parametrize("spelling", ["shared precision", "covariance"])
+def test_normal_wishart_joint_mode_formulas_in_one_step(spelling, x64):
+    """Known groups: one M-step from anywhere gives the joint mode, the
+    Normal-(Inverse)Wishart posterior's: ``mu_k = (beta0 m0 + S1_k) / (beta0 +
+    n_k)``; a precision shared by the groups ``lam^-1 = (S + W0^-1 + beta0 sum_k
+    e_k e_k^T) / (n + K + nu0 - D - 1)`` (``e_k = mu_k - m0``: each mean's prior is
+    one more observation of it); a covariance per group ``Sigma_k = (S_k + Psi +
+    beta0 e_k e_k^T) / (n_k + nu0 + D + 2)``."""
+    groups = np.array([0] * 7 + [1] * 6)
+    em = EM(known_groups(spelling), global_sites=("lam", "mu"), reg_covar=0.0)
+    prior = "Wishart" if spelling == "shared precision" else "InverseWishart"
+    path = em.m_step_paths(X, groups)["lam"]
+    assert f"Normal-{prior} with the mean at site 'mu'" in path, path
+    matrix = 3.0 * jnp.eye(2)
+    init = {"lam": matrix if prior == "Wishart" else jnp.stack([matrix, matrix])}
+    init["mu"] = jnp.zeros((2, 2))
     state, _ = em.update(em.init(jax.random.PRNGKey(0), X, groups, init_params=init), X, groups)
     n = np.bincount(groups)
     mu = np.stack([(BETA0 * M0 + X[groups == k].sum(0)) / (BETA0 + n[k]) for k in range(2)])
-    d = X - mu[groups]
-    e = mu - M0
-    scatter = d.T @ d + np.linalg.inv(W0) + BETA0 * e.T @ e
-    lam = np.linalg.inv(scatter / (len(X) + 2 + NU0 - 2 - 1))
     np.testing.assert_allclose(state.params["mu"], mu, rtol=1e-12)
-    np.testing.assert_allclose(state.params["lam"], lam, rtol=1e-12)
+    scatters = [
+        (X[groups == k] - mu[k]).T @ (X[groups == k] - mu[k]) + BETA0 * np.outer(e, e)
+        for k, e in enumerate(mu - M0)
+    ]
+    if prior == "Wishart":
+        total = sum(scatters) + np.linalg.inv(W0)
+        expected = np.linalg.inv(total / (len(X) + 2 + NU0 - 2 - 1))
+    else:
+        expected = np.stack([(s + PSI0) / (n[k] + NU0 + 2 + 2) for k, s in enumerate(scatters)])
+    np.testing.assert_allclose(state.params["lam"], expected, rtol=1e-12)
+
+
+def test_data_site_reading_a_scaled_precision_is_closed_form(x64):
+    """Maximum likelihood with ``precision_matrix = 2 * lam``: each point counts
+    once with its scatter doubled, ``lam^-1 = 2 sum x x^T / n``."""
 
     def scaled_data(x):
         lam = numpyro.param("lam", jnp.eye(2), constraint=dist.constraints.positive_definite)
