@@ -10,10 +10,10 @@ with, scaled (the Normal-Wishart prior, Bishop PRML 2.3.6)::
 or with ``Sigma ~ InverseWishart(nu0, Psi)``, ``covariance_matrix=Sigma / beta0``
 and ``covariance_matrix=Sigma[z]``. The map from ``lam`` to the prior's
 ``precision_matrix`` is no selection but ``k * sel(lam)`` with a constant ``k >
-0`` (``beta0``; ``1 / beta0`` for the covariance). It is found as a power of a
-selection is (`jaxem.power_selection`, here the power 1: the chain of products
-and quotients with scalar constants, verified on values), and the site reading
-it counts as observations of the precision like any other: a cell with scatter
+0`` (``beta0``; ``1 / beta0`` for the covariance). It is found the way a power
+of a selection is (`jaxem.power_selection`, here the power 1: the chain of
+products and quotients with scalar constants, verified on values), and the site
+reading it counts as observations of the precision like any other: a cell with scatter
 ``S`` has the log density ``log|k L| / 2 - tr(k L S) / 2``, in ``L`` that of count
 1 and scatter ``k S`` (for a covariance, ``-log|k C| / 2 - tr(S (k C)^-1) / 2``:
 count 1, scatter ``S / k``). The selection map's VJP multiplies what it pulls
