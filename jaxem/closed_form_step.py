@@ -21,6 +21,7 @@ from jaxem.gaussian_stats import shared_statistics
 from jaxem.missing import conditional_moments
 from jaxem.mstep import site_family
 from jaxem.power_selection import linearization_point
+from jaxem.scaled_selection import scale_statistics
 from jaxem.tracing import enumerated_trace
 
 __all__ = ["closed_form_m_step", "closed_form_statistics_m_step"]
@@ -210,10 +211,13 @@ def _stage_statistics(model, params, marginals, paths, args, kwargs, max_plate_n
     """
     if trace is None:
         trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting, log_probs=False)
-    updates = {}
+    updates, factors = {}, {}
     for path in paths.values():
         for key in path.consumers:
             updates.setdefault(key, path.update)
+        # An argument k * sel(param) (a Normal-Wishart prior's mean): the VJP
+        # multiplies by k, the statistics are scaled for it.
+        factors.update(path.scaled)
 
     def arguments(values):
         own = enumerated_trace(
@@ -243,6 +247,8 @@ def _stage_statistics(model, params, marginals, paths, args, kwargs, max_plate_n
             jnp.reshape(s, jnp.shape(arg) + jnp.shape(s)[num_cells + update.event_ndim :])
             for s in stats
         )
+        if key in factors:
+            stats = scale_statistics(key[1], stats, factors[key])
         pulled[key] = [_pullback(vjp_fn, outs, key, s, jnp.ndim(arg)) for s in stats]
     statistics = {}
     for name, path in paths.items():

@@ -35,6 +35,7 @@ from jaxem.power_selection import (
     power_description,
     prior_arguments,
 )
+from jaxem.scaled_selection import scaled_description, scaled_selection_factor
 from jaxem.selection import dependencies, probe_selection
 from jaxem.supports import constraint_spelling, constraint_wider_than_support
 from jaxem.tracing import enumerated_trace
@@ -54,6 +55,9 @@ class ParamPath(NamedTuple):
         prior: for a global site with a conjugate prior (`jaxem.conjugate`),
             ``(site name, pseudo-statistics function)``: the prior's
             pseudo-statistics are added to the expected ones before the solve.
+        scaled: ``((site name, argument name), k)`` for each consumer whose
+            argument is ``k * sel(param)`` (`jaxem.scaled_selection`): a
+            Normal-Wishart prior's mean, ``precision_matrix=beta0 * lam``.
     """
 
     kind: str
@@ -61,6 +65,7 @@ class ParamPath(NamedTuple):
     update: ClosedFormUpdate | None = None
     consumers: tuple = ()
     prior: tuple | None = None
+    scaled: tuple = ()
 
 
 class SiteFamily(NamedTuple):
@@ -240,17 +245,24 @@ def plan_m_step(
                 for k, _ in reached
                 if k[0] == "arg" and (k[1], k[2][1]) in plan[name].consumers
             }
-            plan[name] = _with_prior(plan[name], own, prior_classes[own], arguments, powers)
+            plan[name] = _with_prior(
+                plan[name], own, prior_classes[own], arguments, powers, prior_classes
+            )
     return plan
 
 
-def _with_prior(path, site, prior_cls, arguments, powers=None):
+def _with_prior(path, site, prior_cls, arguments, powers=None, prior_classes=()):
     """A global site's path: its closed form kept where the prior is conjugate
     (`jaxem.conjugate`, `jaxem.power_selection` for a variance or precision),
     gradient steps on Q + log prior otherwise."""
     if path.kind != "closed-form":
         return path
     prior = f"{prior_cls.__name__} at site '{user_site_name(site)}'"
+    # A global site whose prior reads this one scaled: a Normal-Wishart's mean.
+    means = [s for (s, _), _ in path.scaled if s in prior_classes]
+    if means and prior_cls in (dist.Wishart, dist.InverseWishart):
+        shown = ", ".join(f"'{user_site_name(s)}'" for s in dict.fromkeys(means))
+        prior += f", Normal-{prior_cls.__name__} with the mean at site {shown}"
     if is_power_update(path.update):
         pseudo_fn, why_not = powers.conjugate(path.update, prior_cls, site)
         if pseudo_fn is None:
@@ -330,12 +342,17 @@ def _decide(
         if not is_selection and arg_name == "scale":
             # sqrt(var[z]) or 1 / sqrt(tau[z]): a variance's or precision's update.
             update = powers.update(keys.index(key), name, cls)
+        factor = None
         if not is_selection and not is_power_update(update):
-            return gradient(
-                f"reaches {cls.__name__}.{arg_name} at site '{user_site_name(site)}' through "
-                "operations other than indexing/broadcasting/reshaping"
-            )
-        consumers.append((site, arg_name, cls, keys.index(key)))
+            # beta0 * lam: a Normal-Wishart prior's mean reading the precision.
+            factor = scaled_selection_factor(powers, keys.index(key), name, cls, arg_name)
+            if factor is None:
+                return gradient(
+                    f"reaches {cls.__name__}.{arg_name} at site '{user_site_name(site)}' "
+                    "through operations other than indexing/broadcasting/reshaping"
+                    + _SCALED_HINT.get((cls, arg_name), "")
+                )
+        consumers.append((site, arg_name, cls, keys.index(key), factor))
         updates.add(update)
     for site in sites:
         if site in unsupported_site:
@@ -363,11 +380,35 @@ def _decide(
     ):
         return gradient("the selection map does not keep the distribution's event dims whole")
     # A scan's first step and its later steps are one site to the user.
-    described = (f"{c[2].__name__}.{c[1]} at site '{user_site_name(c[0])}'" for c in consumers)
+    described = (
+        f"{c[2].__name__}.{c[1]} at site '{user_site_name(c[0])}'"
+        + ("" if c[4] is None else f" ({scaled_description(c[1], c[4])})")
+        for c in consumers
+    )
     description = ", ".join(dict.fromkeys(described))
     if is_power_update(update):
         description += f" ({power_description(update)})"
-    return ParamPath("closed-form", description, update, tuple((c[0], c[1]) for c in consumers))
+    scaled = tuple(dict.fromkeys(((c[0], c[1]), c[4]) for c in consumers if c[4] is not None))
+    return ParamPath(
+        "closed-form",
+        description,
+        update,
+        tuple((c[0], c[1]) for c in consumers),
+        scaled=scaled,
+    )
+
+
+_SCALED_HINT = {
+    (dist.MultivariateNormal, "precision_matrix"): (
+        " (a closed form reads a precision param as lam[z], or, in a Normal-Wishart "
+        "prior's mean, as precision_matrix=beta0 * lam with a constant beta0 > 0)"
+    ),
+    (dist.MultivariateNormal, "covariance_matrix"): (
+        " (a closed form reads a covariance param as Sigma[z], or, in a "
+        "Normal-InverseWishart prior's mean, as covariance_matrix=Sigma / beta0 with a "
+        "constant beta0 > 0)"
+    ),
+}
 
 
 def _event_blocks_intact(closed, index, params, arrays, structure, consumers, event_ndim):
@@ -391,7 +432,12 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
     outs = probe_selection(closed, inputs, [consumer[3] for consumer in consumers])
     if outs is None:
         return False  # the map closes over traced values: unproven, so gradient
-    for out in outs:
+    for out, consumer in zip(outs, consumers):
+        if consumer[4] is not None:  # k * ids: back to the ids
+            out = np.asarray(out, np.float64) / consumer[4]
+            if not np.all(np.abs(out - np.rint(out)) < 0.25):
+                return False
+            out = np.rint(out)
         if tuple(out.shape[out.ndim - event_ndim :]) != tuple(shape[len(shape) - event_ndim :]):
             return False
         rows = out.reshape(-1, block)

@@ -288,10 +288,16 @@ class OnlineEM(Fitter):
                 for old, new in zip(running, statistics)
             )
 
+        # A global site read by a closed form (a Normal-Wishart prior's mean reading
+        # the precision) is no data: its statistics weigh 1 / N like its prior.
+        closed_marginals = {
+            n: m * (prior_weight / scale) if n in self.global_sites else m
+            for n, m in result.marginals.items()
+        }
         params, statistics = closed_form_statistics_m_step(
             self.model,
             state.params,
-            result.marginals,
+            closed_marginals,
             plan,
             args,
             kwargs,

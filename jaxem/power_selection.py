@@ -13,7 +13,8 @@ Detection has two parts:
 * structure: a second labeling of the model's jaxpr (`dependencies` with
   `power_rule`) follows a param's selection through the elementwise ops
   ``sqrt``, ``rsqrt``, ``pow``, ``integer_pow``, ``div`` and ``mul`` whose other
-  operand is a scalar literal. Each such op maps ``c x^q`` to ``c' x^q'``, so the
+  operand is a scalar constant (a literal, or an array that depends on neither a
+  param nor the data). Each such op maps ``c x^q`` to ``c' x^q'``, so the
   argument is ``k * sel(theta) ** q`` with the same ``k`` and ``q`` in every cell
   (an op that mixes two values derived from params, or a chained value with
   another one, ends the chain);
@@ -78,17 +79,25 @@ def _is_param_key(key) -> bool:
     return key != DATA
 
 
+def _scalar_constant(var, labels) -> bool:
+    """A scalar operand that depends on neither a param nor the data: a literal
+    (``0.1 * lam``) or a constant array (``jnp.asarray(0.1) * lam``)."""
+    if isinstance(var, jex_core.Literal):
+        return np.ndim(var.val) == 0
+    return not labels and tuple(getattr(var.aval, "shape", (None,))) == ()
+
+
 def power_rule(eqn, inputs):
     """The rule (`jaxem.selection.dependencies`) that follows a selection of a
-    param through elementwise powers with scalar literal constants."""
+    param through elementwise powers with scalar constants."""
     name = eqn.primitive.name
     labeled = [i for i, labels in enumerate(inputs) if labels]
     if name in _ELEMENTWISE:
         if len(labeled) != 1 or (name == "pow" and labeled[0] != 0):
             return None
         (position,) = labeled
-        others = [v for i, v in enumerate(eqn.invars) if i != position]
-        if not all(isinstance(v, jex_core.Literal) and np.ndim(v.val) == 0 for v in others):
+        others = [(v, inputs[i]) for i, v in enumerate(eqn.invars) if i != position]
+        if not all(_scalar_constant(v, labels) for v, labels in others):
             return None
         labels = inputs[position]
         params = {k: v for k, v in labels.items() if _is_param_key(k)}
@@ -305,14 +314,15 @@ class PowerSelections:
             return None
         return found[0]
 
-    def scaled_power(self, output_index, name):
+    def scaled_power(self, output_index, name, powers=(0.5, -0.5)):
         """``(p, k, tolerance)`` with the output ``k * sel(param) ** p``, p in
-        {1/2, -1/2} and ``k`` a positive array shaped like the output, verified as
+        ``powers`` and ``k`` a positive array shaped like the output, verified as
         the chain's structure and ``k c ** p`` (and its slope) at every probe point
         ``c``; None if the output is not such a power of ``name`` alone.
 
         `jaxem.vbem`'s Normal-Gamma pair reads a prior scale ``1 / sqrt(beta0 tau)``
-        with it (``k = beta0 ** -0.5``).
+        with it (``k = beta0 ** -0.5``), `jaxem.scaled_selection` a Normal-Wishart
+        prior's ``precision_matrix = beta0 * lam`` (``p = 1``).
         """
         labels = self._output_labels()[output_index]
         chained = {k: v for k, v in labels.items() if _is_param_key(k)}
@@ -322,7 +332,7 @@ class PowerSelections:
         if probed is None:
             return None
         c, values, slopes, tolerance = probed
-        for power in (0.5, -0.5):
+        for power in powers:
             k = values[0] / c[0] ** power
             if (
                 np.all(k > 0)
