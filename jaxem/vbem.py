@@ -30,19 +30,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from jaxem import vb_posterior
 from jaxem.arguments import check_model_call, merge_args, split_args
 from jaxem.built import built_model
 from jaxem.conjugate import core_distribution
 from jaxem.estep import contract_factors, e_step, latent_posteriors
 from jaxem.exceptions import ConvergenceWarning, ModelError, a_or_an
-from jaxem.expected_log import PRIOR_FAMILIES, conjugate_update
+from jaxem.expected_log import PRIOR_FAMILIES
 from jaxem.factorized import (
     coordinate_ascent,
     elbo_of,
@@ -55,89 +55,18 @@ from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
 from jaxem.numpyro_internals import user_site_name
-from jaxem.vb_pairs import PAIRS, find_pairs, update_pairs
+from jaxem.vb_pairs import PAIRS, find_pairs
 from jaxem.vb_powers import select_moments
 from jaxem.vb_sites import (
     check_proper,
     core_args,
     expected_site_log_prob,
     find_readers,
-    prior_params,
     unsupported,
 )
+from jaxem.vb_types import VBPlan, VBResult, VBState
 
 __all__ = ["VariationalBayesEM", "VBState", "VBResult"]
-
-
-class VBState(NamedTuple):
-    """What the VBEM loop carries (a pytree).
-
-    Attributes:
-        q: ``{global site: tuple of arrays}``, the constructor arguments of its
-            variational posterior (``(concentration,)`` for a Dirichlet,
-            ``(concentration, rate)`` for a Gamma, ...), each shaped like the site.
-        iteration: number of updates done.
-        q_latents: with ``latents="mean_field"``, ``{latent site: q(z_site)}``
-            (plate shape, then the site's values, as `jaxem.VEMState.q`), the
-            start of the next coordinate ascent; empty with ``"exact"``.
-    """
-
-    q: dict
-    iteration: jax.Array
-    q_latents: dict = {}
-
-
-class VBResult(NamedTuple):
-    """Result of `VariationalBayesEM.run`.
-
-    Attributes:
-        posteriors: ``{global site: NumPyro distribution}``, q(theta) of each
-            global site (``dist.Dirichlet``, ``dist.Gamma``, ...), shaped like
-            the site's prior. For a Normal-Wishart pair, ``dist.Wishart`` for the
-            precision and the marginal ``dist.MultivariateStudentT`` of the mean
-            (q(mu | Lam) is `jaxem.normal_wishart.mean_given_precision`); for a
-            Normal-Gamma pair ``dist.Gamma`` and ``dist.StudentT``
-            (`jaxem.normal_gamma.mean_given_precision`).
-        elbo: the evidence lower bound at ``posteriors``, q(z) optimal for them:
-            ``E_q[log p(x, z, theta)] - E_q[log q(z)] - E_q[log q(theta)]``.
-        history: shape ``(max_iter,)``: the ELBO at the start of every
-            iteration, NaN after ``num_iters``.
-        num_iters: number of iterations.
-        converged: whether the relative change of the ELBO fell below ``tol``.
-        diverged: whether the run stopped on an ELBO or a parameter that was not
-            finite.
-        latent_marginals: ``{site: q(z)'s marginal of the site's factor}``,
-            shaped like the site's enumerated log-probability, keyed by NumPyro's
-            trace names (a ``scan``'s first step is a site of its own there): the
-            engine's view, for expectations of factors. Use ``latent_posteriors``.
-        latent_entropy: ``-E_q[log q(z)]``.
-        q: the final `VBState`'s ``q`` (for a Normal-Wishart pair ``(nu, W)``
-            for the precision, ``(m, beta)`` for the mean; for a Normal-Gamma
-            pair ``(a, b)`` and ``(m, beta)``).
-        latent_posteriors: ``{latent site: q(z)'s marginal}``, as
-            [`jaxem.posterior`][jaxem.posterior] gives them for EM: the values on
-            the last axis, a ``scan`` chain's per-step marginals ``(T, K)``.
-    """
-
-    posteriors: dict
-    elbo: jax.Array
-    history: jax.Array
-    num_iters: jax.Array
-    converged: jax.Array
-    diverged: jax.Array
-    latent_marginals: dict
-    latent_entropy: jax.Array
-    q: dict
-    latent_posteriors: dict
-
-
-class _Plan(NamedTuple):
-    readers: dict  # {site name: Reader}
-    families: dict  # {global site: prior class}
-    nesting: int
-    groups: dict  # {precision site: NormalWishart or NormalGamma}
-    nw_readers: dict  # {site name: NormalWishart or NormalGamma}
-    powers: dict = {}  # {(site, argument): (global site, power)}: read through a power
 
 
 class VariationalBayesEM:
@@ -223,7 +152,7 @@ class VariationalBayesEM:
 
     # -- the plan: which site reads which global site (Python, concrete) --------
 
-    def _plan(self, arrays, spec, rng_key=None) -> _Plan:
+    def _plan(self, arrays, spec, rng_key=None) -> VBPlan:
         key = (spec, tuple((jnp.shape(a), jnp.result_type(a)) for a in arrays))
         if key in self._plans:
             return self._plans[key]
@@ -299,7 +228,7 @@ class VariationalBayesEM:
                 if r.power is not None
             }
         )
-        plan = _Plan(readers, families, nesting, groups, nw_readers, powers)
+        plan = VBPlan(readers, families, nesting, groups, nw_readers, powers, self.global_sites)
         self._families = families
         self._groups = groups
         self._plans[key] = plan
@@ -358,9 +287,9 @@ class VariationalBayesEM:
     def _e_step(self, q, q_latents, arrays, spec, plan):
         """``(log Z_q, d log Z_q / dM, factor marginals, expected factors, trace,
         q_latents)``; with mean field, ``E_q[log p] + H(q(z))`` in place of ``log Z_q``."""
-        moments = self._moments(q, plan)
+        moments = vb_posterior.moments(q, plan)
         # Any point in the support gives the factors that read no global site.
-        point = self._point(q, plan)
+        point = vb_posterior.point(q, plan)
         if self.latents == "mean_field":
             return self._mean_field_e_step(moments, point, q_latents, arrays, spec, plan)
 
@@ -393,37 +322,6 @@ class VariationalBayesEM:
 
     # -- per family: single sites by `PRIOR_FAMILIES`, pairs by `vb_pairs.PAIRS` ------
 
-    def _singles(self, plan):
-        paired = {n for g in plan.groups.values() for n in (g.precision, g.mean)}
-        return [n for n in self.global_sites if n not in paired]
-
-    def _moments(self, q, plan):
-        out = {n: PRIOR_FAMILIES[plan.families[n]].moments(q[n]) for n in self._singles(plan)}
-        for g in plan.groups.values():
-            out[g.precision], out[g.mean] = PAIRS[type(g)].moments(q[g.precision], q[g.mean])
-        return out
-
-    def _point(self, q, plan):
-        out = {n: PRIOR_FAMILIES[plan.families[n]].point(q[n]) for n in self._singles(plan)}
-        for g in plan.groups.values():
-            out[g.precision], out[g.mean] = PAIRS[type(g)].point(q[g.precision], q[g.mean])
-        return out
-
-    def _posteriors(self, q, plan):
-        out = {n: PRIOR_FAMILIES[plan.families[n]].make(q[n]) for n in self._singles(plan)}
-        for g in plan.groups.values():
-            out[g.precision], out[g.mean] = PAIRS[type(g)].make(q[g.precision], q[g.mean])
-        return {n: out[n] for n in self.global_sites}
-
-    def _new_q(self, priors, stats, plan, restat):
-        """The VB-M-step: natural parameters the prior's plus the statistics
-        (``restat``: see `jaxem.vb_pairs.update_pairs`)."""
-        q = {
-            name: conjugate_update(PRIOR_FAMILIES[plan.families[name]], priors[name], stats[name])
-            for name in self._singles(plan)
-        }
-        return {**q, **update_pairs(plan.groups, priors, stats, restat)}
-
     def _stats_at(self, marginals, moments, point, arrays, spec, plan):
         """``{site: moments} -> d E_q[log p] / dM`` with q(z)'s factor marginals
         held, at ``moments`` with those sites' replaced: the expected factors are
@@ -436,36 +334,17 @@ class VariationalBayesEM:
 
         return lambda replaced: jax.grad(expected)({**moments, **replaced})
 
-    def _priors(self, trace, plan):
-        priors = {}
-        for g in plan.groups.values():
-            priors[g.precision], priors[g.mean] = PAIRS[type(g)].priors(trace, g)
-        for name in self._singles(plan):
-            priors[name] = prior_params(trace, name)
-        return priors
-
-    def _kl(self, q, priors, plan):
-        total = 0.0
-        for name in self._singles(plan):
-            family = PRIOR_FAMILIES[plan.families[name]]
-            total = total + jnp.sum(family.kl(q[name], priors[name]))
-        for g in plan.groups.values():
-            total = total + PAIRS[type(g)].kl(
-                q[g.precision], q[g.mean], priors[g.precision], priors[g.mean]
-            )
-        return total
-
     def _elbo_and_update(self, state, arrays, spec, plan):
         """The latents' factors, then the parameters' posteriors: ``(ELBO after the
         former, state after both, aux)``."""
         value, stats, marginals, factors, trace, q_latents = self._e_step(
             state.q, state.q_latents, arrays, spec, plan
         )
-        priors = self._priors(trace, plan)
-        elbo = value - self._kl(state.q, priors, plan)
-        moments, point = self._moments(state.q, plan), self._point(state.q, plan)
+        priors = vb_posterior.prior_values(trace, plan)
+        elbo = value - vb_posterior.kl(state.q, priors, plan)
+        moments, point = vb_posterior.moments(state.q, plan), vb_posterior.point(state.q, plan)
         restat = self._stats_at(marginals, moments, point, arrays, spec, plan)
-        new_q = self._new_q(priors, stats, plan, restat)
+        new_q = vb_posterior.new_q(priors, stats, plan, restat)
         new_state = VBState(new_q, state.iteration + 1, q_latents)
         return elbo, new_state, (value, marginals, factors)
 
@@ -490,13 +369,13 @@ class VariationalBayesEM:
             marginals = factor_marginals(q_latents, log_factors, trace)
         else:
             marginals = e_step(self.model, point, args, kwargs, plan.nesting).marginals
-        priors = self._priors(trace, plan)
+        priors = vb_posterior.prior_values(trace, plan)
         # The expected factors are linear in the moments: their gradient, weighted by
         # the latents' posterior at the point, is the expected sufficient statistics
         # wherever it is taken (here at the priors' moments).
-        moments = self._moments(priors, plan)
+        moments = vb_posterior.moments(priors, plan)
         stats_at = self._stats_at(marginals, moments, point, arrays, spec, plan)
-        new_q = self._new_q(priors, stats_at({}), plan, stats_at)
+        new_q = vb_posterior.new_q(priors, stats_at({}), plan, stats_at)
         return VBState(new_q, jnp.zeros((), jnp.int32), q_latents)
 
     # -- public API -----------------------------------------------------------------
@@ -523,8 +402,8 @@ class VariationalBayesEM:
 
     def get_params(self, state) -> dict:
         """``{global site: q(theta)}`` as NumPyro distributions."""
-        plan = _Plan({}, self._families, 0, self._groups, {})
-        return self._posteriors(state.q, plan)
+        plan = VBPlan({}, self._families, 0, self._groups, {}, global_sites=self.global_sites)
+        return vb_posterior.posteriors(state.q, plan)
 
     def _run(self, rng_key, arrays, init_params, tol, *, spec, max_iter, progress_bar):
         plan = self._plan(arrays, spec)
@@ -546,11 +425,15 @@ class VariationalBayesEM:
         )
         log_z, marginals, factors = loop.aux
         expected = sum(jnp.sum(marginals[n] * f) for n, f in factors.items())
-        posteriors = self._posteriors(loop.state.q, plan)
+        posteriors = vb_posterior.posteriors(loop.state.q, plan)
         # The trace's structure (its sites and dims) for the per-site marginals; its
         # log-probabilities are unused, so XLA drops them.
         trace, _ = self._factors(
-            self._moments(loop.state.q, plan), self._point(loop.state.q, plan), arrays, spec, plan
+            vb_posterior.moments(loop.state.q, plan),
+            vb_posterior.point(loop.state.q, plan),
+            arrays,
+            spec,
+            plan,
         )
         latent_sites = model_structure(self.model, *merge_args(arrays, spec)).latent_sites
         latents = latent_posteriors(trace, factors, marginals, latent_sites)
