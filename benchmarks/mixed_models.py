@@ -19,6 +19,7 @@ Run from the repository root::
 
     python benchmarks/mixed_models.py --quick           # 100 groups
     python benchmarks/mixed_models.py                   # 1000 groups x 20
+    python benchmarks/mixed_models.py --only "SAEM 1ch" # one method, no NUTS
 """
 
 import argparse
@@ -139,6 +140,9 @@ def main():
     parser.add_argument("--per-group", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="100 groups")
     parser.add_argument("--gradient", action="store_true", help='also m_step="gradient"')
+    parser.add_argument(
+        "--only", default=None, help='run only this method, e.g. --only "SAEM 1ch" (no NUTS)'
+    )
     options = parser.parse_args()
     groups = 100 if options.quick else options.groups
     data = simulate(groups, options.per_group)
@@ -160,6 +164,10 @@ def main():
             ("SAEM grad", jaxem.SAEM(glmm, schedule=(100, 50), m_step="gradient")),
             ("MCEM grad", jaxem.MCEM(glmm, max_draws=50, m_step="gradient")),
         ]
+    if options.only is not None:
+        fitters = [(name, fitter) for name, fitter in fitters if name == options.only]
+        if not fitters:
+            parser.error(f"--only: no method named {options.only!r}")
     for name, fitter in fitters:
         first, t_first, t_compile, c_first = timed(
             lambda f=fitter: f.run(jax.random.PRNGKey(0), *data, groups)
@@ -190,21 +198,13 @@ def main():
         mcmc.run(jax.random.PRNGKey(seed), *data, groups)
         return {k: jnp.mean(v) for k, v in mcmc.get_samples().items() if k != "z"}
 
-    _, t_first, t_compile, c_first = timed(lambda: nuts(0))
-    posterior, t_second, _, c_second = timed(lambda: nuts(1))
-    rows.append(
-        (
-            "NUTS mean",
-            posterior,
-            t_first,
-            t_compile,
-            t_second,
-            c_first,
-            c_second,
-            "",
-            os.getloadavg()[0],
+    if options.only is None:
+        _, t_first, t_compile, c_first = timed(lambda: nuts(0))
+        posterior, t_second, _, c_second = timed(lambda: nuts(1))
+        load = os.getloadavg()[0]
+        rows.append(
+            ("NUTS mean", posterior, t_first, t_compile, t_second, c_first, c_second, "", load)
         )
-    )
     print(
         f"{'method':10}{'intercept':>10}{'slope':>8}{'sd':>8}{'first s':>9}{'compile s':>10}"
         f"{'run s':>8}{'cpu 1st':>8}{'cpu 2nd':>8}{'load':>6}  loglik"
