@@ -37,6 +37,7 @@ from jaxem.mcmc_estep import LatentModel, Sampler
 from jaxem.monte_carlo_stats import ClosedFormMStep
 from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
 from jaxem.numpyro_internals import hmc_kernel_settings
+from jaxem.stochastic_newton import MAX_COORDINATES
 from jaxem.uncertainty import standard_errors
 
 __all__ = ["MCInfo", "MCResult", "MCState", "MonteCarloEM"]
@@ -178,6 +179,8 @@ class MonteCarloEM:
         example = jax.tree.map(lambda x: x[None], constrained)
         free = self._free_names(params, example, args, kwargs)
         size = sum(int(np.size(biject_to(structure.constraints[n]).inv(params[n]))) for n in free)
+        # Beyond MAX_COORDINATES SAEM keeps the exact Q (see SAEM._maximize): no matrix.
+        size = size if size <= MAX_COORDINATES else 0
         information = jnp.zeros((size, size), jnp.result_type(float))
         return MCState(params, chains, draws, weights, zero, zero, nothing, nothing, information)
 

@@ -37,8 +37,10 @@ class SAEM(MonteCarloEM):
     stochastic approximation of the complete-data information (Gu and Kong 1998;
     `jaxem.stochastic_newton`), whose cost does not grow with the iterations as the
     exact ``Q_k`` over every stored draw would; where ``log p`` is quadratic in them
-    it is the exact maximizer of ``Q_k``. `MCResult.history` is then the Monte Carlo
-    ``log p(x, z_k | theta_k)`` of each iteration's own draws.
+    it is the exact maximizer of ``Q_k``. `MCResult.history` is then the Monte
+    Carlo ``log p(x, z_k | theta_k)`` of each iteration's own draws. With more than
+    `jaxem.stochastic_newton.MAX_COORDINATES` free coordinates, the optimizer on
+    the exact ``Q_k`` over the stored draws instead.
     The step sizes: ``gamma_k = 1`` for the first ``schedule[0]`` iterations (exploration), then
     ``gamma_k = (k - schedule[0] + 1) ** -decay`` for ``schedule[1]`` iterations
     (saemix's defaults: 300 + 100, decay 1). With ``decay`` in (1/2, 1] the
@@ -125,6 +127,20 @@ class SAEM(MonteCarloEM):
         one = jnp.ones((1,), weights.dtype)
         gamma = self.gamma(state.iteration)
         free = self._free_names(state.params, latest, args, kwargs)
+        if free and state.information.shape[0] == 0:
+            # More than MAX_COORDINATES free coordinates (jaxem.stochastic_newton): the
+            # exact Q over the stored draws, maximized by the optimizer (with gamma = 1
+            # only this iteration's draws carry weight).
+            found = jax.lax.cond(
+                gamma >= 1.0,
+                lambda: self._closed_then_gradient(
+                    structure, state.params, latest, one, args, kwargs
+                ),
+                lambda: self._closed_then_gradient(
+                    structure, state.params, draws, weights, args, kwargs
+                ),
+            )
+            return found + (state.information,)
 
         def explore():
             # gamma = 1: only this iteration's draws carry weight (a stochastic EM step).

@@ -22,7 +22,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["positive_definite_solve", "stochastic_newton_step"]
+__all__ = ["MAX_COORDINATES", "positive_definite_solve", "stochastic_newton_step"]
+
+# The most free coordinates the step takes: its d x d Hessian per iteration costs d
+# gradients, more than the exact objective's line search beyond a few hundred.
+MAX_COORDINATES = 256
 
 
 def positive_definite_solve(matrix, vector):
