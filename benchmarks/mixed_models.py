@@ -8,16 +8,18 @@ MLE by adaptive Gauss-Hermite quadrature (20 nodes per group, vectorized in JAX,
 optimized by L-BFGS). Each method's seconds are split into the first call
 (compilation included), the XLA compile time within it (jax.monitoring's
 backend-compile events, CPU-bound), and a second call with another seed (run
-time only); the machine's load average is printed with each row, since on a
-shared 2-core machine wall seconds scale with it. SAEM runs with 4 chains (the
-default) and with 1 chain (saemix's default: with many groups one chain already
-averages over them); ``--gradient`` adds SAEM and MCEM with ``m_step="gradient"``
-(L-BFGS for every param), to show what the closed form saves.
+time only), wall and process CPU seconds; the machine's load average is printed
+with each row, since on a shared 2-core machine wall seconds scale with it.
+SAEM runs with 4 chains (the default) and with 1 chain (saemix's default: with
+many groups one chain already averages over them); ``--gradient`` adds SAEM and
+MCEM with ``m_step="gradient"`` (no closed form for any param), to show what the
+closed form saves.
 
 Run from the repository root::
 
     python benchmarks/mixed_models.py --quick           # 100 groups
     python benchmarks/mixed_models.py                   # 1000 groups x 20
+    python benchmarks/mixed_models.py --only "SAEM 1ch" # one method alone
 """
 
 import argparse
@@ -114,7 +116,9 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def timed(fn):
-    """``(result, wall seconds, seconds of XLA compilation within)``."""
+    """``(result, wall seconds, seconds of XLA compilation within, process CPU seconds)``
+    (CPU seconds count every thread of this process and do not grow with the load that
+    other processes put on the machine, wall seconds do)."""
     compiled = []
 
     def listen(event, duration, **kwargs):
@@ -122,12 +126,12 @@ def timed(fn):
             compiled.append(duration)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         out = jax.block_until_ready(fn())
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    return out, time.perf_counter() - start, sum(compiled)
+    return out, time.perf_counter() - start, sum(compiled), time.process_time() - cpu
 
 
 def main():
@@ -136,6 +140,9 @@ def main():
     parser.add_argument("--per-group", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="100 groups")
     parser.add_argument("--gradient", action="store_true", help='also m_step="gradient"')
+    parser.add_argument(
+        "--only", default=None, help='only this method, e.g. --only "SAEM 1ch", --only "NUTS mean"'
+    )
     options = parser.parse_args()
     groups = 100 if options.quick else options.groups
     data = simulate(groups, options.per_group)
@@ -157,11 +164,18 @@ def main():
             ("SAEM grad", jaxem.SAEM(glmm, schedule=(100, 50), m_step="gradient")),
             ("MCEM grad", jaxem.MCEM(glmm, max_draws=50, m_step="gradient")),
         ]
+    if options.only is not None:
+        names = [name for name, _ in fitters] + ["NUTS mean"]
+        if options.only not in names:
+            parser.error(f"--only: no method named {options.only!r}; one of {names}")
+        fitters = [(name, fitter) for name, fitter in fitters if name == options.only]
     for name, fitter in fitters:
-        first, t_first, t_compile = timed(
+        first, t_first, t_compile, c_first = timed(
             lambda f=fitter: f.run(jax.random.PRNGKey(0), *data, groups)
         )
-        second, t_second, _ = timed(lambda f=fitter: f.run(jax.random.PRNGKey(1), *data, groups))
+        second, t_second, _, c_second = timed(
+            lambda f=fitter: f.run(jax.random.PRNGKey(1), *data, groups)
+        )
         rows.append(
             (
                 name,
@@ -169,6 +183,8 @@ def main():
                 t_first,
                 t_compile,
                 t_second,
+                c_first,
+                c_second,
                 f"{float(second.log_likelihood):.3f} +- {float(second.log_likelihood_se):.3f}"
                 f" ({int(second.num_iters)} iterations)",
                 os.getloadavg()[0],
@@ -183,18 +199,22 @@ def main():
         mcmc.run(jax.random.PRNGKey(seed), *data, groups)
         return {k: jnp.mean(v) for k, v in mcmc.get_samples().items() if k != "z"}
 
-    _, t_first, t_compile = timed(lambda: nuts(0))
-    posterior, t_second, _ = timed(lambda: nuts(1))
-    rows.append(("NUTS mean", posterior, t_first, t_compile, t_second, "", os.getloadavg()[0]))
+    if options.only in (None, "NUTS mean"):
+        _, t_first, t_compile, c_first = timed(lambda: nuts(0))
+        posterior, t_second, _, c_second = timed(lambda: nuts(1))
+        load = os.getloadavg()[0]
+        rows.append(
+            ("NUTS mean", posterior, t_first, t_compile, t_second, c_first, c_second, "", load)
+        )
     print(
         f"{'method':10}{'intercept':>10}{'slope':>8}{'sd':>8}{'first s':>9}{'compile s':>10}"
-        f"{'run s':>8}{'load':>6}  loglik"
+        f"{'run s':>8}{'cpu 1st':>8}{'cpu 2nd':>8}{'load':>6}  loglik"
     )
-    for name, params, t_first, t_compile, t_second, ll, load in rows:
+    for name, params, t_first, t_compile, t_second, c_first, c_second, ll, load in rows:
         print(
             f"{name:10}{float(params['intercept']):>10.4f}{float(params['slope']):>8.4f}"
             f"{float(params['sd']):>8.4f}{t_first:>9.1f}{t_compile:>10.1f}{t_second:>8.1f}"
-            f"{load:>6.1f}  {ll}"
+            f"{c_first:>8.1f}{c_second:>8.1f}{load:>6.1f}  {ll}"
         )
 
 

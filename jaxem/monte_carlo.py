@@ -37,6 +37,7 @@ from jaxem.mcmc_estep import LatentModel, Sampler
 from jaxem.monte_carlo_stats import ClosedFormMStep
 from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
 from jaxem.numpyro_internals import hmc_kernel_settings
+from jaxem.stochastic_newton import MAX_COORDINATES
 from jaxem.uncertainty import standard_errors
 
 __all__ = ["MCInfo", "MCResult", "MCState", "MonteCarloEM"]
@@ -129,9 +130,11 @@ class MonteCarloEM:
         raise NotImplementedError
 
     def _maximize(self, structure, state, draws, weights, fresh, num, args, kwargs):
-        """The M-step on ``Q`` of ``(draws, weights)`` (a subclass may take a shortcut)."""
+        """The M-step on ``Q`` of ``(draws, weights)`` (a subclass may take a shortcut):
+        ``(params, Q at the state's params, gain, gain_se, information)``."""
         del fresh, num
-        return self._closed_then_gradient(structure, state.params, draws, weights, args, kwargs)
+        found = self._closed_then_gradient(structure, state.params, draws, weights, args, kwargs)
+        return found + (state.information,)
 
     def _closed_then_gradient(self, structure, params, draws, weights, args, kwargs):
         """The closed-form params solved from their statistics averaged over ``(draws,
@@ -173,7 +176,13 @@ class MonteCarloEM:
         zero = jnp.zeros((), jnp.int32)
         weights = jnp.zeros((self.num_slots,), jnp.result_type(float))
         nothing = jnp.zeros((), jnp.result_type(float))
-        return MCState(params, chains, draws, weights, zero, zero, nothing, nothing)
+        example = jax.tree.map(lambda x: x[None], constrained)
+        free = self._free_names(params, example, args, kwargs)
+        size = sum(int(np.size(biject_to(structure.constraints[n]).inv(params[n]))) for n in free)
+        # Beyond MAX_COORDINATES SAEM keeps the exact Q (see SAEM._maximize): no matrix.
+        size = size if size <= MAX_COORDINATES else 0
+        information = jnp.zeros((size, size), jnp.result_type(float))
+        return MCState(params, chains, draws, weights, zero, zero, nothing, nothing, information)
 
     def _per_draw(self, structure, params, draws, weights, args, kwargs):
         """``(weight of each draw, log p(x, z | params) of each draw, 0 where unused)``."""
@@ -186,6 +195,30 @@ class MonteCarloEM:
         """``sum_slot weight * mean_chain log p(x, z | params)``."""
         per_draw, lp = self._per_draw(structure, params, draws, weights, args, kwargs)
         return jnp.sum(per_draw * lp)
+
+    def _free_names(self, params, draws, args, kwargs):
+        """The params on the gradient path: neither frozen nor closed-form (planned on
+        the model given the first of ``draws``, ``(slots, chains, ...)``)."""
+        example = jax.tree.map(lambda x: x[0, 0], draws)
+        closed = self.closed_form.closed_names(params, example, args, kwargs)
+        return [n for n in params if n not in self.frozen and n not in closed]
+
+    def _free_log_density(self, structure, params, free, draws, weights, args, kwargs):
+        """``(u0, f, to_params)``: the params ``free`` as one flat vector ``u0`` in
+        unconstrained coordinates, ``f(u) = Q / number of observations`` over ``(draws,
+        weights)`` with the other params as in ``params``, and ``u -> params``."""
+        transforms = {n: biject_to(structure.constraints[n]) for n in free}
+        u0, unravel = ravel_pytree({n: transforms[n].inv(params[n]) for n in free})
+        scale = max(structure.num_observations, 1)
+
+        def to_params(u):
+            values = unravel(u)
+            return {**params, **{n: transforms[n](values[n]) for n in free}}
+
+        def f(u):
+            return self._q(structure, to_params(u), draws, weights, args, kwargs) / scale
+
+        return u0, f, to_params
 
     def _gain(self, structure, old, new, draws, weights, args, kwargs):
         """``(Q(new) - Q(old), its Monte Carlo standard error, Q(old))`` over the same
@@ -202,9 +235,7 @@ class MonteCarloEM:
         from ``start`` (params with the closed-form ones updated; default ``params``);
         they keep their values if ``Q`` would not rise."""
         begin = params if start is None else start
-        example = jax.tree.map(lambda x: x[0, 0], draws)
-        closed = self.closed_form.closed_names(params, example, args, kwargs)
-        free = [n for n in params if n not in self.frozen and n not in closed]
+        free = self._free_names(params, draws, args, kwargs)
         if not free:
             gain, gain_se, q = self._gain(structure, params, begin, draws, weights, args, kwargs)
             return begin, q, gain, gain_se
@@ -299,10 +330,21 @@ class MonteCarloEM:
 
         def keep():
             nan = jnp.array(jnp.nan, jnp.result_type(float))
-            return state.draws, state.weights, state.params, nan, state.gain, state.gain_se
+            return (
+                state.draws,
+                state.weights,
+                state.params,
+                nan,
+                state.gain,
+                state.gain_se,
+                state.information,
+            )
 
-        draws, weights, params, objective, gain, gain_se = jax.lax.cond(final, keep, update)
+        draws, weights, params, objective, gain, gain_se, information = jax.lax.cond(
+            final, keep, update
+        )
         new_state = state._replace(
+            information=information,
             gain=gain,
             gain_se=gain_se,
             params=params,

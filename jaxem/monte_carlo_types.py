@@ -25,6 +25,10 @@ class MCState(NamedTuple):
         streak: consecutive iterations meeting the stopping rule (MCEM).
         gain: the last M-step's rise of the Monte Carlo ``Q``.
         gain_se: its Monte Carlo standard error (draws taken as independent).
+        information: ``(d, d)``: SAEM's stochastic approximation of the
+            complete-data information of the ``d`` unconstrained coordinates of
+            the params without a closed form (`jaxem.stochastic_newton`); unused
+            by MCEM.
     """
 
     params: dict
@@ -35,6 +39,7 @@ class MCState(NamedTuple):
     streak: jax.Array
     gain: jax.Array = jnp.zeros(())
     gain_se: jax.Array = jnp.zeros(())
+    information: jax.Array = jnp.zeros((0, 0))
 
 
 class MCInfo(NamedTuple):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxem.monte_carlo import MCResult, MCState, MonteCarloEM
+from jaxem.stochastic_newton import stochastic_newton_step
 
 __all__ = ["SAEM"]
 
@@ -23,15 +24,23 @@ class SAEM(MonteCarloEM):
 
     ``Q_k(theta) = Q_{k-1}(theta) + gamma_k (mean_chains log p(x, z_k | theta) - Q_{k-1}(theta))``
 
-    then maximizes ``Q_k``. ``Q_k`` is a weighted sum over the stored draws (with
-    ``gamma = 1`` only the current ones count), so this is SAEM for any model, not
-    only an exponential family. A param that [`jaxem.EM`][jaxem.EM]'s closed-form
-    registry covers on the model given the draws (a random effect's location and
-    scale, a residual scale, mixture weights; `m_step_paths` says which) is solved
-    from its sufficient statistics averaged with those weights: exactly the
-    stochastic approximation ``s_k = s_{k-1} + gamma_k (S(z_k) - s_{k-1})`` of
-    Delyon et al. (1999), as saemix does. The others take ``m_step_iters`` L-BFGS
-    steps (or the given optax optimizer) on ``Q_k`` in unconstrained coordinates.
+    and raises ``Q_k``. A param that [`jaxem.EM`][jaxem.EM]'s closed-form registry
+    covers on the model given the draws (a random effect's location and scale, a
+    residual scale, mixture weights; `m_step_paths` says which) is solved from its
+    sufficient statistics averaged over the stored draws with the weights of
+    ``Q_k``: exactly the stochastic approximation ``s_k = s_{k-1} + gamma_k (S(z_k) -
+    s_{k-1})`` of Delyon et al. (1999), as saemix does. The others (in unconstrained
+    coordinates ``u``) take, while ``gamma_k = 1``, ``m_step_iters`` L-BFGS steps (or
+    the given optax optimizer) on this iteration's ``log p(x, z_k | theta)`` (a
+    stochastic EM step); once ``gamma_k < 1``, one Robbins-Monro step
+    ``u_{k+1} = u_k + gamma_k J_k^{-1} grad log p(x, z_k | u_k)`` with ``J_k`` the
+    stochastic approximation of the complete-data information (Gu and Kong 1998;
+    `jaxem.stochastic_newton`), whose cost does not grow with the iterations as the
+    exact ``Q_k`` over every stored draw would; where ``log p`` is quadratic in them
+    it is the exact maximizer of ``Q_k``. `MCResult.history` is then the Monte
+    Carlo ``log p(x, z_k | theta_k)`` of each iteration's own draws. With more than
+    `jaxem.stochastic_newton.MAX_COORDINATES` free coordinates, the optimizer on
+    the exact ``Q_k`` over the stored draws instead.
     The step sizes: ``gamma_k = 1`` for the first ``schedule[0]`` iterations (exploration), then
     ``gamma_k = (k - schedule[0] + 1) ** -decay`` for ``schedule[1]`` iterations
     (saemix's defaults: 300 + 100, decay 1). With ``decay`` in (1/2, 1] the
@@ -50,8 +59,9 @@ class SAEM(MonteCarloEM):
         num_chains: chains, run side by side under ``vmap``.
         num_warmup: transitions (from the start of the fit) during which step size
             and diagonal mass matrix are adapted.
-        optimizer: optax optimizer of the M-step; default ``optax.lbfgs()``.
-        m_step_iters: optimizer steps per iteration.
+        optimizer: optax optimizer of the M-step while ``gamma = 1``; default
+            ``optax.lbfgs()``.
+        m_step_iters: optimizer steps per iteration while ``gamma = 1``.
         frozen: params kept at their initial values.
         num_is_draws: posterior draws per chain at the fitted params, for the
             importance-sampling proposal and ``result.draws``.
@@ -113,17 +123,55 @@ class SAEM(MonteCarloEM):
         return draws, weights / jnp.sum(weights)
 
     def _maximize(self, structure, state, draws, weights, fresh, num, args, kwargs):
-        # With gamma = 1 only this iteration's draws carry weight: the exploration phase
-        # skips the stored ones (an M-step over them all would cost K2 times more).
         latest = jax.tree.map(lambda x: x[None], self._latest(fresh, num))
         one = jnp.ones((1,), weights.dtype)
-        return jax.lax.cond(
-            self.gamma(state.iteration) >= 1.0,
-            lambda: self._closed_then_gradient(structure, state.params, latest, one, args, kwargs),
-            lambda: self._closed_then_gradient(
-                structure, state.params, draws, weights, args, kwargs
-            ),
-        )
+        gamma = self.gamma(state.iteration)
+        free = self._free_names(state.params, latest, args, kwargs)
+        if free and state.information.shape[0] == 0:
+            # More than MAX_COORDINATES free coordinates (jaxem.stochastic_newton): the
+            # exact Q over the stored draws, maximized by the optimizer (with gamma = 1
+            # only this iteration's draws carry weight).
+            found = jax.lax.cond(
+                gamma >= 1.0,
+                lambda: self._closed_then_gradient(
+                    structure, state.params, latest, one, args, kwargs
+                ),
+                lambda: self._closed_then_gradient(
+                    structure, state.params, draws, weights, args, kwargs
+                ),
+            )
+            return found + (state.information,)
+
+        def explore():
+            # gamma = 1: only this iteration's draws carry weight (a stochastic EM step).
+            found = self._closed_then_gradient(structure, state.params, latest, one, args, kwargs)
+            information = state.information
+            if free:
+                # The information the first averaging iteration starts from.
+                u, f, _ = self._free_log_density(
+                    structure, found[0], free, latest, one, args, kwargs
+                )
+                information = -jax.hessian(f)(u)
+            return found + (information,)
+
+        def average():
+            # The closed-form params from the stochastic approximation of their
+            # statistics; the others by a Robbins-Monro step on this iteration's draws
+            # (jaxem.stochastic_newton): its cost does not grow with the stored draws.
+            params = self.closed_form.step(state.params, *self._flat(draws, weights), args, kwargs)
+            information = state.information
+            if free:
+                u, f, to_params = self._free_log_density(
+                    structure, params, free, latest, one, args, kwargs
+                )
+                u, information = stochastic_newton_step(f, u, gamma, information)
+                params = to_params(u)
+            gain, gain_se, q = self._gain(
+                structure, state.params, params, latest, one, args, kwargs
+            )
+            return params, q, gain, gain_se, information
+
+        return jax.lax.cond(gamma >= 1.0, explore, average)
 
     def _stop(self, state, new_state, tol):
         done = new_state.iteration >= sum(self.schedule)

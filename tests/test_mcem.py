@@ -392,6 +392,58 @@ def test_saem_approximates_the_sufficient_statistics(x64):
         )
 
 
+# "exact": more free coordinates than the step takes (MAX_COORDINATES patched to 0):
+# L-BFGS on the exact Q over the stored draws, the same update up to its tolerance.
+@pytest.mark.parametrize("path, rtol", [("newton", 1e-10), ("exact", 1e-7)])
+def test_saem_newton_step_on_a_quadratic_q_is_the_exact_saem_update(x64, monkeypatch, path, rtol):
+    """A param without a closed form (``m_step="gradient"``) once the step sizes
+    decrease takes the Robbins-Monro step u + gamma_k J_k^{-1} grad f_k(u) with J_k the
+    averaged complete-data information (jaxem.stochastic_newton). With ``s`` frozen,
+    log p(z | m) is quadratic in m with constant curvature G / s^2, so that step is
+    m_{k+1} = (1 - gamma_k) m_k + gamma_k mean_chains(sum_g z_g) / G: the recursion of
+    the sufficient statistic, i.e. the maximizer of the exact SAEM objective."""
+    if path == "exact":
+        monkeypatch.setattr("jaxem.monte_carlo.MAX_COORDINATES", 0)
+    y = jnp.linspace(-1.0, 3.0, 6)
+    em = jaxem.SAEM(
+        _random_intercepts, schedule=(2, 4), num_chains=3, m_step="gradient", frozen=("s",)
+    )
+    assert em.m_step_paths(y)["m"].startswith("gradient")
+    state = em.init(jax.random.PRNGKey(0), y)
+    for k in range(6):
+        before = float(state.params["m"])
+        state, _ = em.update(state, y)
+        if k <= 2:  # gamma = 1 (k = K1 included): L-BFGS on this iteration's draws
+            continue
+        z = np.asarray(state.draws["z"][k % 4])  # (chains, groups): this iteration's draws
+        gamma = 1.0 / (k - 1)
+        expected = (1 - gamma) * before + gamma * z.sum(1).mean() / 6
+        np.testing.assert_allclose(float(state.params["m"]), expected, rtol=rtol)
+        if path == "newton":
+            # The information of f = Q / (number of observations): (G / s^2) / 6 = 1.
+            np.testing.assert_allclose(np.asarray(state.information), [[1.0]], rtol=1e-10)
+        else:
+            assert state.information.shape == (0, 0)
+
+
+def test_the_newton_step_never_descends(x64):
+    """One draw's log-density may curve upward along a direction (far from the
+    maximum): the step's information matrix then counts that curvature by its size,
+    so the step still climbs; a direction without curvature is divided by 1e-8 times
+    the largest curvature, not by 0."""
+    from jaxem.stochastic_newton import positive_definite_solve
+
+    rotation = np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
+    matrix = rotation @ np.diag([2.0, -4.0]) @ rotation.T
+    grad = np.array([1.0, -2.0])
+    expected = rotation @ np.diag([1 / 2.0, 1 / 4.0]) @ rotation.T @ grad
+    found = np.asarray(positive_definite_solve(jnp.asarray(matrix), jnp.asarray(grad)))
+    np.testing.assert_allclose(found, expected, rtol=1e-12)
+    assert found @ grad > 0  # an ascent direction
+    flat = np.asarray(positive_definite_solve(jnp.diag(jnp.array([1.0, 0.0])), jnp.asarray(grad)))
+    np.testing.assert_allclose(flat, [1.0, -2.0e8], rtol=1e-12)
+
+
 def test_mcem_averages_the_sufficient_statistics_over_its_draws(x64):
     y = jnp.linspace(-1.0, 3.0, 6)
     em = jaxem.MCEM(_random_intercepts, num_draws=4, max_draws=8, num_chains=2, reg_covar=0.0)
