@@ -393,8 +393,11 @@ def test_saem_approximates_the_sufficient_statistics(x64):
 
 
 # "exact": more free coordinates than the step takes (MAX_COORDINATES patched to 0):
-# L-BFGS on the exact Q over the stored draws, the same update up to its tolerance.
-@pytest.mark.parametrize("path, rtol", [("newton", 1e-10), ("exact", 1e-7)])
+# L-BFGS on the exact Q over the stored draws, the same update up to its tolerance
+# (slow, for CI time: the default path is the Newton step).
+@pytest.mark.parametrize(
+    "path, rtol", [("newton", 1e-10), pytest.param("exact", 1e-7, marks=pytest.mark.slow)]
+)
 def test_saem_newton_step_on_a_quadratic_q_is_the_exact_saem_update(x64, monkeypatch, path, rtol):
     """A param without a closed form (``m_step="gradient"``) once the step sizes
     decrease takes the Robbins-Monro step u + gamma_k J_k^{-1} grad f_k(u) with J_k the
