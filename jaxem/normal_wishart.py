@@ -31,7 +31,7 @@ import numpyro.distributions as dist
 from jax.scipy.special import digamma, multigammaln
 
 from jaxem.conjugate import core_distribution
-from jaxem.exceptions import ModelError
+from jaxem.exceptions import ModelError, a_or_an
 from jaxem.numpyro_internals import user_site_name
 from jaxem.vb_sites import (
     check_pair_factors,
@@ -239,7 +239,7 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
     for n, prior in priors.items():
         if isinstance(prior, (dist.InverseWishart, dist.WishartCholesky)):
             raise ModelError(
-                f"jaxem: global site '{n}' has a {type(prior).__name__} prior: "
+                f"jaxem: global site '{n}' has {a_or_an(type(prior).__name__)} prior: "
                 "VariationalBayesEM's Normal-Wishart pair is written on the precision; "
                 + _SPELLING.format(prec=n, mean="mu")
                 + ". For a MAP fit use EM(model, global_sites=...)."
