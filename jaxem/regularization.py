@@ -41,6 +41,7 @@ __all__ = [
     "regularized_sites",
     "warn_if_held_by_reg_covar",
     "warn_if_reg_covar_dominates",
+    "warn_numerically",
 ]
 
 # reg_covar above this fraction of a coordinate's variance is not small: a component a
@@ -121,7 +122,7 @@ def regularized_sites(plan) -> dict:
     return found
 
 
-def _warn(message: str) -> None:
+def warn_numerically(message: str) -> None:
     """A `NumericalWarning` attributed to the first caller outside jaxem."""
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(0), 1
@@ -162,7 +163,7 @@ def warn_if_reg_covar_dominates(spread: dict, plan_fn: Callable[[], dict], reg_c
             if not variance.size or reg_covar <= DATA_FACTOR * variance.min():
                 continue
             smallest = float(variance.min())
-            _warn(
+            warn_numerically(
                 f"jaxem: reg_covar={reg_covar:g} is not small against the data of site "
                 f"'{site}', whose smallest variance per coordinate is {smallest:.3g} "
                 f"(standard deviation {np.sqrt(smallest):.3g}); it is added to every variance "
@@ -192,7 +193,7 @@ def warn_if_held_by_reg_covar(params: dict, plan, reg_covar: float) -> None:
         site_list = ", ".join(f"'{s}'" for s in sites)
         shown = entries[:3] if smallest.ndim else []
         where = f" at entries {shown}{' ...' if len(entries) > 3 else ''}" if shown else ""
-        _warn(
+        warn_numerically(
             f"jaxem: the fitted {what} of param '{name}' (site {site_list}){where} is "
             f"{float(np.min(smallest)):.3g}, within a factor {FLOOR_FACTOR:g} of "
             f"reg_covar={reg_covar:g}: the regularizer, not the data, holds that component "

@@ -154,10 +154,18 @@ def test_a_component_collapsed_on_ties_far_from_zero_stays_there(family, dtype, 
             init = {"mu": mu, "sigma": sigma}
         init = {k: jnp.asarray(v, dtype) for k, v in init.items()}
         init["w"] = jnp.asarray([0.25, 0.75], dtype)
-        with pytest.warns(NumericalWarning, match="reg_covar"):
+        with pytest.warns(NumericalWarning, match="reg_covar") as caught:
             result = EM(model, reg_covar=REG_COVAR).run(
                 jax.random.PRNGKey(0), jnp.asarray(data), 2, max_iter=5, tol=0.0, init_params=init
             )
+        # Its scale, 1e-3, is below the resolution of its location (jaxem.resolution).
+        unresolved = [
+            str(w.message) for w in caught if "floating-point resolution" in str(w.message)
+        ]
+        assert len(unresolved) == 1, [str(w.message) for w in caught]
+        family_name = "MultivariateNormal" if family == "full" else "Normal"
+        for part in (f"site 'x' ({family_name}, params 'mu', '{scale_name}')", dtype, "center"):
+            assert part in unresolved[0], unresolved[0]
         history = np.asarray(result.history, np.float64)
         slack = 64 * np.finfo(dtype).eps * (abs(history[0]) + len(x))
         assert np.all(np.diff(history) >= -slack), history
@@ -168,6 +176,36 @@ def test_a_component_collapsed_on_ties_far_from_zero_stays_there(family, dtype, 
         scale = np.asarray(result.params[scale_name], np.float64)
         first = np.diagonal(scale[0]) if family == "full" else scale.reshape(2, -1)[0, :1]
         np.testing.assert_allclose(first, np.sqrt(REG_COVAR), rtol=1e-3)
+
+
+def _lognormal_mixture(x, K):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.zeros(K))
+    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.LogNormal(mu[z], sigma[z]), obs=x)
+
+
+def test_a_lognormal_scale_below_the_resolution_of_its_log_location_is_warned():
+    """The LogNormal member of the check above: 12 float32 points tied at e^50 (their
+    log, 50, has float32 spacing 3.8e-6), a component collapsed on them with scale
+    sqrt(reg_covar) = 1e-6 below 8 eps (|50| + 1) = 4.9e-5."""
+    rng = np.random.default_rng(2)
+    logs = np.concatenate([np.full(12, 50.0), 50.0 + rng.standard_normal(36)])
+    x = np.exp(logs).astype(np.float32)
+    init = {
+        "w": jnp.asarray([0.25, 0.75]),
+        "mu": jnp.asarray([np.log(x[0]), logs[12:].mean()], jnp.float32),
+        "sigma": jnp.asarray([1e-6, logs[12:].std()], jnp.float32),
+    }
+    with pytest.warns(NumericalWarning, match="floating-point resolution") as caught:
+        EM(_lognormal_mixture, reg_covar=1e-12).run(
+            jax.random.PRNGKey(0), jnp.asarray(x), 2, max_iter=2, tol=0.0, init_params=init
+        )
+    message = next(str(w.message) for w in caught if "resolution" in str(w.message))
+    for part in ("site 'x' (LogNormal, params 'mu', 'sigma')", "log x", "float32", "float64"):
+        assert part in message, message
 
 
 class _Rayleigh(dist.Distribution):
