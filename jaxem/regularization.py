@@ -39,6 +39,7 @@ __all__ = [
     "FLOOR_FACTOR",
     "coordinate_variance",
     "regularized_sites",
+    "variances_fn",
     "warn_if_held_by_reg_covar",
     "warn_if_reg_covar_dominates",
     "warn_numerically",
@@ -102,7 +103,7 @@ _VARIANCES = {
 }
 
 
-def _variances_fn(update):
+def variances_fn(update):
     """``param value -> its variances`` for a closed-form update that adds
     ``reg_covar``: the built-in Gaussian solves, or a registered update's
     ``variance_fn`` (None when neither says)."""
@@ -116,7 +117,7 @@ def regularized_sites(plan) -> dict:
     ``variance_fn``)."""
     found = {}
     for name, path in plan.items():
-        if path.kind == "closed-form" and _variances_fn(path.update) is not None:
+        if path.kind == "closed-form" and variances_fn(path.update) is not None:
             sites = dict.fromkeys(user_site_name(site) for site, _ in path.consumers)
             found[name] = tuple(sites)
     return found
@@ -181,7 +182,7 @@ def warn_if_held_by_reg_covar(params: dict, plan, reg_covar: float) -> None:
         return
     for name, sites in regularized_sites(plan).items():
         update = plan[name].update
-        variances = np.asarray(_variances_fn(update)(np.asarray(params[name], np.float64)))
+        variances = np.asarray(variances_fn(update)(np.asarray(params[name], np.float64)))
         smallest = np.min(variances, axis=-1)
         held = smallest <= FLOOR_FACTOR * reg_covar
         if not np.any(held):

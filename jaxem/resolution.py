@@ -38,7 +38,7 @@ import numpyro.distributions as dist
 
 from jaxem.gaussian_stats import LOCATION_ROUNDING
 from jaxem.numpyro_internals import user_site_name
-from jaxem.regularization import warn_numerically
+from jaxem.regularization import variances_fn, warn_numerically
 from jaxem.supports import core_and_mask
 from jaxem.tracing import enumerated_trace
 
@@ -124,12 +124,38 @@ def unresolved_scales(trace, plan) -> dict:
     return found
 
 
+def _may_be_unresolved(params, plan, sites) -> bool:
+    """A necessary condition for `unresolved_scales` to find anything, from the params
+    alone (no trace, nothing compiled: the check costs a healthy fit nothing): some
+    site's smallest standard deviation bound, ``sqrt`` of the smallest variance (or
+    covariance eigenvalue, below every conditional variance) its scale params give, at
+    most ``RESOLUTION_ULPS * eps * (max |location param| + 1)``. True where a site's
+    location or scale is not such a param (then the trace decides)."""
+    for roles in sites.values():
+        if not roles["loc"] or not roles["scale"]:
+            return True
+        smallest = np.inf
+        for name in roles["scale"]:
+            variances = variances_fn(plan[name].update)
+            if variances is None:
+                return True
+            values = np.asarray(variances(np.asarray(params[name], np.float64)))
+            smallest = min(smallest, float(np.sqrt(np.maximum(np.min(values), 0.0))))
+        locs = [np.asarray(params[name]) for name in roles["loc"]]
+        largest = max(float(np.max(np.abs(loc.astype(np.float64)))) for loc in locs)
+        eps = float(np.finfo(np.result_type(*locs)).eps)
+        if not smallest > RESOLUTION_ULPS * eps * (largest + 1):
+            return True
+    return False
+
+
 def warn_if_scale_unresolved(model, params, args, kwargs, max_plate_nesting, plan) -> None:
     """A `NumericalWarning` for every site (as the user named it) whose fitted standard
     deviation is at or below `RESOLUTION_ULPS` spacings of its location
     (`unresolved_scales`; concrete ``params``): it names the site, the params, the
     dtype and what to do."""
-    if not _checked_sites(plan):
+    sites = _checked_sites(plan)
+    if not sites or not _may_be_unresolved(params, plan, sites):
         return
     fitted = {k: jnp.asarray(v) for k, v in params.items()}
     trace = enumerated_trace(model, fitted, args, kwargs, max_plate_nesting, log_probs=False)
