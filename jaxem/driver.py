@@ -42,6 +42,7 @@ from jaxem.loop import (
 from jaxem.mstep import plan_m_step
 from jaxem.precision import broken_down, recheck_in_float64
 from jaxem.regularization import warn_if_held_by_reg_covar, warn_if_reg_covar_dominates
+from jaxem.resolution import warn_if_scale_unresolved
 from jaxem.supports import argument_support, arguments_in_support
 from jaxem.tracing import enumerated_trace
 
@@ -301,7 +302,8 @@ class Fitter:
         arguments left their support or whose gradient-path params have a non-finite
         gradient and never moved; the float32 log-likelihood checked in float64
         (`jaxem.precision.recheck_in_float64`); a NumericalWarning for variances
-        held up by reg_covar. ``start``: the kept restart's initial params (from the
+        held up by reg_covar, and for scales below the resolution of their location
+        (`jaxem.resolution`). ``start``: the kept restart's initial params (from the
         compiled run: no model is traced eagerly here). Returns the result, updated."""
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((result, start))):
             return result
@@ -344,6 +346,9 @@ class Fitter:
                 return broken_down(result, exact - prior, self.restart_scores, self.score)
         if not bool(result.diverged):
             warn_if_held_by_reg_covar(result.params, plan, settings.reg_covar)
+            warn_if_scale_unresolved(
+                model, result.params, args, kwargs, structure.max_plate_nesting, plan
+            )
         return result
 
     # -- public API ----------------------------------------------------------

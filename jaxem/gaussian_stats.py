@@ -234,30 +234,47 @@ def normal_scale_stats(transform=lambda x: x):
 
 
 # Relative rounding of a location solved as ``(P sum w x) / (P sum w)``, in units of
-# ``eps |m|``: the shifted or centred first moment plus ``m count`` (two roundings),
-# the products with ``P`` (two), the division (one), and the sums over a param's
-# consumers (an HMM's first step and its scan: one more each), at ``eps / 2`` apiece.
+# ``eps |m|`` per coordinate: the shifted or centred first moment plus ``m count`` (two
+# roundings), the products with ``P`` (two), the division (one), and the sums over a
+# param's consumers (an HMM's first step and its scan: one more each), at ``eps / 2``
+# apiece.
 LOCATION_ROUNDING = 4.0
 
 
-def keep_within_rounding(new, old, size):
-    """``new`` where it moved from ``old`` by more than twice its rounding bound
-    ``LOCATION_ROUNDING * eps * size``, else ``old``.
+def keep_within_rounding(new, old, curvature):
+    """``new`` where it moved from ``old`` by more than twice its rounding bound, else
+    ``old``; one rule for a Normal's (a LogNormal's) location and a MultivariateNormal's.
 
-    With ``m*`` the exact maximizer of Q (a quadratic in the location) and ``e
-    <= B`` the rounding of ``new``, a move ``|new - old| > 2 B`` implies ``|old
-    - m*| > B >= |new - m*|``: the move raises Q. A smaller one may be rounding
-    alone, and where the location is sharper than its ulp it lowers Q.
+    Q is a quadratic in the location ``m`` with curvature ``S = sum_c w_c P_c``: ``Q(m)
+    = Q(m*) - |m - m*|_S^2 / 2`` in the norm ``|v|_S = sqrt(v^T S v)``, ``m*`` the exact
+    maximizer. The solved ``new`` is off from ``m*`` by at most ``LOCATION_ROUNDING *
+    eps * |m_d|`` per coordinate, so (``|S_de| <= sqrt(S_dd S_ee)``) by at most ``B =
+    LOCATION_ROUNDING * eps * sum_d |new_d| sqrt(S_dd)`` in that norm. A move ``|new -
+    old|_S > 2 B`` implies ``|old - m*|_S > B >= |new - m*|_S``: the move raises Q. A
+    smaller one may be rounding alone, and where the location is sharper than its ulp
+    it lowers Q. In one dimension the rule reads ``|new - old| > 2 LOCATION_ROUNDING
+    eps |new|``.
+
+    The bound counts the roundings of the ratio of sums (exact when a component's
+    precision is shared by its cells, as in a mixture or an HMM); a MultivariateNormal's
+    linear solve adds rounding that grows with the condition number of ``S``, which it
+    does not count: there the rule keeps fewer moves, never more, than a true bound.
 
     Args:
-        new: the solved location(s).
-        old: the location(s) before the step.
-        size: a bound on the magnitude the rounding is relative to (same shape,
-            or broadcastable; for a vector location, its per-component norm
-            already reduced by the caller).
+        new: the solved location(s), event dim last (``(..., D)``).
+        old: the location(s) before the step, broadcastable to ``new``.
+        curvature: ``S``, ``(..., D, D)``, broadcastable (the solve's matrix).
     """
-    bound = LOCATION_ROUNDING * _eps(new) * size
-    return jnp.where(jnp.abs(new - old) > 2 * bound, new, old)
+    # Both sides scale with sqrt(S): S normalized by its largest diagonal entry, so that
+    # a component of tiny weight does not underflow.
+    diag = jnp.abs(jnp.diagonal(curvature, axis1=-2, axis2=-1))
+    largest = jnp.max(diag, axis=-1)
+    curvature = curvature / jnp.where(largest > 0, largest, 1)[..., None, None]
+    delta = new - old
+    moved = jnp.einsum("...d,...de,...e->...", delta, curvature, delta)
+    root = jnp.sqrt(jnp.abs(jnp.diagonal(curvature, axis1=-2, axis2=-1)))
+    bound = LOCATION_ROUNDING * _eps(new) * jnp.sum(jnp.abs(new) * root, axis=-1)
+    return jnp.where((jnp.sqrt(jnp.abs(moved)) > 2 * bound)[..., None], new, old)
 
 
 def normal_loc_solve(stats, old, reg_covar):
@@ -265,7 +282,9 @@ def normal_loc_solve(stats, old, reg_covar):
     within rounding (`keep_within_rounding`)."""
     num, den = stats
     new = jnp.where(den > 0, _safe_div(num, den), old)
-    return keep_within_rounding(new, old, jnp.abs(new))
+    old = jnp.broadcast_to(old, jnp.shape(new))
+    kept = keep_within_rounding(new[..., None], old[..., None], den[..., None, None])
+    return kept[..., 0]
 
 
 def normal_scale_solve(stats, old, reg_covar):
@@ -307,14 +326,16 @@ def mvn_loc_stats(cells, target):
 
 
 def mvn_loc_solve(stats, old, reg_covar):
-    """``(sum w P)^-1 sum w P x``; ``old`` where nothing weighs."""
+    """``(sum w P)^-1 sum w P x``; ``old`` where nothing weighs, or where the move is
+    within rounding (`keep_within_rounding`)."""
     num, den = stats
     weight = jnp.trace(den, axis1=-2, axis2=-1)
     eye = jnp.eye(den.shape[-1], dtype=den.dtype)
     safe_den = jnp.where((weight > 0)[..., None, None], den, eye)
-    return jnp.where(
+    new = jnp.where(
         (weight > 0)[..., None], jnp.linalg.solve(safe_den, num[..., None])[..., 0], old
     )
+    return keep_within_rounding(new, old, den)
 
 
 def _scatter_error(moments, scatter, count):

@@ -63,6 +63,7 @@ from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import all_finite, tree_where
 from jaxem.regularization import warn_if_held_by_reg_covar
+from jaxem.resolution import warn_if_scale_unresolved
 from jaxem.weights import reject_case_weights
 
 __all__ = ["OnlineEM", "OnlineEMState", "OnlineEMResult", "check_num_data", "power_decay"]
@@ -441,12 +442,15 @@ class OnlineEM(Fitter):
         ModelError for distribution arguments that the fitted params put outside
         their support (only a non-finite update is rejected, so one that leaves
         the support is kept), and a NumericalWarning for variances held up by
-        ``reg_covar``."""
+        ``reg_covar`` or below the resolution of their location."""
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         raise_for_fitted_arguments(self.model, result.params, args, kwargs, structure)
         plan = self.m_step_settings.plan(result.params, arrays, spec, structure)
         warn_if_held_by_reg_covar(result.params, plan, self.reg_covar)
+        warn_if_scale_unresolved(
+            self.model, result.params, args, kwargs, structure.max_plate_nesting, plan
+        )
 
 
 def _warn_about_rejections(result, rejected) -> None:

@@ -39,8 +39,10 @@ __all__ = [
     "FLOOR_FACTOR",
     "coordinate_variance",
     "regularized_sites",
+    "variances_fn",
     "warn_if_held_by_reg_covar",
     "warn_if_reg_covar_dominates",
+    "warn_numerically",
 ]
 
 # reg_covar above this fraction of a coordinate's variance is not small: a component a
@@ -101,7 +103,7 @@ _VARIANCES = {
 }
 
 
-def _variances_fn(update):
+def variances_fn(update):
     """``param value -> its variances`` for a closed-form update that adds
     ``reg_covar``: the built-in Gaussian solves, or a registered update's
     ``variance_fn`` (None when neither says)."""
@@ -115,13 +117,13 @@ def regularized_sites(plan) -> dict:
     ``variance_fn``)."""
     found = {}
     for name, path in plan.items():
-        if path.kind == "closed-form" and _variances_fn(path.update) is not None:
+        if path.kind == "closed-form" and variances_fn(path.update) is not None:
             sites = dict.fromkeys(user_site_name(site) for site, _ in path.consumers)
             found[name] = tuple(sites)
     return found
 
 
-def _warn(message: str) -> None:
+def warn_numerically(message: str) -> None:
     """A `NumericalWarning` attributed to the first caller outside jaxem."""
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(0), 1
@@ -162,7 +164,7 @@ def warn_if_reg_covar_dominates(spread: dict, plan_fn: Callable[[], dict], reg_c
             if not variance.size or reg_covar <= DATA_FACTOR * variance.min():
                 continue
             smallest = float(variance.min())
-            _warn(
+            warn_numerically(
                 f"jaxem: reg_covar={reg_covar:g} is not small against the data of site "
                 f"'{site}', whose smallest variance per coordinate is {smallest:.3g} "
                 f"(standard deviation {np.sqrt(smallest):.3g}); it is added to every variance "
@@ -180,7 +182,7 @@ def warn_if_held_by_reg_covar(params: dict, plan, reg_covar: float) -> None:
         return
     for name, sites in regularized_sites(plan).items():
         update = plan[name].update
-        variances = np.asarray(_variances_fn(update)(np.asarray(params[name], np.float64)))
+        variances = np.asarray(variances_fn(update)(np.asarray(params[name], np.float64)))
         smallest = np.min(variances, axis=-1)
         held = smallest <= FLOOR_FACTOR * reg_covar
         if not np.any(held):
@@ -192,7 +194,7 @@ def warn_if_held_by_reg_covar(params: dict, plan, reg_covar: float) -> None:
         site_list = ", ".join(f"'{s}'" for s in sites)
         shown = entries[:3] if smallest.ndim else []
         where = f" at entries {shown}{' ...' if len(entries) > 3 else ''}" if shown else ""
-        _warn(
+        warn_numerically(
             f"jaxem: the fitted {what} of param '{name}' (site {site_list}){where} is "
             f"{float(np.min(smallest)):.3g}, within a factor {FLOOR_FACTOR:g} of "
             f"reg_covar={reg_covar:g}: the regularizer, not the data, holds that component "

@@ -41,6 +41,7 @@ __all__ = [
     "argument_support",
     "arguments_in_support",
     "constraint_wider_than_support",
+    "core_and_mask",
     "constraint_spelling",
     "params_of_argument",
     "raise_for_arguments",
@@ -105,7 +106,7 @@ def constraint_spelling(constraint) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _core_and_mask(fn):
+def core_and_mask(fn):
     """The distribution under missing entries, plate expansion, masks and ``to_event``,
     and where it counts: a boolean array aligned to its batch shape, or None."""
     masks, reinterpreted = [], 0
@@ -148,7 +149,7 @@ def argument_support(trace) -> dict:
     """
     found = {}
     for name, site in trace.sites.items():
-        core, mask = _core_and_mask(site.fn)
+        core, mask = core_and_mask(site.fn)
         if isinstance(core, dist.Unit):
             continue
         for arg, value in core.get_args().items():
@@ -184,7 +185,7 @@ def params_of_argument(trace_fn: Callable, params: dict, site: str, arg: str) ->
     names = tuple(params)
 
     def argument(values):
-        core, _ = _core_and_mask(trace_fn(dict(zip(names, values))).sites[site].fn)
+        core, _ = core_and_mask(trace_fn(dict(zip(names, values))).sites[site].fn)
         return core.get_args()[arg]
 
     closed = jax.make_jaxpr(argument)([params[n] for n in names])

@@ -116,45 +116,96 @@ def test_em_stays_at_the_mle_of_components_far_from_the_data_mean(family, dtype)
         np.testing.assert_allclose(variances, spread**2, rtol=100 * tol)
 
 
-@pytest.mark.parametrize("family", ["normal", "diag"])
+@pytest.mark.parametrize("family", ["normal", "diag", "full"])
 @pytest.mark.parametrize(("dtype", "far"), [("float32", -460152.57568657), ("float64", 2.5e14)])
 def test_a_component_collapsed_on_ties_far_from_zero_stays_there(family, dtype, far):
     """A component collapsed onto 12 tied points far from 0, held up by reg_covar: its
     scale (1e-3) is below the spacing of numbers at its location (0.03 in float32 at
     4.6e5, 0.03 in float64 at 2.5e14). The location, solved as a ratio of two rounded
-    sums, came out an ulp or two off the tie; that lowered the log-likelihood by 47
-    nats in one step, and the next scale stage fitted the ulps (scale 0.03, no
-    warning). It must stay on the tie, and reg_covar holding it up is warned about."""
+    sums (a linear solve for the full covariance), came out an ulp or two off the tie;
+    that lowered the log-likelihood by 47 nats in one step, and the next scale stage
+    fitted the ulps (scale 0.03, no warning). It must stay on the tie, and reg_covar
+    holding it up is warned about. ``full``: 2-D tied points, a MultivariateNormal
+    with a Cholesky factor param (its location dropped 52 nats in one step)."""
     with jax.enable_x64(dtype == "float64"):
         rng = np.random.default_rng(1)
-        x = np.concatenate([np.full(12, far), far + 1e5 * rng.standard_normal(36)])
-        x = x.astype(dtype)
-        mu = np.array([x[0], x[12:].mean()])
-        sigma = np.array([1e-3, x[12:].std()])
-        model, data = normal_mixture, x
-        if family == "diag":
-            # A second coordinate with no ties: the collapse is in the first alone.
-            data = np.stack([x, x[::-1]], 1)
-            mu = np.stack([mu, [data[:12, 1].mean(), data[12:, 1].mean()]], 1)
-            sigma = np.stack([sigma, [data[:12, 1].std(), data[12:, 1].std()]], 1)
-            model = gmm_diag
-        init = {
-            "w": jnp.asarray([0.25, 0.75], dtype),
-            "mu": jnp.asarray(mu, dtype),
-            "sigma": jnp.asarray(sigma, dtype),
-        }
-        with pytest.warns(NumericalWarning, match="reg_covar"):
+        if family == "full":
+            tie = np.array([far, -0.7 * far])
+            x = np.concatenate([np.tile(tie, (12, 1)), tie + 1e5 * rng.standard_normal((36, 2))])
+            x = x.astype(dtype)
+            spread = np.cov(x[12:].T.astype(np.float64), bias=True)
+            init = {
+                "mu": np.stack([x[0], x[12:].mean(0)]),
+                "L": np.stack([1e-3 * np.eye(2), np.linalg.cholesky(spread)]),
+            }
+            model, data, scale_name = gmm_scale_tril, x, "L"
+        else:
+            x = np.concatenate([np.full(12, far), far + 1e5 * rng.standard_normal(36)])
+            x = x.astype(dtype)
+            mu = np.array([x[0], x[12:].mean()])
+            sigma = np.array([1e-3, x[12:].std()])
+            model, data, scale_name = normal_mixture, x, "sigma"
+            if family == "diag":
+                # A second coordinate with no ties: the collapse is in the first alone.
+                data = np.stack([x, x[::-1]], 1)
+                mu = np.stack([mu, [data[:12, 1].mean(), data[12:, 1].mean()]], 1)
+                sigma = np.stack([sigma, [data[:12, 1].std(), data[12:, 1].std()]], 1)
+                model = gmm_diag
+            init = {"mu": mu, "sigma": sigma}
+        init = {k: jnp.asarray(v, dtype) for k, v in init.items()}
+        init["w"] = jnp.asarray([0.25, 0.75], dtype)
+        with pytest.warns(NumericalWarning, match="reg_covar") as caught:
             result = EM(model, reg_covar=REG_COVAR).run(
                 jax.random.PRNGKey(0), jnp.asarray(data), 2, max_iter=5, tol=0.0, init_params=init
             )
+        # Its scale, 1e-3, is below the resolution of its location (jaxem.resolution).
+        unresolved = [
+            str(w.message) for w in caught if "floating-point resolution" in str(w.message)
+        ]
+        assert len(unresolved) == 1, [str(w.message) for w in caught]
+        family_name = "MultivariateNormal" if family == "full" else "Normal"
+        for part in (f"site 'x' ({family_name}, params 'mu', '{scale_name}')", dtype, "center"):
+            assert part in unresolved[0], unresolved[0]
         history = np.asarray(result.history, np.float64)
         slack = 64 * np.finfo(dtype).eps * (abs(history[0]) + len(x))
         assert np.all(np.diff(history) >= -slack), history
         assert float(result.log_likelihood) >= history[0] - slack
         mu = np.asarray(result.params["mu"]).reshape(2, -1)
-        assert mu[0, 0] == x[0], (mu, x[0])
-        sigma = np.asarray(result.params["sigma"], np.float64).reshape(2, -1)
-        np.testing.assert_allclose(sigma[0, 0], np.sqrt(REG_COVAR), rtol=1e-3)
+        tied = x[0] if family == "full" else x[0, None]
+        np.testing.assert_array_equal(mu[0, : len(tied)], tied)
+        scale = np.asarray(result.params[scale_name], np.float64)
+        first = np.diagonal(scale[0]) if family == "full" else scale.reshape(2, -1)[0, :1]
+        np.testing.assert_allclose(first, np.sqrt(REG_COVAR), rtol=1e-3)
+
+
+def _lognormal_mixture(x, K):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.zeros(K))
+    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.LogNormal(mu[z], sigma[z]), obs=x)
+
+
+def test_a_lognormal_scale_below_the_resolution_of_its_log_location_is_warned():
+    """The LogNormal member of the check above: 12 float32 points tied at e^50 (their
+    log, 50, has float32 spacing 3.8e-6), a component collapsed on them with scale
+    sqrt(reg_covar) = 1e-6 below 8 eps (|50| + 1) = 4.9e-5."""
+    rng = np.random.default_rng(2)
+    logs = np.concatenate([np.full(12, 50.0), 50.0 + rng.standard_normal(36)])
+    x = np.exp(logs).astype(np.float32)
+    init = {
+        "w": jnp.asarray([0.25, 0.75]),
+        "mu": jnp.asarray([np.log(x[0]), logs[12:].mean()], jnp.float32),
+        "sigma": jnp.asarray([1e-6, logs[12:].std()], jnp.float32),
+    }
+    with pytest.warns(NumericalWarning, match="floating-point resolution") as caught:
+        EM(_lognormal_mixture, reg_covar=1e-12).run(
+            jax.random.PRNGKey(0), jnp.asarray(x), 2, max_iter=2, tol=0.0, init_params=init
+        )
+    message = next(str(w.message) for w in caught if "resolution" in str(w.message))
+    for part in ("site 'x' (LogNormal, params 'mu', 'sigma')", "log x", "float32", "float64"):
+        assert part in message, message
 
 
 class _Rayleigh(dist.Distribution):

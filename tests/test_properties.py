@@ -286,6 +286,7 @@ class Fit(NamedTuple):
     kwargs: dict
     result: jaxem.EMResult
     warned: tuple  # the classes of the warnings the fit raised
+    messages: tuple = ()  # and their messages
 
 
 def _fit(name, case, *, max_iter=MAX_ITER, reg_covar=1e-6, num_restarts=1):
@@ -311,7 +312,8 @@ def _fit(name, case, *, max_iter=MAX_ITER, reg_covar=1e-6, num_restarts=1):
         )
         result = jax.tree.map(np.asarray, result)
     warned = tuple(w.category for w in caught)
-    return Fit(tuple(np.asarray(a) for a in args), kwargs, result, warned)
+    messages = tuple(str(w.message) for w in caught)
+    return Fit(tuple(np.asarray(a) for a in args), kwargs, result, warned, messages)
 
 
 def _eps(case):
@@ -474,13 +476,23 @@ def test_every_fit_is_monotone_finite_and_stationary_when_converged(name, case):
         _check_converged(name, fit, case)
 
 
-# Open (issue 15): a free-df Student-t mixture can collapse (a scale near 0 and df near 0
-# on tied points) and stop with converged=True where this stricter float64 score statistic
-# still sees a gain; the engine's own check (gradient.stationarity) is looser there.
+# Open (issue 15), the fit's fault, not the statistic's: on tied data (a quarter of the
+# points equal) a free-df Student-t mixture's likelihood is unbounded. A component
+# collapses onto the 12 ties, its scale and df running to 0 (float32, seed 0: sigma
+# 4.2e-19, df 0.36, the log-likelihood climbing -84 -> 298 and still rising; float64,
+# seed 58487: sigma 3.4e-12, df 1.4e-9). Each tied point's log-density is -log sigma +
+# O(1) there, so the gradient in log sigma is minus the number of ties: the statistic
+# sees -12.0 with a Fisher entry of 12.0, exactly that, and no stationary point exists.
+# EM's gain per step falls below tol on the way (gradient-path steps in log sigma
+# shrink), and the engine's gain estimate (gradient.stationarity) calls it converged
+# with no warning. Fixing it needs a collapse detector for scales on the gradient path
+# (no reg_covar holds them up); jaxem.resolution flags such a scale only once it is
+# below the float resolution of its location (the float32 case, not the float64 one,
+# and only for the closed-form Gaussian families today).
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="open: a collapsing free-df Student-t fit passes the engine's stationarity check "
-    "but not this stricter one",
+    reason="open: a free-df Student-t component collapsing onto tied points (unbounded "
+    "likelihood, gradient -n_ties in log sigma) is reported converged without a warning",
     strict=False,
 )
 @SETTINGS
@@ -494,8 +506,11 @@ def test_a_converged_student_t_mixture_is_stationary(case):
 # sqrt(reg_covar) = 1e-3, the points' float32 spacing 0.03). The location, solved as a
 # ratio of two rounded sums, came out 2 ulps off the tie; that step lowered the
 # log-likelihood by 55.6 (-408.58 to -464.20) and the next scale stage fitted the ulps.
-# A location now moves only beyond its rounding (gaussian_stats.keep_within_rounding).
-def test_a_float32_hmm_on_tied_data_at_scale_1e5_is_monotone():
+# A location now moves only beyond its rounding (gaussian_stats.keep_within_rounding):
+# the fit is monotone. It still ends at -455.89 (float64: -408.58), the collapsed
+# component's scale 0.031, one float32 spacing at its location: a scale that float32
+# cannot fit there, which a NumericalWarning now says (jaxem.resolution).
+def test_a_float32_hmm_on_tied_data_at_scale_1e5_is_monotone_and_warned():
     case = Case(
         seed=0,
         dtype="float32",
@@ -505,4 +520,13 @@ def test_a_float32_hmm_on_tied_data_at_scale_1e5_is_monotone():
         start="data",
         ties=True,
     )
-    _check_monotone(_fit("hmm", case), case)
+    fit = _fit("hmm", case)
+    _check_monotone(fit._replace(warned=()), case)  # monotone, warned or not
+    unresolved = [m for m in fit.messages if "floating-point resolution" in m]
+    assert len(unresolved) == 1, fit.messages
+    for part in ("sites 'x0', 'x' (Normal, params 'mu', 'sigma')", "float32", "float64"):
+        assert part in unresolved[0], unresolved[0]
+    # The same draw without the ties, at the same scale and offset: the components keep
+    # their spread (1e4 and more), and nothing is warned about.
+    healthy = _fit("hmm", case._replace(ties=False))
+    assert not any(issubclass(w, jaxem.NumericalWarning) for w in healthy.warned), healthy

@@ -642,7 +642,11 @@ def _nw_variant(kind):
     [
         ("covariance", ("w", "lam", "mu"), r"site 'x' reads 'lam' through \['covariance_matrix'\]"),
         ("independent_mean", ("w", "lam", "mu"), r"'lam' has a Wishart prior but no global site"),
-        ("inverse_wishart", ("w", "sigma", "mu"), r"'sigma' has an InverseWishart prior.*precision"),
+        (
+            "inverse_wishart",
+            ("w", "sigma", "mu"),
+            r"'sigma' has an InverseWishart prior.*precision",
+        ),
         ("other_component", ("w", "lam", "mu"), r"site 'x' reads 'mu' and 'lam' at different"),
         ("tied", ("w", "lam", "mu"), r"one mean per precision matrix"),
     ],
