@@ -12,8 +12,9 @@ import optax
 from jaxem.accelerators import ACCELERATIONS
 from jaxem.arguments import merge_args
 from jaxem.built import built_model
-from jaxem.driver import Fitter, MStep, in_support
+from jaxem.driver import Fitter, in_support
 from jaxem.estep import e_step
+from jaxem.fitter_m_step import MStep
 from jaxem.global_sites import log_prior_of_trace, with_global_sites
 from jaxem.gradient import default_optimizer, stationarity
 from jaxem.inspection import model_structure

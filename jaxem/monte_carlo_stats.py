@@ -38,9 +38,9 @@ from jaxem.arguments import split_args
 from jaxem.built import built_model
 from jaxem.closed_form import registered_closed_forms
 from jaxem.closed_form_step import closed_form_statistics_m_step
-from jaxem.driver import describe_plan
 from jaxem.estep import e_step
 from jaxem.exceptions import ModelError
+from jaxem.fitter_m_step import describe_plan
 from jaxem.inspection import model_structure
 from jaxem.mstep import ParamPath, plan_m_step
 from jaxem.tracing import enumerated_trace

@@ -54,9 +54,10 @@ from jaxem.arguments import merge_args, split_args
 from jaxem.built import built_model
 from jaxem.checks import validate
 from jaxem.closed_form_step import closed_form_statistics_m_step
-from jaxem.driver import Fitter, MStep, raise_for_fitted_arguments
+from jaxem.driver import Fitter, raise_for_fitted_arguments
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning, ModelError
+from jaxem.fitter_m_step import MStep
 from jaxem.global_sites import log_prior_of_trace, with_global_sites
 from jaxem.gradient import gradient_m_step
 from jaxem.inspection import model_structure

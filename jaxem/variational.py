@@ -37,7 +37,7 @@ from numpyro.distributions.transforms import biject_to
 from jaxem.accelerators import ACCELERATIONS
 from jaxem.arguments import merge_args
 from jaxem.built import built_model
-from jaxem.driver import Fitter, MStep, in_support
+from jaxem.driver import Fitter, in_support
 from jaxem.estep import contract_factors
 from jaxem.exceptions import ModelError
 from jaxem.factorized import (
@@ -51,6 +51,7 @@ from jaxem.factorized import (
     tractable,
     uniform_q,
 )
+from jaxem.fitter_m_step import MStep
 from jaxem.global_sites import log_prior_of_trace, with_global_sites
 from jaxem.gradient import default_optimizer, safeguarded_steps, stationarity, strongly_typed
 from jaxem.inspection import inspect_model, model_structure
