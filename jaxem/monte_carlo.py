@@ -11,7 +11,6 @@ A subclass says how an iteration's draws enter ``Q`` (``_draws_per_chain``,
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -23,7 +22,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 
 from jaxem.arguments import merge_args, merge_init_params, split_args
-from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
+from jaxem.exceptions import ModelError
 from jaxem.global_sites import global_site_names, with_global_sites
 from jaxem.importance import (
     blocks_from_pattern,
@@ -34,8 +33,10 @@ from jaxem.importance import (
 from jaxem.kernel import Kernel
 from jaxem.loop import all_finite, loop_key, tree_where
 from jaxem.mcmc_estep import LatentModel, Sampler
+from jaxem.monte_carlo_objective import MonteCarloObjective
 from jaxem.monte_carlo_stats import ClosedFormMStep
 from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
+from jaxem.monte_carlo_warnings import warn_about_monte_carlo_fit
 from jaxem.numpyro_internals import hmc_kernel_settings
 from jaxem.stochastic_newton import MAX_COORDINATES
 from jaxem.uncertainty import standard_errors
@@ -65,7 +66,7 @@ def _sampler_settings(kernel) -> tuple[str, dict]:
     )
 
 
-class MonteCarloEM:
+class MonteCarloEM(MonteCarloObjective):
     """The shared part of [`jaxem.SAEM`][jaxem.SAEM] and [`jaxem.MCEM`][jaxem.MCEM] (see there)."""
 
     name = "MonteCarloEM"
@@ -136,18 +137,6 @@ class MonteCarloEM:
         found = self._closed_then_gradient(structure, state.params, draws, weights, args, kwargs)
         return found + (state.information,)
 
-    def _closed_then_gradient(self, structure, params, draws, weights, args, kwargs):
-        """The closed-form params solved from their statistics averaged over ``(draws,
-        weights)`` (`jaxem.monte_carlo_stats`), then gradient steps on ``Q`` for the
-        others: ``(params, Q at params, gain, gain_se)``."""
-        start = self.closed_form.step(params, *self._flat(draws, weights), args, kwargs)
-        return self._m_step(structure, params, draws, weights, args, kwargs, start)
-
-    def _flat(self, draws, weights):
-        """``(draws with one draw axis, the weight of each)``."""
-        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
-        return flat, jnp.repeat(weights, self.num_chains) / self.num_chains
-
     def _stop(self, state, new_state, tol):
         """``(stop, converged, streak)`` after an update."""
         raise NotImplementedError
@@ -183,106 +172,6 @@ class MonteCarloEM:
         size = size if size <= MAX_COORDINATES else 0
         information = jnp.zeros((size, size), jnp.result_type(float))
         return MCState(params, chains, draws, weights, zero, zero, nothing, nothing, information)
-
-    def _per_draw(self, structure, params, draws, weights, args, kwargs):
-        """``(weight of each draw, log p(x, z | params) of each draw, 0 where unused)``."""
-        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
-        per_draw = jnp.repeat(weights, self.num_chains) / self.num_chains
-        lp = jax.vmap(lambda z: self.latent.log_joint(structure, params, z, args, kwargs))(flat)
-        return per_draw, jnp.where(per_draw > 0, lp, 0.0)
-
-    def _q(self, structure, params, draws, weights, args, kwargs):
-        """``sum_slot weight * mean_chain log p(x, z | params)``."""
-        per_draw, lp = self._per_draw(structure, params, draws, weights, args, kwargs)
-        return jnp.sum(per_draw * lp)
-
-    def _free_names(self, params, draws, args, kwargs):
-        """The params on the gradient path: neither frozen nor closed-form (planned on
-        the model given the first of ``draws``, ``(slots, chains, ...)``)."""
-        example = jax.tree.map(lambda x: x[0, 0], draws)
-        closed = self.closed_form.closed_names(params, example, args, kwargs)
-        return [n for n in params if n not in self.frozen and n not in closed]
-
-    def _free_log_density(self, structure, params, free, draws, weights, args, kwargs):
-        """``(u0, f, to_params)``: the params ``free`` as one flat vector ``u0`` in
-        unconstrained coordinates, ``f(u) = Q / number of observations`` over ``(draws,
-        weights)`` with the other params as in ``params``, and ``u -> params``."""
-        transforms = {n: biject_to(structure.constraints[n]) for n in free}
-        u0, unravel = ravel_pytree({n: transforms[n].inv(params[n]) for n in free})
-        scale = max(structure.num_observations, 1)
-
-        def to_params(u):
-            values = unravel(u)
-            return {**params, **{n: transforms[n](values[n]) for n in free}}
-
-        def f(u):
-            return self._q(structure, to_params(u), draws, weights, args, kwargs) / scale
-
-        return u0, f, to_params
-
-    def _gain(self, structure, old, new, draws, weights, args, kwargs):
-        """``(Q(new) - Q(old), its Monte Carlo standard error, Q(old))`` over the same
-        draws."""
-        w, before = self._per_draw(structure, old, draws, weights, args, kwargs)
-        _, after = self._per_draw(structure, new, draws, weights, args, kwargs)
-        diff = after - before
-        gain = jnp.sum(w * diff)
-        return gain, jnp.sqrt(jnp.sum(w**2 * (diff - gain) ** 2)), jnp.sum(w * before)
-
-    def _m_step(self, structure, params, draws, weights, args, kwargs, start=None):
-        """``(new params, Q at params, gain, gain_se)``: ``m_step_iters`` optimizer steps
-        on ``-Q`` in unconstrained coordinates for the params without a closed form,
-        from ``start`` (params with the closed-form ones updated; default ``params``);
-        they keep their values if ``Q`` would not rise."""
-        begin = params if start is None else start
-        free = self._free_names(params, draws, args, kwargs)
-        if not free:
-            gain, gain_se, q = self._gain(structure, params, begin, draws, weights, args, kwargs)
-            return begin, q, gain, gain_se
-        transforms = {n: biject_to(structure.constraints[n]) for n in free}
-        u0 = {n: transforms[n].inv(begin[n]) for n in free}
-        scale = max(structure.num_observations, 1)
-
-        def loss(u):
-            p = {**begin, **{n: transforms[n](u[n]) for n in free}}
-            return -self._q(structure, p, draws, weights, args, kwargs) / scale
-
-        value_and_grad = (
-            optax.value_and_grad_from_state(loss) if self.lbfgs else jax.value_and_grad(loss)
-        )
-
-        # Stop once the gradient is below the dtype's resolution: at a flat maximum a
-        # line search only spends evaluations of Q (each over every stored draw).
-        tol = jnp.sqrt(jnp.finfo(jnp.result_type(float)).eps)
-
-        def body(carry):
-            i, u, opt_state, _ = carry
-            if self.lbfgs:
-                value, grad = value_and_grad(u, state=opt_state)
-            else:
-                value, grad = value_and_grad(u)
-            norm = optax.tree_utils.tree_norm(grad)
-            updates, new_state = self.optimizer.update(
-                grad, opt_state, u, value=value, grad=grad, value_fn=loss
-            )
-            moving = norm > tol
-            u = tree_where(moving, optax.apply_updates(u, updates), u)
-            return i + 1, u, tree_where(moving, new_state, opt_state), norm
-
-        first = loss(u0)
-        inf = jnp.array(jnp.inf, jnp.result_type(float))
-        _, u, _, _ = jax.lax.while_loop(
-            lambda c: (c[0] < self.m_step_iters) & (c[3] > tol),
-            body,
-            (jnp.zeros((), jnp.int32), u0, self.optimizer.init(u0), inf),
-        )
-        end = loss(u)
-        better = jnp.isfinite(end) & all_finite(u) & (end <= first)
-        u = tree_where(better, u, u0)
-        new = {**begin, **{n: transforms[n](u[n]) for n in free}}
-        gain, gain_se, q = self._gain(structure, params, new, draws, weights, args, kwargs)
-        # Q at the params passed in (``first`` is at the closed-form update's).
-        return new, q, gain, gain_se
 
     @property
     def num_fresh(self) -> int:
@@ -593,7 +482,13 @@ class MonteCarloEM:
             max_iter=int(max_iter),
             num_blocks=blocks.num_blocks,
         )
-        self._warn(result, max_iter)
+        warn_about_monte_carlo_fit(
+            result,
+            name=self.name,
+            max_iter=max_iter,
+            convergence_rule=self._convergence_rule,
+            num_is_samples=self.num_is_samples,
+        )
         return result
 
     @staticmethod
@@ -604,44 +499,6 @@ class MonteCarloEM:
         if pattern is None:
             return find_blocks(None, [np.zeros(num_coords)])
         return blocks_from_pattern(pattern)
-
-    def _warn(self, result, max_iter):
-        divergences = int(result.num_divergences)
-        if divergences:
-            warnings.warn(
-                f"jaxem: {self.name}'s chains made {divergences} divergent transitions: the "
-                "draws of the latents may miss part of their posterior, and Q and the "
-                "importance-sampling log-likelihood with them. Reparametrize the latents "
-                "(non-centred random effects), raise num_warmup, or raise target_accept_prob "
-                "(kernel=numpyro.infer.NUTS(model, target_accept_prob=0.95)).",
-                NumericalWarning,
-                stacklevel=3,
-            )
-        if bool(result.diverged):
-            warnings.warn(
-                f"jaxem: {self.name} diverged after {int(result.num_iters)} iterations: Q or "
-                "a parameter became non-finite. The result holds the last finite parameters. "
-                "Start elsewhere (init_params) or keep the parameters away from degenerate "
-                "values.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        elif not bool(result.converged):
-            warnings.warn(
-                f"jaxem: {self.name} did not converge in max_iter={max_iter} iterations "
-                f"({self._convergence_rule}). Raise max_iter.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        if float(result.min_ess) < 50:
-            warnings.warn(
-                f"jaxem: the importance weights of the log-likelihood estimate degenerate "
-                f"(smallest effective sample size {float(result.min_ess):.0f} of "
-                f"{self.num_is_samples}): log_likelihood and its standard error are "
-                "doubtful. Raise num_is_samples and num_is_draws.",
-                NumericalWarning,
-                stacklevel=3,
-            )
 
     _convergence_rule = ""
 
