@@ -191,6 +191,26 @@ def _bernoulli(args, value, moments):
     return value * log_p + (1 - value) * log_q
 
 
+def _total_count(args):
+    return jnp.asarray(args.get("total_count", 1), jnp.result_type(float))
+
+
+def _binomial(args, value, moments):
+    # log C(n, x) + x E log p + (n - x) E log(1 - p), the count n fixed.
+    log_p, log_q = moments
+    n = _total_count(args)
+    log_choose = gammaln(n + 1.0) - gammaln(value + 1.0) - gammaln(n - value + 1.0)
+    return log_choose + value * log_p + (n - value) * log_q
+
+
+def _multinomial(args, value, moments):
+    # log n! - sum_k log x_k! + sum_k x_k E log w_k, the count n fixed.
+    (log_w,) = moments
+    n = _total_count(args)
+    log_coefficient = gammaln(n + 1.0) - jnp.sum(gammaln(value + 1.0), -1)
+    return log_coefficient + jnp.sum(value * log_w, -1)
+
+
 def _poisson(args, value, moments):
     log_rate, rate = moments
     return value * log_rate - rate - gammaln(value + 1.0)
@@ -231,6 +251,8 @@ def _normal_variance(args, value, moments):
 EXPECTED_LOG_DENSITIES: dict = {
     (dist.CategoricalProbs, "probs", dist.Dirichlet): _categorical,
     (dist.BernoulliProbs, "probs", dist.Beta): _bernoulli,
+    (dist.BinomialProbs, "probs", dist.Beta): _binomial,
+    (dist.MultinomialProbs, "probs", dist.Dirichlet): _multinomial,
     (dist.Poisson, "rate", dist.Gamma): _poisson,
     (dist.Exponential, "rate", dist.Gamma): _exponential,
     (dist.Normal, "loc", dist.Normal): _normal_loc,
