@@ -9,7 +9,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from scipy.special import digamma, gammaln, logsumexp
+from scipy.special import digamma, gammaln, logsumexp, multigammaln
+from scipy.stats import invwishart, multivariate_normal, wishart
 
 import jaxem
 
@@ -67,8 +68,8 @@ def multinomial_model(x):
         numpyro.sample("x", dist.Multinomial(N_TRIALS, p[z]), obs=x)
 
 
-def _fit(model, x, init):
-    fit = jaxem.VariationalBayesEM(model, global_sites=("w", "p"))
+def _fit(model, x, init, site="p"):
+    fit = jaxem.VariationalBayesEM(model, global_sites=("w", site))
     return fit.run(jax.random.PRNGKey(0), jnp.asarray(x), max_iter=ITERS, tol=0.0, init_params=init)
 
 
@@ -163,3 +164,122 @@ def test_binomial_probs_transformed_is_an_error():
         jaxem.VariationalBayesEM(model, global_sites=("p",)).run(
             jax.random.PRNGKey(0), jnp.array([3.0, 4.0])
         )
+
+
+# -- a Wishart prior on a precision, an InverseWishart prior on a covariance (known means)
+
+MEANS = np.array([[-2.0, 0.0], [2.0, 0.5]])
+PRIOR_SCALE = np.array([[2.0, 0.3], [0.3, 1.0]])
+NU0 = 4.0
+
+
+def wishart_model(x):
+    w = numpyro.sample("w", dist.Dirichlet(jnp.full(K, 1.5)))
+    with numpyro.plate("c", K):
+        lam = numpyro.sample("lam", dist.Wishart(NU0, scale_matrix=jnp.asarray(PRIOR_SCALE)))
+    with numpyro.plate("d", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        loc = jnp.asarray(MEANS)[z]
+        numpyro.sample("x", dist.MultivariateNormal(loc, precision_matrix=lam[z]), obs=x)
+
+
+def inverse_wishart_model(x):
+    w = numpyro.sample("w", dist.Dirichlet(jnp.full(K, 1.5)))
+    with numpyro.plate("c", K):
+        cov = numpyro.sample("lam", dist.InverseWishart(NU0, jnp.asarray(PRIOR_SCALE)))
+    with numpyro.plate("d", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        loc = jnp.asarray(MEANS)[z]
+        numpyro.sample("x", dist.MultivariateNormal(loc, covariance_matrix=cov[z]), obs=x)
+
+
+def _sum_digamma(nu, d):
+    return sum(digamma(0.5 * (nu - i)) for i in range(d))
+
+
+def _log_normalizer(nu, s, d):
+    """The log-constant of a Wishart / InverseWishart density but its log|scale| term."""
+    return -0.5 * nu * d * np.log(2.0) - multigammaln(0.5 * nu, d)
+
+
+@pytest.mark.parametrize("inverse", [False, True], ids=["wishart", "inverse_wishart"])
+def test_wishart_precision_and_inverse_wishart_covariance_match_numpy(inverse):
+    rng = np.random.default_rng(2)
+    d = 2
+    x = np.concatenate(
+        [
+            rng.multivariate_normal(MEANS[0], [[1.0, 0.4], [0.4, 0.7]], 25),
+            rng.multivariate_normal(MEANS[1], [[0.5, -0.2], [-0.2, 1.5]], 20),
+        ]
+    )
+    diff = x[:, None, :] - MEANS[None]  # (N, K, d)
+    outer = diff[..., :, None] * diff[..., None, :]
+    w_init = np.array([0.5, 0.5])
+    mat_init = np.array([[[1.0, 0.2], [0.2, 1.0]], [[0.8, 0.0], [0.0, 1.2]]])
+    prior_inv = np.linalg.inv(PRIOR_SCALE)
+
+    def update(r):
+        scatter = np.einsum("nk,nkij->kij", r, outer)
+        nu = NU0 + r.sum(0)
+        # Wishart: W^-1 = W0^-1 + S; InverseWishart: Psi = Psi0 + S.
+        s = PRIOR_SCALE + scatter if inverse else np.linalg.inv(prior_inv + scatter)
+        return 1.5 + r.sum(0), nu, s
+
+    def e_precision(q):
+        _, nu, s = q
+        # (E[precision], E log|precision|)
+        if inverse:
+            return nu[:, None, None] * np.linalg.inv(s), -(
+                np.linalg.slogdet(s)[1] - _sum_digamma(nu, d) - d * np.log(2)
+            )
+        return nu[:, None, None] * s, np.linalg.slogdet(s)[1] + _sum_digamma(nu, d) + d * np.log(2)
+
+    def log_lik(q):
+        e_prec, e_logdet = e_precision(q)
+        quad = np.einsum("nki,kij,nkj->nk", diff, e_prec, diff)
+        return _e_log_dirichlet(q[0]) + 0.5 * e_logdet - 0.5 * d * np.log(2 * np.pi) - 0.5 * quad
+
+    def kl(q):
+        _, nu, s = q
+        e_prec, e_logdet = e_precision(q)
+        sign = 1.0 if inverse else -1.0
+        # E_q log q - E_q log p, each: constant + (power) E log|M| - 1/2 tr(A E[precision-ish])
+        log_q = _log_normalizer(nu, s, d) + sign * 0.5 * nu * np.linalg.slogdet(s)[1]
+        log_p = (
+            _log_normalizer(NU0, PRIOR_SCALE, d)
+            + sign * 0.5 * NU0 * np.linalg.slogdet(PRIOR_SCALE)[1]
+        )
+        if inverse:  # E log|Sigma| = -e_logdet; tr(Psi E Sigma^-1)
+            log_q = log_q + 0.5 * (nu + d + 1) * e_logdet - 0.5 * nu * d
+            trace = np.einsum("ij,kji->k", PRIOR_SCALE, e_prec)
+            log_p = log_p + 0.5 * (NU0 + d + 1) * e_logdet - 0.5 * trace
+        else:
+            log_q = log_q + 0.5 * (nu - d - 1) * e_logdet - 0.5 * nu * d
+            trace = np.einsum("ij,kji->k", prior_inv, e_prec)
+            log_p = log_p + 0.5 * (NU0 - d - 1) * e_logdet - 0.5 * trace
+        return _kl_dirichlet(q[0], np.full(K, 1.5)) + float(np.sum(log_q - log_p))
+
+    cov_init = mat_init if inverse else np.linalg.inv(mat_init)
+    log_post = np.log(w_init) + np.stack(
+        [multivariate_normal(MEANS[k], cov_init[k]).logpdf(x) for k in range(K)], -1
+    )
+    r0 = np.exp(log_post - logsumexp(log_post, -1, keepdims=True))
+    history, (alpha, nu, s) = _coordinate_ascent(log_lik, update, kl, update(r0), ITERS)
+
+    model = inverse_wishart_model if inverse else wishart_model
+    result = _fit(model, x, {"w": jnp.asarray(w_init), "lam": jnp.asarray(mat_init)}, "lam")
+    np.testing.assert_allclose(np.asarray(result.history), history, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(result.q["w"][0]), alpha, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(result.q["lam"][1]), s, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(result.q["lam"][0])[:, 0, 0], nu, rtol=1e-10)
+    assert np.all(np.diff(history) >= -1e-9)
+    # The posterior is the NumPyro distribution of scipy's parametrization.
+    posterior = result.posteriors["lam"]
+    assert type(posterior) is (dist.InverseWishart if inverse else dist.Wishart)
+    reference = invwishart if inverse else wishart
+    point = np.array([[1.3, 0.1], [0.1, 0.9]])
+    np.testing.assert_allclose(
+        np.asarray(posterior.log_prob(jnp.asarray(point))),
+        [reference(df=nu[k], scale=s[k]).logpdf(point) for k in range(K)],
+        rtol=1e-10,
+    )
