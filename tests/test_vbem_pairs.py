@@ -283,3 +283,19 @@ def test_wishart_precision_and_inverse_wishart_covariance_match_numpy(inverse):
         [reference(df=nu[k], scale=s[k]).logpdf(point) for k in range(K)],
         rtol=1e-10,
     )
+
+
+def test_wishart_read_as_a_covariance_is_an_error():
+    # A Wishart's expectations say nothing about E log MVN with covariance Lam^-1
+    # written as a matrix inverse: refused, naming the site and the argument.
+    def model(x):
+        with numpyro.plate("c", K):
+            lam = numpyro.sample("lam", dist.Wishart(NU0, scale_matrix=jnp.eye(2)))
+        with numpyro.plate("d", x.shape[0]):
+            cov = jnp.linalg.inv(lam[0])
+            numpyro.sample("x", dist.MultivariateNormal(jnp.zeros(2), cov), obs=x)
+
+    with pytest.raises(jaxem.ModelError, match="'lam' has a Wishart prior on a Multivariate"):
+        jaxem.VariationalBayesEM(model, global_sites=("lam",)).run(
+            jax.random.PRNGKey(0), jnp.zeros((3, 2))
+        )
