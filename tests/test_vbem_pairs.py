@@ -299,3 +299,17 @@ def test_wishart_read_as_a_covariance_is_an_error():
         jaxem.VariationalBayesEM(model, global_sites=("lam",)).run(
             jax.random.PRNGKey(0), jnp.zeros((3, 2))
         )
+
+
+def test_improper_inverse_wishart_prior_is_an_error():
+    # df 0.5 <= dimension - 1: no density, no q; refused before any fit.
+    def model(x):
+        with numpyro.plate("c", K):
+            cov = numpyro.sample("cov", dist.InverseWishart(0.5, jnp.eye(2)))
+        with numpyro.plate("d", x.shape[0]):
+            numpyro.sample("x", dist.MultivariateNormal(jnp.zeros(2), cov[0]), obs=x)
+
+    with pytest.raises(jaxem.ModelError, match=r"'cov' has an improper prior \(InverseWishart"):
+        jaxem.VariationalBayesEM(model, global_sites=("cov",)).run(
+            jax.random.PRNGKey(0), jnp.zeros((3, 2))
+        )
