@@ -29,6 +29,7 @@ from jax.scipy.special import digamma, gammaln
 from numpyro.distributions.kl import kl_divergence
 
 from jaxem.exceptions import a_or_an
+from jaxem.wishart import inverse_wishart_moments, wishart_kl, wishart_moments
 
 __all__ = [
     "EXPECTED_LOG_DENSITIES",
@@ -93,6 +94,52 @@ def _inverse_gamma_moments(params):
     # T(v) = (log v, 1 / v): 1 / v is Gamma(a, b).
     a, b = params
     return jnp.log(b) - digamma(a), a / b
+
+
+def _matrix_nu(nu, like):
+    """``nu`` broadcast to the ``d x d`` shape of a single site's q (see `jaxem.wishart`)."""
+    nu = jnp.asarray(nu, like.dtype)
+    return jnp.broadcast_to(nu[..., None, None], jnp.shape(nu) + like.shape[-2:])
+
+
+def _corner(value, like):
+    """A scalar coefficient of ``log|.|`` as a ``d x d`` array (at [0, 0]); the
+    updates read it back as the sum of the array."""
+    d = like.shape[-1]
+    return value[..., None, None] * (jnp.arange(d)[:, None] + jnp.arange(d) == 0)
+
+
+def _symmetric(m):
+    return 0.5 * (m + jnp.swapaxes(m, -1, -2))
+
+
+def _wishart_natural(p):
+    nu, w = p[0][..., 0, 0], p[1]
+    d = w.shape[-1]
+    return -0.5 * jnp.linalg.inv(w), _corner(0.5 * (nu - d - 1), w)
+
+
+def _wishart_from_natural(eta):
+    d = eta[0].shape[-1]
+    w = _symmetric(jnp.linalg.inv(-2 * _symmetric(eta[0])))
+    return _matrix_nu(2 * jnp.sum(eta[1], (-2, -1)) + d + 1, w), w
+
+
+def _inverse_wishart_natural(p):
+    nu, psi = p[0][..., 0, 0], p[1]
+    d = psi.shape[-1]
+    return -0.5 * psi, _corner(-0.5 * (nu + d + 1), psi)
+
+
+def _inverse_wishart_from_natural(eta):
+    d = eta[0].shape[-1]
+    psi = -2 * _symmetric(eta[0])
+    return _matrix_nu(-2 * jnp.sum(eta[1], (-2, -1)) - d - 1, psi), psi
+
+
+def _proper_matrix(p):
+    d = p[1].shape[-1]
+    return jnp.all(p[0] > d - 1) & jnp.all(jnp.linalg.eigvalsh(_symmetric(p[1])) > 0)
 
 
 def _kl_of(make):
@@ -162,6 +209,33 @@ PRIOR_FAMILIES: dict = {
         kl=_kl_of(lambda p: dist.Gamma(*p)),
         point=lambda p: p[1] / (p[0] + 1.0),
     ),
+    # On a MultivariateNormal's precision_matrix (its loc known); q = (nu, W), nu
+    # broadcast to d x d, moments (E Lam, E log|Lam| I) (`jaxem.wishart`).
+    dist.Wishart: PriorFamily(
+        params=lambda d: (_matrix_nu(d.concentration, d.scale_matrix), d.scale_matrix),
+        make=lambda p: dist.Wishart(p[0][..., 0, 0], scale_matrix=p[1]),
+        moments=wishart_moments,
+        natural=_wishart_natural,
+        from_natural=_wishart_from_natural,
+        proper=_proper_matrix,
+        kl=lambda q, p: wishart_kl(q[0][..., 0, 0], q[1], p[0][..., 0, 0], p[1]),
+        point=lambda p: p[0] * p[1],
+    ),
+    # On a MultivariateNormal's covariance_matrix (its loc known); q = (nu, Psi),
+    # moments (E Sigma^-1, E log|Sigma| I); the KL is that of the Wisharts of the
+    # inverses, the point the mode.
+    dist.InverseWishart: PriorFamily(
+        params=lambda d: (_matrix_nu(d.concentration, d.scale_matrix), d.scale_matrix),
+        make=lambda p: dist.InverseWishart(p[0][..., 0, 0], scale_matrix=p[1]),
+        moments=inverse_wishart_moments,
+        natural=_inverse_wishart_natural,
+        from_natural=_inverse_wishart_from_natural,
+        proper=_proper_matrix,
+        kl=lambda q, p: wishart_kl(
+            q[0][..., 0, 0], jnp.linalg.inv(q[1]), p[0][..., 0, 0], jnp.linalg.inv(p[1])
+        ),
+        point=lambda p: p[1] / (p[0] + p[1].shape[-1] + 1.0),
+    ),
 }
 
 
@@ -189,6 +263,45 @@ categorical_expected_log_density = _categorical
 def _bernoulli(args, value, moments):
     log_p, log_q = moments
     return value * log_p + (1 - value) * log_q
+
+
+def _total_count(args):
+    return jnp.asarray(args.get("total_count", 1), jnp.result_type(float))
+
+
+def _binomial(args, value, moments):
+    # log C(n, x) + x E log p + (n - x) E log(1 - p), the count n fixed.
+    log_p, log_q = moments
+    n = _total_count(args)
+    log_choose = gammaln(n + 1.0) - gammaln(value + 1.0) - gammaln(n - value + 1.0)
+    return log_choose + value * log_p + (n - value) * log_q
+
+
+def _multinomial(args, value, moments):
+    # log n! - sum_k log x_k! + sum_k x_k E log w_k, the count n fixed.
+    (log_w,) = moments
+    n = _total_count(args)
+    log_coefficient = gammaln(n + 1.0) - jnp.sum(gammaln(value + 1.0), -1)
+    return log_coefficient + jnp.sum(value * log_w, -1)
+
+
+def _mvn_expected(args, value, e_precision, e_log_det_precision):
+    diff = jnp.asarray(value) - jnp.asarray(args.get("loc", 0.0))
+    d = diff.shape[-1]
+    quad = jnp.sum(diff[..., :, None] * e_precision * diff[..., None, :], (-2, -1))
+    return 0.5 * e_log_det_precision - 0.5 * d * jnp.log(2 * jnp.pi) - 0.5 * quad
+
+
+def _mvn_precision(args, value, moments):
+    # Moments of Lam, selected: (E Lam, E log|Lam| I).
+    e_lam, e_log_det = moments
+    return _mvn_expected(args, value, e_lam, e_log_det[..., 0, 0])
+
+
+def _mvn_covariance(args, value, moments):
+    # Moments of Sigma, selected: (E Sigma^-1, E log|Sigma| I).
+    e_inverse, e_log_det = moments
+    return _mvn_expected(args, value, e_inverse, -e_log_det[..., 0, 0])
 
 
 def _poisson(args, value, moments):
@@ -231,9 +344,13 @@ def _normal_variance(args, value, moments):
 EXPECTED_LOG_DENSITIES: dict = {
     (dist.CategoricalProbs, "probs", dist.Dirichlet): _categorical,
     (dist.BernoulliProbs, "probs", dist.Beta): _bernoulli,
+    (dist.BinomialProbs, "probs", dist.Beta): _binomial,
+    (dist.MultinomialProbs, "probs", dist.Dirichlet): _multinomial,
     (dist.Poisson, "rate", dist.Gamma): _poisson,
     (dist.Exponential, "rate", dist.Gamma): _exponential,
     (dist.Normal, "loc", dist.Normal): _normal_loc,
+    (dist.MultivariateNormal, "precision_matrix", dist.Wishart): _mvn_precision,
+    (dist.MultivariateNormal, "covariance_matrix", dist.InverseWishart): _mvn_covariance,
     # Read through a power, not a selection: scale = 1 / sqrt(tau[z]), sqrt(v[z])
     # (`jaxem.vb_powers`).
     (dist.Normal, "scale", dist.Gamma): _normal_precision,

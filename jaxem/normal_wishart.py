@@ -28,7 +28,6 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from jax.scipy.special import digamma, multigammaln
 
 from jaxem.conjugate import core_distribution
 from jaxem.exceptions import ModelError, a_or_an
@@ -42,6 +41,7 @@ from jaxem.vb_sites import (
     site_args_fn,
     tangent_fn,
 )
+from jaxem.wishart import e_logdet, wishart_kl
 
 __all__ = [
     "NormalWishart",
@@ -73,18 +73,8 @@ class NormalWishart(NamedTuple):
     readers: tuple
 
 
-def _logdet(m):
-    return jnp.linalg.slogdet(m)[1]
-
-
 def _mv(a, v):
     return jnp.sum(a * v[..., None, :], -1)
-
-
-def _e_logdet(nu, w):
-    d = w.shape[-1]
-    i = jnp.arange(d)
-    return jnp.sum(digamma(0.5 * (nu[..., None] - i)), -1) + d * jnp.log(2.0) + _logdet(w)
 
 
 def nw_moments(q_prec, q_mean):
@@ -96,7 +86,7 @@ def nw_moments(q_prec, q_mean):
     e_lam_mu = _mv(e_lam, m)
     e_mu_lam_mu = d / beta + jnp.sum(m * e_lam_mu, -1)
     return (
-        (e_lam, _e_logdet(nu, w)[..., None, None] * jnp.eye(d, dtype=w.dtype)),
+        (e_lam, e_logdet(nu, w)[..., None, None] * jnp.eye(d, dtype=w.dtype)),
         (e_lam_mu, e_mu_lam_mu[..., None] * jnp.ones(d, m.dtype)),
     )
 
@@ -171,10 +161,6 @@ def nw_kl(q_prec, q_mean, prior_prec, prior_mean):
     nu0, w0 = prior_prec
     m0, beta0 = prior_mean
     d = m.shape[-1]
-    e_logdet = _e_logdet(nu, w)
-    log_q = _wishart_log_normalizer(nu, w, d) + 0.5 * (nu - d - 1) * e_logdet - 0.5 * nu * d
-    trace = jnp.trace(jnp.linalg.solve(w0, w), axis1=-2, axis2=-1)
-    log_p = _wishart_log_normalizer(nu0, w0, d) + 0.5 * (nu0 - d - 1) * e_logdet - 0.5 * nu * trace
     diff = m - m0
     kl_mean = 0.5 * (
         d * beta0 / beta
@@ -182,7 +168,7 @@ def nw_kl(q_prec, q_mean, prior_prec, prior_mean):
         + d * jnp.log(beta / beta0)
         + beta0 * nu * jnp.sum(diff * _mv(w, diff), -1)
     )
-    return jnp.sum(log_q - log_p + kl_mean)
+    return jnp.sum(wishart_kl(nu, w, nu0, w0) + kl_mean)
 
 
 def nw_make(q_prec, q_mean):
@@ -236,8 +222,14 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
     """
     names = list(names)
     priors = {n: core_distribution(trace.sites[n].fn) for n in names}
+    # Without a global MultivariateNormal prior there is no pair: a Wishart or an
+    # InverseWishart is a single site on a known-mean precision or covariance
+    # (`jaxem.expected_log`).
+    has_mean = any(isinstance(p, dist.MultivariateNormal) for p in priors.values())
     for n, prior in priors.items():
-        if isinstance(prior, (dist.InverseWishart, dist.WishartCholesky)):
+        if isinstance(prior, dist.WishartCholesky) or (
+            isinstance(prior, dist.InverseWishart) and has_mean
+        ):
             raise ModelError(
                 f"jaxem: global site '{n}' has {a_or_an(type(prior).__name__)} prior: "
                 "VariationalBayesEM's Normal-Wishart pair is written on the precision; "
@@ -245,7 +237,7 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
                 + ". For a MAP fit use EM(model, global_sites=...)."
             )
     wisharts = [n for n in names if isinstance(priors[n], dist.Wishart)]
-    if not wisharts:
+    if not wisharts or not has_mean:
         return {}, {}
     rng = np.random.default_rng(1)
     tangents = {
@@ -370,8 +362,3 @@ def find_normal_wishart(model, names, trace, values, args, kwargs, nesting):
     # Every factor moving with the pair must be one taken in expectation.
     check_pair_factors(model, groups, names, values, direction, args, kwargs, nesting, _SPELLING)
     return groups, readers
-
-
-def _wishart_log_normalizer(nu, w, d):
-    """log B(W, nu) of a Wishart density: -nu/2 log|W| - nu d/2 log 2 - log Gamma_d(nu/2)."""
-    return -0.5 * nu * _logdet(w) - 0.5 * nu * d * jnp.log(2.0) - multigammaln(0.5 * nu, d)

@@ -75,17 +75,17 @@ class VariationalBayesEM:
     Every ``numpyro.sample`` site named in ``global_sites`` gets a variational
     posterior in its prior's family; the discrete latents are enumerated
     exactly given q(theta). Supported conjugate pairs: a Dirichlet prior on a
-    Categorical's ``probs``, a Beta prior on a Bernoulli's ``probs``, a Gamma
-    prior on a Poisson's or an Exponential's ``rate``, a Normal prior on a
-    Normal's ``loc`` (its scale known), a Gamma prior on a Normal's precision
-    ``tau`` (scale ``1 / jnp.sqrt(tau[z])``, its loc known) or an InverseGamma
-    prior on its variance ``v`` (scale ``jnp.sqrt(v[z])``), independent priors on
-    both (mean field q(mu) q(tau); see `jaxem.normal_mean_field`), the Normal-Gamma
-    pair of a Normal's ``loc`` and precision (``mu ~ Normal(m0, 1 / jnp.sqrt(beta0
-    * tau))``; see `jaxem.normal_gamma`), and the Normal-Wishart pair of a
-    MultivariateNormal's ``loc`` and ``precision_matrix`` (``Lam ~ Wishart``,
-    ``mu ~ MultivariateNormal(m0, precision_matrix=beta0 * Lam)``; see
-    `jaxem.normal_wishart`). The ELBO is exact and never decreases.
+    Categorical's or Multinomial's ``probs``, a Beta prior on a Bernoulli's or
+    Binomial's ``probs`` (counts fixed), a Gamma prior on a Poisson's or an
+    Exponential's ``rate``, a Wishart (InverseWishart) prior on a known-mean
+    MultivariateNormal's ``precision_matrix`` (``covariance_matrix``), a Normal prior on
+    a Normal's ``loc`` (its scale known), a Gamma prior on a Normal's precision ``tau``
+    (scale ``1 / jnp.sqrt(tau[z])``, its loc known) or an InverseGamma prior on its
+    variance ``v`` (scale ``jnp.sqrt(v[z])``), independent priors on both (mean field,
+    `jaxem.normal_mean_field`), the Normal-Gamma pair of a Normal's ``loc`` and
+    precision (`jaxem.normal_gamma`), and the Normal-Wishart pair of a
+    MultivariateNormal's ``loc`` and ``precision_matrix`` (`jaxem.normal_wishart`). The
+    ELBO is exact and never decreases.
 
     Args:
         model: a NumPyro model whose parameters are sample sites with priors.
