@@ -182,7 +182,8 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
     larger is still a lower bound of what a Newton step would gain. When the model
     along ``p`` does not level off within the region (its curvature is not
     negative enough to stop the step), Q rises without bound there as far as the
-    model can tell: the params carrying ``p`` are reported in ``unbounded``.
+    model can tell (its maximum along ``p`` lies beyond `UNBOUNDED_REACH` trust
+    regions, or nowhere): the params carrying ``p`` are reported in ``unbounded``.
 
     Args:
         names: the params to differentiate (the free ones).
@@ -302,7 +303,10 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
     gain_p = t * slope - 0.5 * t**2 * jnp.where(concave, -php, 0.0)
     gain_p = jnp.where((reach > 0) & (slope > 0), gain_p, 0.0)
     gain = jnp.maximum(gain, gain_p)
-    rising = (reach > 0) & (slope > 0) & ~levels_off
+    # Unbounded as far as the model can tell: Q is not concave along p, or so nearly
+    # linear that its maximum along p lies far beyond the trust region (a distant
+    # optimum, merely outside it, is not enough).
+    rising = (reach > 0) & (slope > 0) & ~(concave & (newton_step < UNBOUNDED_REACH * limit))
     unbounded = {
         n: rising
         & (
@@ -318,6 +322,11 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
 # coordinate u_i moves by more than this times 1 + |u_i| (a log-scale by 1 + |log
 # scale|; the curvature measured at u says nothing certain much farther out).
 TRUST_REACH = 1.0
+
+# Q along the preconditioned gradient rises "without levelling off" when its quadratic
+# model's maximum lies beyond this many trust regions (or nowhere): on 12 tied points a
+# collapsed scale's log has curvature ~0 (rounding) against a slope of -12.
+UNBOUNDED_REACH = 100.0
 
 
 def _jacobi_direction(gradient, hg, resolved):
