@@ -98,6 +98,11 @@ class EMResult(NamedTuple):
         log_posterior: ``log_likelihood + log_prior``, the objective MAP-EM
             maximizes (up to the constant log p(data)); None without
             ``global_sites``.
+        unbounded: ``{param name: bool}``: True for a param along which the
+            log-likelihood (log posterior) still rises at ``params`` without
+            levelling off (`jaxem.gradient.stationarity`): the likelihood has no
+            maximum there, e.g. a component collapsing onto tied points (its scale,
+            and a free ``df``, running to 0). ``converged`` is then False.
     """
 
     params: dict
@@ -113,6 +118,7 @@ class EMResult(NamedTuple):
     gradient: dict
     log_prior: jax.Array | None = None
     log_posterior: jax.Array | None = None
+    unbounded: dict | None = None
 
 
 class EM(Fitter):
@@ -301,7 +307,7 @@ class EM(Fitter):
         )
         params = loop.state.params
         free = [n for n in structure.param_names if n not in self.frozen]
-        gradient, gain = stationarity(
+        gradient, gain, unbounded = stationarity(
             self.model, params, loop.aux, free, structure.constraints, args, kwargs, nesting
         )
         supported = in_support(self.model, params, args, kwargs, nesting)
@@ -328,6 +334,7 @@ class EM(Fitter):
             gradient,
             log_prior,
             log_posterior,
+            unbounded,
         )
         return result, start.params
 
@@ -344,7 +351,7 @@ class EM(Fitter):
         nesting = structure.max_plate_nesting
         result = e_step(self.model, state.params, args, kwargs, nesting, hard=self.hard)
         free = [n for n in structure.param_names if n not in self.frozen]
-        gradient, _ = stationarity(
+        gradient, _, _ = stationarity(
             self.model,
             state.params,
             result.marginals,

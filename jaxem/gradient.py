@@ -169,17 +169,36 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
     param with an entry on its constraint's boundary (a weight exactly 0: its
     unconstrained value is infinite) is left out, as EM leaves it there.
 
+    The line along ``g`` misses a gain when ``H`` is ill-conditioned: a component
+    collapsing onto tied points has a location whose curvature is ~ n / scale^2
+    (1e24 at a scale of 1e-12), so a gradient entry of 1e-5 there dominates
+    ``g^T H g`` and hides the entries along which Q still rises linearly without
+    bound (minus the number of ties, in log scale). So the gain is also taken along
+    the Jacobi-preconditioned gradient ``p_i = g_i |g_i / (H g)_i|`` (``H g`` from
+    the same differences; one more central difference gives ``p^T H p``), with the
+    step limited to moving no coordinate by more than `TRUST_REACH` times
+    ``1 + |u_i|``: the gain of the best step along ``p`` on Q's quadratic model
+    within that region. Both are gains Q's quadratic model can make, so the
+    larger is still a lower bound of what a Newton step would gain. When the model
+    along ``p`` does not level off within the region (its curvature is not
+    negative enough to stop the step), Q rises without bound there as far as the
+    model can tell (its maximum along ``p`` lies beyond `UNBOUNDED_REACH` trust
+    regions, or nowhere): the params carrying ``p`` are reported in ``unbounded``.
+
     Args:
         names: the params to differentiate (the free ones).
         constraints: ``{param name: constraint}``.
 
     Returns:
-        ``(gradient, gain)``: ``{name: dQ / d unconstrained value}`` (zero for a
-        param left out) and ``delta`` (``inf`` where ``g`` is not finite or Q is
-        not concave along it).
+        ``(gradient, gain, unbounded)``: ``{name: dQ / d unconstrained value}``
+        (zero for a param left out), ``delta`` (``inf`` where ``g`` is not finite or
+        Q is not concave along it; at least the gain along ``p``) and
+        ``{name: bool}``, True for a param that carries the direction ``p`` along
+        which Q's rise does not level off.
     """
+    dtype = jnp.result_type(float)
     if not names:
-        return {}, jnp.zeros((), jnp.result_type(float))
+        return {}, jnp.zeros((), dtype), {}
     transforms = {n: biject_to(constraints[n]) for n in names}
     start = {n: transforms[n].inv(params[n]) for n in names}
     inside = {n: jnp.all(jnp.isfinite(u)) for n, u in start.items()}
@@ -196,18 +215,18 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
     grad_fn = jax.grad(q)
 
     # g^T H g by a central difference of the gradient along g: the gradient at u and
-    # at u +- h g, three evaluations of ONE compiled gradient (the steps of a scan).
-    # A Hessian-vector product (forward-over-reverse) is exact but its program is
-    # 2.5 times the gradient's, and every fit's compile time pays for it; the gain is an
-    # order-of-magnitude test, which a relative error of order eps^(2/3) does not move.
-    dtype = jnp.result_type(float)
-    # The step h along g moves no coordinate by more than eps^(1/3) (the optimum for a
-    # central difference) relative to its own size (at least 1): a log-scale next to a
-    # location of 1e8 moves on its own scale, not the location's.
+    # at u +- h g, then p^T H p at u +- h' p: five evaluations of ONE compiled gradient
+    # (the steps of a scan). A Hessian-vector product (forward-over-reverse) is exact
+    # but its program is 2.5 times the gradient's, and every fit's compile time pays
+    # for it; the gain is an order-of-magnitude test, which a relative error of order
+    # eps^(2/3) does not move.
+    # The step h along a direction moves no coordinate by more than eps^(1/3) (the
+    # optimum for a central difference) relative to its own size (at least 1): a
+    # log-scale next to a location of 1e8 moves on its own scale, not the location's.
     relative_step = jnp.finfo(dtype).eps ** (1.0 / 3.0)
 
-    def evaluate(direction, sign):
-        reach = jnp.max(
+    def reach_of(direction):
+        return jnp.max(
             jnp.stack(
                 [
                     jnp.max(jnp.abs(direction[n]) / (1.0 + jnp.abs(start[n])), initial=0.0)
@@ -215,28 +234,122 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
                 ]
             )
         )
+
+    def evaluate(carry, step):
+        direction, first_gradient, plus = carry
+        sign, index = step
+        reach = reach_of(direction)
         h = jnp.where(reach > 0, relative_step / jnp.where(reach > 0, reach, 1.0), 0.0)
         point = {n: start[n] + sign * h * direction[n] for n in names}
         g = {n: jnp.where(inside[n], g, 0.0) for n, g in grad_fn(point).items()}
-        # The direction is the gradient at u (the first evaluation), kept after.
-        first = sign == 0
-        new_direction = {
-            n: jnp.where(first, jnp.where(jnp.isfinite(g[n]), g[n], 0.0), direction[n])
+        finite_g = {n: jnp.where(jnp.isfinite(g[n]), g[n], 0.0) for n in names}
+        # Step 0 gives the gradient, the direction of steps 1 and 2; step 2 completes
+        # H g, from which the preconditioned direction of steps 3 and 4 follows.
+        first_gradient = {n: jnp.where(index == 0, finite_g[n], first_gradient[n]) for n in names}
+        plus = {n: jnp.where(index == 1, g[n], plus[n]) for n in names}
+        hg = {n: (plus[n] - g[n]) / (2.0 * jnp.where(h > 0, h, 1.0)) for n in names}
+        # A coordinate that the step along g moved by less than eps^(2/3) of its size
+        # has an H g entry of rounding and cross terms only (a weight's gradient of
+        # 1e-15 did not move it at all): it takes no part in the preconditioned one.
+        g_reach = reach_of(first_gradient)
+        resolved = {
+            n: jnp.abs(first_gradient[n]) / (1.0 + jnp.abs(start[n])) >= relative_step * g_reach
             for n in names
         }
-        return new_direction, (g, h)
+        preconditioned = _jacobi_direction(first_gradient, hg, resolved)
+        new_direction = {
+            n: jnp.where(
+                index == 0,
+                finite_g[n],
+                jnp.where(index == 2, preconditioned[n], direction[n]),
+            )
+            for n in names
+        }
+        return (new_direction, first_gradient, plus), (g, h, direction)
 
     zeros = {n: jnp.zeros_like(u) for n, u in start.items()}
-    signs = jnp.asarray([0.0, 1.0, -1.0], dtype)
-    direction, (grads, hs) = jax.lax.scan(evaluate, zeros, signs)
+    signs = jnp.asarray([0.0, 1.0, -1.0, 1.0, -1.0], dtype)
+    _, (grads, hs, directions) = jax.lax.scan(
+        evaluate, (zeros, zeros, zeros), (signs, jnp.arange(5))
+    )
     gradient = {n: g[0] for n, g in grads.items()}
     finite = all_finite(gradient)
-    h = hs[1]
-    gg = sum(jnp.vdot(d, d) for d in direction.values())
-    # A difference that is not finite makes ghg NaN, and the gain below infinite.
-    ghg = sum(jnp.vdot(direction[n], grads[n][1] - grads[n][2]) for n in names) / (
-        2.0 * jnp.where(h > 0, h, 1.0)
+
+    def curvature(direction, h, plus, minus):
+        # A difference that is not finite makes it NaN.
+        return sum(jnp.vdot(direction[n], plus[n] - minus[n]) for n in names) / (
+            2.0 * jnp.where(h > 0, h, 1.0)
+        )
+
+    g_dir = {n: d[1] for n, d in directions.items()}
+    gg = sum(jnp.vdot(d, d) for d in g_dir.values())
+    ghg = curvature(
+        g_dir, hs[1], {n: g[1] for n, g in grads.items()}, {n: g[2] for n, g in grads.items()}
     )
     gain = jnp.where(ghg < 0, gg**2 / (-2.0 * jnp.where(ghg < 0, ghg, -1.0)), jnp.inf)
     gain = jnp.where(gg == 0, 0.0, gain)
-    return gradient, jnp.where(finite, gain, jnp.inf)
+
+    p = {n: d[3] for n, d in directions.items()}
+    slope = sum(jnp.vdot(g_dir[n], p[n]) for n in names)  # >= 0: p_i has g_i's sign
+    php = curvature(
+        p, hs[3], {n: g[3] for n, g in grads.items()}, {n: g[4] for n, g in grads.items()}
+    )
+    reach = reach_of(p)
+    limit = TRUST_REACH / jnp.where(reach > 0, reach, 1.0)
+    concave = php < 0
+    newton_step = slope / jnp.where(concave, -php, 1.0)
+    levels_off = concave & (newton_step < limit)
+    t = jnp.where(levels_off, newton_step, limit)
+    gain_p = t * slope - 0.5 * t**2 * jnp.where(concave, -php, 0.0)
+    gain_p = jnp.where((reach > 0) & (slope > 0), gain_p, 0.0)
+    gain = jnp.maximum(gain, gain_p)
+    # Unbounded as far as the model can tell: Q is not concave along p, or so nearly
+    # linear that its maximum along p lies far beyond the trust region (a distant
+    # optimum, merely outside it, is not enough).
+    rising = (reach > 0) & (slope > 0) & ~(concave & (newton_step < UNBOUNDED_REACH * limit))
+    unbounded = {
+        n: rising
+        & (
+            jnp.max(jnp.abs(p[n]) / (1.0 + jnp.abs(start[n])), initial=0.0)
+            >= 0.1 * jnp.where(reach > 0, reach, 1.0)
+        )
+        for n in names
+    }
+    return gradient, jnp.where(finite, gain, jnp.inf), unbounded
+
+
+# The region within which the gain along the preconditioned gradient is taken: no
+# coordinate u_i moves by more than this times 1 + |u_i| (a log-scale by 1 + |log
+# scale|; the curvature measured at u says nothing certain much farther out).
+TRUST_REACH = 1.0
+
+# Q along the preconditioned gradient rises "without levelling off" when its quadratic
+# model's maximum lies beyond this many trust regions (or nowhere): on 12 tied points a
+# collapsed scale's log has curvature ~0 (rounding) against a slope of -12.
+UNBOUNDED_REACH = 100.0
+
+
+def _jacobi_direction(gradient, hg, resolved):
+    """``g_i |g_i / (H g)_i|``, scaled so that its largest weight is 1: the gradient
+    with each coordinate divided by its curvature as ``H g`` estimates it (exact for
+    a diagonal ``H``). Coordinates where ``H g`` is 0 and ``g`` is not (Q linear
+    along them) take the whole direction; a non-finite ``H g``, or a coordinate not
+    ``resolved`` by the difference, gives weight 0."""
+    ratio = {}
+    for n, g in gradient.items():
+        g = jnp.where(resolved[n], g, 0.0)
+        magnitude = jnp.abs(hg[n])
+        flat = (magnitude == 0) & (g != 0)
+        value = jnp.abs(g) / jnp.where(magnitude > 0, magnitude, 1.0)
+        value = jnp.where(flat, jnp.inf, jnp.where(magnitude > 0, value, 0.0))
+        ratio[n] = jnp.where(jnp.isnan(hg[n]) | jnp.isinf(hg[n]), 0.0, value)
+    largest = jnp.max(jnp.stack([jnp.max(r, initial=0.0) for r in ratio.values()]))
+    weights = {
+        n: jnp.where(
+            jnp.isinf(largest),
+            jnp.isinf(r).astype(r.dtype),
+            r / jnp.where(largest > 0, largest, 1.0),
+        )
+        for n, r in ratio.items()
+    }
+    return {n: gradient[n] * w for n, w in weights.items()}

@@ -410,6 +410,23 @@ def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: flo
             stacklevel=3,
         )
         return
+    unbounded = sorted(
+        k for k, v in (getattr(result, "unbounded", None) or {}).items() if bool(np.any(v))
+    )
+    if unbounded:
+        warnings.warn(
+            f"jaxem: {name} stopped after {n} iterations{kept} with the {objective} no longer "
+            f"changing much, but it still rises along the params {unbounded} without "
+            f"levelling off: the {objective} is unbounded there (it has no maximum), so "
+            "converged is False (see result.unbounded and result.gradient). The usual cause "
+            "is a component collapsing onto tied (repeated) data points, its scale (and a "
+            "free df) running to 0. Put a prior on the scale (global_sites), bound the scale "
+            "or df away from 0 with a constraint (constraints.greater_than), freeze df, or "
+            "remove the ties.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+        return
     gradient = {k: np.asarray(v) for k, v in result.gradient.items()}
     bad = sorted(k for k, v in gradient.items() if not np.all(np.isfinite(v)))
     if bad:

@@ -129,6 +129,8 @@ class VEMResult(NamedTuple):
             ``params`` (None without). With priors the model's joint includes
             it: ``elbo`` (and ``history``) bound ``log_likelihood + log_prior``
             from below, and ``log_likelihood`` stays the data's.
+        unbounded: ``{param name: bool}``: params along which the ELBO still
+            rises without levelling off (as `jaxem.EMResult.unbounded`).
     """
 
     params: dict
@@ -146,6 +148,7 @@ class VEMResult(NamedTuple):
     restart_num_iters: jax.Array
     gradient: dict
     log_prior: jax.Array | None = None
+    unbounded: dict | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -407,7 +410,7 @@ class VariationalEM(Fitter):
             if log_lik is not None:
                 log_lik = log_lik - log_prior
         free = [n for n in structure.param_names if n not in self.frozen]
-        gradient, gain = stationarity(
+        gradient, gain, unbounded = stationarity(
             self.model, last.params, marginals, free, structure.constraints, args, kwargs, nesting
         )
         supported = in_support(self.model, last.params, args, kwargs, nesting)
@@ -429,6 +432,7 @@ class VariationalEM(Fitter):
             loop.num_iters,
             gradient,
             log_prior,
+            unbounded,
         )
         return result, start.params
 
@@ -447,7 +451,7 @@ class VariationalEM(Fitter):
         trace = enumerated_trace(self.model, state.params, args, kwargs, nesting)
         log_factors = {n: jax.lax.stop_gradient(s.log_prob) for n, s in trace.sites.items()}
         free = [n for n in structure.param_names if n not in self.frozen]
-        gradient, _ = stationarity(
+        gradient, _, _ = stationarity(
             self.model,
             state.params,
             factor_marginals(state.q, log_factors, trace),

@@ -485,14 +485,20 @@ def test_every_fit_is_monotone_finite_and_stationary_when_converged(name, case):
 # sees -12.0 with a Fisher entry of 12.0, exactly that, and no stationary point exists.
 # EM's gain per step falls below tol on the way (gradient-path steps in log sigma
 # shrink), and the engine's gain estimate (gradient.stationarity) calls it converged
-# with no warning. Fixing it needs a collapse detector for scales on the gradient path
-# (no reg_covar holds them up); jaxem.resolution flags such a scale only once it is
-# below the float resolution of its location (the float32 case, not the float64 one,
-# and only for the closed-form Gaussian families today).
+# with no warning. Fixed for the ties: the gain along g was 6e-9 (the collapsed
+# location's curvature, ~1e24, dominating g^T H g); gradient.stationarity now also takes
+# the gain along the Jacobi-preconditioned gradient, which sees the linear rise in log
+# sigma (gain 334 on seed 58487), so the tie fits (seed 58487 float64 and seed 0
+# float32, scale 1, both starts) end converged=False with a ConvergenceWarning
+# (test_convergence::test_a_component_collapsing_onto_ties_is_not_convergence).
+# Still open (run with --runxfail -m slow): Case(seed=0, dtype='float32', log_scale=3,
+# offset_exponent=None, offset_sign=-1, start='default', ties=False), converged after 5
+# iterations with a score statistic of 75.49 > 9.27 (gradient entries 2e-3 to 3e-2); not
+# a collapse, not yet diagnosed.
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="open: a free-df Student-t component collapsing onto tied points (unbounded "
-    "likelihood, gradient -n_ties in log sigma) is reported converged without a warning",
+    reason="open: a float32 Student-t mixture at scale 1e3 without ties (seed 0) converged "
+    "after 5 iterations, score statistic 75 > 9.3 (the tie collapse is fixed)",
     strict=False,
 )
 @SETTINGS
