@@ -79,3 +79,36 @@ def test_numpyro_site_names_are_spelled_in_numpyro_internals_only(path):
     if path.name == INTERNALS:
         pytest.skip("the module that names them")
     assert _numpyro_name_literals(path) == []
+
+
+def _switches_x64_on_import(tree) -> list[int]:
+    """Lines of module-level statements (outside any function or class) that call
+    ``jax.config.update("jax_enable_x64", ...)``."""
+    found = []
+    for statement in tree.body:
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        for node in ast.walk(statement):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "update"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and node.args[0].value == "jax_enable_x64"
+            ):
+                found.append(node.lineno)
+    return found
+
+
+TEST_MODULES = sorted((pathlib.Path(__file__).parent).glob("test_*.py"))
+
+
+@pytest.mark.parametrize("path", TEST_MODULES, ids=lambda p: p.name)
+def test_no_test_module_switches_float64_on_when_imported(path):
+    """A test module that enables float64 when imported enables it for every test
+    collected after it, in every xdist worker: float32 tests and doctests then run in
+    float64 and fail, or pass for the wrong dtype. Use the ``x64`` fixture
+    (``pytestmark = pytest.mark.usefixtures("x64")`` for a whole module)."""
+    lines = _switches_x64_on_import(ast.parse(path.read_text()))
+    assert not lines, f"{path.name} switches jax_enable_x64 at import, line(s) {lines}"

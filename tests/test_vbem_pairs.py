@@ -14,7 +14,9 @@ from scipy.stats import invwishart, multivariate_normal, wishart
 
 import jaxem
 
-jax.config.update("jax_enable_x64", True)
+# float64 in every test (the conftest fixture restores the setting afterwards; a
+# module-level jax.config.update would switch it on for every test collected after).
+pytestmark = pytest.mark.usefixtures("x64")
 
 K, N_TRIALS, ITERS = 2, 10, 4
 
