@@ -22,6 +22,7 @@ from jaxem.loop import all_finite
 from jaxem.tracing import enumerated_trace
 
 __all__ = [
+    "ascend",
     "default_optimizer",
     "expected_log_joint",
     "gradient_m_step",
@@ -87,22 +88,30 @@ def gradient_m_step(
     names = gradient_names(plan)
     if not names:
         return params, opt_state
-    transforms = {n: biject_to(structure.constraints[n]) for n in names}
+
+    def objective(values):
+        return expected_log_joint(
+            model, values, marginals, args, kwargs, structure.max_plate_nesting
+        )
+
+    return ascend(objective, params, names, structure.constraints, optimizer, opt_state, num_steps)
+
+
+def ascend(objective, params, names, constraints, optimizer, opt_state, num_steps):
+    """``num_steps`` optax steps up ``objective`` (``{param: constrained value} ->
+    scalar``) in the unconstrained values of the params ``names``, the others held
+    (`safeguarded_steps`): ``(params, opt_state)``. The gradient path of every
+    fitter: `gradient_m_step` on Q, `jaxem.vb_params` on the ELBO of variational
+    Bayes EM."""
+    transforms = {n: biject_to(constraints[n]) for n in names}
 
     def constrained(unconstrained):
         return {**params, **{n: transforms[n](u) for n, u in unconstrained.items()}}
 
     def loss(unconstrained):
-        return -expected_log_joint(
-            model,
-            constrained(unconstrained),
-            marginals,
-            args,
-            kwargs,
-            structure.max_plate_nesting,
-        )
+        return -objective(constrained(unconstrained))
 
-    start = to_unconstrained(params, structure.constraints, names)
+    start = to_unconstrained(params, constraints, names)
     chosen, opt_state = safeguarded_steps(loss, start, optimizer, opt_state, num_steps)
     return constrained(chosen), opt_state
 
@@ -150,7 +159,9 @@ def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
     return chosen, state
 
 
-def stationarity(model, params, marginals, names, constraints, args, kwargs, max_plate_nesting):
+def stationarity(
+    model, params, marginals, names, constraints, args, kwargs, max_plate_nesting, objective=None
+):
     """How far ``params`` are from a stationary point, from the E-step's marginals.
 
     By Fisher's identity the gradient of the log-likelihood (of the ELBO, for a
@@ -188,6 +199,9 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
     Args:
         names: the params to differentiate (the free ones).
         constraints: ``{param name: constraint}``.
+        objective: ``{param: constrained value} -> scalar`` in place of Q from
+            ``model`` and ``marginals`` (variational Bayes EM's ELBO in its params,
+            q held: `jaxem.vb_params`).
 
     Returns:
         ``(gradient, gain, unbounded)``: ``{name: dQ / d unconstrained value}``
@@ -208,6 +222,8 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
         values = {
             n: jnp.where(inside[n], transforms[n](u), params[n]) for n, u in unconstrained.items()
         }
+        if objective is not None:
+            return objective({**params, **values})
         return expected_log_joint(
             model, {**params, **values}, marginals, args, kwargs, max_plate_nesting
         )

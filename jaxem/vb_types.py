@@ -3,7 +3,7 @@ its plan (what it reads from the model once per input signature)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
@@ -21,11 +21,16 @@ class VBState(NamedTuple):
         q_latents: with ``latents="mean_field"``, ``{latent site: q(z_site)}``
             (plate shape, then the site's values, as `jaxem.VEMState.q`), the
             start of the next coordinate ascent; empty with ``"exact"``.
+        params: ``{numpyro.param site: value}``, point values that maximize the
+            ELBO (`jaxem.vb_params`); empty when the model has none.
+        opt_state: the optax state of the params on the gradient path.
     """
 
     q: dict
     iteration: jax.Array
     q_latents: dict = {}
+    params: dict = {}
+    opt_state: Any = ()
 
 
 class VBResult(NamedTuple):
@@ -58,6 +63,11 @@ class VBResult(NamedTuple):
         latent_posteriors: ``{latent site: q(z)'s marginal}``, as
             [`jaxem.posterior`][jaxem.posterior] gives them for EM: the values on
             the last axis, a ``scan`` chain's per-step marginals ``(T, K)``.
+        params: ``{numpyro.param site: value}`` (as `jaxem.EMResult.params`): point
+            values that maximize the ELBO with q held; empty when the model has none.
+        gradient: ``{param: gradient}``: the ELBO's gradient (q held) in each
+            updated param's unconstrained value at ``params``; ``converged``
+            also says the gain still to be had along it is negligible.
     """
 
     posteriors: dict
@@ -70,6 +80,8 @@ class VBResult(NamedTuple):
     latent_entropy: jax.Array
     q: dict
     latent_posteriors: dict
+    params: dict = {}
+    gradient: dict = {}
 
 
 class VBPlan(NamedTuple):
@@ -82,3 +94,4 @@ class VBPlan(NamedTuple):
     nw_readers: dict  # {site name: NormalWishart or NormalGamma}
     powers: dict = {}  # {(site, argument): (global site, power)}: read through a power
     global_sites: tuple = ()  # in the user's order
+    param_paths: dict = {}  # {numpyro.param site: ParamPath} (jaxem.vb_params)

@@ -34,36 +34,25 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro import handlers
+import optax
 
 from jaxem import vb_posterior
-from jaxem.arguments import check_model_call, merge_args, split_args
+from jaxem.arguments import merge_args, split_args
 from jaxem.built import built_model
-from jaxem.conjugate import core_distribution
 from jaxem.estep import contract_factors, e_step, latent_posteriors
-from jaxem.exceptions import ConvergenceWarning, ModelError, a_or_an
-from jaxem.expected_log import PRIOR_FAMILIES
-from jaxem.factorized import (
-    coordinate_ascent,
-    elbo_of,
-    factor_marginals,
-    reject_chains,
-    uniform_q,
-)
-from jaxem.global_sites import check_global_sites, with_global_sites
+from jaxem.exceptions import ConvergenceWarning
+from jaxem.factorized import coordinate_ascent, elbo_of, factor_marginals, uniform_q
+from jaxem.fitter_m_step import describe_plan
+from jaxem.global_sites import with_global_sites
+from jaxem.gradient import default_optimizer
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
-from jaxem.loop import initial_params, iterate, loop_key, run_with_progress
-from jaxem.numpyro_internals import user_site_name
-from jaxem.vb_pairs import PAIRS, find_pairs
+from jaxem.loop import initial_params, iterate, loop_key, run_with_progress, stationary
+from jaxem.vb_pairs import PAIRS
+from jaxem.vb_params import VBParams
+from jaxem.vb_plan import build_plan
 from jaxem.vb_powers import select_moments
-from jaxem.vb_sites import (
-    check_proper,
-    core_args,
-    expected_site_log_prob,
-    find_readers,
-    unsupported,
-)
+from jaxem.vb_sites import core_args, expected_site_log_prob
 from jaxem.vb_types import VBPlan, VBResult, VBState
 
 __all__ = ["VariationalBayesEM", "VBState", "VBResult"]
@@ -99,6 +88,10 @@ class VariationalBayesEM:
         e_step_iters: with ``"mean_field"``, coordinate-ascent sweeps over the
             latents per iteration, as in `jaxem.VariationalEM` (one when no two
             latents share a factor, where one sweep is the optimum).
+        optimizer, m_step_iters, reg_covar: the M-step of the model's
+            ``numpyro.param`` sites, point values that maximize the ELBO with q held
+            (`jaxem.vb_params`; `m_step_paths` says how each is updated): as in
+            [`jaxem.EM`][jaxem.EM].
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -127,6 +120,9 @@ class VariationalBayesEM:
         global_sites: Sequence[str],
         latents: str = "exact",
         e_step_iters: int = 5,
+        optimizer: optax.GradientTransformation | None = None,
+        m_step_iters: int = 10,
+        reg_covar: float = 1e-6,
     ):
         if latents not in ("exact", "mean_field"):
             raise ValueError(
@@ -145,6 +141,13 @@ class VariationalBayesEM:
                 "are parameters with priors."
             )
         self.model = built_model(with_global_sites(model, self.global_sites))
+        self.params_step = VBParams(
+            self.model,
+            self.global_sites,
+            optimizer=optax.with_extra_args_support(optimizer or default_optimizer()),
+            num_steps=m_step_iters,
+            reg_covar=reg_covar,
+        )
         self._plans: dict = {}
         self._update_jit = jax.jit(self._update, static_argnums=(2,))
         self._init_jit = jax.jit(self._init_state, static_argnums=(2,))
@@ -158,95 +161,34 @@ class VariationalBayesEM:
             return self._plans[key]
         if any(isinstance(a, jax.core.Tracer) for a in arrays):
             raise ValueError("jaxem: VariationalBayesEM.run/init takes concrete arrays")
-        args, kwargs = merge_args(arrays, spec)
         rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-
-        def refuse_improper(msg):
-            # Before NumPyro draws from it (it cannot, or draws inf).
-            if msg["name"] in self.global_sites:
-                check_proper(msg["name"], core_distribution(msg["fn"]))
-
-        check_model_call(self.model, args, kwargs)
-        checked = handlers.substitute(self.model.model, substitute_fn=refuse_improper)
-        seeded = handlers.trace(handlers.seed(checked, rng_key)).get_trace(*args, **kwargs)
-        check_global_sites(self.global_sites, seeded)
-        structure = model_structure(self.model, args, kwargs)
-        others = [n for n in structure.param_names if n not in self.global_sites]
-        if others:
-            raise ModelError(
-                f"jaxem: VariationalBayesEM fits sample sites with priors; the model has "
-                f"numpyro.param sites {others}. Give each a conjugate prior (a sample site "
-                "named in global_sites), or fit the model by EM(model, global_sites=...) (MAP)."
-            )
-        nesting = structure.max_plate_nesting
-        values = {n: jnp.asarray(seeded[n]["value"]) for n in self.global_sites}
-        trace = self.model.enumerated_trace(values, args, kwargs, nesting)
-        if self.latents == "mean_field":
-            reject_chains(
-                trace,
-                "VariationalBayesEM(latents='mean_field')",
-                exact="VariationalBayesEM(latents='exact') (Beal's variational Bayesian HMM)",
-            )
-        groups, nw_readers, powers = find_pairs(
-            self.model, self.global_sites, trace, values, args, kwargs, nesting
+        plan, seeded, structure = build_plan(
+            self.model, self.global_sites, self.latents, arrays, spec, rng_key
         )
-        paired = {n for g in groups.values() for n in (g.precision, g.mean)}
-        families = {}
-        for name in self.global_sites:
-            prior = core_distribution(trace.sites[name].fn)
-            if name not in paired and type(prior) not in PRIOR_FAMILIES:
-                raise ModelError(unsupported(name, f"{a_or_an(type(prior).__name__)} prior"))
-            families[name] = type(prior)
-        singles = [n for n in self.global_sites if n not in paired]
-        readers = find_readers(self.model, singles, trace, values, args, kwargs, nesting, families)
-        both = sorted(set(readers) & set(nw_readers))
-        if both:
-            raise ModelError(
-                f"jaxem: site '{user_site_name(both[0])}' reads global site "
-                f"'{readers[both[0]].source}' besides the conjugate pair "
-                f"'{nw_readers[both[0]].mean}'/'{nw_readers[both[0]].precision}': "
-                "VariationalBayesEM supports one conjugate prior per distribution. "
-                "Fit by EM(model, global_sites=...) (MAP)."
-            )
-        # The expected factors are written unscaled: a scaled site (case weights,
-        # handlers.scale) reading a global site would be fitted as if unweighted.
-        scaled = [
-            user_site_name(n)
-            for n in (*readers, *nw_readers)
-            if seeded.get(user_site_name(n), {}).get("scale") is not None
-        ]
-        if scaled or trace.weights is not None:
-            raise ModelError(
-                f"jaxem: VariationalBayesEM does not support scaled sites (case weights, "
-                f"numpyro.handlers.scale){': site ' + repr(scaled[0]) if scaled else ''}. "
-                "Fit the unweighted model, or use EM(model, global_sites=...) (MAP)."
-            )
-        powers.update(
-            {
-                (site, r.argument): (r.source, r.power)
-                for site, r in readers.items()
-                if r.power is not None
-            }
+        plan = plan._replace(
+            param_paths=self.params_step.route(plan, seeded, structure, arrays, spec)
         )
-        plan = VBPlan(readers, families, nesting, groups, nw_readers, powers, self.global_sites)
-        self._families = families
-        self._groups = groups
+        self._families = plan.families
+        self._groups = plan.groups
         self._plans[key] = plan
         return plan
 
     # -- one iteration ----------------------------------------------------------
 
-    def _factors(self, moments, point, arrays, spec, plan):
-        """The enumerated trace at ``point`` (values of the global sites) and its
-        factors, each factor that reads a global site replaced by its expectation
-        given the moments ``M`` (``{global site: tuple of arrays}``), the global
-        sites' own (prior) factors by zeros."""
+    def _factors(self, moments, point, arrays, spec, plan, params):
+        """The enumerated trace at ``point`` (values of the global sites) and
+        ``params`` (of the ``numpyro.param`` sites) and its factors, each factor that
+        reads a global site replaced by its expectation given the moments ``M``
+        (``{global site: tuple of arrays}``), the global sites' own (prior) factors
+        by zeros."""
         args, kwargs = merge_args(arrays, spec)
-        trace = self.model.enumerated_trace(point, args, kwargs, plan.nesting)
+        trace = self.model.enumerated_trace({**params, **point}, args, kwargs, plan.nesting)
         num = max(len(m) for m in moments.values())
 
         def site_args(vals):
-            tr = self.model.enumerated_trace(vals, args, kwargs, plan.nesting, log_probs=False)
+            tr = self.model.enumerated_trace(
+                {**params, **vals}, args, kwargs, plan.nesting, log_probs=False
+            )
             return {s: core_args(tr, site)[1] for s, site in tr.sites.items()}
 
         selected = []
@@ -281,40 +223,42 @@ class VariationalBayesEM:
                 )
                 factors[name] = jnp.broadcast_to(lp, jnp.shape(site.log_prob))
             else:
-                factors[name] = jax.lax.stop_gradient(site.log_prob)
+                # Reads no global site: a function of the params only.
+                factors[name] = site.log_prob
         return trace, factors
 
-    def _e_step(self, q, q_latents, arrays, spec, plan):
+    def _e_step(self, q, q_latents, arrays, spec, plan, params):
         """``(log Z_q, d log Z_q / dM, factor marginals, expected factors, trace,
         q_latents)``; with mean field, ``E_q[log p] + H(q(z))`` in place of ``log Z_q``."""
         moments = vb_posterior.moments(q, plan)
         # Any point in the support gives the factors that read no global site.
         point = vb_posterior.point(q, plan)
         if self.latents == "mean_field":
-            return self._mean_field_e_step(moments, point, q_latents, arrays, spec, plan)
+            return self._mean_field_e_step(moments, point, q_latents, arrays, spec, plan, params)
 
         def log_z(moments, factors_delta):
-            trace, factors = self._factors(moments, point, arrays, spec, plan)
+            trace, factors = self._factors(moments, point, arrays, spec, plan, params)
             factors = {n: f + factors_delta[n] for n, f in factors.items()}
             return contract_factors(factors, trace), (factors, trace)
 
-        trace, factors = self._factors(moments, point, arrays, spec, plan)
+        trace, factors = self._factors(moments, point, arrays, spec, plan, params)
         zeros = {n: jnp.zeros_like(f) for n, f in factors.items()}
         (value, (factors, trace)), (stats, marginals) = jax.value_and_grad(
             log_z, argnums=(0, 1), has_aux=True
         )(moments, zeros)
         return value, stats, marginals, factors, trace, q_latents
 
-    def _mean_field_e_step(self, moments, point, q_latents, arrays, spec, plan):
+    def _mean_field_e_step(self, moments, point, q_latents, arrays, spec, plan, params):
         """Coordinate ascent in q(z) on the expected factors, then ``E_q[log p] +
         H(q(z))`` at the new q(z), its gradient in the moments (the expected
         statistics: the expected factors are linear in them) and q's factor marginals."""
-        trace, factors = self._factors(moments, point, arrays, spec, plan)
+        trace, factors = self._factors(moments, point, arrays, spec, plan, params)
         factors = jax.lax.stop_gradient(factors)
         q_latents = coordinate_ascent(q_latents, factors, trace, self.e_step_iters)
 
         def bound(moments):
-            return elbo_of(q_latents, self._factors(moments, point, arrays, spec, plan)[1], trace)
+            _, expected = self._factors(moments, point, arrays, spec, plan, params)
+            return elbo_of(q_latents, expected, trace)
 
         value, stats = jax.value_and_grad(bound)(moments)
         marginals = factor_marginals(q_latents, factors, trace)
@@ -322,14 +266,14 @@ class VariationalBayesEM:
 
     # -- per family: single sites by `PRIOR_FAMILIES`, pairs by `vb_pairs.PAIRS` ------
 
-    def _stats_at(self, marginals, moments, point, arrays, spec, plan):
+    def _stats_at(self, marginals, moments, point, arrays, spec, plan, params):
         """``{site: moments} -> d E_q[log p] / dM`` with q(z)'s factor marginals
         held, at ``moments`` with those sites' replaced: the expected factors are
         linear in each site's moments, so this is the expected sufficient
         statistics for a VB-M-step at any q(theta)."""
 
         def expected(moments):
-            _, factors = self._factors(moments, point, arrays, spec, plan)
+            _, factors = self._factors(moments, point, arrays, spec, plan, params)
             return sum(jnp.sum(marginals[n] * f) for n, f in factors.items())
 
         return lambda replaced: jax.grad(expected)({**moments, **replaced})
@@ -338,15 +282,44 @@ class VariationalBayesEM:
         """The latents' factors, then the parameters' posteriors: ``(ELBO after the
         former, state after both, aux)``."""
         value, stats, marginals, factors, trace, q_latents = self._e_step(
-            state.q, state.q_latents, arrays, spec, plan
+            state.q, state.q_latents, arrays, spec, plan, state.params
         )
         priors = vb_posterior.prior_values(trace, plan)
         elbo = value - vb_posterior.kl(state.q, priors, plan)
         moments, point = vb_posterior.moments(state.q, plan), vb_posterior.point(state.q, plan)
-        restat = self._stats_at(marginals, moments, point, arrays, spec, plan)
+        restat = self._stats_at(marginals, moments, point, arrays, spec, plan, state.params)
         new_q = vb_posterior.new_q(priors, stats, plan, restat)
-        new_state = VBState(new_q, state.iteration + 1, q_latents)
+        # Then the params, up the ELBO at the new q(theta) and q(z) held.
+        objective = self._param_objective(new_q, marginals, arrays, spec, plan)
+        params, opt_state = self.params_step.update(
+            objective,
+            state.params,
+            state.opt_state,
+            vb_posterior.point(new_q, plan),
+            marginals,
+            plan.param_paths,
+            arrays,
+            spec,
+            model_structure(self.model, *merge_args(arrays, spec)),
+        )
+        new_state = VBState(new_q, state.iteration + 1, q_latents, params, opt_state)
         return elbo, new_state, (value, marginals, factors)
+
+    def _param_objective(self, q, marginals, arrays, spec, plan):
+        """The ELBO in the params, q(theta) and q(z)'s factor marginals held (less
+        H(q(z)), which is constant in them): ``params -> scalar``."""
+        moments, point = vb_posterior.moments(q, plan), vb_posterior.point(q, plan)
+
+        def objective(params):
+            params = {n: params[n] for n in plan.param_paths}
+            trace, factors = self._factors(moments, point, arrays, spec, plan, params)
+            expected = sum(
+                jnp.sum(jnp.where(marginals[n] > 0, marginals[n] * f, 0.0))
+                for n, f in factors.items()
+            )
+            return expected - vb_posterior.kl(q, vb_posterior.prior_values(trace, plan), plan)
+
+        return objective
 
     def _step(self, rng_key, state, arrays, spec):
         plan = self._plan(arrays, spec)
@@ -360,7 +333,8 @@ class VariationalBayesEM:
         posterior."""
         plan = self._plan(arrays, spec)
         args, kwargs = merge_args(arrays, spec)
-        _, point = initial_params(self.model, (), rng_key, arrays, spec, init_params)
+        structure, point = initial_params(self.model, (), rng_key, arrays, spec, init_params)
+        params = {n: jnp.asarray(point[n]) for n in plan.param_paths}
         trace = self.model.enumerated_trace(point, args, kwargs, plan.nesting)
         q_latents = {}
         if self.latents == "mean_field":
@@ -374,9 +348,11 @@ class VariationalBayesEM:
         # the latents' posterior at the point, is the expected sufficient statistics
         # wherever it is taken (here at the priors' moments).
         moments = vb_posterior.moments(priors, plan)
-        stats_at = self._stats_at(marginals, moments, point, arrays, spec, plan)
+        point = {n: point[n] for n in self.global_sites}
+        stats_at = self._stats_at(marginals, moments, point, arrays, spec, plan, params)
         new_q = vb_posterior.new_q(priors, stats_at({}), plan, stats_at)
-        return VBState(new_q, jnp.zeros((), jnp.int32), q_latents)
+        opt_state = self.params_step.start(params, structure, plan.param_paths)
+        return VBState(new_q, jnp.zeros((), jnp.int32), q_latents, params, opt_state)
 
     # -- public API -----------------------------------------------------------------
 
@@ -401,7 +377,8 @@ class VariationalBayesEM:
         return self._update_jit(state, arrays, spec)
 
     def get_params(self, state) -> dict:
-        """``{global site: q(theta)}`` as NumPyro distributions."""
+        """``{global site: q(theta)}`` as NumPyro distributions (the
+        ``numpyro.param`` sites' values: ``state.params``)."""
         plan = VBPlan({}, self._families, 0, self._groups, {}, global_sites=self.global_sites)
         return vb_posterior.posteriors(state.q, plan)
 
@@ -417,7 +394,7 @@ class VariationalBayesEM:
             lambda key, state: self._step(key, state, arrays, spec),
             loop_key(rng_key),
             start,
-            lambda state: state.q,
+            lambda state: (state.q, state.params),
             final_fn=final,
             max_iter=max_iter,
             tol=tol,
@@ -434,21 +411,42 @@ class VariationalBayesEM:
             arrays,
             spec,
             plan,
+            loop.state.params,
         )
-        latent_sites = model_structure(self.model, *merge_args(arrays, spec)).latent_sites
-        latents = latent_posteriors(trace, factors, marginals, latent_sites)
+        structure = model_structure(self.model, *merge_args(arrays, spec))
+        latents = latent_posteriors(trace, factors, marginals, structure.latent_sites)
+        # Converged also says the params are a stationary point of the ELBO (q held):
+        # a run whose param steps were all rejected is not converged.
+        objective = self._param_objective(loop.state.q, marginals, arrays, spec, plan)
+        gradient, gain = self.params_step.stationarity(
+            objective, loop.state.params, plan.param_paths, structure
+        )
         return VBResult(
             posteriors,
             loop.value,
             loop.history,
             loop.num_iters,
-            loop.converged,
+            loop.converged & stationary(gain, loop.value, tol),
             loop.diverged,
             marginals,
             log_z - expected,
             loop.state.q,
             latents,
+            loop.state.params,
+            gradient,
         )
+
+    def m_step_paths(self, *args, **kwargs) -> dict:
+        """How each parameter is updated: ``{global site: "variational posterior
+        (...)", param: "closed-form (...)" | "gradient (...)" | "unused (...)"}``
+        (`jaxem.vb_params`)."""
+        arrays, spec = split_args(args, kwargs)
+        plan = self._plan(arrays, spec)
+        posteriors = {
+            n: f"variational posterior ({plan.families[n].__name__} prior)"
+            for n in self.global_sites
+        }
+        return {**posteriors, **describe_plan(plan.param_paths)}
 
     def run(
         self, rng_key, *args, max_iter=200, tol=1e-5, init_params=None, progress_bar=False, **kwargs
@@ -460,8 +458,9 @@ class VariationalBayesEM:
             *args, **kwargs: the model's arguments.
             max_iter: maximum number of iterations.
             tol: stop when the relative change of the ELBO is at most ``tol``.
-            init_params: ``{global site: value}``: the point whose latent
-                posterior starts the fit, instead of a draw from the priors.
+            init_params: ``{global site or param: value}``: the point whose latent
+                posterior starts the fit, instead of a draw from the priors (and the
+                params' initial values, instead of the model's).
             progress_bar: show a progress bar.
 
         Returns:

@@ -342,19 +342,6 @@ def test_global_site_in_data_plate_is_an_error(x64):
         VariationalBayesEM(model, global_sites=("lam",)).run(jax.random.PRNGKey(0), _counts())
 
 
-def test_param_sites_are_an_error(x64):
-    def model(x):
-        w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
-        with numpyro.plate("components", 2):
-            lam = numpyro.sample("lam", dist.Gamma(2.0, 1.0))
-        with numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", dist.Categorical(w))
-            numpyro.sample("x", dist.Poisson(lam[z]), obs=x)
-
-    with pytest.raises(ModelError, match=r"numpyro.param sites \['w'\]"):
-        VariationalBayesEM(model, global_sites=("lam",)).run(jax.random.PRNGKey(0), _counts())
-
-
 def test_scaled_site_is_an_error(x64):
     """Expected factors are unscaled: a weighted site would be fitted as unweighted."""
 
