@@ -291,16 +291,10 @@ class VariationalBayesEM:
         new_q = vb_posterior.new_q(priors, stats, plan, restat)
         # Then the params, up the ELBO at the new q(theta) and q(z) held.
         objective = self._param_objective(new_q, marginals, arrays, spec, plan)
+        structure = model_structure(self.model, *merge_args(arrays, spec))
+        held = (vb_posterior.point(new_q, plan), marginals, plan.param_paths)
         params, opt_state = self.params_step.update(
-            objective,
-            state.params,
-            state.opt_state,
-            vb_posterior.point(new_q, plan),
-            marginals,
-            plan.param_paths,
-            arrays,
-            spec,
-            model_structure(self.model, *merge_args(arrays, spec)),
+            objective, state.params, state.opt_state, *held, arrays, spec, structure
         )
         new_state = VBState(new_q, state.iteration + 1, q_latents, params, opt_state)
         return elbo, new_state, (value, marginals, factors)
@@ -405,14 +399,9 @@ class VariationalBayesEM:
         posteriors = vb_posterior.posteriors(loop.state.q, plan)
         # The trace's structure (its sites and dims) for the per-site marginals; its
         # log-probabilities are unused, so XLA drops them.
-        trace, _ = self._factors(
-            vb_posterior.moments(loop.state.q, plan),
-            vb_posterior.point(loop.state.q, plan),
-            arrays,
-            spec,
-            plan,
-            loop.state.params,
-        )
+        last = loop.state
+        at = (vb_posterior.moments(last.q, plan), vb_posterior.point(last.q, plan))
+        trace, _ = self._factors(*at, arrays, spec, plan, last.params)
         structure = model_structure(self.model, *merge_args(arrays, spec))
         latents = latent_posteriors(trace, factors, marginals, structure.latent_sites)
         # Converged also says the params are a stationary point of the ELBO (q held):
@@ -489,9 +478,14 @@ class VariationalBayesEM:
                 stacklevel=2,
             )
         elif tol > 0 and not bool(result.converged):
+            stalled = int(result.num_iters) < max_iter  # the ELBO settled, the params did not
             warnings.warn(
-                f"jaxem: {self.name} reached max_iter={max_iter} before the relative change "
-                f"of the ELBO fell below tol={tol}; raise max_iter.",
+                f"jaxem: {self.name} stopped with params that are not a stationary point of "
+                "the ELBO (result.gradient): their M-step made no progress; check optimizer "
+                "and m_step_iters."
+                if stalled
+                else f"jaxem: {self.name} reached max_iter={max_iter} before the relative "
+                f"change of the ELBO fell below tol={tol}; raise max_iter.",
                 ConvergenceWarning,
                 stacklevel=2,
             )

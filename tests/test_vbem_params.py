@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 import pytest
 from numpyro.distributions import constraints
 from scipy.optimize import minimize_scalar
 from scipy.special import digamma, gammaln, logsumexp
 
 from jaxem import VariationalBayesEM
-from jaxem.exceptions import ModelError
+from jaxem.exceptions import ConvergenceWarning, ModelError
 
 ALPHA0, M0, S0 = 1.5, 0.5, 4.0
 
@@ -287,3 +288,18 @@ def test_param_in_an_argument_read_in_expectation_is_an_error(x64):
         VariationalBayesEM(model, global_sites=("mu",)).run(
             jax.random.PRNGKey(0), jnp.asarray(_reals())
         )
+
+
+def test_params_that_do_not_move_are_not_converged(x64):
+    """The ELBO settles in q while the param's optimizer makes no progress (a zero
+    learning rate): not converged, and the warning says why."""
+    x = jnp.asarray(_reals())
+    fitter = VariationalBayesEM(
+        gmm_softplus_scale, global_sites=("w", "mu"), optimizer=optax.sgd(0.0)
+    )
+    with pytest.warns(ConvergenceWarning, match="not a stationary point of the ELBO"):
+        fit = fitter.run(jax.random.PRNGKey(3), x, max_iter=300, tol=1e-8)
+    assert int(fit.num_iters) < 300
+    assert not bool(fit.converged)
+    assert float(fit.params["rho"]) == 0.3
+    assert abs(float(fit.gradient["rho"])) > 1.0
