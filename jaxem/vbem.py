@@ -74,10 +74,12 @@ class VariationalBayesEM:
     `jaxem.normal_mean_field`), the Normal-Gamma pair of a Normal's ``loc`` and
     precision (`jaxem.normal_gamma`), and the Normal-Wishart pair of a
     MultivariateNormal's ``loc`` and ``precision_matrix`` (`jaxem.normal_wishart`). The
-    ELBO is exact and never decreases.
+    model's ``numpyro.param`` sites are point values that maximize the ELBO with q
+    held (`jaxem.vb_params`: ``result.params``). The ELBO is exact and never decreases.
 
     Args:
-        model: a NumPyro model whose parameters are sample sites with priors.
+        model: a NumPyro model whose parameters are sample sites with priors (and
+            ``numpyro.param`` sites, fitted as point values).
         global_sites: names of those sample sites.
         latents: ``"exact"`` (default): q(z) is the exact posterior of the
             latents given q(theta) (a chain's by forward-backward).
