@@ -169,15 +169,17 @@ def _numpy_poisson_weights(x, w0, lam0, iters):
     return np.array(history), elbo, a, b, w
 
 
-def test_shared_scale_param_matches_numpy_coordinate_ascent(x64):
+@pytest.mark.parametrize("latents", ["exact", "mean_field"])
+def test_shared_scale_param_matches_numpy_coordinate_ascent(x64, latents):
     """(a) Dirichlet weights and Normal means as global sites, a numpyro.param
     scale (gradient path: its factor reads the means): every ELBO of the history,
     q(theta) and the scale agree with a numpy implementation of the same ascent,
-    whose scale step is the exact maximizer in closed form."""
+    whose scale step is the exact maximizer in closed form. One latent per
+    observation: mean field over the latents is exact."""
     x = _reals()
     w0, mu0, sigma0 = np.array([0.5, 0.5]), np.array([-1.0, 1.0]), 2.0
     iters = 15
-    fitter = VariationalBayesEM(gmm_shared_scale, global_sites=("w", "mu"))
+    fitter = VariationalBayesEM(gmm_shared_scale, global_sites=("w", "mu"), latents=latents)
     init = {"w": jnp.asarray(w0), "mu": jnp.asarray(mu0), "sigma": jnp.asarray(sigma0)}
     fit = fitter.run(
         jax.random.PRNGKey(0), jnp.asarray(x), max_iter=iters, tol=0.0, init_params=init
