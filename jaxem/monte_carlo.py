@@ -24,16 +24,12 @@ from numpyro.distributions.transforms import biject_to
 from jaxem.arguments import merge_args, merge_init_params, split_args
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import global_site_names, with_global_sites
-from jaxem.importance import (
-    blocks_from_pattern,
-    find_blocks,
-    importance_log_likelihood,
-    sparsity_pattern,
-)
+from jaxem.importance import importance_log_likelihood
 from jaxem.kernel import Kernel
 from jaxem.loop import all_finite, loop_key, tree_where
 from jaxem.mcmc_estep import LatentModel, Sampler
 from jaxem.monte_carlo_objective import MonteCarloObjective
+from jaxem.monte_carlo_start import MonteCarloStart, padded_members
 from jaxem.monte_carlo_stats import ClosedFormMStep
 from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
 from jaxem.monte_carlo_warnings import warn_about_monte_carlo_fit
@@ -66,7 +62,7 @@ def _sampler_settings(kernel) -> tuple[str, dict]:
     )
 
 
-class MonteCarloEM(MonteCarloObjective):
+class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
     """The shared part of [`jaxem.SAEM`][jaxem.SAEM] and [`jaxem.MCEM`][jaxem.MCEM] (see there)."""
 
     name = "MonteCarloEM"
@@ -116,6 +112,7 @@ class MonteCarloEM(MonteCarloObjective):
         self._init_jit = jax.jit(self.kernel.init, static_argnums=(2,))
         self._run_jit = jax.jit(self._fit, static_argnames=("spec", "max_iter", "num_blocks"))
         self._start_jit = jax.jit(self._start_values, static_argnames=("spec", "with_pattern"))
+        self._pattern_jit = jax.jit(self._dense_pattern, static_argnames=("spec",))
 
     # -- subclass hooks ---------------------------------------------------------
 
@@ -250,7 +247,18 @@ class MonteCarloEM(MonteCarloObjective):
     # -- the compiled fit ----------------------------------------------------------
 
     def _fit(
-        self, rng_key, arrays, init_params, tol, coordinate, entry, *, spec, max_iter, num_blocks
+        self,
+        rng_key,
+        arrays,
+        init_params,
+        tol,
+        coordinate,
+        entry,
+        members,
+        *,
+        spec,
+        max_iter,
+        num_blocks,
     ):
         structure = self._structure(arrays, spec)
         args, kwargs = merge_args(arrays, spec)
@@ -331,6 +339,7 @@ class MonteCarloEM(MonteCarloObjective):
             entry,
             num_blocks,
             self.num_is_samples,
+            members,
         )
         k = sum(
             int(np.size(biject_to(structure.constraints[n]).inv(v)))
@@ -364,58 +373,6 @@ class MonteCarloEM(MonteCarloObjective):
         )
 
     # -- public API --------------------------------------------------------------
-
-    def _start_values(self, rng_key, arrays, params, *, spec, with_pattern):
-        """What the checks before a fit need, as one compiled program (run eagerly,
-        every primitive of the model on the full data is a compilation of its own):
-        the chains' target and its gradient at latents drawn from the model, and
-        (``with_pattern``, continuous latents only) which log-density entries depend
-        on which latent coordinates, at two more draws (`jaxem.importance`)."""
-        structure = self._structure(arrays, spec)
-        args, kwargs = merge_args(arrays, spec)
-        z = self.latent.prior_draw(structure, params, rng_key, args, kwargs)
-        value, grad = jax.value_and_grad(
-            lambda z: self.latent.log_target(structure, params, z, args, kwargs)
-        )(z)
-        if not with_pattern or structure.discrete:
-            return value, grad, None
-        _, unravel = ravel_pytree(z)
-        keys = jax.random.split(jax.random.fold_in(rng_key, 7), 2)
-        points = jax.vmap(
-            lambda k: ravel_pytree(self.latent.prior_draw(structure, params, k, args, kwargs))[0]
-        )(keys)
-
-        def elementwise(zf):
-            return self.latent.elementwise(structure, params, unravel(zf), args, kwargs)
-
-        return value, grad, sparsity_pattern(elementwise, points)
-
-    def _check_start(self, rng_key, arrays, spec, init_params, with_pattern=False):
-        """Concrete checks before a fit: the chains' target and its gradient are finite
-        at the initial draws (a ModelError naming the latent otherwise). Returns
-        ``(structure, params, dependency pattern or None, number of latent coordinates)``."""
-        structure = self._structure(arrays, spec)
-        params = merge_init_params(dict(structure.params), init_params)
-        value, grad, pattern = self._start_jit(
-            rng_key, arrays, params, spec=spec, with_pattern=with_pattern
-        )
-        if not np.isfinite(float(value)):
-            raise ModelError(
-                "jaxem: the log-density of the model is not finite at latents drawn from the "
-                f"model at the initial params (latents {sorted(structure.continuous)}): check "
-                "the initial values (init_params) and that every latent's distribution is "
-                "proper and its support matches the values the model gives it."
-            )
-        bad = sorted(n for n, g in grad.items() if not np.all(np.isfinite(np.asarray(g))))
-        if bad:
-            raise ModelError(
-                f"jaxem: the gradient of the log-density with respect to the latent sites {bad} "
-                "is not finite at values drawn from the model: HMC/NUTS need a differentiable "
-                "log-density of every continuous latent. Write the model so that it is "
-                "differentiable in these latents (no rounding, no hard thresholds on them)."
-            )
-        num_coords = sum(int(np.size(g)) for g in grad.values())
-        return structure, params, pattern, num_coords
 
     def init(self, rng_key, *args, init_params=None, **kwargs) -> MCState:
         """Initial state: params from their ``numpyro.param`` values (``init_params``
@@ -467,10 +424,12 @@ class MonteCarloEM(MonteCarloObjective):
     def _run(self, rng_key, args, kwargs, *, max_iter, tol, init_params):
         arrays, spec = split_args(args, kwargs)
         init_params = None if init_params is None else dict(init_params)
-        _, _, pattern, num_coords = self._check_start(
+        _, params, owner, num_coords = self._check_start(
             rng_key, arrays, spec, init_params, with_pattern=True
         )
-        blocks = self._blocks(pattern, num_coords)
+        blocks = self._blocks(
+            owner, num_coords, lambda: self._pattern_jit(rng_key, arrays, params, spec=spec)
+        )
         result = self._run_jit(
             rng_key,
             arrays,
@@ -478,6 +437,7 @@ class MonteCarloEM(MonteCarloObjective):
             np.asarray(tol, jnp.result_type(float)),
             jnp.asarray(blocks.coordinate),
             None if blocks.entry is None else jnp.asarray(blocks.entry),
+            padded_members(blocks),
             spec=spec,
             max_iter=int(max_iter),
             num_blocks=blocks.num_blocks,
@@ -490,15 +450,6 @@ class MonteCarloEM(MonteCarloObjective):
             num_is_samples=self.num_is_samples,
         )
         return result
-
-    @staticmethod
-    def _blocks(pattern, num_coords):
-        """The importance sampler's independent blocks of the ``num_coords`` latent
-        coordinates (one block when discrete latents are summed out inside the
-        density: then there is no ``pattern``)."""
-        if pattern is None:
-            return find_blocks(None, [np.zeros(num_coords)])
-        return blocks_from_pattern(pattern)
 
     _convergence_rule = ""
 

@@ -87,11 +87,17 @@ class MonteCarloObjective:
         on ``-Q`` in unconstrained coordinates for the params without a closed form,
         from ``start`` (params with the closed-form ones updated; default ``params``);
         they keep their values if ``Q`` would not rise."""
+        new = self._optimized(structure, params, draws, weights, args, kwargs, start)
+        gain, gain_se, q = self._gain(structure, params, new, draws, weights, args, kwargs)
+        # Q at the params passed in (the optimizer starts from the closed-form update's).
+        return new, q, gain, gain_se
+
+    def _optimized(self, structure, params, draws, weights, args, kwargs, start=None):
+        """The new params of `_m_step`, without its gain."""
         begin = params if start is None else start
         free = self._free_names(params, draws, args, kwargs)
         if not free:
-            gain, gain_se, q = self._gain(structure, params, begin, draws, weights, args, kwargs)
-            return begin, q, gain, gain_se
+            return begin
         transforms = {n: biject_to(structure.constraints[n]) for n in free}
         u0 = {n: transforms[n].inv(begin[n]) for n in free}
         scale = max(structure.num_observations, 1)
@@ -132,7 +138,4 @@ class MonteCarloObjective:
         end = loss(u)
         better = jnp.isfinite(end) & all_finite(u) & (end <= first)
         u = tree_where(better, u, u0)
-        new = {**begin, **{n: transforms[n](u[n]) for n in free}}
-        gain, gain_se, q = self._gain(structure, params, new, draws, weights, args, kwargs)
-        # Q at the params passed in (``first`` is at the closed-form update's).
-        return new, q, gain, gain_se
+        return {**begin, **{n: transforms[n](u[n]) for n in free}}

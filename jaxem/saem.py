@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxem.monte_carlo import MCResult, MCState, MonteCarloEM
-from jaxem.stochastic_newton import stochastic_newton_step
+from jaxem.stochastic_newton import stochastic_newton_update
 
 __all__ = ["SAEM"]
 
@@ -142,36 +142,35 @@ class SAEM(MonteCarloEM):
             )
             return found + (state.information,)
 
-        def explore():
-            # gamma = 1: only this iteration's draws carry weight (a stochastic EM step).
-            found = self._closed_then_gradient(structure, state.params, latest, one, args, kwargs)
-            information = state.information
-            if free:
-                # The information the first averaging iteration starts from.
-                u, f, _ = self._free_log_density(
-                    structure, found[0], free, latest, one, args, kwargs
-                )
-                information = -jax.hessian(f)(u)
-            return found + (information,)
+        # The closed-form params from the stochastic approximation of their statistics:
+        # with gamma = 1 the weights are this iteration's draws' alone (a stochastic EM
+        # step), the same as the statistics of `latest` (one program for both phases).
+        start = self.closed_form.step(state.params, *self._flat(draws, weights), args, kwargs)
+        if free:
 
-        def average():
-            # The closed-form params from the stochastic approximation of their
-            # statistics; the others by a Robbins-Monro step on this iteration's draws
-            # (jaxem.stochastic_newton): its cost does not grow with the stored draws.
-            params = self.closed_form.step(state.params, *self._flat(draws, weights), args, kwargs)
-            information = state.information
-            if free:
-                u, f, to_params = self._free_log_density(
-                    structure, params, free, latest, one, args, kwargs
-                )
-                u, information = stochastic_newton_step(f, u, gamma, information)
-                params = to_params(u)
-            gain, gain_se, q = self._gain(
-                structure, state.params, params, latest, one, args, kwargs
+            def explore():
+                # gamma = 1: the optimizer on this iteration's draws.
+                return self._optimized(structure, state.params, latest, one, args, kwargs, start)
+
+            point = jax.lax.cond(gamma >= 1.0, explore, lambda: start)
+            # The others: while gamma = 1 the information the first averaging iteration
+            # starts from, at the optimizer's params; then a Robbins-Monro step on this
+            # iteration's draws (jaxem.stochastic_newton): its cost does not grow with
+            # the stored draws. One gradient and Hessian in the program for both.
+            u, f, to_params = self._free_log_density(
+                structure, point, free, latest, one, args, kwargs
             )
-            return params, q, gain, gain_se, information
-
-        return jax.lax.cond(gamma >= 1.0, explore, average)
+            grad, hessian = jax.grad(f)(u), jax.hessian(f)(u)
+            stepped, information = stochastic_newton_update(
+                u, grad, hessian, gamma, state.information
+            )
+            exploring = gamma >= 1.0
+            params = jax.lax.cond(exploring, lambda: point, lambda: to_params(stepped))
+            information = jnp.where(exploring, -hessian, information)
+        else:
+            params, information = start, state.information
+        gain, gain_se, q = self._gain(structure, state.params, params, latest, one, args, kwargs)
+        return params, q, gain, gain_se, information
 
     def _stop(self, state, new_state, tol):
         done = new_state.iteration >= sum(self.schedule)

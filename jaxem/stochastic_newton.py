@@ -22,7 +22,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MAX_COORDINATES", "positive_definite_solve", "stochastic_newton_step"]
+__all__ = [
+    "MAX_COORDINATES",
+    "positive_definite_solve",
+    "stochastic_newton_step",
+    "stochastic_newton_update",
+]
 
 # The most free coordinates the step takes: its d x d Hessian per iteration costs d
 # gradients, more than the exact objective's line search beyond a few hundred.
@@ -59,6 +64,11 @@ def stochastic_newton_step(log_density, u, gamma, information):
     """
     grad = jax.grad(log_density)(u)
     hessian = jax.hessian(log_density)(u)
+    return stochastic_newton_update(u, grad, hessian, gamma, information)
+
+
+def stochastic_newton_update(u, grad, hessian, gamma, information):
+    """`stochastic_newton_step` given ``f_k``'s gradient and Hessian at ``u``."""
     updated = information + gamma * (-hessian - information)
     new = u + gamma * positive_definite_solve(updated, grad)
     ok = jnp.all(jnp.isfinite(new)) & jnp.all(jnp.isfinite(updated))
