@@ -147,6 +147,17 @@ def test_examples_page_shows_every_example():
             assert f"(examples/{script.stem}.png)" in page, script.name
 
 
+def test_architecture_page_names_every_module():
+    """docs/architecture.md's module map names every module of jaxem/ (six were missing once)."""
+    page = (DOCS / "architecture.md").read_text()
+    missing = [
+        path.stem
+        for path in sorted((REPO / "jaxem").glob("*.py"))
+        if path.stem != "__init__" and f"`{path.stem}`" not in page
+    ]
+    assert not missing, f"docs/architecture.md does not name the modules {missing}"
+
+
 # A timing or speed-up: "26 ms", "0.49 s", "25 minutes", "20x slower", "1.8x fewer".
 _MEASURED = re.compile(
     r"(?<![\w.])\d+(?:\.\d+)?\s?(?:ms|s|seconds|minutes)\b"
