@@ -387,7 +387,7 @@ def stationarity(model, params, marginals, names, constraints, args, kwargs, max
     def fell(n):
         start_slope, end_slope = directions[n][7::3], grads[n][7::3]
         kept = (start_slope == 0) | (jnp.abs(end_slope) <= 0.5 * jnp.abs(start_slope))
-        return jnp.all(kept.reshape(len(names), -1), axis=1)
+        return jnp.all(kept, axis=tuple(range(1, kept.ndim)))
 
     levelled = functools.reduce(jnp.logical_and, [fell(n) for n in names])
     confirmed = (model_gains[6::3] > 0) & (rises > 0) & levelled
