@@ -103,6 +103,12 @@ class EMResult(NamedTuple):
             levelling off (`jaxem.gradient.stationarity`): the likelihood has no
             maximum there, e.g. a component collapsing onto tied points (its scale,
             and a free ``df``, running to 0). ``converged`` is then False.
+        gains: ``{param name: gain}``: how much the log-likelihood (log
+            posterior) rises, at least, by a step along the param's own part of
+            the gradient at ``params`` (Q evaluated at that part's Newton step,
+            `jaxem.gradient.stationarity`; 0 where it did not rise beyond
+            rounding). The params of a fit that stopped short of a maximum are
+            those with large gains.
     """
 
     params: dict
@@ -119,6 +125,7 @@ class EMResult(NamedTuple):
     log_prior: jax.Array | None = None
     log_posterior: jax.Array | None = None
     unbounded: dict | None = None
+    gains: dict | None = None
 
 
 class EM(Fitter):
@@ -307,7 +314,7 @@ class EM(Fitter):
         )
         params = loop.state.params
         free = [n for n in structure.param_names if n not in self.frozen]
-        gradient, gain, unbounded = stationarity(
+        gradient, gain, unbounded, gains = stationarity(
             self.model, params, loop.aux, free, structure.constraints, args, kwargs, nesting
         )
         supported = in_support(self.model, params, args, kwargs, nesting)
@@ -335,6 +342,7 @@ class EM(Fitter):
             log_prior,
             log_posterior,
             unbounded,
+            gains,
         )
         return result, start.params
 
@@ -351,7 +359,7 @@ class EM(Fitter):
         nesting = structure.max_plate_nesting
         result = e_step(self.model, state.params, args, kwargs, nesting, hard=self.hard)
         free = [n for n in structure.param_names if n not in self.frozen]
-        gradient, _, _ = stationarity(
+        gradient, _, _, _ = stationarity(
             self.model,
             state.params,
             result.marginals,

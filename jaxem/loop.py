@@ -428,9 +428,16 @@ def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: flo
         )
         return
     gradient = {k: np.asarray(v) for k, v in result.gradient.items()}
+    gains = {k: float(v) for k, v in (getattr(result, "gains", None) or {}).items()}
     bad = sorted(k for k, v in gradient.items() if not np.all(np.isfinite(v)))
     if bad:
         where = f"is not finite for {bad}"
+    elif gains and max(gains.values()) > 0:
+        # Named by what a step along each param's part of the gradient gains (in the
+        # objective's units), not by the gradient's size (in each param's units).
+        most = max(gains.values())
+        largest = sorted(k for k, v in gains.items() if v >= 0.1 * most)
+        where = f"is far from zero, mostly in {largest} (a step there gains {most:.3g})"
     else:
         norms = {k: float(np.sum(v.astype(np.float64) ** 2)) for k, v in gradient.items()}
         total = sum(norms.values())
@@ -439,12 +446,15 @@ def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: flo
     warnings.warn(
         f"jaxem: {name} stopped after {n} iterations{kept} with the {objective} no longer "
         f"changing, but not at a stationary point: its gradient {where} (see "
-        "result.gradient), so the result is not a maximum and converged is False. Causes: "
+        "result.gradient, result.gains), so the result is not a maximum and converged is "
+        "False. Causes: "
         "M-step gradient steps that are all rejected (a learning rate too large: a smaller "
-        "one, or the default optax.lbfgs()), a non-finite gradient of a density (write the "
-        "model so that its log-probability is differentiable at the parameters), or "
-        "reg_covar dominating the variances of data at a small scale (rescale the data or "
-        "lower reg_covar).",
+        "one, or the default optax.lbfgs()), or that stall on params of very different "
+        "curvatures (a location at the data's scale, 1e3, beside log-scales, in float32: "
+        "start them near the data with init_params, standardize the data, or fit in "
+        "float64), a non-finite gradient of a density (write the model so that its "
+        "log-probability is differentiable at the parameters), or reg_covar dominating "
+        "the variances of data at a small scale (rescale the data or lower reg_covar).",
         ConvergenceWarning,
         stacklevel=3,
     )

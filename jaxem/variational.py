@@ -131,6 +131,9 @@ class VEMResult(NamedTuple):
             from below, and ``log_likelihood`` stays the data's.
         unbounded: ``{param name: bool}``: params along which the ELBO still
             rises without levelling off (as `jaxem.EMResult.unbounded`).
+        gains: ``{param name: gain}``: the rise of the ELBO, at least, by a
+            step along the param's own part of the gradient (as
+            `jaxem.EMResult.gains`).
     """
 
     params: dict
@@ -149,6 +152,7 @@ class VEMResult(NamedTuple):
     gradient: dict
     log_prior: jax.Array | None = None
     unbounded: dict | None = None
+    gains: dict | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -410,7 +414,7 @@ class VariationalEM(Fitter):
             if log_lik is not None:
                 log_lik = log_lik - log_prior
         free = [n for n in structure.param_names if n not in self.frozen]
-        gradient, gain, unbounded = stationarity(
+        gradient, gain, unbounded, gains = stationarity(
             self.model, last.params, marginals, free, structure.constraints, args, kwargs, nesting
         )
         supported = in_support(self.model, last.params, args, kwargs, nesting)
@@ -433,6 +437,7 @@ class VariationalEM(Fitter):
             gradient,
             log_prior,
             unbounded,
+            gains,
         )
         return result, start.params
 
@@ -451,7 +456,7 @@ class VariationalEM(Fitter):
         trace = enumerated_trace(self.model, state.params, args, kwargs, nesting)
         log_factors = {n: jax.lax.stop_gradient(s.log_prob) for n, s in trace.sites.items()}
         free = [n for n in structure.param_names if n not in self.frozen]
-        gradient, _, _ = stationarity(
+        gradient, _, _, _ = stationarity(
             self.model,
             state.params,
             factor_marginals(state.q, log_factors, trace),

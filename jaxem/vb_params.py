@@ -155,7 +155,7 @@ class VBParams:
         """``(gradient, gain)`` of ``objective`` at ``params`` in the free params
         (`jaxem.gradient.stationarity`): the gain is 0 where there are none."""
         names = [n for n, p in paths.items() if p.kind in ("closed-form", "gradient")]
-        gradient, gain, _ = stationarity(
+        gradient, gain, _, _ = stationarity(
             None, params, None, names, structure.constraints, None, None, None, objective=objective
         )
         return gradient, gain
