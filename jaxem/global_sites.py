@@ -20,8 +20,10 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from numpyro.primitives import Messenger
 
+from jaxem.conjugate import core_distribution
 from jaxem.exceptions import ModelError
 
 __all__ = [
@@ -46,6 +48,16 @@ class _MarkGlobal(Messenger):
                 raise ModelError(
                     f"jaxem: global site '{msg['name']}' is observed (obs=...): its value is "
                     "data, not a parameter. Leave it out of global_sites."
+                )
+            if isinstance(core_distribution(msg["fn"]), dist.ImproperUniform):
+                # NumPyro cannot draw from it (a bare NotImplementedError), and it is
+                # no prior: a flat log density of 0 is a param's.
+                raise ModelError(
+                    f"jaxem: global site '{msg['name']}' has an improper prior "
+                    "(ImproperUniform): a global site is a parameter with a prior, which "
+                    "jaxem draws its starting value from and adds to the objective. Give "
+                    f"it a proper prior, or declare it numpyro.param('{msg['name']}', "
+                    "init_value, constraint=...) (a flat prior: maximum likelihood)."
                 )
             msg["is_observed"] = True
 

@@ -29,6 +29,8 @@ __all__ = [
     "check_observed_site",
     "check_values",
     "core_family",
+    "good_values",
+    "raise_for_bad_values",
     "raise_for_invalid",
 ]
 
@@ -238,11 +240,7 @@ def check_values(
         for name, (_, value) in sites.items()
         if jnp.issubdtype(jnp.result_type(value), jnp.inexact)
     }
-    good_params = {
-        name: jnp.all(jnp.isfinite(params[name]))
-        & jnp.all(structure.constraints[name].check(params[name]))
-        for name in structure.param_names
-    }
+    good_params = good_values(structure, params)
     missing = {name: fn for name, (fn, _) in sites.items() if isinstance(fn, MissingData)}
     partial = {}
     for name, fn in missing.items():
@@ -346,7 +344,22 @@ def raise_for_invalid(
     if fitting:
         fitted = {name: v for name, v in validity.coverage.items() if name not in frozen}
         _raise_for_unobserved_coordinates(fitted)
-    for name, ok in validity.good_params.items():
+    raise_for_bad_values(structure, validity.good_params)
+
+
+def good_values(structure, params: dict) -> dict:
+    """``{param: finite and inside its constraint (a global site: its prior's support)}``."""
+    return {
+        name: jnp.all(jnp.isfinite(params[name]))
+        & jnp.all(structure.constraints[name].check(params[name]))
+        for name in structure.param_names
+    }
+
+
+def raise_for_bad_values(structure, good: dict) -> None:
+    """A ModelError naming the first param or global site whose value is bad
+    (``good``: `good_values`, concrete)."""
+    for name, ok in good.items():
         if not bool(ok) and name in structure.global_sites:
             raise ModelError(
                 f"jaxem: the value of global site '{name}' is not finite or lies outside the "

@@ -220,11 +220,67 @@ def test_a_global_site_inside_the_data_plate():
         EM(model, global_sites=("w", "shift")).run(jax.random.PRNGKey(0), _mixture_data())
 
 
-def test_an_initial_value_outside_the_prior_support():
+def _poisson_mixture_with_param(c, K=2):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    with numpyro.plate("components", K):
+        rate = numpyro.sample("rate", dist.Gamma(jnp.array([2.0, 8.0]), 0.5))
+    with numpyro.plate("data", c.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("c", dist.Poisson(rate[z]), obs=c)
+
+
+# VariationalBayesEM started a fit from such a value and returned a NaN ELBO (a
+# negative Gamma draw), or took a Dirichlet point off the simplex without a word.
+@pytest.mark.parametrize("fitter", [EM, jaxem.VariationalBayesEM])
+@pytest.mark.parametrize(
+    "model, global_sites, init_params, message",
+    [
+        (
+            poisson_mixture,
+            ("w", "rate"),
+            {"rate": jnp.array([-1.0, 5.0])},
+            r"global site 'rate' .* outside the support of its prior, Positive",
+        ),
+        (
+            poisson_mixture,
+            ("w", "rate"),
+            {"w": jnp.array([0.7, 0.7])},
+            r"global site 'w' .* outside the support of its prior, Simplex",
+        ),
+        (
+            _poisson_mixture_with_param,
+            ("rate",),
+            {"w": jnp.array([1.5, -0.5])},
+            r"param 'w' .* outside its constraint Simplex",
+        ),
+    ],
+)
+def test_an_initial_value_outside_the_prior_support(
+    fitter, model, global_sites, init_params, message
+):
     c = jnp.array([0.0, 1.0, 9.0, 12.0])
-    with pytest.raises(ModelError, match="global site .rate. .* outside the support of its prior"):
-        EM(poisson_mixture, global_sites=("w", "rate")).run(
-            jax.random.PRNGKey(0), c, init_params={"rate": jnp.array([-1.0, 5.0])}
+    with pytest.raises(ModelError, match=message):
+        fitter(model, global_sites=global_sites).run(
+            jax.random.PRNGKey(0), c, init_params=init_params
+        )
+
+
+def test_an_improper_prior_on_a_global_site_is_named():
+    # NumPyro cannot draw from it: a bare NotImplementedError from numpyro.sample.
+    def model(c):
+        w = numpyro.sample("w", dist.Dirichlet(jnp.ones(2)))
+        with numpyro.plate("components", 2):
+            rate = numpyro.sample("rate", dist.ImproperUniform(constraints.positive, (), ()))
+        with numpyro.plate("data", c.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("c", dist.Poisson(rate[z]), obs=c)
+
+    c = jnp.array([0.0, 1.0, 9.0, 12.0])
+    with pytest.raises(
+        ModelError, match=r"global site 'rate' has an improper prior .*numpyro.param\('rate'"
+    ):
+        EM(model, global_sites=("w", "rate")).run(
+            jax.random.PRNGKey(0), c, init_params={"rate": jnp.array([1.0, 9.0])}
         )
 
 
