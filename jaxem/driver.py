@@ -22,16 +22,16 @@ import numpy as np
 
 from jaxem.accelerators import accelerate
 from jaxem.arguments import merge_args, split_args
+from jaxem.batching import best_restart, map_restarts, select_best
 from jaxem.checks import raise_for_model_arguments
+from jaxem.compiling import after_loop_options, compile_together
 from jaxem.fitter_m_step import MStep, describe_plan
 from jaxem.inspection import model_structure
 from jaxem.kernel import Kernel
 from jaxem.loop import (
-    best_restart,
     raise_for_gradient,
     refuse_differentiation,
     run_with_progress,
-    select_best,
     warn_about_fit,
 )
 from jaxem.precision import broken_down, recheck_in_float64
@@ -76,7 +76,11 @@ class Fitter:
     * ``_fit_one(rng_key, arrays, init_params, tol, spec, max_iter, progress_bar)
       -> (result, start params)``: one restart's fit, compiled, running
       ``self.kernel`` (the kernel, accelerated) in `jaxem.loop.iterate`;
-    * ``_gradient_at(state, arrays, spec)``: the objective's gradient at a state.
+    * ``_gradient_at(state, arrays, spec)``: the objective's gradient at a state;
+    * optionally ``_loop_one(rng_key, arrays, init_params, tol, spec, max_iter,
+      progress_bar) -> loop`` and ``_finish_one(loop, arrays, tol, spec)``, with
+      ``_fit_one`` their composition: ``run`` then compiles the loop and what
+      follows it as two programs, at the same time (`compile_together`).
 
     The subclass sets ``self.m_step_settings`` (an `MStep`),
     ``self.acceleration`` (None, ``"squarem"``, ``"anderson"``) and the class
@@ -103,10 +107,12 @@ class Fitter:
         self.kernel = accelerate(base, self.acceleration)
         self._update_jit = jax.jit(self._update, static_argnums=(2,))
         self._initial_gradient_jit = jax.jit(self._gradient_at, static_argnums=(2,))
-        self._run_jit = jax.jit(
-            self._run_arrays,
-            static_argnames=("spec", "max_iter", "num_restarts", "progress_bar", "batch_restarts"),
-        )
+        static = ("spec", "max_iter", "num_restarts", "progress_bar", "batch_restarts")
+        self._run_jit = jax.jit(self._run_arrays, static_argnames=static)
+        # Two programs where the subclass splits a fit (see _run_in_two).
+        self._loop_jit = jax.jit(self._loop_arrays, static_argnames=static)
+        self._finish_jit = None  # made at the first run, when the backend is known
+        self._compiled_together: set = set()
 
     # -- kernel (subclasses) -------------------------------------------------
 
@@ -161,6 +167,71 @@ class Fitter:
 
     def _restart_score(self, fit):
         return getattr(fit[0], self.score)
+
+    # A fit split in two programs: every restart's loop, then every restart's
+    # evaluation after its loop and the best one kept. Compiled at the same time,
+    # the first run waits for the larger program instead of the sum of both.
+
+    _loop_one = None
+    _finish_one = None
+
+    def _loop_arrays(
+        self, rng_key, arrays, init_params, tol, *, spec, max_iter, num_restarts, progress_bar,
+        batch_restarts=True,
+    ):  # fmt: skip
+        """Every restart's ``_loop_one``, stacked on a leading restart axis."""
+
+        def loop(key):
+            return self._loop_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
+
+        if num_restarts == 1:  # the key itself, as in best_restart
+            return jax.tree.map(lambda x: jnp.asarray(x)[None], loop(rng_key))
+        keys = jax.random.split(rng_key, num_restarts)
+        return map_restarts(loop, keys, batched=batch_restarts)
+
+    def _finish_arrays(self, loops, arrays, tol, *, spec, batch_restarts=True):
+        """Every restart's ``_finish_one`` after `_loop_arrays`, the best kept (as
+        `_run_arrays`)."""
+
+        def finish(loop):
+            return self._finish_one(loop, arrays, tol, spec)
+
+        if jax.tree.leaves(loops)[0].shape[0] == 1:
+            fits = jax.tree.map(lambda x: x[None], finish(jax.tree.map(lambda x: x[0], loops)))
+        else:
+            fits = map_restarts(finish, loops, batched=batch_restarts)
+        return self._keep_best(fits)
+
+    def _run_in_two(self, rng_key, *, arrays, init_params, tol, spec, num_restarts, **static):
+        """`_run_arrays` as two compiled programs (`_loop_arrays`, `_finish_arrays`),
+        compiled together on the first call with a signature."""
+        args = (rng_key, arrays, init_params, tol)
+        loop_kwargs = dict(spec=spec, num_restarts=num_restarts, **static)
+        finish_kwargs = dict(spec=spec, batch_restarts=static["batch_restarts"])
+        if self._finish_jit is None:
+            self._finish_jit = jax.jit(
+                self._finish_arrays,
+                static_argnames=("spec", "batch_restarts"),
+                compiler_options=after_loop_options() or None,
+            )
+        leaves, tree = jax.tree.flatten(args)
+        signature = (
+            tree,
+            tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves),
+            tuple(sorted(loop_kwargs.items())),
+        )
+        if signature not in self._compiled_together:
+            compile_together(
+                self._loop_jit,
+                args,
+                loop_kwargs,
+                self._finish_jit,
+                lambda loops: (loops, arrays, tol),
+                finish_kwargs,
+            )
+            self._compiled_together.add(signature)
+        loops = self._loop_jit(*args, **loop_kwargs)
+        return self._finish_jit(loops, arrays, tol, **finish_kwargs)
 
     def _keep_best(self, fits):
         """``(result, start)`` of the best of ``fits`` (every restart's ``(result,
@@ -358,8 +429,10 @@ class Fitter:
             batch_restarts = num_restarts == 1 or self._restarts_batch_well(
                 rng_key, arrays, spec, init_params
             )
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, inputs)))
+        split = self._loop_one is not None and not traced
         call = partial(
-            self._run_jit,
+            self._run_in_two if split else self._run_jit,
             arrays=arrays,
             init_params=init_params,
             tol=np.asarray(tol, jnp.result_type(float)),
@@ -368,7 +441,6 @@ class Fitter:
             progress_bar=bool(progress_bar),
             batch_restarts=bool(batch_restarts),
         )
-        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, inputs)))
         if num_restarts > 1 and not batch_restarts and not traced:
             result, start = self._run_restarts_one_by_one(
                 call, rng_key, num_restarts, progress_bar, max_iter

@@ -19,7 +19,14 @@ from jaxem.global_sites import log_prior_of_trace, with_global_sites
 from jaxem.gradient import default_optimizer, stationarity
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
-from jaxem.loop import iterate, loop_key, static_facts, stationary, upper_bound
+from jaxem.loop import (
+    finish_iterate,
+    iterate_until_done,
+    loop_key,
+    static_facts,
+    stationary,
+    upper_bound,
+)
 from jaxem.tracing import enumerated_trace
 from jaxem.uncertainty import standard_errors
 
@@ -277,10 +284,42 @@ class EM(Fitter):
         return new_state, StepInfo(result.log_likelihood, jnp.array(True))
 
     def _fit_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
+        loop = self._loop_one(rng_key, arrays, init_params, tol, spec, max_iter, progress_bar)
+        return self._finish_one(loop, arrays, tol, spec)
+
+    def _loop_one(self, rng_key, arrays, init_params, tol, spec, max_iter, progress_bar):
+        """One restart's loop: ``(its LoopCarry, the initial params)``."""
+        start = self.kernel.init(rng_key, arrays, spec, init_params)
+        carry = iterate_until_done(
+            lambda key, state: self.kernel.step(key, state, arrays, spec),
+            loop_key(rng_key),
+            start,
+            lambda state: state.params,
+            max_iter=max_iter,
+            tol=tol,
+            progress_bar=progress_bar,
+            upper_bound=self._upper_bound(start.params, arrays, spec),
+        )
+        return carry, start.params
+
+    def _upper_bound(self, params, arrays, spec):
+        # Static facts (which sites are observed, their supports and sizes).
+        def bound(p, a):
+            args, kwargs = merge_args(a, spec)
+            nesting = model_structure(self.model, args, kwargs).max_plate_nesting
+            return upper_bound(
+                enumerated_trace(self.model, p, args, kwargs, nesting, log_probs=False)
+            )
+
+        return static_facts(bound, params, arrays)
+
+    def _finish_one(self, loop, arrays, tol, spec):
+        """After one restart's loop (`_loop_one`'s output): the last state evaluated,
+        its stationarity and supports: ``(EMResult, the initial params)``."""
+        carry, start_params = loop
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         nesting = structure.max_plate_nesting
-        start = self.kernel.init(rng_key, arrays, spec, init_params)
 
         def final(state):
             result = e_step(
@@ -294,24 +333,7 @@ class EM(Fitter):
             )
             return result.log_likelihood, result.marginals
 
-        loop = iterate(
-            lambda key, state: self.kernel.step(key, state, arrays, spec),
-            loop_key(rng_key),
-            start,
-            lambda state: state.params,
-            final_fn=final,
-            max_iter=max_iter,
-            tol=tol,
-            progress_bar=progress_bar,
-            # Static facts (which sites are observed, their supports and sizes).
-            upper_bound=static_facts(
-                lambda p, a: upper_bound(
-                    enumerated_trace(self.model, p, *merge_args(a, spec), nesting, log_probs=False)
-                ),
-                start.params,
-                arrays,
-            ),
-        )
+        loop = finish_iterate(carry, final, self._upper_bound(start_params, arrays, spec))
         params = loop.state.params
         free = [n for n in structure.param_names if n not in self.frozen]
         gradient, gain, unbounded, gains = stationarity(
@@ -344,7 +366,7 @@ class EM(Fitter):
             unbounded,
             gains,
         )
-        return result, start.params
+        return result, start_params
 
     def _restart_score(self, fit):
         # MAP-EM keeps the restart of the highest log posterior.

@@ -16,19 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxem.arguments import merge_args, merge_init_params
-from jaxem.batching import RESTART_AXIS, restart_axis
+from jaxem.batching import best_restart
 from jaxem.exceptions import ConvergenceWarning, ModelError
 from jaxem.inspection import inspect_model
 
 __all__ = [
     "JUMP_FACTOR",
     "STATIONARITY_FACTOR",
+    "LoopCarry",
     "LoopResult",
     "all_finite",
     "best_restart",
     "credible",
+    "finish_iterate",
     "initial_params",
     "iterate",
+    "iterate_until_done",
     "loop_key",
     "raise_for_gradient",
     "refuse_differentiation",
@@ -98,7 +101,9 @@ class LoopResult(NamedTuple):
     aux: Any
 
 
-class _Carry(NamedTuple):
+class LoopCarry(NamedTuple):
+    """What `iterate_until_done` ends with, `finish_iterate` starts from."""
+
     state: Any
     good: Any
     history: jax.Array
@@ -210,6 +215,25 @@ def iterate(
     Returns:
         A `LoopResult`.
     """
+    carry = iterate_until_done(
+        step_fn,
+        rng_key,
+        state,
+        checked_fn,
+        max_iter=max_iter,
+        tol=tol,
+        progress_bar=progress_bar,
+        upper_bound=upper_bound,
+    )
+    return finish_iterate(carry, final_fn, upper_bound)
+
+
+def iterate_until_done(
+    step_fn, rng_key, state, checked_fn, *, max_iter, tol, progress_bar, upper_bound=None
+) -> LoopCarry:
+    """`iterate`'s ``lax.while_loop`` alone (its arguments): the `LoopCarry` it stops
+    with, which `finish_iterate` evaluates. Apart, the two can be compiled as two
+    programs (see `jaxem.compiling.compile_together`)."""
     dtype = jnp.result_type(float)
 
     def cond(c):
@@ -225,7 +249,7 @@ def iterate(
         if progress_bar:
             jax.debug.callback(_report_progress, c.i + 1)
         gain = jnp.where((c.i > 0) & finite, value - c.previous, 0.0)
-        return _Carry(
+        return LoopCarry(
             state=tree_where(ok, new_state, c.state),
             good=tree_where(finite, c.state, c.good),
             history=c.history.at[c.i].set(value),
@@ -237,7 +261,7 @@ def iterate(
             moved=jnp.asarray(info.moved, bool),
         )
 
-    carry = _Carry(
+    carry = LoopCarry(
         state=state,
         good=state,
         history=jnp.full((max_iter,), jnp.nan, dtype),
@@ -248,7 +272,13 @@ def iterate(
         diverged=jnp.array(False),
         moved=jnp.array(True),
     )
-    carry = jax.lax.while_loop(cond, body, carry)
+    return jax.lax.while_loop(cond, body, carry)
+
+
+def finish_iterate(carry: LoopCarry, final_fn: Callable, upper_bound=None) -> LoopResult:
+    """`iterate`'s end: ``final_fn`` evaluates the loop's last state (and the one
+    before it), a last value that is not credible makes a divergence."""
+    dtype = jnp.result_type(float)
     last = tree_where(carry.diverged, carry.good, carry.state)
     # The last state and the one before it are evaluated by one compiled final_fn (the
     # two steps of a lax.map): two call sites would compile the E-step twice more.
@@ -272,56 +302,6 @@ def iterate(
         value=value,
         aux=aux,
     )
-
-
-def best_restart(
-    fit_fn: Callable,
-    rng_key,
-    num_restarts: int,
-    score_fn: Callable,
-    diverged_fn=None,
-    *,
-    batched: bool = True,
-):
-    """``fit_fn(key)`` for ``num_restarts`` keys split from ``rng_key``: under
-    ``vmap`` (``batched``), or one after another inside the compiled program
-    (``lax.map``), each restart then stopping at its own iteration. The kept
-    restart: `select_best`.
-
-    One restart runs ``fit_fn(rng_key)`` itself (no vmap), so that it starts
-    where ``init(rng_key)`` does. The restart kept is the one with the highest
-    score (NaN counting as -inf) among those that did not diverge
-    (``diverged_fn``); among all restarts only when every one diverged.
-
-    Returns:
-        ``(result of the restart kept, results of every restart stacked on a
-        leading axis of size num_restarts)``.
-    """
-    if num_restarts == 1:
-        result = fit_fn(rng_key)
-        return result, jax.tree.map(lambda x: jnp.asarray(x)[None], result)
-    keys = jax.random.split(rng_key, num_restarts)
-    if batched:
-        # The named axis lets the rounding guards branch once for all restarts
-        # (jaxem.batching) rather than compute both branches in each.
-        with restart_axis():
-            fits = jax.vmap(fit_fn, axis_name=RESTART_AXIS)(keys)
-    else:
-        fits = jax.lax.map(fit_fn, keys)
-    return select_best(fits, score_fn, diverged_fn), fits
-
-
-def select_best(fits, score_fn: Callable, diverged_fn=None):
-    """The restart with the highest score (NaN counting as -inf) among those that
-    did not diverge; among all restarts only when every one diverged. ``fits``:
-    results stacked on a leading restart axis."""
-    scores = score_fn(fits)
-    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-    usable = jnp.ones(scores.shape, bool) if diverged_fn is None else ~diverged_fn(fits)
-    pool = jnp.where(jnp.any(usable), usable, True)
-    masked = jnp.where(pool, scores, -jnp.inf)
-    best = jnp.where(jnp.any(masked > -jnp.inf), jnp.argmax(masked), jnp.argmax(pool))
-    return jax.tree.map(lambda x: x[best], fits)
 
 
 def stationary(gain, value, tol):

@@ -1,10 +1,22 @@
-"""Programs compiled for one evaluation (jaxem.compiling): same values as jax.jit."""
+"""Programs compiled for one evaluation, and a fit's two programs compiled together
+(jaxem.compiling): same values as jax.jit, each program compiled once."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxem.compiling import ONCE_OPTIONS, compile_once, jit_once, once_options
+import jaxem
+from jaxem.compiling import (
+    AFTER_LOOP_OPTIONS,
+    ONCE_OPTIONS,
+    after_loop_options,
+    compile_once,
+    compile_together,
+    jit_once,
+    once_options,
+)
+from tests.models import gmm_scale_tril
 
 
 def _f(x, n):
@@ -12,8 +24,9 @@ def _f(x, n):
 
 
 def test_once_options_on_cpu():
-    expected = ONCE_OPTIONS if jax.default_backend() == "cpu" else once_options()
-    assert once_options() == expected
+    if jax.default_backend() == "cpu":
+        assert once_options() == {**ONCE_OPTIONS, **AFTER_LOOP_OPTIONS}
+        assert after_loop_options() == AFTER_LOOP_OPTIONS
 
 
 def test_jit_once_matches_jit_with_static_args():
@@ -32,3 +45,76 @@ def test_compile_once_of_a_lowered_function():
     np.testing.assert_array_equal(
         np.asarray(compile_once(lowered)(x)), np.asarray(lowered.compile()(x))
     )
+
+
+def _lowered_during(fn):
+    """``fn()``'s value and the names of the programs lowered while it ran (a program
+    found in ``jit``'s cache is not lowered again)."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("jaxpr_to_mlir_module_duration"):
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        value = jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return value, names
+
+
+def test_compile_together_leaves_both_programs_in_jits_cache(x32):
+    # The first program's second output is weakly typed: the second program must be
+    # compiled for a weak input, or its call would compile it again.
+    def first_fn(x):
+        return 2.0 * x, 1.0
+
+    def second_fn(out, x):
+        return out[0] + out[1] * x
+
+    first, second = jax.jit(first_fn), jax.jit(second_fn)
+    x = jnp.linspace(0.0, 1.0, 5)
+    _, names = _lowered_during(
+        lambda: compile_together(first, (x,), {}, second, lambda out: (out, x), {})
+    )
+    assert sorted(names) == ["jit(first_fn)", "jit(second_fn)"]
+    out = first(x)
+    assert out[1].weak_type
+    value, names = _lowered_during(lambda: second(out, x))
+    assert names == []
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(second_fn(first_fn(x), x)))
+
+
+def test_compile_together_leaves_an_error_to_the_call(x32):
+    first = jax.jit(lambda x: x + 1.0)
+    second = jax.jit(lambda y: y.reshape(7))  # wrong size: fails to trace
+    x = jnp.ones(3)
+    compile_together(first, (x,), {}, second, lambda out: (out,), {})
+    with pytest.raises(TypeError, match="reshape"):
+        second(first(x))
+
+
+def test_run_compiles_its_loop_and_what_follows_once_each(x32):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 2)).astype(np.float32)
+    x[:30] += 3.0
+    x = jnp.asarray(x)
+    key = jax.random.PRNGKey(0)
+    for num_restarts, batch in [(1, None), (3, True), (3, False)]:
+        em = jaxem.EM(gmm_scale_tril)
+
+        def fit(k, em=em, num_restarts=num_restarts, batch=batch):
+            return em.run(
+                k, x, 2, max_iter=8, tol=0.0, num_restarts=num_restarts, batch_restarts=batch
+            )
+
+        result, names = _lowered_during(lambda fit=fit: fit(key))
+        programs = [n for n in names if n.endswith("_arrays)")]
+        assert sorted(programs) == ["jit(_finish_arrays)", "jit(_loop_arrays)"], names
+        _, names = _lowered_during(lambda fit=fit: fit(key))
+        assert [n for n in names if n.endswith("_arrays)")] == []
+        # The same fit traced as one program (what jax.jit of run compiles).
+        single = jax.jit(fit)(key)
+        for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(single), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-6)

@@ -74,7 +74,7 @@ def _count_compilations(call):
 
 def test_run_compiles_no_model_trace_eagerly(x32):
     # Checks before and after the compiled loop run as a few compiled programs: the
-    # validation, the run, the float64 recheck, the M-step plan's probes. An eager
+    # validation, the run (two programs), the float64 recheck, the M-step plan's probes. An eager
     # trace of the model (once after every fit, to find the initial params) compiled
     # every op of the model on its own: 27 small programs for a Gaussian mixture.
     x = jnp.asarray(_mixture_data(2, N=53), jnp.float32)
@@ -83,13 +83,14 @@ def test_run_compiles_no_model_trace_eagerly(x32):
     first, first_count = _count_compilations(
         lambda: EM(normal_mixture_spread).run(key, x, 5, max_iter=5, tol=0)
     )
-    # A new EM on the same model and shapes compiles its run program again (and the
-    # plan's probes), nothing else.
+    # A new EM on the same model and shapes compiles its run programs again (the loop
+    # and the evaluation after it, compiling.compile_together) and the plan's probes,
+    # nothing else.
     second, second_count = _count_compilations(
         lambda: EM(normal_mixture_spread).run(key, x, 5, max_iter=5, tol=0)
     )
-    assert first_count <= 8, first_count
-    assert second_count <= 3, second_count
+    assert first_count <= 9, first_count
+    assert second_count <= 4, second_count
     np.testing.assert_array_equal(first.params["mu"], second.params["mu"])
 
 
