@@ -19,6 +19,7 @@ from jaxem.arguments import merge_args, merge_init_params
 from jaxem.batching import best_restart
 from jaxem.exceptions import ConvergenceWarning, ModelError
 from jaxem.inspection import inspect_model
+from jaxem.validation import good_values, raise_for_bad_values
 
 __all__ = [
     "JUMP_FACTOR",
@@ -27,6 +28,7 @@ __all__ = [
     "LoopResult",
     "all_finite",
     "best_restart",
+    "check_initial_values",
     "credible",
     "finish_iterate",
     "initial_params",
@@ -67,6 +69,14 @@ def initial_params(model, frozen: Sequence[str], rng_key, arrays, spec, init_par
     if unknown:
         raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
     return structure, merge_init_params(params, init_params)
+
+
+def check_initial_values(model, rng_key, arrays, spec, init_params) -> None:
+    """A named error for an ``init_params`` value outside its param's constraint or
+    its global site's prior support (concrete inputs; draws from a prior lie inside)."""
+    if init_params:
+        structure, params = initial_params(model, (), rng_key, arrays, spec, init_params)
+        raise_for_bad_values(structure, good_values(structure, params))
 
 
 # -- the compiled loop --------------------------------------------------------

@@ -47,8 +47,14 @@ from jaxem.global_sites import with_global_sites
 from jaxem.gradient import default_optimizer
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
-from jaxem.loop import initial_params, iterate, loop_key, run_with_progress, stationary
-from jaxem.validation import good_values, raise_for_bad_values
+from jaxem.loop import (
+    check_initial_values,
+    initial_params,
+    iterate,
+    loop_key,
+    run_with_progress,
+    stationary,
+)
 from jaxem.vb_pairs import PAIRS
 from jaxem.vb_params import VBParams
 from jaxem.vb_plan import build_plan
@@ -359,15 +365,8 @@ class VariationalBayesEM:
         (one VB-M-step)."""
         arrays, spec = split_args(args, kwargs)
         self._plan(arrays, spec, rng_key)
-        self._check_start(rng_key, arrays, spec, init_params)
+        check_initial_values(self.model, rng_key, arrays, spec, init_params)
         return self._init_jit(rng_key, arrays, spec, init_params)
-
-    def _check_start(self, rng_key, arrays, spec, init_params):
-        """A named error for an initial value outside its prior's support or its
-        param's constraint (draws from the priors lie inside)."""
-        if init_params:
-            structure, point = initial_params(self.model, (), rng_key, arrays, spec, init_params)
-            raise_for_bad_values(structure, good_values(structure, point))
 
     def _update(self, state, arrays, spec):
         new_state, info = self._step(None, state, arrays, spec)
@@ -470,7 +469,7 @@ class VariationalBayesEM:
             raise ValueError("max_iter must be at least 1")
         arrays, spec = split_args(args, kwargs)
         self._plan(arrays, spec, rng_key)
-        self._check_start(rng_key, arrays, spec, init_params)
+        check_initial_values(self.model, rng_key, arrays, spec, init_params)
         call = lambda: self._run_jit(  # noqa: E731
             rng_key,
             arrays,

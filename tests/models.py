@@ -155,3 +155,14 @@ def gaussian_hmm(x, K, mask=None):
 
     mask = jnp.ones(x.shape[0], bool) if mask is None else mask
     scan(step, z0, (x[1:], mask[1:]))
+
+
+def logistic_glmm(group, x, y, num_groups):
+    """A random-intercept logistic regression (the GLMM of benchmarks/mixed_models.py)."""
+    intercept = numpyro.param("intercept", 0.0)
+    slope = numpyro.param("slope", 0.0)
+    sd = numpyro.param("sd", 1.0, constraint=constraints.positive)
+    with numpyro.plate("groups", num_groups):
+        u = numpyro.sample("u", dist.Normal(intercept, sd))
+    with numpyro.plate("obs", y.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=u[group] + slope * x), obs=y)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from models import logistic_glmm
 from numpyro.distributions import constraints
 
 import jaxem
@@ -40,16 +41,6 @@ def test_the_probe_names_the_one_coordinate_of_each_entry(x64):
             np.testing.assert_array_equal(np.flatnonzero(pattern[e]), [c])
 
 
-def _glmm(group, x, y, num_groups):
-    intercept = numpyro.param("intercept", 0.0)
-    slope = numpyro.param("slope", 0.0)
-    sd = numpyro.param("sd", 1.0, constraint=constraints.positive)
-    with numpyro.plate("groups", num_groups):
-        u = numpyro.sample("u", dist.Normal(intercept, sd))
-    with numpyro.plate("obs", y.shape[0]):
-        numpyro.sample("y", dist.Bernoulli(logits=u[group] + slope * x), obs=y)
-
-
 def _intercept_and_slope(group, x, y, num_groups):
     sd = numpyro.param("sd", jnp.ones(2), constraint=constraints.positive)
     with numpyro.plate("groups", num_groups):
@@ -80,7 +71,7 @@ def _probe_and_dense(model):
 
 def test_the_probe_gives_the_dense_jacobians_blocks(x64):
     # A random intercept per group: every entry depends on one coordinate at most.
-    owner, num_coords, blocks, dense = _probe_and_dense(_glmm)
+    owner, num_coords, blocks, dense = _probe_and_dense(logistic_glmm)
     assert num_coords == 7 and blocks.num_blocks == dense.num_blocks == 7
     assert blocks_from_probe(owner, num_coords) is not None
     for field in ("coordinate", "entry", "members"):

@@ -8,23 +8,11 @@ import jax
 import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
-from numpyro.distributions import constraints
+from models import logistic_glmm
 
 import jaxem
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-def glmm(group, x, y, num_groups):
-    intercept = numpyro.param("intercept", 0.0)
-    slope = numpyro.param("slope", 0.0)
-    sd = numpyro.param("sd", 1.0, constraint=constraints.positive)
-    with numpyro.plate("groups", num_groups):
-        u = numpyro.sample("u", dist.Normal(intercept, sd))
-    with numpyro.plate("obs", y.shape[0]):
-        numpyro.sample("y", dist.Bernoulli(logits=u[group] + slope * x), obs=y)
 
 
 class CompileCounter:
@@ -52,7 +40,7 @@ def test_a_fit_compiles_a_few_programs_and_a_second_fit_none(x64):
     x = jnp.asarray(rng.normal(size=30))
     y = jnp.asarray((rng.random(30) < 0.5).astype(float))
     small = dict(num_is_draws=5, num_is_samples=20)
-    fit = jaxem.SAEM(glmm, schedule=(3, 2), num_chains=2, num_warmup=5, **small)
+    fit = jaxem.SAEM(logistic_glmm, schedule=(3, 2), num_chains=2, num_warmup=5, **small)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a 5-iteration fit on 30 points: not the point here
         with CompileCounter() as first:
