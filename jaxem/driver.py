@@ -25,6 +25,7 @@ from jaxem.arguments import merge_args, split_args
 from jaxem.batching import best_restart, map_restarts, select_best
 from jaxem.checks import raise_for_model_arguments
 from jaxem.compiling import after_loop_options, compile_together
+from jaxem.fit_warnings import warn_about_fit
 from jaxem.fitter_m_step import MStep, describe_plan
 from jaxem.inspection import model_structure
 from jaxem.kernel import Kernel
@@ -32,7 +33,6 @@ from jaxem.loop import (
     raise_for_gradient,
     refuse_differentiation,
     run_with_progress,
-    warn_about_fit,
 )
 from jaxem.precision import broken_down, recheck_in_float64
 from jaxem.regularization import warn_if_held_by_reg_covar

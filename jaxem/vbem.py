@@ -28,7 +28,6 @@ ELBO ``E_q[log p] + H(q(z)) - KL`` and the statistics its gradient in ``M``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -40,8 +39,8 @@ from jaxem import vb_posterior
 from jaxem.arguments import merge_args, split_args
 from jaxem.built import built_model
 from jaxem.estep import contract_factors, e_step, latent_posteriors
-from jaxem.exceptions import ConvergenceWarning
 from jaxem.factorized import coordinate_ascent, elbo_of, factor_marginals, uniform_q
+from jaxem.fit_warnings import warn_about_vb_fit
 from jaxem.fitter_m_step import describe_plan
 from jaxem.global_sites import with_global_sites
 from jaxem.gradient import default_optimizer
@@ -480,24 +479,5 @@ class VariationalBayesEM:
             progress_bar=bool(progress_bar),
         )
         result = run_with_progress(call, progress_bar, max_iter, self.name)
-        if bool(result.diverged):
-            warnings.warn(
-                f"jaxem: {self.name} stopped after {int(result.num_iters)} iterations on an "
-                "ELBO or a variational parameter that was not finite; the result holds the "
-                "last finite one.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        elif tol > 0 and not bool(result.converged):
-            stalled = int(result.num_iters) < max_iter  # the ELBO settled, the params did not
-            warnings.warn(
-                f"jaxem: {self.name} stopped with params that are not a stationary point of "
-                "the ELBO (result.gradient): their M-step made no progress; check optimizer "
-                "and m_step_iters."
-                if stalled
-                else f"jaxem: {self.name} reached max_iter={max_iter} before the relative "
-                f"change of the ELBO fell below tol={tol}; raise max_iter.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
+        warn_about_vb_fit(result, name=self.name, max_iter=max_iter, tol=tol)
         return result

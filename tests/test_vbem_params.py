@@ -305,3 +305,14 @@ def test_params_that_do_not_move_are_not_converged(x64):
     assert not bool(fit.converged)
     assert float(fit.params["rho"]) == 0.3
     assert abs(float(fit.gradient["rho"])) > 1.0
+
+
+def test_a_fit_that_reaches_max_iter_says_so(x64):
+    """Stopped by max_iter with the ELBO still changing by more than tol: not converged,
+    and the warning names max_iter and tol."""
+    x = jnp.asarray(_reals())
+    fitter = VariationalBayesEM(gmm_softplus_scale, global_sites=("w", "mu"))
+    with pytest.warns(ConvergenceWarning, match=r"reached max_iter=2 before .* tol=1e-12"):
+        fit = fitter.run(jax.random.PRNGKey(3), x, max_iter=2, tol=1e-12)
+    assert int(fit.num_iters) == 2
+    assert not bool(fit.converged)
