@@ -136,6 +136,28 @@ def test_site_builds_without_raw_markup(tmp_path):
     assert raw == []
     # Autorefs left unresolved show as "[name][target]" text.
     assert [p.name for p in site.rglob("*.html") if "][jaxem." in p.read_text()] == []
+    # The site works offline: no page loads a script or stylesheet from the network,
+    # and every one it loads (MathJax included) is in the site.
+    remote, absent = [], []
+    for page in sorted(site.rglob("*.html")):
+        for url in (m.group(1) or m.group(2) for m in _ASSET.finditer(page.read_text())):
+            if re.match(r"(?:https?:)?//", url):
+                remote.append(f"{page.relative_to(site)}: {url}")
+                continue
+            # 404.html links from the site's root, every other page relative to itself.
+            path = url.split("?")[0]
+            target = site / path[1:] if path.startswith("/") else page.parent / path
+            if not target.resolve().is_file():
+                absent.append(f"{page.relative_to(site)}: {url}")
+    assert remote == [], "pages load assets from the network"
+    assert absent == [], "pages load assets the site does not have"
+
+
+# The files a page loads: <script src=...>, and <link href=...> for a stylesheet or icon.
+_ASSET = re.compile(
+    r'<script\b[^>]*\bsrc="([^"]+)"'
+    r'|<link\b(?=[^>]*\brel="(?:stylesheet|icon)")[^>]*\bhref="([^"]+)"'
+)
 
 
 def test_examples_page_shows_every_example():
