@@ -80,7 +80,7 @@ def test_code_blocks_are_found():
 
 
 @pytest.mark.docs
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("page", [*PAGES, "../README.md"])  # the README's usage too
 def test_page_code_runs(page, monkeypatch, tmp_path):
     # Files a snippet writes land in a temporary directory; `data/...` paths still resolve.
     (tmp_path / "data").symlink_to(REPO / "data")
@@ -88,7 +88,7 @@ def test_page_code_runs(page, monkeypatch, tmp_path):
     blocks = [b for b in code_blocks((DOCS / page).read_text()) if b[1] in ("python", "py")]
     if not blocks:
         pytest.skip(f"{page} has no Python code")
-    namespace = {"__name__": f"docs_{page[:-3].replace('-', '_')}"}
+    namespace = {"__name__": f"docs_{Path(page).stem.replace('-', '_')}"}
     skipped = []
     # A page that turns on float64 does so for itself only, as in a reader's fresh session.
     x64 = jax.config.jax_enable_x64
