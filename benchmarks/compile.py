@@ -37,15 +37,18 @@ Per model:
   fit of M iterations (median over the repeats).
 
 Restarts (models with a gradient M-step, from ``em.m_step_paths``):
-``run(key, ..., num_restarts=R)`` (one ``vmap``) against a Python loop of ``R``
-``run`` calls with the keys it splits, both warm, median of ``--repeats``
-interleaved timings. The gradient-path parameters of these models start from
-key-dependent values, so the restarts are different fits.
+``run(key, ..., num_restarts=R)`` (as ``run`` chooses: one ``vmap``, or on a CPU
+with a gradient path one restart after another; ``--batch-restarts`` forces the
+``vmap``) against a Python loop of ``R`` ``run`` calls with the keys it splits,
+both warm, median of ``--repeats`` interleaved timings. The gradient-path
+parameters of these models start from key-dependent values, so the restarts are
+different fits.
 
 Usage::
 
     python benchmarks/compile.py --json benchmarks/results/compile.json  # ~30 min, 2 loaded cores
     python benchmarks/compile.py --models gmm,hmm --repeats 5
+    python benchmarks/compile.py --models moe --batch-restarts  # restarts under vmap
     python benchmarks/compile.py --report a.json,b.json     # merged tables of earlier runs
 """
 
@@ -86,6 +89,11 @@ def _parse_args(argv):
     parser.add_argument("--iters", type=int, default=NUM_ITERS, help="EM iterations per fit")
     parser.add_argument("--restarts", type=int, default=NUM_RESTARTS)
     parser.add_argument("--no-restarts", action="store_true", help="skip the restart rows")
+    parser.add_argument(
+        "--batch-restarts",
+        action="store_true",
+        help="restarts under vmap (batch_restarts=True) even where run would loop over them",
+    )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument(
@@ -373,9 +381,10 @@ def time_dynamax(case, num_iters):
     return 2 * short - long, jax_compile
 
 
-def time_restarts(case, key, num_iters, num_restarts, num_repeats):
-    """Warm seconds of ``run(num_restarts=R)`` and of a loop of R single runs (median of
-    interleaved repeats), and the largest relative difference of their log-likelihoods."""
+def time_restarts(case, key, num_iters, num_restarts, num_repeats, batch_restarts=None):
+    """Warm seconds of ``run(num_restarts=R, batch_restarts=...)`` and of a loop of R
+    single runs (median of interleaved repeats), and the largest relative difference of
+    their log-likelihoods."""
     import jax
     import jax.numpy as jnp
     from common import warm_call
@@ -387,7 +396,9 @@ def time_restarts(case, key, num_iters, num_restarts, num_repeats):
     kwargs = dict(max_iter=num_iters, tol=0.0, init_params=case.init_params)
 
     def parallel():
-        return em.run(key, *case.args, num_restarts=num_restarts, **kwargs).restart_log_likelihoods
+        return em.run(
+            key, *case.args, num_restarts=num_restarts, batch_restarts=batch_restarts, **kwargs
+        ).restart_log_likelihoods
 
     def loop():
         return jnp.stack([em.run(k, *case.args, **kwargs).log_likelihood for k in keys])
@@ -531,7 +542,7 @@ def main(argv=None):
         print(json.dumps(record), flush=True)
         if gradient and not args.no_restarts:
             parallel_s, loop_s, rel_diff = time_restarts(
-                case, key, args.iters, args.restarts, args.repeats
+                case, key, args.iters, args.restarts, args.repeats, args.batch_restarts or None
             )
             restart_records.append({
                 "model": name,

@@ -5,7 +5,7 @@ cache folder, with the Agg backend), and each ``saved NAME.png`` it prints becom
 ``examples/NAME.png`` of the site; nothing is committed. Results are kept in
 ``.cache/docs-examples/<key>/``, the key a hash of the script, of ``jaxem/`` and of
 ``JAXEM_EXAMPLE_QUICK``, so a
-rebuild reruns only the examples whose code changed.
+rebuild reruns an example only when it, ``jaxem/`` or the quick setting changed.
 
 ``JAXEM_DOCS_EXAMPLES=0`` builds without running them (the test that checks the site's
 markup does): the Examples page then says where each picture would be instead of

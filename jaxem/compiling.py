@@ -4,13 +4,12 @@ The validation of a model's data and initial values, the M-step plan's probes
 and the float64 recheck of a fitted log-likelihood each run once per model and
 argument signature, on a fit's first ``run``. Their compile time is all a user
 waits for; how fast the code runs does not matter. They are compiled without
-XLA's backend optimizations (LLVM at ``-O0`` on CPU and GPU), which cuts their
-compile time by about a third (a Gaussian mixture's data check: 0.80 s to
-0.49 s of CPU time) and leaves the arithmetic as it is. The compiled fit loop
+XLA's backend optimizations (LLVM at ``-O0`` on CPU and GPU), which shortens
+their compile time and leaves the arithmetic as it is. The compiled fit loop
 is compiled as usual. On a CPU they are also compiled without XLA's fusion
-emitters (the older LLVM IR emitters instead), which cuts what is left by
-more than half (the data check of a Gaussian mixture: 0.73 s to 0.25 s of CPU
-time; of a Gaussian HMM: 1.10 s to 0.47 s).
+emitters (the older LLVM IR emitters instead), which shortens it again. (Both
+were measured once, on a Gaussian mixture's data check, when each change was
+made; no command in the repository reproduces the numbers, so none is given.)
 
 A fit's first ``run`` compiles two programs, its loop and the evaluation after
 it (the last state's E-step, the stationarity test, the supports);
@@ -18,9 +17,9 @@ it (the last state's E-step, the stationarity test, the supports);
 releases the GIL while it compiles), so that a machine with two cores waits
 for the larger of the two rather than their sum. The evaluation after the loop
 runs once per fit: on a CPU it is compiled without the fusion emitters too
-(`after_loop_options`), which compiles it in 35 to 45 % less CPU time (a
-Gaussian mixture, a mixture of experts, a Gaussian HMM), mostly less than the
-loop takes, and runs it in about the same time.
+(`after_loop_options`), which compiles it in less CPU time (measured once,
+as above, on a Gaussian mixture, a mixture of experts and a Gaussian HMM) and
+runs it in about the same time.
 """
 
 from __future__ import annotations

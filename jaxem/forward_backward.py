@@ -111,9 +111,10 @@ def _matvec(a, matrix):
 
     Inside a scan, XLA's CPU backend runs a batched ``dot`` as a library call
     per step: for one sequence a broadcast product and a reduce, fused into one
-    loop, is 5x faster (K = 8); over many sequences the ``dot`` is as fast as
-    any fused form (100 sequences: 33 ms per EM iteration against 39 for K
-    unrolled products and 100 for the reduce).
+    loop, is faster; over many sequences the ``dot`` is as fast as any fused
+    form. (Both measured once, by ``benchmarks/hmm.py`` on variants of this
+    function that are no longer in jaxem; the numbers are not given since no
+    command reproduces them.)
     """
     if matrix is None:
         return jnp.broadcast_to(jnp.sum(a, -1, keepdims=True), a.shape)
@@ -192,7 +193,7 @@ def _fast_forward(a, parts, keep):
     scanned, fixed = _emission_at(emission, num_steps)
     # The emission joins the step's matrix (a column scaling) rather than
     # scaling ``a @ M``: XLA's CPU backend then fuses the whole step into two
-    # loops, 3x faster over a long single sequence.
+    # loops, faster over a long single sequence (measured once).
     fixed = () if emission is None or scanned is not None else (fixed[..., None, :],)
 
     def step(a, inputs):

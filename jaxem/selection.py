@@ -184,7 +184,7 @@ def probe_selection(closed_jaxpr, inputs, output_indices):
         return None
     args = [x for x, u in zip(inputs, used_inputs) if u]
     # Compiled as one program, outside any trace the caller is in (evaluated op
-    # by op, every op is compiled on its own, ~20 ms each).
+    # by op, every op would be compiled on its own).
     lowered = jax.jit(jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, consts))).lower(*args)
     outs = compile_once(lowered)(*args)
     kept = [i for i in range(len(used)) if used[i]]

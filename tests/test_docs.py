@@ -80,7 +80,7 @@ def test_code_blocks_are_found():
 
 
 @pytest.mark.docs
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("page", [*PAGES, "../README.md"])  # the README's usage too
 def test_page_code_runs(page, monkeypatch, tmp_path):
     # Files a snippet writes land in a temporary directory; `data/...` paths still resolve.
     (tmp_path / "data").symlink_to(REPO / "data")
@@ -88,7 +88,7 @@ def test_page_code_runs(page, monkeypatch, tmp_path):
     blocks = [b for b in code_blocks((DOCS / page).read_text()) if b[1] in ("python", "py")]
     if not blocks:
         pytest.skip(f"{page} has no Python code")
-    namespace = {"__name__": f"docs_{page[:-3].replace('-', '_')}"}
+    namespace = {"__name__": f"docs_{Path(page).stem.replace('-', '_')}"}
     skipped = []
     # A page that turns on float64 does so for itself only, as in a reader's fresh session.
     x64 = jax.config.jax_enable_x64
@@ -136,6 +136,28 @@ def test_site_builds_without_raw_markup(tmp_path):
     assert raw == []
     # Autorefs left unresolved show as "[name][target]" text.
     assert [p.name for p in site.rglob("*.html") if "][jaxem." in p.read_text()] == []
+    # The site works offline: no page loads a script or stylesheet from the network,
+    # and every one it loads (MathJax included) is in the site.
+    remote, absent = [], []
+    for page in sorted(site.rglob("*.html")):
+        for url in (m.group(1) or m.group(2) for m in _ASSET.finditer(page.read_text())):
+            if re.match(r"(?:https?:)?//", url):
+                remote.append(f"{page.relative_to(site)}: {url}")
+                continue
+            # 404.html links from the site's root, every other page relative to itself.
+            path = url.split("?")[0]
+            target = site / path[1:] if path.startswith("/") else page.parent / path
+            if not target.resolve().is_file():
+                absent.append(f"{page.relative_to(site)}: {url}")
+    assert remote == [], "pages load assets from the network"
+    assert absent == [], "pages load assets the site does not have"
+
+
+# The files a page loads: <script src=...>, and <link href=...> for a stylesheet or icon.
+_ASSET = re.compile(
+    r'<script\b[^>]*\bsrc="([^"]+)"'
+    r'|<link\b(?=[^>]*\brel="(?:stylesheet|icon)")[^>]*\bhref="([^"]+)"'
+)
 
 
 def test_examples_page_shows_every_example():
@@ -158,19 +180,20 @@ def test_architecture_page_names_every_module():
     assert not missing, f"docs/architecture.md does not name the modules {missing}"
 
 
-# A timing or speed-up: "26 ms", "0.49 s", "25 minutes", "20x slower", "1.8x fewer".
+# A timing or speed-up: "26 ms", "0.49 s", "28.6 CPU s", "25 minutes", "20x slower",
+# "1.8x fewer", "3 times faster".
 _MEASURED = re.compile(
-    r"(?<![\w.])\d+(?:\.\d+)?\s?(?:ms|s|seconds|minutes)\b"
-    r"|(?<![\w.])\d+(?:\.\d+)?x (?:faster|slower|fewer|less|more)\b"
+    r"(?<![\w.])\d+(?:\.\d+)?\s?(?:CPU\s)?(?:ms|s|seconds|minutes|min|hours?)\b"
+    r"|(?<![\w.])\d+(?:\.\d+)?(?:x| times) (?:faster|slower|fewer|less|more)\b"
 )
-# What reproduces it: a script or test of the repository, a code block on the page, or
-# the honest "measured once".
-_SOURCE = re.compile(r"benchmarks/|examples/|tests/test_|pytest|```python|measured once")
+# What reproduces it: a script or test of the repository, or a code block on the page.
+# "Measured once" is not a source: a number no command reproduces is left out.
+_SOURCE = re.compile(r"benchmarks/|examples/|tests/test_|pytest|```python")
 _NEAR = 12  # lines either side
 
 
 def unsourced_measurements(text):
-    """The timings of a page with no command, code block or "measured once" near them.
+    """The timings of a page (or a module's text) with no command or code block near them.
 
     Returns:
         A list of ``(line, match)``, 1-based.
@@ -192,9 +215,21 @@ def test_unsourced_measurements_are_found():
     sourced = bare + "(`python benchmarks/gmm.py --quick`)\n"
     assert unsourced_measurements(sourced) == []
     assert unsourced_measurements("version 0.10.2 and 1e-6 relative, 3 components\n") == []
+    once = "compiles in 28.6 CPU s, 3 times faster (measured once)\n"
+    assert unsourced_measurements(once) == [(1, "28.6 CPU s"), (1, "3 times faster")]
 
 
-@pytest.mark.parametrize("page", PAGES + ["../README.md"])
-def test_measured_numbers_name_their_command(page):
-    """Every timing or speed-up on a page names what reproduces it (issue 20)."""
-    assert unsourced_measurements((DOCS / page).read_text()) == []
+# The docs pages, the READMEs a reader meets, and jaxem's modules (docstrings and
+# comments state measured numbers too).
+_MEASURED_TEXTS = [
+    *(f"docs/{page}" for page in PAGES),
+    "README.md",
+    "examples/README.md",
+    *(str(p.relative_to(REPO)) for p in sorted((REPO / "jaxem").rglob("*.py"))),
+]
+
+
+@pytest.mark.parametrize("path", _MEASURED_TEXTS)
+def test_measured_numbers_name_their_command(path):
+    """Every timing or speed-up names what reproduces it (issue 20)."""
+    assert unsourced_measurements((REPO / path).read_text()) == []
