@@ -20,7 +20,12 @@ for the larger of the two rather than their sum. The evaluation after the loop
 runs once per fit: on a CPU it is compiled without the fusion emitters too
 (`after_loop_options`), which compiles it in 35 to 45 % less CPU time (a
 Gaussian mixture, a mixture of experts, a Gaussian HMM), mostly less than the
-loop takes, and runs it in about the same time.
+loop takes, and runs it in about the same time. Its largest part is the
+stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
+gradient of Q); run on one flat vector of the params rather than per param, it
+compiles in about a sixth less CPU time (the whole after-loop program, lowering
+and compiling, best of 3 on a loaded 2-core machine: a Gaussian mixture 2.59 s
+to 2.18 s, a mixture of experts 2.42 s to 2.13 s).
 """
 
 from __future__ import annotations
