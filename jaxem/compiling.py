@@ -19,7 +19,10 @@ for the larger of the two rather than their sum. The evaluation after the loop
 runs once per fit: on a CPU it is compiled without the fusion emitters too
 (`after_loop_options`), which compiles it in less CPU time (measured once,
 as above, on a Gaussian mixture, a mixture of experts and a Gaussian HMM) and
-runs it in about the same time.
+runs it in about the same time. Its largest part is the
+stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
+gradient of Q), run on one flat vector of the params rather than per param,
+which keeps its program small.
 """
 
 from __future__ import annotations
