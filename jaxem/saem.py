@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-
-import math
 
 from jaxem.monte_carlo import DEFAULT_CHAINS, MCResult, MCState, MonteCarloEM
 from jaxem.stochastic_newton import stochastic_newton_update
