@@ -23,6 +23,10 @@ runs it in about the same time. Its largest part is the
 stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
 gradient of Q), run on one flat vector of the params rather than per param,
 which keeps its program small.
+A Monte Carlo fit (`jaxem.SAEM`, `jaxem.MCEM`) is one program, loop and
+importance sampling together, compiled with `after_loop_options` too: on the
+simulated GLMM of ``benchmarks/mixed_models.py`` it compiles in less CPU time
+and runs as fast.
 """
 
 from __future__ import annotations

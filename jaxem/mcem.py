@@ -45,8 +45,12 @@ class MCEM(MonteCarloEM):
         **options: ``kernel``, ``num_chains``, ``num_warmup``, ``optimizer``,
             ``m_step_iters``, ``frozen``, ``num_is_draws``, ``num_is_samples``,
             ``m_step``, ``reg_covar``, ``global_sites``, as for
-            [`jaxem.SAEM`][jaxem.SAEM]. Closed-form params solve from their
-            sufficient statistics averaged over the iteration's draws.
+            [`jaxem.SAEM`][jaxem.SAEM], except that ``num_chains`` is 4 by
+            default whatever the number of groups: an iteration's Monte Carlo
+            sample is ``num_chains x m_k`` draws, not averaged over iterations
+            as SAEM's are, and the ``tol`` floor above (free params over twice
+            the effective draws) is set for it. Closed-form params solve from
+            their sufficient statistics averaged over the iteration's draws.
     """
 
     name = "MCEM"

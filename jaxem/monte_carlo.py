@@ -22,6 +22,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 
 from jaxem.arguments import merge_args, merge_init_params, split_args
+from jaxem.compiling import after_loop_options, jit_once
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import global_site_names, with_global_sites
 from jaxem.importance import importance_log_likelihood
@@ -41,6 +42,10 @@ __all__ = ["MCInfo", "MCResult", "MCState", "MonteCarloEM"]
 
 
 _KERNELS = {"nuts": "NUTS", "hmc": "HMC"}
+
+# Chains of MCEM by default, and the most SAEM chooses (a model whose latents form
+# one block).
+DEFAULT_CHAINS = 4
 
 
 def _sampler_settings(kernel) -> tuple[str, dict]:
@@ -72,7 +77,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         model: Callable,
         *,
         kernel="nuts",
-        num_chains: int = 4,
+        num_chains: int | None = None,
         num_warmup: int = 100,
         optimizer: optax.GradientTransformation | None = None,
         m_step_iters: int = 10,
@@ -83,7 +88,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         reg_covar: float = 1e-6,
         global_sites: Sequence[str] = (),
     ):
-        if num_chains < 1 or m_step_iters < 1:
+        if (num_chains is not None and num_chains < 1) or m_step_iters < 1:
             raise ValueError("num_chains and m_step_iters must be at least 1")
         if num_is_draws < 2 or num_is_samples < 2:
             raise ValueError("num_is_draws and num_is_samples must be at least 2")
@@ -93,7 +98,8 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         self.latent = LatentModel(model)
         algo, settings = _sampler_settings(kernel)
         self.sampler = Sampler(self.latent, algo, num_warmup, settings)
-        self.num_chains = int(num_chains)
+        # None: chosen from the number of independent groups of latents (chains_for).
+        self.num_chains = None if num_chains is None else int(num_chains)
         self.lbfgs = optimizer is None
         self.optimizer = optax.with_extra_args_support(optimizer or optax.lbfgs())
         self.m_step_iters = int(m_step_iters)
@@ -109,10 +115,11 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             constraints=lambda arrays, spec: self._structure(arrays, spec).constraints,
         )
         self._update_jit = jax.jit(self._update, static_argnums=(2,))
-        self._init_jit = jax.jit(self.kernel.init, static_argnums=(2,))
-        self._run_jit = jax.jit(self._fit, static_argnames=("spec", "max_iter", "num_blocks"))
-        self._start_jit = jax.jit(self._start_values, static_argnames=("spec", "with_pattern"))
-        self._pattern_jit = jax.jit(self._dense_pattern, static_argnames=("spec",))
+        self._init_jit = jax.jit(self._init_state, static_argnums=(2, 4))
+        self._fit_jit = None  # see _run_jit
+        # Run once per model and signature: compiled without backend optimizations.
+        self._start_jit = jit_once(self._start_values, static_argnames=("spec", "with_pattern"))
+        self._pattern_jit = jit_once(self._dense_pattern, static_argnames=("spec",))
 
     # -- subclass hooks ---------------------------------------------------------
 
@@ -138,6 +145,17 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         """``(stop, converged, streak)`` after an update."""
         raise NotImplementedError
 
+    def default_num_chains(self, num_groups: int) -> int:
+        """Chains when ``num_chains`` is not given, for ``num_groups`` independent
+        groups of latents: 4 (`MCEM`; `SAEM` chooses from ``num_groups``)."""
+        return DEFAULT_CHAINS
+
+    def chains_for(self, num_groups: int) -> int:
+        """The chains a fit runs: ``num_chains`` if given, else `default_num_chains`."""
+        if self.num_chains is not None:
+            return self.num_chains
+        return self.default_num_chains(int(num_groups))
+
     # -- the model ---------------------------------------------------------------
 
     def _structure(self, arrays, spec):
@@ -148,13 +166,13 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             raise ModelError(f"jaxem: frozen names {sorted(unknown)} are not params of the model.")
         return structure
 
-    def _init_state(self, rng_key, arrays, spec, init_params):
+    def _init_state(self, rng_key, arrays, spec, init_params, num_chains=DEFAULT_CHAINS):
         structure = self._structure(arrays, spec)
         args, kwargs = merge_args(arrays, spec)
         params = merge_init_params(dict(structure.params), init_params)
         params = {n: jnp.asarray(v, jnp.result_type(float)) for n, v in params.items()}
         init_key, chain_key = jax.random.split(rng_key)
-        keys = jax.random.split(init_key, self.num_chains)
+        keys = jax.random.split(init_key, num_chains)
         z0 = jax.vmap(lambda k: self.latent.prior_draw(structure, params, k, args, kwargs))(keys)
         chains = self.sampler.init(chain_key, structure, partial(_merge, spec), params, arrays, z0)
         constrained = jax.vmap(lambda z: self.latent.constrain(structure, z)[0])(chains.z)
@@ -259,10 +277,11 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         spec,
         max_iter,
         num_blocks,
+        num_chains,
     ):
         structure = self._structure(arrays, spec)
         args, kwargs = merge_args(arrays, spec)
-        state = self.kernel.init(rng_key, arrays, spec, init_params)
+        state = self._init_state(rng_key, arrays, spec, init_params, num_chains)
         key = loop_key(rng_key)
         dtype = jnp.result_type(float)
         nan = jnp.full((max_iter,), jnp.nan, dtype)
@@ -378,8 +397,18 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         """Initial state: params from their ``numpyro.param`` values (``init_params``
         overriding some), chains started at draws from the model."""
         arrays, spec = split_args(args, kwargs)
-        self._check_start(rng_key, arrays, spec, init_params)
-        return self._init_jit(rng_key, arrays, spec, init_params)
+        init_params = None if init_params is None else dict(init_params)
+        auto = self.num_chains is None
+        _, params, owner, num_coords = self._check_start(
+            rng_key, arrays, spec, init_params, with_pattern=auto
+        )
+        num_chains = self.num_chains
+        if auto:
+            blocks = self._blocks(
+                owner, num_coords, lambda: self._pattern_jit(rng_key, arrays, params, spec=spec)
+            )
+            num_chains = self.chains_for(blocks.num_blocks)
+        return self._init_jit(rng_key, arrays, spec, init_params, num_chains)
 
     def _update(self, state, arrays, spec):
         rng_key = jax.random.fold_in(jax.random.PRNGKey(0), state.iteration)
@@ -441,6 +470,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             spec=spec,
             max_iter=int(max_iter),
             num_blocks=blocks.num_blocks,
+            num_chains=self.chains_for(blocks.num_blocks),
         )
         warn_about_monte_carlo_fit(
             result,
@@ -452,6 +482,18 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         return result
 
     _convergence_rule = ""
+
+    @property
+    def _run_jit(self):
+        """The compiled fit, on a CPU without XLA's fusion emitters (`after_loop_options`:
+        the benchmark's GLMM compiles in ~30 % less CPU time and runs as fast)."""
+        if self._fit_jit is None:
+            self._fit_jit = jax.jit(
+                self._fit,
+                static_argnames=("spec", "max_iter", "num_blocks", "num_chains"),
+                compiler_options=after_loop_options() or None,
+            )
+        return self._fit_jit
 
 
 def _merge(spec, arrays):

@@ -4,7 +4,7 @@ mean_chain log p(x, z | theta)``, its gain between two params with a Monte Carlo
 standard error, the closed-form params solved from averaged statistics
 (`jaxem.monte_carlo_stats`) and optax steps on ``-Q`` for the others.
 
-The fitter supplies ``latent`` (`jaxem.mcmc_estep.LatentModel`), ``num_chains``,
+The fitter supplies ``latent`` (`jaxem.mcmc_estep.LatentModel`),
 ``closed_form`` (`jaxem.monte_carlo_stats.ClosedFormMStep`), ``frozen``,
 ``optimizer``, ``lbfgs`` and ``m_step_iters``.
 """
@@ -35,12 +35,14 @@ class MonteCarloObjective:
     def _flat(self, draws, weights):
         """``(draws with one draw axis, the weight of each)``."""
         flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
-        return flat, jnp.repeat(weights, self.num_chains) / self.num_chains
+        chains = _num_chains(draws)
+        return flat, jnp.repeat(weights, chains) / chains
 
     def _per_draw(self, structure, params, draws, weights, args, kwargs):
         """``(weight of each draw, log p(x, z | params) of each draw, 0 where unused)``."""
         flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
-        per_draw = jnp.repeat(weights, self.num_chains) / self.num_chains
+        chains = _num_chains(draws)
+        per_draw = jnp.repeat(weights, chains) / chains
         lp = jax.vmap(lambda z: self.latent.log_joint(structure, params, z, args, kwargs))(flat)
         return per_draw, jnp.where(per_draw > 0, lp, 0.0)
 
@@ -139,3 +141,8 @@ class MonteCarloObjective:
         better = jnp.isfinite(end) & all_finite(u) & (end <= first)
         u = tree_where(better, u, u0)
         return {**begin, **{n: transforms[n](u[n]) for n in free}}
+
+
+def _num_chains(draws) -> int:
+    """The chains of stored draws ``(slots, chains, ...)``."""
+    return jax.tree.leaves(draws)[0].shape[1]

@@ -36,17 +36,19 @@ class CompileCounter:
 # MCEM goes through the same checks and compiled fit (CI time: one case, ~30 s).
 def test_a_fit_compiles_a_few_programs_and_a_second_fit_none(x64):
     rng = np.random.default_rng(0)
-    group = jnp.repeat(jnp.arange(6), 5)
-    x = jnp.asarray(rng.normal(size=30))
-    y = jnp.asarray((rng.random(30) < 0.5).astype(float))
+    group = jnp.repeat(jnp.arange(25), 2)
+    x = jnp.asarray(rng.normal(size=50))
+    y = jnp.asarray((rng.random(50) < 0.5).astype(float))
     small = dict(num_is_draws=5, num_is_samples=20)
-    fit = jaxem.SAEM(logistic_glmm, schedule=(3, 2), num_chains=2, num_warmup=5, **small)
+    # The default number of chains: ceil(50 / 25 groups) = 2 (tests/test_mcem_chains.py).
+    fit = jaxem.SAEM(logistic_glmm, schedule=(3, 2), num_warmup=5, **small)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a 5-iteration fit on 30 points: not the point here
+        warnings.simplefilter("ignore")  # a 5-iteration fit on 50 points: not the point here
         with CompileCounter() as first:
-            fit.run(jax.random.PRNGKey(0), group, x, y, 6)
+            result = fit.run(jax.random.PRNGKey(0), group, x, y, 25)
         with CompileCounter() as second:
-            fit.run(jax.random.PRNGKey(1), group, x, y, 6)
+            fit.run(jax.random.PRNGKey(1), group, x, y, 25)
+    assert result.draws["u"].shape == (5 * 2, 25)
     # The checks before the fit used to run eagerly: about a hundred one-primitive
     # programs on the first call, and a fresh jit of the model's elementwise
     # density on every call. Now: the model's trace at the start (a few small
