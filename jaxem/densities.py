@@ -80,6 +80,7 @@ def _diagonal_normal_log_prob(loc, scale, value):
     Returns:
         ``(log_prob, error)``: the densities and a bound on their rounding error.
     """
+    loc, scale, value = _as_float(loc, scale, value)
     dim = value.shape[-1]
     loc = _with_last_dim(loc, dim)
     precision = _with_last_dim(scale, dim) ** -2
@@ -103,6 +104,14 @@ def _diagonal_normal_log_prob(loc, scale, value):
     return log_prob, jax.lax.stop_gradient(error)
 
 
+def _as_float(*arrays):
+    """The arrays in their common float dtype: a distribution built from Python
+    ints (``Normal(0, 1)``) keeps integer arguments, which ``** -2`` and the
+    matmuls below reject or truncate."""
+    dtype = jnp.result_type(float, *arrays)
+    return tuple(jnp.asarray(a, dtype) for a in arrays)
+
+
 def _with_last_dim(a, dim):
     a = jnp.asarray(a)
     a = a[None] if a.ndim == 0 else a
@@ -110,6 +119,7 @@ def _with_last_dim(a, dim):
 
 
 def _mvn_log_prob(loc, scale_tril, value):
+    loc, scale_tril, value = _as_float(loc, scale_tril, value)
     batch = jnp.broadcast_shapes(scale_tril.shape[:-2], value.shape[:-1], loc.shape[:-1])
     # Batch dims of size 1 (the enumeration and plate dims a site does not
     # vary along, e.g. in a scan body) are dropped first: XLA's CPU backend
