@@ -371,6 +371,8 @@ def model_failure(err: Exception) -> ModelError:
     if plate is not None:
         batch = f" with batch shape {tuple(fn.batch_shape)}" if fn is not None else ""
         where += f"{batch}, inside numpyro.plate('{plate.name}', {plate.size}) at dim {plate.dim}"
+    if plate is None and "shape" not in str(err):
+        return ModelError(f"jaxem: running the model failed {where}: {err}")
     return ModelError(
         f"jaxem: running the model failed {where}: {err}. Inside a plate of size N at dim "
         "d, a site's batch shape must have N (or 1) at dim d: the plates make the batch "
