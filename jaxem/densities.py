@@ -119,7 +119,6 @@ def _with_last_dim(a, dim):
 
 
 def _mvn_log_prob(loc, scale_tril, value):
-    loc, scale_tril, value = _as_float(loc, scale_tril, value)
     batch = jnp.broadcast_shapes(scale_tril.shape[:-2], value.shape[:-1], loc.shape[:-1])
     # Batch dims of size 1 (the enumeration and plate dims a site does not
     # vary along, e.g. in a scan body) are dropped first: XLA's CPU backend

@@ -55,6 +55,8 @@ def test_a_diagonal_normal_with_integer_arguments_is_numpyros_density(shape):
     value = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)
     fn = dist.Normal(0, 1).expand(list(shape) + [3]).to_event(1)
     np.testing.assert_allclose(site_log_prob(fn, value), fn.log_prob(value), rtol=1e-6)
+    # The MultivariateNormal kernel (a triangular solve) took integer arguments
+    # already: a reference check that it still does.
     fn = dist.MultivariateNormal(jnp.zeros(3, jnp.int32), scale_tril=jnp.eye(3, dtype=jnp.int32))
     np.testing.assert_allclose(site_log_prob(fn, value), fn.log_prob(value), rtol=1e-6)
 
