@@ -10,7 +10,9 @@ checked and merged into the model's own here too.
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import sys
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
@@ -82,16 +84,58 @@ def check_model_call(model, args: tuple, kwargs: dict) -> None:
         takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
         name = getattr(model, "__name__", "the model")
         if unknown and not takes_any:
-            raise TypeError(
-                f"jaxem: {name}() takes no argument {', '.join(map(repr, unknown))} (its "
-                f"arguments: {', '.join(signature.parameters) or 'none'}). A keyword that the "
-                "fitter's method does not know is passed on to the model: check the spelling "
-                "of the method's options (help(<fitter>.run)); an option of another fitter "
-                "(e.g. num_restarts, which EM.run has) is not one of this fitter's."
-            ) from None
+            raise TypeError(_unknown_keyword_message(name, signature, unknown)) from None
         raise TypeError(
             f"jaxem: the model's arguments do not match its signature {name}{signature}: {err}"
         ) from None
+
+
+# The public methods of the fitters that pass the keywords they do not know on to the model.
+_FORWARDING = ("run", "init", "update", "standard_errors", "m_step_paths")
+# Their parameters that are not options.
+_NOT_OPTIONS = ("self", "rng_key", "state", "result", "args", "kwargs")
+
+
+def _forwarding_method():
+    """``(class name, method name, its own keywords)`` of the outermost jaxem fitter
+    method on the call stack that passes keywords on to the model, or None (the
+    error path only: the stack tells which method the user called)."""
+    found, frame = None, inspect.currentframe()
+    while frame is not None:
+        owner, name = frame.f_locals.get("self"), frame.f_code.co_name
+        method = getattr(type(owner), name, None) if name in _FORWARDING else None
+        public = getattr(sys.modules.get("jaxem"), type(owner).__name__, None)
+        if method is not None and public is type(owner):
+            own = [p for p in inspect.signature(method).parameters if p not in _NOT_OPTIONS]
+            found = (type(owner).__name__, name, own)
+        frame = frame.f_back
+    return found
+
+
+def _unknown_keyword_message(name, signature, unknown) -> str:
+    words = ", ".join(map(repr, unknown))
+    takes = f"(its arguments: {', '.join(signature.parameters) or 'none'})"
+    method = _forwarding_method()
+    if method is None:
+        return (
+            f"jaxem: {name}() takes no argument {words} {takes}. A keyword that the fitter's "
+            "method does not know is passed on to the model: check the spelling of the "
+            "method's options (help(<fitter>.run))."
+        )
+    owner, called, own = method
+    close = {
+        k: difflib.get_close_matches(k, own, n=1)
+        or [o for o in own if k.startswith(o) or o.startswith(k)][:1]
+        for k in unknown
+    }
+    hint = "".join(f" (did you mean {m[0]}= for {k}=?)" for k, m in close.items() if m)
+    return (
+        f"jaxem: {owner}.{called}() passed keyword {words} to the model, which does not "
+        f"take it: {name}() takes no argument {words} {takes}. {called}'s own keywords are "
+        f"{', '.join(own)}{hint}. Every keyword a fitter's method does not know is passed "
+        "on to the model; an option of another fitter (e.g. num_restarts, which EM.run "
+        f"has) is not one of {owner}.{called}'s."
+    )
 
 
 def merge_args(arrays, spec: _StaticLeaves):

@@ -80,6 +80,7 @@ def _diagonal_normal_log_prob(loc, scale, value):
     Returns:
         ``(log_prob, error)``: the densities and a bound on their rounding error.
     """
+    loc, scale, value = _as_float(loc, scale, value)
     dim = value.shape[-1]
     loc = _with_last_dim(loc, dim)
     precision = _with_last_dim(scale, dim) ** -2
@@ -101,6 +102,14 @@ def _diagonal_normal_log_prob(loc, scale, value):
     bound = largest * jnp.max(precision, axis=-1) + jnp.sum(m**2 * precision, axis=-1)
     error = jnp.finfo(log_prob.dtype).eps * jnp.max(bound)
     return log_prob, jax.lax.stop_gradient(error)
+
+
+def _as_float(*arrays):
+    """The arrays in their common float dtype: a distribution built from Python
+    ints (``Normal(0, 1)``) keeps integer arguments, which ``** -2`` and the
+    matmuls below reject or truncate."""
+    dtype = jnp.result_type(float, *arrays)
+    return tuple(jnp.asarray(a, dtype) for a in arrays)
 
 
 def _with_last_dim(a, dim):

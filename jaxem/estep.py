@@ -25,6 +25,7 @@ from jaxem.built import built_model
 from jaxem.chain import find_chain
 from jaxem.chain_inference import chain_indicators, chain_map, chain_posterior, contract_chain
 from jaxem.checks import validate
+from jaxem.enum_dims import raise_for_mixed_enum_dims
 from jaxem.funsor_contraction import funsor_log_partition
 from jaxem.global_sites import global_site_names, log_prior_of_trace
 from jaxem.inspection import model_structure
@@ -116,6 +117,11 @@ def _contract_funsor(log_factors: dict, trace: EnumTrace):
     return zero_safe_log(partial(funsor_log_partition, trace=trace))(log_factors)
 
 
+def _name_mixed_enum_dims(trace, max_plate_nesting) -> None:
+    sites = [(n, s.fn, s.value, not s.is_observed) for n, s in trace.sites.items()]
+    raise_for_mixed_enum_dims(sites, max_plate_nesting)
+
+
 def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False, parallel=False) -> EStep:
     """Log-likelihood and posterior marginals of every factor at ``params``.
 
@@ -125,7 +131,11 @@ def e_step(model, params, args, kwargs, max_plate_nesting, *, hard=False, parall
     trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting)
     log_factors = {name: jax.lax.stop_gradient(s.log_prob) for name, s in trace.sites.items()}
     if not hard:
-        value, marginals = jax.value_and_grad(contract_factors)(log_factors, trace, parallel)
+        try:
+            value, marginals = jax.value_and_grad(contract_factors)(log_factors, trace, parallel)
+        except (TypeError, ValueError):
+            _name_mixed_enum_dims(trace, max_plate_nesting)
+            raise
         return EStep(value, marginals, trace)
     reject_case_weights(trace, "hard EM")
     chain = find_chain(trace)

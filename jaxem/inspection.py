@@ -27,7 +27,7 @@ from jaxem.missing import MissingData, MissingEntries
 from jaxem.numpyro_internals import distribution_mask
 from jaxem.selection import dependencies
 from jaxem.tracing import enumerated_trace
-from jaxem.validation import check_observed_site, core_family
+from jaxem.validation import check_observed_site, core_family, model_failure
 
 __all__ = ["ModelStructure", "inspect_model", "model_structure", "mvn_sites_of_params"]
 
@@ -100,9 +100,8 @@ def inspect_model(model, rng_key, args, kwargs, *, observed_values=False):
     except ModelError:
         raise
     except ValueError as err:
-        raise ModelError(
-            mask_dtype_message(err) or f"jaxem: running the model failed: {err}"
-        ) from err
+        message = mask_dtype_message(err)
+        raise (ModelError(message) if message else model_failure(err)) from err
 
     params, constraints_, latent, observed = {}, {}, [], []
     nesting = 0

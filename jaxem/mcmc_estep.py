@@ -18,6 +18,7 @@ state can live in the compiled EM loop.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -31,8 +32,12 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import log_density
 
+from jaxem.arguments import check_model_call
+from jaxem.enum_dims import raise_for_mixed_enum_dims
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import check_global_sites, global_site_names
+from jaxem.missing import MissingData
+from jaxem.validation import model_failure, non_finite_data_error
 
 __all__ = ["LatentModel", "LatentStructure", "Sampler", "SamplerInfo"]
 
@@ -72,6 +77,36 @@ def _value_of_improper(site):
     return None
 
 
+def _check_data(name, site) -> None:
+    """A ModelError naming an observed site with NaN or infinite data (concrete data
+    only; masked sites and `jaxem.nan_as_missing` sites may hold NaN)."""
+    value = site["value"]
+    if isinstance(value, jax.core.Tracer) or isinstance(site["fn"], MissingData):
+        return
+    if site.get("mask") is not None or isinstance(site["fn"], dist.MaskedDistribution):
+        return
+    count = int(np.sum(~np.isfinite(np.asarray(value, float))))
+    if count:
+        raise non_finite_data_error(name, count)
+
+
+def _hint_global_site(name, site) -> None:
+    """A continuous latent outside every plate is integrated out as one latent shared
+    by all the data: legitimate, but usually a parameter with a prior whose name was
+    left out of ``global_sites``."""
+    if any(frame.dim is not None for frame in site["cond_indep_stack"]):
+        return
+    warnings.warn(
+        f"jaxem: continuous latent site '{name}' is outside every plate, so it is one "
+        "latent shared by all the data and the Monte Carlo E-step integrates it out. If it "
+        "is a parameter with a prior, name it as a global site to estimate it (MAP): "
+        f'global_sites=("{name}",) in the fitter (e.g. SAEM(model, '
+        f'global_sites=("{name}",))). If one shared random effect is meant, ignore this.',
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _describe(fn) -> str:
     return type(fn).__name__
 
@@ -85,10 +120,14 @@ class LatentModel:
 
     def __init__(self, model):
         self.model = model
+        # The latents `_hint_global_site` has looked at (a fit inspects the model
+        # several times; the hint is given once).
+        self._hinted = set()
 
     def inspect(self, rng_key, args, kwargs) -> LatentStructure:
         """The model's params and latent sites (concrete, outside ``jit``), with a
         `ModelError` naming the site for what cannot be fitted."""
+        check_model_call(self.model, args, kwargs)
         try:
             # An improper latent cannot be drawn: give it a value so that the check
             # below names it.
@@ -97,7 +136,7 @@ class LatentModel:
         except ModelError:
             raise
         except (ValueError, TypeError) as err:
-            raise ModelError(f"jaxem: running the model failed: {err}") from err
+            raise model_failure(err) from err
         params, constraints_, continuous, discrete, observed = {}, {}, {}, [], []
         nesting, num_obs = 0, 0
         global_sites = global_site_names(self.model)
@@ -121,6 +160,7 @@ class LatentModel:
                 constraints_[name] = fn.support
                 continue
             if site["is_observed"]:
+                _check_data(name, site)
                 observed.append(name)
                 num_obs += int(np.size(site["value"]))
                 continue
@@ -143,6 +183,9 @@ class LatentModel:
                 discrete.append(name)
             else:
                 continuous[name] = fn.support
+                if name not in self._hinted:
+                    self._hinted.add(name)
+                    _hint_global_site(name, site)
         if not params:
             raise ModelError(
                 "jaxem: the model has no numpyro.param sites, so there are no parameters to "
@@ -182,7 +225,17 @@ class LatentModel:
         model = substitute(self.model, data={**params, **z})
         if structure.discrete:
             model = enum(config_enumerate(model), first_available_dim=-structure.nesting - 1)
-            value, _ = enumerated_log_density(model, args, kwargs, {})
+            try:
+                value, _ = enumerated_log_density(model, args, kwargs, {})
+            except (TypeError, ValueError):
+                tr = trace(seed(model, 0)).get_trace(*args, **kwargs)
+                sites = [
+                    (n, s["fn"], s["value"], n in structure.discrete)
+                    for n, s in tr.items()
+                    if s["type"] == "sample"
+                ]
+                raise_for_mixed_enum_dims(sites, structure.nesting)
+                raise
         else:
             value, _ = log_density(model, args, kwargs, {})
         return value

@@ -11,6 +11,8 @@ The fitter supplies ``latent`` (`jaxem.mcmc_estep.LatentModel`), ``_structure``,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxem.arguments import merge_args, merge_init_params
 from jaxem.exceptions import ModelError
+from jaxem.global_sites import global_site_names
 from jaxem.importance import (
     blocks_from_pattern,
     blocks_from_probe,
@@ -25,8 +28,17 @@ from jaxem.importance import (
     find_blocks,
     sparsity_pattern,
 )
+from jaxem.validation import good_values, raise_for_bad_values
 
 __all__ = ["MonteCarloStart", "padded_members"]
+
+
+class _ParamNames(NamedTuple):
+    """What `jaxem.validation.good_values` reads of a model's structure."""
+
+    param_names: tuple
+    constraints: dict
+    global_sites: tuple
 
 
 class MonteCarloStart:
@@ -77,6 +89,13 @@ class MonteCarloStart:
         ``(structure, params, dependency probe or None, number of latent coordinates)``."""
         structure = self._structure(arrays, spec)
         params = merge_init_params(dict(structure.params), init_params)
+        # A value outside its param's constraint (or its global site's prior support)
+        # is named here, as EM and VariationalBayesEM name it, before it makes the
+        # log-density below non-finite without a name.
+        names = _ParamNames(
+            tuple(structure.params), structure.constraints, global_site_names(self.latent.model)
+        )
+        raise_for_bad_values(names, good_values(names, params))
         value, grad, owner = self._start_jit(
             rng_key, arrays, params, spec=spec, with_pattern=with_pattern
         )

@@ -33,6 +33,10 @@ Private functions and global state:
   classes of ``interval``, ``greater_than``, ``less_than`` and ``independent``
   are public under those names.
 
+* The frames of NumPyro's ``sample`` primitive and of ``plate.process_message``
+  (`failing_site`): the local ``name`` and ``msg`` name the site whose shape a
+  plate rejected, which NumPyro's own error leaves out.
+
 Site names NumPyro makes up (jaxem recognizes them, and must never show them
 to a user: `user_site_name`):
 
@@ -47,6 +51,7 @@ to a user: `user_site_name`):
 
 from __future__ import annotations
 
+import numpyro
 from numpyro.contrib.control_flow.scan import (
     _promote_fn_shapes,
     _promote_scanned_value_shapes,
@@ -69,6 +74,7 @@ __all__ = [
     "TIME_PREFIX",
     "UNOBSERVED_SUFFIX",
     "distribution_mask",
+    "failing_site",
     "inside_handler",
     "first_step_name",
     "is_first_step",
@@ -160,3 +166,23 @@ def hmc_kernel_settings(kernel) -> dict:
         settings["num_steps"] = kernel._num_steps
         settings["trajectory_length"] = kernel._trajectory_length
     return settings
+
+
+def failing_site(err: BaseException):
+    """``(site name, plate or None, the site's distribution or None)`` of the sample
+    site NumPyro was processing when ``err`` was raised, read from the traceback: the
+    local ``name`` of ``numpyro.primitives.sample`` and, when a plate rejected the
+    site's shape, that plate (``self`` of its ``process_message``) and the message's
+    ``fn``. None when the error was not raised inside a sample statement."""
+    name, plate, fn = None, None, None
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        code = frame.f_code
+        if code.co_name == "sample" and code.co_filename.endswith("numpyro/primitives.py"):
+            name = frame.f_locals.get("name", name)
+        owner = frame.f_locals.get("self")
+        if code.co_name == "process_message" and isinstance(owner, numpyro.plate):
+            plate, fn = owner, (frame.f_locals.get("msg") or {}).get("fn")
+        tb = tb.tb_next
+    return None if name is None else (name, plate, fn)

@@ -21,7 +21,12 @@ import numpyro.distributions as dist
 
 from jaxem.exceptions import ModelError
 from jaxem.missing import MissingData
-from jaxem.numpyro_internals import OBSERVED_SUFFIX, UNOBSERVED_SUFFIX, distribution_mask
+from jaxem.numpyro_internals import (
+    OBSERVED_SUFFIX,
+    UNOBSERVED_SUFFIX,
+    distribution_mask,
+    failing_site,
+)
 from jaxem.regularization import coordinate_variance
 
 __all__ = [
@@ -30,6 +35,8 @@ __all__ = [
     "check_values",
     "core_family",
     "good_values",
+    "model_failure",
+    "non_finite_data_error",
     "raise_for_bad_values",
     "raise_for_invalid",
 ]
@@ -345,6 +352,34 @@ def raise_for_invalid(
         fitted = {name: v for name, v in validity.coverage.items() if name not in frozen}
         _raise_for_unobserved_coordinates(fitted)
     raise_for_bad_values(structure, validity.good_params)
+
+
+def non_finite_data_error(name: str, count: int) -> ModelError:
+    """The error for an observed site with ``count`` NaN or infinite data entries,
+    pointing to `jaxem.nan_as_missing` (every fitter raises it)."""
+    return ModelError(_NON_FINITE.format(name=name, count=count))
+
+
+def model_failure(err: Exception) -> ModelError:
+    """The error for a model that raised while it was traced, naming the sample site
+    NumPyro was processing (and the plate that rejected its shape) when it can."""
+    found = failing_site(err)
+    if found is None:
+        return ModelError(f"jaxem: running the model failed: {err}")
+    name, plate, fn = found
+    where = f"at sample site '{name}'"
+    if plate is not None:
+        batch = f" with batch shape {tuple(fn.batch_shape)}" if fn is not None else ""
+        where += f"{batch}, inside numpyro.plate('{plate.name}', {plate.size}) at dim {plate.dim}"
+    if plate is None and "shape" not in str(err):
+        return ModelError(f"jaxem: running the model failed {where}: {err}")
+    return ModelError(
+        f"jaxem: running the model failed {where}: {err}. Inside a plate of size N at dim "
+        "d, a site's batch shape must have N (or 1) at dim d: the plates make the batch "
+        "dims from the right, and the dims of one draw belong in .to_event(n) (e.g. "
+        "dist.Normal(mu, tau).expand([2]).to_event(1) inside plate(N) for N draws of a "
+        "2-vector, not .expand([N, 2])). Check the shapes of this site's distribution."
+    )
 
 
 def good_values(structure, params: dict) -> dict:
