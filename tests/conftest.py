@@ -17,6 +17,29 @@ _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _created_cache_dir = None
 
 
+# XLA's CPU compiler options for the tests (see `_compile_fast`).
+_FAST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def _compile_fast():
+    """Compile the suite's programs without LLVM's optimization passes and with XLA's
+    older CPU emitters, as jaxem already compiles the programs it runs once
+    (`jaxem.compiling`). The suite is almost all compile time (about 3 CPU s per
+    test, a few hundredths of it running the programs): these options halve it
+    (tests/test_acceleration.py and test_chain.py: 445 to 215 CPU s; test_mcem,
+    test_missing_hmm and test_vbem: 437 to 214), and the arithmetic the tests check
+    is the same. They must be in ``XLA_FLAGS`` before JAX starts its CPU backend,
+    which no test has done yet here; the xdist workers and the subprocesses of the
+    tests inherit them. ``JAXEM_TESTS_XLA_DEFAULTS=1`` runs the suite with XLA's
+    defaults instead (what a user's programs are compiled with)."""
+    if os.environ.get("JAXEM_TESTS_XLA_DEFAULTS") == "1":
+        return
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    names = {f.split("=")[0] for f in flags}
+    flags += [f for f in _FAST_XLA_FLAGS if f.split("=")[0] not in names]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
 def pytest_configure(config):
     """Share compiled XLA programs across the tests of one session.
 
@@ -29,6 +52,7 @@ def pytest_configure(config):
     ``JAX_COMPILATION_CACHE_DIR`` is left alone.
     """
     global _created_cache_dir
+    _compile_fast()
     if not os.environ.get(_CACHE_ENV):
         _created_cache_dir = tempfile.mkdtemp(prefix="jaxem-tests-xla-")
         os.environ[_CACHE_ENV] = _created_cache_dir
