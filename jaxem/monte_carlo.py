@@ -398,17 +398,22 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         overriding some), chains started at draws from the model."""
         arrays, spec = split_args(args, kwargs)
         init_params = None if init_params is None else dict(init_params)
-        auto = self.num_chains is None
-        _, params, owner, num_coords = self._check_start(
-            rng_key, arrays, spec, init_params, with_pattern=auto
+        blocks = self._checked_blocks(
+            rng_key, arrays, spec, init_params, with_pattern=self.num_chains is None
         )
-        num_chains = self.num_chains
-        if auto:
-            blocks = self._blocks(
-                owner, num_coords, lambda: self._pattern_jit(rng_key, arrays, params, spec=spec)
-            )
-            num_chains = self.chains_for(blocks.num_blocks)
+        num_chains = self.num_chains if blocks is None else self.chains_for(blocks.num_blocks)
         return self._init_jit(rng_key, arrays, spec, init_params, num_chains)
+
+    def _checked_blocks(self, rng_key, arrays, spec, init_params, *, with_pattern=True):
+        """Check a fit's start; the independent blocks of its latents (or None)."""
+        _, params, owner, num_coords = self._check_start(
+            rng_key, arrays, spec, init_params, with_pattern=with_pattern
+        )
+        if not with_pattern:
+            return None
+        return self._blocks(
+            owner, num_coords, lambda: self._pattern_jit(rng_key, arrays, params, spec=spec)
+        )
 
     def _update(self, state, arrays, spec):
         rng_key = jax.random.fold_in(jax.random.PRNGKey(0), state.iteration)
@@ -453,12 +458,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
     def _run(self, rng_key, args, kwargs, *, max_iter, tol, init_params):
         arrays, spec = split_args(args, kwargs)
         init_params = None if init_params is None else dict(init_params)
-        _, params, owner, num_coords = self._check_start(
-            rng_key, arrays, spec, init_params, with_pattern=True
-        )
-        blocks = self._blocks(
-            owner, num_coords, lambda: self._pattern_jit(rng_key, arrays, params, spec=spec)
-        )
+        blocks = self._checked_blocks(rng_key, arrays, spec, init_params)
         result = self._run_jit(
             rng_key,
             arrays,
