@@ -190,20 +190,41 @@ _MEASURED = re.compile(
 # "Measured once" is not a source: a number no command reproduces is left out.
 _SOURCE = re.compile(r"benchmarks/|examples/|tests/test_|pytest|```python")
 _NEAR = 12  # lines either side
+_HEADING = re.compile(r"^#{1,6} ")
+
+
+def _section_headings(lines):
+    """For each line, the Markdown heading of its section ("" before the first one)."""
+    headings, heading, fence = [], "", None
+    for line in lines:
+        m = _FENCE.match(line)
+        if m and fence is None:
+            fence = m["fence"]
+        elif fence is not None and line.strip().startswith(fence):
+            fence = None
+        elif fence is None and _HEADING.match(line):
+            heading = line
+        headings.append(heading)
+    return headings
 
 
 def unsourced_measurements(text):
     """The timings of a page (or a module's text) with no command or code block near them.
 
+    A command counts when it is within ``_NEAR`` lines of the number or in the heading of
+    the number's section (a results section headed by the command that produced its
+    table, as in benchmarks/README.md).
+
     Returns:
         A list of ``(line, match)``, 1-based.
     """
     lines = text.splitlines()
+    headings = _section_headings(lines)
     missing = []
     for i, line in enumerate(lines):
         for match in _MEASURED.finditer(line):
             window = "\n".join(lines[max(0, i - _NEAR) : i + _NEAR + 1])
-            if not _SOURCE.search(window):
+            if not _SOURCE.search(window) and not _SOURCE.search(headings[i]):
                 missing.append((i + 1, match.group(0)))
     return missing
 
@@ -217,6 +238,14 @@ def test_unsourced_measurements_are_found():
     assert unsourced_measurements("version 0.10.2 and 1e-6 relative, 3 components\n") == []
     once = "compiles in 28.6 CPU s, 3 times faster (measured once)\n"
     assert unsourced_measurements(once) == [(1, "28.6 CPU s"), (1, "3 times faster")]
+    # A results section headed by its command sources a long table under it, and only it.
+    table = "".join(f"| row {i} | {i}.5 ms |\n" for i in range(30))
+    headed = f"### `benchmarks/gmm.py --all`, CPU\n\n{table}\n### Other\n\n" + "\n" * 13
+    assert unsourced_measurements(headed + "it took 4 s\n") == [(49, "4 s")]
+    assert unsourced_measurements(headed.replace("benchmarks/", "")) != []
+    # A "# comment" inside a code block is no heading.
+    fenced = "## Plain\n\n```\n# benchmarks/gmm.py\n```\n" + "\n" * 13 + "took 4 s\n"
+    assert unsourced_measurements(fenced) == [(19, "4 s")]
 
 
 # The docs pages, the READMEs a reader meets, and jaxem's modules (docstrings and
@@ -225,6 +254,7 @@ _MEASURED_TEXTS = [
     *(f"docs/{page}" for page in PAGES),
     "README.md",
     "examples/README.md",
+    "benchmarks/README.md",
     *(str(p.relative_to(REPO)) for p in sorted((REPO / "jaxem").rglob("*.py"))),
 ]
 
