@@ -68,9 +68,15 @@ def main():
     draws = np.asarray(result.draws["u"])
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.boxplot(draws, showfliers=False)
-    ax.axhline(float(p["intercept"]), color="k", ls=":")
+    ax.axhline(float(p["intercept"]), color="k", ls=":", label="fitted mean intercept")
     ax.set_xlabel("herd")
-    ax.set_ylabel("intercept (logit)")
+    ax.set_ylabel("herd intercept u (logit)")
+    ax.set_title(
+        "posterior draws of each herd's intercept at the SAEM fit "
+        "(box: quartiles, whiskers: 1.5 IQR)",
+        fontsize=9,
+    )
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig("cbpp_glmm.png", dpi=100)
     print("saved cbpp_glmm.png")

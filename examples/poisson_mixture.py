@@ -157,7 +157,8 @@ def main():
         ylabel="maximum log-likelihood minus the iteration's",
         title="K=2 from one start, tol = 1e-14",
     )
-    ax_conv.legend()
+    # Outside the axes: inside, it hid where the Anderson curve drops.
+    ax_conv.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.savefig("poisson_mixture.png", dpi=120)
     print("saved poisson_mixture.png")
 
