@@ -149,12 +149,27 @@ def main():
         ax.scatter(x[:, 0], x[:, 1], c=[colors[k] for k in labels[name]], s=10, alpha=0.6)
         for k, cov in enumerate(covariances(name, params, K)):
             draw_ellipse(ax, np.asarray(params["mu"][k]), np.asarray(cov), colors[k])
-        ax.set(title=f"{name}: BIC {bics[name]:.1f}", aspect="equal")
+        ax.set(title=f"{name}: BIC {bics[name]:.1f}", xlabel="x[:, 0]", aspect="equal")
+    axes[0].set_ylabel("x[:, 1]")
+    # Every model's log-likelihood below the highest final one, on a log scale: drawn as
+    # it is, the first iteration's low value flattens the final differences.
+    top = max(float(fit.log_likelihood) for fit in fits.values())
     for name, fit in fits.items():
         history = np.asarray(fit.history)[: int(fit.num_iters)]
-        axes[3].plot(np.arange(1, len(history) + 1), history, label=name)
-    axes[3].set(title="log-likelihood per EM iteration", xlabel="iteration", xscale="log")
-    axes[3].legend()
+        gap = top - history
+        shown = gap > 0
+        final = float(fit.log_likelihood)
+        axes[3].plot(
+            np.arange(1, len(history) + 1)[shown], gap[shown], label=f"{name}: ends at {final:.1f}"
+        )
+    axes[3].set(
+        title="log-likelihood per EM iteration",
+        xlabel="iteration",
+        ylabel=f"highest final log-likelihood ({top:.1f}) minus it",
+        xscale="log",
+        yscale="log",
+    )
+    axes[3].legend(fontsize=8)
     fig.savefig("gmm_2d.png", dpi=110)
     print("saved gmm_2d.png")
 
