@@ -76,11 +76,15 @@ def main():
     ):
         values = np.asarray(history[name])
         values = values if column is None else values[:, column]
-        ax.plot(values)
-        ax.axhline(truth, color="k", ls=":")
-        ax.axvline(fitters["SAEM"].schedule[0], color="grey", lw=0.5)
+        ax.plot(values, label="SAEM iterate")
+        ax.axhline(truth, color="k", ls=":", label="maximum likelihood (lme4)")
+        ax.axvline(
+            fitters["SAEM"].schedule[0], color="grey", lw=0.5, label="step sizes start to shrink"
+        )
         ax.set_title(name if column is None else f"{name}[{column}]")
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("SAEM iteration")
+    axes[0].set_ylabel("parameter value")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig("sleepstudy_saem.png", dpi=100)
     print("saved sleepstudy_saem.png")
