@@ -105,7 +105,12 @@ def main():
     for k in range(K):
         draw_ellipse(ax_data, np.asarray(params["mu"][k]), np.asarray(covs[k]), colors[k])
         ax_data.plot(*params["mu"][k], marker="x", color="black", ms=8)
-    ax_data.set(title="Posterior argmax of z, 1 and 2 sd ellipses", aspect="equal")
+    ax_data.set(
+        title="Posterior argmax of z, 1 and 2 sd ellipses",
+        xlabel="x[:, 0]",
+        ylabel="x[:, 1]",
+        aspect="equal",
+    )
     # The gap to the final log-likelihood on a log scale: plotted as it is, the first
     # iteration's low value flattens the rest of the curve.
     final = float(result.log_likelihood)
