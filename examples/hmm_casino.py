@@ -122,8 +122,15 @@ def main():
         lw=1,
         label="P(loaded | rolls)",
     )
-    ax.set(xlabel="roll", ylabel="probability", title="The occasionally dishonest casino")
-    ax.legend(loc="upper right")
+    # Head room for the legend, which otherwise hides the curve under it.
+    ax.set(
+        xlabel="roll",
+        ylabel="probability",
+        ylim=(0, 1.25),
+        yticks=np.linspace(0, 1, 6),
+        title="The occasionally dishonest casino",
+    )
+    ax.legend(loc="upper right", ncol=2)
     fig.savefig("hmm_casino.png", dpi=120)
     print("saved hmm_casino.png")
 

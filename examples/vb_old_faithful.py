@@ -100,7 +100,7 @@ def main():
         left.plot(curve[:, 0], curve[:, 1], label=f"E[w] = {weights[k]:.2f}")
     left.set_xlabel("eruption duration (standardized)")
     left.set_ylabel("waiting time (standardized)")
-    left.set_title(f"K = {K}, alpha0 = {alphas[0]:g}: the components that survive")
+    left.set_title(f"K = {K}, alpha0 = {alphas[0]:g}: the components that survive (2 sd)")
     left.legend(fontsize=8)
 
     table = np.array(
@@ -112,7 +112,7 @@ def main():
     right.set_yscale("log")
     right.set_xlabel("Dirichlet concentration alpha0")
     right.set_ylabel("expected weight E[w_k]")
-    right.set_title("Small alpha0 empties unneeded components")
+    right.set_title("Small alpha0 empties unneeded components\n(the four emptied ones overlap)")
     right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig("vb_old_faithful.png", dpi=120)
