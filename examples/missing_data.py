@@ -128,11 +128,13 @@ def main():
         for k, (mean, cov) in enumerate(zip(*aligned(fit.params), strict=True)):
             draw_ellipse(axes[0], mean, cov, colors[k], style)
         axes[0].plot([], [], color="k", ls=style, label=name)
-    axes[0].set(title="fitted components (2 sd)", aspect="equal")
+    axes[0].set(
+        title="fitted components (2 sd)", xlabel="x[:, 0]", ylabel="x[:, 1]", aspect="equal"
+    )
     axes[0].legend(fontsize=8)
     axes[1].scatter(*full[partial].T, s=6, color="0.6", label="before deletion")
     axes[1].scatter(*imputed[partial].T, s=6, color=colors[3], label="jaxem.impute")
-    axes[1].set(title="rows with one coordinate missing", aspect="equal")
+    axes[1].set(title="rows with one coordinate missing", xlabel="x[:, 0]", aspect="equal")
     axes[1].legend(fontsize=8)
     for name, fit in fits.items():
         history = np.asarray(fit.history)[: int(fit.num_iters)]

@@ -110,6 +110,7 @@ def plot(rows, path="uncertainty.png"):
     ax.errorbar([], [], fmt="s", color="C1", label="bootstrap percentile")
     ax.legend(fontsize=8)
     ax.set_title("95% intervals of a Gaussian mixture's estimates")
+    ax.set_ylabel("estimate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"\nsaved {path}")

@@ -154,14 +154,17 @@ def main():
     left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
     time = np.arange(len(series))
     left.plot(time, series, color="0.7", lw=0.8)
+    colour = {k: f"C{i}" for i, k in enumerate(used)}  # the same colour in both panels
     for k in used:
         on = viterbi == k
-        left.scatter(time[on], series[on], s=8, label=f"state {k}: mean {means[k]:.2f}")
+        left.scatter(
+            time[on], series[on], s=8, color=colour[k], label=f"state {k}: mean {means[k]:.2f}"
+        )
     left.set_xlabel("t")
     left.set_ylabel("x_t")
     left.set_title(f"K = {K} states, Dirichlet concentration {concentration}: Viterbi path")
     left.legend(fontsize=8)
-    right.bar(np.arange(K), occupancy, color=["C0" if k in used else "0.6" for k in range(K)])
+    right.bar(np.arange(K), occupancy, color=[colour.get(k, "0.6") for k in range(K)])
     right.set_yscale("symlog", linthresh=1e-3)
     right.set_xlabel("state k")
     right.set_ylabel("expected occupancy sum_t q(z_t = k)")
