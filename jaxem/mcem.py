@@ -58,6 +58,11 @@ class MCEM(MonteCarloEM):
         "the rise of Q plus its Monte Carlo error did not stay below tol for three "
         "iterations at the largest sample size"
     )
+    _stationarity_fix = (
+        "The stopping rule held where EM's steps are small but the log-likelihood still "
+        "rises (a flat direction, slow EM): lower tol, or raise max_draws so that each "
+        "step's Monte Carlo error is smaller than its rise."
+    )
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ from jaxem.loop import all_finite, loop_key, tree_where
 from jaxem.mcmc_estep import LatentModel, Sampler
 from jaxem.monte_carlo_objective import MonteCarloObjective
 from jaxem.monte_carlo_start import MonteCarloStart, padded_members
+from jaxem.monte_carlo_stationarity import fit_stationarity
 from jaxem.monte_carlo_stats import ClosedFormMStep
 from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
 from jaxem.monte_carlo_warnings import warn_about_monte_carlo_fit
@@ -144,6 +145,11 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
     def _stop(self, state, new_state, tol):
         """``(stop, converged, streak)`` after an update."""
         raise NotImplementedError
+
+    def _drift(self, history, free, constraints):
+        """A test that the params still drifted when the loop ended (`SAEM`'s first
+        phase; see `jaxem.monte_carlo_stationarity.phase_drift`), or None."""
+        return None
 
     def default_num_chains(self, num_groups: int) -> int:
         """Chains when ``num_chains`` is not given, for ``num_groups`` independent
@@ -372,6 +378,14 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             log_prior = self.latent.log_prior(self.global_sites, params, args, kwargs)
         ll = estimate.log_likelihood - (0.0 if log_prior is None else log_prior)
         constrained = jax.vmap(lambda z: self.latent.constrain(structure, z)[0])(draws)
+        free = [n for n in params if n not in self.frozen]
+        drift = self._drift(c["params"], free, structure.constraints)
+        drifting = False if drift is None else drift.drifting
+        draws_at_fit = jax.tree.map(lambda x: x[: self.num_is_draws], c["final"])
+        stationarity = fit_stationarity(
+            self.latent, structure, params, free, draws_at_fit, state.weights, entry, num_blocks,
+            args, kwargs,
+        )  # fmt: skip
         return MCResult(
             params=params,
             log_likelihood=ll,
@@ -381,7 +395,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             history=c["history"],
             param_history=c["params"],
             num_iters=c["i"],
-            converged=c["converged"] & ~c["diverged"],
+            converged=c["converged"] & ~c["diverged"] & stationarity.stationary & ~drifting,
             diverged=c["diverged"],
             accept_prob=c["accept"],
             num_divergences=c["divergences"],
@@ -389,6 +403,8 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             draws=constrained,
             min_ess=estimate.min_ess,
             log_prior=log_prior,
+            stationarity=stationarity,
+            drift=drift,
         )
 
     # -- public API --------------------------------------------------------------
@@ -477,11 +493,13 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             name=self.name,
             max_iter=max_iter,
             convergence_rule=self._convergence_rule,
+            stationarity_fix=self._stationarity_fix,
             num_is_samples=self.num_is_samples,
         )
         return result
 
     _convergence_rule = ""
+    _stationarity_fix = ""
 
     @property
     def _run_jit(self):
