@@ -28,44 +28,22 @@ from jaxem.global_sites import global_site_names, with_global_sites
 from jaxem.importance import importance_log_likelihood
 from jaxem.kernel import Kernel
 from jaxem.loop import all_finite, loop_key, tree_where
-from jaxem.mcmc_estep import LatentModel, Sampler
+from jaxem.mcmc_estep import LatentModel, Sampler, sampler_settings
 from jaxem.monte_carlo_objective import MonteCarloObjective
 from jaxem.monte_carlo_start import MonteCarloStart, padded_members
 from jaxem.monte_carlo_stationarity import fit_stationarity
 from jaxem.monte_carlo_stats import ClosedFormMStep
 from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
 from jaxem.monte_carlo_warnings import warn_about_monte_carlo_fit
-from jaxem.numpyro_internals import hmc_kernel_settings
 from jaxem.stochastic_newton import MAX_COORDINATES
 from jaxem.uncertainty import standard_errors
 
 __all__ = ["MCInfo", "MCResult", "MCState", "MonteCarloEM"]
 
 
-_KERNELS = {"nuts": "NUTS", "hmc": "HMC"}
-
 # Chains of MCEM by default, and the most SAEM chooses (a model whose latents form
 # one block).
 DEFAULT_CHAINS = 4
-
-
-def _sampler_settings(kernel) -> tuple[str, dict]:
-    """``(algo, init_kernel settings)`` from ``"nuts"``, ``"hmc"`` or a NumPyro
-    ``NUTS``/``HMC`` instance (its settings are read, its model is not used)."""
-    from numpyro.infer import HMC, NUTS
-
-    if isinstance(kernel, str):
-        if kernel.lower() not in _KERNELS:
-            raise ValueError(f"kernel must be 'nuts', 'hmc' or a NUTS/HMC instance, got {kernel!r}")
-        return _KERNELS[kernel.lower()], {}
-    if isinstance(kernel, (NUTS, HMC)):
-        algo = "NUTS" if isinstance(kernel, NUTS) else "HMC"
-        settings = hmc_kernel_settings(kernel)
-        return algo, settings
-    raise ValueError(
-        "kernel must be 'nuts', 'hmc' or a numpyro.infer.NUTS/HMC instance (its settings are "
-        f"used; the chains' target is jaxem's), got {type(kernel).__name__}"
-    )
 
 
 class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
@@ -97,7 +75,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         self.global_sites = global_site_names(model)
         self.model = model
         self.latent = LatentModel(model)
-        algo, settings = _sampler_settings(kernel)
+        algo, settings = sampler_settings(kernel)
         self.sampler = Sampler(self.latent, algo, num_warmup, settings)
         # None: chosen from the number of independent groups of latents (chains_for).
         self.num_chains = None if num_chains is None else int(num_chains)

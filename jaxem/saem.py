@@ -206,6 +206,9 @@ class SAEM(MonteCarloEM):
         """Run the schedule (``K1 + K2`` iterations, or ``max_iter`` if smaller: then
         ``converged`` is False) in one compiled loop, then draw the latents at the
         fitted params and estimate the log-likelihood by importance sampling.
+        ``converged`` also requires that the params had settled by the end of the
+        first phase and that their score is zero but for Monte Carlo noise
+        (`jaxem.monte_carlo_stationarity`; a `ConvergenceWarning` says which failed).
 
         Returns:
             A `jaxem.monte_carlo.MCResult`.
