@@ -36,10 +36,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import numpyro  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
-from numpyro.distributions import constraints  # noqa: E402
 from scipy import optimize  # noqa: E402
 
 import jaxem  # noqa: E402
+
+# The GLMM jaxem fits: the model the tests fit too (tests/models.py), written once.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from models import logistic_glmm as glmm  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -51,16 +54,6 @@ def simulate(groups, per_group, seed=0):
     u = rng.normal(-0.5, 1.0, size=groups)
     y = rng.random(x.shape) < 1 / (1 + np.exp(-(u[group] + 0.8 * x)))
     return jnp.asarray(group), jnp.asarray(x), jnp.asarray(y.astype(float))
-
-
-def glmm(group, x, y, num_groups):
-    intercept = numpyro.param("intercept", 0.0)
-    slope = numpyro.param("slope", 0.0)
-    sd = numpyro.param("sd", 1.0, constraint=constraints.positive)
-    with numpyro.plate("groups", num_groups):
-        u = numpyro.sample("u", dist.Normal(intercept, sd))
-    with numpyro.plate("obs", y.shape[0]):
-        numpyro.sample("y", dist.Bernoulli(logits=u[group] + slope * x), obs=y)
 
 
 def full_model(group, x, y, num_groups):

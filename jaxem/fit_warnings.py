@@ -4,6 +4,8 @@ point) and what to change. One place for the text of each, for every fitter."""
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import jax
@@ -11,7 +13,22 @@ import numpy as np
 
 from jaxem.exceptions import ConvergenceWarning
 
-__all__ = ["warn_about_fit", "warn_about_vb_fit"]
+__all__ = ["user_stacklevel", "warn_about_fit", "warn_about_vb_fit"]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: the caller of the
+    outermost jaxem frame on the stack, however deep in jaxem (and in JAX's tracing)
+    the warning is raised. For ``warnings.warn`` called by the function that calls
+    this."""
+    frame, level, outermost = sys._getframe(1), 1, 1
+    while frame is not None:
+        if os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+            outermost = level
+        frame, level = frame.f_back, level + 1
+    return outermost + 1
 
 
 def warn_about_fit(result, *, name: str, objective: str, max_iter: int, tol: float) -> None:

@@ -30,8 +30,10 @@ class MCEM(MonteCarloEM):
     ``tol`` (log-likelihood units) for three iterations in a row at the largest
     sample size: EM's step would raise the log-likelihood by less than ``tol``
     with about 95% confidence (a single iteration can meet it by chance, three
-    in a row rarely). ``converged`` says that it held. A parameter is then
-    within Monte Carlo error of the maximum, not closer: ``max_draws`` sets
+    in a row rarely). ``converged`` says that it held and that the score at the
+    fitted params is zero but for Monte Carlo noise
+    (`jaxem.monte_carlo_stationarity`: the rule can hold where EM is merely slow).
+    A parameter is then within Monte Carlo error of the maximum, not closer: ``max_draws`` sets
     that error. An M-step raises ``Q`` on its own draws even at the maximum (it
     fits their noise), by roughly the number of free parameters over twice the
     number of effective draws, so ``tol`` must be above that floor: the default
@@ -57,6 +59,11 @@ class MCEM(MonteCarloEM):
     _convergence_rule = (
         "the rise of Q plus its Monte Carlo error did not stay below tol for three "
         "iterations at the largest sample size"
+    )
+    _stationarity_fix = (
+        "The stopping rule held where EM's steps are small but the log-likelihood still "
+        "rises (a flat direction, slow EM): lower tol, or raise max_draws so that each "
+        "step's Monte Carlo error is smaller than its rise."
     )
 
     def __init__(

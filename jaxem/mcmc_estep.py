@@ -35,11 +35,13 @@ from numpyro.infer.util import log_density
 from jaxem.arguments import check_model_call
 from jaxem.enum_dims import raise_for_mixed_enum_dims
 from jaxem.exceptions import ModelError
+from jaxem.fit_warnings import user_stacklevel
 from jaxem.global_sites import check_global_sites, global_site_names
 from jaxem.missing import MissingData
+from jaxem.numpyro_internals import hmc_kernel_settings
 from jaxem.validation import model_failure, non_finite_data_error
 
-__all__ = ["LatentModel", "LatentStructure", "Sampler", "SamplerInfo"]
+__all__ = ["LatentModel", "LatentStructure", "Sampler", "SamplerInfo", "sampler_settings"]
 
 
 class LatentStructure(NamedTuple):
@@ -103,12 +105,34 @@ def _hint_global_site(name, site) -> None:
         f'global_sites=("{name}",) in the fitter (e.g. SAEM(model, '
         f'global_sites=("{name}",))). If one shared random effect is meant, ignore this.',
         UserWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
 
 
 def _describe(fn) -> str:
     return type(fn).__name__
+
+
+_KERNELS = {"nuts": "NUTS", "hmc": "HMC"}
+
+
+def sampler_settings(kernel) -> tuple[str, dict]:
+    """``(algo, init_kernel settings)`` from ``"nuts"``, ``"hmc"`` or a NumPyro
+    ``NUTS``/``HMC`` instance (its settings are read, its model is not used)."""
+    from numpyro.infer import HMC, NUTS
+
+    if isinstance(kernel, str):
+        if kernel.lower() not in _KERNELS:
+            raise ValueError(f"kernel must be 'nuts', 'hmc' or a NUTS/HMC instance, got {kernel!r}")
+        return _KERNELS[kernel.lower()], {}
+    if isinstance(kernel, (NUTS, HMC)):
+        algo = "NUTS" if isinstance(kernel, NUTS) else "HMC"
+        settings = hmc_kernel_settings(kernel)
+        return algo, settings
+    raise ValueError(
+        "kernel must be 'nuts', 'hmc' or a numpyro.infer.NUTS/HMC instance (its settings are "
+        f"used; the chains' target is jaxem's), got {type(kernel).__name__}"
+    )
 
 
 class LatentModel:

@@ -28,43 +28,22 @@ from jaxem.global_sites import global_site_names, with_global_sites
 from jaxem.importance import importance_log_likelihood
 from jaxem.kernel import Kernel
 from jaxem.loop import all_finite, loop_key, tree_where
-from jaxem.mcmc_estep import LatentModel, Sampler
+from jaxem.mcmc_estep import LatentModel, Sampler, sampler_settings
 from jaxem.monte_carlo_objective import MonteCarloObjective
 from jaxem.monte_carlo_start import MonteCarloStart, padded_members
+from jaxem.monte_carlo_stationarity import fit_stationarity
 from jaxem.monte_carlo_stats import ClosedFormMStep
 from jaxem.monte_carlo_types import MCInfo, MCResult, MCState
 from jaxem.monte_carlo_warnings import warn_about_monte_carlo_fit
-from jaxem.numpyro_internals import hmc_kernel_settings
 from jaxem.stochastic_newton import MAX_COORDINATES
 from jaxem.uncertainty import standard_errors
 
 __all__ = ["MCInfo", "MCResult", "MCState", "MonteCarloEM"]
 
 
-_KERNELS = {"nuts": "NUTS", "hmc": "HMC"}
-
 # Chains of MCEM by default, and the most SAEM chooses (a model whose latents form
 # one block).
 DEFAULT_CHAINS = 4
-
-
-def _sampler_settings(kernel) -> tuple[str, dict]:
-    """``(algo, init_kernel settings)`` from ``"nuts"``, ``"hmc"`` or a NumPyro
-    ``NUTS``/``HMC`` instance (its settings are read, its model is not used)."""
-    from numpyro.infer import HMC, NUTS
-
-    if isinstance(kernel, str):
-        if kernel.lower() not in _KERNELS:
-            raise ValueError(f"kernel must be 'nuts', 'hmc' or a NUTS/HMC instance, got {kernel!r}")
-        return _KERNELS[kernel.lower()], {}
-    if isinstance(kernel, (NUTS, HMC)):
-        algo = "NUTS" if isinstance(kernel, NUTS) else "HMC"
-        settings = hmc_kernel_settings(kernel)
-        return algo, settings
-    raise ValueError(
-        "kernel must be 'nuts', 'hmc' or a numpyro.infer.NUTS/HMC instance (its settings are "
-        f"used; the chains' target is jaxem's), got {type(kernel).__name__}"
-    )
 
 
 class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
@@ -96,7 +75,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         self.global_sites = global_site_names(model)
         self.model = model
         self.latent = LatentModel(model)
-        algo, settings = _sampler_settings(kernel)
+        algo, settings = sampler_settings(kernel)
         self.sampler = Sampler(self.latent, algo, num_warmup, settings)
         # None: chosen from the number of independent groups of latents (chains_for).
         self.num_chains = None if num_chains is None else int(num_chains)
@@ -144,6 +123,11 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
     def _stop(self, state, new_state, tol):
         """``(stop, converged, streak)`` after an update."""
         raise NotImplementedError
+
+    def _drift(self, history, free, constraints):
+        """A test that the params still drifted when the loop ended (`SAEM`'s first
+        phase; see `jaxem.monte_carlo_stationarity.phase_drift`), or None."""
+        return None
 
     def default_num_chains(self, num_groups: int) -> int:
         """Chains when ``num_chains`` is not given, for ``num_groups`` independent
@@ -372,6 +356,14 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             log_prior = self.latent.log_prior(self.global_sites, params, args, kwargs)
         ll = estimate.log_likelihood - (0.0 if log_prior is None else log_prior)
         constrained = jax.vmap(lambda z: self.latent.constrain(structure, z)[0])(draws)
+        free = [n for n in params if n not in self.frozen]
+        drift = self._drift(c["params"], free, structure.constraints)
+        drifting = False if drift is None else drift.drifting
+        draws_at_fit = jax.tree.map(lambda x: x[: self.num_is_draws], c["final"])
+        stationarity = fit_stationarity(
+            self.latent, structure, params, free, draws_at_fit, state.weights, entry, num_blocks,
+            args, kwargs,
+        )  # fmt: skip
         return MCResult(
             params=params,
             log_likelihood=ll,
@@ -381,7 +373,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             history=c["history"],
             param_history=c["params"],
             num_iters=c["i"],
-            converged=c["converged"] & ~c["diverged"],
+            converged=c["converged"] & ~c["diverged"] & stationarity.stationary & ~drifting,
             diverged=c["diverged"],
             accept_prob=c["accept"],
             num_divergences=c["divergences"],
@@ -389,6 +381,8 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             draws=constrained,
             min_ess=estimate.min_ess,
             log_prior=log_prior,
+            stationarity=stationarity,
+            drift=drift,
         )
 
     # -- public API --------------------------------------------------------------
@@ -477,11 +471,13 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             name=self.name,
             max_iter=max_iter,
             convergence_rule=self._convergence_rule,
+            stationarity_fix=self._stationarity_fix,
             num_is_samples=self.num_is_samples,
         )
         return result
 
     _convergence_rule = ""
+    _stationarity_fix = ""
 
     @property
     def _run_jit(self):

@@ -80,7 +80,9 @@ class MCResult(NamedTuple):
             every iteration, NaN after ``num_iters``.
         num_iters: iterations done.
         converged: SAEM: its schedule ran to the end; MCEM: the stopping rule
-            held (see [`jaxem.MCEM`][jaxem.MCEM]). False after a divergence.
+            held (see [`jaxem.MCEM`][jaxem.MCEM]); and, for both, the params are a
+            stationary point of the log-likelihood within Monte Carlo error
+            (``stationarity.stationary``). False after a divergence.
         diverged: whether the run stopped on non-finite params or ``Q``
             (``params`` are then the last finite ones).
         accept_prob: shape ``(max_iter,)``: mean acceptance per iteration.
@@ -93,6 +95,11 @@ class MCResult(NamedTuple):
         log_prior: with ``global_sites``, the log prior density of the global
             sites at ``params`` (MAP: the fit maximizes ``log_likelihood +
             log_prior``); None without.
+        stationarity: the check that the score at ``params`` is zero but for
+            Monte Carlo noise, and the Newton step's log-likelihood gain
+            (`jaxem.monte_carlo_stationarity.Stationarity`).
+        drift: SAEM: the test that the params had settled by the end of its
+            first phase (`jaxem.monte_carlo_stationarity.Drift`); None for MCEM.
     """
 
     params: dict
@@ -111,3 +118,5 @@ class MCResult(NamedTuple):
     draws: dict
     min_ess: jax.Array
     log_prior: jax.Array | None = None
+    stationarity: Any = None
+    drift: Any = None

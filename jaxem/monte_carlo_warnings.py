@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+
 from jaxem.exceptions import ConvergenceWarning, NumericalWarning
 
 __all__ = ["warn_about_monte_carlo_fit"]
 
 
 def warn_about_monte_carlo_fit(
-    result, *, name: str, max_iter: int, convergence_rule: str, num_is_samples: int
+    result,
+    *,
+    name: str,
+    max_iter: int,
+    convergence_rule: str,
+    num_is_samples: int,
+    stationarity_fix: str = "",
 ) -> None:
     """Warn about divergent transitions, divergence, no convergence in ``max_iter``
     (``convergence_rule`` says what converging means for the fitter) and degenerate
@@ -36,6 +44,10 @@ def warn_about_monte_carlo_fit(
             ConvergenceWarning,
             stacklevel=3,
         )
+    elif not bool(result.stationarity.stationary) or (
+        result.drift is not None and bool(result.drift.drifting)
+    ):
+        _warn_not_stationary(result, name, stationarity_fix)
     elif not bool(result.converged):
         warnings.warn(
             f"jaxem: {name} did not converge in max_iter={max_iter} iterations "
@@ -52,3 +64,39 @@ def warn_about_monte_carlo_fit(
             NumericalWarning,
             stacklevel=3,
         )
+
+
+def _named(z: dict) -> str:
+    z = {k: float(v) for k, v in z.items()}
+    return ", ".join(f"{k} ({z[k]:.1f} SE)" for k in sorted(z, key=z.get, reverse=True)[:3])
+
+
+def _warn_not_stationary(result, name, fix):
+    check, drift = result.stationarity, result.drift
+    found = []
+    if drift is not None and bool(drift.drifting):
+        found.append(
+            "they were still drifting at the end of the first phase (step size 1): the "
+            "mean of its last quarter differs from that of the quarter before beyond "
+            f"Monte Carlo noise (p = {float(drift.p_value):.2g}), mostly in "
+            f"{_named(drift.z)} (see result.drift)"
+        )
+    if not bool(check.stationary):
+        gain = float(check.gain)
+        step = (
+            f"a Newton step would raise the log-likelihood by about {gain:.3g} nats, where "
+            f"Monte Carlo noise alone gives {float(check.noise_gain):.2g}"
+            if np.isfinite(gain)
+            else "the observed information is not positive definite there"
+        )
+        found.append(
+            "the score at the params is far from zero beyond its Monte Carlo error "
+            f"(p = {float(check.p_value):.2g}), mostly in {_named(check.score_z)}, and "
+            f"{step} (see result.stationarity)"
+        )
+    warnings.warn(
+        f"jaxem: {name} ended its run, but its params are doubtful as a maximum of the "
+        f"log-likelihood: {'; and '.join(found)}. So converged is False. {fix}",
+        ConvergenceWarning,
+        stacklevel=4,
+    )

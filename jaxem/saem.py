@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxem.monte_carlo import DEFAULT_CHAINS, MCResult, MCState, MonteCarloEM
+from jaxem.monte_carlo_stationarity import phase_drift
 from jaxem.stochastic_newton import stochastic_newton_update
 
 __all__ = ["SAEM"]
@@ -89,6 +90,12 @@ class SAEM(MonteCarloEM):
 
     name = "SAEM"
     _convergence_rule = "its step-size schedule did not reach its end"
+    _stationarity_fix = (
+        "The usual cause: a first phase too short, the params still drifting when the "
+        "step sizes began to decrease (which freezes them). Lengthen it: schedule=(K1, K2) "
+        "with a larger K1 (result.param_history shows the drift), or run more chains "
+        "(num_chains)."
+    )
 
     def __init__(
         self,
@@ -188,6 +195,9 @@ class SAEM(MonteCarloEM):
         gain, gain_se, q = self._gain(structure, state.params, params, latest, one, args, kwargs)
         return params, q, gain, gain_se, information
 
+    def _drift(self, history, free, constraints):
+        return phase_drift(history, free, constraints, self.schedule[0])
+
     def _stop(self, state, new_state, tol):
         done = new_state.iteration >= sum(self.schedule)
         return done, done, new_state.streak
@@ -196,6 +206,9 @@ class SAEM(MonteCarloEM):
         """Run the schedule (``K1 + K2`` iterations, or ``max_iter`` if smaller: then
         ``converged`` is False) in one compiled loop, then draw the latents at the
         fitted params and estimate the log-likelihood by importance sampling.
+        ``converged`` also requires that the params had settled by the end of the
+        first phase and that their score is zero but for Monte Carlo noise
+        (`jaxem.monte_carlo_stationarity`; a `ConvergenceWarning` says which failed).
 
         Returns:
             A `jaxem.monte_carlo.MCResult`.

@@ -158,7 +158,8 @@ def gaussian_hmm(x, K, mask=None):
 
 
 def logistic_glmm(group, x, y, num_groups):
-    """A random-intercept logistic regression (the GLMM of benchmarks/mixed_models.py)."""
+    """A random-intercept logistic regression: the GLMM benchmarks/mixed_models.py fits
+    (it imports it from here)."""
     intercept = numpyro.param("intercept", 0.0)
     slope = numpyro.param("slope", 0.0)
     sd = numpyro.param("sd", 1.0, constraint=constraints.positive)

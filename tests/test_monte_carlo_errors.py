@@ -160,8 +160,10 @@ def test_a_continuous_latent_outside_every_plate_hints_at_global_sites():
         UserWarning,
         match=r"latent site 'mu' is outside every plate.*"
         r"global_sites=\(\"mu\",\)",
-    ):
+    ) as record:
         jaxem.SAEM(_prior_outside_plates).m_step_paths(_y())
+    # It points at the user's line, not at jaxem's.
+    assert [w.filename for w in record if "outside every plate" in str(w.message)] == [__file__]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         jaxem.SAEM(_random_intercepts).m_step_paths(_y())

@@ -1,0 +1,332 @@
+"""Is a Monte Carlo EM fit at a stationary point of the log-likelihood? The check
+[`jaxem.SAEM`][jaxem.SAEM] and [`jaxem.MCEM`][jaxem.MCEM] run once, after their loop,
+on the posterior draws of the latents their chains take at the fitted params.
+
+By Fisher's identity the score of the observed-data log-likelihood at ``theta`` is
+the posterior mean of the complete-data score,
+
+$$
+s = \\nabla_u \\log p(x \\mid \\theta(u))
+  = E_{z \\mid x, \\theta}\\left[\\nabla_u \\log p(x, z \\mid \\theta(u))\\right],
+$$
+
+estimated by the mean ``s_bar`` of the per-draw scores (unconstrained coordinates
+``u`` of the free params). Louis' identity gives the observed information ``I``
+from the same draws (`jaxem.louis`). The predicted log-likelihood gain of one
+Newton step from the fit,
+
+$$
+g = \\tfrac12\\, \\bar s^\\top I^{-1} \\bar s \\quad\\text{(nats)},
+$$
+
+is what a user cares about: at a maximum it is zero but for Monte Carlo noise.
+Its noise has two sources, both estimated here:
+
+- the score's own Monte Carlo error: the draws are MCMC, so its covariance
+  ``V`` is estimated by batch means (``NUM_BATCHES`` batches of consecutive
+  draws per chain, chains independent);
+- the fit's: its params are themselves a Monte Carlo estimate (from ``Q`` over
+  ``N_fit`` effective draws per chain), off the maximum by a Monte Carlo error
+  whose score has a covariance at most ``V * S / N_fit`` (``S`` the draws per
+  chain here; the fit's score equation averages draws of the same chains).
+  So the null covariance of ``s_bar`` is taken as ``kappa V``, with
+  ``kappa = 1 + S / N_fit``.
+
+In whitened coordinates (``I = L L^T``, ``w = L^{-1} s_bar``, ``2 g = |w|^2``) the
+null law of ``2 g`` is a weighted sum of chi-squares with weights the eigenvalues
+of ``Sigma = kappa L^{-1} V L^{-T}``: by Satterthwaite's approximation
+``2 g / tr(Sigma)`` is about ``chi2_nu / nu``, ``nu = tr(Sigma)^2 / tr(Sigma^2)``,
+and, ``V`` being estimated from batch means with ``den`` degrees of freedom
+(``n - 1`` per block whose score varies), about ``F(nu, den)``. The fit is
+stationary unless that F statistic's p-value is below `ALPHA` and the gain is above
+`GAIN_FLOOR` nats.
+
+Where the log-likelihood is flat, params far from the maximum have a score within
+that noise of zero; SAEM's decreasing step sizes freeze them wherever its first
+phase left them. So SAEM adds `phase_drift`: did the params still move over the
+last half of the first phase? Either check failing makes ``converged`` False.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from numpyro.distributions.transforms import biject_to
+
+from jaxem.stochastic_newton import MAX_COORDINATES
+
+__all__ = [
+    "ALPHA",
+    "DRIFT_ALPHA",
+    "GAIN_FLOOR",
+    "NUM_BATCHES",
+    "Drift",
+    "Stationarity",
+    "fit_stationarity",
+    "phase_drift",
+    "stationarity_check",
+]
+
+# Batches of consecutive draws per chain of the batch-means covariance of the score,
+# and the fewest draws a batch holds (fewer batches with few draws).
+NUM_BATCHES = 10
+MIN_BATCH_DRAWS = 5
+
+# The p-value below which the score is not zero but for Monte Carlo noise: 1e-3, so
+# that a converged fit is called unconverged about once in a thousand fits.
+ALPHA = 1e-3
+
+# And the gain below which a fit is stationary whatever the p-value (nats): params
+# within a fraction of a standard error of the maximum (a gain of 0.1 is a distance
+# of 0.45 standard errors along the worst direction), far below the MLE's own
+# uncertainty (a gain of d / 2 nats for d coordinates), where a p-value says only
+# that the draws are many. A settled sleepstudy fit (tests/test_mcem.py, seed 2)
+# gave 0.05 nats with p = 0.002.
+GAIN_FLOOR = 0.1
+
+
+class Stationarity(NamedTuple):
+    """The stationarity check of a Monte Carlo fit (see `jaxem.monte_carlo_stationarity`).
+
+    Attributes:
+        stationary: False when the score at the fitted params is far from zero
+            beyond its Monte Carlo noise (``p_value < ALPHA``) and a Newton step
+            would gain more than ``GAIN_FLOOR`` nats; True when not, or when the
+            check could not be made (``p_value`` NaN).
+        gain: the log-likelihood gain of one Newton step from the fit,
+            ``s^T I^{-1} s / 2`` (nats); NaN where the observed information is
+            not positive definite (the test then uses the complete-data one).
+        noise_gain: the gain Monte Carlo noise alone gives on average
+            (``tr(Sigma) / 2``, same metric as ``gain``).
+        p_value: of the gain against its Monte Carlo noise (F approximation).
+        score_z: ``{param: the largest |score entry| / its Monte Carlo SE}`` (the
+            SE including the fit's own Monte Carlo error): where the fit is off.
+        num_batches: the batch means the noise was estimated from (chains x
+            batches per chain).
+    """
+
+    stationary: jax.Array
+    gain: jax.Array
+    noise_gain: jax.Array
+    p_value: jax.Array
+    score_z: dict
+    num_batches: int
+
+
+def stationarity_check(
+    block_log, params, free, constraints, draws, fit_draws, num_blocks
+) -> Stationarity:
+    """The stationarity check (see the module).
+
+    Args:
+        block_log: ``(params, z) -> (num_blocks,)``: ``log p(x, z | params)`` split
+            into independent blocks of latents (their posteriors are independent:
+            the groups of a mixed model), whose sum is the fit's objective (discrete
+            latents summed out, the log prior of global sites included; a part
+            without latents is a block whose score does not vary).
+        params: ``{name: constrained value}``, the fitted params.
+        free: the names of the params the fit estimated (not frozen).
+        constraints: ``{name: constraint}``.
+        draws: ``{latent: (S, chains, *shape)}``: posterior draws at ``params`` (as
+            ``block_log`` takes them), consecutive draws of each chain along the
+            first axis.
+        fit_draws: effective draws per chain of the fit's last ``Q`` (traced).
+        num_blocks: the length of ``block_log``'s value.
+    """
+    dtype = jnp.result_type(float)
+    leaf = jax.tree.leaves(draws)[0]
+    num_draws, num_chains = leaf.shape[0], leaf.shape[1]
+    batches = max(1, min(NUM_BATCHES, num_draws // MIN_BATCH_DRAWS))
+    length = num_draws // batches
+    pieces = batches * num_chains
+    nan = jnp.full((), jnp.nan, dtype)
+    if not free or pieces < 2:
+        return Stationarity(jnp.array(True), nan, nan, nan, {n: nan for n in free}, pieces)
+
+    transforms = {n: biject_to(constraints[n]) for n in free}
+    start = {n: transforms[n].inv(params[n]) for n in free}
+    u0, unravel = ravel_pytree(start)
+    which, _ = ravel_pytree({n: jnp.full(jnp.shape(start[n]), i) for i, n in enumerate(free)})
+    d = u0.shape[0]
+
+    def at(u):
+        values = unravel(u)
+        return {**params, **{n: transforms[n](values[n]) for n in free}}
+
+    def block_scores(z):
+        return jax.jacfwd(lambda u: block_log(at(u), z))(u0)  # (num_blocks, d)
+
+    # Batch b of every chain: (length, chains, ...) draws -> the mean block scores
+    # (chains, num_blocks, d) and the per-draw total scores (length * chains, d).
+    batched = jax.tree.map(
+        lambda x: x[: batches * length].reshape((batches, length) + x.shape[1:]), draws
+    )
+
+    def batch(b):
+        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), b)
+        scores = jax.vmap(block_scores)(flat).astype(dtype)
+        scores = scores.reshape((length, num_chains) + scores.shape[1:])
+        return scores.mean(axis=0), scores.sum(axis=2).reshape(-1, d)
+
+    means, totals = jax.lax.map(batch, batched)
+    means = means.reshape((pieces, num_blocks, d))
+    totals = totals.reshape(-1, d)
+    s_bar = jnp.mean(totals, axis=0)
+    # The blocks' posteriors are independent: the noise of the mean score is the sum of
+    # the blocks' batch-means covariances (many independent pieces, not `pieces` only).
+    centred = means - jnp.mean(means, axis=0)
+    kappa = 1.0 + (batches * length) / jnp.maximum(fit_draws.astype(dtype), 1.0)
+    noise = kappa * jnp.einsum("pgi,pgj->ij", centred, centred) / (pieces * (pieces - 1))
+    # Its degrees of freedom: pieces - 1 per block whose score varies.
+    varies = jnp.sum(jnp.any(jnp.abs(centred) > 0, axis=(0, 2)))
+    den = jnp.maximum(varies, 1).astype(dtype) * (pieces - 1)
+
+    missing = jnp.cov(totals, rowvar=False).reshape(d, d)
+    if d <= MAX_COORDINATES:
+        # The complete-data information: one Hessian-vector product over every draw per
+        # coordinate, in sequence (memory of one pass over the draws, not d).
+        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), draws)
+
+        def mean_log(u):
+            return jnp.mean(jax.vmap(lambda z: jnp.sum(block_log(at(u), z)))(flat))
+
+        grad_mean = jax.grad(mean_log)
+        hvp = jax.lax.map(lambda v: jax.jvp(grad_mean, (u0,), (v,))[1], jnp.eye(d, dtype=u0.dtype))
+        complete = -0.5 * (hvp + hvp.T)
+        observed = complete - missing
+        chol_obs = jnp.linalg.cholesky(observed)
+        obs_ok = jnp.all(jnp.isfinite(chol_obs))
+        chol = jnp.where(obs_ok, chol_obs, jnp.linalg.cholesky(complete))
+    else:
+        # Beyond MAX_COORDINATES no d x d Hessian: the score in its noise's units.
+        obs_ok = jnp.array(False)
+        chol = jnp.diag(jnp.sqrt(jnp.diag(noise)))
+    solve = jax.scipy.linalg.solve_triangular
+    w = solve(chol, s_bar, lower=True)
+    sigma = solve(chol, solve(chol, noise, lower=True).T, lower=True)
+    t1, t2 = jnp.trace(sigma), jnp.sum(sigma**2)
+    nu = t1**2 / t2
+    f = jnp.sum(w**2) / t1
+    # The F(nu, den) survival function.
+    p_value = jax.scipy.special.betainc(den / 2.0, nu / 2.0, den / (den + nu * f))
+    p_value = jnp.where(jnp.isfinite(f) & (t1 > 0), p_value, nan)
+    gain = jnp.where(obs_ok, 0.5 * jnp.sum(w**2), nan)
+    noise_gain = jnp.where(obs_ok, 0.5 * t1, nan)
+    z = jnp.abs(s_bar) / jnp.sqrt(jnp.diag(noise))
+    score_z = {n: jnp.max(jnp.where(which == i, z, 0.0)) for i, n in enumerate(free)}
+    stationary = ~((p_value < ALPHA) & (0.5 * jnp.sum(w**2) > GAIN_FLOOR))
+    return Stationarity(stationary, gain, noise_gain, p_value, score_z, pieces)
+
+
+def fit_stationarity(
+    latent, structure, params, free, draws, weights, entry, num_blocks, args, kwargs
+) -> Stationarity:
+    """`stationarity_check` of a Monte Carlo fit: ``draws`` ``(S, chains, ...)``
+    unconstrained, at ``params``; ``weights`` the slots' weights in the fit's last
+    ``Q`` (``1 / sum w^2`` effective draws per chain); the independent blocks of the
+    importance sampler (``entry``: the block of every log-density entry, -1 for one
+    without latents; None: one block, discrete latents summed out)."""
+    if entry is None:
+
+        def block_log(p, z):
+            z = latent.constrain(structure, z)[0]
+            return latent.log_joint(structure, p, z, args, kwargs)[None]
+
+    else:  # the entries without latents: one block more (its score does not vary)
+
+        def block_log(p, z):
+            parts = latent.elementwise(structure, p, z, args, kwargs)
+            where = jnp.where(entry < 0, num_blocks, entry)
+            return jax.ops.segment_sum(parts, where, num_segments=num_blocks + 1)
+
+    return stationarity_check(
+        block_log,
+        params,
+        free,
+        structure.constraints,
+        draws,
+        1.0 / jnp.sum(weights**2),
+        1 if entry is None else num_blocks + 1,
+    )
+
+
+# The drift test of SAEM's first phase: half the batches of its last half, the fewest
+# iterations of the phase it runs on (fewer: no test), and its level (family-wise
+# over the coordinates). 1e-2, not ALPHA: with 10 batch means its t statistic has 8
+# degrees of freedom. Measured (p after Bonferroni): the factor analysis of
+# tests/test_mcem_stationarity.py with K1 = 150, 0.002 (one chain) and 0.0006 (four);
+# settled sleepstudy fits (K1 = 100, seeds 0-5), 0.24, 0.34, 0.018 (a t of 4.2 for
+# sigma), 1.0, 0.60, 1.0; cbpp (seeds 0, 1) 1.0: a thin margin, and batches of 5
+# iterations may not span the chain's autocorrelation, so a settled fit can be
+# flagged (a false alarm) more often than 1 %.
+DRIFT_BATCHES = 5
+MIN_DRIFT_ITERS = 40
+DRIFT_ALPHA = 1e-2
+
+
+class Drift(NamedTuple):
+    """SAEM's drift test on its first phase (see `phase_drift`).
+
+    Attributes:
+        drifting: whether some param still had a trend over the last half of the
+            first phase beyond its Monte Carlo noise (``p_value < DRIFT_ALPHA``).
+        p_value: the smallest p-value over the params' coordinates, times their
+            number (Bonferroni); NaN where the phase is too short to test.
+        z: ``{param: the largest |slope| / its SE}`` over the param's coordinates.
+    """
+
+    drifting: jax.Array
+    p_value: jax.Array
+    z: dict
+
+
+def phase_drift(history, free, constraints, first_phase: int) -> Drift:
+    """Did the params still drift at the end of SAEM's first phase (step size 1)?
+
+    The iterates of the first phase are a Markov chain whose stationary law is
+    centred near the maximum; once there, the params (unconstrained coordinates)
+    have no trend. Over the last half of the phase, ``2 DRIFT_BATCHES`` batch means
+    (batches long enough to span the chain's autocorrelation) are regressed on time:
+    a slope beyond its standard error (a two-sided t test with ``2 DRIFT_BATCHES -
+    2`` degrees of freedom, Bonferroni over the coordinates) says the phase ended
+    before the chain settled: the decreasing step sizes then freeze the params where
+    they were.
+
+    Args:
+        history: ``{name: (max_iter, *shape)}`` constrained params after every iteration.
+        free: the params the fit estimated.
+        constraints: ``{name: constraint}``.
+        first_phase: the iterations with step size 1 (static).
+    """
+    dtype = jnp.result_type(float)
+    nan = jnp.full((), jnp.nan, dtype)
+    batches = 2 * DRIFT_BATCHES
+    length = first_phase // 2 // batches
+    if not free or first_phase < MIN_DRIFT_ITERS or length < 1:
+        return Drift(jnp.array(False), nan, {n: nan for n in free})
+    start = first_phase - batches * length
+    coords, owner = [], []
+    for i, n in enumerate(free):
+        values = biject_to(constraints[n]).inv(history[n][start:first_phase])
+        coords.append(values.reshape(batches * length, -1).astype(dtype))
+        owner.append(jnp.full(coords[-1].shape[1], i))
+    values = jnp.concatenate(coords, axis=1)
+    owner = jnp.concatenate(owner)
+    # The batch means (batches, coordinates) and their least-squares slope in time.
+    means = values.reshape(batches, length, -1).mean(axis=1)
+    time = jnp.arange(batches, dtype=dtype) - (batches - 1) / 2.0
+    slope = time @ means / jnp.sum(time**2)
+    residual = means - means.mean(axis=0) - time[:, None] * slope
+    dof = batches - 2.0
+    se = jnp.sqrt(jnp.sum(residual**2, axis=0) / dof / jnp.sum(time**2))
+    t = jnp.abs(slope) / se
+    # Two-sided t survival: I_{dof / (dof + t^2)}(dof / 2, 1 / 2).
+    p = jax.scipy.special.betainc(dof / 2.0, 0.5, dof / (dof + t**2))
+    p = jnp.where(se > 0, p, jnp.where(slope == 0, 1.0, 0.0))
+    p_value = jnp.minimum(jnp.min(p) * p.shape[0], 1.0)
+    t = jnp.where(se > 0, t, 0.0)
+    z = {n: jnp.max(jnp.where(owner == i, t, 0.0)) for i, n in enumerate(free)}
+    return Drift(p_value < DRIFT_ALPHA, p_value, z)

@@ -1,0 +1,153 @@
+"""The stationarity check of SAEM and MCEM (`jaxem.monte_carlo_stationarity`): the score
+at the fit by Fisher's identity against its Monte Carlo noise, on exact posterior draws
+of a Gaussian random-intercept model whose log-likelihood, score and MLE are computed
+here in closed form; SAEM's drift test on synthetic first phases; and a fit whose first
+phase is too short (factor analysis, scikit-learn's MLE as reference)."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.distributions import constraints
+from scipy import optimize, stats
+
+import jaxem
+from jaxem.exceptions import ConvergenceWarning
+from jaxem.monte_carlo_stationarity import ALPHA, DRIFT_ALPHA, phase_drift, stationarity_check
+
+G, N = 30, 5
+FREE = ["mu", "tau", "sigma"]
+CONSTRAINTS = {"mu": constraints.real, "tau": constraints.positive, "sigma": constraints.positive}
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    b = rng.normal(1.0, 0.8, size=G)
+    return b[:, None] + rng.normal(size=(G, N))
+
+
+def _log_likelihood(u, y):
+    """The exact marginal log-likelihood in unconstrained coordinates (mu, log tau,
+    log sigma): y_g ~ N(mu 1, sigma^2 I + tau^2 1 1^T)."""
+    mu, tau, sigma = u[0], jnp.exp(u[1]), jnp.exp(u[2])
+    cov = sigma**2 * jnp.eye(N) + tau**2 * jnp.ones((N, N))
+    return jnp.sum(dist.MultivariateNormal(jnp.full(N, mu), cov).log_prob(y))
+
+
+def _exact_draws(u, y, num, chains, seed):
+    """Independent draws of every b_g from its Normal posterior: (num, chains, G)."""
+    mu, tau, sigma = float(u[0]), float(np.exp(u[1])), float(np.exp(u[2]))
+    precision = 1 / tau**2 + N / sigma**2
+    mean = (mu / tau**2 + y.sum(1) / sigma**2) / precision
+    rng = np.random.default_rng(seed)
+    return {"b": jnp.asarray(mean + rng.normal(size=(num, chains, G)) / np.sqrt(precision))}
+
+
+def _block_log(y):
+    def block_log(p, z):
+        prior = dist.Normal(p["mu"], p["tau"]).log_prob(z["b"])
+        return prior + dist.Normal(z["b"][:, None], p["sigma"]).log_prob(y).sum(1)
+
+    return block_log
+
+
+def _params(u):
+    return {"mu": u[0], "tau": jnp.exp(u[1]), "sigma": jnp.exp(u[2])}
+
+
+def _check(u, y, fit_draws=1e9, seed=0):
+    draws = _exact_draws(u, y, 200, 2, seed)
+    return jax.jit(
+        lambda u, z: stationarity_check(
+            _block_log(y), _params(u), FREE, CONSTRAINTS, z, jnp.asarray(fit_draws), G
+        )
+    )(u, draws)
+
+
+def test_the_score_test_against_the_exact_score(x64):
+    y = _data()
+    best = optimize.minimize(
+        lambda u: -float(_log_likelihood(jnp.asarray(u), y)), [0.0, 0.0, 0.0], method="BFGS"
+    )
+    mle = jnp.asarray(best.x)
+    # At the MLE the score is zero: stationary (for any seed but about 1 in 1 / ALPHA).
+    at_mle = _check(mle, y)
+    assert bool(at_mle.stationary) and float(at_mle.p_value) > ALPHA
+    assert float(at_mle.gain) < 5 * float(at_mle.noise_gain)
+    # Half a nat of log-likelihood away along the steepest direction of the exact
+    # information: the Newton step's gain is about 0.5 nats, and the test sees it.
+    hessian = -np.asarray(jax.hessian(_log_likelihood)(mle, y))
+    value, vector = np.linalg.eigh(hessian)
+    away = mle + jnp.asarray(vector[:, -1] / np.sqrt(value[-1]))  # 1 SE: 0.5 nats
+    grad = np.asarray(jax.grad(_log_likelihood)(away, y))
+    exact_gain = (
+        0.5 * grad @ np.linalg.solve(-np.asarray(jax.hessian(_log_likelihood)(away, y)), grad)
+    )
+    off = _check(away, y)
+    assert not bool(off.stationary) and float(off.p_value) < ALPHA
+    # Louis' information and Fisher's identity from 400 draws: the gain within Monte
+    # Carlo error (a few times its noise) of the exact Newton gain.
+    assert abs(float(off.gain) - exact_gain) < 0.2 * exact_gain + 5 * float(off.noise_gain)
+    # The fit's own Monte Carlo error (few draws in its Q) widens the noise: kappa.
+    assert float(_check(away, y, fit_draws=10).noise_gain) > 10 * float(off.noise_gain)
+
+
+def test_the_drift_test_of_the_first_phase():
+    rng = np.random.default_rng(1)
+    steps = 200
+    # A stationary AR(1) chain (autocorrelation 0.8) with no drift, and the same
+    # chain with a scale that still falls by 30 % over the phase.
+    noise = np.zeros((steps, 3))
+    for k in range(1, steps):
+        noise[k] = 0.8 * noise[k - 1] + 0.02 * rng.normal(size=3)
+    settled = {"mu": jnp.asarray(noise[:, :2]), "sd": jnp.asarray(np.exp(noise[:, 2]))}
+    cons = {"mu": constraints.real, "sd": constraints.positive}
+    still = phase_drift(settled, ["mu", "sd"], cons, steps)
+    assert not bool(still.drifting) and float(still.p_value) > DRIFT_ALPHA
+    falling = dict(settled, sd=settled["sd"] * jnp.linspace(1.0, 0.7, steps))
+    moving = phase_drift(falling, ["mu", "sd"], cons, steps)
+    assert bool(moving.drifting)
+    assert float(moving.z["sd"]) > 10 * float(moving.z["mu"]) / 2
+    # Too short a phase to tell: no verdict.
+    assert not bool(phase_drift(falling, ["mu", "sd"], cons, 20).drifting)
+
+
+def _factor_model(x, num_factors=2):
+    n, p = x.shape
+    mu = numpyro.param("mu", jnp.zeros(p))
+    loadings = numpyro.param("W", lambda key: 0.1 * jax.random.normal(key, (p, num_factors)))
+    psi = numpyro.param("psi", jnp.ones(p), constraint=constraints.positive)
+    with numpyro.plate("n", n):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([num_factors]).to_event(1))
+        numpyro.sample("x", dist.Normal(mu + z @ loadings.T, jnp.sqrt(psi)).to_event(1), obs=x)
+
+
+@pytest.mark.slow  # a full SAEM fit (~20 CPU s)
+def test_a_first_phase_too_short_is_not_converged(x64):
+    from sklearn.decomposition import FactorAnalysis
+
+    rng = np.random.default_rng(4)
+    loadings, psi = rng.normal(size=(6, 2)), rng.uniform(0.2, 0.6, 6)
+    x = rng.normal(size=(200, 2)) @ loadings.T + rng.normal(size=(200, 6)) * np.sqrt(psi)
+    x = x + rng.normal(size=6)
+    reference = FactorAnalysis(2, tol=1e-10, max_iter=10_000).fit(x)
+    best = reference.score(x) * 200
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = jaxem.SAEM(_factor_model, schedule=(150, 100)).run(
+            jax.random.PRNGKey(0), jnp.asarray(x)
+        )
+    params = {k: np.asarray(v) for k, v in result.params.items()}
+    cov = params["W"] @ params["W"].T + np.diag(params["psi"])
+    exact = stats.multivariate_normal(params["mu"], cov).logpdf(x).sum()
+    assert best - exact > 0.2  # below the maximum: psi[5] far from scikit-learn's
+    assert not bool(result.converged)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert len(messages) == 1
+    assert "not converge" not in messages[0]
+    assert "still drifting" in messages[0] and "psi" in messages[0]
+    assert "schedule=(K1, K2) with a larger K1" in messages[0]
