@@ -16,15 +16,18 @@ it (the last state's E-step, the stationarity test, the supports);
 `compile_together` compiles them at the same time, on two threads (XLA
 releases the GIL while it compiles), so that a machine with two cores waits
 for the larger of the two rather than their sum. The evaluation after the loop
-runs once per fit: on a CPU it is compiled without the fusion emitters too
-(`after_loop_options`), which compiles it in less CPU time (measured once,
-as above, on a Gaussian mixture, a mixture of experts and a Gaussian HMM) and
-runs it in about the same time. Its largest part is the
+runs once per fit, so it is compiled with `once_options` too (no backend
+optimization, and on a CPU the older emitters): on the Gaussian mixture of
+``benchmarks/compile.py`` (10 000 x 2, K = 3) in 0.87 rather than 1.86 CPU s
+(the older emitters alone), on its scan Gaussian HMM in 1.74 rather than 4.07,
+for a run once per fit of tens of milliseconds at most, with the same values to
+the bit (``python benchmarks/compile_programs.py --models gmm,hmm``, best of 2,
+load average 5-8 on 2 cores). Its largest part is the
 stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
 gradient of Q), run on one flat vector of the params rather than per param,
 which keeps its program small.
 A Monte Carlo fit (`jaxem.SAEM`, `jaxem.MCEM`) is one program, loop and
-importance sampling together, compiled with `after_loop_options` too: on the
+importance sampling together, compiled with `emitter_options` too: on the
 simulated GLMM of ``benchmarks/mixed_models.py`` it compiles in less CPU time
 and runs as fast.
 """
@@ -38,11 +41,11 @@ from collections.abc import Callable
 import jax
 
 __all__ = [
-    "AFTER_LOOP_OPTIONS",
+    "EMITTER_OPTIONS",
     "ONCE_OPTIONS",
-    "after_loop_options",
     "compile_once",
     "compile_together",
+    "emitter_options",
     "jit_once",
     "once_options",
 ]
@@ -50,9 +53,9 @@ __all__ = [
 # XLA options of a program evaluated once: no backend optimization passes.
 ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
 
-# XLA options of the evaluation after a fit's loop, on a CPU: the LLVM IR emitters
-# rather than the fusion emitters (same arithmetic, compiled faster).
-AFTER_LOOP_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+# XLA options on a CPU of a program run once and of a Monte Carlo fit: the LLVM IR
+# emitters rather than the fusion emitters (same arithmetic, compiled faster).
+EMITTER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 # Platforms whose XLA compiler takes ONCE_OPTIONS (a plugin may refuse an option it
 # does not know).
@@ -60,15 +63,15 @@ _PLATFORMS = ("cpu", "gpu", "cuda", "rocm")
 
 
 def once_options() -> dict:
-    """`ONCE_OPTIONS` on CPU and GPU (with `AFTER_LOOP_OPTIONS` on CPU), else none."""
+    """`ONCE_OPTIONS` on CPU and GPU (with `EMITTER_OPTIONS` on CPU), else none."""
     if jax.default_backend() not in _PLATFORMS:
         return {}
-    return {**ONCE_OPTIONS, **after_loop_options()}
+    return {**ONCE_OPTIONS, **emitter_options()}
 
 
-def after_loop_options() -> dict:
-    """`AFTER_LOOP_OPTIONS` on CPU, else none."""
-    return dict(AFTER_LOOP_OPTIONS) if jax.default_backend() == "cpu" else {}
+def emitter_options() -> dict:
+    """`EMITTER_OPTIONS` on CPU, else none."""
+    return dict(EMITTER_OPTIONS) if jax.default_backend() == "cpu" else {}
 
 
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:

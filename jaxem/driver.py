@@ -24,7 +24,7 @@ from jaxem.accelerators import accelerate
 from jaxem.arguments import merge_args, split_args
 from jaxem.batching import best_restart, map_restarts, select_best
 from jaxem.checks import raise_for_model_arguments
-from jaxem.compiling import after_loop_options, compile_together
+from jaxem.compiling import compile_together, once_options
 from jaxem.fit_warnings import warn_about_fit
 from jaxem.fitter_m_step import MStep, describe_plan
 from jaxem.inspection import model_structure
@@ -212,7 +212,7 @@ class Fitter:
             self._finish_jit = jax.jit(
                 self._finish_arrays,
                 static_argnames=("spec", "batch_restarts"),
-                compiler_options=after_loop_options() or None,
+                compiler_options=once_options() or None,
             )
         leaves, tree = jax.tree.flatten(args)
         signature = (

@@ -8,11 +8,11 @@ import pytest
 
 import jaxem
 from jaxem.compiling import (
-    AFTER_LOOP_OPTIONS,
+    EMITTER_OPTIONS,
     ONCE_OPTIONS,
-    after_loop_options,
     compile_once,
     compile_together,
+    emitter_options,
     jit_once,
     once_options,
 )
@@ -25,8 +25,8 @@ def _f(x, n):
 
 def test_once_options_on_cpu():
     if jax.default_backend() == "cpu":
-        assert once_options() == {**ONCE_OPTIONS, **AFTER_LOOP_OPTIONS}
-        assert after_loop_options() == AFTER_LOOP_OPTIONS
+        assert once_options() == {**ONCE_OPTIONS, **EMITTER_OPTIONS}
+        assert emitter_options() == EMITTER_OPTIONS
 
 
 def test_jit_once_matches_jit_with_static_args():
@@ -118,3 +118,13 @@ def test_run_compiles_its_loop_and_what_follows_once_each(x32):
         single = jax.jit(fit)(key)
         for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(single), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-6)
+
+
+def test_the_program_after_a_fits_loop_is_compiled_as_a_program_run_once(x32):
+    # It runs once per fit: no backend optimization (and on a CPU the older emitters),
+    # like the checks before the fit. The loop keeps XLA's defaults.
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(40, 2)), jnp.float32)
+    em = jaxem.EM(gmm_scale_tril)
+    em.run(jax.random.PRNGKey(0), x, 2, max_iter=3)
+    assert dict(em._finish_jit._jit_info.compiler_options_kvs) == once_options()
+    assert not em._loop_jit._jit_info.compiler_options_kvs
