@@ -13,12 +13,16 @@ sets: same options, same bits).
 
 Option sets (``loop`` / ``after loop``):
 
-* ``default``: what ``run`` does on a CPU: XLA's defaults / ``once_options``
-  (``xla_backend_optimization_level=0`` and the older CPU emitters).
+* ``default``: what ``run`` does: XLA's defaults / ``after_loop_options``
+  (on a CPU with at most ``SMALL_DATA`` numbers of data
+  ``xla_backend_optimization_level=0`` and the older emitters, else the older
+  emitters only).
 * ``emitters``: XLA's defaults / the older emitters only.
 * ``loop-emitters``: the older emitters / ``once_options``.
 * ``loop-O0``: ``xla_backend_optimization_level=0`` / ``once_options``.
 * ``loop-once``: ``once_options`` for both.
+* ``after-O1``: XLA's defaults / the older emitters and
+  ``xla_backend_optimization_level=1``.
 
 Usage::
 
@@ -38,11 +42,12 @@ OLDER_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 NO_BACKEND_OPT = {"xla_backend_optimization_level": 0}
 ONCE = {**NO_BACKEND_OPT, **OLDER_EMITTERS}
 OPTIONS = {
-    "default": ({}, ONCE),
+    "default": ({}, None),  # None: jaxem.compiling.after_loop_options
     "emitters": ({}, OLDER_EMITTERS),
     "loop-emitters": (OLDER_EMITTERS, ONCE),
     "loop-O0": (NO_BACKEND_OPT, ONCE),
     "loop-once": (ONCE, ONCE),
+    "after-O1": ({}, {**OLDER_EMITTERS, "xla_backend_optimization_level": 1}),
 }
 STATIC = ("spec", "max_iter", "num_restarts", "progress_bar", "batch_restarts")
 
@@ -81,6 +86,7 @@ def measure(case, loop_options, after_options, num_iters):
 
     import jaxem
     from jaxem.arguments import split_args
+    from jaxem.compiling import after_loop_options
 
     jax.clear_caches()
     key = jax.random.PRNGKey(0)
@@ -90,6 +96,8 @@ def measure(case, loop_options, after_options, num_iters):
     em.m_step_settings.validate(key, arrays, spec, init)
     tol = np.asarray(0.0, np.float32)
     args = (key, arrays, init, tol)
+    if after_options is None:
+        after_options = after_loop_options(arrays)
     loop_kwargs = dict(
         spec=spec, max_iter=num_iters, num_restarts=1, progress_bar=False, batch_restarts=True
     )

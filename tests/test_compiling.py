@@ -10,6 +10,8 @@ import jaxem
 from jaxem.compiling import (
     EMITTER_OPTIONS,
     ONCE_OPTIONS,
+    SMALL_DATA,
+    after_loop_options,
     compile_once,
     compile_together,
     emitter_options,
@@ -120,11 +122,21 @@ def test_run_compiles_its_loop_and_what_follows_once_each(x32):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-6)
 
 
-def test_the_program_after_a_fits_loop_is_compiled_as_a_program_run_once(x32):
-    # It runs once per fit: no backend optimization (and on a CPU the older emitters),
-    # like the checks before the fit. The loop keeps XLA's defaults.
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(40, 2)), jnp.float32)
+@pytest.mark.parametrize("num_points", [40, SMALL_DATA // 2 + 1])
+def test_the_program_after_a_fits_loop_is_compiled_by_the_datas_size(x32, num_points):
+    # It runs once per fit: on small data without backend optimization (and on a CPU
+    # with the older emitters), like the checks before the fit; on more data (here
+    # 2 x num_points > SMALL_DATA numbers) with the older emitters only, as its run
+    # would grow with the data. The loop keeps XLA's defaults.
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(num_points, 2)), jnp.float32)
     em = jaxem.EM(gmm_scale_tril)
-    em.run(jax.random.PRNGKey(0), x, 2, max_iter=3)
-    assert dict(em._finish_jit._jit_info.compiler_options_kvs) == once_options()
-    assert not em._loop_jit._jit_info.compiler_options_kvs
+    result = em.run(jax.random.PRNGKey(0), x, 2, max_iter=3)
+    small = 2 * num_points <= SMALL_DATA
+    expected = once_options() if small else emitter_options()
+    assert list(em._finish_jits) == [tuple(sorted(expected.items()))]
+    assert after_loop_options(x) == expected
+    assert after_loop_options(x[:20], num_restarts=SMALL_DATA // 40 + 1) == emitter_options()
+    # The same fit as one program with XLA's defaults (run under a user's jit).
+    key = jax.random.PRNGKey(0)
+    reference = jax.jit(lambda x: jaxem.EM(gmm_scale_tril).run(key, x, 2, max_iter=3))(x)
+    np.testing.assert_allclose(result.log_likelihood, reference.log_likelihood, rtol=1e-5)
