@@ -24,10 +24,12 @@ a run a few milliseconds longer: on the scan Gaussian HMM of
 of 6.4 rather than 3.4 ms, the same values to the bit (``python
 benchmarks/compile_programs.py --models hmm --options default,emitters``, best
 of 2, load average 12-19 on 2 cores). On more data it is compiled with the
-older emitters only (`emitter_options`): without backend optimization its run
-grows with the data (on the Gaussian mixture of 10 000 x 2 numbers from 16 to
-31 ms, and on ``benchmarks/gmm.py``'s 100 000 x 16 diagonal mixture by
-seconds), past what it saves. Its largest part is the
+older emitters only (`emitter_options`), as before: without backend
+optimization its run grows with the data (on the Gaussian mixture of 10 000 x 2
+numbers from 16 to 31 ms; ``benchmarks/gmm.py``'s 100 000 x 16 diagonal
+mixture from 49-52 to 217 ms per iteration, 50 iterations, load average ~15),
+and the sizes of ``benchmarks/gmm.py`` and ``benchmarks/hmm.py`` run as fast as
+before. Its largest part is the
 stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
 gradient of Q), run on one flat vector of the params rather than per param,
 which keeps its program small.
