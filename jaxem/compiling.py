@@ -16,15 +16,25 @@ it (the last state's E-step, the stationarity test, the supports);
 `compile_together` compiles them at the same time, on two threads (XLA
 releases the GIL while it compiles), so that a machine with two cores waits
 for the larger of the two rather than their sum. The evaluation after the loop
-runs once per fit: on a CPU it is compiled without the fusion emitters too
-(`after_loop_options`), which compiles it in less CPU time (measured once,
-as above, on a Gaussian mixture, a mixture of experts and a Gaussian HMM) and
-runs it in about the same time. Its largest part is the
+runs once per fit. On small data (`SMALL_DATA`: at most 10 000 numbers over
+the restarts) it is compiled with `once_options` (no backend optimization, and
+on a CPU the older emitters), which compiles it in about half the CPU time for
+a run a few milliseconds longer: on the scan Gaussian HMM of
+``benchmarks/compile.py`` (2 000 numbers) in 2.0 rather than 4.5 CPU s, a run
+of 6.4 rather than 3.4 ms, the same values to the bit (``python
+benchmarks/compile_programs.py --models hmm --options default,emitters``, best
+of 2, load average 12-19 on 2 cores). On more data it is compiled with the
+older emitters only (`emitter_options`), as before: without backend
+optimization its run grows with the data (on the Gaussian mixture of 10 000 x 2
+numbers from 16 to 31 ms; ``benchmarks/gmm.py``'s 100 000 x 16 diagonal
+mixture from 49-52 to 217 ms per iteration, 50 iterations, load average ~15),
+and the sizes of ``benchmarks/gmm.py`` and ``benchmarks/hmm.py`` run as fast as
+before. Its largest part is the
 stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
 gradient of Q), run on one flat vector of the params rather than per param,
 which keeps its program small.
 A Monte Carlo fit (`jaxem.SAEM`, `jaxem.MCEM`) is one program, loop and
-importance sampling together, compiled with `after_loop_options` too: on the
+importance sampling together, compiled with `emitter_options` too: on the
 simulated GLMM of ``benchmarks/mixed_models.py`` it compiles in less CPU time
 and runs as fast.
 """
@@ -38,11 +48,13 @@ from collections.abc import Callable
 import jax
 
 __all__ = [
-    "AFTER_LOOP_OPTIONS",
+    "EMITTER_OPTIONS",
     "ONCE_OPTIONS",
+    "SMALL_DATA",
     "after_loop_options",
     "compile_once",
     "compile_together",
+    "emitter_options",
     "jit_once",
     "once_options",
 ]
@@ -50,9 +62,13 @@ __all__ = [
 # XLA options of a program evaluated once: no backend optimization passes.
 ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
 
-# XLA options of the evaluation after a fit's loop, on a CPU: the LLVM IR emitters
-# rather than the fusion emitters (same arithmetic, compiled faster).
-AFTER_LOOP_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+# XLA options on a CPU of a program run once and of a Monte Carlo fit: the LLVM IR
+# emitters rather than the fusion emitters (same arithmetic, compiled faster).
+EMITTER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+# At most this many numbers in a fit's data arrays (times its restarts): its evaluation
+# after the loop is compiled with once_options (see the module's docstring).
+SMALL_DATA = 10_000
 
 # Platforms whose XLA compiler takes ONCE_OPTIONS (a plugin may refuse an option it
 # does not know).
@@ -60,15 +76,23 @@ _PLATFORMS = ("cpu", "gpu", "cuda", "rocm")
 
 
 def once_options() -> dict:
-    """`ONCE_OPTIONS` on CPU and GPU (with `AFTER_LOOP_OPTIONS` on CPU), else none."""
+    """`ONCE_OPTIONS` on CPU and GPU (with `EMITTER_OPTIONS` on CPU), else none."""
     if jax.default_backend() not in _PLATFORMS:
         return {}
-    return {**ONCE_OPTIONS, **after_loop_options()}
+    return {**ONCE_OPTIONS, **emitter_options()}
 
 
-def after_loop_options() -> dict:
-    """`AFTER_LOOP_OPTIONS` on CPU, else none."""
-    return dict(AFTER_LOOP_OPTIONS) if jax.default_backend() == "cpu" else {}
+def emitter_options() -> dict:
+    """`EMITTER_OPTIONS` on CPU, else none."""
+    return dict(EMITTER_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+
+def after_loop_options(arrays, num_restarts: int = 1) -> dict:
+    """XLA options of the evaluation after a fit's loop on the data ``arrays`` (a
+    pytree): `once_options` when they hold at most `SMALL_DATA` numbers times
+    ``num_restarts``, else `emitter_options`."""
+    size = sum(int(getattr(x, "size", 1)) for x in jax.tree.leaves(arrays))
+    return once_options() if size * num_restarts <= SMALL_DATA else emitter_options()
 
 
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:

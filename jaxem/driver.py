@@ -111,7 +111,7 @@ class Fitter:
         self._run_jit = jax.jit(self._run_arrays, static_argnames=static)
         # Two programs where the subclass splits a fit (see _run_in_two).
         self._loop_jit = jax.jit(self._loop_arrays, static_argnames=static)
-        self._finish_jit = None  # made at the first run, when the backend is known
+        self._finish_jits: dict = {}  # {XLA options: jit}, made when the backend is known
         self._compiled_together: set = set()
 
     # -- kernel (subclasses) -------------------------------------------------
@@ -208,12 +208,15 @@ class Fitter:
         args = (rng_key, arrays, init_params, tol)
         loop_kwargs = dict(spec=spec, num_restarts=num_restarts, **static)
         finish_kwargs = dict(spec=spec, batch_restarts=static["batch_restarts"])
-        if self._finish_jit is None:
-            self._finish_jit = jax.jit(
+        options = after_loop_options(arrays, num_restarts)
+        finish_jit = self._finish_jits.get(tuple(sorted(options.items())))
+        if finish_jit is None:
+            finish_jit = jax.jit(
                 self._finish_arrays,
                 static_argnames=("spec", "batch_restarts"),
-                compiler_options=after_loop_options() or None,
+                compiler_options=options or None,
             )
+            self._finish_jits[tuple(sorted(options.items()))] = finish_jit
         leaves, tree = jax.tree.flatten(args)
         signature = (
             tree,
@@ -225,13 +228,13 @@ class Fitter:
                 self._loop_jit,
                 args,
                 loop_kwargs,
-                self._finish_jit,
+                finish_jit,
                 lambda loops: (loops, arrays, tol),
                 finish_kwargs,
             )
             self._compiled_together.add(signature)
         loops = self._loop_jit(*args, **loop_kwargs)
-        return self._finish_jit(loops, arrays, tol, **finish_kwargs)
+        return finish_jit(loops, arrays, tol, **finish_kwargs)
 
     def _keep_best(self, fits):
         """``(result, start)`` of the best of ``fits`` (every restart's ``(result,

@@ -8,11 +8,13 @@ import pytest
 
 import jaxem
 from jaxem.compiling import (
-    AFTER_LOOP_OPTIONS,
+    EMITTER_OPTIONS,
     ONCE_OPTIONS,
+    SMALL_DATA,
     after_loop_options,
     compile_once,
     compile_together,
+    emitter_options,
     jit_once,
     once_options,
 )
@@ -25,8 +27,8 @@ def _f(x, n):
 
 def test_once_options_on_cpu():
     if jax.default_backend() == "cpu":
-        assert once_options() == {**ONCE_OPTIONS, **AFTER_LOOP_OPTIONS}
-        assert after_loop_options() == AFTER_LOOP_OPTIONS
+        assert once_options() == {**ONCE_OPTIONS, **EMITTER_OPTIONS}
+        assert emitter_options() == EMITTER_OPTIONS
 
 
 def test_jit_once_matches_jit_with_static_args():
@@ -118,3 +120,23 @@ def test_run_compiles_its_loop_and_what_follows_once_each(x32):
         single = jax.jit(fit)(key)
         for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(single), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_points", [40, SMALL_DATA // 2 + 1])
+def test_the_program_after_a_fits_loop_is_compiled_by_the_datas_size(x32, num_points):
+    # It runs once per fit: on small data without backend optimization (and on a CPU
+    # with the older emitters), like the checks before the fit; on more data (here
+    # 2 x num_points > SMALL_DATA numbers) with the older emitters only, as its run
+    # would grow with the data. The loop keeps XLA's defaults.
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(num_points, 2)), jnp.float32)
+    em = jaxem.EM(gmm_scale_tril)
+    result = em.run(jax.random.PRNGKey(0), x, 2, max_iter=3)
+    small = 2 * num_points <= SMALL_DATA
+    expected = once_options() if small else emitter_options()
+    assert list(em._finish_jits) == [tuple(sorted(expected.items()))]
+    assert after_loop_options(x) == expected
+    assert after_loop_options(x[:20], num_restarts=SMALL_DATA // 40 + 1) == emitter_options()
+    # The same fit as one program with XLA's defaults (run under a user's jit).
+    key = jax.random.PRNGKey(0)
+    reference = jax.jit(lambda x: jaxem.EM(gmm_scale_tril).run(key, x, 2, max_iter=3))(x)
+    np.testing.assert_allclose(result.log_likelihood, reference.log_likelihood, rtol=1e-5)
