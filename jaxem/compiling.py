@@ -5,7 +5,9 @@ and the float64 recheck of a fitted log-likelihood each run once per model and
 argument signature, on a fit's first ``run``. Their compile time is all a user
 waits for; how fast the code runs does not matter. They are compiled without
 XLA's backend optimizations (LLVM at ``-O0`` on CPU and GPU), which shortens
-their compile time and leaves the arithmetic as it is. The compiled fit loop
+their compile time; their values can differ from an optimized program's in the
+last bits (LLVM's optimizations contract and reorder floating-point
+operations), which a check need not care about. The compiled fit loop
 is compiled as usual. On a CPU they are also compiled without XLA's fusion
 emitters (the older LLVM IR emitters instead), which shortens it again. (Both
 were measured once, on a Gaussian mixture's data check, when each change was
