@@ -13,12 +13,13 @@ import pytest
 from models import poisson_regression_mixture, student_t_mixture
 from numpyro.distributions import constraints
 from scipy import stats
+from scipy.optimize import minimize
 from scipy.special import logsumexp
 
 import jaxem
 from jaxem import EM, VariationalEM
 from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
-from jaxem.loop import JUMP_FACTOR, best_restart, credible
+from jaxem.loop import JUMP_FACTOR, STATIONARITY_FACTOR, best_restart, credible
 
 
 def mixture(x):
@@ -383,32 +384,41 @@ def test_a_component_collapsing_onto_ties_is_not_convergence(x64):
 
 def test_a_float32_student_t_location_far_from_its_data_is_not_convergence(x32):
     """tests/test_properties.py's student_t draw of seed 0 (float32, scale 1e3, no offset
-    or ties, the model's own initial values): L-BFGS moves the locations from +-1 to
-    -0.54 and 1.47 while the log-scales (curvature ~50 against the locations' 1.7e-6)
-    fit a spread of 3.8e3, the log-likelihood's change falls below tol after 5
-    iterations, and it was reported converged. The gain along g (dominated by the
-    log-scales) was 1e-2 nats, along the preconditioned gradient too (H g's entries for
-    the locations are cross terms, and the trust region moves a location near 0 by 2):
-    the locations' own block of g, its Newton step evaluated, gains 18.7."""
+    or ties, the model's own initial values). With XLA's default CPU options L-BFGS
+    moves the locations from +-1 to -0.54 and 1.47 while the log-scales (curvature ~50
+    against the locations' 1.7e-6) fit a spread of 3.8e3, the log-likelihood's change
+    falls below tol after 5 iterations, and it was reported converged: the locations'
+    own block of the gradient, its Newton step evaluated, gains 18.7. Where L-BFGS
+    stalls is a rounding edge: compiled at LLVM -O0 it stalls after 19 iterations with
+    the locations near the data but still 2 nats short. So the test states the
+    guarantee, checked in float64 by scipy: a fit is converged only where no move of
+    the locations gains more than the stationarity check allows; one that stopped
+    short of that is not converged and says so, naming 'mu'."""
     rng = np.random.default_rng(0)
     w = rng.dirichlet(np.full(2, 3.0))
     centers = rng.uniform(-4.0, 4.0, (2, 1))
     spreads = np.exp(rng.uniform(-1.0, 0.5, (2, 1)))
     z = rng.choice(2, 48, p=w)
     x = 1e3 * (centers[z] + spreads[z] * rng.standard_t(3.0, (48, 1)))[:, 0]
-    with pytest.warns(ConvergenceWarning, match="not at a stationary point") as caught:
+    tol = 1e-5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = EM(student_t_mixture).run(
-            jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32), 2, max_iter=80, tol=1e-5
+            jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32), 2, max_iter=80, tol=tol
         )
-    assert not bool(result.converged), result
-    assert "'mu'" in str(caught[-1].message), str(caught[-1].message)
-    # The independent check (scipy, float64): moving both locations to the data's mean
-    # raises the log-likelihood by more than 10 nats, 100 times what tol allows.
     params = {k: np.asarray(v, np.float64) for k, v in result.params.items()}
 
     def log_likelihood(mu):
         terms = stats.t.logpdf(x[:, None], params["df"], mu, params["sigma"])
         return float(np.sum(logsumexp(terms + np.log(params["w"]), axis=1)))
 
-    rise = log_likelihood(params["mu"] + x.mean()) - log_likelihood(params["mu"])
-    assert rise > 10.0, (rise, params)
+    # The most a move of the locations alone gains (in units of 1e3, the data's scale).
+    best = minimize(lambda u: -log_likelihood(1e3 * u), params["mu"] / 1e3, method="Powell")
+    gain = -best.fun - log_likelihood(params["mu"])
+    allowed = STATIONARITY_FACTOR * tol * abs(float(result.log_likelihood))
+    messages = [str(c.message) for c in caught if issubclass(c.category, ConvergenceWarning)]
+    # (Under XLA's defaults the gain is 18.7 nats, at -O0 2.0, against 0.46 and 0.42 allowed.)
+    if gain > allowed:
+        assert not bool(result.converged), (gain, allowed, params)
+        stalled = [m for m in messages if "not at a stationary point" in m]
+        assert stalled and "'mu'" in stalled[-1], messages
