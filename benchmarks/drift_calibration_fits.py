@@ -2,7 +2,8 @@
 convergence checks (issue 17). Saves the first-phase param histories so that drift
 statistics can be recalibrated offline (benchmarks/drift_calibration.py).
 
-    PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/drift_calibration_fits.py lmm 40 out.npz
+    PYTHONPATH=$PWD JAX_PLATFORMS=cpu python \
+        benchmarks/drift_calibration_fits.py lmm 300 out.npz [K1 (300)]
 """
 
 import sys
@@ -54,11 +55,11 @@ def problem(name):
     return sleepstudy_model, (jnp.asarray(days), jnp.asarray(subject), jnp.asarray(y))
 
 
-def main(name, seeds, out):
+def main(name, seeds, out, k1=300):
     """Fit ``seeds`` times; save ``rows``: (drift p, score p, gain, converged, drift
     ess) per fit, and the param histories of the last half of the first phase."""
     model, args = problem(name)
-    em = jaxem.SAEM(model)
+    em = jaxem.SAEM(model, schedule=(k1, 100))
     k1 = em.schedule[0]
     rows, hist = [], []
     for seed in range(seeds):
@@ -87,4 +88,4 @@ def main(name, seeds, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:]))
