@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 
 from jaxem.exceptions import ConvergenceWarning, NumericalWarning
+from jaxem.monte_carlo_stationarity import MIN_DRIFT_ESS
 
 __all__ = ["warn_about_monte_carlo_fit"]
 
@@ -71,15 +72,27 @@ def _named(z: dict) -> str:
     return ", ".join(f"{k} ({z[k]:.1f} SE)" for k in sorted(z, key=z.get, reverse=True)[:3])
 
 
+def _fewest(ess: dict) -> str:
+    ess = {k: float(v) for k, v in ess.items()}
+    return ", ".join(f"{k} ({ess[k]:.1f})" for k in sorted(ess, key=ess.get)[:3])
+
+
 def _warn_not_stationary(result, name, fix):
     check, drift = result.stationarity, result.drift
     found = []
-    if drift is not None and bool(drift.drifting):
+    if drift is not None and bool(drift.drifting) and float(drift.ess) < MIN_DRIFT_ESS:
+        found.append(
+            "they moved too slowly over the last half of the first phase (step size 1) to "
+            "tell whether they had settled: "
+            f"{float(drift.ess):.1f} effective iterations of its chain, fewer than "
+            f"{MIN_DRIFT_ESS:g}, mostly in {_fewest(drift.param_ess)} (see result.drift)"
+        )
+    elif drift is not None and bool(drift.drifting):
         found.append(
             "they were still drifting at the end of the first phase (step size 1): the "
-            "mean of its last quarter differs from that of the quarter before beyond "
-            f"Monte Carlo noise (p = {float(drift.p_value):.2g}), mostly in "
-            f"{_named(drift.z)} (see result.drift)"
+            "batch means of its last half trend beyond their Monte Carlo noise "
+            f"(p = {float(drift.p_value):.2g}), mostly in {_named(drift.z)} "
+            "(see result.drift)"
         )
     if not bool(check.stationary):
         gain = float(check.gain)

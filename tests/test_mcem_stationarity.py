@@ -17,7 +17,14 @@ from scipy import optimize, stats
 
 import jaxem
 from jaxem.exceptions import ConvergenceWarning
-from jaxem.monte_carlo_stationarity import ALPHA, DRIFT_ALPHA, phase_drift, stationarity_check
+from jaxem.monte_carlo_stationarity import (
+    ALPHA,
+    DRIFT_ALPHA,
+    MIN_DRIFT_ESS,
+    drift_t_test,
+    phase_drift,
+    stationarity_check,
+)
 
 G, N = 30, 5
 FREE = ["mu", "tau", "sigma"]
@@ -100,7 +107,8 @@ def test_the_drift_test_of_the_first_phase():
     rng = np.random.default_rng(1)
     steps = 200
     # A stationary AR(1) chain (autocorrelation 0.8) with no drift, and the same
-    # chain with a scale that still falls by 30 % over the phase.
+    # chain with a scale that still falls by half over the phase (a fall of 30 %: t = 3.0, below the
+    # Bonferroni level once the chain's autocorrelation is accounted).
     noise = np.zeros((steps, 3))
     for k in range(1, steps):
         noise[k] = 0.8 * noise[k - 1] + 0.02 * rng.normal(size=3)
@@ -108,12 +116,38 @@ def test_the_drift_test_of_the_first_phase():
     cons = {"mu": constraints.real, "sd": constraints.positive}
     still = phase_drift(settled, ["mu", "sd"], cons, steps)
     assert not bool(still.drifting) and float(still.p_value) > DRIFT_ALPHA
-    falling = dict(settled, sd=settled["sd"] * jnp.linspace(1.0, 0.7, steps))
+    falling = dict(settled, sd=settled["sd"] * jnp.linspace(1.0, 0.5, steps))
     moving = phase_drift(falling, ["mu", "sd"], cons, steps)
     assert bool(moving.drifting)
     assert float(moving.z["sd"]) > 10 * float(moving.z["mu"]) / 2
+    assert float(still.ess) > MIN_DRIFT_ESS
+    # A random walk (no trend, but it never settles): too slow to tell, so drifting.
+    walk = np.cumsum(0.02 * np.random.default_rng(2).normal(size=(steps, 2)), axis=0)
+    wander = phase_drift({"mu": jnp.asarray(walk)}, ["mu"], cons, steps)
+    assert bool(wander.drifting) and float(wander.ess) < MIN_DRIFT_ESS
+    assert float(wander.param_ess["mu"]) == float(wander.ess)
     # Too short a phase to tell: no verdict.
     assert not bool(phase_drift(falling, ["mu", "sd"], cons, 20).drifting)
+
+
+def test_the_drift_test_keeps_its_level_on_autocorrelated_chains(x64):
+    # 4000 AR(1) chains without trend, lag-1 autocorrelation 0.9, over the 150
+    # iterations the default schedule tests (10 batches of 15): the batch means are
+    # correlated, and the plain t test rejects 4.8 % of them at a 1 % level. The
+    # autocorrelation correction keeps the rate near the level (1.5 %).
+    rng = np.random.default_rng(0)
+    steps, reps, phi = 150, 4000, 0.9
+    chains = np.zeros((steps, reps))
+    chains[0] = rng.normal(size=reps) / np.sqrt(1 - phi**2)
+    for k in range(1, steps):
+        chains[k] = phi * chains[k - 1] + rng.normal(size=reps)
+    _, _, p, _ = drift_t_test(jnp.asarray(chains), 10)
+    assert float(jnp.mean(p < DRIFT_ALPHA)) < 2.5 * DRIFT_ALPHA
+    assert float(jnp.mean(p < 0.05)) < 0.065
+    # And a trend of a fifth of the chain's sd over every 10 iterations is found.
+    trend = chains + 0.02 * np.arange(steps)[:, None] / np.sqrt(1 - phi**2)
+    _, _, p, _ = drift_t_test(jnp.asarray(trend), 10)
+    assert float(jnp.mean(p < DRIFT_ALPHA)) > 0.2
 
 
 def _factor_model(x, num_factors=2):
@@ -149,5 +183,9 @@ def test_a_first_phase_too_short_is_not_converged(x64):
     messages = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert len(messages) == 1
     assert "not converge" not in messages[0]
-    assert "still drifting" in messages[0] and "psi" in messages[0]
+    # Its chain mixes too slowly over the half phase to tell a trend (0.4 effective
+    # iterations; the slope test alone, its level held, gives p = 0.016).
+    assert "too slowly" in messages[0] and "first phase" in messages[0]
+    assert float(result.drift.ess) < MIN_DRIFT_ESS
+    print(messages[0])
     assert "schedule=(K1, K2) with a larger K1" in messages[0]
