@@ -189,3 +189,42 @@ def test_a_first_phase_too_short_is_not_converged(x64):
     assert float(result.drift.ess) < MIN_DRIFT_ESS
     print(messages[0])
     assert "schedule=(K1, K2) with a larger K1" in messages[0]
+
+
+@pytest.mark.slow  # a full SAEM fit (~15 CPU s)
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect (issue 17): this one-factor analysis ends 2.1 nats below the "
+    "maximum with converged=True. Likely cause, not yet shown: SAEM's second phase moves "
+    "the gradient-path params by Robbins-Monro steps preconditioned by the complete-data "
+    "information, which with step sizes 1/k contract their error only like k to the "
+    "minus the observed fraction of the information (a longer second phase barely helps: "
+    "(300, 400) ends 2.0 nats short, (1000, 100) 0.3)",
+)
+def test_a_default_saem_fit_short_of_the_maximum_is_not_converged(x64):
+    """One factor, 4 variables, 150 rows, the default schedule: the mean and loadings take
+    the gradient path (``m_step_paths``); a local optimizer on the exact Gaussian
+    likelihood from SAEM's end reaches scikit-learn's maximum, 2.1 nats higher. A fit that
+    far short must not be ``converged``."""
+    from sklearn.decomposition import FactorAnalysis
+
+    def one_factor(x):
+        n, p = x.shape
+        mean = numpyro.param("mean", jnp.zeros(p))
+        loadings = numpyro.param("loadings", jnp.full((p, 1), 0.5))
+        noise = numpyro.param("noise", jnp.ones(p), constraint=constraints.positive)
+        with numpyro.plate("rows", n):
+            scores = numpyro.sample("scores", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+            numpyro.sample("x", dist.Normal(mean + scores @ loadings.T, noise).to_event(1), obs=x)
+
+    rng = np.random.default_rng(0)
+    loadings = np.array([[1.0], [0.8], [0.6], [0.4]])
+    x = rng.normal(size=(150, 1)) @ loadings.T + rng.normal(size=(150, 4)) * 0.5 + 1.0
+    best = FactorAnalysis(n_components=1, tol=1e-10, max_iter=10_000).fit(x).score(x) * 150
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = jaxem.SAEM(one_factor).run(jax.random.PRNGKey(2), jnp.asarray(x))
+    params = {k: np.asarray(v) for k, v in result.params.items()}
+    cov = params["loadings"] @ params["loadings"].T + np.diag(params["noise"] ** 2)
+    gap = best - stats.multivariate_normal(params["mean"], cov).logpdf(x).sum()
+    assert gap < 0.5 or not bool(result.converged)
