@@ -9,6 +9,7 @@ statistics can be recalibrated offline (benchmarks/drift_calibration.py).
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,10 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 import jaxem
+
+# The sleepstudy model the tests fit too (tests/models.py), written once.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from models import sleepstudy_model  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -30,17 +35,6 @@ def lmm_model(group, y, num_groups=30):
         b = numpyro.sample("b", dist.Normal(mu, tau))
     with numpyro.plate("obs", y.shape[0]):
         numpyro.sample("y", dist.Normal(b[group], sigma), obs=y)
-
-
-def sleepstudy_model(days, subject, y, num_subjects=18):
-    beta = numpyro.param("beta", jnp.array([200.0, 5.0]))
-    sd = numpyro.param("sd_re", jnp.array([10.0, 3.0]), constraint=constraints.positive)
-    corr = numpyro.param("corr", jnp.eye(2), constraint=constraints.corr_cholesky)
-    sigma = numpyro.param("sigma", 30.0, constraint=constraints.positive)
-    with numpyro.plate("subject", num_subjects):
-        phi = numpyro.sample("phi", dist.MultivariateNormal(beta, scale_tril=sd[:, None] * corr))
-    with numpyro.plate("obs", y.shape[0]):
-        numpyro.sample("y", dist.Normal(phi[subject, 0] + phi[subject, 1] * days, sigma), obs=y)
 
 
 def problem(name):

@@ -167,3 +167,18 @@ def logistic_glmm(group, x, y, num_groups):
         u = numpyro.sample("u", dist.Normal(intercept, sd))
     with numpyro.plate("obs", y.shape[0]):
         numpyro.sample("y", dist.Bernoulli(logits=u[group] + slope * x), obs=y)
+
+
+def sleepstudy_model(days, subject, y, num_subjects=18):
+    """sleepstudy's linear mixed model, ``Reaction ~ Days + (Days | Subject)``: the model
+    tests/test_mcem.py and benchmarks/drift_calibration_fits.py fit (imported from here).
+    Random effects centred at the fixed effects (saemix's parametrization): the M-step
+    for ``beta`` is then the mean of the draws, and EM is fast."""
+    beta = numpyro.param("beta", jnp.array([200.0, 5.0]))
+    sd = numpyro.param("sd_re", jnp.array([10.0, 3.0]), constraint=constraints.positive)
+    corr = numpyro.param("corr", jnp.eye(2), constraint=constraints.corr_cholesky)
+    sigma = numpyro.param("sigma", 30.0, constraint=constraints.positive)
+    with numpyro.plate("subject", num_subjects):
+        phi = numpyro.sample("phi", dist.MultivariateNormal(beta, scale_tril=sd[:, None] * corr))
+    with numpyro.plate("obs", y.shape[0]):
+        numpyro.sample("y", dist.Normal(phi[subject, 0] + phi[subject, 1] * days, sigma), obs=y)

@@ -14,21 +14,9 @@ from scipy import optimize, special, stats
 
 import jaxem
 from jaxem.exceptions import ModelError, NumericalWarning
+from tests.models import sleepstudy_model
 
 # -- sleepstudy: a linear mixed model, Reaction ~ Days + (Days | Subject) ---------------
-
-
-def sleepstudy_model(days, subject, y, num_subjects=18):
-    beta = numpyro.param("beta", jnp.array([200.0, 5.0]))
-    sd = numpyro.param("sd_re", jnp.array([10.0, 3.0]), constraint=constraints.positive)
-    corr = numpyro.param("corr", jnp.eye(2), constraint=constraints.corr_cholesky)
-    sigma = numpyro.param("sigma", 30.0, constraint=constraints.positive)
-    # Random effects centred at the fixed effects (saemix's parametrization): the
-    # M-step for beta is then the mean of the draws, and EM is fast.
-    with numpyro.plate("subject", num_subjects):
-        phi = numpyro.sample("phi", dist.MultivariateNormal(beta, scale_tril=sd[:, None] * corr))
-    with numpyro.plate("obs", y.shape[0]):
-        numpyro.sample("y", dist.Normal(phi[subject, 0] + phi[subject, 1] * days, sigma), obs=y)
 
 
 def _sleepstudy(load_csv):
