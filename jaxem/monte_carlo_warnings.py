@@ -94,18 +94,20 @@ def _warn_not_stationary(result, name, fix):
             f"(p = {float(drift.p_value):.2g}), mostly in {_named(drift.z)} "
             "(see result.drift)"
         )
-    if not bool(check.stationary):
-        gain = float(check.gain)
-        step = (
-            f"a Newton step would raise the log-likelihood by about {gain:.3g} nats, where "
-            f"Monte Carlo noise alone gives {float(check.noise_gain):.2g}"
-            if np.isfinite(gain)
-            else "the observed information is not positive definite there"
+    if not bool(check.stationary) and not np.isfinite(float(check.gain)):
+        found.append(
+            "Louis' estimate of the observed information at the params is not positive "
+            "definite, which it is at a maximum: they are off it, or the posterior draws "
+            "at them are too few to tell (raise num_is_draws); the score is largest in "
+            f"{_named(check.score_z)} (see result.stationarity)"
         )
+    elif not bool(check.stationary):
         found.append(
             "the score at the params is far from zero beyond its Monte Carlo error "
             f"(p = {float(check.p_value):.2g}), mostly in {_named(check.score_z)}, and "
-            f"{step} (see result.stationarity)"
+            f"a Newton step would raise the log-likelihood by about {float(check.gain):.3g} "
+            f"nats, where Monte Carlo noise alone gives {float(check.noise_gain):.2g} "
+            "(see result.stationarity)"
         )
     warnings.warn(
         f"jaxem: {name} ended its run, but its params are doubtful as a maximum of the "
