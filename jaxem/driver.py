@@ -209,14 +209,15 @@ class Fitter:
         loop_kwargs = dict(spec=spec, num_restarts=num_restarts, **static)
         finish_kwargs = dict(spec=spec, batch_restarts=static["batch_restarts"])
         options = after_loop_options(arrays, num_restarts)
-        finish_jit = self._finish_jits.get(tuple(sorted(options.items())))
+        options_key = tuple(sorted(options.items()))
+        finish_jit = self._finish_jits.get(options_key)
         if finish_jit is None:
             finish_jit = jax.jit(
                 self._finish_arrays,
                 static_argnames=("spec", "batch_restarts"),
                 compiler_options=options or None,
             )
-            self._finish_jits[tuple(sorted(options.items()))] = finish_jit
+            self._finish_jits[options_key] = finish_jit
         leaves, tree = jax.tree.flatten(args)
         signature = (
             tree,

@@ -110,6 +110,9 @@ class Stationarity(NamedTuple):
             SE including the fit's own Monte Carlo error): where the fit is off.
         num_batches: the batch means the noise was estimated from (chains x
             batches per chain).
+        definite: False where Louis' observed information was formed and is not
+            positive definite (True where it is, or was not formed: more than
+            `jaxem.stochastic_newton.MAX_COORDINATES` free coordinates).
     """
 
     stationary: jax.Array
@@ -118,6 +121,7 @@ class Stationarity(NamedTuple):
     p_value: jax.Array
     score_z: dict
     num_batches: int
+    definite: jax.Array = True
 
 
 def stationarity_check(
@@ -227,7 +231,7 @@ def stationarity_check(
     # one-factor analysis 2.1 nats short of its maximum: so, while its score test passed).
     definite = obs_ok | (d > MAX_COORDINATES)
     stationary = ~((p_value < ALPHA) & (0.5 * jnp.sum(w**2) > GAIN_FLOOR)) & definite
-    return Stationarity(stationary, gain, noise_gain, p_value, score_z, pieces)
+    return Stationarity(stationary, gain, noise_gain, p_value, score_z, pieces, definite)
 
 
 def fit_stationarity(

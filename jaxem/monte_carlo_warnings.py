@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
-
 from jaxem.exceptions import ConvergenceWarning, NumericalWarning
 from jaxem.monte_carlo_stationarity import MIN_DRIFT_ESS
 
@@ -94,7 +92,7 @@ def _warn_not_stationary(result, name, fix):
             f"(p = {float(drift.p_value):.2g}), mostly in {_named(drift.z)} "
             "(see result.drift)"
         )
-    if not bool(check.stationary) and not np.isfinite(float(check.gain)):
+    if not bool(check.definite):
         found.append(
             "Louis' estimate of the observed information at the params is not positive "
             "definite, which it is at a maximum: they are off it, or the posterior draws "
