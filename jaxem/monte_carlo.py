@@ -129,6 +129,14 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         phase; see `jaxem.monte_carlo_stationarity.phase_drift`), or None."""
         return None
 
+    def _fit_steps(self, num_iters):
+        """The step sizes of the stochastic approximation that made the fitted params
+        (`SAEM`'s decreasing phase; 0 for iterations not run), or None where the fit's
+        last ``Q`` is an average of draws at fixed params (`MCEM`): the widening of
+        the stationarity check for the fit's own Monte Carlo error depends on it
+        (`jaxem.monte_carlo_stationarity.stationarity_check`)."""
+        return None
+
     def default_num_chains(self, num_groups: int) -> int:
         """Chains when ``num_chains`` is not given, for ``num_groups`` independent
         groups of latents: 4 (`MCEM`; `SAEM` chooses from ``num_groups``)."""
@@ -362,7 +370,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         draws_at_fit = jax.tree.map(lambda x: x[: self.num_is_draws], c["final"])
         stationarity = fit_stationarity(
             self.latent, structure, params, free, draws_at_fit, state.weights, entry, num_blocks,
-            args, kwargs,
+            args, kwargs, self._fit_steps(c["i"]),
         )  # fmt: skip
         return MCResult(
             params=params,

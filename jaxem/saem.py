@@ -198,6 +198,12 @@ class SAEM(MonteCarloEM):
     def _drift(self, history, free, constraints):
         return phase_drift(history, free, constraints, self.schedule[0])
 
+    def _fit_steps(self, num_iters):
+        # The second phase's step sizes (the first is 1), 0 for iterations not run.
+        k1, k2 = self.schedule
+        iteration = k1 + jnp.arange(k2)
+        return jnp.where(iteration < num_iters, self.gamma(iteration), 0.0)
+
     def _stop(self, state, new_state, tol):
         done = new_state.iteration >= sum(self.schedule)
         return done, done, new_state.streak
