@@ -21,6 +21,7 @@ from jaxem.monte_carlo_stationarity import (
     ALPHA,
     DRIFT_ALPHA,
     MIN_DRIFT_ESS,
+    averaging_noise,
     drift_t_test,
     phase_drift,
     stationarity_check,
@@ -101,6 +102,70 @@ def test_the_score_test_against_the_exact_score(x64):
     assert abs(float(off.gain) - exact_gain) < 0.2 * exact_gain + 5 * float(off.noise_gain)
     # The fit's own Monte Carlo error (few draws in its Q) widens the noise: kappa.
     assert float(_check(away, y, fit_draws=10).noise_gain) > 10 * float(off.noise_gain)
+
+
+def test_averaging_noise_is_the_covariance_of_the_linear_recursion(x64):
+    # Brute force: the covariance of y_k = (I - gamma_k diag(a)) y_{k-1} + gamma_k xi_k
+    # propagated step by step from the step-1 recursion's stationary covariance.
+    a = np.array([0.2, 0.34, 0.6, 0.9, 1.0])
+    steps = np.concatenate([1.0 / np.arange(1.0, 81.0), np.zeros(5)])  # 5 not run
+    noise = 0.5 * np.eye(5) + 0.5  # correlated across directions
+    cov = noise / (1.0 - np.outer(1.0 - a, 1.0 - a))
+    for gamma in steps:
+        step = np.diag(1.0 - gamma * a)
+        cov = step @ cov @ step + gamma**2 * noise
+    h = np.asarray(averaging_noise(jnp.asarray(a), jnp.asarray(steps)))
+    np.testing.assert_allclose(h * noise, cov, rtol=1e-12)
+    # No missing information: the variance of the mean of the 80 draws (MCEM's kappa).
+    assert h[-1, -1] == pytest.approx(1.0 / 80.0, rel=1e-12)
+
+
+def _hand_saem(y, fits, chains, k1, k2, rng):
+    """SAEM of the random-intercept model written out (exact posterior draws, the
+    closed-form M-step on stochastic approximations of its statistics), ``fits``
+    independent fits at once: their final (mu, log tau, log sigma)."""
+    mu, tau2, sigma2, s = np.zeros(fits), np.ones(fits), np.ones(fits), None
+    for k in range(k1 + k2):
+        gamma = 1.0 if k < k1 else 1.0 / (k - k1 + 1)
+        precision = 1 / tau2 + N / sigma2
+        mean = (mu / tau2 + y.sum(1)[:, None] / sigma2).T / precision[:, None]
+        b = mean[:, None] + rng.normal(size=(fits, chains, G)) / np.sqrt(precision)[:, None, None]
+        stat = np.stack(
+            [b.mean((1, 2)), (b**2).mean((1, 2)), ((y - b[..., None]) ** 2).mean((1, 2, 3))], 1
+        )
+        s = stat if s is None else s + gamma * (stat - s)
+        mu, tau2, sigma2 = s[:, 0], s[:, 1] - s[:, 0] ** 2, s[:, 2]
+    return np.stack([mu, 0.5 * np.log(tau2), 0.5 * np.log(sigma2)], 1)
+
+
+def test_the_score_test_holds_its_level_on_settled_saem_fits(x64):
+    """On SAEM fits (written out here) that ran their whole schedule, the score test's
+    F statistic has mean 1: the fit's own Monte Carlo error is that of the stochastic
+    approximation with its step sizes, larger than that of the mean of its last
+    ``Q``'s draws where information is missing (``kappa``: a mean F of 1.3 here)."""
+    y = _data()
+    rng = np.random.default_rng(1)
+    fits, chains, k2 = 150, 2, 100
+    u = _hand_saem(y, fits, chains, 30, k2, rng)
+    mu, tau, sigma = u[:, 0], np.exp(u[:, 1]), np.exp(u[:, 2])
+    precision = 1 / tau**2 + N / sigma**2
+    mean = (mu / tau**2 + y.sum(1)[:, None] / sigma**2).T / precision[:, None]
+    scale = np.sqrt(precision)[:, None, None, None]
+    draws = mean[:, None, None] + rng.normal(size=(fits, 200, chains, G)) / scale
+    steps = jnp.asarray(1.0 / np.arange(1, k2 + 1))
+
+    def one(u, z):
+        fit_draws = jnp.asarray(1.0 * k2)
+        return stationarity_check(
+            _block_log(y), _params(u), FREE, CONSTRAINTS, {"b": z}, fit_draws, G, steps
+        )
+
+    check = jax.jit(jax.vmap(one))(jnp.asarray(u), jnp.asarray(draws))
+    f = np.asarray(check.gain / check.noise_gain)  # 2 g / tr(Sigma): F, mean 1
+    assert np.all(np.isfinite(f))
+    # F(nu ~ 3, many): sd about 0.8, so the mean of 150 within 0.06 of 1.
+    assert abs(np.mean(f) - 1.0) < 0.2, np.mean(f)
+    assert np.mean(np.asarray(check.p_value) < 0.05) < 0.12
 
 
 def test_the_drift_test_of_the_first_phase():
