@@ -41,9 +41,10 @@ Its noise has two sources, both estimated here:
   MCEM's), but where information is missing (``a < 1/2``: slower than ``1/k``
   with ``gamma_k = 1/k``) the early iterations of the decreasing phase weigh more
   and the error is several times larger: sleepstudy's random-effect
-  covariance has ``a`` = 0.34 (there ``kappa`` understated the noise 2.4 times, and
-  1 - 3 % of settled fits had ``p < 1e-3``). So the fit's score covariance is
-  computed from the recursion over the decreasing phase's step sizes
+  covariance has ``a`` = 0.34, along which the recursion below gives a score
+  variance of 6.3 ``V`` where ``kappa`` = 3.5 (and with ``kappa``, 6.5 % of 200
+  settled fits had ``p < 1e-3``: benchmarks/drift_calibration.py). So the fit's
+  score covariance is computed from the recursion over the decreasing phase's step sizes
   (`averaging_noise`), per pair of eigen-directions of ``A``, with ``eps``'s
   covariance per iteration ``V S`` (its long-run covariance per draw and chain, as
   the batch means estimate it) and the first phase's stationary error before it.
@@ -51,7 +52,7 @@ Its noise has two sources, both estimated here:
 
 In whitened coordinates (``I = L L^T``, ``w = L^{-1} s_bar``, ``2 g = |w|^2``) the
 null law of ``2 g`` is a weighted sum of chi-squares with weights the eigenvalues
-of ``Sigma = kappa L^{-1} V L^{-T}``: by Satterthwaite's approximation
+of ``Sigma = L^{-1} V_w L^{-T}`` (``V_w`` the widened ``V``): by Satterthwaite's approximation
 ``2 g / tr(Sigma)`` is about ``chi2_nu / nu``, ``nu = tr(Sigma)^2 / tr(Sigma^2)``,
 and, ``V`` being estimated from batch means with ``den`` degrees of freedom
 (``n - 1`` per block whose score varies), about ``F(nu, den)``. The fit is
