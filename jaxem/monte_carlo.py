@@ -130,11 +130,8 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         return None
 
     def _fit_steps(self, num_iters):
-        """The step sizes of the stochastic approximation that made the fitted params
-        (`SAEM`'s decreasing phase; 0 for iterations not run), or None where the fit's
-        last ``Q`` is an average of draws at fixed params (`MCEM`): the widening of
-        the stationarity check for the fit's own Monte Carlo error depends on it
-        (`jaxem.monte_carlo_stationarity.stationarity_check`)."""
+        """`SAEM`'s decreasing step sizes, or None (`MCEM`): see ``fit_steps`` of
+        `jaxem.monte_carlo_stationarity.stationarity_check`."""
         return None
 
     def default_num_chains(self, num_groups: int) -> int:
