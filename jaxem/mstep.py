@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
+from jaxem.affine import affine_paths
 from jaxem.arguments import merge_args
 from jaxem.closed_form import ClosedFormUpdate
 from jaxem.conjugate import conjugate_statistics_fn, core_distribution
@@ -58,6 +59,9 @@ class ParamPath(NamedTuple):
         scaled: ``((site name, argument name), k)`` for each consumer whose
             argument is ``k * sel(param)`` (`jaxem.scaled_selection`): a
             Normal-Wishart prior's mean, ``precision_matrix=beta0 * lam``.
+        affine: for a Normal location affine in params (`jaxem.affine`), the
+            params solved jointly with this one by weighted least squares (this
+            one included, in model order); ``()`` otherwise.
     """
 
     kind: str
@@ -66,6 +70,7 @@ class ParamPath(NamedTuple):
     consumers: tuple = ()
     prior: tuple | None = None
     scaled: tuple = ()
+    affine: tuple = ()
 
 
 class SiteFamily(NamedTuple):
@@ -248,7 +253,10 @@ def plan_m_step(
             plan[name] = _with_prior(
                 plan[name], own, prior_classes[own], arguments, powers, prior_classes
             )
-    return plan
+    if mode == "gradient":
+        return plan
+    # A Normal location affine in params: weighted least squares (jaxem.affine).
+    return affine_paths(plan, keys, labels, closed, structure, params, registry, prior_classes)
 
 
 def _with_prior(path, site, prior_cls, arguments, powers=None, prior_classes=()):
