@@ -6,14 +6,15 @@ given stage 1. Each stage's per-cell statistics come from the posterior weights
 of the enumerated cells (`jaxem.closed_form.Cells`), are summed per parameter
 entry by the VJP of the selection map that reads the parameter, and are solved
 by the family's registered update (`jaxem.closed_form`), a conjugate prior's
-pseudo-statistics added (`jaxem.conjugate`).
+pseudo-statistics added (`jaxem.conjugate`). A group of params whose Normal
+locations are affine in them (`jaxem.affine`) solves its weighted normal
+equations instead, built here from the same cells.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 from jax.flatten_util import ravel_pytree
 
 from jaxem.affine import solve_affine

@@ -6,8 +6,12 @@ updates are executed by `jaxem.closed_form_step`, stage by stage: per-cell
 statistics from the posterior weights, summed per parameter entry by the VJP
 of the selection map.
 
+A param that reaches only Normal locations, affinely (``X @ beta[z]``), takes a
+weighted least-squares closed form instead (`jaxem.affine`), decided from the same
+jaxpr.
+
 The order within one M-step is: closed-form stage 1 (locations, rates,
-probabilities), closed-form stage 2 (scales, covariances) given stage 1, then
+probabilities, affine locations), closed-form stage 2 (scales, covariances) given stage 1, then
 the gradient-path parameters given all closed-form ones. Each step maximizes
 (or, for gradient steps, does not decrease) Q with the others fixed: an ECM
 step, so the log-likelihood never decreases.
