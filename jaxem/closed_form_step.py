@@ -6,14 +6,18 @@ given stage 1. Each stage's per-cell statistics come from the posterior weights
 of the enumerated cells (`jaxem.closed_form.Cells`), are summed per parameter
 entry by the VJP of the selection map that reads the parameter, and are solved
 by the family's registered update (`jaxem.closed_form`), a conjugate prior's
-pseudo-statistics added (`jaxem.conjugate`).
+pseudo-statistics added (`jaxem.conjugate`). A group of params whose Normal
+locations are affine in them (`jaxem.affine`) solves its weighted normal
+equations instead, built here from the same cells.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
+from jaxem.affine import solve_affine
 from jaxem.closed_form import Cells
 from jaxem.conjugate import add_prior_statistics
 from jaxem.exceptions import ModelError
@@ -154,9 +158,21 @@ def _closed_form_stages(
             trace = enumerated_trace(
                 model, params, args, kwargs, max_plate_nesting, log_probs=False
             )
-        statistics = _stage_statistics(
-            model, params, marginals, paths, args, kwargs, max_plate_nesting, trace
+        per_cell = {name: path for name, path in paths.items() if not path.affine}
+        statistics = (
+            _stage_statistics(
+                model, params, marginals, per_cell, args, kwargs, max_plate_nesting, trace
+            )
+            if per_cell
+            else {}
         )
+        for group in dict.fromkeys(path.affine for path in paths.values() if path.affine):
+            # A Normal location affine in the group: one set of normal equations.
+            consumers = paths[group[0]].consumers
+            group_statistics = _affine_statistics(
+                model, params, marginals, group, consumers, args, kwargs, max_plate_nesting, trace
+            )
+            statistics.update(dict.fromkeys(group, group_statistics))
         new_values = {}
         for name, path in paths.items():
             if combine_fn is not None:
@@ -169,7 +185,12 @@ def _closed_form_stages(
                 statistics[name] = add_prior_statistics(
                     pseudo_fn, statistics[name], trace.sites[site].fn, prior_weight
                 )
-            new = path.update.solve_fn(statistics[name], old, reg_covar)
+            if path.affine:
+                # Every member solves the group's (identical) statistics; keeps its part.
+                olds = [params[n] for n in path.affine]
+                new = solve_affine(statistics[name], olds)[path.affine.index(name)]
+            else:
+                new = path.update.solve_fn(statistics[name], old, reg_covar)
             _check_solution(name, path, old, new)
             new_values[name] = jnp.asarray(new).astype(jnp.result_type(old))
         params.update(new_values)
@@ -260,6 +281,41 @@ def _stage_statistics(model, params, marginals, paths, args, kwargs, max_plate_n
             totals = per_entry
         statistics[name] = totals
     return statistics
+
+
+def _affine_statistics(model, params, marginals, group, consumers, args, kwargs, nesting, trace):
+    """The normal equations ``(J^T W J, J^T W (y - c))`` of a group of params whose
+    Normal locations (``consumers``) are ``J theta + c`` (`jaxem.affine`): ``W`` the
+    cells' weights times their precisions ``scale^-2`` at ``params``; ``J`` by one
+    JVP per coordinate of the group, at ``params`` (exact: the map is affine)."""
+
+    def locations(values):
+        values = dict(zip(group, values))
+        own = enumerated_trace(model, {**params, **values}, args, kwargs, nesting, log_probs=False)
+        return {
+            key: jnp.asarray(site_family(own.sites[key[0]].fn, own.constructor_args)[0].args["loc"])
+            for key in consumers
+        }
+
+    point = [params[n] for n in group]  # in group order, as solve_affine flattens them
+    flat, unravel = ravel_pytree(point)
+    at_point, jvp_fn = jax.linearize(locations, point)
+    columns = jax.vmap(lambda e: jvp_fn(unravel(e)))(jnp.eye(flat.size, dtype=flat.dtype))
+    gram, moment = 0.0, 0.0
+    for key in consumers:
+        site = trace.sites[key[0]]
+        family, _ = site_family(site.fn, trace.constructor_args)
+        cells = _site_cells(site, family, jax.lax.stop_gradient(marginals[key[0]]))
+        precision = 1.0 / jnp.asarray(family.args["scale"], flat.dtype) ** 2
+        design = jnp.moveaxis(columns[key], 0, -1)  # loc's shape + (coordinates,)
+        residual = cells.value - at_point[key]
+        target = (1,) * len(cells.shape)
+        weighted = ((cells.weight, ""), (precision, ""), (design, "i"))
+        gram = gram + cells.sum(target, *weighted, (design, "j"), out="ij")
+        moment = moment + cells.sum(target, *weighted, (residual, ""), out="i")
+    gram = jnp.reshape(gram, (flat.size, flat.size))
+    # y - c = residual + J theta: statistics that do not depend on the point.
+    return gram, jnp.reshape(moment, (flat.size,)) + gram @ flat
 
 
 def _pullback(vjp_fn, outs, key, stat, arg_ndim):

@@ -6,8 +6,12 @@ updates are executed by `jaxem.closed_form_step`, stage by stage: per-cell
 statistics from the posterior weights, summed per parameter entry by the VJP
 of the selection map.
 
+A param that reaches only Normal locations, affinely (``X @ beta[z]``), takes a
+weighted least-squares closed form instead (`jaxem.affine`), decided from the same
+jaxpr.
+
 The order within one M-step is: closed-form stage 1 (locations, rates,
-probabilities), closed-form stage 2 (scales, covariances) given stage 1, then
+probabilities, affine locations), closed-form stage 2 (scales, covariances) given stage 1, then
 the gradient-path parameters given all closed-form ones. Each step maximizes
 (or, for gradient steps, does not decrease) Q with the others fixed: an ECM
 step, so the log-likelihood never decreases.
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
+from jaxem.affine import affine_paths
 from jaxem.arguments import merge_args
 from jaxem.closed_form import ClosedFormUpdate
 from jaxem.conjugate import conjugate_statistics_fn, core_distribution
@@ -58,6 +63,9 @@ class ParamPath(NamedTuple):
         scaled: ``((site name, argument name), k)`` for each consumer whose
             argument is ``k * sel(param)`` (`jaxem.scaled_selection`): a
             Normal-Wishart prior's mean, ``precision_matrix=beta0 * lam``.
+        affine: for a Normal location affine in params (`jaxem.affine`), the
+            params solved jointly with this one by weighted least squares (this
+            one included, in model order); ``()`` otherwise.
     """
 
     kind: str
@@ -66,6 +74,7 @@ class ParamPath(NamedTuple):
     consumers: tuple = ()
     prior: tuple | None = None
     scaled: tuple = ()
+    affine: tuple = ()
 
 
 class SiteFamily(NamedTuple):
@@ -248,7 +257,10 @@ def plan_m_step(
             plan[name] = _with_prior(
                 plan[name], own, prior_classes[own], arguments, powers, prior_classes
             )
-    return plan
+    if mode == "gradient":
+        return plan
+    # A Normal location affine in params: weighted least squares (jaxem.affine).
+    return affine_paths(plan, keys, labels, closed, structure, params, registry, prior_classes)
 
 
 def _with_prior(path, site, prior_cls, arguments, powers=None, prior_classes=()):

@@ -21,7 +21,7 @@ from jax.interpreters import partial_eval as pe
 
 from jaxem.compiling import compile_once
 
-__all__ = ["dependencies", "probe_selection"]
+__all__ = ["NONLINEAR", "affine_degrees", "dependencies", "probe_selection"]
 
 _ALL = None
 # primitive name -> operand positions that carry selected values (None: all).
@@ -189,3 +189,93 @@ def probe_selection(closed_jaxpr, inputs, output_indices):
     outs = compile_once(lowered)(*args)
     kept = [i for i in range(len(used)) if used[i]]
     return [np.asarray(outs[kept.index(i)]) for i in output_indices]
+
+
+# -- affine maps: the polynomial degree of each output in some inputs -----------------
+
+NONLINEAR = 2  # any degree above 1: not affine
+# Linear in every operand: the output's degree is the largest of the operands'.
+_LINEAR_PRIMITIVES = {
+    "add",
+    "add_any",
+    "sub",
+    "neg",
+    "reduce_sum",
+    "cumsum",
+    *(name for name, positions in _SELECTION_PRIMITIVES.items() if positions is _ALL),
+}
+# Linear in these operand positions; every other operand must not depend on the inputs.
+_LINEAR_POSITIONS = {
+    **{name: positions for name, positions in _SELECTION_PRIMITIVES.items() if positions},
+    "select_n": None,  # every case; the predicate (position 0) is checked below
+    "dynamic_update_slice": (0, 1),
+    "scatter-add": (0, 2),
+    "scatter_add": (0, 2),
+    "pad": (0, 1),
+}
+
+
+def _degree_of(eqn, degrees):
+    name = eqn.primitive.name
+    if name in ("mul", "dot_general"):
+        return min(sum(degrees), NONLINEAR)
+    if name == "div":
+        return degrees[0] if degrees[1] == 0 else NONLINEAR
+    if name == "integer_pow":
+        return degrees[0] if eqn.params["y"] == 1 else NONLINEAR
+    if name == "convert_element_type" and not np.issubdtype(eqn.params["new_dtype"], np.floating):
+        return NONLINEAR
+    if name in _LINEAR_PRIMITIVES:
+        return max(degrees)
+    if name in _LINEAR_POSITIONS:
+        positions = _LINEAR_POSITIONS[name]
+        if name == "select_n":
+            positions = range(1, len(degrees))
+        if any(d for i, d in enumerate(degrees) if i not in positions):
+            return NONLINEAR  # an index, a predicate, a padding width
+        return max(degrees)
+    return NONLINEAR
+
+
+def _propagate_degrees(jaxpr, in_degrees):
+    env = {}
+
+    def read(var):
+        if isinstance(var, jex_core.Literal):
+            return 0
+        return env.get(var, 0)
+
+    for var, degree in zip(jaxpr.invars, in_degrees):
+        env[var] = degree
+    for eqn in jaxpr.eqns:
+        degrees = [read(v) for v in eqn.invars]
+        if not any(degrees):
+            continue
+        sub = _sub_jaxpr(eqn)
+        if sub is not None:
+            outputs = _propagate_degrees(sub, degrees)
+        else:
+            # Loops and branches (scan, while, cond) are not followed: not affine.
+            outputs = [_degree_of(eqn, degrees)] * len(eqn.outvars)
+        for var, degree in zip(eqn.outvars, outputs):
+            env[var] = degree
+    return [read(v) for v in jaxpr.outvars]
+
+
+def affine_degrees(closed_jaxpr, in_degrees):
+    """The degree of every output of a jaxpr as a polynomial in the inputs with
+    degree 1 (the others held fixed): 0 (does not depend on them), 1 (affine in
+    them) or `NONLINEAR`.
+
+    Sums, negation, selections (indexing, broadcasting, reshaping, transposing,
+    concatenating, gathering, ``select_n`` with a fixed predicate), sums over axes,
+    products (``mul``, ``dot_general``) whose degrees add up to at most 1 and division
+    by a fixed divisor keep the degree; anything else (another primitive, a loop, a
+    branch, an index or predicate that depends on the inputs) is `NONLINEAR`, which
+    may call an affine map nonlinear but never the reverse.
+
+    Args:
+        closed_jaxpr: the jaxpr of a function of flat inputs.
+        in_degrees: one int per input, 1 for the inputs to analyze, 0 for the others.
+    """
+    return _propagate_degrees(closed_jaxpr.jaxpr, list(in_degrees))

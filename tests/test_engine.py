@@ -62,6 +62,13 @@ def _scaled_loc(x):
         numpyro.sample("x", dist.Normal(2.0 * mu[z], shared), obs=x)
 
 
+def _cubed_loc(x):
+    mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+        numpyro.sample("x", dist.Normal(mu[z] ** 3, 1.0), obs=x)
+
+
 def test_m_step_paths_detects_selection_and_reports_why_not():
     x2 = jnp.ones((6, 2))
     paths = EM(_reversed_loc).m_step_paths(x2)
@@ -69,9 +76,13 @@ def test_m_step_paths_detects_selection_and_reports_why_not():
 
     x = jnp.linspace(-2, 2, 6)
     paths = EM(_scaled_loc, frozen=("shared",)).m_step_paths(x)
-    assert paths["mu"].startswith("gradient") and "indexing" in paths["mu"]
+    # 2 mu[z] is no selection, but affine: weighted least squares (jaxem.affine).
+    assert paths["mu"] == "closed-form (Normal.loc at site 'x' (affine: weighted least squares))"
     assert paths["shared"].startswith("frozen")
     assert paths["unused"].startswith("unused")
+    paths = EM(_cubed_loc).m_step_paths(x)
+    assert paths["mu"].startswith("gradient") and "indexing" in paths["mu"]
+    assert "not affine in it either" in paths["mu"]
 
     paths = EM(normal_mixture_spread).m_step_paths(x)
     assert paths == {

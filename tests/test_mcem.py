@@ -345,7 +345,8 @@ def test_m_step_paths_say_which_params_take_the_closed_form():
     paths = jaxem.SAEM(clustered_intercepts).m_step_paths(jnp.ones((3, 8)))
     assert paths["w"].startswith("closed-form (Categorical")
     assert paths["tau"].startswith("closed-form") and paths["sigma"].startswith("closed-form")
-    assert paths["mu"].startswith("gradient")
+    # mu[c] + b: affine in mu given the drawn intercepts b (jaxem.affine).
+    assert paths["mu"].startswith("closed-form (Normal.loc at site 'y' (affine")
     forced = jaxem.SAEM(clustered_intercepts, m_step="gradient").m_step_paths(jnp.ones((3, 8)))
     assert all(p.startswith("gradient") for p in forced.values())
     with pytest.raises(ValueError, match="m_step must be 'auto' or 'gradient'"):
