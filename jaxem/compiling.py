@@ -52,12 +52,19 @@ import jax
 __all__ = [
     "EMITTER_OPTIONS",
     "ONCE_OPTIONS",
+    "LARGE_WORK",
     "SMALL_DATA",
+    "SMALL_WORK",
+    "ITERATING_WEIGHT",
+    "OptionJits",
     "after_loop_options",
     "compile_once",
     "compile_together",
+    "data_size",
     "emitter_options",
     "jit_once",
+    "loop_options",
+    "loop_work",
     "once_options",
 ]
 
@@ -71,6 +78,14 @@ EMITTER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 # At most this many numbers in a fit's data arrays (times its restarts): its evaluation
 # after the loop is compiled with once_options (see the module's docstring).
 SMALL_DATA = 10_000
+
+# A fit loop's work (`loop_work`: numbers of data x restarts x max_iter) at most
+# SMALL_WORK (x ITERATING_WEIGHT when a step runs an inner optimizer): its loop is
+# compiled with once_options; at most LARGE_WORK, or any work for a Markov chain:
+# emitter_options; above it: XLA's defaults. Fitted in the module's docstring.
+SMALL_WORK = 10_000_000
+LARGE_WORK = 50_000_000
+ITERATING_WEIGHT = 300
 
 # Platforms whose XLA compiler takes ONCE_OPTIONS (a plugin may refuse an option it
 # does not know).
@@ -89,12 +104,94 @@ def emitter_options() -> dict:
     return dict(EMITTER_OPTIONS) if jax.default_backend() == "cpu" else {}
 
 
+def data_size(arrays) -> int:
+    """How many numbers the data ``arrays`` (a pytree) hold."""
+    return sum(int(getattr(x, "size", 1)) for x in jax.tree.leaves(arrays))
+
+
 def after_loop_options(arrays, num_restarts: int = 1) -> dict:
     """XLA options of the evaluation after a fit's loop on the data ``arrays`` (a
     pytree): `once_options` when they hold at most `SMALL_DATA` numbers times
     ``num_restarts``, else `emitter_options`."""
-    size = sum(int(getattr(x, "size", 1)) for x in jax.tree.leaves(arrays))
-    return once_options() if size * num_restarts <= SMALL_DATA else emitter_options()
+    small = data_size(arrays) * num_restarts <= SMALL_DATA
+    return once_options() if small else emitter_options()
+
+
+def loop_work(arrays, num_restarts: int, max_iter: int) -> int:
+    """A fit loop's work: numbers in the data ``arrays`` x ``num_restarts`` x
+    ``max_iter``."""
+    return data_size(arrays) * int(num_restarts) * int(max_iter)
+
+
+def loop_options(
+    arrays, num_restarts: int, max_iter: int, *, chain: bool = False, iterates: bool = False
+) -> dict:
+    """XLA options of a fit's loop (see the module's docstring), by its work
+    (`loop_work`): `once_options` up to `SMALL_WORK` (counting `ITERATING_WEIGHT`
+    per number when a step ``iterates``: runs an inner optimizer), `emitter_options`
+    up to `LARGE_WORK` and, for a Markov chain (``chain``), above it too; XLA's
+    defaults above it otherwise."""
+    work = loop_work(arrays, num_restarts, max_iter)
+    if work * (ITERATING_WEIGHT if iterates else 1) <= SMALL_WORK:
+        return once_options()
+    if chain or work <= LARGE_WORK:
+        return emitter_options()
+    return {}
+
+
+class OptionJits:
+    """``jax.jit(fn, static_argnames=...)``, one per set of XLA options, and the set
+    each call signature was given.
+
+    `for_call` traces a signature's first call with the default ``jit`` (``base``),
+    which runs ``fn``'s Python once and fills the caches the options are chosen
+    from; the ``jit`` of the options chosen then finds that trace in JAX's cache
+    (keyed on ``fn`` and the arguments, not on the compiler options), so nothing
+    is traced twice. ``fn`` is held once: JAX's caches compare it by identity.
+    """
+
+    def __init__(self, fn: Callable, static_argnames: tuple):
+        self.fn = fn
+        self.static_argnames = static_argnames
+        self.base = jax.jit(fn, static_argnames=static_argnames)
+        self._jits: dict = {(): self.base}
+        self.chosen: dict = {}  # {call signature: the XLA options chosen}
+
+    def with_options(self, options: dict):
+        """The ``jit`` compiled with ``options``."""
+        key = tuple(sorted(options.items()))
+        jit = self._jits.get(key)
+        if jit is None:
+            jit = jax.jit(
+                self.fn, static_argnames=self.static_argnames, compiler_options=dict(options)
+            )
+            self._jits[key] = jit
+        return jit
+
+    def for_call(self, args: tuple, kwargs: dict, choose: Callable[[], dict]):
+        """The ``jit`` for ``fn(*args, **kwargs)``: on a signature's first call, traced
+        by ``base`` and then given ``choose()``'s options (a ``base`` that fails to
+        trace is returned as it is: its call raises as usual)."""
+        signature = call_signature(args, kwargs)
+        options = self.chosen.get(signature)
+        if options is None:
+            try:
+                self.base.trace(*args, **kwargs)
+            except Exception:  # noqa: BLE001
+                return self.base  # the call traces it again and raises there
+            options = self.chosen[signature] = choose()
+        return self.with_options(options)
+
+
+def call_signature(args: tuple, kwargs: dict) -> tuple:
+    """What ``jit`` compiles a call for: ``args``' tree, abstract values and
+    shardings, and ``kwargs`` (static, hashable)."""
+    leaves, tree = jax.tree.flatten(args)
+    return (
+        tree,
+        tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves),
+        tuple(sorted(kwargs.items())),
+    )
 
 
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:
