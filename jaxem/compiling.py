@@ -7,8 +7,7 @@ waits for; how fast the code runs does not matter. They are compiled without
 XLA's backend optimizations (LLVM at ``-O0`` on CPU and GPU), which shortens
 their compile time; their values can differ from an optimized program's in the
 last bits (LLVM's optimizations contract and reorder floating-point
-operations), which a check need not care about. The compiled fit loop
-is compiled as usual. On a CPU they are also compiled without XLA's fusion
+operations), which a check need not care about. On a CPU they are also compiled without XLA's fusion
 emitters (the older LLVM IR emitters instead), which shortens it again. (Both
 were measured once, on a Gaussian mixture's data check, when each change was
 made; no command in the repository reproduces the numbers, so none is given.)
@@ -35,6 +34,51 @@ before. Its largest part is the
 stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
 gradient of Q), run on one flat vector of the params rather than per param,
 which keeps its program small.
+
+The fit's loop is compiled by `loop_options`, a rule of its work: ``W`` = numbers
+in the data x restarts x ``max_iter`` (the most the loop can run), x
+`ITERATING_WEIGHT` (300) when a step runs an inner optimizer (a gradient-path
+param, a guide). Up to `SMALL_WORK` (10^7) it is compiled with `once_options`, up
+to `LARGE_WORK` (5 x 10^7) with `emitter_options`, above it with XLA's defaults;
+a Markov chain (a ``scan``) never gets the defaults, as its loop runs faster
+with the older emitters at every size measured (the scan Gaussian HMM of
+``benchmarks/hmm.py``, 1 000 x 100, float32: 469 -> 232 ms per iteration). The
+thresholds are where the compile CPU seconds saved equal the run time lost over
+``max_iter`` iterations, per number of data, on ``python
+benchmarks/compile_programs.py --options default,loop-emitters,loop-O0,loop-once``
+(the loop compiled with XLA's defaults / the older emitters / both switches;
+compile CPU s / run ms; gmm and hmm measured before this rule with ``--models
+gmm,hmm --iters 100``, moe, zip and student at commit 98acfeb with ``--models
+moe,zip,student --iters 20 --repeats 1``, load average 7-18 on 2 cores):
+
+| model | iterations | defaults | emitters | once | break-even W |
+|---|---:|---:|---:|---:|---|
+| gmm | 100 | 2.40 / 67 | 0.93 / 89 | 0.48 / 127 | 2.4e7 once/emitters, 1.3e8 emitters/defaults |
+| hmm | 100 | 6.20 / 47 | 3.05 / 43 | 1.48 / 75 | 1.0e7 once/emitters |
+| moe | 20 | 5.41 / 660 | 3.74 / 786 | 1.33 / 696 | 1.8e7 once/defaults |
+| zip | 20 | 4.06 / 288 | 2.72 / 176 | 1.03 / 579 | 6.7e5 once/emitters |
+| student | 20 | 5.79 / 244 | 5.59 / 181 | 2.55 / 3876 | 3.3e4 once/emitters |
+
+(break-even W: compile s saved / run s lost per iteration x numbers of data; gmm:
+20 000 numbers, hmm and student 2 000, moe and zip 8 000.) `SMALL_WORK` is the
+closed-form break-evens (gmm, hmm); `ITERATING_WEIGHT` brings the worst loop with
+an inner optimizer measured (the Student-t mixture: its L-BFGS steps evaluate
+``lgamma``/``digamma`` many times, which run 16x slower without backend
+optimization) to it. `LARGE_WORK` is below the break-even of the Gaussian mixture
+(1.3e8, measured at 10 000 x 2): the 100 000 x 16 mixtures of ``benchmarks/gmm.py``
+(8e7) keep XLA's defaults, as before; the older emitters' run cost at that size
+was not measured. On ``moe`` the older emitters ran 19 % slower than the defaults
+(one noisy run); with the weight its loops above 1.7e5 numbers x iterations get
+the defaults. The facts are read from what tracing the loop left in the caches
+(`OptionJits`: the loop is traced once, by a ``jit`` without options, and the
+``jit`` of the options chosen finds that trace in JAX's cache), not from a trace
+of their own: the model's chain (`jaxem.built.BuiltModel.has_chain`) and the
+plans' gradient paths (`jaxem.fitter_m_step.MStep.iterates`). ``EM.run`` and
+``VariationalEM.run`` (one program, loop and evaluation after it) use the rule;
+under a user's ``jit`` or ``vmap`` the enclosing program's options apply;
+``update`` (and so `jaxem.OnlineEM`, which compiles no loop) and
+`jaxem.VariationalBayesEM` keep XLA's defaults.
+
 A Monte Carlo fit (`jaxem.SAEM`, `jaxem.MCEM`) is one program, loop and
 importance sampling together, compiled with `emitter_options` too: on the
 simulated GLMM of ``benchmarks/mixed_models.py`` it compiles in less CPU time
@@ -79,9 +123,9 @@ EMITTER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 # after the loop is compiled with once_options (see the module's docstring).
 SMALL_DATA = 10_000
 
-# A fit loop's work (`loop_work`: numbers of data x restarts x max_iter) at most
-# SMALL_WORK (x ITERATING_WEIGHT when a step runs an inner optimizer): its loop is
-# compiled with once_options; at most LARGE_WORK, or any work for a Markov chain:
+# A fit loop's work (`loop_work`: numbers of data x restarts x max_iter, x
+# ITERATING_WEIGHT when a step runs an inner optimizer) at most SMALL_WORK: its loop
+# is compiled with once_options; at most LARGE_WORK, or any work for a Markov chain:
 # emitter_options; above it: XLA's defaults. Fitted in the module's docstring.
 SMALL_WORK = 10_000_000
 LARGE_WORK = 50_000_000
@@ -117,22 +161,23 @@ def after_loop_options(arrays, num_restarts: int = 1) -> dict:
     return once_options() if small else emitter_options()
 
 
-def loop_work(arrays, num_restarts: int, max_iter: int) -> int:
+def loop_work(arrays, num_restarts: int, max_iter: int, *, iterates: bool = False) -> int:
     """A fit loop's work: numbers in the data ``arrays`` x ``num_restarts`` x
-    ``max_iter``."""
-    return data_size(arrays) * int(num_restarts) * int(max_iter)
+    ``max_iter``, x `ITERATING_WEIGHT` when a step ``iterates`` (runs an inner
+    optimizer)."""
+    weight = ITERATING_WEIGHT if iterates else 1
+    return data_size(arrays) * int(num_restarts) * int(max_iter) * weight
 
 
 def loop_options(
     arrays, num_restarts: int, max_iter: int, *, chain: bool = False, iterates: bool = False
 ) -> dict:
     """XLA options of a fit's loop (see the module's docstring), by its work
-    (`loop_work`): `once_options` up to `SMALL_WORK` (counting `ITERATING_WEIGHT`
-    per number when a step ``iterates``: runs an inner optimizer), `emitter_options`
-    up to `LARGE_WORK` and, for a Markov chain (``chain``), above it too; XLA's
-    defaults above it otherwise."""
-    work = loop_work(arrays, num_restarts, max_iter)
-    if work * (ITERATING_WEIGHT if iterates else 1) <= SMALL_WORK:
+    (`loop_work`): `once_options` up to `SMALL_WORK`, `emitter_options` up to
+    `LARGE_WORK` and, for a Markov chain (``chain``), above it too; XLA's defaults
+    above it otherwise."""
+    work = loop_work(arrays, num_restarts, max_iter, iterates=iterates)
+    if work <= SMALL_WORK:
         return once_options()
     if chain or work <= LARGE_WORK:
         return emitter_options()

@@ -155,12 +155,14 @@ def test_loop_options_choose_a_tier_by_the_loops_work_and_structure():
     assert loop_options(x, 1, large) == emitter_options()
     assert loop_options(x, 1, large + 1) == {}
     assert loop_options(x, 1, large + 1, chain=True) == emitter_options()  # never {}
-    # A step running an inner optimizer weighs ITERATING_WEIGHT plain ones for the
-    # first tier (backend optimizations off) only.
-    assert loop_options(x, 1, small // ITERATING_WEIGHT, iterates=True) == once_options()
-    assert loop_options(x, 1, small // ITERATING_WEIGHT + 1, iterates=True) == emitter_options()
-    assert loop_options(x, 1, large, iterates=True) == emitter_options()
-    assert loop_options(x, 1, large + 1, iterates=True) == {}
+    # A step running an inner optimizer weighs ITERATING_WEIGHT plain ones.
+    weight = ITERATING_WEIGHT
+    assert loop_options(x, 1, small, iterates=True) == emitter_options()
+    assert loop_options(x, 1, large, iterates=True) == {}
+    assert loop_options(x, 1, small // weight, iterates=True) == once_options()
+    assert loop_options(x, 1, small // weight + 1, iterates=True) == emitter_options()
+    assert loop_options(x, 1, large // weight, iterates=True) == emitter_options()
+    assert loop_options(x, 1, large // weight + 1, iterates=True) == {}
 
 
 def _loop_options_of(em) -> list:
