@@ -27,7 +27,8 @@ Per model:
   starts (each with ``jax.clear_caches()``, a new ``EM`` and a new model
   function, so that no cache keyed on the model survives); ``jax s``: the
   tracing, lowering and XLA compilation time that JAX reports through
-  ``jax.monitoring`` during the first call (median).
+  ``jax.monitoring`` during the first call (median); ``cpu s``: the same difference
+  in process CPU seconds (every thread; less sensitive to other jobs' load).
 * ``traces``: how many times the model's Python body runs during ``EM.init``,
   during the first ``EM.update`` after it (the compilation of one step), during a
   second ``update`` (0 if it reuses the compiled step), during a cold ``run`` and

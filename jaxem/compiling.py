@@ -40,9 +40,12 @@ in the data x restarts x ``max_iter`` (the most the loop can run), x
 `ITERATING_WEIGHT` (300) when a step runs an inner optimizer (a gradient-path
 param, a guide). Up to `SMALL_WORK` (10^7) it is compiled with `once_options`, up
 to `LARGE_WORK` (5 x 10^7) with `emitter_options`, above it with XLA's defaults;
-a Markov chain (a ``scan``) never gets the defaults, as its loop runs faster
-with the older emitters at every size measured (the scan Gaussian HMM of
-``benchmarks/hmm.py``, 1 000 x 100, float32: 469 -> 232 ms per iteration). The
+a Markov chain (a ``scan``) never gets the defaults: its loop compiled with the
+older emitters was as fast or faster at every size measured (the scan Gaussian HMM
+of ``benchmarks/compile.py``: 43 against 47 ms per 100 iterations; of
+``benchmarks/hmm.py``, 1 000 x 100, float32: 469 -> 232 ms per iteration in one
+earlier measurement, and 143-206 against 129-186 ms, within the noise, in three
+runs each under load average 10: ``benchmarks/README.md``). The
 thresholds are where the compile CPU seconds saved equal the run time lost over
 ``max_iter`` iterations, per number of data, on ``python
 benchmarks/compile_programs.py --options default,loop-emitters,loop-O0,loop-once``
@@ -69,7 +72,10 @@ optimization) to it. `LARGE_WORK` is below the break-even of the Gaussian mixtur
 (8e7) keep XLA's defaults, as before; the older emitters' run cost at that size
 was not measured. On ``moe`` the older emitters ran 19 % slower than the defaults
 (one noisy run); with the weight its loops above 1.7e5 numbers x iterations get
-the defaults. The facts are read from what tracing the loop left in the caches
+the defaults. The work counts numbers of data, not what each costs: a model with
+many states or dimensions per number loses more per iteration than the models
+above (``benchmarks/hmm.py``'s 100 x 20 HMM, K = 8, D = 8, lost little: 7.0 -> 7.4 ms
+per iteration). The facts are read from what tracing the loop left in the caches
 (`OptionJits`: the loop is traced once, by a ``jit`` without options, and the
 ``jit`` of the options chosen finds that trace in JAX's cache), not from a trace
 of their own: the model's chain (`jaxem.built.BuiltModel.has_chain`) and the
