@@ -27,7 +27,8 @@ Per model:
   starts (each with ``jax.clear_caches()``, a new ``EM`` and a new model
   function, so that no cache keyed on the model survives); ``jax s``: the
   tracing, lowering and XLA compilation time that JAX reports through
-  ``jax.monitoring`` during the first call (median).
+  ``jax.monitoring`` during the first call (median); ``cpu s``: the same difference
+  in process CPU seconds (every thread; less sensitive to other jobs' load).
 * ``traces``: how many times the model's Python body runs during ``EM.init``,
   during the first ``EM.update`` after it (the compilation of one step), during a
   second ``update`` (0 if it reuses the compiled step), during a cold ``run`` and
@@ -342,7 +343,8 @@ def count_traces(case, key):
 
 def time_compile(case, key, num_iters):
     """One cold start: (first run - warm run seconds, JAX-reported compile seconds,
-    warm run seconds, model traces in the first run, model traces in the warm run)."""
+    warm run seconds, model traces in the first run, model traces in the warm run,
+    first run - warm run process CPU seconds)."""
     import jax
     from common import first_call, warm_call
 
@@ -355,15 +357,21 @@ def time_compile(case, key, num_iters):
     def fit():
         return em.run(key, *case.args, max_iter=num_iters, tol=0.0, init_params=case.init_params)
 
+    cpu = time.process_time()
     first, jax_compile, _ = first_call(fit)
+    cpu_first = time.process_time() - cpu
     num_traces = model.num_calls
+    cpu = time.process_time()
     warm, _ = warm_call(fit)
-    return first - warm, jax_compile, warm, num_traces, model.num_calls - num_traces
+    cpu_warm = time.process_time() - cpu
+    traces = model.num_calls - num_traces
+    return first - warm, jax_compile, warm, num_traces, traces, cpu_first - cpu_warm
 
 
 def time_dynamax(case, num_iters):
     """One cold start of dynamax's ``GaussianHMM.fit_em`` on the ``hmm`` case:
-    (``2 t(M) - t(2M)``, JAX-reported compile seconds of the M-iteration fit)."""
+    (``2 t(M) - t(2M)``, JAX-reported compile seconds of the M-iteration fit, the same
+    difference in process CPU seconds)."""
     import jax
     import jax.numpy as jnp
     from common import first_call
@@ -385,9 +393,12 @@ def time_dynamax(case, num_iters):
         return lambda: hmm.fit_em(params, props, emissions, num_iters=iters, verbose=False)
 
     jax.clear_caches()
+    cpu = time.process_time()
     short, jax_compile, _ = first_call(fit(num_iters))
+    cpu_short = time.process_time() - cpu
     long, _, _ = first_call(fit(2 * num_iters))
-    return 2 * short - long, jax_compile
+    cpu_long = time.process_time() - cpu - cpu_short
+    return 2 * short - long, jax_compile, 2 * cpu_short - cpu_long
 
 
 def time_restarts(case, key, num_iters, num_restarts, num_repeats, batch_restarts=None):
@@ -439,11 +450,15 @@ def has_gradient_path(case):
 # ---------------------------------------------------------------------------
 
 
+def _cell(record, key):
+    return f"{record[key]:6.2f}" if key in record else f"{'-':>6s}"
+
+
 def print_report(records, restart_records, num_iters, num_restarts):
     header = (
-        f"{'model':8s} {'size':18s} {'compile s':>9s} {'jax s':>6s} {'warm s':>7s} "
-        f"{'dynamax s':>9s} | traces: {'init':>4s} {'update':>6s} {'again':>5s} {'run':>4s} "
-        f"{'warm':>4s}"
+        f"{'model':8s} {'size':18s} {'compile s':>9s} {'cpu s':>6s} {'jax s':>6s} "
+        f"{'warm s':>7s} {'dynamax s':>9s} {'cpu s':>6s} | traces: {'init':>4s} {'update':>6s} "
+        f"{'again':>5s} {'run':>4s} {'warm':>4s}"
     )
     print()
     print(f"Compilation, {num_iters} EM iterations per fit (median of the cold starts)")
@@ -451,17 +466,20 @@ def print_report(records, restart_records, num_iters, num_restarts):
     print("-" * len(header))
     for r in records:
         dynamax = f"{r['dynamax_compile_s']:9.2f}" if "dynamax_compile_s" in r else f"{'-':>9s}"
+        dynamax_cpu = _cell(r, "dynamax_compile_cpu_s")
         t = r["traces"]
         print(
-            f"{r['model']:8s} {r['size']:18s} {r['compile_s']:9.2f} {r['jax_compile_s']:6.2f} "
-            f"{r['warm_s']:7.3f} {dynamax} |         {t['init']:4d} {t['update']:6d} "
-            f"{t['update_again']:5d} {t['run']:4d} {t['warm_run']:4d}"
+            f"{r['model']:8s} {r['size']:18s} {r['compile_s']:9.2f} {_cell(r, 'compile_cpu_s')} "
+            f"{r['jax_compile_s']:6.2f} {r['warm_s']:7.3f} {dynamax} {dynamax_cpu} |         "
+            f"{t['init']:4d} {t['update']:6d} {t['update_again']:5d} {t['run']:4d} "
+            f"{t['warm_run']:4d}"
         )
     print(
-        "compile s: first run - warm run; jax s: tracing + lowering + XLA compilation that\n"
-        "jax.monitoring reports during the first run; warm s: the warm run; dynamax s:\n"
-        "2 t(M) - t(2M) of fit_em. traces: model calls in init, in the first update after it,\n"
-        "in a second update, in a cold run and in a warm run."
+        "compile s: first run - warm run (cpu s: the same in process CPU seconds); jax s:\n"
+        "tracing + lowering + XLA compilation that jax.monitoring reports during the first\n"
+        "run; warm s: the warm run; dynamax s: 2 t(M) - t(2M) of fit_em. traces: model\n"
+        "calls in init, in the first update after it, in a second update, in a cold run\n"
+        "and in a warm run."
     )
     if restart_records:
         header = (
@@ -545,6 +563,7 @@ def main(argv=None):
             "jax_compile_s": statistics.median(t[1] for t in timings),
             "warm_s": statistics.median(t[2] for t in timings),
             "compile_s_all": [t[0] for t in timings],
+            "compile_cpu_s": statistics.median(t[5] for t in timings),
             "traces": {**traces, "run": timings[0][3], "warm_run": timings[0][4]},
         }
         if name == "hmm":
@@ -552,6 +571,7 @@ def main(argv=None):
             record["dynamax_compile_s"] = statistics.median(d[0] for d in dynamax)
             record["dynamax_jax_compile_s"] = statistics.median(d[1] for d in dynamax)
             record["dynamax_compile_s_all"] = [d[0] for d in dynamax]
+            record["dynamax_compile_cpu_s"] = statistics.median(d[2] for d in dynamax)
         paths, gradient = has_gradient_path(case)
         record["m_step_paths"] = paths
         records.append(record)

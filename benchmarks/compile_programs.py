@@ -13,10 +13,11 @@ sets: same options, same bits).
 
 Option sets (``loop`` / ``after loop``):
 
-* ``default``: what ``run`` does: XLA's defaults / ``after_loop_options``
-  (on a CPU with at most ``SMALL_DATA`` numbers of data
-  ``xla_backend_optimization_level=0`` and the older emitters, else the older
-  emitters only).
+* ``default``: XLA's defaults / ``after_loop_options`` (on a CPU with at most
+  ``SMALL_DATA`` numbers of data ``xla_backend_optimization_level=0`` and the
+  older emitters, else the older emitters only). ``run`` compiles the loop with
+  ``jaxem.compiling.loop_options``: the loop options of ``default``,
+  ``loop-emitters`` or ``loop-once``, by the fit's work.
 * ``emitters``: XLA's defaults / the older emitters only.
 * ``loop-emitters``: the older emitters / ``once_options``.
 * ``loop-O0``: ``xla_backend_optimization_level=0`` / ``once_options``.

@@ -41,6 +41,8 @@ from jax.extend.core import jaxpr_as_fun
 
 from jaxem.arguments import merge_args, split_args
 from jaxem.batching import restarts_active
+from jaxem.chain import find_chain
+from jaxem.exceptions import ModelError
 from jaxem.inspection import ModelStructure, model_structure
 from jaxem.numpyro_internals import inside_handler
 from jaxem.tracing import EnumTrace
@@ -80,6 +82,11 @@ class BuiltModel:
 
     def __repr__(self):
         return f"BuiltModel({self.model!r})"
+
+    def has_chain(self) -> bool:
+        """Whether a trace cached so far has a Markov chain (a ``scan``: `find_chain`);
+        False before the first (and for a model whose traces are not cached)."""
+        return any(getattr(c, "chain", False) for c in self._traces.values())
 
     def structure(self, args, kwargs) -> ModelStructure:
         """The model's `ModelStructure` for these arguments."""
@@ -134,7 +141,7 @@ class BuiltModel:
             args, kwargs = merge_args(arrays, spec)
             trace = self._direct(params, args, kwargs, max_plate_nesting, log_probs)
             outputs: list = []
-            found.append(_Splitter(outputs).trace(trace))
+            found.append((_Splitter(outputs).trace(trace), _has_chain(trace)))
             return outputs
 
         structs = [
@@ -146,7 +153,14 @@ class BuiltModel:
             return _UNCACHED
         if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
             return _UNCACHED  # the model closes over values of an enclosing trace
-        return _Cached(closed, found[0])
+        return _Cached(closed, *found[0])
+
+
+def _has_chain(trace) -> bool:
+    try:
+        return find_chain(trace) is not None
+    except ModelError:
+        return True  # a scan jaxem refuses: the E-step raises, whatever the options
 
 
 def _aval(x):
@@ -165,9 +179,10 @@ _UNCACHED = object()
 class _Cached:
     """One signature's closed jaxpr and the skeleton of its trace."""
 
-    def __init__(self, closed, skeleton):
+    def __init__(self, closed, skeleton, chain):
         self.closed = closed
         self.skeleton = skeleton
+        self.chain = chain  # a Markov chain (jaxem.compiling.loop_options)
         self.function = jaxpr_as_fun(closed)
         self.compiled = None
 

@@ -13,6 +13,7 @@ the concrete results (`jaxem.validation.raise_for_invalid`,
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro import handlers
@@ -24,7 +25,12 @@ from jaxem.factor_priors import prior_sites
 from jaxem.inspection import inspect_model, model_structure, mvn_sites_of_params
 from jaxem.masks import latent_mask_problems, mask_of, raise_for_latent_masks
 from jaxem.missing import MissingData
-from jaxem.supports import argument_support, params_of_argument, raise_for_arguments
+from jaxem.supports import (
+    argument_support,
+    arguments_in_support,
+    params_of_argument,
+    raise_for_arguments,
+)
 from jaxem.tracing import enumerated_trace
 from jaxem.validation import (
     check_values,
@@ -34,7 +40,7 @@ from jaxem.validation import (
 )
 from jaxem.weights import raise_for_bad_weights
 
-__all__ = ["raise_for_model_arguments", "validate"]
+__all__ = ["in_support", "raise_for_fitted_arguments", "raise_for_model_arguments", "validate"]
 
 
 def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()):
@@ -169,3 +175,24 @@ def _validity(model, spec, rng_key, arrays, params):
 
 
 _validity_jit = jit_once(_validity, static_argnums=(0, 1))
+
+
+def in_support(model, params, args, kwargs, nesting) -> jax.Array:
+    """Whether every distribution argument of the model lies in its support at
+    ``params``. Params that feed an argument through a function (``w * c`` as
+    probabilities) can carry it out of its support, where the log-likelihood
+    means nothing."""
+    trace = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False)
+    return arguments_in_support(trace)
+
+
+def raise_for_fitted_arguments(model, params, args, kwargs, structure) -> None:
+    """A ModelError naming the distribution arguments that the fitted ``params``
+    (concrete) put outside their support, and the params feeding them."""
+    fitted = {k: jnp.asarray(v) for k, v in params.items()}
+    trace = enumerated_trace(
+        model, fitted, args, kwargs, structure.max_plate_nesting, log_probs=False
+    )
+    found = argument_support(trace)
+    if any(int(count) for count, _ in found.values()):
+        raise_for_model_arguments(model, args, kwargs, fitted, found, "fitted")

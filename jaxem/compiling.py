@@ -7,8 +7,7 @@ waits for; how fast the code runs does not matter. They are compiled without
 XLA's backend optimizations (LLVM at ``-O0`` on CPU and GPU), which shortens
 their compile time; their values can differ from an optimized program's in the
 last bits (LLVM's optimizations contract and reorder floating-point
-operations), which a check need not care about. The compiled fit loop
-is compiled as usual. On a CPU they are also compiled without XLA's fusion
+operations), which a check need not care about. On a CPU they are also compiled without XLA's fusion
 emitters (the older LLVM IR emitters instead), which shortens it again. (Both
 were measured once, on a Gaussian mixture's data check, when each change was
 made; no command in the repository reproduces the numbers, so none is given.)
@@ -35,6 +34,57 @@ before. Its largest part is the
 stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
 gradient of Q), run on one flat vector of the params rather than per param,
 which keeps its program small.
+
+The fit's loop is compiled by `loop_options`, a rule of its work: ``W`` = numbers
+in the data x restarts x ``max_iter`` (the most the loop can run), x
+`ITERATING_WEIGHT` (300) when a step runs an inner optimizer (a gradient-path
+param, a guide). Up to `SMALL_WORK` (10^7) it is compiled with `once_options`, up
+to `LARGE_WORK` (5 x 10^7) with `emitter_options`, above it with XLA's defaults;
+a Markov chain (a ``scan``) never gets the defaults: its loop compiled with the
+older emitters was as fast or faster at every size measured (the scan Gaussian HMM
+of ``benchmarks/compile.py``: 43 against 47 ms per 100 iterations; of
+``benchmarks/hmm.py``, 1 000 x 100, float32: 469 -> 232 ms per iteration in one
+earlier measurement, and 143-206 against 129-186 ms, within the noise, in three
+runs each under load average 10: ``benchmarks/README.md``). The
+thresholds are where the compile CPU seconds saved equal the run time lost over
+``max_iter`` iterations, per number of data, on ``python
+benchmarks/compile_programs.py --options default,loop-emitters,loop-O0,loop-once``
+(the loop compiled with XLA's defaults / the older emitters / both switches;
+compile CPU s / run ms; gmm and hmm measured before this rule with ``--models
+gmm,hmm --iters 100``, moe, zip and student at commit 98acfeb with ``--models
+moe,zip,student --iters 20 --repeats 1``, load average 7-18 on 2 cores):
+
+| model | iterations | defaults | emitters | once | break-even W |
+|---|---:|---:|---:|---:|---|
+| gmm | 100 | 2.40 / 67 | 0.93 / 89 | 0.48 / 127 | 2.4e7 once/emitters, 1.3e8 emitters/defaults |
+| hmm | 100 | 6.20 / 47 | 3.05 / 43 | 1.48 / 75 | 1.0e7 once/emitters |
+| moe | 20 | 5.41 / 660 | 3.74 / 786 | 1.33 / 696 | 1.8e7 once/defaults |
+| zip | 20 | 4.06 / 288 | 2.72 / 176 | 1.03 / 579 | 6.7e5 once/emitters |
+| student | 20 | 5.79 / 244 | 5.59 / 181 | 2.55 / 3876 | 3.3e4 once/emitters |
+
+(break-even W: compile s saved / run s lost per iteration x numbers of data; gmm:
+20 000 numbers, hmm and student 2 000, moe and zip 8 000.) `SMALL_WORK` is the
+closed-form break-evens (gmm, hmm); `ITERATING_WEIGHT` brings the worst loop with
+an inner optimizer measured (the Student-t mixture: its L-BFGS steps evaluate
+``lgamma``/``digamma`` many times, which run 16x slower without backend
+optimization) to it. `LARGE_WORK` is below the break-even of the Gaussian mixture
+(1.3e8, measured at 10 000 x 2): the 100 000 x 16 mixtures of ``benchmarks/gmm.py``
+(8e7) keep XLA's defaults, as before; the older emitters' run cost at that size
+was not measured. On ``moe`` the older emitters ran 19 % slower than the defaults
+(one noisy run); with the weight its loops above 1.7e5 numbers x iterations get
+the defaults. The work counts numbers of data, not what each costs: a model with
+many states or dimensions per number loses more per iteration than the models
+above (``benchmarks/hmm.py``'s 100 x 20 HMM, K = 8, D = 8, lost little: 7.0 -> 7.4 ms
+per iteration). The facts are read from what tracing the loop left in the caches
+(`OptionJits`: the loop is traced once, by a ``jit`` without options, and the
+``jit`` of the options chosen finds that trace in JAX's cache), not from a trace
+of their own: the model's chain (`jaxem.built.BuiltModel.has_chain`) and the
+plans' gradient paths (`jaxem.fitter_m_step.MStep.iterates`). ``EM.run`` and
+``VariationalEM.run`` (one program, loop and evaluation after it) use the rule;
+under a user's ``jit`` or ``vmap`` the enclosing program's options apply;
+``update`` (and so `jaxem.OnlineEM`, which compiles no loop) and
+`jaxem.VariationalBayesEM` keep XLA's defaults.
+
 A Monte Carlo fit (`jaxem.SAEM`, `jaxem.MCEM`) is one program, loop and
 importance sampling together, compiled with `emitter_options` too: on the
 simulated GLMM of ``benchmarks/mixed_models.py`` it compiles in less CPU time
@@ -52,12 +102,19 @@ import jax
 __all__ = [
     "EMITTER_OPTIONS",
     "ONCE_OPTIONS",
+    "LARGE_WORK",
     "SMALL_DATA",
+    "SMALL_WORK",
+    "ITERATING_WEIGHT",
+    "OptionJits",
     "after_loop_options",
     "compile_once",
     "compile_together",
+    "data_size",
     "emitter_options",
     "jit_once",
+    "loop_options",
+    "loop_work",
     "once_options",
 ]
 
@@ -71,6 +128,14 @@ EMITTER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 # At most this many numbers in a fit's data arrays (times its restarts): its evaluation
 # after the loop is compiled with once_options (see the module's docstring).
 SMALL_DATA = 10_000
+
+# A fit loop's work (`loop_work`: numbers of data x restarts x max_iter, x
+# ITERATING_WEIGHT when a step runs an inner optimizer) at most SMALL_WORK: its loop
+# is compiled with once_options; at most LARGE_WORK, or any work for a Markov chain:
+# emitter_options; above it: XLA's defaults. Fitted in the module's docstring.
+SMALL_WORK = 10_000_000
+LARGE_WORK = 50_000_000
+ITERATING_WEIGHT = 300
 
 # Platforms whose XLA compiler takes ONCE_OPTIONS (a plugin may refuse an option it
 # does not know).
@@ -89,12 +154,95 @@ def emitter_options() -> dict:
     return dict(EMITTER_OPTIONS) if jax.default_backend() == "cpu" else {}
 
 
+def data_size(arrays) -> int:
+    """How many numbers the data ``arrays`` (a pytree) hold."""
+    return sum(int(getattr(x, "size", 1)) for x in jax.tree.leaves(arrays))
+
+
 def after_loop_options(arrays, num_restarts: int = 1) -> dict:
     """XLA options of the evaluation after a fit's loop on the data ``arrays`` (a
     pytree): `once_options` when they hold at most `SMALL_DATA` numbers times
     ``num_restarts``, else `emitter_options`."""
-    size = sum(int(getattr(x, "size", 1)) for x in jax.tree.leaves(arrays))
-    return once_options() if size * num_restarts <= SMALL_DATA else emitter_options()
+    small = data_size(arrays) * num_restarts <= SMALL_DATA
+    return once_options() if small else emitter_options()
+
+
+def loop_work(arrays, num_restarts: int, max_iter: int, *, iterates: bool = False) -> int:
+    """A fit loop's work: numbers in the data ``arrays`` x ``num_restarts`` x
+    ``max_iter``, x `ITERATING_WEIGHT` when a step ``iterates`` (runs an inner
+    optimizer)."""
+    weight = ITERATING_WEIGHT if iterates else 1
+    return data_size(arrays) * int(num_restarts) * int(max_iter) * weight
+
+
+def loop_options(
+    arrays, num_restarts: int, max_iter: int, *, chain: bool = False, iterates: bool = False
+) -> dict:
+    """XLA options of a fit's loop (see the module's docstring), by its work
+    (`loop_work`): `once_options` up to `SMALL_WORK`, `emitter_options` up to
+    `LARGE_WORK` and, for a Markov chain (``chain``), above it too; XLA's defaults
+    above it otherwise."""
+    work = loop_work(arrays, num_restarts, max_iter, iterates=iterates)
+    if work <= SMALL_WORK:
+        return once_options()
+    if chain or work <= LARGE_WORK:
+        return emitter_options()
+    return {}
+
+
+class OptionJits:
+    """``jax.jit(fn, static_argnames=...)``, one per set of XLA options, and the set
+    each call signature was given.
+
+    `for_call` traces a signature's first call with the default ``jit`` (``base``),
+    which runs ``fn``'s Python once and fills the caches the options are chosen
+    from; the ``jit`` of the options chosen then finds that trace in JAX's cache
+    (keyed on ``fn`` and the arguments, not on the compiler options), so nothing
+    is traced twice. ``fn`` is held once: JAX's caches compare it by identity.
+    """
+
+    def __init__(self, fn: Callable, static_argnames: tuple):
+        self.fn = fn
+        self.static_argnames = static_argnames
+        self.base = jax.jit(fn, static_argnames=static_argnames)
+        self._jits: dict = {(): self.base}
+        self.chosen: dict = {}  # {call signature: the XLA options chosen}
+
+    def with_options(self, options: dict):
+        """The ``jit`` compiled with ``options``."""
+        key = tuple(sorted(options.items()))
+        jit = self._jits.get(key)
+        if jit is None:
+            jit = jax.jit(
+                self.fn, static_argnames=self.static_argnames, compiler_options=dict(options)
+            )
+            self._jits[key] = jit
+        return jit
+
+    def for_call(self, args: tuple, kwargs: dict, choose: Callable[[], dict]):
+        """The ``jit`` for ``fn(*args, **kwargs)``: on a signature's first call, traced
+        by ``base`` and then given ``choose()``'s options (a ``base`` that fails to
+        trace is returned as it is: its call raises as usual)."""
+        signature = call_signature(args, kwargs)
+        options = self.chosen.get(signature)
+        if options is None:
+            try:
+                self.base.trace(*args, **kwargs)
+            except Exception:  # noqa: BLE001
+                return self.base  # the call traces it again and raises there
+            options = self.chosen[signature] = choose()
+        return self.with_options(options)
+
+
+def call_signature(args: tuple, kwargs: dict) -> tuple:
+    """What ``jit`` compiles a call for: ``args``' tree, abstract values and
+    shardings, and ``kwargs`` (static, hashable)."""
+    leaves, tree = jax.tree.flatten(args)
+    return (
+        tree,
+        tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves),
+        tuple(sorted(kwargs.items())),
+    )
 
 
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:

@@ -23,8 +23,8 @@ import numpy as np
 from jaxem.accelerators import accelerate
 from jaxem.arguments import merge_args, split_args
 from jaxem.batching import best_restart, map_restarts, select_best
-from jaxem.checks import raise_for_model_arguments
-from jaxem.compiling import after_loop_options, compile_together
+from jaxem.checks import raise_for_fitted_arguments
+from jaxem.compiling import OptionJits, after_loop_options, call_signature, compile_together
 from jaxem.fit_warnings import warn_about_fit
 from jaxem.fitter_m_step import MStep, describe_plan
 from jaxem.inspection import model_structure
@@ -37,31 +37,8 @@ from jaxem.loop import (
 from jaxem.precision import broken_down, recheck_in_float64
 from jaxem.regularization import warn_if_held_by_reg_covar
 from jaxem.resolution import warn_if_scale_unresolved
-from jaxem.supports import argument_support, arguments_in_support
-from jaxem.tracing import enumerated_trace
 
-__all__ = ["Fitter", "in_support", "raise_for_fitted_arguments"]
-
-
-def in_support(model, params, args, kwargs, nesting) -> jax.Array:
-    """Whether every distribution argument of the model lies in its support at
-    ``params``. Params that feed an argument through a function (``w * c`` as
-    probabilities) can carry it out of its support, where the log-likelihood
-    means nothing."""
-    trace = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False)
-    return arguments_in_support(trace)
-
-
-def raise_for_fitted_arguments(model, params, args, kwargs, structure) -> None:
-    """A ModelError naming the distribution arguments that the fitted ``params``
-    (concrete) put outside their support, and the params feeding them."""
-    fitted = {k: jnp.asarray(v) for k, v in params.items()}
-    trace = enumerated_trace(
-        model, fitted, args, kwargs, structure.max_plate_nesting, log_probs=False
-    )
-    found = argument_support(trace)
-    if any(int(count) for count, _ in found.values()):
-        raise_for_model_arguments(model, args, kwargs, fitted, found, "fitted")
+__all__ = ["Fitter"]
 
 
 class Fitter:
@@ -108,9 +85,11 @@ class Fitter:
         self._update_jit = jax.jit(self._update, static_argnums=(2,))
         self._initial_gradient_jit = jax.jit(self._gradient_at, static_argnums=(2,))
         static = ("spec", "max_iter", "num_restarts", "progress_bar", "batch_restarts")
-        self._run_jit = jax.jit(self._run_arrays, static_argnames=static)
+        # One jit per set of XLA options, chosen per signature (loop_options).
+        self._run_jits = OptionJits(self._run_arrays, static)
+        self._run_jit = self._run_jits.base
         # Two programs where the subclass splits a fit (see _run_in_two).
-        self._loop_jit = jax.jit(self._loop_arrays, static_argnames=static)
+        self._loop_jits = OptionJits(self._loop_arrays, static)
         self._finish_jits: dict = {}  # {XLA options: jit}, made when the backend is known
         self._compiled_together: set = set()
 
@@ -218,15 +197,12 @@ class Fitter:
                 compiler_options=options or None,
             )
             self._finish_jits[options_key] = finish_jit
-        leaves, tree = jax.tree.flatten(args)
-        signature = (
-            tree,
-            tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves),
-            tuple(sorted(loop_kwargs.items())),
-        )
+        choose = partial(self._loop_options, arrays, num_restarts, static["max_iter"])
+        loop_jit = self._loop_jits.for_call(args, loop_kwargs, choose)
+        signature = call_signature(args, loop_kwargs)
         if signature not in self._compiled_together:
             compile_together(
-                self._loop_jit,
+                loop_jit,
                 args,
                 loop_kwargs,
                 finish_jit,
@@ -234,8 +210,23 @@ class Fitter:
                 finish_kwargs,
             )
             self._compiled_together.add(signature)
-        loops = self._loop_jit(*args, **loop_kwargs)
+        loops = loop_jit(*args, **loop_kwargs)
         return finish_jit(loops, arrays, tol, **finish_kwargs)
+
+    def _run_whole(self, rng_key, *, arrays, init_params, tol, spec, num_restarts, **static):
+        """`_run_arrays` as one program, compiled with `loop_options`."""
+        args = (rng_key, arrays, init_params, tol)
+        kwargs = dict(spec=spec, num_restarts=num_restarts, **static)
+        choose = partial(self._loop_options, arrays, num_restarts, static["max_iter"])
+        return self._run_jits.for_call(args, kwargs, choose)(*args, **kwargs)
+
+    def _loop_options(self, arrays, num_restarts, max_iter) -> dict:
+        """`jaxem.compiling.loop_options` of a fit's loop, from what tracing it left in
+        the caches: a Markov chain (`jaxem.built.BuiltModel.has_chain`), a step that
+        iterates (`MStep.iterates`, or a guide)."""
+        settings = self.m_step_settings
+        iterates = settings.iterates() or getattr(self, "guide", None) is not None
+        return settings.loop_options(arrays, num_restarts, max_iter, iterates=iterates)
 
     def _keep_best(self, fits):
         """``(result, start)`` of the best of ``fits`` (every restart's ``(result,
@@ -435,8 +426,9 @@ class Fitter:
             )
         traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, inputs)))
         split = self._loop_one is not None and not traced
+        whole = self._run_jit if traced else self._run_whole  # options: not under a trace
         call = partial(
-            self._run_in_two if split else self._run_jit,
+            self._run_in_two if split else whole,
             arrays=arrays,
             init_params=init_params,
             tol=np.asarray(tol, jnp.result_type(float)),

@@ -12,7 +12,8 @@ import optax
 from jaxem.accelerators import ACCELERATIONS
 from jaxem.arguments import merge_args
 from jaxem.built import built_model
-from jaxem.driver import Fitter, in_support
+from jaxem.checks import in_support
+from jaxem.driver import Fitter
 from jaxem.estep import e_step
 from jaxem.fitter_m_step import MStep
 from jaxem.global_sites import log_prior_of_trace, with_global_sites

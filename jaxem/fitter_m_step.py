@@ -14,6 +14,7 @@ from jaxem.arguments import merge_args
 from jaxem.checks import validate
 from jaxem.closed_form import registered_closed_forms
 from jaxem.closed_form_step import closed_form_m_step
+from jaxem.compiling import loop_options
 from jaxem.gradient import gradient_m_step, init_opt_state
 from jaxem.inspection import inspect_model
 from jaxem.loop import initial_params
@@ -75,6 +76,18 @@ class MStep:
             mode=self.mode,
             cache=self.plans,
         )
+
+    def iterates(self) -> bool:
+        """Whether a plan made so far has a gradient-path param (an inner optimizer)."""
+        paths = (path for plan in self.plans.values() for path in plan.values())
+        return any(path.kind == "gradient" for path in paths)
+
+    def loop_options(self, arrays, num_restarts, max_iter, *, iterates) -> dict:
+        """`jaxem.compiling.loop_options` of a fit's loop on ``arrays``; a chain if a
+        trace of the model made so far has one (`jaxem.built.BuiltModel.has_chain`)."""
+        has_chain = getattr(self.model, "has_chain", None)
+        chain = bool(has_chain()) if callable(has_chain) else False
+        return loop_options(arrays, num_restarts, max_iter, chain=chain, iterates=iterates)
 
     def initial_params(self, rng_key, arrays, spec, init_params):
         """``(structure, initial params)`` (`jaxem.loop.initial_params`)."""

@@ -52,9 +52,9 @@ import optax
 
 from jaxem.arguments import merge_args, split_args
 from jaxem.built import built_model
-from jaxem.checks import validate
+from jaxem.checks import raise_for_fitted_arguments, validate
 from jaxem.closed_form_step import closed_form_statistics_m_step
-from jaxem.driver import Fitter, raise_for_fitted_arguments
+from jaxem.driver import Fitter
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning, ModelError
 from jaxem.fitter_m_step import MStep

@@ -37,7 +37,8 @@ from numpyro.distributions.transforms import biject_to
 from jaxem.accelerators import ACCELERATIONS
 from jaxem.arguments import merge_args
 from jaxem.built import built_model
-from jaxem.driver import Fitter, in_support
+from jaxem.checks import in_support
+from jaxem.driver import Fitter
 from jaxem.estep import contract_factors
 from jaxem.exceptions import ModelError
 from jaxem.factorized import (

@@ -9,16 +9,20 @@ import pytest
 import jaxem
 from jaxem.compiling import (
     EMITTER_OPTIONS,
+    ITERATING_WEIGHT,
+    LARGE_WORK,
     ONCE_OPTIONS,
     SMALL_DATA,
+    SMALL_WORK,
     after_loop_options,
     compile_once,
     compile_together,
     emitter_options,
     jit_once,
+    loop_options,
     once_options,
 )
-from tests.models import gmm_scale_tril
+from tests.models import gaussian_hmm, gmm_scale_tril, student_t_mixture
 
 
 def _f(x, n):
@@ -140,3 +144,58 @@ def test_the_program_after_a_fits_loop_is_compiled_by_the_datas_size(x32, num_po
     key = jax.random.PRNGKey(0)
     reference = jax.jit(lambda x: jaxem.EM(gmm_scale_tril).run(key, x, 2, max_iter=3))(x)
     np.testing.assert_allclose(result.log_likelihood, reference.log_likelihood, rtol=1e-5)
+
+
+def test_loop_options_choose_a_tier_by_the_loops_work_and_structure():
+    x = np.zeros((100, 2), np.float32)  # 200 numbers
+    small, large = SMALL_WORK // 200, LARGE_WORK // 200
+    assert loop_options(x, 1, small) == once_options()
+    assert loop_options(x, 1, small + 1) == emitter_options()
+    assert loop_options(x, 2, small // 2 + 1) == emitter_options()  # restarts count
+    assert loop_options(x, 1, large) == emitter_options()
+    assert loop_options(x, 1, large + 1) == {}
+    assert loop_options(x, 1, large + 1, chain=True) == emitter_options()  # never {}
+    # A step running an inner optimizer weighs ITERATING_WEIGHT plain ones.
+    weight = ITERATING_WEIGHT
+    assert loop_options(x, 1, small, iterates=True) == {}
+    assert loop_options(x, 1, small // weight, iterates=True) == once_options()
+    assert loop_options(x, 1, small // weight + 1, iterates=True) == emitter_options()
+    assert loop_options(x, 1, large // weight, iterates=True) == emitter_options()
+    assert loop_options(x, 1, large // weight + 1, iterates=True) == {}
+
+
+def _loop_options_of(em) -> list:
+    return [dict(options) for options in em._loop_jits.chosen.values()]
+
+
+def _two_blobs():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2)).astype(np.float32)
+    x[:20] += 3.0
+    return jnp.asarray(x)
+
+
+def test_run_compiles_its_loop_with_the_options_of_its_work_and_structure(x32):
+    # The fit loop is compiled by loop_options, from what tracing it found (no model
+    # trace of its own): max_iter sets the work (the program does not change with it;
+    # these fits converge in a few iterations), and the values agree.
+    x, key = _two_blobs(), jax.random.PRNGKey(0)
+    fits = []
+    for max_iter, expected in [(SMALL_WORK // 80, once_options()), (LARGE_WORK // 80 + 1, {})]:
+        em = jaxem.EM(gmm_scale_tril)
+        fits.append(em.run(key, x, 2, max_iter=max_iter))
+        assert _loop_options_of(em) == [expected], max_iter
+    np.testing.assert_allclose(fits[1].log_likelihood, fits[0].log_likelihood, rtol=1e-6)
+    # A Markov chain: the older emitters however large (its loop runs faster with them).
+    em = jaxem.EM(gaussian_hmm)
+    em.run(key, x[:, 0], 2, max_iter=LARGE_WORK // 40 + 1)
+    assert _loop_options_of(em) == [emitter_options()]
+
+
+@pytest.mark.slow
+def test_run_weighs_a_loop_whose_steps_iterate(x32):
+    # Gradient-path params: the first tier needs ITERATING_WEIGHT times less work.
+    x, key = _two_blobs(), jax.random.PRNGKey(0)
+    em = jaxem.EM(student_t_mixture)
+    em.run(key, x[:, 0], 2, max_iter=SMALL_WORK // (40 * ITERATING_WEIGHT) + 1)
+    assert _loop_options_of(em) == [emitter_options()]
