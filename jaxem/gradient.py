@@ -25,6 +25,7 @@ __all__ = [
     "ascend",
     "default_optimizer",
     "expected_log_joint",
+    "cautious_curvature",
     "gradient_m_step",
     "safeguarded_steps",
     "stationarity",
@@ -125,15 +126,74 @@ def ascend(objective, params, names, constraints, optimizer, opt_state, num_step
     return constrained(chosen), opt_state
 
 
+def _is_lbfgs(node):
+    return isinstance(node, optax.ScaleByLBFGSState)
+
+
+def _rows(tree, num_rows):
+    return jnp.concatenate([leaf.reshape(num_rows, -1) for leaf in jax.tree.leaves(tree)], axis=1)
+
+
+def cautious_curvature(opt_state, point=None):
+    """``opt_state`` with the curvature pairs of rounding noise dropped from every
+    L-BFGS memory in it (`optax.ScaleByLBFGSState`); any other state as it is.
+
+    optax's `scale_by_lbfgs` keeps every pair (s, y) with s.y != 0, weight 1/s.y.
+    The steps of a converged tail are of the size of rounding (s of one ulp, y the
+    noise of the gradient: weights up to 1e30, of either sign), and jaxem carries
+    the state from one EM iteration to the next, so such pairs steered the next
+    M-step (its line search used all its steps; float32 fits stalled short of a
+    stationary point). A pair is kept only where s.y > sqrt(eps) |s| |y| (the
+    cautious update of Li and Fukushima, 2001) and |s| > sqrt(eps) (|x| + 1), x the
+    point it was measured at; the others get weight 0, a no-op in optax's two-loop
+    recursion.
+
+    With ``point`` (the start of a new call of `safeguarded_steps`), optax's next
+    update would form a pair from the last step of the previous call to ``point``,
+    across two objectives: where that step is that small too (0 where the previous
+    call ended where this one starts), its s.y / |y|^2, optax's scale of the first
+    direction, is about 0 and the first step did not move. Such a state restarts
+    its count: optax forms no pair at its first update and scales the direction by
+    min(1, 1/|g|) (the pairs kept in memory still precondition it).
+    """
+
+    def clean(state):
+        if not _is_lbfgs(state):
+            return state
+        num_pairs = state.weights_memory.shape[0]
+        s = _rows(state.diff_params_memory, num_pairs)
+        y = _rows(state.diff_updates_memory, num_pairs)
+        x = _rows(state.params, 1)[0]
+        tiny = jnp.sqrt(jnp.finfo(s.dtype).eps)
+        floor = tiny * (jnp.linalg.norm(x) + 1.0)
+        s_norm = jnp.linalg.norm(s, axis=1)
+        keep = (jnp.sum(s * y, axis=1) > tiny * s_norm * jnp.linalg.norm(y, axis=1)) & (
+            s_norm > floor
+        )
+        state = state._replace(weights_memory=jnp.where(keep, state.weights_memory, 0.0))
+        if point is not None:
+            step = _rows(jax.tree.map(jnp.subtract, point, state.params), 1)[0]
+            count = jnp.where(jnp.linalg.norm(step) > floor, state.count, 0)
+            state = state._replace(count=count.astype(state.count.dtype))
+        return state
+
+    return jax.tree.map(clean, opt_state, is_leaf=_is_lbfgs)
+
+
 def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
     """Take ``num_steps`` optax steps on ``loss_fn`` from ``start``, kept only if
     the loss did not increase (so the objective of the enclosing EM loop stays
     monotone whatever the optimizer).
 
+    L-BFGS memories keep no pairs of rounding noise (`cautious_curvature`).
+
     Returns:
         ``(chosen, opt_state)``: the end point and the optimizer state after the
-        steps, or ``start`` and the incoming state when the steps were rejected.
+        steps, or ``start`` and the incoming state (its L-BFGS memory cleaned) when
+        the steps were rejected.
     """
+
+    opt_state = cautious_curvature(opt_state, start)
 
     def step(carry, _):
         point, state = carry
@@ -141,6 +201,7 @@ def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
         updates, state = optimizer.update(
             grad, state, point, value=value, grad=grad, value_fn=loss_fn
         )
+        state = cautious_curvature(state)
         return (optax.apply_updates(point, updates), state), None
 
     (end, end_state), _ = jax.lax.scan(step, (start, opt_state), None, length=num_steps)
