@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxem.gradient import cautious_curvature, safeguarded_steps
+from jaxem.gradient import safeguarded_steps
+from jaxem.lbfgs_memory import cautious_curvature
 
 CURVATURE = jnp.array([1.0, 10.0])
 
