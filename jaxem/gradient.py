@@ -19,6 +19,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.lbfgs_memory import cautious_curvature
 from jaxem.tracing import enumerated_trace
 
 __all__ = [
@@ -130,10 +131,15 @@ def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
     the loss did not increase (so the objective of the enclosing EM loop stays
     monotone whatever the optimizer).
 
+    L-BFGS memories keep no pairs of rounding noise (`cautious_curvature`).
+
     Returns:
         ``(chosen, opt_state)``: the end point and the optimizer state after the
-        steps, or ``start`` and the incoming state when the steps were rejected.
+        steps, or ``start`` and the incoming state (its L-BFGS memory cleaned) when
+        the steps were rejected.
     """
+
+    opt_state = cautious_curvature(opt_state, start)
 
     def step(carry, _):
         point, state = carry
@@ -141,6 +147,7 @@ def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
         updates, state = optimizer.update(
             grad, state, point, value=value, grad=grad, value_fn=loss_fn
         )
+        state = cautious_curvature(state)
         return (optax.apply_updates(point, updates), state), None
 
     (end, end_state), _ = jax.lax.scan(step, (start, opt_state), None, length=num_steps)
@@ -203,7 +210,15 @@ def stationarity(
     along ``p`` does not level off within the region (its curvature is not
     negative enough to stop the step), Q rises without bound there as far as the
     model can tell (its maximum along ``p`` lies beyond `UNBOUNDED_REACH` trust
-    regions, or nowhere): the params carrying ``p`` are reported in ``unbounded``.
+    regions, or nowhere). The params reported in ``unbounded`` are those carrying ``p``
+    along whose own part of ``p`` Q, evaluated `FAR_REACH` trust regions out, still
+    rose at least half as much as its slope there promised: the rise has no end along
+    them (a collapsing log-scale), where it ends beyond the trust region along the
+    others (a log-df of 1e-10 rises until df is about 1), or Q falls (a location a few
+    ulps off the ties its scale collapsed onto: a gradient of 1e15 gives it all of
+    ``p``). Where no carrier passes, they are the params whose own block (below)
+    rose without levelling off, the largest rises; where none did either, the
+    carriers of ``p``.
 
     Both directions can miss a param whose curvature is far below the others': a
     location near 0 with data at 1e3 (curvature 1e-6 beside log-scales' 50) has an
@@ -266,7 +281,8 @@ def stationarity(
 
     # g^T H g by a central difference of the gradient along g: the gradient at u and
     # at u +- h g, then p^T H p at u +- h' p, then for each param b the curvature along
-    # its own block g_b of g (u +- h_b g_b) and Q at the Newton step along g_b: all
+    # its own block g_b of g (u +- h_b g_b), Q at the Newton step along g_b and Q
+    # FAR_REACH trust regions along its block of p: all
     # evaluations of ONE compiled value and gradient (the steps of a scan). A
     # Hessian-vector product (forward-over-reverse) is exact but its program is 2.5
     # times the gradient's, and every fit's compile time pays for it; the gain is an
@@ -283,15 +299,20 @@ def stationarity(
         return jnp.where(x > 0, x, 1.0)
 
     def evaluate(carry, step):
-        direction, first_gradient, plus, block_plus, block_t = carry
+        direction, first_gradient, plus, block_plus, block_t, preconditioned = carry
         sign, index = step
-        # Steps 5 + 3 b + j: the block of param b (j = 0, 1: +- h_b; j = 2: Newton).
+        # Steps 5 + 4 b + j: the block of param b (j = 0, 1: +- h_b; j = 2: Newton; j =
+        # 3: FAR_REACH trust regions along the block's part of p).
         in_blocks = index >= 5
-        b, j = (index - 5) // 3, (index - 5) % 3
-        direction = jnp.where(in_blocks, jnp.where(block == b, first_gradient, 0.0), direction)
+        b, j = (index - 5) // 4, (index - 5) % 4
+        own = jnp.where(j == 3, preconditioned, first_gradient)
+        direction = jnp.where(in_blocks, jnp.where(block == b, own, 0.0), direction)
         reach = reach_of(direction)
         h = jnp.where(reach > 0, relative_step / safe(reach), 0.0)
-        offset = jnp.where(in_blocks & (j == 2), block_t, sign * h)
+        far = jnp.where(reach > 0, FAR_REACH * TRUST_REACH / safe(reach), 0.0)
+        offset = jnp.where(
+            in_blocks & (j == 2), block_t, jnp.where(in_blocks & (j == 3), far, sign * h)
+        )
         (value, magnitude), g = value_and_grad_fn(u + offset * direction)
         g = jnp.where(entry_inside, g, 0.0)
         finite_g = jnp.where(jnp.isfinite(g), g, 0.0)
@@ -304,7 +325,9 @@ def stationarity(
         # has an H g entry of rounding and cross terms only (a weight's gradient of
         # 1e-15 did not move it at all): it takes no part in the preconditioned one.
         resolved = jnp.abs(first_gradient) / scale >= relative_step * reach_of(first_gradient)
-        preconditioned = _jacobi_direction(first_gradient, hg, resolved)
+        preconditioned = jnp.where(
+            index == 2, _jacobi_direction(first_gradient, hg, resolved), preconditioned
+        )
         new_direction = jnp.where(
             index == 0, finite_g, jnp.where(index == 2, preconditioned, direction)
         )
@@ -322,7 +345,7 @@ def stationarity(
         t = jnp.where((reach > 0) & jnp.isfinite(t), t, 0.0)
         block_t = jnp.where(in_blocks & (j == 1), t.astype(block_t.dtype), block_t)
         model_gain = jnp.where(concave, 0.5 * t * squared, t * squared)
-        return (new_direction, first_gradient, plus, block_plus, block_t), (
+        return (new_direction, first_gradient, plus, block_plus, block_t, preconditioned), (
             g,
             h,
             direction,
@@ -332,11 +355,11 @@ def stationarity(
         )
 
     zeros = jnp.zeros_like(u)
-    num_steps = 5 + 3 * len(names)
-    signs = jnp.asarray([0.0, 1.0, -1.0, 1.0, -1.0] + [1.0, -1.0, 0.0] * len(names), dtype)
+    num_steps = 5 + 4 * len(names)
+    signs = jnp.asarray([0.0, 1.0, -1.0, 1.0, -1.0] + [1.0, -1.0, 0.0, 0.0] * len(names), dtype)
     _, (grads, hs, directions, values, magnitudes, model_gains) = jax.lax.scan(
         evaluate,
-        (zeros, zeros, zeros, zeros, jnp.zeros((), dtype)),
+        (zeros, zeros, zeros, zeros, jnp.zeros((), dtype), zeros),
         (signs, jnp.arange(num_steps)),
     )
     gradient = unravel(grads[0])
@@ -371,7 +394,7 @@ def stationarity(
     # mean, a gain of 18 nats, seen as 0.01); and the step has no trust region in the
     # coordinate's units (1 + |u|), which at a location near 0 is 2, not 3e3.
     eps = jnp.finfo(u.dtype).eps
-    rises = values[7::3] - values[0]
+    rises = values[7::4] - values[0]
     rises = jnp.where(
         jnp.isfinite(rises) & (rises > ROUNDING_ULPS * eps * magnitudes[0]), rises, 0.0
     )
@@ -381,21 +404,41 @@ def stationarity(
     # every coordinate's slope fell to at most half its slope at u (on a linear rise,
     # a collapsing scale's, that coordinate's slope stays, whatever the block's other
     # coordinates do).
-    start_slope, end_slope = directions[7::3], grads[7::3]
+    start_slope, end_slope = directions[7::4], grads[7::4]
     kept = (start_slope == 0) | (jnp.abs(end_slope) <= 0.5 * jnp.abs(start_slope))
     levelled = jnp.all(kept, axis=1)
-    confirmed = (model_gains[6::3] > 0) & (rises > 0) & levelled
+    confirmed = (model_gains[6::4] > 0) & (rises > 0) & levelled
     # Unbounded as far as the model can tell: Q is not concave along p, or so nearly
     # linear that its maximum along p lies far beyond the trust region (a distant
     # optimum, merely outside it, is not enough).
     rising = (reach > 0) & (slope > 0) & ~(concave & (newton_step < UNBOUNDED_REACH * limit))
+    # The params to bound. p follows the gradient's size, and so does the step h that
+    # resolves its coordinates: a location a few ulps off the ties its scale collapsed
+    # onto has a gradient of 1e15 and all of p (no other coordinate resolved), yet Q
+    # falls along it; where two coordinates are both linear (a collapsed log-scale, a
+    # log-df of 1e-10, both rising in their own units), p shares itself between them,
+    # yet only the scale's rise has no end. So each param carrying p is credited only
+    # where Q, evaluated FAR_REACH trust regions along its own part of p, still rose
+    # at least half as fast as the slope promised (a rise that ends, ends within a few
+    # of its own trust regions: a log-df's, once df reaches 1). Where none did, the
+    # params whose own block rose without levelling off, by the rise; where none did
+    # either, p's carriers as they are.
+    p_blocks = directions[8::4]
+    far_step = FAR_REACH * TRUST_REACH / jax.vmap(lambda d: safe(reach_of(d)))(p_blocks)
+    promised = far_step * (p_blocks @ g_dir)
+    keeps_rising = (promised > 0) & (values[8::4] - values[0] >= 0.5 * promised)
     share = jnp.abs(p) / scale
-    unbounded = {
-        n: rising
-        & ~confirmed[i]
-        & (jnp.max(jnp.where(block == i, share, 0.0), initial=0.0) >= 0.1 * safe(reach))
-        for i, n in enumerate(names)
-    }
+    carries = jnp.stack(
+        [jnp.max(jnp.where(block == i, share, 0.0), initial=0.0) for i in range(len(names))]
+    ) >= 0.1 * safe(reach)
+    carries = carries & ~confirmed
+    own = jnp.where((rises > 0) & ~levelled, rises, 0.0)
+    credited = jnp.where(
+        jnp.any(carries & keeps_rising),
+        carries & keeps_rising,
+        jnp.where(jnp.max(own) > 0, own >= 0.1 * jnp.max(own), carries),
+    )
+    unbounded = {n: rising & credited[i] for i, n in enumerate(names)}
     gains = {n: rises[i] for i, n in enumerate(names)}
     return gradient, jnp.where(finite, gain, jnp.inf), unbounded, gains
 
@@ -409,6 +452,13 @@ TRUST_REACH = 1.0
 # model's maximum lies beyond this many trust regions (or nowhere): on 12 tied points a
 # collapsed scale's log has curvature ~0 (rounding) against a slope of -12.
 UNBOUNDED_REACH = 100.0
+
+# How far along its own part of p a param's rise is evaluated, in trust regions, to
+# tell a rise without end (a collapsing log-scale's: linear, for ever) from one that
+# ends beyond the trust region (a log-df of 1e-10 rises linearly until df is about 1,
+# |u| = 1 trust region away: 4 promise 4 times the rise it makes). A log-scale of -25
+# moved by 4 of its trust regions is -129: in float64 a scale of 1e-56.
+FAR_REACH = 4.0
 
 # Q's rise along a block counts beyond this many eps times the sum of the magnitudes of
 # its terms (each term's log-probability rounded to a few eps of itself, their sum by

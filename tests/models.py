@@ -9,6 +9,7 @@ shared between tests. The models from ``latent_class`` on are members of the zoo
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.contrib.control_flow import scan
@@ -120,6 +121,19 @@ def student_t_mixture(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.StudentT(df[z], mu[z], sigma[z]), obs=x)
+
+
+def tied_student_t_data():
+    """tests/test_properties.py's student_t draw of seed 58487 (float64, scale 1, no
+    offset, ties): 48 points from a 2-component t_3 mixture, the first 12 tied."""
+    rng = np.random.default_rng(58487)
+    w = rng.dirichlet(np.full(2, 3.0))
+    centers = rng.uniform(-4.0, 4.0, (2, 1))
+    spreads = np.exp(rng.uniform(-1.0, 0.5, (2, 1)))
+    z = rng.choice(2, 48, p=w)
+    x = centers[z] + spreads[z] * rng.standard_t(3.0, (48, 1))
+    x[:12] = x[0]
+    return x[:, 0]
 
 
 def poisson_regression_mixture(c, x, K):
