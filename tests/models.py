@@ -196,3 +196,14 @@ def sleepstudy_model(days, subject, y, num_subjects=18):
         phi = numpyro.sample("phi", dist.MultivariateNormal(beta, scale_tril=sd[:, None] * corr))
     with numpyro.plate("obs", y.shape[0]):
         numpyro.sample("y", dist.Normal(phi[subject, 0] + phi[subject, 1] * days, sigma), obs=y)
+
+
+def one_factor_analysis(x):
+    """Factor analysis with one continuous latent factor per row (SAEM, MCEM)."""
+    n, p = x.shape
+    mean = numpyro.param("mean", jnp.zeros(p))
+    loadings = numpyro.param("loadings", jnp.full((p, 1), 0.5))
+    noise = numpyro.param("noise", jnp.ones(p), constraint=constraints.positive)
+    with numpyro.plate("rows", n):
+        scores = numpyro.sample("scores", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+        numpyro.sample("x", dist.Normal(mean + scores @ loadings.T, noise).to_event(1), obs=x)

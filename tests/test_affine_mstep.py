@@ -12,6 +12,7 @@ from scipy import stats
 
 import jaxem
 from jaxem.monte_carlo_stats import ClosedFormMStep
+from tests.models import one_factor_analysis
 
 K, P = 2, 3
 
@@ -112,28 +113,18 @@ def mixture_of_experts(X, y, K):
         numpyro.sample("y", dist.Normal((beta[z] * X).sum(-1), sigma[z]), obs=y)
 
 
-def factor_analysis(x):
-    n, p = x.shape
-    mean = numpyro.param("mean", jnp.zeros(p))
-    loadings = numpyro.param("loadings", jnp.full((p, 1), 0.5))
-    noise = numpyro.param("noise", jnp.ones(p), constraint=constraints.positive)
-    with numpyro.plate("rows", n):
-        scores = numpyro.sample("scores", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
-        numpyro.sample("x", dist.Normal(mean + scores @ loadings.T, noise).to_event(1), obs=x)
-
-
 def test_m_step_paths_of_experts_and_factor_loadings():
     paths = jaxem.EM(mixture_of_experts).m_step_paths(jnp.ones((5, 3)), jnp.ones(5), 3)
     assert paths["beta"] == "closed-form (Normal.loc at site 'y' (affine: weighted least squares))"
     assert paths["gate"].startswith("gradient")
     assert paths["sigma"] == "closed-form (Normal.scale at site 'y')"
-    paths = jaxem.SAEM(factor_analysis).m_step_paths(jnp.ones((5, 4)))
+    paths = jaxem.SAEM(one_factor_analysis).m_step_paths(jnp.ones((5, 4)))
     assert paths["mean"] == (
         "closed-form (Normal.loc at site 'x' (affine jointly with 'loadings': weighted least "
         "squares))"
     )
     assert paths["loadings"].startswith("closed-form (Normal.loc at site 'x' (affine jointly")
-    forced = jaxem.SAEM(factor_analysis, m_step="gradient").m_step_paths(jnp.ones((5, 4)))
+    forced = jaxem.SAEM(one_factor_analysis, m_step="gradient").m_step_paths(jnp.ones((5, 4)))
     assert forced["mean"].startswith("gradient") and forced["loadings"].startswith("gradient")
 
 
@@ -152,7 +143,7 @@ def test_the_monte_carlo_m_step_solves_the_draw_averaged_normal_equations(x64):
         "loadings": jnp.asarray(rng.normal(size=(p, 1))),
         "noise": jnp.asarray(rng.uniform(0.5, 1.5, p)),
     }
-    step = ClosedFormMStep(factor_analysis, "auto", 0.0, ())
+    step = ClosedFormMStep(one_factor_analysis, "auto", 0.0, ())
     new = step.step(params, {"scores": jnp.asarray(draws)}, jnp.asarray(weights), (x,), {})
     design = np.concatenate([np.ones((num_draws * n, 1)), draws.reshape(-1, 1)], axis=1)
     w = np.repeat(weights, n)

@@ -26,6 +26,7 @@ from jaxem.monte_carlo_stationarity import (
     phase_drift,
     stationarity_check,
 )
+from tests.models import one_factor_analysis
 
 G, N = 30, 5
 FREE = ["mu", "tau", "sigma"]
@@ -266,26 +267,17 @@ def test_a_default_saem_fit_short_of_the_maximum_is_not_converged(x64):
     0.02, 0.01): its single chain mixes slowly, and the fit must not be ``converged``."""
     from sklearn.decomposition import FactorAnalysis
 
-    def one_factor(x):
-        n, p = x.shape
-        mean = numpyro.param("mean", jnp.zeros(p))
-        loadings = numpyro.param("loadings", jnp.full((p, 1), 0.5))
-        noise = numpyro.param("noise", jnp.ones(p), constraint=constraints.positive)
-        with numpyro.plate("rows", n):
-            scores = numpyro.sample("scores", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
-            numpyro.sample("x", dist.Normal(mean + scores @ loadings.T, noise).to_event(1), obs=x)
-
     rng = np.random.default_rng(0)
     loadings = np.array([[1.0], [0.8], [0.6], [0.4]])
     x = rng.normal(size=(150, 1)) @ loadings.T + rng.normal(size=(150, 4)) * 0.5 + 1.0
     best = FactorAnalysis(n_components=1, tol=1e-10, max_iter=10_000).fit(x).score(x) * 150
     assert (
-        jaxem.SAEM(one_factor)
+        jaxem.SAEM(one_factor_analysis)
         .m_step_paths(jnp.asarray(x))["loadings"]
         .startswith("closed-form (Normal.loc at site 'x' (affine jointly with 'mean'")
     )
     with pytest.warns(ConvergenceWarning, match="observed information .* not positive definite"):
-        result = jaxem.SAEM(one_factor).run(jax.random.PRNGKey(2), jnp.asarray(x))
+        result = jaxem.SAEM(one_factor_analysis).run(jax.random.PRNGKey(2), jnp.asarray(x))
     params = {k: np.asarray(v) for k, v in result.params.items()}
     cov = params["loadings"] @ params["loadings"].T + np.diag(params["noise"] ** 2)
     gap = best - stats.multivariate_normal(params["mean"], cov).logpdf(x).sum()
