@@ -108,7 +108,7 @@ GLMM of ``benchmarks/mixed_models.py``; load average 8-11 on 2 cores):
 | case | W | once | emitters | defaults |
 |---|---:|---:|---:|---:|
 | cbpp (56 x 4 numbers, 4 chains) | 4.0e5 | 6.8 / 0.35 | 16.1 / 0.12 | 19.0 / 0.10 |
-| sleepstudy (180 x 3 numbers, 4 chains) | 9.7e5 | 8.4 / 2.25 | 19.1 / 0.68 | |
+| sleepstudy (180 x 3 numbers, 3 chains) | 7.3e5 | 8.4 / 2.25 | 19.1 / 0.68 | 27.5 / 0.71 |
 | GLMM (20 000 x 3 numbers, 1 chain) | 2.4e7 | 4.7 / 26.9 | 11.0 / 7.3 | 17.0 / 6.7 |
 
 The GLMM's break-even (compile CPU s saved / run CPU s lost, times ``W``) is
