@@ -11,6 +11,10 @@ lowers the program the way ``run`` does (the checks before the fit first, as
 (seeds 0 and 1; the first includes nothing but the run), with the fitted params
 and log-likelihood of the second, so that the option sets' results can be compared.
 
+``--loop-only`` replaces the importance sampling and the stationarity test after
+the loop by zeros of their shapes (``jax.eval_shape``), to tell how much of the
+compilation they take (the results are then meaningless; use ``--runs 0``).
+
 Cases: ``glmm`` (the simulated logistic GLMM of ``benchmarks/mixed_models.py``,
 1 000 groups x 20, SAEM ``schedule=(100, 50)``), ``glmm-mcem`` (the same, MCEM
 ``max_draws=50``), ``sleepstudy`` and ``cbpp`` (SAEM ``schedule=(100, 100)``, as
@@ -20,6 +24,7 @@ Usage::
 
     python benchmarks/compile_monte_carlo.py --cases glmm --options once,emitters,default
     python benchmarks/compile_monte_carlo.py --cases sleepstudy,cbpp,sleepstudy-mcem
+    python benchmarks/compile_monte_carlo.py --options emitters,once --runs 0 --loop-only
 """
 
 import argparse
@@ -86,6 +91,24 @@ def _cases():
     }
 
 
+def _without_after_loop():
+    """Zeros of their shapes for the importance sampling and stationarity test."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxem.monte_carlo as mc
+
+    def zeros_of(fn):
+        def stand_in(*args, **kwargs):
+            shapes = jax.eval_shape(lambda: fn(*args, **kwargs))
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        return stand_in
+
+    mc.importance_log_likelihood = zeros_of(mc.importance_log_likelihood)
+    mc.fit_stationarity = zeros_of(mc.fit_stationarity)
+
+
 def _cpu(fn):
     import jax
 
@@ -136,7 +159,10 @@ def main():
     parser.add_argument("--options", default="once,emitters,default")
     parser.add_argument("--runs", type=int, default=2, help="compiled runs (0: compile only)")
     parser.add_argument("--max-iter", type=int, default=None, help="the fit's max_iter")
+    parser.add_argument("--loop-only", action="store_true", help="no program after the loop")
     options = parser.parse_args()
+    if options.loop_only:
+        _without_after_loop()
     import jax
 
     jax.config.update("jax_enable_x64", True)

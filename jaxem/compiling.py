@@ -112,7 +112,16 @@ GLMM of ``benchmarks/mixed_models.py``; load average 8-11 on 2 cores):
 | GLMM (20 000 x 3 numbers, 1 chain) | 2.4e7 | 4.7 / 26.9 | 11.0 / 7.3 | 17.0 / 6.7 |
 
 The GLMM's break-even (compile CPU s saved / run CPU s lost, times ``W``) is
-7.7e6; `SMALL_SAMPLING_WORK` lies between it and sleepstudy's work. The fits'
+7.7e6; `SMALL_SAMPLING_WORK` lies between it and sleepstudy's work. ``W`` is a
+bound: MCEM's counts ``max_draws`` per iteration for ``max_iter`` iterations, and
+its stopping rule usually ends sooner. On sleepstudy (``python
+benchmarks/compile_monte_carlo.py --cases sleepstudy-mcem``, ``max_draws=200``,
+W 6.5e7, 17 iterations run) `once_options` compiled in 6.5 rather than 16.0 CPU s
+and ran 8.8 rather than 3.3: it keeps the older emitters, and its first call is 4
+CPU s longer than it could be. The older emitters with
+``xla_backend_optimization_level=1`` (``python benchmarks/compile_monte_carlo.py
+--options O1``) compiled the GLMM's fit in 9.1 CPU s for a run of 8.1 (one
+measurement, load 12): within the noise of the older emitters alone. The fits'
 results agree to the digits printed on cbpp and the GLMM; on sleepstudy the chains
 part after the last bits differ and the fit lands elsewhere within its Monte Carlo
 error (``beta`` 251.35 and 251.57, the MLE 251.41).
