@@ -91,9 +91,40 @@ under a user's ``jit`` or ``vmap`` the enclosing program's options apply;
 `jaxem.VariationalBayesEM` keep XLA's defaults.
 
 A Monte Carlo fit (`jaxem.SAEM`, `jaxem.MCEM`) is one program, loop and
-importance sampling together, compiled with `emitter_options` too: on the
-simulated GLMM of ``benchmarks/mixed_models.py`` it compiles in less CPU time
-and runs as fast.
+importance sampling together, compiled by `monte_carlo_options`, a rule of its
+work ``W`` (`monte_carlo_work`): numbers in the data x chains x the most MCMC
+transitions a chain can make (``max_iter`` x the most per iteration, plus the
+``num_is_draws`` at the fitted params). Every transition evaluates the model's
+density and gradient at each leapfrog step of NUTS or HMC, so the run lost
+without backend optimization grows with ``W``, while the compile time saved
+hardly does (it is the sampler's and M-step's program, whatever the data).
+Up to `SMALL_SAMPLING_WORK` (3 x 10^6) it is compiled with `once_options`,
+above it with `emitter_options`; XLA's defaults never won. Measured with
+``python benchmarks/compile_monte_carlo.py --cases cbpp,sleepstudy,glmm``
+(compile CPU s / run CPU s of the second seed, each after ``jax.clear_caches()``;
+SAEM with 200 iterations on cbpp and sleepstudy, ``schedule=(100, 50)`` on the
+GLMM of ``benchmarks/mixed_models.py``; load average 8-11 on 2 cores):
+
+| case | W | once | emitters | defaults |
+|---|---:|---:|---:|---:|
+| cbpp (56 x 4 numbers, 4 chains) | 4.0e5 | 6.8 / 0.35 | 16.1 / 0.12 | 19.0 / 0.10 |
+| sleepstudy (180 x 3 numbers, 3 chains) | 7.3e5 | 8.4 / 2.25 | 19.1 / 0.68 | 27.5 / 0.71 |
+| GLMM (20 000 x 3 numbers, 1 chain) | 2.4e7 | 4.7 / 26.9 | 11.0 / 7.3 | 17.0 / 6.7 |
+
+The GLMM's break-even (compile CPU s saved / run CPU s lost, times ``W``) is
+7.7e6; `SMALL_SAMPLING_WORK` lies between it and sleepstudy's work. ``W`` is a
+bound: MCEM's counts ``max_draws`` per iteration for ``max_iter`` iterations, and
+its stopping rule usually ends sooner. On sleepstudy (``python
+benchmarks/compile_monte_carlo.py --cases sleepstudy-mcem``, ``max_draws=200``,
+W 6.5e7, 17 iterations run) `once_options` compiled in 6.5 rather than 16.0 CPU s
+and ran 8.8 rather than 3.3: it keeps the older emitters, and its first call is 4
+CPU s longer than it could be. The older emitters with
+``xla_backend_optimization_level=1`` (``python benchmarks/compile_monte_carlo.py
+--options O1``) compiled the GLMM's fit in 9.1 CPU s for a run of 8.1 (one
+measurement, load 12): within the noise of the older emitters alone. The fits'
+results agree to the digits printed on cbpp and the GLMM; on sleepstudy the chains
+part after the last bits differ and the fit lands elsewhere within its Monte Carlo
+error (``beta`` 251.35 and 251.57, the MLE 251.41).
 """
 
 from __future__ import annotations
@@ -120,7 +151,10 @@ __all__ = [
     "jit_once",
     "loop_options",
     "loop_work",
+    "monte_carlo_options",
+    "monte_carlo_work",
     "once_options",
+    "SMALL_SAMPLING_WORK",
 ]
 
 # XLA options of a program evaluated once: no backend optimization passes.
@@ -141,6 +175,11 @@ SMALL_DATA = 10_000
 SMALL_WORK = 10_000_000
 LARGE_WORK = 50_000_000
 ITERATING_WEIGHT = 300
+
+# A Monte Carlo fit's work (`monte_carlo_work`: numbers of data x chains x MCMC
+# transitions) at most SMALL_SAMPLING_WORK: its program is compiled with
+# once_options, else emitter_options (module docstring).
+SMALL_SAMPLING_WORK = 3_000_000
 
 # Platforms whose XLA compiler takes ONCE_OPTIONS (a plugin may refuse an option it
 # does not know).
@@ -262,6 +301,20 @@ def call_signature(args: tuple, kwargs: dict) -> tuple:
         tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves),
         tuple(sorted(kwargs.items())),
     )
+
+
+def monte_carlo_work(arrays, num_chains: int, num_transitions: int) -> int:
+    """A Monte Carlo fit's work: numbers in the data ``arrays`` (a pytree) x
+    ``num_chains`` x ``num_transitions`` (the most MCMC transitions per chain)."""
+    return data_size(arrays) * int(num_chains) * int(num_transitions)
+
+
+def monte_carlo_options(arrays, num_chains: int, num_transitions: int) -> dict:
+    """XLA options of a Monte Carlo fit's program (see the module's docstring):
+    `once_options` when its `monte_carlo_work` is at most `SMALL_SAMPLING_WORK`,
+    else `emitter_options`."""
+    work = monte_carlo_work(arrays, num_chains, num_transitions)
+    return once_options() if work <= SMALL_SAMPLING_WORK else emitter_options()
 
 
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:

@@ -91,6 +91,9 @@ class MCEM(MonteCarloEM):
         size = jnp.ceil(self.num_draws * self.growth ** iteration.astype(dtype))
         return jnp.minimum(size, self.max_draws).astype(jnp.int32)
 
+    def _most_draws_per_chain(self) -> int:
+        return self.max_draws
+
     def _accumulate(self, state, fresh, num):
         used = jnp.arange(self.num_slots) < num
         return fresh, used.astype(jnp.result_type(float)) / num

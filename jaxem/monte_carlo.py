@@ -22,7 +22,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 
 from jaxem.arguments import merge_args, merge_init_params, split_args
-from jaxem.compiling import emitter_options, jit_once
+from jaxem.compiling import jit_once, monte_carlo_options
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import global_site_names, with_global_sites
 from jaxem.importance import importance_log_likelihood
@@ -95,7 +95,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         )
         self._update_jit = jax.jit(self._update, static_argnums=(2,))
         self._init_jit = jax.jit(self._init_state, static_argnums=(2, 4))
-        self._fit_jit = None  # see _run_jit
+        self._fit_jits = {}  # {XLA options: the compiled fit}, see _fit_program
         # Run once per model and signature: compiled without backend optimizations.
         self._start_jit = jit_once(self._start_values, static_argnames=("spec", "with_pattern"))
         self._pattern_jit = jit_once(self._dense_pattern, static_argnames=("spec",))
@@ -122,6 +122,10 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
 
     def _stop(self, state, new_state, tol):
         """``(stop, converged, streak)`` after an update."""
+        raise NotImplementedError
+
+    def _most_draws_per_chain(self) -> int:
+        """The most transitions per chain in one iteration."""
         raise NotImplementedError
 
     def _drift(self, history, free, constraints):
@@ -425,17 +429,6 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         arrays, spec = split_args(args, kwargs)
         return self._update_jit(state, arrays, spec)
 
-    def m_step_paths(self, *args, **kwargs) -> dict:
-        """How each parameter is updated, as [`jaxem.EM.m_step_paths`][jaxem.EM.m_step_paths]:
-        ``{name: "closed-form (...)" | "gradient (...)" | "frozen" | "unused (...)"}``,
-        planned on the model given a draw of its continuous latents."""
-        arrays, spec = split_args(args, kwargs)
-        structure = self._structure(arrays, spec)
-        args, kwargs = merge_args(arrays, spec)
-        z = self.latent.prior_draw(structure, structure.params, jax.random.PRNGKey(0), args, kwargs)
-        z = self.latent.constrain(structure, z)[0]
-        return self.closed_form.paths(structure.params, z, args, kwargs)
-
     def standard_errors(self, result, *args, **kwargs):
         """Standard errors of a fit by Louis' identity over its posterior draws
         ([`jaxem.standard_errors`][jaxem.standard_errors]), the fitter's frozen
@@ -458,7 +451,9 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         arrays, spec = split_args(args, kwargs)
         init_params = None if init_params is None else dict(init_params)
         blocks = self._checked_blocks(rng_key, arrays, spec, init_params)
-        result = self._run_jit(
+        num_chains = self.chains_for(blocks.num_blocks)
+        program = self._fit_program(arrays, num_chains, int(max_iter))
+        result = program(
             rng_key,
             arrays,
             init_params,
@@ -469,7 +464,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             spec=spec,
             max_iter=int(max_iter),
             num_blocks=blocks.num_blocks,
-            num_chains=self.chains_for(blocks.num_blocks),
+            num_chains=num_chains,
         )
         warn_about_monte_carlo_fit(
             result,
@@ -484,17 +479,19 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
     _convergence_rule = ""
     _stationarity_fix = ""
 
-    @property
-    def _run_jit(self):
-        """The compiled fit, on a CPU without XLA's fusion emitters (`emitter_options`:
-        the benchmark's GLMM compiles in ~30 % less CPU time and runs as fast)."""
-        if self._fit_jit is None:
-            self._fit_jit = jax.jit(
+    def _fit_program(self, arrays, num_chains, max_iter):
+        """The compiled fit, with the XLA options of its work (the most transitions per
+        chain: every iteration's and the final draws; `jaxem.compiling.monte_carlo_options`)."""
+        most = max_iter * self._most_draws_per_chain() + self.num_is_draws
+        options = monte_carlo_options(arrays, num_chains, most)
+        key = tuple(sorted(options.items()))
+        if key not in self._fit_jits:
+            self._fit_jits[key] = jax.jit(
                 self._fit,
                 static_argnames=("spec", "max_iter", "num_blocks", "num_chains"),
-                compiler_options=emitter_options() or None,
+                compiler_options=options or None,
             )
-        return self._fit_jit
+        return self._fit_jits[key]
 
 
 def _merge(spec, arrays):

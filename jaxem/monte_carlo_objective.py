@@ -2,11 +2,12 @@
 it, mixed into `jaxem.monte_carlo.MonteCarloEM`: ``Q(theta) = sum_slot weight *
 mean_chain log p(x, z | theta)``, its gain between two params with a Monte Carlo
 standard error, the closed-form params solved from averaged statistics
-(`jaxem.monte_carlo_stats`) and optax steps on ``-Q`` for the others.
+(`jaxem.monte_carlo_stats`) and optax steps on ``-Q`` for the others; and
+``m_step_paths``, which params take which.
 
 The fitter supplies ``latent`` (`jaxem.mcmc_estep.LatentModel`),
 ``closed_form`` (`jaxem.monte_carlo_stats.ClosedFormMStep`), ``frozen``,
-``optimizer``, ``lbfgs`` and ``m_step_iters``.
+``optimizer``, ``lbfgs``, ``m_step_iters`` and ``_structure``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.arguments import merge_args, split_args
 from jaxem.loop import all_finite, tree_where
 
 __all__ = ["MonteCarloObjective"]
@@ -24,6 +26,17 @@ __all__ = ["MonteCarloObjective"]
 
 class MonteCarloObjective:
     """``Q`` over weighted draws and its M-step (see the module)."""
+
+    def m_step_paths(self, *args, **kwargs) -> dict:
+        """How each parameter is updated, as [`jaxem.EM.m_step_paths`][jaxem.EM.m_step_paths]:
+        ``{name: "closed-form (...)" | "gradient (...)" | "frozen" | "unused (...)"}``,
+        planned on the model given a draw of its continuous latents."""
+        arrays, spec = split_args(args, kwargs)
+        structure = self._structure(arrays, spec)
+        args, kwargs = merge_args(arrays, spec)
+        z = self.latent.prior_draw(structure, structure.params, jax.random.PRNGKey(0), args, kwargs)
+        z = self.latent.constrain(structure, z)[0]
+        return self.closed_form.paths(structure.params, z, args, kwargs)
 
     def _closed_then_gradient(self, structure, params, draws, weights, args, kwargs):
         """The closed-form params solved from their statistics averaged over ``(draws,

@@ -133,6 +133,9 @@ class SAEM(MonteCarloEM):
     def _draws_per_chain(self, iteration):
         return jnp.asarray(self.num_mcmc_steps, jnp.int32)
 
+    def _most_draws_per_chain(self) -> int:
+        return self.num_mcmc_steps
+
     def _latest(self, fresh, num):
         return jax.tree.map(lambda x: x[jnp.minimum(num, self.num_slots) - 1], fresh)
 

@@ -13,6 +13,7 @@ from jaxem.compiling import (
     LARGE_WORK,
     ONCE_OPTIONS,
     SMALL_DATA,
+    SMALL_SAMPLING_WORK,
     SMALL_WORK,
     after_loop_options,
     compile_once,
@@ -20,9 +21,11 @@ from jaxem.compiling import (
     emitter_options,
     jit_once,
     loop_options,
+    monte_carlo_options,
+    monte_carlo_work,
     once_options,
 )
-from tests.models import gaussian_hmm, gmm_scale_tril, student_t_mixture
+from tests.models import gaussian_hmm, gmm_scale_tril, logistic_glmm, student_t_mixture
 
 
 def _f(x, n):
@@ -208,3 +211,34 @@ def test_run_weighs_a_loop_whose_steps_iterate(x32):
     em = jaxem.EM(student_t_mixture)
     em.run(key, x[:, 0], 2, max_iter=SMALL_WORK // (40 * ITERATING_WEIGHT) + 1)
     assert _loop_options_of(em) == [emitter_options()]
+
+
+def _options_key(options):
+    return tuple(sorted(options.items()))
+
+
+def test_a_monte_carlo_fit_is_compiled_by_its_work():
+    # W = numbers of data x chains x the most transitions per chain; once_options up to
+    # SMALL_SAMPLING_WORK (3e6), the older emitters above it. Here 500 numbers x 2
+    # chains: a transition per chain weighs 1 000, the threshold is 3 000 transitions.
+    arrays = (jnp.zeros(250), jnp.zeros((125, 2)))
+    assert SMALL_SAMPLING_WORK == 3_000_000
+    assert monte_carlo_work(arrays, 2, 3000) == SMALL_SAMPLING_WORK
+    assert monte_carlo_options(arrays, 2, 3000) == once_options()
+    assert monte_carlo_options(arrays, 2, 3001) == emitter_options()
+    assert monte_carlo_options(arrays, 3, 2000) == once_options()
+    assert monte_carlo_options(arrays, 4, 2000) == emitter_options()
+    # The fitters count every transition a chain can make: max_iter x the most per
+    # iteration (SAEM's num_mcmc_steps, MCEM's max_draws), plus num_is_draws.
+    fitters = [
+        (jaxem.SAEM(logistic_glmm, num_is_draws=250), 2750),
+        (jaxem.SAEM(logistic_glmm, num_is_draws=250, num_mcmc_steps=2), 1375),
+        (jaxem.SAEM(logistic_glmm, num_is_draws=1000), 2000),
+        (jaxem.MCEM(logistic_glmm, num_is_draws=250, max_draws=10), 275),
+    ]
+    once, emitters = _options_key(once_options()), _options_key(emitter_options())
+    for fitter, most in fitters:
+        fitter._fit_program(arrays, 2, most)
+        assert list(fitter._fit_jits) == [once]
+        fitter._fit_program(arrays, 2, most + 1)
+        assert list(fitter._fit_jits) == ([once, emitters] if once != emitters else [once])

@@ -11,6 +11,7 @@ import numpy as np
 from models import logistic_glmm
 
 import jaxem
+from jaxem.compiling import once_options
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -55,3 +56,6 @@ def test_a_fit_compiles_a_few_programs_and_a_second_fit_none(x64):
     # eager ops), one program for the checks, one for the fit.
     assert first.count <= 40, first.count
     assert second.count == 0, second.count
+    # Small work (150 numbers x 2 chains x 10 transitions): compiled without backend
+    # optimization (jaxem.compiling.monte_carlo_options; tests/test_compiling.py).
+    assert list(fit._fit_jits) == [tuple(sorted(once_options().items()))]
