@@ -227,7 +227,9 @@ class Fitter:
         or a guide)."""
         settings = self.m_step_settings
         iterates = settings.iterates() or getattr(self, "guide", None) is not None
-        return settings.loop_options(arrays, num_restarts, max_iter, iterates=iterates, calls=calls)
+        return settings.loop_options(
+            arrays, num_restarts, max_iter, iterates=iterates, calls=calls
+        )
 
     def _keep_best(self, fits):
         """``(result, start)`` of the best of ``fits`` (every restart's ``(result,
