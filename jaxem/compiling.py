@@ -80,12 +80,7 @@ per iteration). The facts are read from what tracing the loop left in the caches
 ``jit`` of the options chosen finds that trace in JAX's cache), not from a trace
 of their own: the model's chain (`jaxem.built.BuiltModel.has_chain`) and the
 plans' gradient paths (`jaxem.fitter_m_step.MStep.iterates`). ``EM.run`` and
-``VariationalEM.run`` (one program, loop and evaluation after it) use the rule,
-counting the runs of the same program (the same data shapes, restarts and
-``max_iter``) in its work: a fit run again and again, in a simulation study or a
-bootstrap, is compiled again with the options of the work done so far when it
-crosses a threshold (at most twice more), so that a program compiled for one short
-run does not stay slow over many;
+``VariationalEM.run`` (one program, loop and evaluation after it) use the rule;
 under a user's ``jit`` or ``vmap`` the enclosing program's options apply;
 ``update`` (and so `jaxem.OnlineEM`, which compiles no loop) and
 `jaxem.VariationalBayesEM` keep XLA's defaults.
@@ -211,30 +206,22 @@ def after_loop_options(arrays, num_restarts: int = 1) -> dict:
     return once_options() if small else emitter_options()
 
 
-def loop_work(
-    arrays, num_restarts: int, max_iter: int, *, iterates: bool = False, calls: int = 1
-) -> int:
+def loop_work(arrays, num_restarts: int, max_iter: int, *, iterates: bool = False) -> int:
     """A fit loop's work: numbers in the data ``arrays`` x ``num_restarts`` x
-    ``max_iter`` x ``calls`` (the runs of the same program so far), x
-    `ITERATING_WEIGHT` when a step ``iterates`` (runs an inner optimizer)."""
+    ``max_iter``, x `ITERATING_WEIGHT` when a step ``iterates`` (runs an inner
+    optimizer)."""
     weight = ITERATING_WEIGHT if iterates else 1
-    return data_size(arrays) * int(num_restarts) * int(max_iter) * int(calls) * weight
+    return data_size(arrays) * int(num_restarts) * int(max_iter) * weight
 
 
 def loop_options(
-    arrays,
-    num_restarts: int,
-    max_iter: int,
-    *,
-    chain: bool = False,
-    iterates: bool = False,
-    calls: int = 1,
+    arrays, num_restarts: int, max_iter: int, *, chain: bool = False, iterates: bool = False
 ) -> dict:
     """XLA options of a fit's loop (see the module's docstring), by its work
-    (`loop_work`, ``calls`` the runs of this program so far, this one included):
-    `once_options` up to `SMALL_WORK`, `emitter_options` up to `LARGE_WORK` and,
-    for a Markov chain (``chain``), above it too; XLA's defaults above it otherwise."""
-    work = loop_work(arrays, num_restarts, max_iter, iterates=iterates, calls=calls)
+    (`loop_work`): `once_options` up to `SMALL_WORK`, `emitter_options` up to
+    `LARGE_WORK` and, for a Markov chain (``chain``), above it too; XLA's defaults
+    above it otherwise."""
+    work = loop_work(arrays, num_restarts, max_iter, iterates=iterates)
     if work <= SMALL_WORK:
         return once_options()
     if chain or work <= LARGE_WORK:
@@ -251,9 +238,6 @@ class OptionJits:
     from; the ``jit`` of the options chosen then finds that trace in JAX's cache
     (keyed on ``fn`` and the arguments, not on the compiler options), so nothing
     is traced twice. ``fn`` is held once: JAX's caches compare it by identity.
-    It counts the calls of each signature: the options are chosen again on every
-    call from the number of calls so far (a program run again and again, in a
-    simulation study or a bootstrap, earns the options of its total work).
     """
 
     def __init__(self, fn: Callable, static_argnames: tuple):
@@ -261,8 +245,7 @@ class OptionJits:
         self.static_argnames = static_argnames
         self.base = jax.jit(fn, static_argnames=static_argnames)
         self._jits: dict = {(): self.base}
-        self.chosen: dict = {}  # {call signature: the XLA options of its last call}
-        self.calls: dict = {}  # {call signature: its calls so far}
+        self.chosen: dict = {}  # {call signature: the XLA options chosen}
 
     def with_options(self, options: dict):
         """The ``jit`` compiled with ``options``."""
@@ -275,20 +258,18 @@ class OptionJits:
             self._jits[key] = jit
         return jit
 
-    def for_call(self, args: tuple, kwargs: dict, choose: Callable[[int], dict]):
-        """The ``jit`` for ``fn(*args, **kwargs)``, given ``choose(calls)``'s options,
-        ``calls`` the calls of this signature so far, this one included (on the first,
-        traced by ``base`` before ``choose``: a ``base`` that fails to trace is
-        returned as it is, and its call raises as usual)."""
+    def for_call(self, args: tuple, kwargs: dict, choose: Callable[[], dict]):
+        """The ``jit`` for ``fn(*args, **kwargs)``: on a signature's first call, traced
+        by ``base`` and then given ``choose()``'s options (a ``base`` that fails to
+        trace is returned as it is: its call raises as usual)."""
         signature = call_signature(args, kwargs)
-        calls = self.calls.get(signature, 0) + 1
-        if calls == 1:
+        options = self.chosen.get(signature)
+        if options is None:
             try:
                 self.base.trace(*args, **kwargs)
             except Exception:  # noqa: BLE001
                 return self.base  # the call traces it again and raises there
-        self.calls[signature] = calls
-        options = self.chosen[signature] = choose(calls)
+            options = self.chosen[signature] = choose()
         return self.with_options(options)
 
 

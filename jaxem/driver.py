@@ -220,16 +220,13 @@ class Fitter:
         choose = partial(self._loop_options, arrays, num_restarts, static["max_iter"])
         return self._run_jits.for_call(args, kwargs, choose)(*args, **kwargs)
 
-    def _loop_options(self, arrays, num_restarts, max_iter, calls) -> dict:
-        """`jaxem.compiling.loop_options` of a fit's loop run for the ``calls``-th time,
-        from what tracing it left in the caches: a Markov chain
-        (`jaxem.built.BuiltModel.has_chain`), a step that iterates (`MStep.iterates`,
-        or a guide)."""
+    def _loop_options(self, arrays, num_restarts, max_iter) -> dict:
+        """`jaxem.compiling.loop_options` of a fit's loop, from what tracing it left in
+        the caches: a Markov chain (`jaxem.built.BuiltModel.has_chain`), a step that
+        iterates (`MStep.iterates`, or a guide)."""
         settings = self.m_step_settings
         iterates = settings.iterates() or getattr(self, "guide", None) is not None
-        return settings.loop_options(
-            arrays, num_restarts, max_iter, iterates=iterates, calls=calls
-        )
+        return settings.loop_options(arrays, num_restarts, max_iter, iterates=iterates)
 
     def _keep_best(self, fits):
         """``(result, start)`` of the best of ``fits`` (every restart's ``(result,

@@ -82,14 +82,12 @@ class MStep:
         paths = (path for plan in self.plans.values() for path in plan.values())
         return any(path.kind == "gradient" for path in paths)
 
-    def loop_options(self, arrays, num_restarts, max_iter, *, iterates, calls=1) -> dict:
+    def loop_options(self, arrays, num_restarts, max_iter, *, iterates) -> dict:
         """`jaxem.compiling.loop_options` of a fit's loop on ``arrays``; a chain if a
         trace of the model made so far has one (`jaxem.built.BuiltModel.has_chain`)."""
         has_chain = getattr(self.model, "has_chain", None)
         chain = bool(has_chain()) if callable(has_chain) else False
-        return loop_options(
-            arrays, num_restarts, max_iter, chain=chain, iterates=iterates, calls=calls
-        )
+        return loop_options(arrays, num_restarts, max_iter, chain=chain, iterates=iterates)
 
     def initial_params(self, rng_key, arrays, spec, init_params):
         """``(structure, initial params)`` (`jaxem.loop.initial_params`)."""

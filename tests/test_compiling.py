@@ -189,15 +189,6 @@ def test_run_compiles_its_loop_with_the_options_of_its_work_and_structure(x32):
         fits.append(em.run(key, x, 2, max_iter=max_iter))
         assert _loop_options_of(em) == [expected], max_iter
     np.testing.assert_allclose(fits[1].log_likelihood, fits[0].log_likelihood, rtol=1e-6)
-    # The same program run again counts the work of every run: the second run of a
-    # once-options loop has the work of two, and gets the older emitters.
-    em = jaxem.EM(gmm_scale_tril)
-    em.run(key, x, 2, max_iter=SMALL_WORK // 80)
-    assert _loop_options_of(em) == [once_options()]
-    again = em.run(key, x, 2, max_iter=SMALL_WORK // 80)
-    assert _loop_options_of(em) == [emitter_options()]
-    np.testing.assert_allclose(again.log_likelihood, fits[0].log_likelihood, rtol=1e-6)
-    assert loop_options(x, 1, SMALL_WORK // 80, calls=2) == emitter_options()
     # A Markov chain: the older emitters however large (its loop runs faster with them).
     em = jaxem.EM(gaussian_hmm)
     em.run(key, x[:, 0], 2, max_iter=LARGE_WORK // 40 + 1)
