@@ -80,7 +80,11 @@ per iteration). The facts are read from what tracing the loop left in the caches
 ``jit`` of the options chosen finds that trace in JAX's cache), not from a trace
 of their own: the model's chain (`jaxem.built.BuiltModel.has_chain`) and the
 plans' gradient paths (`jaxem.fitter_m_step.MStep.iterates`). ``EM.run`` and
-``VariationalEM.run`` (one program, loop and evaluation after it) use the rule;
+``VariationalEM.run`` (one program, loop and evaluation after it) use the rule
+for one run: a program run again and again with the same shapes (a simulation
+study, a bootstrap) keeps the options of its first run's work (compiling it again
+with better options once many runs have added up was tried, but made the second
+call of a fit pay a compilation, which a user does not expect of a warm call);
 under a user's ``jit`` or ``vmap`` the enclosing program's options apply;
 ``update`` (and so `jaxem.OnlineEM`, which compiles no loop) and
 `jaxem.VariationalBayesEM` keep XLA's defaults.
