@@ -1,4 +1,4 @@
-"""A mixture of regressions on flexmix's NPreg data, an ECM example.
+"""A mixture of regressions on flexmix's NPreg data, an EM with weighted least-squares M-steps.
 
 Data: NPreg from R's flexmix (Leisch 2004), 200 artificial points in two
 groups of 100 with a known generating model
@@ -11,16 +11,14 @@ quadratic regression per component, with a latent group ``z``:
     z ~ Categorical(w),   yn | x, z ~ Normal(beta0[z] + beta1[z] x + beta2[z] x^2, sigma[z]).
 
 Theory point: the weights ``w`` and noise scales ``sigma`` reach their
-distributions only by indexing with ``z``, so jaxem updates them in closed
-form, but the coefficients go through arithmetic with ``x``; for them jaxem
-falls back to optax steps on the expected complete-data log-likelihood. Such a
-mix of exact and gradient conditional maximizations is ECM (Meng & Rubin 1993):
-every iteration still increases the log-likelihood, and the fit reaches the
-same maximum (log-likelihood -642.532) as an EM with exact weighted-least-squares
-M-steps, which is how flexmix fits it. ``em.m_step_paths`` shows which
-parameter took which path. About half of the random starts end in a worse
-local optimum (log-likelihood -700.29): restarts
-matter.
+distributions only by indexing with ``z``; the coefficients reach the Normal's
+location through arithmetic with ``x``, but affinely, so the expected
+complete-data log-likelihood is quadratic in them and jaxem solves it exactly by
+weighted least squares (as flexmix does), then the scales given the new lines.
+``em.m_step_paths`` shows which parameter took which path. About half of the
+random starts end in a worse local optimum (log-likelihood -700.29) rather than
+the maximum (-642.532): restarts matter. ``EM(..., m_step="gradient")`` takes
+optax steps for every parameter instead (an ECM-style fit).
 
 Run from the repository root::
 
@@ -52,9 +50,12 @@ MLE_LOG_LIK = -642.532
 
 def regression_mixture(x, y, K=2):
     w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    # Random intercepts on the scale of y, so that restarts start from different lines.
+    # Random intercepts and slopes on the scale of y, so that restarts start from
+    # different lines (with flat starting lines only, every restart of an exact EM
+    # reaches the same local maximum, -700.29).
     beta0 = numpyro.param("beta0", lambda key: y.mean() + y.std() * jax.random.normal(key, (K,)))
-    beta1 = numpyro.param("beta1", jnp.zeros(K))
+    slope = y.std() / x.std()
+    beta1 = numpyro.param("beta1", lambda key: slope * jax.random.normal(key, (K,)))
     beta2 = numpyro.param("beta2", jnp.zeros(K))
     sigma = numpyro.param("sigma", jnp.full(K, y.std()), constraint=constraints.positive)
     with numpyro.plate("data", x.shape[0]):
@@ -94,7 +95,7 @@ def main():
     )
     print("restart log-likelihoods:", np.round(np.asarray(result.restart_log_likelihoods), 3))
     print(f"maximum log-likelihood (exact weighted-least-squares EM): {MLE_LOG_LIK}")
-    # The gradient M-step reaches the same optimum as the exact one.
+    # The best restart reaches the maximum of flexmix's weighted least-squares EM.
     assert abs(float(result.log_likelihood) - MLE_LOG_LIK) < 0.01, result.log_likelihood
 
     labels = np.asarray(jnp.argmax(jaxem.posterior(regression_mixture, params, x, y)["z"], -1))
