@@ -14,6 +14,8 @@ whether the dependence is a pure selection.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.extend import core as jex_core
@@ -109,45 +111,52 @@ def _propagate_scan(eqn, inputs, rule=None):
         carry = new_carry
 
 
-def _propagate(jaxpr, in_labels, rule=None):
-    env = {}
+def _forward(jaxpr, inputs, empty, transfer):
+    """Values carried forward through ``jaxpr``: ``inputs`` on its inputs, ``empty()``
+    on literals and on values that depend on none of them; ``transfer(eqn, values)``
+    gives an equation's outputs from its inputs' values, called only when one of
+    them is not empty."""
+    env = dict(zip(jaxpr.invars, inputs))
 
     def read(var):
         if isinstance(var, jex_core.Literal):
-            return {}
-        return env.get(var, {})
+            return empty()
+        return env.get(var, empty())
 
-    for var, labels in zip(jaxpr.invars, in_labels):
-        env[var] = labels
     for eqn in jaxpr.eqns:
-        inputs = [read(v) for v in eqn.invars]
-        if not any(inputs):
-            continue
-        sub = _sub_jaxpr(eqn)
-        outputs = None if rule is None or sub is not None else rule(eqn, inputs)
-        if outputs is not None:
-            pass
-        elif sub is not None:
-            outputs = _propagate(sub, inputs, rule)
-        elif eqn.primitive.name == "scan":
-            outputs = _propagate_scan(eqn, inputs, rule)
-        else:
-            positions = _SELECTION_PRIMITIVES.get(eqn.primitive.name, ())
-            if eqn.primitive.name == "convert_element_type" and not np.issubdtype(
-                eqn.params["new_dtype"], np.floating
-            ):
-                positions = ()  # to an integer or bool: the VJP is zero, not a selection
-            merged: dict = {}
-            for pos, labels in enumerate(inputs):
-                if labels:
-                    is_operand = positions is _ALL or pos in positions
-                    if eqn.primitive.name == "select_n":
-                        is_operand = pos > 0
-                    _merge(merged, labels, is_operand)
-            outputs = [merged] * len(eqn.outvars)
-        for var, labels in zip(eqn.outvars, outputs):
-            env[var] = labels
+        values = [read(v) for v in eqn.invars]
+        if any(values):
+            env.update(zip(eqn.outvars, transfer(eqn, values)))
     return [read(v) for v in jaxpr.outvars]
+
+
+def _propagate(jaxpr, in_labels, rule=None):
+    return _forward(jaxpr, in_labels, dict, functools.partial(_labels_out, rule=rule))
+
+
+def _labels_out(eqn, inputs, rule=None):
+    """The labels of an equation's outputs from its inputs' (see `dependencies`)."""
+    sub = _sub_jaxpr(eqn)
+    outputs = None if rule is None or sub is not None else rule(eqn, inputs)
+    if outputs is not None:
+        return outputs
+    if sub is not None:
+        return _propagate(sub, inputs, rule)
+    if eqn.primitive.name == "scan":
+        return _propagate_scan(eqn, inputs, rule)
+    positions = _SELECTION_PRIMITIVES.get(eqn.primitive.name, ())
+    if eqn.primitive.name == "convert_element_type" and not np.issubdtype(
+        eqn.params["new_dtype"], np.floating
+    ):
+        positions = ()  # to an integer or bool: the VJP is zero, not a selection
+    merged: dict = {}
+    for pos, labels in enumerate(inputs):
+        if labels:
+            is_operand = positions is _ALL or pos in positions
+            if eqn.primitive.name == "select_n":
+                is_operand = pos > 0
+            _merge(merged, labels, is_operand)
+    return [merged] * len(eqn.outvars)
 
 
 def dependencies(closed_jaxpr, input_labels, rule=None):
@@ -238,28 +247,15 @@ def _degree_of(eqn, degrees):
 
 
 def _propagate_degrees(jaxpr, in_degrees):
-    env = {}
+    return _forward(jaxpr, in_degrees, int, _degrees_out)
 
-    def read(var):
-        if isinstance(var, jex_core.Literal):
-            return 0
-        return env.get(var, 0)
 
-    for var, degree in zip(jaxpr.invars, in_degrees):
-        env[var] = degree
-    for eqn in jaxpr.eqns:
-        degrees = [read(v) for v in eqn.invars]
-        if not any(degrees):
-            continue
-        sub = _sub_jaxpr(eqn)
-        if sub is not None:
-            outputs = _propagate_degrees(sub, degrees)
-        else:
-            # Loops and branches (scan, while, cond) are not followed: not affine.
-            outputs = [_degree_of(eqn, degrees)] * len(eqn.outvars)
-        for var, degree in zip(eqn.outvars, outputs):
-            env[var] = degree
-    return [read(v) for v in jaxpr.outvars]
+def _degrees_out(eqn, degrees):
+    sub = _sub_jaxpr(eqn)
+    if sub is not None:
+        return _propagate_degrees(sub, degrees)
+    # Loops and branches (scan, while, cond) are not followed: not affine.
+    return [_degree_of(eqn, degrees)] * len(eqn.outvars)
 
 
 def affine_degrees(closed_jaxpr, in_degrees):
