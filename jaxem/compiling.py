@@ -248,19 +248,26 @@ class OptionJits:
         self.fn = fn
         self.static_argnames = static_argnames
         self.base = jax.jit(fn, static_argnames=static_argnames)
-        self._jits: dict = {(): self.base}
+        self._jits: dict = {}  # {XLA options as sorted items: jit}, as asked for
         self.chosen: dict = {}  # {call signature: the XLA options chosen}
 
     def with_options(self, options: dict):
-        """The ``jit`` compiled with ``options``."""
+        """The ``jit`` compiled with ``options`` (``base`` for none)."""
         key = tuple(sorted(options.items()))
         jit = self._jits.get(key)
         if jit is None:
-            jit = jax.jit(
-                self.fn, static_argnames=self.static_argnames, compiler_options=dict(options)
-            )
+            jit = self.base
+            if key:
+                jit = jax.jit(
+                    self.fn, static_argnames=self.static_argnames, compiler_options=dict(options)
+                )
             self._jits[key] = jit
         return jit
+
+    @property
+    def made(self) -> list:
+        """The option sets asked for so far (as sorted items), in order."""
+        return list(self._jits)
 
     def for_call(self, args: tuple, kwargs: dict, choose: Callable[[], dict]):
         """The ``jit`` for ``fn(*args, **kwargs)``: on a signature's first call, traced

@@ -90,7 +90,7 @@ class Fitter:
         self._run_jit = self._run_jits.base
         # Two programs where the subclass splits a fit (see _run_in_two).
         self._loop_jits = OptionJits(self._loop_arrays, static)
-        self._finish_jits: dict = {}  # {XLA options: jit}, made when the backend is known
+        self._finish_jits = OptionJits(self._finish_arrays, ("spec", "batch_restarts"))
         self._compiled_together: set = set()
 
     # -- kernel (subclasses) -------------------------------------------------
@@ -187,16 +187,7 @@ class Fitter:
         args = (rng_key, arrays, init_params, tol)
         loop_kwargs = dict(spec=spec, num_restarts=num_restarts, **static)
         finish_kwargs = dict(spec=spec, batch_restarts=static["batch_restarts"])
-        options = after_loop_options(arrays, num_restarts)
-        options_key = tuple(sorted(options.items()))
-        finish_jit = self._finish_jits.get(options_key)
-        if finish_jit is None:
-            finish_jit = jax.jit(
-                self._finish_arrays,
-                static_argnames=("spec", "batch_restarts"),
-                compiler_options=options or None,
-            )
-            self._finish_jits[options_key] = finish_jit
+        finish_jit = self._finish_jits.with_options(after_loop_options(arrays, num_restarts))
         choose = partial(self._loop_options, arrays, num_restarts, static["max_iter"])
         loop_jit = self._loop_jits.for_call(args, loop_kwargs, choose)
         signature = call_signature(args, loop_kwargs)

@@ -22,7 +22,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 
 from jaxem.arguments import merge_args, merge_init_params, split_args
-from jaxem.compiling import jit_once, monte_carlo_options
+from jaxem.compiling import OptionJits, jit_once, monte_carlo_options
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import global_site_names, with_global_sites
 from jaxem.importance import importance_log_likelihood
@@ -95,7 +95,8 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         )
         self._update_jit = jax.jit(self._update, static_argnums=(2,))
         self._init_jit = jax.jit(self._init_state, static_argnums=(2, 4))
-        self._fit_jits = {}  # {XLA options: the compiled fit}, see _fit_program
+        # One jit of the fit per set of XLA options (see _fit_program).
+        self._fit_jits = OptionJits(self._fit, ("spec", "max_iter", "num_blocks", "num_chains"))
         # Run once per model and signature: compiled without backend optimizations.
         self._start_jit = jit_once(self._start_values, static_argnames=("spec", "with_pattern"))
         self._pattern_jit = jit_once(self._dense_pattern, static_argnames=("spec",))
@@ -483,15 +484,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         """The compiled fit, with the XLA options of its work (the most transitions per
         chain: every iteration's and the final draws; `jaxem.compiling.monte_carlo_options`)."""
         most = max_iter * self._most_draws_per_chain() + self.num_is_draws
-        options = monte_carlo_options(arrays, num_chains, most)
-        key = tuple(sorted(options.items()))
-        if key not in self._fit_jits:
-            self._fit_jits[key] = jax.jit(
-                self._fit,
-                static_argnames=("spec", "max_iter", "num_blocks", "num_chains"),
-                compiler_options=options or None,
-            )
-        return self._fit_jits[key]
+        return self._fit_jits.with_options(monte_carlo_options(arrays, num_chains, most))
 
 
 def _merge(spec, arrays):

@@ -140,7 +140,7 @@ def test_the_program_after_a_fits_loop_is_compiled_by_the_datas_size(x32, num_po
     result = em.run(jax.random.PRNGKey(0), x, 2, max_iter=3)
     small = 2 * num_points <= SMALL_DATA
     expected = once_options() if small else emitter_options()
-    assert list(em._finish_jits) == [tuple(sorted(expected.items()))]
+    assert em._finish_jits.made == [tuple(sorted(expected.items()))]
     assert after_loop_options(x) == expected
     assert after_loop_options(x[:20], num_restarts=SMALL_DATA // 40 + 1) == emitter_options()
     # The same fit as one program with XLA's defaults (run under a user's jit).
@@ -230,6 +230,6 @@ def test_a_monte_carlo_fit_is_compiled_by_its_work():
     once, emitters = _options_key(once_options()), _options_key(emitter_options())
     for fitter, most in fitters:
         fitter._fit_program(arrays, 2, most)
-        assert list(fitter._fit_jits) == [once]
+        assert fitter._fit_jits.made == [once]
         fitter._fit_program(arrays, 2, most + 1)
-        assert list(fitter._fit_jits) == ([once, emitters] if once != emitters else [once])
+        assert fitter._fit_jits.made == ([once, emitters] if once != emitters else [once])

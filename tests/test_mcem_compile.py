@@ -58,4 +58,4 @@ def test_a_fit_compiles_a_few_programs_and_a_second_fit_none(x64):
     assert second.count == 0, second.count
     # Small work (150 numbers x 2 chains x 10 transitions): compiled without backend
     # optimization (jaxem.compiling.monte_carlo_options; tests/test_compiling.py).
-    assert list(fit._fit_jits) == [tuple(sorted(once_options().items()))]
+    assert fit._fit_jits.made == [tuple(sorted(once_options().items()))]
