@@ -303,6 +303,17 @@ class LatentModel:
         return self.unconstrain(structure, {n: tr[n]["value"] for n in structure.continuous})
 
 
+def over_chains(fn, *chains):
+    """``jax.vmap(fn)(*chains)`` over the leading (chain) axis; with one chain, ``fn``
+    on that chain alone, its outputs given the axis back. NUTS builds its trees in a
+    ``while_loop`` whose ``vmap`` turns every branch into selects over both sides, so
+    one chain is traced, compiled and run as the plain loop (the same arithmetic)."""
+    if jax.tree.leaves(chains)[0].shape[0] != 1:
+        return jax.vmap(fn)(*chains)
+    out = fn(*jax.tree.map(lambda x: x[0], chains))
+    return jax.tree.map(lambda x: jnp.expand_dims(x, 0), out)
+
+
 class SamplerInfo(NamedTuple):
     """The chains' diagnostics over one iteration's transitions.
 
@@ -366,7 +377,7 @@ class Sampler:
                 z, self.num_warmup, model_args=(params, arrays), rng_key=key, **self.settings
             )
 
-        return jax.vmap(one)(z0, keys)
+        return over_chains(one, z0, keys)
 
     def transitions(
         self, rng_key, states, structure, spec_merge, params, arrays, num, buffer, collect
@@ -381,7 +392,7 @@ class Sampler:
             structure, spec_merge, params, arrays, first
         )
         potential = potential_gen(params, arrays)
-        energy, grad = jax.vmap(jax.value_and_grad(potential))(states.z)
+        energy, grad = over_chains(jax.value_and_grad(potential), states.z)
         states = states._replace(potential_energy=energy, z_grad=grad)
         num_chains = energy.shape[0]
         dtype = energy.dtype
@@ -393,7 +404,7 @@ class Sampler:
             # Stan); those after it are reported.
             tuned = states.i >= self.num_warmup
             states = states._replace(rng_key=keys)
-            states = jax.vmap(lambda s: sample_kernel(s, model_args=(params, arrays)))(states)
+            states = over_chains(lambda s: sample_kernel(s, model_args=(params, arrays)), states)
             diverging = states.diverging & tuned
             buffer = collect(buffer, i, states.z)
             return (
