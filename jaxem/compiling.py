@@ -91,13 +91,15 @@ under a user's ``jit`` or ``vmap`` the enclosing program's options apply;
 
 A Monte Carlo fit (`jaxem.SAEM`, `jaxem.MCEM`) is one program, loop and
 importance sampling together, compiled by `monte_carlo_options`, a rule of its
-work ``W`` (`monte_carlo_work`): numbers in the data x chains x the most MCMC
-transitions a chain can make (``max_iter`` x the most per iteration, plus the
+work ``W`` (`monte_carlo_work`): numbers in the data x chains x the MCMC
+transitions a chain is expected to make (SAEM: ``max_iter`` x ``num_mcmc_steps``,
+which it makes; MCEM: its growing sample sizes up to ``max_draws``, then three
+iterations at ``max_draws``, the least its stopping rule needs; plus the
 ``num_is_draws`` at the fitted params). Every transition evaluates the model's
 density and gradient at each leapfrog step of NUTS or HMC, so the run lost
 without backend optimization grows with ``W``, while the compile time saved
 hardly does (it is the sampler's and M-step's program, whatever the data).
-Up to `SMALL_SAMPLING_WORK` (3 x 10^6) it is compiled with `once_options`,
+Up to `SMALL_SAMPLING_WORK` (5 x 10^6) it is compiled with `once_options`,
 above it with `emitter_options`; XLA's defaults never won. Measured with
 ``python benchmarks/compile_monte_carlo.py --cases cbpp,sleepstudy,glmm``
 (compile CPU s / run CPU s of the second seed, each after ``jax.clear_caches()``;
@@ -110,14 +112,19 @@ GLMM of ``benchmarks/mixed_models.py``; load average 8-11 on 2 cores):
 | sleepstudy (180 x 3 numbers, 3 chains) | 7.3e5 | 8.4 / 2.25 | 19.1 / 0.68 | 27.5 / 0.71 |
 | GLMM (20 000 x 3 numbers, 1 chain) | 2.4e7 | 4.7 / 26.9 | 11.0 / 7.3 | 17.0 / 6.7 |
 
-The GLMM's break-even (compile CPU s saved / run CPU s lost, times ``W``) is
-7.7e6; `SMALL_SAMPLING_WORK` lies between it and sleepstudy's work. ``W`` is a
-bound: MCEM's counts ``max_draws`` per iteration for ``max_iter`` iterations, and
-its stopping rule usually ends sooner. On sleepstudy (``python
-benchmarks/compile_monte_carlo.py --cases sleepstudy-mcem``, ``max_draws=200``,
-W 6.5e7, 17 iterations run) `once_options` compiled in 6.5 rather than 16.0 CPU s
-and ran 8.8 rather than 3.3: it keeps the older emitters, and its first call is 4
-CPU s longer than it could be. The older emitters with
+The break-evens (compile CPU s saved / run CPU s lost, times ``W``): the GLMM
+7.7e6, sleepstudy 5.0e6, cbpp 1.6e7, and sleepstudy's MCEM (``python
+benchmarks/compile_monte_carlo.py --cases sleepstudy-mcem``, ``max_draws=200``, 17
+iterations run: 1 476 transitions per chain and 250 final, W 3.7e6) 6.4e6:
+`once_options` compiled it in 6.5 rather than 16.0 CPU s and ran it in 8.8 rather
+than 3.3. `SMALL_SAMPLING_WORK` is the lowest of them. MCEM's ``W`` was once its
+bound, ``max_iter`` x ``max_draws`` per chain (6.5e7 on sleepstudy): its stopping
+rule usually holds soon after the growth, and that fit took the older emitters and
+a first call 4 CPU s longer. An MCEM fit that runs many iterations at
+``max_draws`` pays for the estimate in run time: sleepstudy's, run to
+``max_iter=60``, makes 10 076 transitions per chain, seven times the 1 476
+expected, each about 2.7 times as costly without backend optimization (8.8 / 3.3
+above). The older emitters with
 ``xla_backend_optimization_level=1`` (``python benchmarks/compile_monte_carlo.py
 --options O1``) compiled the GLMM's fit in 9.1 CPU s for a run of 8.1 (one
 measurement, load 12): within the noise of the older emitters alone. The fits'
@@ -178,7 +185,7 @@ ITERATING_WEIGHT = 300
 # A Monte Carlo fit's work (`monte_carlo_work`: numbers of data x chains x MCMC
 # transitions) at most SMALL_SAMPLING_WORK: its program is compiled with
 # once_options, else emitter_options (module docstring).
-SMALL_SAMPLING_WORK = 3_000_000
+SMALL_SAMPLING_WORK = 5_000_000
 
 # Platforms whose XLA compiler takes ONCE_OPTIONS (a plugin may refuse an option it
 # does not know).

@@ -129,6 +129,11 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         """The most transitions per chain in one iteration."""
         raise NotImplementedError
 
+    def _expected_transitions(self, max_iter: int) -> int:
+        """The transitions per chain of a fit's iterations that its XLA options are
+        chosen by (`_fit_program`): all ``max_iter`` iterations at the most each."""
+        return max_iter * self._most_draws_per_chain()
+
     def _drift(self, history, free, constraints):
         """A test that the params still drifted when the loop ended (`SAEM`'s first
         phase; see `jaxem.monte_carlo_stationarity.phase_drift`), or None."""
@@ -481,10 +486,11 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
     _stationarity_fix = ""
 
     def _fit_program(self, arrays, num_chains, max_iter):
-        """The compiled fit, with the XLA options of its work (the most transitions per
-        chain: every iteration's and the final draws; `jaxem.compiling.monte_carlo_options`)."""
-        most = max_iter * self._most_draws_per_chain() + self.num_is_draws
-        return self._fit_jits.with_options(monte_carlo_options(arrays, num_chains, most))
+        """The compiled fit, with the XLA options of its work (the transitions per chain
+        of its iterations, `_expected_transitions`, and the final draws;
+        `jaxem.compiling.monte_carlo_options`)."""
+        transitions = self._expected_transitions(max_iter) + self.num_is_draws
+        return self._fit_jits.with_options(monte_carlo_options(arrays, num_chains, transitions))
 
 
 def _merge(spec, arrays):

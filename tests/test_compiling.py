@@ -210,26 +210,43 @@ def _options_key(options):
 
 def test_a_monte_carlo_fit_is_compiled_by_its_work():
     # W = numbers of data x chains x the most transitions per chain; once_options up to
-    # SMALL_SAMPLING_WORK (3e6), the older emitters above it. Here 500 numbers x 2
-    # chains: a transition per chain weighs 1 000, the threshold is 3 000 transitions.
+    # SMALL_SAMPLING_WORK (5e6), the older emitters above it. Here 500 numbers x 2
+    # chains: a transition per chain weighs 1 000, the threshold is 5 000 transitions.
     arrays = (jnp.zeros(250), jnp.zeros((125, 2)))
-    assert SMALL_SAMPLING_WORK == 3_000_000
-    assert monte_carlo_work(arrays, 2, 3000) == SMALL_SAMPLING_WORK
-    assert monte_carlo_options(arrays, 2, 3000) == once_options()
-    assert monte_carlo_options(arrays, 2, 3001) == emitter_options()
-    assert monte_carlo_options(arrays, 3, 2000) == once_options()
-    assert monte_carlo_options(arrays, 4, 2000) == emitter_options()
-    # The fitters count every transition a chain can make: max_iter x the most per
-    # iteration (SAEM's num_mcmc_steps, MCEM's max_draws), plus num_is_draws.
+    assert SMALL_SAMPLING_WORK == 5_000_000
+    assert monte_carlo_work(arrays, 2, 5000) == SMALL_SAMPLING_WORK
+    assert monte_carlo_options(arrays, 2, 5000) == once_options()
+    assert monte_carlo_options(arrays, 2, 5001) == emitter_options()
+    assert monte_carlo_options(arrays, 5, 2000) == once_options()
+    assert monte_carlo_options(arrays, 6, 2000) == emitter_options()
+    # SAEM counts every transition a chain makes: max_iter x num_mcmc_steps, plus
+    # num_is_draws (the largest max_iter compiled with once_options).
     fitters = [
-        (jaxem.SAEM(logistic_glmm, num_is_draws=250), 2750),
-        (jaxem.SAEM(logistic_glmm, num_is_draws=250, num_mcmc_steps=2), 1375),
-        (jaxem.SAEM(logistic_glmm, num_is_draws=1000), 2000),
-        (jaxem.MCEM(logistic_glmm, num_is_draws=250, max_draws=10), 275),
+        (jaxem.SAEM(logistic_glmm, num_is_draws=250), 4750),
+        (jaxem.SAEM(logistic_glmm, num_is_draws=250, num_mcmc_steps=2), 2375),
+        (jaxem.SAEM(logistic_glmm, num_is_draws=1000), 4000),
     ]
     once, emitters = _options_key(once_options()), _options_key(emitter_options())
+    both = [once, emitters] if once != emitters else [once]
     for fitter, most in fitters:
         fitter._fit_program(arrays, 2, most)
         assert fitter._fit_jits.made == [once]
         fitter._fit_program(arrays, 2, most + 1)
-        assert fitter._fit_jits.made == ([once, emitters] if once != emitters else [once])
+        assert fitter._fit_jits.made == both
+    # MCEM counts the draws until its stopping rule can first hold, whatever max_iter:
+    # 10 + 20 + ... + 640 (1 270) while the sample grows, three iterations at
+    # max_draws, num_is_draws 250: 4 520 transitions with max_draws=1000, 5 120 with
+    # 1200 (its bound, max_iter x max_draws, would be 10^9).
+    small = jaxem.MCEM(logistic_glmm, num_draws=10, growth=2.0, max_draws=1000)
+    assert small._expected_transitions(10**6) == 1270 + 3 * 1000
+    small._fit_program(arrays, 2, 10**6)
+    assert small._fit_jits.made == [once]
+    large = jaxem.MCEM(logistic_glmm, num_draws=10, growth=2.0, max_draws=1200)
+    large._fit_program(arrays, 2, 10**6)
+    assert large._fit_jits.made == [emitters]
+    # Fewer iterations than that: those that max_iter allows.
+    assert small._expected_transitions(5) == 10 + 20 + 40 + 80 + 160
+    assert small._expected_transitions(9) == 1270 + 2 * 1000
+    # The sizes are the fit's own (MCEM._draws_per_chain), summed.
+    sizes = [int(small._draws_per_chain(jnp.asarray(k))) for k in range(10)]
+    assert sum(sizes) == small._expected_transitions(10)
