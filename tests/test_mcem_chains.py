@@ -37,3 +37,26 @@ def test_the_groups_are_the_independent_blocks_of_latents(x64):
     assert state.chains.z["u"].shape == (3, 18)
     explicit = jaxem.SAEM(logistic_glmm, num_chains=2).init(jax.random.PRNGKey(0), *data)
     assert explicit.chains.z["u"].shape == (2, 18)
+
+
+def test_one_chain_runs_without_vmap():
+    # vmap of NUTS's tree-building while_loop turns every branch into selects: one
+    # chain runs the function on its own values (no batching tracer), with the chain
+    # axis given back; more chains are vmapped. Both give vmap's values.
+    from jaxem.mcmc_estep import over_chains
+
+    seen = []
+
+    def fn(z, key):
+        seen.append(isinstance(z["u"], jax.core.Tracer))
+        return {"u": z["u"] * 2.0 + jax.random.normal(key, z["u"].shape)}, jnp.sum(z["u"])
+
+    for num_chains, batched in [(1, False), (3, True)]:
+        z = {"u": jnp.arange(num_chains * 4.0).reshape(num_chains, 4)}
+        keys = jax.random.split(jax.random.PRNGKey(0), num_chains)
+        seen.clear()
+        out = over_chains(fn, z, keys)
+        assert seen == [batched]
+        expected = jax.vmap(fn)(z, keys)
+        assert jax.tree.map(jnp.shape, out) == jax.tree.map(jnp.shape, expected)
+        jax.tree.map(np.testing.assert_array_equal, out, expected)
