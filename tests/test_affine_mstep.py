@@ -183,17 +183,6 @@ def test_a_location_that_is_not_affine_keeps_the_gradient_path():
     assert "affine" not in paths["e"] and "affine" not in paths["f"]
 
 
-def test_a_prior_on_the_coefficients_keeps_the_gradient_path():
-    def model(X, y):
-        beta = numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
-        with numpyro.plate("data", y.shape[0]):
-            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
-            numpyro.sample("y", dist.Normal(X @ beta + z, 1.0), obs=y)
-
-    paths = jaxem.EM(model, global_sites=("beta",)).m_step_paths(jnp.ones((5, 2)), jnp.ones(5))
-    assert paths["beta"].startswith("gradient")
-
-
 def test_an_empty_component_keeps_its_coefficients_and_a_collinear_design_moves_least(x64):
     """Component 2 has no weight: its coefficients keep their values. The design's two
     columns are equal: the step is the minimum-norm one (numpy's pinv), and the fitted
