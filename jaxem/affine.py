@@ -25,11 +25,18 @@ and the location must be of degree at most 1 in them jointly
 per coordinate), so the group has at most `MAX_AFFINE_COORDINATES` coordinates and
 ``J`` at most `MAX_JACOBIAN_ENTRIES` entries; a larger group keeps the gradient path.
 
+A param that is a global site (MAP) takes this path too when its prior is a Normal,
+or a MultivariateNormal over its last axis, whose arguments depend on no param: the
+log prior is quadratic, a ridge term ``(Lambda, Lambda m)`` added to the normal
+equations (`ridge_statistics`, added by `jaxem.closed_form_step` after any Monte
+Carlo or running average). Any other prior keeps the gradient path.
+
 The solve (`solve_affine`) scales the normal equations to a unit diagonal and
 factors them by Cholesky. A coordinate with no weight (an empty component) keeps
 its value; a design that is singular or nearly so (collinear columns) is solved
 by the pseudo-inverse from the current point: a maximizer of Q all the same, the
-one that moves the params least.
+one that moves the params least. Such coefficients are not identified: each fitter
+flags them at the fit and warns (`jaxem.identification`).
 """
 
 from __future__ import annotations

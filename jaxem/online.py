@@ -220,8 +220,9 @@ class OnlineEM(Fitter):
             log density) weigh ``1 / num_data``. A stream does not tell its length:
             it is given here.
         m_step: ``"auto"`` (closed form where detected, optimizer steps
-            otherwise) or ``{param name: "gradient"}``: optimizer steps for the
-            params it names, as in [`jaxem.EM`][jaxem.EM].
+            otherwise), ``"gradient"`` (optimizer steps for every param), or
+            ``{param name: "gradient"}``: optimizer steps for the params it
+            names, as in [`jaxem.EM`][jaxem.EM].
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
