@@ -224,3 +224,27 @@ def test_m_step_names_the_params_that_take_the_gradient_path():
         jaxem.EM(shifted_regressions, m_step={"beta": "closed"})
     with pytest.raises(ValueError, match="m_step must be 'auto', 'gradient' or a dict"):
         jaxem.MCEM(one_factor_analysis, m_step="closed")
+
+
+def test_online_em_weighs_the_ridge_once_for_the_whole_data_set(x64):
+    """OnlineEM's first update (step size 1) on the whole data set, num_data its size:
+    the running normal equations are averages per data point and the ridge weighs
+    1 / num_data, so beta is the batch MAP-EM step's (checked against numpy above).
+    With num_data ten times larger the prior weighs less and beta differs."""
+    X, y = _data()
+    args = (jnp.asarray(X), jnp.asarray(y), "mvn")
+    init = {"beta": jnp.array([[0.0, 0.5, 0.0], [1.0, 0.0, 0.0]])}
+    em = jaxem.EM(regressions, global_sites=("beta",), reg_covar=0.0)
+    state = em.init(jax.random.PRNGKey(0), *args, init_params=init)
+    batch = np.asarray(em.get_params(em.update(state, *args)[0])["beta"])
+
+    def online_beta(num_data):
+        online = jaxem.OnlineEM(
+            regressions, global_sites=("beta",), num_data=num_data, reg_covar=0.0
+        )
+        state = online.init(jax.random.PRNGKey(0), *args, init_params=init)
+        assert "a ridge term" in online.m_step_paths(*args)["beta"]
+        return np.asarray(online.update(state, *args)[0].params["beta"])
+
+    np.testing.assert_allclose(online_beta(len(y)), batch, rtol=1e-10)
+    assert np.max(np.abs(online_beta(10 * len(y)) - batch)) > 1e-3
