@@ -79,6 +79,8 @@ def test_one_em_step_solves_the_normal_equations_with_precision_weights(x64):
     np.testing.assert_allclose(new["sigma"], sigma, rtol=1e-10)
 
 
+# A well-posed design: no NumericalWarning (result.unidentified all False).
+@pytest.mark.filterwarnings("error::jaxem.exceptions.NumericalWarning")
 def test_em_reaches_the_maximum_of_the_marginal_likelihood(x64):
     """The fit with the closed form against scipy's optimizer on the marginal likelihood."""
     from scipy import optimize
@@ -101,6 +103,7 @@ def test_em_reaches_the_maximum_of_the_marginal_likelihood(x64):
     opt = optimize.minimize(nll, start, method="BFGS", options={"gtol": 1e-9})
     np.testing.assert_allclose(-float(result.log_likelihood), opt.fun, rtol=1e-9)
     np.testing.assert_allclose(p["beta"], opt.x[3:6], atol=1e-5)
+    assert not any(np.any(np.asarray(v)) for v in result.unidentified.values())
 
 
 def mixture_of_experts(X, y, K):
