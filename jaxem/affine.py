@@ -25,11 +25,18 @@ and the location must be of degree at most 1 in them jointly
 per coordinate), so the group has at most `MAX_AFFINE_COORDINATES` coordinates and
 ``J`` at most `MAX_JACOBIAN_ENTRIES` entries; a larger group keeps the gradient path.
 
+A param that is a global site (MAP) takes this path too when its prior is a Normal,
+or a MultivariateNormal over its last axis, whose arguments depend on no param: the
+log prior is quadratic, a ridge term ``(Lambda, Lambda m)`` added to the normal
+equations (`ridge_statistics`, added by `jaxem.closed_form_step` after any Monte
+Carlo or running average). Any other prior keeps the gradient path.
+
 The solve (`solve_affine`) scales the normal equations to a unit diagonal and
 factors them by Cholesky. A coordinate with no weight (an empty component) keeps
 its value; a design that is singular or nearly so (collinear columns) is solved
 by the pseudo-inverse from the current point: a maximizer of Q all the same, the
-one that moves the params least.
+one that moves the params least. Such coefficients are not identified: each fitter
+flags them at the fit and warns (`jaxem.identification`).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ __all__ = [
     "MAX_AFFINE_COORDINATES",
     "MAX_JACOBIAN_ENTRIES",
     "affine_paths",
+    "ridge_statistics",
     "solve_affine",
 ]
 
@@ -67,12 +75,13 @@ def _executed_elsewhere(*_):
 AFFINE_UPDATE = ClosedFormUpdate(_executed_elsewhere, _executed_elsewhere, stage=1)
 
 
-def _candidate(name, keys, labels, unsupported_site, domain, constraint):
+def _candidate(name, keys, labels, unsupported_site, domain, constraint, own=None):
     """The output indices of the Normal locations ``name`` reaches, or None when it
-    reaches anything else (a scale, a value, another family, a prior's argument)."""
+    reaches anything else (a scale, a value, another family, a prior's argument).
+    ``own``: the param's own global site (its prior), left to `_ridge_prior`."""
     locs, sites = [], set()
     for index, (key, label) in enumerate(zip(keys, labels)):
-        if name not in label:
+        if name not in label or key[1] == own:
             continue
         kind, site, detail = key
         if kind == "log_prob":
@@ -86,6 +95,29 @@ def _candidate(name, keys, labels, unsupported_site, domain, constraint):
     if sites != {keys[i][1] for i in locs} or not domain(constraint):
         return None
     return locs
+
+
+def _ridge_prior(site, prior_cls, keys, labels):
+    """Why the prior of the global site ``site`` is no ridge term of the normal
+    equations, or None when it is: a Normal, or a MultivariateNormal, whose arguments
+    depend on no param."""
+    shown = f"its prior ({prior_cls.__name__} at site '{user_site_name(site)}')"
+    if prior_cls not in _RIDGE_PRIORS:
+        return f"{shown} is not Normal or MultivariateNormal: no weighted least squares"
+    own = [(key, label) for key, label in zip(keys, labels) if key[0] == "arg" and key[1] == site]
+    if not own:
+        return f"{shown} was not recognized: no weighted least squares"
+    reading = sorted({p for _, label in own for p in label})
+    if reading:
+        arguments = sorted({key[2][1] for key, label in own if label})
+        return (
+            f"{shown} has {', '.join(arguments)} depending on params {reading}: no weighted "
+            "least squares (a prior with fixed arguments is a ridge term)"
+        )
+    return None
+
+
+_RIDGE_PRIORS = (dist.Normal, dist.MultivariateNormal)
 
 
 def _groups(candidates):
@@ -109,7 +141,9 @@ def _groups(candidates):
     return [tuple(g) for g in groups.values()]
 
 
-def affine_paths(plan, keys, labels, closed, structure, params, registry, own_priors):
+def affine_paths(
+    plan, keys, labels, closed, structure, params, registry, own_priors, forced=frozenset()
+):
     """``plan`` with the gradient-path params whose Normal locations are affine in
     them moved to this closed form (`jaxem.mstep.ParamPath` with ``affine`` set to
     the group solved jointly).
@@ -119,25 +153,43 @@ def affine_paths(plan, keys, labels, closed, structure, params, registry, own_pr
         keys, labels: the planner's outputs and their dependencies.
         closed: the planner's jaxpr (inputs: the params in ``structure.param_names``
             order, then the data arrays).
-        own_priors: the params that are global sites with a prior (MAP): not on
-            this path (their prior would need its own statistics).
+        own_priors: ``{global site: its prior's class}`` (MAP): a param with a Normal
+            or MultivariateNormal prior whose arguments depend on no param takes
+            this path with the prior as a ridge term (``ParamPath.prior`` is then
+            ``(site, None)``); any other prior keeps the gradient path.
+        forced: params sent down the gradient path by name (``m_step={name:
+            "gradient"}``): not on this path.
     """
     normal_loc = registry.get(dist.Normal, {}).get("loc")
     if normal_loc is None:
         return plan
     unsupported_site = {k[1]: k[2] for k in keys if k[0] == "family"}
-    candidates = {}
+    candidates, no_ridge = {}, {}
     for name, path in plan.items():
-        if path.kind != "gradient" or name in own_priors:
+        if path.kind != "gradient" or name in forced:
             continue
+        own = name if name in own_priors else None
         locs = _candidate(
-            name, keys, labels, unsupported_site, normal_loc.domain, structure.constraints[name]
+            name,
+            keys,
+            labels,
+            unsupported_site,
+            normal_loc.domain,
+            structure.constraints[name],
+            own,
         )
-        if locs is not None:
-            candidates[name] = locs
+        if locs is None:
+            continue
+        why_not = None if own is None else _ridge_prior(own, own_priors[own], keys, labels)
+        if why_not is not None:
+            no_ridge[name] = why_not
+            continue
+        candidates[name] = locs
+    plan = dict(plan)
+    for name, why_not in no_ridge.items():
+        plan[name] = plan[name]._replace(reason=f"{plan[name].reason}; {why_not}")
     if not candidates:
         return plan
-    plan = dict(plan)
     names = list(structure.param_names)
     num_arrays = len(closed.jaxpr.invars) - len(names)
     for group in _groups(candidates):
@@ -164,14 +216,52 @@ def affine_paths(plan, keys, labels, closed, structure, params, registry, own_pr
         for n in group:
             others = ", ".join(f"'{m}'" for m in group if m != n)
             jointly = f" jointly with {others}" if others else ""
+            prior, ridge = None, ""
+            if n in own_priors:
+                prior = (n, None)
+                ridge = (
+                    f"; its prior ({own_priors[n].__name__} at site '{user_site_name(n)}') "
+                    "a ridge term"
+                )
             plan[n] = type(plan[n])(
                 "closed-form",
-                f"Normal.loc at site {sites} (affine{jointly}: weighted least squares)",
+                f"Normal.loc at site {sites} (affine{jointly}: weighted least squares{ridge})",
                 AFFINE_UPDATE,
                 consumers,
+                prior=prior,
                 affine=group,
             )
     return plan
+
+
+def ridge_statistics(priors, olds):
+    """The normal equations ``(gram, rhs)`` of a group's priors: for a member with a
+    Normal prior ``N(m, s^2)`` (entrywise) the diagonal ``s^-2`` and ``s^-2 m``, for
+    one with a MultivariateNormal prior ``N(m, P^-1)`` over its last axis the blocks
+    ``P`` and ``P m``, zeros for a member without a prior (None), laid out as
+    `solve_affine` flattens the group. Added to the data's equations, their solution
+    maximizes Q plus the log priors (MAP)."""
+    grams, rhss = [], []
+    for prior, old in zip(priors, olds):
+        shape, dtype = jnp.shape(old), jnp.result_type(old)
+        size = int(np.prod(shape))
+        if prior is None:
+            grams.append(jnp.zeros((size, size), dtype))
+            rhss.append(jnp.zeros((size,), dtype))
+        elif isinstance(prior, dist.MultivariateNormal):
+            dim = shape[-1]
+            precision = jnp.broadcast_to(prior.precision_matrix.astype(dtype), shape + (dim,))
+            precision = precision.reshape(-1, dim, dim)
+            loc = jnp.broadcast_to(prior.loc.astype(dtype), shape).reshape(-1, dim)
+            blocks = jnp.eye(precision.shape[0], dtype=dtype)
+            grams.append(jnp.einsum("kl,kij->kilj", blocks, precision).reshape(size, size))
+            rhss.append(jnp.einsum("kij,kj->ki", precision, loc).reshape(size))
+        else:
+            precision = jnp.broadcast_to(jnp.asarray(prior.scale, dtype) ** -2, shape)
+            loc = jnp.broadcast_to(jnp.asarray(prior.loc, dtype), shape)
+            grams.append(jnp.diag(precision.reshape(size)))
+            rhss.append((precision * loc).reshape(size))
+    return jax.scipy.linalg.block_diag(*grams), jnp.concatenate(rhss)
 
 
 def solve_affine(statistics, olds):

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jaxem.affine import solve_affine
+from jaxem.affine import ridge_statistics, solve_affine
 from jaxem.closed_form import Cells
-from jaxem.conjugate import add_prior_statistics
+from jaxem.conjugate import add_prior_statistics, core_distribution
 from jaxem.exceptions import ModelError
 from jaxem.gaussian_stats import shared_statistics
 from jaxem.missing import conditional_moments
@@ -28,7 +28,12 @@ from jaxem.power_selection import linearization_point
 from jaxem.scaled_selection import scale_statistics
 from jaxem.tracing import enumerated_trace
 
-__all__ = ["closed_form_m_step", "closed_form_statistics_m_step"]
+__all__ = [
+    "affine_equations",
+    "closed_form_m_step",
+    "closed_form_statistics_m_step",
+    "with_affine_priors",
+]
 
 
 def _site_cells(site, family, weight):
@@ -179,23 +184,72 @@ def _closed_form_stages(
                 statistics[name] = combine_fn(name, statistics[name])
             solved_from[name] = statistics[name]
             old = params[name]
-            if path.prior is not None:
-                # Added after combine_fn: a prior counts once, not once per minibatch.
-                site, pseudo_fn = path.prior
-                statistics[name] = add_prior_statistics(
-                    pseudo_fn, statistics[name], trace.sites[site].fn, prior_weight
-                )
             if path.affine:
                 # Every member solves the group's (identical) statistics; keeps its part.
+                # Its members' priors added after combine_fn: once, not per minibatch.
+                equations = with_affine_priors(
+                    statistics[name], path.affine, paths, trace, params, prior_weight
+                )
                 olds = [params[n] for n in path.affine]
-                new = solve_affine(statistics[name], olds)[path.affine.index(name)]
+                new = solve_affine(equations, olds)[path.affine.index(name)]
             else:
+                if path.prior is not None:
+                    # Added after combine_fn: a prior counts once, not once per minibatch.
+                    site, pseudo_fn = path.prior
+                    statistics[name] = add_prior_statistics(
+                        pseudo_fn, statistics[name], trace.sites[site].fn, prior_weight
+                    )
                 new = path.update.solve_fn(statistics[name], old, reg_covar)
             _check_solution(name, path, old, new)
             new_values[name] = jnp.asarray(new).astype(jnp.result_type(old))
         params.update(new_values)
         trace = None
     return params, solved_from
+
+
+def with_affine_priors(statistics, group, paths, trace, params, prior_weight=1.0):
+    """The normal equations ``statistics`` of an affine ``group`` (`jaxem.affine`) with
+    the ridge terms of its members' Normal priors (`jaxem.affine.ridge_statistics`,
+    read from the global sites of ``trace``) added, times ``prior_weight`` (``1 / N``
+    against statistics averaged over ``N`` data points)."""
+    sites = [paths[n].prior[0] if paths[n].prior is not None else None for n in group]
+    if all(site is None for site in sites):
+        return tuple(statistics)
+    priors = [None if s is None else core_distribution(trace.sites[s].fn) for s in sites]
+    gram, rhs = ridge_statistics(priors, [params[n] for n in group])
+    return statistics[0] + prior_weight * gram, statistics[1] + prior_weight * rhs
+
+
+def affine_equations(
+    model, params, marginals, plan, args, kwargs, max_plate_nesting, trace=None, combine_fn=None
+):
+    """``{group: (gram, rhs)}``: the normal equations, priors included, of every group
+    of params on the affine path of ``plan`` at ``params`` (what the M-step from there
+    solves), ``combine_fn(statistics)`` applied to the data's part first (a Monte
+    Carlo average). For the check that a fit's coefficients are identified
+    (`jaxem.identification`)."""
+    paths = {n: p for n, p in plan.items() if p.kind == "closed-form" and p.affine}
+    if not paths:
+        return {}
+    if trace is None:
+        trace = enumerated_trace(model, params, args, kwargs, max_plate_nesting, log_probs=False)
+    equations = {}
+    for group in dict.fromkeys(path.affine for path in paths.values()):
+        statistics = _affine_statistics(
+            model,
+            params,
+            marginals,
+            group,
+            paths[group[0]].consumers,
+            args,
+            kwargs,
+            max_plate_nesting,
+            trace,
+        )
+        if combine_fn is not None:
+            statistics = combine_fn(statistics)
+        equations[group] = with_affine_priors(statistics, group, paths, trace, params)
+    return equations
 
 
 def _check_solution(name, path, old, new) -> None:

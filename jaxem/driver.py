@@ -27,6 +27,7 @@ from jaxem.checks import raise_for_fitted_arguments
 from jaxem.compiling import OptionJits, after_loop_options, call_signature, compile_together
 from jaxem.fit_warnings import warn_about_fit
 from jaxem.fitter_m_step import MStep, describe_plan
+from jaxem.identification import warn_if_unidentified
 from jaxem.inspection import model_structure
 from jaxem.kernel import Kernel
 from jaxem.loop import (
@@ -296,6 +297,7 @@ class Fitter:
             warn_if_scale_unresolved(
                 model, result.params, args, kwargs, structure.max_plate_nesting, plan
             )
+            warn_if_unidentified(getattr(result, "unidentified", None), plan, self.name)
         return result
 
     # -- public API ----------------------------------------------------------

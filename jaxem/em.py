@@ -13,11 +13,13 @@ from jaxem.accelerators import ACCELERATIONS
 from jaxem.arguments import merge_args
 from jaxem.built import built_model
 from jaxem.checks import in_support
+from jaxem.closed_form_step import affine_equations
 from jaxem.driver import Fitter
 from jaxem.estep import e_step
 from jaxem.fitter_m_step import MStep
 from jaxem.global_sites import log_prior_of_trace, with_global_sites
 from jaxem.gradient import default_optimizer, stationarity
+from jaxem.identification import unidentified_params
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import (
@@ -28,6 +30,7 @@ from jaxem.loop import (
     stationary,
     upper_bound,
 )
+from jaxem.m_step_options import check_m_step
 from jaxem.tracing import enumerated_trace
 from jaxem.uncertainty import standard_errors
 
@@ -117,6 +120,10 @@ class EMResult(NamedTuple):
             `jaxem.gradient.stationarity`; 0 where it did not rise beyond
             rounding). The params of a fit that stopped short of a maximum are
             those with large gains.
+        unidentified: ``{param name: bool array of its shape}`` for the params
+            solved by weighted least squares (a Normal location affine in them):
+            True for an entry that the weighted design at ``params`` does not
+            identify (`jaxem.identification`; ``run`` warns).
     """
 
     params: dict
@@ -134,6 +141,7 @@ class EMResult(NamedTuple):
     log_posterior: jax.Array | None = None
     unbounded: dict | None = None
     gains: dict | None = None
+    unidentified: dict | None = None
 
 
 class EM(Fitter):
@@ -149,7 +157,9 @@ class EM(Fitter):
     Args:
         model: a NumPyro model with ``numpyro.param`` sites.
         m_step: ``"auto"`` (closed form where detected, gradient steps
-            otherwise) or ``"gradient"`` (gradient steps for every parameter).
+            otherwise), ``"gradient"`` (gradient steps for every parameter), or
+            a dict ``{param name: "gradient"}``: gradient steps for the params
+            it names, ``"auto"`` for the others.
         optimizer: optax optimizer for the gradient path; default
             ``optax.lbfgs()``.
         m_step_iters: optimizer steps per EM iteration.
@@ -219,8 +229,7 @@ class EM(Fitter):
         acceleration: str | None = None,
         global_sites: Sequence[str] = (),
     ):
-        if m_step not in ("auto", "gradient"):
-            raise ValueError(f"m_step must be 'auto' or 'gradient', got {m_step!r}")
+        m_step = check_m_step(m_step)
         if chain_contraction not in ("sequential", "parallel"):
             raise ValueError(
                 f"chain_contraction must be 'sequential' or 'parallel', got {chain_contraction!r}"
@@ -341,6 +350,8 @@ class EM(Fitter):
             self.model, params, loop.aux, free, structure.constraints, args, kwargs, nesting
         )
         supported = in_support(self.model, params, args, kwargs, nesting)
+        plan = self.m_step_settings.plan(params, arrays, spec, structure)
+        equations = affine_equations(self.model, params, loop.aux, plan, args, kwargs, nesting)
         converged = loop.converged & stationary(gain, loop.value, tol) & supported
         diverged = loop.diverged | ~supported
         log_likelihood, log_prior, log_posterior = loop.value, None, None
@@ -366,6 +377,7 @@ class EM(Fitter):
             log_posterior,
             unbounded,
             gains,
+            unidentified_params(equations, params),
         )
         return result, start_params
 

@@ -18,6 +18,7 @@ from jaxem.compiling import loop_options
 from jaxem.gradient import gradient_m_step, init_opt_state
 from jaxem.inspection import inspect_model
 from jaxem.loop import initial_params
+from jaxem.m_step_options import check_m_step
 from jaxem.mstep import plan_m_step
 from jaxem.regularization import warn_if_reg_covar_dominates
 
@@ -35,7 +36,8 @@ class MStep:
 
     Args:
         model: the NumPyro model.
-        mode: ``"auto"`` or ``"gradient"`` (see [`jaxem.EM`][jaxem.EM]).
+        mode: ``"auto"``, ``"gradient"`` or ``{param name: "gradient"}`` (see
+            [`jaxem.EM`][jaxem.EM]).
         optimizer: the optax optimizer of the gradient path (with extra-args
             support).
         num_steps: optimizer steps per update.
@@ -54,7 +56,7 @@ class MStep:
         frozen: Sequence[str],
     ):
         self.model = model
-        self.mode = mode
+        self.mode = check_m_step(mode)
         self.optimizer = optimizer
         self.num_steps = int(num_steps)
         self.reg_covar = float(reg_covar)

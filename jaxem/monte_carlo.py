@@ -25,6 +25,7 @@ from jaxem.arguments import merge_args, merge_init_params, split_args
 from jaxem.compiling import OptionJits, jit_once, monte_carlo_options
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import global_site_names, with_global_sites
+from jaxem.identification import warn_if_unidentified
 from jaxem.importance import importance_log_likelihood
 from jaxem.kernel import Kernel
 from jaxem.loop import all_finite, loop_key, tree_where
@@ -398,6 +399,9 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             log_prior=log_prior,
             stationarity=stationarity,
             drift=drift,
+            unidentified=self.closed_form.unidentified(
+                params, *self._flat(state.draws, state.weights), args, kwargs
+            ),
         )
 
     # -- public API --------------------------------------------------------------
@@ -472,6 +476,10 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             num_blocks=blocks.num_blocks,
             num_chains=num_chains,
         )
+        if not bool(result.diverged) and result.unidentified:
+            first = jax.tree.map(lambda x: x[0], result.draws)
+            plan = self.closed_form.plan(result.params, first, *merge_args(arrays, spec))
+            warn_if_unidentified(result.unidentified, plan, self.name)
         warn_about_monte_carlo_fit(
             result,
             name=self.name,

@@ -37,11 +37,13 @@ from numpyro.handlers import condition
 from jaxem.arguments import split_args
 from jaxem.built import built_model
 from jaxem.closed_form import registered_closed_forms
-from jaxem.closed_form_step import closed_form_statistics_m_step
+from jaxem.closed_form_step import affine_equations, closed_form_statistics_m_step
 from jaxem.estep import e_step
 from jaxem.exceptions import ModelError
 from jaxem.fitter_m_step import describe_plan
+from jaxem.identification import unidentified_params
 from jaxem.inspection import model_structure
+from jaxem.m_step_options import check_m_step, check_m_step_names
 from jaxem.mstep import ParamPath, plan_m_step
 from jaxem.tracing import enumerated_trace
 
@@ -68,15 +70,15 @@ class ClosedFormMStep:
 
     Args:
         model: the NumPyro model.
-        mode: ``"auto"`` (closed form wherever the registry applies) or
-            ``"gradient"`` (every param on the gradient path).
+        mode: ``"auto"`` (closed form wherever the registry applies),
+            ``"gradient"`` (every param on the gradient path), or a dict
+            ``{param name: "gradient"}`` (those params on the gradient path).
         reg_covar: added to variances and covariance diagonals, as in `EM`.
         frozen: params kept at their initial values.
     """
 
     def __init__(self, model, mode: str, reg_covar: float, frozen: tuple):
-        if mode not in ("auto", "gradient"):
-            raise ValueError(f"m_step must be 'auto' or 'gradient', got {mode!r}")
+        mode = check_m_step(mode)
         # Built once (jaxem.built): every trace below evaluates one cached program.
         self.conditioned = built_model(conditioned_model(model))
         self.mode = mode
@@ -93,6 +95,7 @@ class ClosedFormMStep:
     def plan(self, params, z, args, kwargs) -> dict:
         """``{param: jaxem.mstep.ParamPath}`` on the model given one draw ``z``
         (constrained latents; only their shapes matter)."""
+        check_m_step_names(self.mode, params)
         try:
             arrays, spec, structure, _ = self._inputs(z, args, kwargs)
             return plan_m_step(
@@ -148,24 +151,7 @@ class ClosedFormMStep:
             return params
 
         def one(z, w):
-            _, _, structure, full_args = self._inputs(z, args, kwargs)
-            nesting = structure.max_plate_nesting
-            if structure.latent_sites:
-                # Discrete latents of the conditioned model are enumerated exactly.
-                estep = e_step(self.conditioned, params, full_args, kwargs, nesting)
-                trace, marginals = estep.trace, estep.marginals
-            else:
-                # Nothing to enumerate: every cell weighs 1 (no contraction to compile).
-                trace = enumerated_trace(self.conditioned, params, full_args, kwargs, nesting)
-                marginals = {n: jnp.ones_like(site.log_prob) for n, site in trace.sites.items()}
-
-            def averaged(name, statistics):
-                # Unused draws (weight 0) may hold placeholder values: kept out exactly.
-                return tuple(
-                    jax.lax.psum(jnp.where(w > 0, w * s, jnp.zeros_like(s)), _DRAWS)
-                    for s in statistics
-                )
-
+            full_args, nesting, trace, marginals = self._cells(params, z, args, kwargs)
             return closed_form_statistics_m_step(
                 self.conditioned,
                 params,
@@ -176,9 +162,52 @@ class ClosedFormMStep:
                 nesting,
                 self.reg_covar,
                 trace,
-                combine_fn=averaged,
+                combine_fn=lambda _, statistics: _averaged(statistics, w),
             )[0]
 
         new = jax.vmap(one, axis_name=_DRAWS)(draws, weights)
         # Every draw solved from the same averaged statistics: the first holds the result.
         return jax.tree.map(lambda x: x[0], new)
+
+    def unidentified(self, params, draws, weights, args, kwargs) -> dict:
+        """`jaxem.identification.unidentified_params` of the least-squares params at
+        ``params``, from the normal equations averaged over the weighted draws (what
+        `step` from there would solve); ``{}`` when no param takes that path."""
+        first = jax.tree.map(lambda x: x[0], draws)
+        plan = self.plan(params, first, args, kwargs)
+        if not any(p.kind == "closed-form" and p.affine for p in plan.values()):
+            return {}
+
+        def one(z, w):
+            full_args, nesting, trace, marginals = self._cells(params, z, args, kwargs)
+            return affine_equations(
+                self.conditioned, params, marginals, plan, full_args, kwargs, nesting, trace,
+                combine_fn=lambda statistics: _averaged(statistics, w),
+            )  # fmt: skip
+
+        equations = jax.vmap(one, axis_name=_DRAWS)(draws, weights)
+        equations = jax.tree.map(lambda x: x[0], equations)
+        return unidentified_params(equations, params)
+
+    def _cells(self, params, z, args, kwargs):
+        """``(args with z, plate nesting, trace, cell weights)`` of the model given one
+        draw ``z``."""
+        _, _, structure, full_args = self._inputs(z, args, kwargs)
+        nesting = structure.max_plate_nesting
+        if structure.latent_sites:
+            # Discrete latents of the conditioned model are enumerated exactly.
+            estep = e_step(self.conditioned, params, full_args, kwargs, nesting)
+            return full_args, nesting, estep.trace, estep.marginals
+        # Nothing to enumerate: every cell weighs 1 (no contraction to compile).
+        trace = enumerated_trace(self.conditioned, params, full_args, kwargs, nesting)
+        marginals = {n: jnp.ones_like(site.log_prob) for n, site in trace.sites.items()}
+        return full_args, nesting, trace, marginals
+
+
+def _averaged(statistics, weight):
+    """Statistics averaged over the vmapped draws with their weights; unused draws
+    (weight 0) may hold placeholder values: kept out exactly."""
+    return tuple(
+        jax.lax.psum(jnp.where(weight > 0, weight * s, jnp.zeros_like(s)), _DRAWS)
+        for s in statistics
+    )

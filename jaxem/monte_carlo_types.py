@@ -100,6 +100,9 @@ class MCResult(NamedTuple):
             (`jaxem.monte_carlo_stationarity.Stationarity`).
         drift: SAEM: the test that the params had settled by the end of its
             first phase (`jaxem.monte_carlo_stationarity.Drift`); None for MCEM.
+        unidentified: ``{param name: bool array}`` as in
+            [`jaxem.EMResult`][jaxem.EMResult], from the normal equations averaged
+            over the draws that enter ``Q`` at the end of the fit.
     """
 
     params: dict
@@ -120,3 +123,4 @@ class MCResult(NamedTuple):
     log_prior: jax.Array | None = None
     stationarity: Any = None
     drift: Any = None
+    unidentified: dict | None = None

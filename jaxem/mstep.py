@@ -32,6 +32,7 @@ from jaxem.closed_form import ClosedFormUpdate
 from jaxem.conjugate import conjugate_statistics_fn, core_distribution
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import global_site_names
+from jaxem.m_step_options import check_m_step_names, forced_gradient, forced_reason
 from jaxem.missing import MissingData
 from jaxem.numpyro_internals import distribution_mask, user_site_name
 from jaxem.power_selection import (
@@ -168,6 +169,8 @@ def plan_m_step(
                 model, params, arrays, spec, structure, registry, frozen=frozen, mode=mode
             )
         return cache[key]
+    check_m_step_names(mode, structure.param_names)
+    forced = forced_gradient(mode)
     layout = []
     global_sites = global_site_names(model)
 
@@ -234,6 +237,9 @@ def plan_m_step(
         if mode == "gradient":
             plan[name] = ParamPath("gradient", "m_step='gradient'")
             continue
+        if name in forced:
+            plan[name] = ParamPath("gradient", forced_reason(name))
+            continue
         plan[name] = _decide(
             name,
             index,
@@ -260,7 +266,9 @@ def plan_m_step(
     if mode == "gradient":
         return plan
     # A Normal location affine in params: weighted least squares (jaxem.affine).
-    return affine_paths(plan, keys, labels, closed, structure, params, registry, prior_classes)
+    return affine_paths(
+        plan, keys, labels, closed, structure, params, registry, prior_classes, forced
+    )
 
 
 def _with_prior(path, site, prior_cls, arguments, powers=None, prior_classes=()):

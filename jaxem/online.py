@@ -60,6 +60,7 @@ from jaxem.exceptions import ConvergenceWarning, ModelError
 from jaxem.fitter_m_step import MStep
 from jaxem.global_sites import log_prior_of_trace, with_global_sites
 from jaxem.gradient import gradient_m_step
+from jaxem.identification import unidentified_from_statistics, warn_if_unidentified
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import all_finite, tree_where
@@ -142,6 +143,8 @@ class OnlineEMResult(NamedTuple):
         num_rejected: number of minibatch updates of this run rejected because
             the minibatch's log-likelihood, or the parameters or running
             statistics after the update, were not finite.
+        unidentified: ``{param name: bool array}`` as in
+            [`jaxem.EMResult`][jaxem.EMResult], from the running normal equations.
     """
 
     params: dict
@@ -149,6 +152,7 @@ class OnlineEMResult(NamedTuple):
     log_likelihoods: jax.Array
     diverged: jax.Array
     num_rejected: jax.Array
+    unidentified: dict | None = None
 
 
 def check_num_data(global_sites, num_data) -> float:
@@ -215,6 +219,10 @@ class OnlineEM(Fitter):
             per data point, its pseudo-statistics (and, on the gradient path, its
             log density) weigh ``1 / num_data``. A stream does not tell its length:
             it is given here.
+        m_step: ``"auto"`` (closed form where detected, optimizer steps
+            otherwise), ``"gradient"`` (optimizer steps for every param), or
+            ``{param name: "gradient"}``: optimizer steps for the params it
+            names, as in [`jaxem.EM`][jaxem.EM].
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -249,6 +257,7 @@ class OnlineEM(Fitter):
         frozen: Sequence[str] = (),
         global_sites: Sequence[str] = (),
         num_data: int | None = None,
+        m_step: str | dict = "auto",
     ):
         self.global_sites = tuple(global_sites)
         self.num_data = check_num_data(self.global_sites, num_data)
@@ -263,7 +272,7 @@ class OnlineEM(Fitter):
         self.frozen = tuple(frozen)
         self.m_step_settings = MStep(
             self.model,
-            mode="auto",
+            mode=m_step,
             optimizer=self.optimizer,
             num_steps=self.m_step_iters,
             reg_covar=self.reg_covar,
@@ -435,23 +444,30 @@ class OnlineEM(Fitter):
             dict(state.params), state, jnp.stack(log_liks), num_rejected > 0, num_rejected
         )
         _warn_about_rejections(result, jnp.stack(rejected) - start)
-        self._check_online_fit(result, *split_args(batch, kwargs))
-        return result
+        return self._check_online_fit(result, *split_args(batch, kwargs))
 
-    def _check_online_fit(self, result, arrays, spec) -> None:
+    def _check_online_fit(self, result, arrays, spec):
         """After ``run``, on the last minibatch's arguments (concrete values): a
         ModelError for distribution arguments that the fitted params put outside
         their support (only a non-finite update is rejected, so one that leaves
         the support is kept), and a NumericalWarning for variances held up by
-        ``reg_covar`` or below the resolution of their location."""
+        ``reg_covar`` or below the resolution of their location, or for coefficients
+        that the running normal equations do not identify (`jaxem.identification`).
+        Returns the result with ``unidentified``."""
         args, kwargs = merge_args(arrays, spec)
         structure = model_structure(self.model, args, kwargs)
         raise_for_fitted_arguments(self.model, result.params, args, kwargs, structure)
+        nesting = structure.max_plate_nesting
         plan = self.m_step_settings.plan(result.params, arrays, spec, structure)
         warn_if_held_by_reg_covar(result.params, plan, self.reg_covar)
-        warn_if_scale_unresolved(
-            self.model, result.params, args, kwargs, structure.max_plate_nesting, plan
-        )
+        warn_if_scale_unresolved(self.model, result.params, args, kwargs, nesting, plan)
+        prior_weight = 1.0 / self.num_data if self.global_sites else 1.0
+        unidentified = unidentified_from_statistics(
+            self.model, result.params, result.state.statistics, plan, args, kwargs, nesting,
+            prior_weight,
+        )  # fmt: skip
+        warn_if_unidentified(unidentified, plan, "OnlineEM")
+        return result._replace(unidentified=unidentified)
 
 
 def _warn_about_rejections(result, rejected) -> None:

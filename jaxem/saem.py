@@ -79,8 +79,9 @@ class SAEM(MonteCarloEM):
         num_is_draws: posterior draws per chain at the fitted params, for the
             importance-sampling proposal and ``result.draws``.
         num_is_samples: importance samples of the log-likelihood.
-        m_step: ``"auto"`` (closed form where the registry applies) or
-            ``"gradient"`` (optimizer steps for every param).
+        m_step: ``"auto"`` (closed form where the registry applies),
+            ``"gradient"`` (optimizer steps for every param), or a dict
+            ``{param name: "gradient"}`` (optimizer steps for the params it names).
         reg_covar: added to variances and covariance diagonals of the closed-form
             updates, as in `EM`.
         global_sites: sample sites that are parameters with priors (MAP, as in

@@ -349,7 +349,7 @@ def test_m_step_paths_say_which_params_take_the_closed_form():
     assert paths["mu"].startswith("closed-form (Normal.loc at site 'y' (affine")
     forced = jaxem.SAEM(clustered_intercepts, m_step="gradient").m_step_paths(jnp.ones((3, 8)))
     assert all(p.startswith("gradient") for p in forced.values())
-    with pytest.raises(ValueError, match="m_step must be 'auto' or 'gradient'"):
+    with pytest.raises(ValueError, match="m_step must be 'auto', 'gradient' or a dict"):
         jaxem.SAEM(clustered_intercepts, m_step="closed")
 
 
