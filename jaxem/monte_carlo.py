@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -131,8 +130,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         raise NotImplementedError
 
     def _expected_transitions(self, max_iter: int) -> int:
-        """The transitions per chain of a fit's iterations that its XLA options are
-        chosen by (`_fit_program`): all ``max_iter`` iterations at the most each."""
+        """Transitions per chain its XLA options count: ``max_iter`` at the most each."""
         return max_iter * self._most_draws_per_chain()
 
     def _drift(self, history, free, constraints):
@@ -174,7 +172,9 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         init_key, chain_key = jax.random.split(rng_key)
         keys = jax.random.split(init_key, num_chains)
         z0 = jax.vmap(lambda k: self.latent.prior_draw(structure, params, k, args, kwargs))(keys)
-        chains = self.sampler.init(chain_key, structure, partial(_merge, spec), params, arrays, z0)
+        chains = self.sampler.init(
+            chain_key, structure, lambda arrays: merge_args(arrays, spec), params, arrays, z0
+        )
         constrained = jax.vmap(lambda z: self.latent.constrain(structure, z)[0])(chains.z)
         draws = jax.tree.map(lambda x: jnp.zeros((self.num_slots,) + x.shape, x.dtype), constrained)
         zero = jnp.zeros((), jnp.int32)
@@ -216,7 +216,7 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
             rng_key,
             state.chains,
             structure,
-            partial(_merge, spec),
+            lambda arrays: merge_args(arrays, spec),
             state.params,
             arrays,
             num,
@@ -490,16 +490,10 @@ class MonteCarloEM(MonteCarloObjective, MonteCarloStart):
         )
         return result
 
-    _convergence_rule = ""
-    _stationarity_fix = ""
+    _convergence_rule = _stationarity_fix = ""
 
     def _fit_program(self, arrays, num_chains, max_iter):
-        """The compiled fit, with the XLA options of its work (the transitions per chain
-        of its iterations, `_expected_transitions`, and the final draws;
-        `jaxem.compiling.monte_carlo_options`)."""
+        """The compiled fit, with the XLA options of its work (`_expected_transitions`
+        and the final draws; `jaxem.compiling.monte_carlo_options`)."""
         transitions = self._expected_transitions(max_iter) + self.num_is_draws
         return self._fit_jits.with_options(monte_carlo_options(arrays, num_chains, transitions))
-
-
-def _merge(spec, arrays):
-    return merge_args(arrays, spec)
