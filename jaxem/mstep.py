@@ -158,9 +158,11 @@ def plan_m_step(
         ``{param name: ParamPath}`` in model order.
     """
     if cache is not None:
+        # The params' names sorted: a state's params come back from a loop's carry
+        # (a pytree: its dicts' keys sorted) in another order than the model's.
         key = (
             spec,
-            tuple((n, jnp.shape(params[n]), jnp.result_type(params[n])) for n in params),
+            tuple((n, jnp.shape(params[n]), jnp.result_type(params[n])) for n in sorted(params)),
             tuple((jnp.shape(a), jnp.result_type(a)) for a in arrays),
         )
         if key not in cache:
