@@ -41,7 +41,7 @@ from jaxem.power_selection import (
     prior_arguments,
 )
 from jaxem.scaled_selection import scaled_description, scaled_selection_factor
-from jaxem.selection import dependencies, probe_selection
+from jaxem.selection import SelectionProbe, dependencies
 from jaxem.supports import constraint_spelling, constraint_wider_than_support
 from jaxem.tracing import enumerated_trace
 
@@ -217,6 +217,8 @@ def plan_m_step(
     prior_classes = {k[1]: k[2] for k in keys if k[0] == "prior"}
 
     _raise_for_params_outside_support(structure, keys, labels)
+    # The event-block probes of every param: one program.
+    probe = SelectionProbe(closed, [i for i, k in enumerate(keys) if k[0] == "arg"])
     plan = {}
     for index, name in enumerate(structure.param_names):
         if name in frozen:
@@ -244,7 +246,7 @@ def plan_m_step(
             unsupported_site,
             registry,
             structure,
-            closed,
+            probe,
             params,
             arrays,
             keys,
@@ -330,7 +332,7 @@ def _decide(
     unsupported_site,
     registry,
     structure,
-    closed,
+    probe,
     params,
     arrays,
     keys,
@@ -390,7 +392,7 @@ def _decide(
             f"its constraint {constraint} does not contain the closed-form solution's values"
         )
     if update.event_ndim and not _event_blocks_intact(
-        closed, index, params, arrays, structure, consumers, update.event_ndim
+        probe, index, params, arrays, structure, consumers, update.event_ndim
     ):
         return gradient("the selection map does not keep the distribution's event dims whole")
     # A scan's first step and its later steps are one site to the user.
@@ -425,8 +427,9 @@ _SCALED_HINT = {
 }
 
 
-def _event_blocks_intact(closed, index, params, arrays, structure, consumers, event_ndim):
-    """Check that each cell's event block is one whole trailing block of the param."""
+def _event_blocks_intact(probe, index, params, arrays, structure, consumers, event_ndim):
+    """Check that each cell's event block is one whole trailing block of the param
+    (``probe``: the plan's `jaxem.selection.SelectionProbe`)."""
     value = params[structure.param_names[index]]
     shape, dtype = jnp.shape(value), jnp.result_type(value)
     if len(shape) < event_ndim:
@@ -443,7 +446,7 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
             inputs.append(np.zeros(jnp.shape(p), jnp.result_type(p)))
     inputs += [np.zeros(jnp.shape(a), jnp.result_type(a)) for a in arrays]
     block = int(np.prod(shape[len(shape) - event_ndim :]))
-    outs = probe_selection(closed, inputs, [consumer[3] for consumer in consumers])
+    outs = probe(inputs, [consumer[3] for consumer in consumers])
     if outs is None:
         return False  # the map closes over traced values: unproven, so gradient
     for out, consumer in zip(outs, consumers):
