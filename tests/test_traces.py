@@ -65,11 +65,11 @@ def test_one_compiled_update_traces_the_model_at_most_twice(name):
     assert model.num_calls <= MAX_TRACES
 
 
-# A cold run: model calls (the checks: 2 seeded traces, 2 for the priors' analysis,
-# the enumerated trace with and without log-probabilities, the structure; the loop's
-# initial values; the float64 recheck's enumerated trace) and compiled programs (the
-# checks; the plan's probe of its params' event blocks; the loop; what follows it; the
-# float64 recheck).
+# A cold run: model calls (the checks: a seeded trace (2 with init_params), 2 for the
+# priors' analysis, the enumerated trace with and without log-probabilities, the
+# structure; the loop's initial values; the float64 recheck's enumerated trace) and
+# compiled programs (the checks; the plan's probe of its params' event blocks; the
+# loop; what follows it; the float64 recheck).
 MAX_RUN_TRACES = 7
 MAX_RUN_PROGRAMS = 5
 
