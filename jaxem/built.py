@@ -37,7 +37,8 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.extend.core import jaxpr_as_fun
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+from jax.interpreters import partial_eval as pe
 
 from jaxem.arguments import merge_args, split_args
 from jaxem.batching import restarts_active
@@ -45,7 +46,7 @@ from jaxem.chain import find_chain
 from jaxem.exceptions import ModelError
 from jaxem.inspection import ModelStructure, model_structure
 from jaxem.numpyro_internals import inside_handler
-from jaxem.tracing import EnumTrace
+from jaxem.tracing import EnumTrace, enumerated_traces
 
 __all__ = ["BuiltModel", "built_model"]
 
@@ -119,8 +120,10 @@ class BuiltModel:
         )
         cached = self._traces.get(key)
         if cached is None:
-            cached = self._build(treedef, avals, spec, max_plate_nesting, log_probs)
-            self._traces[key] = cached
+            built = self._build(treedef, avals, spec, max_plate_nesting, log_probs)
+            for kind, entry in built.items():  # the other kind too, from the same run
+                self._traces.setdefault(key[:4] + (kind,) + key[5:], entry)
+            cached = built[bool(log_probs)]
         if cached is _UNCACHED:
             args, kwargs = merge_args(arrays, spec)
             return self._direct(params, args, kwargs, max_plate_nesting, log_probs)
@@ -133,17 +136,58 @@ class BuiltModel:
             self.model, params, args, kwargs, max_plate_nesting, log_probs=log_probs
         )
 
-    def _build(self, treedef, avals, spec, max_plate_nesting, log_probs):
+    def _build(self, treedef, avals, spec, max_plate_nesting, log_probs) -> dict:
+        """``{log_probs: cached entry}``: both kinds of trace (with and without
+        log-probabilities) from one run of the model, the one without them
+        evaluating only the part of the jaxpr it needs; a checks' trace without them
+        and a fit's with them then cost one run. Where the log-probabilities cannot
+        be built (a factor too large, a site that cannot be evaluated), a request
+        without them gets its own run, as before; a request with them raises."""
+        try:
+            return self._build_both(treedef, avals, spec, max_plate_nesting)
+        except Exception:  # noqa: BLE001
+            if log_probs:
+                raise
+        return {False: self._build_without(treedef, avals, spec, max_plate_nesting)}
+
+    def _build_both(self, treedef, avals, spec, max_plate_nesting) -> dict:
         found = []
 
         def traced(leaves):
             params, arrays = jax.tree.unflatten(treedef, leaves)
             args, kwargs = merge_args(arrays, spec)
-            trace = self._direct(params, args, kwargs, max_plate_nesting, log_probs)
+            full, bare = enumerated_traces(self.model, params, args, kwargs, max_plate_nesting)
+            outputs: list = []
+            splitter = _Splitter(outputs)  # shared: the two traces share their arrays
+            found.append((splitter.trace(full), splitter.trace(bare), _has_chain(full)))
+            return outputs
+
+        closed = self._jaxpr(traced, avals)
+        if closed is _UNCACHED:
+            return {True: _UNCACHED, False: _UNCACHED}
+        full, bare, chain = found[0]
+        used = _leaf_indices(bare)
+        keep = [i in used for i in range(len(closed.jaxpr.outvars))]
+        jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, keep, instantiate=True)
+        without = _Cached(ClosedJaxpr(jaxpr, closed.consts), bare, chain, sorted(used))
+        return {True: _Cached(closed, full, chain), False: without}
+
+    def _build_without(self, treedef, avals, spec, max_plate_nesting):
+        found = []
+
+        def traced(leaves):
+            params, arrays = jax.tree.unflatten(treedef, leaves)
+            args, kwargs = merge_args(arrays, spec)
+            trace = self._direct(params, args, kwargs, max_plate_nesting, False)
             outputs: list = []
             found.append((_Splitter(outputs).trace(trace), _has_chain(trace)))
             return outputs
 
+        closed = self._jaxpr(traced, avals)
+        return closed if closed is _UNCACHED else _Cached(closed, *found[0])
+
+    @staticmethod
+    def _jaxpr(traced, avals):
         structs = [
             jax.ShapeDtypeStruct(shape, dtype, weak_type=weak) for shape, dtype, weak in avals
         ]
@@ -153,7 +197,7 @@ class BuiltModel:
             return _UNCACHED
         if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
             return _UNCACHED  # the model closes over values of an enclosing trace
-        return _Cached(closed, *found[0])
+        return closed
 
 
 def _has_chain(trace) -> bool:
@@ -177,14 +221,17 @@ _UNCACHED = object()
 
 
 class _Cached:
-    """One signature's closed jaxpr and the skeleton of its trace."""
+    """One signature's closed jaxpr and the skeleton of its trace. ``positions``: the
+    skeleton's leaf index of each output, where the jaxpr was cut down to the
+    outputs a skeleton uses (None: output i is leaf i)."""
 
-    def __init__(self, closed, skeleton, chain):
+    def __init__(self, closed, skeleton, chain, positions=None):
         self.closed = closed
         self.skeleton = skeleton
         self.chain = chain  # a Markov chain (jaxem.compiling.loop_options)
         self.function = jaxpr_as_fun(closed)
         self.compiled = None
+        self.positions = positions
 
     def evaluate(self, leaves) -> EnumTrace:
         if any(isinstance(x, jax.core.Tracer) for x in leaves):
@@ -195,7 +242,13 @@ class _Cached:
             if self.compiled is None:
                 self.compiled = jax.jit(self.function)
             outputs = self.compiled(*leaves)
-        return _rebuild_trace(self.skeleton, list(outputs))
+        outputs = list(outputs)
+        if self.positions is not None:
+            placed: list = [None] * (max(self.positions, default=-1) + 1)
+            for position, output in zip(self.positions, outputs):
+                placed[position] = output
+            outputs = placed
+        return _rebuild_trace(self.skeleton, outputs)
 
 
 def _as_array(x):
@@ -323,6 +376,30 @@ def _shallow(x):
         return list(x)
     except TypeError:
         return []
+
+
+def _leaf_indices(node, found=None, seen=None) -> set:
+    """The output indices a skeleton's leaves refer to."""
+    found = set() if found is None else found
+    seen = set() if seen is None else seen
+    if isinstance(node, _Leaf):
+        found.add(node.index)
+    elif isinstance(node, _Static) or id(node) in seen:
+        pass
+    elif isinstance(node, _TraceSkeleton):
+        for part in (node.sites, node.weights, *(n for record in node.records for n in record)):
+            _leaf_indices(part, found, seen)
+    else:
+        seen.add(id(node))
+        if isinstance(node, _Seq):
+            children = node.items
+        elif isinstance(node, _Dict):
+            children = [v for _, v in node.items]
+        else:
+            children = [v for _, v in node.attrs]
+        for child in children:
+            _leaf_indices(child, found, seen)
+    return found
 
 
 def _rebuild_trace(skeleton: _TraceSkeleton, outputs: list) -> EnumTrace:

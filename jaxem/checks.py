@@ -63,7 +63,7 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     check_init_params(params)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
         return None
-    validity = _compiled(_validity, _validity_jit, model, spec, rng_key, arrays, params)
+    validity, problems = _compiled(_checks, _checks_jit, model, spec, rng_key, arrays, params)
     args, kwargs = merge_args(arrays, spec)
 
     def support_of(site):
@@ -80,7 +80,10 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
         merged = merge_init_params(initial, params)
         when = "initial" if fitting else "given"
         raise_for_model_arguments(model, args, kwargs, merged, validity.arguments, when)
-    problems = _compiled(_mask_problems, _mask_problems_jit, model, spec, rng_key, arrays, params)
+    if problems is None:  # they could not be traced: raise here, as before
+        problems = _compiled(
+            _mask_problems, _mask_problems_jit, model, spec, rng_key, arrays, params
+        )
     for key, bad in problems.items():
         if key[0] == "chain":
             raise_for_chain_padding(bad, key[1], key[2])
@@ -125,7 +128,11 @@ def _mask_problems(model, spec, rng_key, arrays, params) -> dict:
     dependent): bool}`` (see `jaxem.masks`). Empty without masked latents."""
     args, kwargs = merge_args(arrays, spec)
     structure, initial = inspect_model(model, rng_key, args, kwargs)
-    params = merge_init_params(initial, params)
+    return _mask_problems_at(model, structure, merge_init_params(initial, params), args, kwargs)
+
+
+def _mask_problems_at(model, structure, params, args, kwargs) -> dict:
+    """`_mask_problems` at the merged ``params``, of the model's ``structure``."""
     nesting = structure.max_plate_nesting
     trace = enumerated_trace(model, params, args, kwargs, nesting, log_probs=False)
     # Case weights given as a model argument are checked here, on concrete values.
@@ -149,19 +156,39 @@ def _mask_problems(model, spec, rng_key, arrays, params) -> dict:
 _mask_problems_jit = jit_once(_mask_problems, static_argnums=(0, 1))
 
 
+def _checks(model, spec, rng_key, arrays, params):
+    """`_validity` and `_mask_problems` in one program (one compilation); the mask
+    problems None where they cannot be traced (a model the checks before them
+    reject, say: `validate` then raises those first)."""
+    validity, structure, merged = _validity(model, spec, rng_key, arrays, params)
+    try:
+        problems = _mask_problems_at(model, structure, merged, *merge_args(arrays, spec))
+    except Exception:  # noqa: BLE001
+        problems = None
+    return validity, problems
+
+
+_checks_jit = jit_once(_checks, static_argnums=(0, 1))
+
+
 def _validity(model, spec, rng_key, arrays, params):
+    """``(validity, structure, the params checked)``."""
     args, kwargs = merge_args(arrays, spec)
-    structure, initial = inspect_model(model, rng_key, args, kwargs)
-    merged = merge_init_params(initial, params)
-    # The sites at the params being checked: a support may depend on them.
-    fixed = handlers.substitute(model, data=merged)
-    _, _, sites = inspect_model(fixed, rng_key, args, kwargs, observed_values=True)
+    if not params:
+        # The sites at the initial values: one run gives them with the values.
+        structure, merged, sites = inspect_model(model, rng_key, args, kwargs, observed_values=True)
+    else:
+        structure, initial = inspect_model(model, rng_key, args, kwargs)
+        merged = merge_init_params(initial, params)
+        # The sites at the params being checked: a support may depend on them.
+        fixed = handlers.substitute(model, data=merged)
+        _, _, sites = inspect_model(fixed, rng_key, args, kwargs, observed_values=True)
     reach = None
     if any(
         isinstance(fn, MissingData) and type(core_family(fn)) is dist.MultivariateNormal
         for fn, _ in sites.values()
     ):
-        reach = mvn_sites_of_params(model, rng_key, args, kwargs, initial)
+        reach = mvn_sites_of_params(model, rng_key, args, kwargs, merged)
     priors = prior_sites(model, rng_key, arrays, spec, merged)
     try:
         nesting = structure.max_plate_nesting
@@ -171,10 +198,7 @@ def _validity(model, spec, rng_key, arrays, params):
         # A model that cannot be enumerated: the enumerated trace that every entry
         # point builds next reports what is wrong with it in its own words.
         arguments = None
-    return check_values(structure, merged, sites, reach, priors, arguments)
-
-
-_validity_jit = jit_once(_validity, static_argnums=(0, 1))
+    return check_values(structure, merged, sites, reach, priors, arguments), structure, merged
 
 
 def in_support(model, params, args, kwargs, nesting) -> jax.Array:

@@ -281,14 +281,17 @@ class Fitter:
             # factors of it): the value rechecked is log_likelihood + log_prior.
             log_prior = getattr(result, "log_prior", None)
             prior = 0.0 if log_prior is None else log_prior
+            # (Without a prior nothing is added: an eager add compiles a program.)
+            value = result.log_likelihood if log_prior is None else result.log_likelihood + prior
             exact = recheck_in_float64(
                 model,
                 result.params,
-                result.log_likelihood + prior,
+                value,
                 arrays,
                 spec,
                 hard=self.hard,
                 name=self.name,
+                max_plate_nesting=structure.max_plate_nesting,
             )
             if exact is not None:
                 return broken_down(result, exact - prior, self.restart_scores, self.score)

@@ -42,7 +42,7 @@ from jaxem.power_selection import (
     prior_arguments,
 )
 from jaxem.scaled_selection import scaled_description, scaled_selection_factor
-from jaxem.selection import dependencies, probe_selection
+from jaxem.selection import SelectionProbe, dependencies
 from jaxem.supports import constraint_spelling, constraint_wider_than_support
 from jaxem.tracing import enumerated_trace
 
@@ -159,9 +159,11 @@ def plan_m_step(
         ``{param name: ParamPath}`` in model order.
     """
     if cache is not None:
+        # The params' names sorted: a state's params come back from a loop's carry
+        # (a pytree: its dicts' keys sorted) in another order than the model's.
         key = (
             spec,
-            tuple((n, jnp.shape(params[n]), jnp.result_type(params[n])) for n in params),
+            tuple((n, jnp.shape(params[n]), jnp.result_type(params[n])) for n in sorted(params)),
             tuple((jnp.shape(a), jnp.result_type(a)) for a in arrays),
         )
         if key not in cache:
@@ -218,6 +220,8 @@ def plan_m_step(
     prior_classes = {k[1]: k[2] for k in keys if k[0] == "prior"}
 
     _raise_for_params_outside_support(structure, keys, labels)
+    # The event-block probes of every param: one program.
+    probe = SelectionProbe(closed, [i for i, k in enumerate(keys) if k[0] == "arg"])
     plan = {}
     for index, name in enumerate(structure.param_names):
         if name in frozen:
@@ -248,7 +252,7 @@ def plan_m_step(
             unsupported_site,
             registry,
             structure,
-            closed,
+            probe,
             params,
             arrays,
             keys,
@@ -336,7 +340,7 @@ def _decide(
     unsupported_site,
     registry,
     structure,
-    closed,
+    probe,
     params,
     arrays,
     keys,
@@ -396,7 +400,7 @@ def _decide(
             f"its constraint {constraint} does not contain the closed-form solution's values"
         )
     if update.event_ndim and not _event_blocks_intact(
-        closed, index, params, arrays, structure, consumers, update.event_ndim
+        probe, index, params, arrays, structure, consumers, update.event_ndim
     ):
         return gradient("the selection map does not keep the distribution's event dims whole")
     # A scan's first step and its later steps are one site to the user.
@@ -431,8 +435,9 @@ _SCALED_HINT = {
 }
 
 
-def _event_blocks_intact(closed, index, params, arrays, structure, consumers, event_ndim):
-    """Check that each cell's event block is one whole trailing block of the param."""
+def _event_blocks_intact(probe, index, params, arrays, structure, consumers, event_ndim):
+    """Check that each cell's event block is one whole trailing block of the param
+    (``probe``: the plan's `jaxem.selection.SelectionProbe`)."""
     value = params[structure.param_names[index]]
     shape, dtype = jnp.shape(value), jnp.result_type(value)
     if len(shape) < event_ndim:
@@ -449,7 +454,7 @@ def _event_blocks_intact(closed, index, params, arrays, structure, consumers, ev
             inputs.append(np.zeros(jnp.shape(p), jnp.result_type(p)))
     inputs += [np.zeros(jnp.shape(a), jnp.result_type(a)) for a in arrays]
     block = int(np.prod(shape[len(shape) - event_ndim :]))
-    outs = probe_selection(closed, inputs, [consumer[3] for consumer in consumers])
+    outs = probe(inputs, [consumer[3] for consumer in consumers])
     if outs is None:
         return False  # the map closes over traced values: unproven, so gradient
     for out, consumer in zip(outs, consumers):

@@ -33,10 +33,11 @@ from numpyro import handlers
 
 from jaxem.arguments import merge_args
 from jaxem.compiling import jit_once
-from jaxem.estep import e_step
+from jaxem.estep import contract_factors, e_step
 from jaxem.exceptions import NumericalWarning
 from jaxem.inspection import model_structure
 from jaxem.numpyro_internals import PREV_PREFIX
+from jaxem.tracing import enumerated_trace
 
 __all__ = ["BREAKDOWN_TOLERANCE", "broken_down", "recheck_in_float64"]
 
@@ -55,34 +56,44 @@ def _to_float64(tree):
     )
 
 
-def _e_step(model, params, arrays, spec, hard):
+def _e_step(model, params, arrays, spec, hard, nesting):
     args, kwargs = merge_args(arrays, spec)
-    nesting = model_structure(model, args, kwargs).max_plate_nesting
+    if nesting is None:
+        nesting = model_structure(model, args, kwargs).max_plate_nesting
     return e_step(model, params, args, kwargs, nesting, hard=hard)
 
 
-@partial(jit_once, static_argnums=(0, 3, 4))
-def _value(model, params, arrays, spec, hard):
-    """The log-likelihood and the number of observed cells (the marginals the
-    E-step also computes are unused and compiled away)."""
-    result = _e_step(model, params, arrays, spec, hard)
-    cells = sum(int(np.size(s.value)) for s in result.trace.sites.values() if s.is_observed)
-    return result.log_likelihood, cells
+@partial(jit_once, static_argnums=(0, 3, 4, 5))
+def _value(model, params, arrays, spec, hard, nesting):
+    """The log-likelihood and the number of observed cells. Soft EM's is the
+    contraction of the log factors alone (`jaxem.estep.contract_factors`, the value
+    the E-step's ``value_and_grad`` returns): the marginals are not traced."""
+    args, kwargs = merge_args(arrays, spec)
+    if nesting is None:
+        nesting = model_structure(model, args, kwargs).max_plate_nesting
+    if hard:
+        result = e_step(model, params, args, kwargs, nesting, hard=True)
+        value, trace = result.log_likelihood, result.trace
+    else:
+        trace = enumerated_trace(model, params, args, kwargs, nesting)
+        value = contract_factors({n: s.log_prob for n, s in trace.sites.items()}, trace)
+    cells = sum(int(np.size(s.value)) for s in trace.sites.values() if s.is_observed)
+    return value, cells
 
 
-@partial(jit_once, static_argnums=(0, 3, 4))
-def _site_terms(model, params, arrays, spec, hard):
-    result = _e_step(model, params, arrays, spec, hard)
+@partial(jit_once, static_argnums=(0, 3, 4, 5))
+def _site_terms(model, params, arrays, spec, hard, nesting):
+    result = _e_step(model, params, arrays, spec, hard, nesting)
     return {n: s.log_prob for n, s in result.trace.sites.items()}, result.marginals
 
 
-def _broken_sites(model, params, arrays, spec, hard):
+def _broken_sites(model, params, arrays, spec, hard, nesting):
     """``[(site, distribution name)]``: the sites whose float32 log-probabilities differ
     most from their float64 ones, weighted by the float64 posterior."""
-    log_probs32, _ = _site_terms(model, params, arrays, spec, hard)
+    log_probs32, _ = _site_terms(model, params, arrays, spec, hard, nesting)
     with jax.enable_x64(True):
         log_probs64, marginals = _site_terms(
-            model, _to_float64(params), _to_float64(arrays), spec, hard
+            model, _to_float64(params), _to_float64(arrays), spec, hard, nesting
         )
         errors = {}
         for name, lp64 in log_probs64.items():
@@ -108,7 +119,9 @@ def _broken_sites(model, params, arrays, spec, hard):
     return list(dict.fromkeys(described))
 
 
-def recheck_in_float64(model, params, value, arrays, spec, *, hard=False, name="EM"):
+def recheck_in_float64(
+    model, params, value, arrays, spec, *, hard=False, name="EM", max_plate_nesting=None
+):
     """Whether ``value``, a float32 fit's log-likelihood at ``params``, is its float64
     value up to float32 rounding; if not, warn (naming the site whose density broke
     down) and return the float64 value.
@@ -121,6 +134,9 @@ def recheck_in_float64(model, params, value, arrays, spec, *, hard=False, name="
         hard: the value is hard EM's (the complete-data log-likelihood at the MAP
             assignment).
         name: the engine, for the message.
+        max_plate_nesting: the model's (`jaxem.inspection.ModelStructure`), which
+            the float32 fit found already; None finds it again (a trace of the model
+            in float64).
 
     Returns:
         None when the value is right (or cannot be checked: already float64, or
@@ -132,14 +148,16 @@ def recheck_in_float64(model, params, value, arrays, spec, *, hard=False, name="
     if jnp.result_type(value) != jnp.float32 or not np.isfinite(float(value)):
         return None
     with jax.enable_x64(True):
-        exact, cells = _value(model, _to_float64(params), _to_float64(arrays), spec, hard)
+        exact, cells = _value(
+            model, _to_float64(params), _to_float64(arrays), spec, hard, max_plate_nesting
+        )
         exact = float(exact)
     reported = float(value)
     if not np.isfinite(exact):
         return None
     if abs(reported - exact) <= BREAKDOWN_TOLERANCE * (abs(exact) + int(cells)):
         return None
-    sites = _broken_sites(model, params, arrays, spec, hard)
+    sites = _broken_sites(model, params, arrays, spec, hard, max_plate_nesting)
     where = ", ".join(f"'{s}' ({d})" if d else f"'{s}'" for s, d in sites) or "unknown"
     warnings.warn(
         f"jaxem: {name}'s log-likelihood at the fitted params is {reported:.7g} in float32 "

@@ -23,7 +23,7 @@ from jax.interpreters import partial_eval as pe
 
 from jaxem.compiling import compile_once
 
-__all__ = ["NONLINEAR", "affine_degrees", "dependencies", "probe_selection"]
+__all__ = ["NONLINEAR", "SelectionProbe", "affine_degrees", "dependencies", "probe_selection"]
 
 _ALL = None
 # primitive name -> operand positions that carry selected values (None: all).
@@ -198,6 +198,31 @@ def probe_selection(closed_jaxpr, inputs, output_indices):
     outs = compile_once(lowered)(*args)
     kept = [i for i in range(len(used)) if used[i]]
     return [np.asarray(outs[kept.index(i)]) for i in output_indices]
+
+
+class SelectionProbe:
+    """`probe_selection` over one jaxpr for every param of a plan, compiled once: the
+    program computes all of ``output_indices`` (the outputs any probe may read: the
+    distribution arguments), each call feeds its own inputs (the same shapes) and reads
+    some of them. One compilation instead of one per param probed."""
+
+    def __init__(self, closed_jaxpr, output_indices):
+        self.closed = closed_jaxpr
+        self.indices = sorted(set(output_indices))
+        self.compiled = None
+
+    def __call__(self, inputs, output_indices):
+        """Like ``probe_selection(closed_jaxpr, inputs, output_indices)``."""
+        if any(isinstance(c, jax.core.Tracer) for c in self.closed.consts):
+            return None
+        if self.compiled is None:
+            used = [i in self.indices for i in range(len(self.closed.jaxpr.outvars))]
+            jaxpr, _ = pe.dce_jaxpr(self.closed.jaxpr, used, instantiate=True)
+            function = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, self.closed.consts))
+            # Compiled outside any trace the caller is in (see probe_selection).
+            self.compiled = compile_once(jax.jit(function).lower(*inputs))
+        outs = self.compiled(*inputs)
+        return [np.asarray(outs[self.indices.index(i)]) for i in output_indices]
 
 
 # -- affine maps: the polynomial degree of each output in some inputs -----------------

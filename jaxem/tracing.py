@@ -55,7 +55,7 @@ from jaxem.numpyro_internals import (
 from jaxem.scan import enumerated_scan
 from jaxem.weights import CaseWeights, find_case_weights
 
-__all__ = ["EnumTrace", "Site", "enumerated_trace"]
+__all__ = ["EnumTrace", "Site", "enumerated_trace", "enumerated_traces"]
 
 
 class Site(NamedTuple):
@@ -254,6 +254,18 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
 
     if isinstance(model, BuiltModel):
         return model.enumerated_trace(params, args, kwargs, max_plate_nesting, log_probs=log_probs)
+    full, bare = _enumerated(model, params, args, kwargs, max_plate_nesting, log_probs)
+    return full if log_probs else bare
+
+
+def enumerated_traces(model, params, args, kwargs, max_plate_nesting):
+    """``(enumerated_trace(..., log_probs=True), enumerated_trace(..., log_probs=False))``
+    from one run of ``model`` (not a `jaxem.built.BuiltModel`: what it caches)."""
+    return _enumerated(model, params, args, kwargs, max_plate_nesting, True)
+
+
+def _enumerated(model, params, args, kwargs, max_plate_nesting, log_probs):
+    """``(trace with log-probabilities or None without log_probs, trace without)``."""
     substituted = handlers.substitute(MissingEntries(model), data=params)
     records: dict = {}
     scans = _EnumeratedScan(substituted, records)
@@ -290,7 +302,7 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
             raise ModelError(labelled_scan_message(name))
     if log_probs:
         _check_factor_sizes(tr, labelled, depended_on)
-    sites = {}
+    sites, bare = {}, {}
     latent_names = {
         n for n, site in tr.items() if site["type"] == "sample" and not site["is_observed"]
     }
@@ -312,10 +324,10 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         dim_to_name = dict(site["infer"].get("dim_to_name", {}))
         plates = tuple(f.name for f in site["cond_indep_stack"] if f.dim is not None)
         plate_dims = {f.dim: f.name for f in site["cond_indep_stack"] if f.dim is not None}
+        bare[name] = Site(
+            name, fn, value, None, dict(dim_to_name), site["is_observed"], plates, plate_dims
+        )
         if not log_probs:
-            sites[name] = Site(
-                name, fn, value, None, dim_to_name, site["is_observed"], plates, plate_dims
-            )
             continue
         try:
             if site["intermediates"]:
@@ -346,7 +358,8 @@ def enumerated_trace(model, params, args, kwargs, max_plate_nesting, *, log_prob
         sites[name] = Site(
             name, fn, value, log_prob, dim_to_name, site["is_observed"], plates, plate_dims
         )
-    return EnumTrace(sites, records, case_weights)
+    without = EnumTrace(bare, records, case_weights)
+    return (EnumTrace(sites, records, case_weights) if log_probs else None), without
 
 
 def _check_factor_sizes(tr, labelled, depended_on) -> None:

@@ -65,6 +65,32 @@ def test_one_compiled_update_traces_the_model_at_most_twice(name):
     assert model.num_calls <= MAX_TRACES
 
 
+# A cold run: model calls (the checks: a seeded trace (2 with init_params), 2 for the
+# priors' analysis, the enumerated trace with and without log-probabilities, the
+# structure; the loop's initial values; the float64 recheck's enumerated trace) and
+# compiled programs (the checks; the plan's probe of its params' event blocks; the
+# loop; what follows it; the float64 recheck).
+MAX_RUN_TRACES = 7
+MAX_RUN_PROGRAMS = 5
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_cold_run_traces_the_model_and_compiles_few_programs(name):
+    base, args, kwargs = CASES[name]()
+    key = jax.random.PRNGKey(0)
+    # Programs of the process (random keys, ...) compiled once, by another fitter.
+    with pytest.warns(jaxem.ConvergenceWarning):
+        jaxem.EM(base).run(key, *args, max_iter=2, **kwargs)
+    model = counted(base)
+    em = jaxem.EM(model)
+    with pytest.warns(jaxem.ConvergenceWarning):
+        compiles = _backend_compiles(lambda: em.run(key, *args, max_iter=2, **kwargs).params)
+    assert model.num_calls <= MAX_RUN_TRACES
+    assert compiles <= MAX_RUN_PROGRAMS
+    # The M-step is planned once: the initial state's plan serves the loop's steps.
+    assert len(em.m_step_settings.plans) == 1
+
+
 def test_built_model_traces_once_and_matches_the_direct_trace():
     """The built model's enumerated trace, evaluated from its cached jaxpr, is the model's
     own under jit, vmap and grad, and with concrete inputs."""
@@ -102,8 +128,21 @@ def test_built_model_traces_once_and_matches_the_direct_trace():
     cls, arguments, instance = trace.constructor_args[id(fn)]
     assert instance is fn and cls is dist.MultivariateNormal
     assert arguments["scale_tril"].shape == (2, 1, 2, 2)
+    # The trace without log-probabilities came from the same run: the direct one's
+    # sites (no log-probabilities, the same dims and arguments).
+    bare = enumerated_trace(built, params, args, {}, 1, log_probs=False)
+    direct = enumerated_trace(base, params, args, {}, 1, log_probs=False)
+    assert model.num_calls == 1
+    assert list(bare.sites) == list(direct.sites)
+    for name, site in bare.sites.items():
+        assert site.log_prob is None and site.dim_to_name == direct.sites[name].dim_to_name
+        assert np.array_equal(site.value, direct.sites[name].value)
+    loc = bare.sites["x"].fn
+    while hasattr(loc, "base_dist"):
+        loc = loc.base_dist
+    np.testing.assert_allclose(loc.loc, fn.loc)
     # Another signature is traced again (once).
-    enumerated_trace(built, params, args, {}, 1, log_probs=False)
+    enumerated_trace(built, params, args, {}, 2, log_probs=False)
     assert model.num_calls == 2
 
 
