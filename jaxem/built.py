@@ -14,9 +14,15 @@ whether log-probabilities are built, the x64 mode, whether restarts run under
 constraints) are kept as they are; every later call evaluates the cached jaxpr on
 its inputs and puts the results in place of the
 arrays. The program that comes out is the one the model's body would have
-staged, so results do not change; it works under ``jit``, ``vmap``, ``grad`` and
-``vjp`` (the jaxpr's operations are bound again in the caller's trace) and with
-concrete inputs (then one compiled program evaluates it).
+staged, so results do not change. The jaxpr is called through one ``jax.jit`` of
+it: with concrete inputs one compiled program evaluates it; inside ``jit``,
+``vmap``, ``grad`` or ``vjp`` it is one call equation in the caller's trace, whose
+derivative, batching and lowering JAX makes once per jaxpr and reuses (its caches
+are keyed on the jaxpr), rather than every operation of the model bound again at
+every evaluation: an EM step evaluates the model several times (the E-step, each
+closed-form stage, every value and gradient of the gradient path), and tracing
+and lowering it took that many times the model's operations. XLA inlines the
+calls, so the compiled program is the one the model's body would have made.
 
 Distributions are rebuilt from their ``__dict__`` (not from NumPyro's pytree
 fields, which leave out lazily computed attributes and a user family's own), with
@@ -229,32 +235,24 @@ class _Cached:
         self.closed = closed
         self.skeleton = skeleton
         self.chain = chain  # a Markov chain (jaxem.compiling.loop_options)
-        self.function = jaxpr_as_fun(closed)
-        self.compiled = None
         self.positions = positions
+        evaluate = jaxpr_as_fun(closed)
+
+        def model_trace(*leaves):
+            return evaluate(*leaves)
+
+        # One jit for every evaluation, concrete or traced (see the module's docstring);
+        # its calls are named ``model_trace`` in jaxprs, HLO and profiles.
+        self.function = jax.jit(model_trace)
 
     def evaluate(self, leaves) -> EnumTrace:
-        if any(isinstance(x, jax.core.Tracer) for x in leaves):
-            # Inline: the caller's trace (jit, vmap, grad) sees the model's operations.
-            outputs = self.function(*[_as_array(x) for x in leaves])
-        else:
-            # Concrete inputs: one compiled program instead of one per operation.
-            if self.compiled is None:
-                self.compiled = jax.jit(self.function)
-            outputs = self.compiled(*leaves)
-        outputs = list(outputs)
+        outputs = list(self.function(*leaves))
         if self.positions is not None:
             placed: list = [None] * (max(self.positions, default=-1) + 1)
             for position, output in zip(self.positions, outputs):
                 placed[position] = output
             outputs = placed
         return _rebuild_trace(self.skeleton, outputs)
-
-
-def _as_array(x):
-    if isinstance(x, jax.Array):
-        return x
-    return jax.numpy.asarray(x)
 
 
 # ---------------------------------------------------------------------------

@@ -202,3 +202,36 @@ def test_second_variational_update_with_a_guide_does_not_compile_again():
     state, _ = vem.update(state, jnp.asarray(x))
     jax.block_until_ready(state)
     assert _backend_compiles(lambda: vem.update(state, jnp.asarray(x))) == 0
+
+
+def _model_operations_outside_calls(jaxpr, model_file):
+    """The equations of ``jaxpr`` (and its sub-jaxprs) that come from ``model_file``'s
+    code, outside the calls of the built model's cached trace (``model_trace``)."""
+    found = 0
+    for eqn in jaxpr.eqns:
+        if "model_trace" in str(eqn.params.get("name", "")):
+            continue
+        frames = eqn.source_info.traceback.frames if eqn.source_info.traceback else []
+        found += any(f.file_name.endswith(model_file) for f in frames)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _model_operations_outside_calls(inner, model_file)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_compiled_step_calls_the_cached_model_trace_instead_of_inlining_it(name):
+    """Every evaluation of the model in a step (the E-step, each closed-form stage, the
+    gradient path's values and gradients) is one call of the built model's cached
+    jaxpr, whose derivative and lowering JAX builds once: none of the model's own
+    operations is bound in the step itself."""
+    base, args, kwargs = CASES[name]()
+    em = jaxem.EM(base)
+    state = em.init(jax.random.PRNGKey(0), *args, **kwargs)
+    arrays, spec = jaxem.arguments.split_args(args, kwargs)
+    jaxpr = jax.make_jaxpr(em._update, static_argnums=(2,))(state, arrays, spec).jaxpr
+    calls = [e for e in jaxpr.eqns if "model_trace" in str(e.params.get("name", ""))]
+    assert calls
+    assert _model_operations_outside_calls(jaxpr, "tests/models.py") == 0
