@@ -5,7 +5,8 @@ cache folder, with the Agg backend), and each ``saved NAME.png`` it prints becom
 ``examples/NAME.png`` of the site; nothing is committed. Results are kept in
 ``.cache/docs-examples/<key>/``, the key a hash of the script, of ``jaxem/`` and of
 ``JAXEM_EXAMPLE_QUICK``, so a
-rebuild reruns an example only when it, ``jaxem/`` or the quick setting changed.
+rebuild reruns an example only when it, ``jaxem/`` or the quick setting changed; what the
+script printed is kept there too (``stdout.txt``).
 
 ``JAXEM_DOCS_EXAMPLES=0`` builds without running them (the test that checks the site's
 markup does): the Examples page then says where each picture would be instead of
@@ -54,6 +55,8 @@ def _pictures(script):
         )
         if completed.returncode != 0:
             raise RuntimeError(f"examples/{script.name} failed:\n{completed.stderr[-3000:]}")
+        # What the script printed stays next to its pictures, to check the page's numbers.
+        (folder / "stdout.txt").write_text(completed.stdout)
         saved = [line.split()[-1] for line in completed.stdout.splitlines() if "saved " in line]
         done.write_text("\n".join(saved))
     return [folder / name for name in done.read_text().split()]

@@ -178,14 +178,21 @@ def main():
             ms=9,
             label="VEM: exact log-likelihood at its params",
         )
+        # The first iterations start far below (the mixture's by 700): on an axis that
+        # holds them, the HMM's gap of 0.1 between the ELBO and the star is invisible.
+        # The axis shows the objectives from iteration 2 on.
+        shown = np.concatenate([em_history[2:], vem_history[2:], [float(vem.log_likelihood)]])
+        shown = shown[np.isfinite(shown)]
+        margin = 0.08 * (shown.max() - shown.min()) or 1.0
+        ax.set_ylim(shown.min() - margin, shown.max() + margin)
         title = name
         if float(vem.log_likelihood) > float(em.log_likelihood):
             # Not "VEM beats EM": from this start the two searches end in different optima.
-            title += "\nfrom this start VEM's params end higher (local searches)"
+            title += "\nfrom this start VEM's params end higher\n(two local searches, two optima)"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
-    axes[0].set_ylabel("objective")
-    axes[0].legend()
+    axes[0].set_ylabel("objective (from iteration 2)")
+    axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig("em_vs_vem.png", dpi=120)
     print("saved em_vs_vem.png")

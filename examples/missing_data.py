@@ -133,7 +133,9 @@ def main():
     )
     axes[0].legend(fontsize=8)
     axes[1].scatter(*full[partial].T, s=6, color="0.6", label="before deletion")
-    axes[1].scatter(*imputed[partial].T, s=6, color=colors[3], label="jaxem.impute")
+    axes[1].scatter(
+        *imputed[partial].T, s=6, color=colors[3], label="jaxem.impute: conditional means"
+    )
     axes[1].set(title="rows with one coordinate missing", xlabel="x[:, 0]", aspect="equal")
     axes[1].legend(fontsize=8)
     for name, fit in fits.items():

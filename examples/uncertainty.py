@@ -93,24 +93,28 @@ def mixture_intervals():
 
 
 def plot(rows, path="uncertainty.png"):
-    fig = Figure(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
+    # Each interval is drawn around its estimate (interval minus estimate): on the
+    # estimates' own scale (-2 to 2.5) intervals of +-0.05 to 0.2 were too short to compare.
     for i, (_, estimate, wald, lower, upper) in enumerate(rows):
-        ax.errorbar(i - 0.1, estimate, yerr=1.96 * wald, fmt="o", color="C0", capsize=3)
+        ax.errorbar(i - 0.1, 0.0, yerr=1.96 * wald, fmt="o", color="C0", capsize=3)
         ax.errorbar(
             i + 0.1,
-            estimate,
+            0.0,
             yerr=[[estimate - lower], [upper - estimate]],
             fmt="s",
             color="C1",
             capsize=3,
         )
+    ax.axhline(0.0, color="0.8", lw=0.8, zorder=0)
     ax.set_xticks(range(len(rows)), [r[0] for r in rows])
     ax.errorbar([], [], fmt="o", color="C0", label="observed information, +-1.96 SE")
     ax.errorbar([], [], fmt="s", color="C1", label="bootstrap percentile")
-    ax.legend(fontsize=8)
+    # Under the axes: inside, it hid the ends of mu[0]'s intervals.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     ax.set_title("95% intervals of a Gaussian mixture's estimates")
-    ax.set_ylabel("estimate")
+    ax.set_ylabel("interval minus the estimate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"\nsaved {path}")

@@ -94,10 +94,15 @@ def main():
     nu, scale = map(np.asarray, smallest.q["precision"])
     means = np.asarray(smallest.q["loc"][0])
     left.scatter(x[:, 0], x[:, 1], s=8, c="0.6")
-    for k in np.flatnonzero(weights > 0.01):
+    # Numbered and coloured by weight, as in the right panel (the same colour is the same
+    # component in both).
+    for rank, k in enumerate(np.argsort(weights)[::-1]):
+        if weights[k] <= 0.01:
+            break
         cov = np.linalg.inv(nu[k] * scale[k])  # E[precision]^-1
         curve = ellipse(means[k], cov)
-        left.plot(curve[:, 0], curve[:, 1], label=f"E[w] = {weights[k]:.2f}")
+        label = f"component {rank + 1}: E[w] = {weights[k]:.2f}"
+        left.plot(curve[:, 0], curve[:, 1], color=f"C{rank}", label=label)
     left.set_xlabel("eruption duration (standardized)")
     left.set_ylabel("waiting time (standardized)")
     left.set_title(f"K = {K}, alpha0 = {alphas[0]:g}: the components that survive (2 sd)")
@@ -107,7 +112,7 @@ def main():
         [np.sort(np.asarray(fits[a].posteriors["weights"].mean))[::-1] for a in alphas]
     )
     for k in range(K):
-        right.plot(alphas, table[:, k], "o-", label=f"component {k + 1} (by weight)")
+        right.plot(alphas, table[:, k], "o-", color=f"C{k}", label=f"component {k + 1} (by weight)")
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("Dirichlet concentration alpha0")
