@@ -148,13 +148,10 @@ def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
             grad, state, point, value=value, grad=grad, value_fn=loss_fn
         )
         state = cautious_curvature(state)
-        return (optax.apply_updates(point, updates), state), value
+        return (optax.apply_updates(point, updates), state), None
 
-    (end, end_state), values = jax.lax.scan(step, (start, opt_state), None, length=num_steps)
-    # The loss at ``start`` is the first step's value (one evaluation of the loss fewer
-    # in the compiled step; the same primitives on the same point).
-    start_loss = values[0] if num_steps > 0 else loss_fn(start)
-    end_loss = loss_fn(end)
+    (end, end_state), _ = jax.lax.scan(step, (start, opt_state), None, length=num_steps)
+    start_loss, end_loss = loss_fn(start), loss_fn(end)
     accept = jnp.isfinite(end_loss) & (end_loss <= start_loss)
     # A rejected trajectory's optimizer state (momenta, curvature pairs) is
     # dropped with it: it may hold the non-finite values that got it rejected.
