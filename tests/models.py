@@ -207,3 +207,15 @@ def one_factor_analysis(x):
     with numpyro.plate("rows", n):
         scores = numpyro.sample("scores", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
         numpyro.sample("x", dist.Normal(mean + scores @ loadings.T, noise).to_event(1), obs=x)
+
+
+def shifted_regressions(X, y):
+    """Two components with intercepts ``mu[z]`` and one slope vector ``beta`` for all: loc is
+    affine in (mu, beta) jointly, the components' precisions differ."""
+    w = numpyro.param("w", jnp.ones(2) / 2, constraint=constraints.simplex)
+    mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+    beta = numpyro.param("beta", jnp.zeros(X.shape[1]))
+    sigma = numpyro.param("sigma", jnp.ones(2), constraint=constraints.positive)
+    with numpyro.plate("data", y.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("y", dist.Normal(mu[z] + X @ beta, sigma[z]), obs=y)

@@ -16,18 +16,9 @@ from numpyro.distributions import constraints
 import jaxem
 from jaxem.exceptions import NumericalWarning
 from jaxem.identification import unidentified_entries
+from tests.models import shifted_regressions
 
 K = 2
-
-
-def shifted_regressions(X, y):
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
-    beta = numpyro.param("beta", jnp.zeros(X.shape[1]))
-    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", y.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("y", dist.Normal(mu[z] + X @ beta, sigma[z]), obs=y)
 
 
 def shifted_ridge(X, y):

@@ -12,21 +12,9 @@ from scipy import stats
 
 import jaxem
 from jaxem.monte_carlo_stats import ClosedFormMStep
-from tests.models import one_factor_analysis
+from tests.models import one_factor_analysis, shifted_regressions
 
 K, P = 2, 3
-
-
-def shifted_regressions(X, y):
-    """Component intercepts ``mu[z]`` and one slope vector ``beta`` for all: loc is
-    affine in (mu, beta) jointly, the components' precisions differ."""
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
-    beta = numpyro.param("beta", jnp.zeros(X.shape[1]))
-    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", y.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("y", dist.Normal(mu[z] + X @ beta, sigma[z]), obs=y)
 
 
 def _regression_data(n=200, seed=0):

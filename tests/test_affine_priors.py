@@ -14,7 +14,7 @@ import jaxem
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import with_global_sites
 from jaxem.monte_carlo_stats import ClosedFormMStep
-from tests.models import one_factor_analysis
+from tests.models import one_factor_analysis, shifted_regressions
 
 K, P = 2, 3
 PRIOR_LOC = np.array([0.5, -0.25, 0.0])
@@ -189,16 +189,6 @@ def test_a_prior_of_another_family_keeps_the_gradient_path():
 
 
 # -- m_step={param: "gradient"} -------------------------------------------------------------
-
-
-def shifted_regressions(X, y):
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
-    beta = numpyro.param("beta", jnp.zeros(X.shape[1]))
-    sigma = numpyro.param("sigma", jnp.ones(K), constraint=constraints.positive)
-    with numpyro.plate("data", y.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("y", dist.Normal(mu[z] + X @ beta, sigma[z]), obs=y)
 
 
 def test_m_step_names_the_params_that_take_the_gradient_path():
