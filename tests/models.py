@@ -219,3 +219,20 @@ def shifted_regressions(X, y):
     with numpyro.plate("data", y.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("y", dist.Normal(mu[z] + X @ beta, sigma[z]), obs=y)
+
+
+def weighted_factor_draws(seed=0):
+    """Data, weighted draws of the scores and params for `one_factor_analysis`'s
+    Monte Carlo M-step: x (30, 4), draws (5, 30, 1), weights summing to 1."""
+    rng = np.random.default_rng(seed)
+    n, p, num_draws = 30, 4, 5
+    x = rng.normal(size=(n, p)) + 1.0
+    draws = rng.normal(size=(num_draws, n, 1))
+    weights = rng.uniform(size=num_draws)
+    weights /= weights.sum()
+    params = {
+        "mean": jnp.asarray(rng.normal(size=p)),
+        "loadings": jnp.asarray(rng.normal(size=(p, 1))),
+        "noise": jnp.asarray(rng.uniform(0.5, 1.5, p)),
+    }
+    return x, draws, weights, params

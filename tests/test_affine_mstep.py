@@ -12,7 +12,7 @@ from scipy import stats
 
 import jaxem
 from jaxem.monte_carlo_stats import ClosedFormMStep
-from tests.models import one_factor_analysis, shifted_regressions
+from tests.models import one_factor_analysis, shifted_regressions, weighted_factor_draws
 
 K, P = 2, 3
 
@@ -123,17 +123,9 @@ def test_the_monte_carlo_m_step_solves_the_draw_averaged_normal_equations(x64):
     """Factor analysis given weighted draws of the scores: mean and loadings are numpy's
     weighted least squares over the stacked draws (per variable), the noise the
     weighted residual sd at them."""
-    rng = np.random.default_rng(0)
-    n, p, num_draws = 30, 4, 5
-    x = rng.normal(size=(n, p)) + 1.0
-    draws = rng.normal(size=(num_draws, n, 1))
-    weights = rng.uniform(size=num_draws)
-    weights /= weights.sum()
-    params = {
-        "mean": jnp.asarray(rng.normal(size=p)),
-        "loadings": jnp.asarray(rng.normal(size=(p, 1))),
-        "noise": jnp.asarray(rng.uniform(0.5, 1.5, p)),
-    }
+    x, draws, weights, params = weighted_factor_draws()
+    num_draws, n, _ = draws.shape
+    p = x.shape[1]
     step = ClosedFormMStep(one_factor_analysis, "auto", 0.0, ())
     new = step.step(params, {"scores": jnp.asarray(draws)}, jnp.asarray(weights), (x,), {})
     design = np.concatenate([np.ones((num_draws * n, 1)), draws.reshape(-1, 1)], axis=1)

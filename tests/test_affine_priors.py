@@ -14,7 +14,7 @@ import jaxem
 from jaxem.exceptions import ModelError
 from jaxem.global_sites import with_global_sites
 from jaxem.monte_carlo_stats import ClosedFormMStep
-from tests.models import one_factor_analysis, shifted_regressions
+from tests.models import one_factor_analysis, shifted_regressions, weighted_factor_draws
 
 K, P = 2, 3
 PRIOR_LOC = np.array([0.5, -0.25, 0.0])
@@ -120,17 +120,9 @@ def test_the_monte_carlo_m_step_adds_the_ridge_to_the_draw_averaged_equations(x6
     """Factor analysis with a Normal prior on the mean: the mean and loadings are
     numpy's weighted least squares over the stacked draws plus the prior's precision
     on the mean's coordinate, per variable."""
-    rng = np.random.default_rng(0)
-    n, p, num_draws = 30, 4, 5
-    x = rng.normal(size=(n, p)) + 1.0
-    draws = rng.normal(size=(num_draws, n, 1))
-    weights = rng.uniform(size=num_draws)
-    weights /= weights.sum()
-    params = {
-        "mean": jnp.asarray(rng.normal(size=p)),
-        "loadings": jnp.asarray(rng.normal(size=(p, 1))),
-        "noise": jnp.asarray(rng.uniform(0.5, 1.5, p)),
-    }
+    x, draws, weights, params = weighted_factor_draws()
+    num_draws, n, _ = draws.shape
+    p = x.shape[1]
 
     model = with_global_sites(_factor_with_mean_prior, ("mean",))
     step = ClosedFormMStep(model, "auto", 0.0, ())
