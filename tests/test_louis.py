@@ -4,6 +4,7 @@ Monte Carlo error of a finite-difference Hessian of the closed-form marginal
 log-likelihood of a linear mixed model."""
 
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -140,9 +141,15 @@ def test_louis_with_exact_posterior_draws_equals_the_closed_form_information(x64
 @pytest.mark.slow
 def test_saem_standard_errors_by_louis_identity_match_the_closed_form_information(x64):
     y = jnp.asarray(lmm_data())
-    em = jaxem.SAEM(random_intercept, schedule=(40, 40), num_is_draws=250, num_is_samples=500)
+    # A schedule SAEM declares converged (with (40, 40) or (100, 100) the params still move
+    # at the end of the first phase, and `run` says so): the fit is the control for the
+    # warning below, so its standard errors come without one.
+    em = jaxem.SAEM(random_intercept, schedule=(200, 100), num_is_draws=250, num_is_samples=500)
     result = em.run(jax.random.PRNGKey(0), y)
-    se = jaxem.standard_errors(random_intercept, result, y)
+    assert bool(result.converged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jaxem.ConvergenceWarning)
+        se = jaxem.standard_errors(random_intercept, result, y)
     params = {n: float(v) for n, v in result.params.items()}
     # Louis' identity gives the observed information at the fit's params, whatever they
     # are: compare there (SAEM's estimate is itself within Monte Carlo error of the MLE).
@@ -198,10 +205,18 @@ def test_a_monte_carlo_fitter_s_standard_errors_leave_its_frozen_params_out(x64)
     result = jaxem.MCResult(**dict.fromkeys(jaxem.MCResult._fields))._replace(
         params=params, draws=draws, converged=jnp.array(True)
     )
-    se = jaxem.SAEM(random_intercept, frozen=("sigma",)).standard_errors(result, jnp.asarray(y))
+    with warnings.catch_warnings():  # a converged fit's standard errors come without a warning
+        warnings.simplefilter("error", jaxem.ConvergenceWarning)
+        se = jaxem.SAEM(random_intercept, frozen=("sigma",)).standard_errors(
+            result, jnp.asarray(y)
+        )
     assert set(se.standard_errors) == {"mu", "tau"} and se.covariance.shape == (2, 2)
     expected = louis_standard_errors(
         random_intercept, params, draws, jnp.asarray(y), frozen=("sigma",)
     )
     for name in ("mu", "tau"):
         np.testing.assert_allclose(se.standard_errors[name], expected.standard_errors[name])
+    with pytest.warns(jaxem.ConvergenceWarning, match="Monte Carlo fit did not converge"):
+        jaxem.SAEM(random_intercept).standard_errors(
+            result._replace(converged=jnp.array(False)), jnp.asarray(y)
+        )
