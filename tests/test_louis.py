@@ -207,9 +207,7 @@ def test_a_monte_carlo_fitter_s_standard_errors_leave_its_frozen_params_out(x64)
     )
     with warnings.catch_warnings():  # a converged fit's standard errors come without a warning
         warnings.simplefilter("error", jaxem.ConvergenceWarning)
-        se = jaxem.SAEM(random_intercept, frozen=("sigma",)).standard_errors(
-            result, jnp.asarray(y)
-        )
+        se = jaxem.SAEM(random_intercept, frozen=("sigma",)).standard_errors(result, jnp.asarray(y))
     assert set(se.standard_errors) == {"mu", "tau"} and se.covariance.shape == (2, 2)
     expected = louis_standard_errors(
         random_intercept, params, draws, jnp.asarray(y), frozen=("sigma",)
