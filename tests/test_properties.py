@@ -391,8 +391,13 @@ def _stationarity(name, fit, case):
             curvature[i] = np.nan_to_num(abs(up - down) / (2 * h), nan=0.0, posinf=0.0)
         u_flat = np.asarray(u_flat)
     # A parameter on the boundary of its constraint (a probability of exactly 1, the MLE
-    # of an item every subject answers 1) has an infinite coordinate; its score is 0.
-    used = np.isfinite(u_flat) & (fisher * (1.0 + u_flat**2) > (N * np.finfo(np.float64).eps) ** 2)
+    # of an item every subject answers 1; the weight of a component emptied to exactly 0,
+    # as float32 Student-t fits at scale 1e-3 end) has an infinite coordinate; its score
+    # is 0. Such coordinates are left out before the product (0 * inf would be NaN, with
+    # a RuntimeWarning).
+    finite = np.isfinite(u_flat)
+    scaled = fisher * (1.0 + np.where(finite, u_flat, 0.0) ** 2)
+    used = finite & (scaled > (N * np.finfo(np.float64).eps) ** 2)
     # Near a boundary optimum (a probability going to 0) or for an emptied component
     # every unit's score has the same sign and F underestimates the curvature (F ~ p^2
     # where -H ~ p); the larger of the two keeps the statistic a gain estimate there.
