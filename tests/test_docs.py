@@ -189,43 +189,111 @@ _MEASURED = re.compile(
 # What reproduces it: a script or test of the repository, or a code block on the page.
 # "Measured once" is not a source: a number no command reproduces is left out.
 _SOURCE = re.compile(r"benchmarks/|examples/|tests/test_|pytest|```python")
-_NEAR = 12  # lines either side
 _HEADING = re.compile(r"^#{1,6} ")
+_ITEM = re.compile(r"^(?P<indent>\s*)(?:[-*+]|\d+[.)])\s")
+_TABLE_ROW = re.compile(r"^\s*\|")
 
 
-def _section_headings(lines):
-    """For each line, the Markdown heading of its section ("" before the first one)."""
-    headings, heading, fence = [], "", None
-    for line in lines:
-        m = _FENCE.match(line)
-        if m and fence is None:
-            fence = m["fence"]
-        elif fence is not None and line.strip().startswith(fence):
-            fence = None
-        elif fence is None and _HEADING.match(line):
-            heading = line
-        headings.append(heading)
-    return headings
+def text_units(text, markdown=True):
+    """Split a page (or a module's text) into the units a reader takes in at once.
+
+    A unit is a heading, a fenced code block, a table, a list item (with its indented
+    continuation, blank lines included) or a paragraph (lines up to a blank one). In a
+    module (``markdown=False``) a line starting with ``#`` is a comment, not a heading.
+
+    Returns:
+        A list of ``(kind, first, last)``: ``kind`` one of ``"heading"``, ``"code"``,
+        ``"table"``, ``"item"``, ``"paragraph"``; 0-based lines, ``last`` included.
+    """
+    lines = text.splitlines()
+    units = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        fence = _FENCE.match(line)
+        if not line.strip():
+            i += 1
+        elif fence:
+            j = i + 1
+            while j < len(lines) and not lines[j].strip().startswith(fence["fence"]):
+                j += 1
+            units.append(("code", i, min(j, len(lines) - 1)))
+            i = j + 1
+        elif markdown and _HEADING.match(line):
+            units.append(("heading", i, i))
+            i += 1
+        elif _TABLE_ROW.match(line):
+            j = i
+            while j + 1 < len(lines) and _TABLE_ROW.match(lines[j + 1]):
+                j += 1
+            units.append(("table", i, j))
+            i = j + 1
+        else:
+            item = _ITEM.match(line)
+            j = i
+            while True:
+                nxt = j + 1
+                if item:  # an item goes on over blank lines while the text is indented under it
+                    while nxt < len(lines) and not lines[nxt].strip():
+                        nxt += 1
+                    if nxt < len(lines) and nxt > j + 1:
+                        indent = len(lines[nxt]) - len(lines[nxt].lstrip())
+                        if indent <= len(item["indent"]) or _ITEM.match(lines[nxt]):
+                            break
+                if nxt >= len(lines) or not lines[nxt].strip():
+                    break
+                following = lines[nxt]
+                if (
+                    _ITEM.match(following)
+                    or _FENCE.match(following)
+                    or _TABLE_ROW.match(following)
+                    or (markdown and _HEADING.match(following))
+                ):
+                    break
+                j = nxt
+            units.append(("item" if item else "paragraph", i, j))
+            i = j + 1
+    return units
 
 
-def unsourced_measurements(text):
-    """The timings of a page (or a module's text) with no command or code block near them.
+def unsourced_measurements(text, markdown=True):
+    """The timings of a page (or a module's text) that do not name what reproduces them.
 
-    A command counts when it is within ``_NEAR`` lines of the number or in the heading of
-    the number's section (a results section headed by the command that produced its
-    table, as in benchmarks/README.md).
+    A number is sourced when a command (a script or test of the repository, ``pytest``,
+    or a ``python`` code block) is in the number's own unit (see `text_units`: its
+    paragraph, list item, table or code block), in the heading of its section, or, for
+    a table, a list item or a code block, in the paragraph right before the table, list
+    or block (the sentence that introduces it); a paragraph that ends with a colon is
+    sourced by the code block it introduces. A command in the next paragraph, about
+    something else, does not count.
 
     Returns:
         A list of ``(line, match)``, 1-based.
     """
     lines = text.splitlines()
-    headings = _section_headings(lines)
+    units = text_units(text, markdown)
     missing = []
-    for i, line in enumerate(lines):
-        for match in _MEASURED.finditer(line):
-            window = "\n".join(lines[max(0, i - _NEAR) : i + _NEAR + 1])
-            if not _SOURCE.search(window) and not _SOURCE.search(headings[i]):
-                missing.append((i + 1, match.group(0)))
+    heading = ""
+    for k, (kind, first, last) in enumerate(units):
+        if kind == "heading":
+            heading = lines[first]
+        sources = [*lines[first : last + 1], heading]
+        if kind in ("table", "item", "code"):
+            # The introduction: the paragraph before the table, block or whole list.
+            before = k - 1
+            while kind == "item" and before >= 0 and units[before][0] == "item":
+                before -= 1
+            if before >= 0 and units[before][0] == "paragraph":
+                sources += lines[units[before][1] : units[before][2] + 1]
+        elif kind == "paragraph" and lines[last].rstrip().endswith(":") and k + 1 < len(units):
+            # A paragraph that ends with a colon introduces the block after it ("this
+            # script printed 57 ms:"): that block is its command.
+            if units[k + 1][0] == "code":
+                sources += lines[units[k + 1][1] : units[k + 1][2] + 1]
+        if _SOURCE.search("\n".join(sources)):
+            continue
+        for i in range(first, last + 1):
+            missing += [(i + 1, m.group(0)) for m in _MEASURED.finditer(lines[i])]
     return missing
 
 
@@ -233,33 +301,65 @@ def test_unsourced_measurements_are_found():
     """The check sees a bare timing and accepts one next to its command (a check on the checker)."""
     bare = "intro\n\nEM takes 26 ms per iteration, 3.5x faster than before.\n"
     assert unsourced_measurements(bare) == [(3, "26 ms"), (3, "3.5x faster")]
-    sourced = bare + "(`python benchmarks/gmm.py --quick`)\n"
-    assert unsourced_measurements(sourced) == []
+    assert unsourced_measurements(bare + "(`python benchmarks/gmm.py --quick`)\n") == []
     assert unsourced_measurements("version 0.10.2 and 1e-6 relative, 3 components\n") == []
     once = "compiles in 28.6 CPU s, 3 times faster (measured once)\n"
     assert unsourced_measurements(once) == [(1, "28.6 CPU s"), (1, "3 times faster")]
+    # A command in the next paragraph, about something else, does not source it.
+    assert unsourced_measurements(bare + "\nRun `python benchmarks/hmm.py`.\n") != []
     # A results section headed by its command sources a long table under it, and only it.
     table = "".join(f"| row {i} | {i}.5 ms |\n" for i in range(30))
-    headed = f"### `benchmarks/gmm.py --all`, CPU\n\n{table}\n### Other\n\n" + "\n" * 13
-    assert unsourced_measurements(headed + "it took 4 s\n") == [(49, "4 s")]
+    headed = f"### `benchmarks/gmm.py --all`, CPU\n\n{table}\n### Other\n\n"
+    assert unsourced_measurements(headed + "it took 4 s\n") == [(36, "4 s")]
     assert unsourced_measurements(headed.replace("benchmarks/", "")) != []
-    # A "# comment" inside a code block is no heading.
-    fenced = "## Plain\n\n```\n# benchmarks/gmm.py\n```\n" + "\n" * 13 + "took 4 s\n"
-    assert unsourced_measurements(fenced) == [(19, "4 s")]
+    # The sentence that introduces a table, a list or a block sources it.
+    intro = "From `python benchmarks/gmm.py`:\n"
+    assert unsourced_measurements(intro + table) == []
+    items = "- EM: 26 ms\n\n  per iteration\n- VEM: 40 ms\n"
+    assert unsourced_measurements(intro + "\n" + items) == []
+    assert unsourced_measurements("Plain.\n\n" + items) == [(3, "26 ms"), (6, "40 ms")]
+    assert unsourced_measurements(intro + "\n```text\n4 s\n```\n") == []
+    printed = "This printed 57 ms{}\n\n```python\nprint(f())\n```\n"
+    assert unsourced_measurements(printed.format(":")) == []
+    assert unsourced_measurements(printed.format(".")) == [(1, "57 ms")]
+    # ... but a paragraph that follows it is on its own.
+    assert unsourced_measurements(intro + table + "\nit took 4 s\n") == [(33, "4 s")]
+    # A code block is a command for the numbers its comments state; a "# comment" in a
+    # block is no heading, and neither is a comment of a module.
+    assert unsourced_measurements("```python\nfit(x)  # 4 s\n```\n") == []
+    fenced = "## Plain\n\n```\n# benchmarks/gmm.py\n```\n\ntook 4 s\n"
+    assert unsourced_measurements(fenced) == [(7, "4 s")]
+    module = "# benchmarks/gmm.py\n\n# took 4 s\n"
+    assert unsourced_measurements(module, markdown=False) == [(3, "4 s")]
 
 
-# The docs pages, the READMEs a reader meets, and jaxem's modules (docstrings and
-# comments state measured numbers too).
-_MEASURED_TEXTS = [
+# The docs pages and the READMEs a reader meets; for measured numbers jaxem's modules
+# too (docstrings and comments state them).
+_READ_TEXTS = [
     *(f"docs/{page}" for page in PAGES),
     "README.md",
     "examples/README.md",
     "benchmarks/README.md",
+]
+_MEASURED_TEXTS = [
+    *_READ_TEXTS,
     *(str(p.relative_to(REPO)) for p in sorted((REPO / "jaxem").rglob("*.py"))),
 ]
 
 
 @pytest.mark.parametrize("path", _MEASURED_TEXTS)
 def test_measured_numbers_name_their_command(path):
-    """Every timing or speed-up names what reproduces it (issue 20)."""
-    assert unsourced_measurements((REPO / path).read_text()) == []
+    """Every timing or speed-up names what reproduces it, in its own paragraph, list item
+    or table, its section's heading or the sentence introducing it (issue 20)."""
+    text = (REPO / path).read_text()
+    assert unsourced_measurements(text, markdown=path.endswith(".md")) == []
+
+
+@pytest.mark.parametrize("path", _READ_TEXTS)
+def test_pages_hold_no_control_character(path):
+    """No page or README holds a control character: a ``\\v`` written from an unescaped
+    Python string once turned m-step.md's ``\\varepsilon`` into a vertical tab and
+    "arepsilon", which MathJax shows as text."""
+    text = (REPO / path).read_text()
+    found = sorted({f"{ord(c):#04x}" for c in text if ord(c) < 32 and c not in "\n\t"})
+    assert found == [], f"{path} holds control characters {found}"
