@@ -152,7 +152,10 @@ def test_saem_standard_errors_by_louis_identity_match_the_closed_form_informatio
         se = jaxem.standard_errors(random_intercept, result, y)
     params = {n: float(v) for n, v in result.params.items()}
     # Louis' identity gives the observed information at the fit's params, whatever they
-    # are: compare there (SAEM's estimate is itself within Monte Carlo error of the MLE).
+    # are: compare there. (SAEM's estimate is not the MLE: mu ends 0.08 to 0.14 below the
+    # grand mean, 1.743, over seeds 0 to 2, the intercepts written as deviations being the
+    # slow direction docs/monte-carlo-em.md warns of; the log-likelihood it leaves, the
+    # stationarity gain, is 0.02 to 0.04, which `converged` accepts.)
     expected = finite_difference_standard_errors(np.asarray(y), params)
     assert_within_monte_carlo_error(se, expected)
     assert se.covariance.shape == (3, 3)
