@@ -318,16 +318,21 @@ def monte_carlo_options(arrays, num_chains: int, num_transitions: int) -> dict:
 
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:
     """``jax.jit(fn, **jit_kwargs)`` compiled with `once_options` (chosen at the
-    first call, when the backend is known)."""
-    compiled = None
+    first call, when the backend is known). Its ``trace`` is the ``jit``'s: a
+    program traced, lowered and compiled from it ahead of a call (`compile_together`)
+    is the one the call finds in the cache."""
+    jits: list = []
+
+    def the_jit():
+        if not jits:
+            jits.append(jax.jit(fn, compiler_options=once_options() or None, **jit_kwargs))
+        return jits[0]
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        nonlocal compiled
-        if compiled is None:
-            compiled = jax.jit(fn, compiler_options=once_options() or None, **jit_kwargs)
-        return compiled(*args, **kwargs)
+        return the_jit()(*args, **kwargs)
 
+    call.trace = lambda *args, **kwargs: the_jit().trace(*args, **kwargs)
     return call
 
 
@@ -336,29 +341,39 @@ def compile_once(lowered):
     return lowered.compile(compiler_options=once_options() or None)
 
 
-def compile_together(first, first_args, first_kwargs, second, second_args_of, second_kwargs):
-    """Compile ``first(*first_args, **first_kwargs)`` and ``second`` applied to its
-    outputs, both ``jax.jit`` functions, concurrently: ``first`` on a thread of
-    its own while ``second`` is traced and compiled on this one. Their calls
-    then find the programs in ``jit``'s cache. ``second_args_of(outputs)``:
-    ``second``'s positional arguments, from ``first``'s outputs (as
-    ``jax.ShapeDtypeStruct``). Nothing is run. A program that fails to compile
-    here is left to its call, which compiles it again and raises as usual."""
+def compile_together(*programs):
+    """Compile ``programs`` concurrently, leaving them in their ``jit``'s caches:
+    each is traced and lowered on this thread, one after another, and compiled on a
+    thread of its own as soon as it is lowered (XLA releases the GIL while it
+    compiles), so that this thread traces the next program while the previous ones
+    compile; returns once all are compiled. Nothing is run.
+
+    Each of ``programs`` is a function of the previous program's outputs (as
+    ``jax.ShapeDtypeStruct``, weak types kept; None for the first) that traces its
+    program and returns the ``jax.stages.Traced`` (``jit.trace(...)``) or the
+    ``jax.stages.Lowered`` (one that must be lowered under a context of its own,
+    x64, say), or None: nothing to compile, nor after it. A program that fails to
+    trace, lower or compile here is left to its call, which compiles it again and
+    raises as usual; the programs after it are not compiled."""
+    workers = []
+    outputs = None
     try:
-        traced = first.trace(*first_args, **first_kwargs)
-        lowered = traced.lower()
-    except Exception:  # noqa: BLE001
-        return  # the call traces it again and raises there
-    worker = threading.Thread(target=_quietly(lowered.compile), daemon=True)
-    worker.start()
-    try:
-        # The traced outputs keep their weak types (a lowered program's do not).
-        outputs = jax.tree.map(_struct, traced.out_info)
-        second.lower(*second_args_of(outputs), **second_kwargs).compile()
-    except Exception:  # noqa: BLE001
-        pass  # the call compiles it again and raises there
+        for program in programs:
+            try:
+                staged = program(outputs)
+                if staged is None:
+                    break
+                lowered = staged.lower() if hasattr(staged, "lower") else staged
+            except Exception:  # noqa: BLE001
+                break  # the call traces it again and raises there
+            worker = threading.Thread(target=_quietly(lowered.compile), daemon=True)
+            worker.start()
+            workers.append(worker)
+            # The traced outputs keep their weak types (a lowered program's do not).
+            outputs = jax.tree.map(_struct, staged.out_info)
     finally:
-        worker.join()
+        for worker in workers:
+            worker.join()
 
 
 def _struct(info):

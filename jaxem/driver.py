@@ -35,7 +35,7 @@ from jaxem.loop import (
     refuse_differentiation,
     run_with_progress,
 )
-from jaxem.precision import broken_down, recheck_in_float64
+from jaxem.precision import broken_down, recheck_in_float64, recheck_program
 from jaxem.regularization import warn_if_held_by_reg_covar
 from jaxem.resolution import warn_if_scale_unresolved
 
@@ -57,8 +57,9 @@ class Fitter:
     * ``_gradient_at(state, arrays, spec)``: the objective's gradient at a state;
     * optionally ``_loop_one(rng_key, arrays, init_params, tol, spec, max_iter,
       progress_bar) -> loop`` and ``_finish_one(loop, arrays, tol, spec)``, with
-      ``_fit_one`` their composition: ``run`` then compiles the loop and what
-      follows it as two programs, at the same time (`compile_together`).
+      ``_fit_one`` their composition: ``run`` then compiles the loop, what
+      follows it and the float64 recheck of its result as three programs, at the
+      same time (`compile_together`).
 
     The subclass sets ``self.m_step_settings`` (an `MStep`),
     ``self.acceleration`` (None, ``"squarem"``, ``"anderson"``) and the class
@@ -194,16 +195,25 @@ class Fitter:
         signature = call_signature(args, loop_kwargs)
         if signature not in self._compiled_together:
             compile_together(
-                loop_jit,
-                args,
-                loop_kwargs,
-                finish_jit,
-                lambda loops: (loops, arrays, tol),
-                finish_kwargs,
+                lambda _: loop_jit.trace(*args, **loop_kwargs),
+                lambda loops: finish_jit.trace(loops, arrays, tol, **finish_kwargs),
+                lambda fit: self._recheck_program(fit[0], arrays, spec),
             )
             self._compiled_together.add(signature)
         loops = loop_jit(*args, **loop_kwargs)
         return finish_jit(loops, arrays, tol, **finish_kwargs)
+
+    def _recheck_program(self, result, arrays, spec):
+        """The float64 recheck's program (`jaxem.precision.recheck_program`) of a fit
+        whose result has the shapes of ``result``: compiled with the fit's."""
+        if result.log_likelihood is None:
+            return None
+        model = self.m_step_settings.model
+        nesting = model_structure(model, *merge_args(arrays, spec)).max_plate_nesting
+        return recheck_program(
+            model, result.params, result.log_likelihood, arrays, spec, hard=self.hard,
+            max_plate_nesting=nesting,
+        )  # fmt: skip
 
     def _run_whole(self, rng_key, *, arrays, init_params, tol, spec, num_restarts, **static):
         """`_run_arrays` as one program, compiled with `loop_options`."""
