@@ -12,26 +12,35 @@ emitters (the older LLVM IR emitters instead), which shortens it again. (Both
 were measured once, on a Gaussian mixture's data check, when each change was
 made; no command in the repository reproduces the numbers, so none is given.)
 
-A fit's first ``run`` compiles two programs, its loop and the evaluation after
-it (the last state's E-step, the stationarity test, the supports);
-`compile_together` compiles them at the same time, on two threads (XLA
-releases the GIL while it compiles), so that a machine with two cores waits
-for the larger of the two rather than their sum. The evaluation after the loop
-runs once per fit. On small data (`SMALL_DATA`: at most 10 000 numbers over
+A fit's first ``run`` compiles three programs: its loop, the evaluation after
+it (the last state's E-step, the stationarity test, the supports) and, for a
+float32 fit, the float64 recheck of the result (`jaxem.precision`).
+`compile_together` traces and lowers them one after another on the calling
+thread and compiles each on a thread of its own as soon as it is lowered (XLA
+releases the GIL while it compiles), so that a machine with two cores traces the
+evaluation while the loop compiles, and the recheck while the evaluation
+compiles, rather than doing all of it in turn. The evaluation after the loop
+runs once per fit. On small data (`SMALL_DATA`: at most 100 000 numbers over
 the restarts) it is compiled with `once_options` (no backend optimization, and
 on a CPU the older emitters), which compiles it in about half the CPU time for
 a run a few milliseconds longer: on the scan Gaussian HMM of
 ``benchmarks/compile.py`` (2 000 numbers) in 2.0 rather than 4.5 CPU s, a run
 of 6.4 rather than 3.4 ms, the same values to the bit (``python
 benchmarks/compile_programs.py --models hmm --options default,emitters``, best
-of 2, load average 12-19 on 2 cores). On more data it is compiled with the
-older emitters only (`emitter_options`), as before: without backend
-optimization its run grows with the data (on the Gaussian mixture of 10 000 x 2
-numbers from 16 to 31 ms; ``benchmarks/gmm.py``'s 100 000 x 16 diagonal
-mixture from 49-52 to 217 ms per iteration, 50 iterations, load average ~15),
-and the sizes of ``benchmarks/gmm.py`` and ``benchmarks/hmm.py`` run as fast as
-before. Its largest part is the
-stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
+of 2, load average 12-19 on 2 cores); on the full-covariance Gaussian mixture of
+the same benchmark (K = 3, D = 2), in 0.7 rather than 1.7 CPU s, for a run of 35
+rather than 18 ms at 10 000 x 2 numbers (``python benchmarks/compile_programs.py
+--models gmm --options default,loop-emitters`` before the limit was raised from
+10 000, which gave this mixture's the older emitters only, on the critical path
+of its first ``run``), 185 rather than 96 at 50 000 x 2 and 644 rather than 386
+at 200 000 x 2 (``compile_programs.measure`` on ``common.sample_gmm`` data of
+those sizes), the same log-likelihood to the bit (best of 2 cold starts, load
+average 5-6). On more data it is compiled with the older emitters only
+(`emitter_options`): without backend optimization its run grows with the data
+(``benchmarks/gmm.py``'s 100 000 x 16 diagonal mixture from 49-52 to 217 ms per
+iteration, 50 iterations, load average ~15), and the sizes of
+``benchmarks/gmm.py`` and ``benchmarks/hmm.py`` run as fast as before. Its
+largest part is the stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
 gradient of Q), run on one flat vector of the params rather than per param,
 which keeps its program small.
 
@@ -172,7 +181,7 @@ EMITTER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 # At most this many numbers in a fit's data arrays (times its restarts): its evaluation
 # after the loop is compiled with once_options (see the module's docstring).
-SMALL_DATA = 10_000
+SMALL_DATA = 100_000
 
 # A fit loop's work (`loop_work`: numbers of data x restarts x max_iter, x
 # ITERATING_WEIGHT when a step runs an inner optimizer) at most SMALL_WORK: its loop
