@@ -19,7 +19,9 @@ float32 fit, the float64 recheck of the result (`jaxem.precision`).
 thread and compiles each on a thread of its own as soon as it is lowered (XLA
 releases the GIL while it compiles), so that a machine with two cores traces the
 evaluation while the loop compiles, and the recheck while the evaluation
-compiles, rather than doing all of it in turn. The evaluation after the loop
+compiles, rather than doing all of it in turn; the loop itself is traced while
+the checks before the fit compile (`jaxem.checks.validate`'s ``meanwhile``), which
+then run and raise before anything else runs. The evaluation after the loop
 runs once per fit. On small data (`SMALL_DATA`: at most 100 000 numbers over
 the restarts) it is compiled with `once_options` (no backend optimization, and
 on a CPU the older emitters), which compiles it in about half the CPU time for
