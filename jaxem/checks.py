@@ -20,7 +20,7 @@ from numpyro import handlers
 
 from jaxem.arguments import check_init_params, merge_args, merge_init_params
 from jaxem.chain import chain_padding_problems, find_chain, raise_for_chain_padding
-from jaxem.compiling import jit_once
+from jaxem.compiling import compile_together, jit_once
 from jaxem.factor_priors import prior_sites
 from jaxem.inspection import inspect_model, model_structure, mvn_sites_of_params
 from jaxem.masks import latent_mask_problems, mask_of, raise_for_latent_masks
@@ -43,7 +43,7 @@ from jaxem.weights import raise_for_bad_weights
 __all__ = ["in_support", "raise_for_fitted_arguments", "raise_for_model_arguments", "validate"]
 
 
-def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=()):
+def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=(), meanwhile=None):
     """Raise a `ModelError` for bad data or parameter values.
 
     Checks the observed data (NaN or infinite entries, values outside the
@@ -52,6 +52,10 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     (a partial or full ``{param name: value}``). One compiled check per model
     and argument signature (eager checks would compile op by op); skipped when
     any input is a tracer (under ``jit``/``vmap`` nothing can be raised).
+    ``meanwhile()``: called while the check's program compiles, on a thread of
+    its own (`jaxem.compiling.compile_together`), before it runs: a fit traces its
+    loop there; an error it raises is ignored (its call raises it again, after
+    this check's errors).
     With ``fitting``, also a model with nothing observed and MultivariateNormal
     coordinates that the data never observe, for the params not ``frozen``
     (`jaxem.validation.raise_for_invalid`). Distribution arguments outside
@@ -63,7 +67,9 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     check_init_params(params)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, arrays, params))):
         return None
-    validity, problems = _compiled(_checks, _checks_jit, model, spec, rng_key, arrays, params)
+    validity, problems = _compiled(
+        _checks, _checks_jit, model, spec, rng_key, arrays, params, meanwhile=meanwhile
+    )
     args, kwargs = merge_args(arrays, spec)
 
     def support_of(site):
@@ -93,14 +99,16 @@ def validate(model, rng_key, arrays, spec, params=None, *, fitting=True, frozen=
     return validity
 
 
-def _compiled(fn, fn_jit, model, *args):
+def _compiled(fn, fn_jit, model, *args, meanwhile=None):
     """``fn_jit(model, *args)``, the compiled check cached per model and signature,
     or ``fn`` run op by op for a model without a hash (a callable object), which
-    cannot be a static argument of ``jit``."""
+    cannot be a static argument of ``jit``. ``meanwhile``: see `validate`."""
     try:
         hash(model)
     except TypeError:
         return fn(model, *args)
+    if meanwhile is not None:
+        compile_together(lambda _: fn_jit.trace(model, *args), lambda _: meanwhile())
     return fn_jit(model, *args)
 
 

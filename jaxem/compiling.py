@@ -12,26 +12,37 @@ emitters (the older LLVM IR emitters instead), which shortens it again. (Both
 were measured once, on a Gaussian mixture's data check, when each change was
 made; no command in the repository reproduces the numbers, so none is given.)
 
-A fit's first ``run`` compiles two programs, its loop and the evaluation after
-it (the last state's E-step, the stationarity test, the supports);
-`compile_together` compiles them at the same time, on two threads (XLA
-releases the GIL while it compiles), so that a machine with two cores waits
-for the larger of the two rather than their sum. The evaluation after the loop
-runs once per fit. On small data (`SMALL_DATA`: at most 10 000 numbers over
+A fit's first ``run`` compiles three programs: its loop, the evaluation after
+it (the last state's E-step, the stationarity test, the supports) and, for a
+float32 fit, the float64 recheck of the result (`jaxem.precision`).
+`compile_together` traces and lowers them one after another on the calling
+thread and compiles each on a thread of its own as soon as it is lowered (XLA
+releases the GIL while it compiles), so that a machine with two cores traces the
+evaluation while the loop compiles, and the recheck while the evaluation
+compiles, rather than doing all of it in turn; the loop itself is traced while
+the checks before the fit compile (`jaxem.checks.validate`'s ``meanwhile``), which
+then run and raise before anything else runs. The evaluation after the loop
+runs once per fit. On small data (`SMALL_DATA`: at most 100 000 numbers over
 the restarts) it is compiled with `once_options` (no backend optimization, and
 on a CPU the older emitters), which compiles it in about half the CPU time for
 a run a few milliseconds longer: on the scan Gaussian HMM of
 ``benchmarks/compile.py`` (2 000 numbers) in 2.0 rather than 4.5 CPU s, a run
 of 6.4 rather than 3.4 ms, the same values to the bit (``python
 benchmarks/compile_programs.py --models hmm --options default,emitters``, best
-of 2, load average 12-19 on 2 cores). On more data it is compiled with the
-older emitters only (`emitter_options`), as before: without backend
-optimization its run grows with the data (on the Gaussian mixture of 10 000 x 2
-numbers from 16 to 31 ms; ``benchmarks/gmm.py``'s 100 000 x 16 diagonal
-mixture from 49-52 to 217 ms per iteration, 50 iterations, load average ~15),
-and the sizes of ``benchmarks/gmm.py`` and ``benchmarks/hmm.py`` run as fast as
-before. Its largest part is the
-stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
+of 2, load average 12-19 on 2 cores); on the full-covariance Gaussian mixture of
+the same benchmark (K = 3, D = 2), in 0.7 rather than 1.7 CPU s, for a run of 35
+rather than 18 ms at 10 000 x 2 numbers (``python benchmarks/compile_programs.py
+--models gmm --options default,loop-emitters`` before the limit was raised from
+10 000, which gave this mixture's the older emitters only, on the critical path
+of its first ``run``), 185 rather than 96 at 50 000 x 2 and 644 rather than 386
+at 200 000 x 2 (``compile_programs.measure`` on ``common.sample_gmm`` data of
+those sizes), the same log-likelihood to the bit (best of 2 cold starts, load
+average 5-6). On more data it is compiled with the older emitters only
+(`emitter_options`): without backend optimization its run grows with the data
+(``benchmarks/gmm.py``'s 100 000 x 16 diagonal mixture from 49-52 to 217 ms per
+iteration, 50 iterations, load average ~15), and the sizes of
+``benchmarks/gmm.py`` and ``benchmarks/hmm.py`` run as fast as before. Its
+largest part is the stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
 gradient of Q), run on one flat vector of the params rather than per param,
 which keeps its program small.
 
@@ -172,7 +183,7 @@ EMITTER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 # At most this many numbers in a fit's data arrays (times its restarts): its evaluation
 # after the loop is compiled with once_options (see the module's docstring).
-SMALL_DATA = 10_000
+SMALL_DATA = 100_000
 
 # A fit loop's work (`loop_work`: numbers of data x restarts x max_iter, x
 # ITERATING_WEIGHT when a step runs an inner optimizer) at most SMALL_WORK: its loop
@@ -318,16 +329,21 @@ def monte_carlo_options(arrays, num_chains: int, num_transitions: int) -> dict:
 
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:
     """``jax.jit(fn, **jit_kwargs)`` compiled with `once_options` (chosen at the
-    first call, when the backend is known)."""
-    compiled = None
+    first call, when the backend is known). Its ``trace`` is the ``jit``'s: a
+    program traced, lowered and compiled from it ahead of a call (`compile_together`)
+    is the one the call finds in the cache."""
+    jits: list = []
+
+    def the_jit():
+        if not jits:
+            jits.append(jax.jit(fn, compiler_options=once_options() or None, **jit_kwargs))
+        return jits[0]
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        nonlocal compiled
-        if compiled is None:
-            compiled = jax.jit(fn, compiler_options=once_options() or None, **jit_kwargs)
-        return compiled(*args, **kwargs)
+        return the_jit()(*args, **kwargs)
 
+    call.trace = lambda *args, **kwargs: the_jit().trace(*args, **kwargs)
     return call
 
 
@@ -336,29 +352,39 @@ def compile_once(lowered):
     return lowered.compile(compiler_options=once_options() or None)
 
 
-def compile_together(first, first_args, first_kwargs, second, second_args_of, second_kwargs):
-    """Compile ``first(*first_args, **first_kwargs)`` and ``second`` applied to its
-    outputs, both ``jax.jit`` functions, concurrently: ``first`` on a thread of
-    its own while ``second`` is traced and compiled on this one. Their calls
-    then find the programs in ``jit``'s cache. ``second_args_of(outputs)``:
-    ``second``'s positional arguments, from ``first``'s outputs (as
-    ``jax.ShapeDtypeStruct``). Nothing is run. A program that fails to compile
-    here is left to its call, which compiles it again and raises as usual."""
+def compile_together(*programs):
+    """Compile ``programs`` concurrently, leaving them in their ``jit``'s caches:
+    each is traced and lowered on this thread, one after another, and compiled on a
+    thread of its own as soon as it is lowered (XLA releases the GIL while it
+    compiles), so that this thread traces the next program while the previous ones
+    compile; returns once all are compiled. Nothing is run.
+
+    Each of ``programs`` is a function of the previous program's outputs (as
+    ``jax.ShapeDtypeStruct``, weak types kept; None for the first) that traces its
+    program and returns the ``jax.stages.Traced`` (``jit.trace(...)``) or the
+    ``jax.stages.Lowered`` (one that must be lowered under a context of its own,
+    x64, say), or None: nothing to compile, nor after it. A program that fails to
+    trace, lower or compile here is left to its call, which compiles it again and
+    raises as usual; the programs after it are not compiled."""
+    workers = []
+    outputs = None
     try:
-        traced = first.trace(*first_args, **first_kwargs)
-        lowered = traced.lower()
-    except Exception:  # noqa: BLE001
-        return  # the call traces it again and raises there
-    worker = threading.Thread(target=_quietly(lowered.compile), daemon=True)
-    worker.start()
-    try:
-        # The traced outputs keep their weak types (a lowered program's do not).
-        outputs = jax.tree.map(_struct, traced.out_info)
-        second.lower(*second_args_of(outputs), **second_kwargs).compile()
-    except Exception:  # noqa: BLE001
-        pass  # the call compiles it again and raises there
+        for program in programs:
+            try:
+                staged = program(outputs)
+                if staged is None:
+                    break
+                lowered = staged.lower() if hasattr(staged, "lower") else staged
+            except Exception:  # noqa: BLE001
+                break  # the call traces it again and raises there
+            worker = threading.Thread(target=_quietly(lowered.compile), daemon=True)
+            worker.start()
+            workers.append(worker)
+            # The traced outputs keep their weak types (a lowered program's do not).
+            outputs = jax.tree.map(_struct, staged.out_info)
     finally:
-        worker.join()
+        for worker in workers:
+            worker.join()
 
 
 def _struct(info):

@@ -22,9 +22,9 @@ import numpy as np
 
 from jaxem.accelerators import accelerate
 from jaxem.arguments import merge_args, split_args
-from jaxem.batching import best_restart, map_restarts, select_best
+from jaxem.batching import best_restart, select_best
 from jaxem.checks import raise_for_fitted_arguments
-from jaxem.compiling import OptionJits, after_loop_options, call_signature, compile_together
+from jaxem.compiling import OptionJits
 from jaxem.fit_warnings import warn_about_fit
 from jaxem.fitter_m_step import MStep, describe_plan
 from jaxem.identification import warn_if_unidentified
@@ -38,11 +38,12 @@ from jaxem.loop import (
 from jaxem.precision import broken_down, recheck_in_float64
 from jaxem.regularization import warn_if_held_by_reg_covar
 from jaxem.resolution import warn_if_scale_unresolved
+from jaxem.split_run import SplitRun
 
 __all__ = ["Fitter"]
 
 
-class Fitter:
+class Fitter(SplitRun):
     """``init``, ``update``, ``get_params``, ``run`` and ``m_step_paths`` of a fitter,
     written once over the kernel its subclass gives:
 
@@ -57,8 +58,9 @@ class Fitter:
     * ``_gradient_at(state, arrays, spec)``: the objective's gradient at a state;
     * optionally ``_loop_one(rng_key, arrays, init_params, tol, spec, max_iter,
       progress_bar) -> loop`` and ``_finish_one(loop, arrays, tol, spec)``, with
-      ``_fit_one`` their composition: ``run`` then compiles the loop and what
-      follows it as two programs, at the same time (`compile_together`).
+      ``_fit_one`` their composition: ``run`` then compiles the loop, what
+      follows it and the float64 recheck of its result as three programs, at the
+      same time (`compile_together`).
 
     The subclass sets ``self.m_step_settings`` (an `MStep`),
     ``self.acceleration`` (None, ``"squarem"``, ``"anderson"``) and the class
@@ -147,63 +149,6 @@ class Fitter:
 
     def _restart_score(self, fit):
         return getattr(fit[0], self.score)
-
-    # A fit split in two programs: every restart's loop, then every restart's
-    # evaluation after its loop and the best one kept. Compiled at the same time,
-    # the first run waits for the larger program instead of the sum of both.
-
-    _loop_one = None
-    _finish_one = None
-
-    def _loop_arrays(
-        self, rng_key, arrays, init_params, tol, *, spec, max_iter, num_restarts, progress_bar,
-        batch_restarts=True,
-    ):  # fmt: skip
-        """Every restart's ``_loop_one``, stacked on a leading restart axis."""
-
-        def loop(key):
-            return self._loop_one(key, arrays, init_params, tol, spec, max_iter, progress_bar)
-
-        if num_restarts == 1:  # the key itself, as in best_restart
-            return jax.tree.map(lambda x: jnp.asarray(x)[None], loop(rng_key))
-        keys = jax.random.split(rng_key, num_restarts)
-        return map_restarts(loop, keys, batched=batch_restarts)
-
-    def _finish_arrays(self, loops, arrays, tol, *, spec, batch_restarts=True):
-        """Every restart's ``_finish_one`` after `_loop_arrays`, the best kept (as
-        `_run_arrays`)."""
-
-        def finish(loop):
-            return self._finish_one(loop, arrays, tol, spec)
-
-        if jax.tree.leaves(loops)[0].shape[0] == 1:
-            fits = jax.tree.map(lambda x: x[None], finish(jax.tree.map(lambda x: x[0], loops)))
-        else:
-            fits = map_restarts(finish, loops, batched=batch_restarts)
-        return self._keep_best(fits)
-
-    def _run_in_two(self, rng_key, *, arrays, init_params, tol, spec, num_restarts, **static):
-        """`_run_arrays` as two compiled programs (`_loop_arrays`, `_finish_arrays`),
-        compiled together on the first call with a signature."""
-        args = (rng_key, arrays, init_params, tol)
-        loop_kwargs = dict(spec=spec, num_restarts=num_restarts, **static)
-        finish_kwargs = dict(spec=spec, batch_restarts=static["batch_restarts"])
-        finish_jit = self._finish_jits.with_options(after_loop_options(arrays, num_restarts))
-        choose = partial(self._loop_options, arrays, num_restarts, static["max_iter"])
-        loop_jit = self._loop_jits.for_call(args, loop_kwargs, choose)
-        signature = call_signature(args, loop_kwargs)
-        if signature not in self._compiled_together:
-            compile_together(
-                loop_jit,
-                args,
-                loop_kwargs,
-                finish_jit,
-                lambda loops: (loops, arrays, tol),
-                finish_kwargs,
-            )
-            self._compiled_together.add(signature)
-        loops = loop_jit(*args, **loop_kwargs)
-        return finish_jit(loops, arrays, tol, **finish_kwargs)
 
     def _run_whole(self, rng_key, *, arrays, init_params, tol, spec, num_restarts, **static):
         """`_run_arrays` as one program, compiled with `loop_options`."""
@@ -410,7 +355,11 @@ class Fitter:
             raise ValueError("max_iter and num_restarts must be at least 1")
         arrays, spec = split_args(args, kwargs)
         init_params = None if init_params is None else dict(init_params)
-        self.m_step_settings.validate(rng_key, arrays, spec, init_params)
+        trace_loop = self._trace_loop_while_checking(
+            rng_key, arrays, init_params, tol, spec, num_restarts, max_iter, progress_bar,
+            batch_restarts,
+        )  # fmt: skip
+        self.m_step_settings.validate(rng_key, arrays, spec, init_params, meanwhile=trace_loop)
         inputs = (arrays, init_params)
         # Only traced inputs can be differentiated (a custom_jvp applied to concrete
         # values would compile a program of its own on every call).

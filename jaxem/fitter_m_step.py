@@ -102,10 +102,13 @@ class MStep:
         opt_state = init_opt_state(self.optimizer, params, structure.constraints, plan)
         return structure, params, plan, opt_state
 
-    def validate(self, rng_key, arrays, spec, init_params) -> None:
+    def validate(self, rng_key, arrays, spec, init_params, meanwhile=None) -> None:
         """Raise a named error for bad data or initial values, and warn when reg_covar
-        is not small against the data (concrete inputs only)."""
-        validity = validate(self.model, rng_key, arrays, spec, init_params, frozen=self.frozen)
+        is not small against the data (concrete inputs only). ``meanwhile``: see
+        `jaxem.checks.validate`."""
+        validity = validate(
+            self.model, rng_key, arrays, spec, init_params, frozen=self.frozen, meanwhile=meanwhile
+        )
         if validity is not None:
 
             def plan():

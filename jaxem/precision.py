@@ -39,7 +39,7 @@ from jaxem.inspection import model_structure
 from jaxem.numpyro_internals import PREV_PREFIX
 from jaxem.tracing import enumerated_trace
 
-__all__ = ["BREAKDOWN_TOLERANCE", "broken_down", "recheck_in_float64"]
+__all__ = ["BREAKDOWN_TOLERANCE", "broken_down", "recheck_in_float64", "recheck_program"]
 
 # The relative disagreement between the float32 and float64 log-likelihoods (per
 # |ll| + observed cells) beyond which a float32 density broke down: sqrt(eps32).
@@ -117,6 +117,25 @@ def _broken_sites(model, params, arrays, spec, hard, nesting):
             fn = fn.base_dist
         described.append((user_name, type(fn).__name__ if fn is not None else None))
     return list(dict.fromkeys(described))
+
+
+def recheck_program(model, params, value, arrays, spec, *, hard=False, max_plate_nesting=None):
+    """The float64 program `recheck_in_float64` runs first for a fit whose ``params``
+    and ``value`` have these shapes and dtypes (``jax.ShapeDtypeStruct`` pytrees, the
+    fit's outputs before it runs), traced and lowered, for `jaxem.compiling.compile_together`
+    to compile it while the fit's own programs compile; None where it runs none (a
+    ``value`` not float32). Its call then finds it compiled."""
+    if jnp.dtype(value.dtype) != jnp.float32:
+        return None
+    with jax.enable_x64(True):
+        params64 = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(
+                s.shape, np.float64 if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype
+            ),
+            params,
+        )
+        traced = _value.trace(model, params64, _to_float64(arrays), spec, hard, max_plate_nesting)
+        return traced.lower()
 
 
 def recheck_in_float64(

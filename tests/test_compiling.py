@@ -1,6 +1,8 @@
 """Programs compiled for one evaluation, and a fit's two programs compiled together
 (jaxem.compiling): same values as jax.jit, each program compiled once."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,13 +58,14 @@ def test_compile_once_of_a_lowered_function():
     )
 
 
-def _lowered_during(fn):
-    """``fn()``'s value and the names of the programs lowered while it ran (a program
-    found in ``jit``'s cache is not lowered again)."""
+def _lowered_during(fn, stage="jaxpr_to_mlir_module_duration"):
+    """``fn()``'s value and the names of the programs lowered (``stage``: or compiled,
+    ``"backend_compile_duration"``) while it ran (a program found in ``jit``'s cache
+    is not lowered again)."""
     names = []
 
     def listener(event, duration, **kwargs):
-        if event.endswith("jaxpr_to_mlir_module_duration"):
+        if event.endswith(stage):
             names.append(kwargs.get("fun_name"))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -73,35 +76,55 @@ def _lowered_during(fn):
     return value, names
 
 
-def test_compile_together_leaves_both_programs_in_jits_cache(x32):
+def test_compile_together_leaves_its_programs_in_jits_cache(x32):
     # The first program's second output is weakly typed: the second program must be
-    # compiled for a weak input, or its call would compile it again.
+    # compiled for a weak input, or its call would compile it again. The third is
+    # lowered by its own function (as the float64 recheck is, under x64).
     def first_fn(x):
         return 2.0 * x, 1.0
 
     def second_fn(out, x):
         return out[0] + out[1] * x
 
-    first, second = jax.jit(first_fn), jax.jit(second_fn)
+    def third_fn(y):
+        return jnp.sum(y)
+
+    first, second, third = jax.jit(first_fn), jax.jit(second_fn), jax.jit(third_fn)
     x = jnp.linspace(0.0, 1.0, 5)
     _, names = _lowered_during(
-        lambda: compile_together(first, (x,), {}, second, lambda out: (out, x), {})
+        lambda: compile_together(
+            lambda _: first.trace(x),
+            lambda out: second.trace(out, x),
+            lambda y: third.trace(y).lower(),
+        )
     )
-    assert sorted(names) == ["jit(first_fn)", "jit(second_fn)"]
+    assert sorted(names) == ["jit(first_fn)", "jit(second_fn)", "jit(third_fn)"]
     out = first(x)
     assert out[1].weak_type
-    value, names = _lowered_during(lambda: second(out, x))
+    value, names = _lowered_during(lambda: third(second(out, x)), "backend_compile_duration")
     assert names == []
-    np.testing.assert_array_equal(np.asarray(value), np.asarray(second_fn(first_fn(x), x)))
+    np.testing.assert_array_equal(np.asarray(value), np.sum(second_fn(first_fn(x), x)))
 
 
-def test_compile_together_leaves_an_error_to_the_call(x32):
+def test_compile_together_stops_at_none_and_leaves_an_error_to_the_call(x32):
     first = jax.jit(lambda x: x + 1.0)
     second = jax.jit(lambda y: y.reshape(7))  # wrong size: fails to trace
+    third = jax.jit(lambda y: y * 3.0)
     x = jnp.ones(3)
-    compile_together(first, (x,), {}, second, lambda out: (out,), {})
+    _, names = _lowered_during(
+        lambda: compile_together(
+            lambda _: first.trace(x),
+            lambda out: second.trace(out),
+            lambda out: third.trace(out),  # not reached: no outputs to trace it on
+        )
+    )
+    assert names == ["jit(<lambda>)"]
     with pytest.raises(TypeError, match="reshape"):
         second(first(x))
+    _, names = _lowered_during(
+        lambda: compile_together(lambda _: third.trace(x), lambda out: None, lambda out: 1 / 0)
+    )
+    assert names == ["jit(<lambda>)"]
 
 
 def test_run_compiles_its_loop_and_what_follows_once_each(x32):
@@ -127,6 +150,32 @@ def test_run_compiles_its_loop_and_what_follows_once_each(x32):
         single = jax.jit(fit)(key)
         for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(single), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-6)
+
+
+def test_a_cold_run_compiles_its_loop_what_follows_and_the_recheck_together(x32):
+    # The checks before the fit, the loop, the evaluation after it and the float64
+    # recheck of its result are compiled once each, off the main thread
+    # (compile_together; the loop traced while the checks compile), before the fit
+    # runs; nothing is compiled again when they run.
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(50, 2)), jnp.float32)
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            main = threading.current_thread() is threading.main_thread()
+            compiled.append((kwargs.get("fun_name"), main))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        result = jaxem.EM(gmm_scale_tril).run(jax.random.PRNGKey(0), x, 2, max_iter=4)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    names = [name for name, _ in compiled]
+    together = ["jit(_checks)", "jit(_loop_arrays)", "jit(_finish_arrays)", "jit(_value)"]
+    assert sorted(n for n in names if n in together) == sorted(together), compiled
+    assert all(not main for name, main in compiled if name in together), compiled
+    assert [n for n in names if n in together][0] == "jit(_checks)", compiled
+    assert np.isfinite(float(result.log_likelihood))
 
 
 @pytest.mark.parametrize("num_points", [40, SMALL_DATA // 2 + 1])

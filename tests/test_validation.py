@@ -253,3 +253,38 @@ def test_a_factor_of_the_likelihood_keeps_working(kind, x64):
     value = jaxem.log_likelihood(with_factor(kind), params, data)
     np.testing.assert_allclose(value, expected, rtol=1e-10)
     assert jnp.isfinite(_run(with_factor(kind), data).log_likelihood)
+
+
+def test_a_cold_runs_checks_raise_first_while_it_traces_its_loop():
+    # A cold run traces its loop while the checks' program compiles (the meanwhile of
+    # jaxem.checks.validate): the checks' error still comes first, as a warm run's, and
+    # an error of what is traced meanwhile is left to its own call.
+    from jaxem.arguments import split_args
+    from jaxem.checks import validate
+
+    bad = jnp.array([0.5, jnp.inf, 1.0, 2.0])
+    traced = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("jaxpr_trace_duration"):
+            traced.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with pytest.raises(ModelError, match="'height'") as cold:
+            _run(normal_mixture, bad)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "_loop_arrays" in traced, traced
+    with pytest.raises(ModelError) as warm:
+        _run(normal_mixture, bad)
+    assert str(cold.value) == str(warm.value)
+
+    def fails():
+        raise RuntimeError("traced meanwhile")
+
+    arrays, spec = split_args((bad,), {})
+    with pytest.raises(ModelError, match="'height'"):
+        validate(normal_mixture, KEY, arrays, spec, meanwhile=fails)
+    arrays, spec = split_args((bad.at[1].set(0.0),), {})
+    assert validate(normal_mixture, KEY, arrays, spec, meanwhile=fails) is not None
