@@ -19,6 +19,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 
+from jaxem.flat_optimizer import flattened
 from jaxem.lbfgs_memory import cautious_curvature
 from jaxem.tracing import enumerated_trace
 
@@ -36,8 +37,9 @@ __all__ = [
 
 def default_optimizer() -> optax.GradientTransformationExtraArgs:
     """L-BFGS with a zoom line search: Q is smooth and deterministic, so a
-    quasi-Newton method converges in a few steps where Adam would oscillate."""
-    return optax.lbfgs()
+    quasi-Newton method converges in a few steps where Adam would oscillate; on one
+    flat vector of the params (`flattened`), a smaller program than per param."""
+    return flattened(optax.lbfgs())
 
 
 def expected_log_joint(model, params, marginals, args, kwargs, max_plate_nesting):
@@ -133,6 +135,10 @@ def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
 
     L-BFGS memories keep no pairs of rounding noise (`cautious_curvature`).
 
+    The losses compared come from one compiled program, the value and gradient in
+    the body of a scan of ``num_steps + 1`` evaluations (the last takes no step):
+    no separate loss programs to compile, whose rounding could tip the comparison.
+
     Returns:
         ``(chosen, opt_state)``: the end point and the optimizer state after the
         steps, or ``start`` and the incoming state (its L-BFGS memory cleaned) when
@@ -141,17 +147,21 @@ def safeguarded_steps(loss_fn, start, optimizer, opt_state, num_steps):
 
     opt_state = cautious_curvature(opt_state, start)
 
-    def step(carry, _):
+    def evaluate(carry, index):
         point, state = carry
         value, grad = jax.value_and_grad(loss_fn)(point)
-        updates, state = optimizer.update(
-            grad, state, point, value=value, grad=grad, value_fn=loss_fn
-        )
-        state = cautious_curvature(state)
-        return (optax.apply_updates(point, updates), state), None
 
-    (end, end_state), _ = jax.lax.scan(step, (start, opt_state), None, length=num_steps)
-    start_loss, end_loss = loss_fn(start), loss_fn(end)
+        def advance(state):
+            updates, state = optimizer.update(
+                grad, state, point, value=value, grad=grad, value_fn=loss_fn
+            )
+            return optax.apply_updates(point, updates), cautious_curvature(state)
+
+        carry = jax.lax.cond(index < num_steps, advance, lambda s: (point, s), state)
+        return carry, value
+
+    (end, end_state), losses = jax.lax.scan(evaluate, (start, opt_state), jnp.arange(num_steps + 1))
+    start_loss, end_loss = losses[0], losses[-1]
     accept = jnp.isfinite(end_loss) & (end_loss <= start_loss)
     # A rejected trajectory's optimizer state (momenta, curvature pairs) is
     # dropped with it: it may hold the non-finite values that got it rejected.

@@ -62,7 +62,9 @@ def cautious_curvature(opt_state, point=None):
         )
         state = state._replace(weights_memory=jnp.where(keep, state.weights_memory, 0.0))
         if point is not None:
-            step = _rows(jax.tree.map(jnp.subtract, point, state.params), 1)[0]
+            # (Entries in the order of the leaves: ``point`` may be the tree whose
+            # raveled vector the state's params are, `jaxem.flat_optimizer.flattened`.)
+            step = _rows(point, 1)[0] - x
             count = jnp.where(jnp.linalg.norm(step) > floor, state.count, 0)
             state = state._replace(count=count.astype(state.count.dtype))
         return state
