@@ -237,8 +237,10 @@ def stationarity(
     ``g_b`` of ``g`` is taken too, and Q is *evaluated* at the block's Newton step
     (within the trust region where Q is not concave along it): a rise beyond Q's
     rounding is a gain the log-likelihood makes (the EM inequality), whatever the
-    quadratic model's accuracy. A block that levels off there (Q rose, and every
-    coordinate's slope fell to half its value at ``u``) is not ``unbounded``.
+    quadratic model's accuracy; then twice at the secant Newton step from the curvature
+    between ``u`` and the last step (`SECANT_EXPANSION` times farther where that is
+    rounding too). A block that levels off at the first (Q rose, and every coordinate's
+    slope fell to half its value at ``u``) is not ``unbounded``.
 
     Args:
         names: the params to differentiate (the free ones).
@@ -309,20 +311,19 @@ def stationarity(
         return jnp.where(x > 0, x, 1.0)
 
     def evaluate(carry, step):
-        direction, first_gradient, plus, block_plus, block_t, preconditioned = carry
+        direction, first_gradient, plus, block_plus, block_t, preconditioned, secant_t = carry
         sign, index = step
-        # Steps 5 + 4 b + j: the block of param b (j = 0, 1: +- h_b; j = 2: Newton; j =
-        # 3: FAR_REACH trust regions along the block's part of p).
+        # Steps 5 + 6 b + j: the block of param b (j = 0, 1: +- h_b; j = 2: Newton; j =
+        # 3: FAR_REACH trust regions along the block's part of p; j = 4, 5: secant steps).
         in_blocks = index >= 5
-        b, j = (index - 5) // 4, (index - 5) % 4
+        b, j = (index - 5) // 6, (index - 5) % 6
         own = jnp.where(j == 3, preconditioned, first_gradient)
         direction = jnp.where(in_blocks, jnp.where(block == b, own, 0.0), direction)
         reach = reach_of(direction)
         h = jnp.where(reach > 0, relative_step / safe(reach), 0.0)
         far = jnp.where(reach > 0, FAR_REACH * TRUST_REACH / safe(reach), 0.0)
-        offset = jnp.where(
-            in_blocks & (j == 2), block_t, jnp.where(in_blocks & (j == 3), far, sign * h)
-        )
+        block_offset = jnp.stack([sign * h, sign * h, block_t, far, secant_t, secant_t])[j]
+        offset = jnp.where(in_blocks, block_offset, sign * h)
         (value, magnitude), g = value_and_grad_fn(u + offset * direction)
         g = jnp.where(entry_inside, g, 0.0)
         finite_g = jnp.where(jnp.isfinite(g), g, 0.0)
@@ -354,8 +355,16 @@ def stationarity(
         )
         t = jnp.where((reach > 0) & jnp.isfinite(t), t, 0.0)
         block_t = jnp.where(in_blocks & (j == 1), t.astype(block_t.dtype), block_t)
+        # The secant steps (j = 4, 5) from the curvature between u and step j = 2 (then 4).
+        change = jnp.vdot(direction, g - first_gradient)
+        resolved = jnp.abs(change) > ROUNDING_ULPS * jnp.finfo(dtype).eps * squared
+        newton = squared * safe(offset) / jnp.where(change < 0, -change, 1.0)
+        newton = jnp.where(resolved, newton, offset * SECANT_EXPANSION)
+        newton = jnp.where((~resolved | (change < 0)) & jnp.isfinite(newton), newton, 0.0)
+        secant_t = jnp.where(in_blocks & (j % 2 == 0) & (j > 0), newton, secant_t).astype(dtype)
         model_gain = jnp.where(concave, 0.5 * t * squared, t * squared)
-        return (new_direction, first_gradient, plus, block_plus, block_t, preconditioned), (
+        carry = (new_direction, first_gradient, plus, block_plus, block_t, preconditioned, secant_t)
+        return carry, (
             g,
             h,
             direction,
@@ -365,11 +374,11 @@ def stationarity(
         )
 
     zeros = jnp.zeros_like(u)
-    num_steps = 5 + 4 * len(names)
-    signs = jnp.asarray([0.0, 1.0, -1.0, 1.0, -1.0] + [1.0, -1.0, 0.0, 0.0] * len(names), dtype)
+    num_steps = 5 + 6 * len(names)
+    signs = jnp.asarray([0.0, 1.0, -1.0, 1.0, -1.0] + [1.0, -1.0, 0, 0, 0, 0] * len(names), dtype)
     _, (grads, hs, directions, values, magnitudes, model_gains) = jax.lax.scan(
         evaluate,
-        (zeros, zeros, zeros, zeros, jnp.zeros((), dtype), zeros),
+        (zeros, zeros, zeros, zeros, jnp.zeros((), dtype), zeros, jnp.zeros((), dtype)),
         (signs, jnp.arange(num_steps)),
     )
     gradient = unravel(grads[0])
@@ -404,20 +413,25 @@ def stationarity(
     # mean, a gain of 18 nats, seen as 0.01); and the step has no trust region in the
     # coordinate's units (1 + |u|), which at a location near 0 is 2, not 3e3.
     eps = jnp.finfo(u.dtype).eps
-    rises = values[7::4] - values[0]
-    rises = jnp.where(
-        jnp.isfinite(rises) & (rises > ROUNDING_ULPS * eps * magnitudes[0]), rises, 0.0
-    )
-    gain = jnp.maximum(jnp.maximum(gain, gain_p), jnp.max(rises))
+
+    def rise(at, magnitude):  # Q's rise at each block's step ``at``, beyond rounding
+        up = values[at::6] - values[0]
+        return jnp.where(jnp.isfinite(up) & (up > ROUNDING_ULPS * eps * magnitude), up, 0.0)
+
+    # (A secant step may go far, where Q's terms, and so its rounding, are larger.)
+    rises = rise(7, magnitudes[0])
+    far_rises = [rise(at, jnp.maximum(magnitudes[0], magnitudes[at::6])) for at in (9, 10)]
+    secant_rises = jnp.maximum(*far_rises)
+    gain = jnp.maximum(jnp.maximum(gain, gain_p), jnp.max(jnp.maximum(rises, secant_rises)))
 
     # A block levels off where its concave quadratic model says: Q rose there, and
     # every coordinate's slope fell to at most half its slope at u (on a linear rise,
     # a collapsing scale's, that coordinate's slope stays, whatever the block's other
     # coordinates do).
-    start_slope, end_slope = directions[7::4], grads[7::4]
+    start_slope, end_slope = directions[7::6], grads[7::6]
     kept = (start_slope == 0) | (jnp.abs(end_slope) <= 0.5 * jnp.abs(start_slope))
     levelled = jnp.all(kept, axis=1)
-    confirmed = (model_gains[6::4] > 0) & (rises > 0) & levelled
+    confirmed = (model_gains[6::6] > 0) & (rises > 0) & levelled
     # Unbounded as far as the model can tell: Q is not concave along p, or so nearly
     # linear that its maximum along p lies far beyond the trust region (a distant
     # optimum, merely outside it, is not enough).
@@ -433,10 +447,10 @@ def stationarity(
     # of its own trust regions: a log-df's, once df reaches 1). Where none did, the
     # params whose own block rose without levelling off, by the rise; where none did
     # either, p's carriers as they are.
-    p_blocks = directions[8::4]
+    p_blocks = directions[8::6]
     far_step = FAR_REACH * TRUST_REACH / jax.vmap(lambda d: safe(reach_of(d)))(p_blocks)
     promised = far_step * (p_blocks @ g_dir)
-    keeps_rising = (promised > 0) & (values[8::4] - values[0] >= 0.5 * promised)
+    keeps_rising = (promised > 0) & (values[8::6] - values[0] >= 0.5 * promised)
     share = jnp.abs(p) / scale
     carries = jnp.stack(
         [jnp.max(jnp.where(block == i, share, 0.0), initial=0.0) for i in range(len(names))]
@@ -449,7 +463,7 @@ def stationarity(
         jnp.where(jnp.max(own) > 0, own >= 0.1 * jnp.max(own), carries),
     )
     unbounded = {n: rising & credited[i] for i, n in enumerate(names)}
-    gains = {n: rises[i] for i, n in enumerate(names)}
+    gains = {n: jnp.maximum(rises[i], secant_rises[i]) for i, n in enumerate(names)}
     return gradient, jnp.where(finite, gain, jnp.inf), unbounded, gains
 
 
@@ -462,6 +476,10 @@ TRUST_REACH = 1.0
 # model's maximum lies beyond this many trust regions (or nowhere): on 12 tied points a
 # collapsed scale's log has curvature ~0 (rounding) against a slope of -12.
 UNBOUNDED_REACH = 100.0
+
+# A secant step whose gradient difference is rounding is taken this many times farther (in
+# float32 a location at 0, data at 1e8, moved 2 changes its gradient by 5e-8 of itself).
+SECANT_EXPANSION = 1e3
 
 # How far along its own part of p a param's rise is evaluated, in trust regions, to
 # tell a rise without end (a collapsing log-scale's: linear, for ever) from one that

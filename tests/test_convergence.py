@@ -18,7 +18,10 @@ from scipy.special import logsumexp
 
 import jaxem
 from jaxem import EM, VariationalEM
+from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
+from jaxem.gradient import stationarity
+from jaxem.inspection import model_structure
 from jaxem.loop import JUMP_FACTOR, STATIONARITY_FACTOR, best_restart, credible
 
 
@@ -413,3 +416,97 @@ def test_a_float32_student_t_location_far_from_its_data_is_not_convergence(x32):
         assert not bool(result.converged), (gain, allowed, params)
         stalled = [m for m in messages if "not at a stationary point" in m]
         assert stalled and "'mu'" in stalled[-1], messages
+
+
+# Where the fits stalled (their float32 params under XLA's default CPU options).
+STALLED_STUDENT_T = {
+    # seed 0, scale 1e5, ties: mu's gradient 6.3e-5 moved by 2e-12 within h_b
+    (0, 5, True): {
+        "w": [0.5006304, 0.49936962],
+        "mu": [-0.9970915, 1.0029505],
+        "sigma": [352928.3, 352533.72],
+        "df": [1814.6385, 1828.2764],
+    },
+    # seed 1, scale 1e8, no ties: unresolved at the trust region's bound too (expanded)
+    (1, 8, False): {
+        "w": [0.49999994, 0.50000012],
+        "mu": [-1.0000063, 0.9999789],
+        "sigma": [134867424.0, 134859456.0],
+        "df": [4.6074605, 4.6072659],
+    },
+}
+
+
+@pytest.mark.parametrize("seed, log_scale, ties", list(STALLED_STUDENT_T))
+def test_a_float32_student_t_location_unresolved_by_its_difference_is_not_convergence(
+    x32, seed, log_scale, ties
+):
+    """tests/test_properties.py's student_t draw of seed 0 at scale 1e5 with ties (float32,
+    the model's own initial values). The locations stay near their defaults +-1 while the
+    scales fit 3.5e5, the log-likelihood's change falls below tol after 7 iterations, and
+    it was reported converged, 20 nats short along mu alone. The locations' block Newton
+    step came from a central difference moving mu by 0.01, which changed its gradient
+    (6.3e-5) by 2e-12, below its ulp: curvature 0, a step of the trust region 1 + |u| = 2,
+    a rise of 3e-4. The secant step, from the curvature between u and that step (resolved
+    there), evaluates Q ~3e5 along mu. Checked in float64 by scipy: at the point where the
+    fit stalled, the gain stationarity reports is a true one (at most what a move of mu
+    alone gains) and above what convergence allows; a fit that stops short is not
+    converged and names 'mu'. At scale 1e8 (seed 1, no ties) the gradient's change at
+    the trust region's bound is rounding too: the secant step is taken 1e3 times farther,
+    where it resolves, and the next secant step is the Newton step."""
+    rng = np.random.default_rng(seed)
+    w = rng.dirichlet(np.full(2, 3.0))
+    centers = rng.uniform(-4.0, 4.0, (2, 1))
+    spreads = np.exp(rng.uniform(-1.0, 0.5, (2, 1)))
+    z = rng.choice(2, 48, p=w)
+    x = centers[z] + spreads[z] * rng.standard_t(3.0, (48, 1))
+    if ties:
+        x[:12] = x[0]
+    scale = 10.0**log_scale
+    x = scale * x[:, 0]
+    tol = 1e-5
+
+    def mu_gain(params):
+        """The most a move of the locations alone gains (float64, scipy)."""
+        params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+
+        def log_likelihood(mu):
+            terms = stats.t.logpdf(x[:, None], params["df"], mu, params["sigma"])
+            return float(np.sum(logsumexp(terms + np.log(params["w"]), axis=1)))
+
+        best = minimize(lambda u: -log_likelihood(scale * u), params["mu"] / scale, method="Powell")
+        return -best.fun - log_likelihood(params["mu"]), log_likelihood(params["mu"])
+
+    stalled = {
+        k: jnp.asarray(v, jnp.float32) for k, v in STALLED_STUDENT_T[seed, log_scale, ties].items()
+    }
+    args, kwargs = (jnp.asarray(x, jnp.float32),), {"K": 2}
+    structure = model_structure(student_t_mixture, args, kwargs)
+    nesting = structure.max_plate_nesting
+    marginals = e_step(student_t_mixture, stalled, args, kwargs, nesting).marginals
+    _, gain, unbounded, gains = stationarity(
+        student_t_mixture,
+        stalled,
+        marginals,
+        list(stalled),
+        structure.constraints,
+        args,
+        kwargs,
+        nesting,
+    )
+    best, value = mu_gain(stalled)
+    allowed = STATIONARITY_FACTOR * tol * abs(value)
+    assert allowed < float(gain) <= best * (1 + 1e-3), (float(gain), best, allowed)
+    assert float(gains["mu"]) == float(gain), gains
+    assert not any(bool(v) for v in unbounded.values()), unbounded
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = EM(student_t_mixture).run(
+            jax.random.PRNGKey(seed), jnp.asarray(x, jnp.float32), 2, max_iter=80, tol=tol
+        )
+    best, value = mu_gain(result.params)
+    messages = [str(c.message) for c in caught if issubclass(c.category, ConvergenceWarning)]
+    if best > STATIONARITY_FACTOR * tol * abs(value):
+        assert not bool(result.converged), (best, result.params)
+        assert any("not at a stationary point" in m and "'mu'" in m for m in messages), messages
