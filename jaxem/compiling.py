@@ -42,7 +42,7 @@ average 5-6). On more data it is compiled with the older emitters only
 (``benchmarks/gmm.py``'s 100 000 x 16 diagonal mixture from 49-52 to 217 ms per
 iteration, 50 iterations, load average ~15), and the sizes of
 ``benchmarks/gmm.py`` and ``benchmarks/hmm.py`` run as fast as before. Its
-largest part is the stationarity test (`jaxem.gradient.stationarity`: a scan of one value and
+largest part is the stationarity test (`jaxem.stationarity.stationarity`: a scan of one value and
 gradient of Q), run on one flat vector of the params rather than per param,
 which keeps its program small.
 

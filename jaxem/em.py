@@ -18,7 +18,7 @@ from jaxem.driver import Fitter
 from jaxem.estep import e_step
 from jaxem.fitter_m_step import MStep
 from jaxem.global_sites import log_prior_of_trace, with_global_sites
-from jaxem.gradient import default_optimizer, stationarity
+from jaxem.gradient import default_optimizer
 from jaxem.identification import unidentified_params
 from jaxem.inspection import model_structure
 from jaxem.kernel import StepInfo
@@ -31,6 +31,7 @@ from jaxem.loop import (
     upper_bound,
 )
 from jaxem.m_step_options import check_m_step
+from jaxem.stationarity import stationarity
 from jaxem.tracing import enumerated_trace
 from jaxem.uncertainty import standard_errors
 
@@ -111,13 +112,13 @@ class EMResult(NamedTuple):
             ``global_sites``.
         unbounded: ``{param name: bool}``: True for a param along which the
             log-likelihood (log posterior) still rises at ``params`` without
-            levelling off (`jaxem.gradient.stationarity`): the likelihood has no
+            levelling off (`jaxem.stationarity.stationarity`): the likelihood has no
             maximum there, e.g. a component collapsing onto tied points (its scale,
             and a free ``df``, running to 0). ``converged`` is then False.
         gains: ``{param name: gain}``: how much the log-likelihood (log
             posterior) rises, at least, by a step along the param's own part of
             the gradient at ``params`` (Q evaluated at that part's Newton step,
-            `jaxem.gradient.stationarity`; 0 where it did not rise beyond
+            `jaxem.stationarity.stationarity`; 0 where it did not rise beyond
             rounding). The params of a fit that stopped short of a maximum are
             those with large gains.
         unidentified: ``{param name: bool array of its shape}`` for the params

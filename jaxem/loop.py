@@ -314,7 +314,7 @@ def finish_iterate(carry: LoopCarry, final_fn: Callable, upper_bound=None) -> Lo
 
 def stationary(gain, value, tol):
     """Whether the gain still to be had along the gradient (see
-    `jaxem.gradient.stationarity`) is negligible: at most
+    `jaxem.stationarity.stationarity`) is negligible: at most
     `STATIONARITY_FACTOR` times what the convergence test allows per
     iteration, ``tol * |value|`` (``|value|`` at least 1)."""
     return gain <= STATIONARITY_FACTOR * tol * jnp.maximum(jnp.abs(value), 1.0)

@@ -54,10 +54,11 @@ from jaxem.factorized import (
 )
 from jaxem.fitter_m_step import MStep
 from jaxem.global_sites import log_prior_of_trace, with_global_sites
-from jaxem.gradient import default_optimizer, safeguarded_steps, stationarity, strongly_typed
+from jaxem.gradient import default_optimizer, safeguarded_steps, strongly_typed
 from jaxem.inspection import inspect_model, model_structure
 from jaxem.kernel import StepInfo
 from jaxem.loop import iterate, loop_key, stationary, upper_bound
+from jaxem.stationarity import stationarity
 from jaxem.tracing import enumerated_trace
 from jaxem.weights import reject_case_weights
 

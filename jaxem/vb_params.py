@@ -32,10 +32,11 @@ import numpy as np
 from jaxem.arguments import merge_args
 from jaxem.exceptions import ModelError
 from jaxem.fitter_m_step import MStep
-from jaxem.gradient import ascend, gradient_names, init_opt_state, stationarity
+from jaxem.gradient import ascend, gradient_names, init_opt_state
 from jaxem.loop import tree_where
 from jaxem.mstep import ParamPath
 from jaxem.numpyro_internals import user_site_name
+from jaxem.stationarity import stationarity
 from jaxem.vb_sites import moved_arguments, site_args_fn, tangent_fn
 
 __all__ = ["VBParams"]
@@ -153,7 +154,7 @@ class VBParams:
 
     def stationarity(self, objective, params, paths, structure):
         """``(gradient, gain)`` of ``objective`` at ``params`` in the free params
-        (`jaxem.gradient.stationarity`): the gain is 0 where there are none."""
+        (`jaxem.stationarity.stationarity`): the gain is 0 where there are none."""
         names = [n for n, p in paths.items() if p.kind in ("closed-form", "gradient")]
         gradient, gain, _, _ = stationarity(
             None, params, None, names, structure.constraints, None, None, None, objective=objective

@@ -291,7 +291,7 @@ def test_a_stop_at_a_non_stationary_point_is_not_convergence(x32):
 
 @pytest.mark.parametrize("offset", [0.0, 1e8])
 def test_the_stationarity_gain_lies_between_the_exact_gains_along_g_and_of_newton(x64, offset):
-    """gradient.stationarity's gain, at least ||g||^4 / (2 |g^T H g|) (its curvature a
+    """stationarity.stationarity's gain, at least ||g||^4 / (2 |g^T H g|) (its curvature a
     central difference of one compiled gradient), against g^T H g from jax.hessian of the same
     expected complete-data log-likelihood, in the unconstrained coordinates. The
     offset puts the locations at 1e8 next to log-scales near 0: a step sized by the
@@ -299,8 +299,9 @@ def test_the_stationarity_gain_lies_between_the_exact_gains_along_g_and_of_newto
     from numpyro.distributions.transforms import biject_to
 
     from jaxem.estep import e_step
-    from jaxem.gradient import expected_log_joint, stationarity
+    from jaxem.gradient import expected_log_joint
     from jaxem.inspection import model_structure
+    from jaxem.stationarity import stationarity
 
     x = X + offset
     params = {

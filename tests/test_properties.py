@@ -499,9 +499,9 @@ def test_every_fit_is_monotone_finite_and_stationary_when_converged(name, case):
 # O(1) there, so the gradient in log sigma is minus the number of ties: the statistic
 # sees -12.0 with a Fisher entry of 12.0, exactly that, and no stationary point exists.
 # EM's gain per step falls below tol on the way (gradient-path steps in log sigma
-# shrink), and the engine's gain estimate (gradient.stationarity) calls it converged
+# shrink), and the engine's gain estimate (stationarity.stationarity) calls it converged
 # with no warning. Fixed for the ties: the gain along g was 6e-9 (the collapsed
-# location's curvature, ~1e24, dominating g^T H g); gradient.stationarity now also takes
+# location's curvature, ~1e24, dominating g^T H g); stationarity.stationarity now also takes
 # the gain along the Jacobi-preconditioned gradient, which sees the linear rise in log
 # sigma (gain 334 on seed 58487), so the tie fits (seed 58487 float64 and seed 0
 # float32, scale 1, both starts) end converged=False with a ConvergenceWarning

@@ -1,4 +1,4 @@
-"""Which params `jaxem.gradient.stationarity` names as unbounded.
+"""Which params `jaxem.stationarity.stationarity` names as unbounded.
 
 A free-df Student-t component collapsing onto 12 tied points (tests/models.py
 `tied_student_t_data`): the likelihood has no maximum along its scale (each halving
@@ -18,8 +18,8 @@ from models import student_t_mixture, tied_student_t_data
 
 import jaxem
 from jaxem.estep import e_step
-from jaxem.gradient import stationarity
 from jaxem.inspection import model_structure
+from jaxem.stationarity import stationarity
 
 # Fits of tests/test_convergence.py's collapse (seed 487) that ended in these states:
 # on branch h16j under the test suite's XLA flags, and under XLA's defaults.
