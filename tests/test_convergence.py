@@ -20,9 +20,9 @@ import jaxem
 from jaxem import EM, VariationalEM
 from jaxem.estep import e_step
 from jaxem.exceptions import ConvergenceWarning, ModelError, NumericalWarning
-from jaxem.gradient import stationarity
 from jaxem.inspection import model_structure
 from jaxem.loop import JUMP_FACTOR, STATIONARITY_FACTOR, best_restart, credible
+from jaxem.stationarity import stationarity
 
 
 def mixture(x):
@@ -298,10 +298,7 @@ def test_the_stationarity_gain_lies_between_the_exact_gains_along_g_and_of_newto
     locations would overflow the scales."""
     from numpyro.distributions.transforms import biject_to
 
-    from jaxem.estep import e_step
     from jaxem.gradient import expected_log_joint
-    from jaxem.inspection import model_structure
-    from jaxem.stationarity import stationarity
 
     x = X + offset
     params = {
@@ -510,4 +507,12 @@ def test_a_float32_student_t_location_unresolved_by_its_difference_is_not_conver
     messages = [str(c.message) for c in caught if issubclass(c.category, ConvergenceWarning)]
     if best > STATIONARITY_FACTOR * tol * abs(value):
         assert not bool(result.converged), (best, result.params)
-        assert any("not at a stationary point" in m and "'mu'" in m for m in messages), messages
+        # Where it stops short: a warning that names 'mu', or (the seed-0 fit since the
+        # flat L-BFGS: df runs off to 1e7 and float32's Student-t density breaks down at
+        # iteration 6) `diverged` and the NumericalWarning that says so.
+        broke_down = [str(c.message) for c in caught if issubclass(c.category, NumericalWarning)]
+        named = any("not at a stationary point" in m and "'mu'" in m for m in messages)
+        assert named or (bool(result.diverged) and any("broke down" in m for m in broke_down)), (
+            messages,
+            broke_down,
+        )
