@@ -19,6 +19,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxem.accelerators import accelerate
 from jaxem.arguments import merge_args, split_args
@@ -75,6 +76,27 @@ class Fitter(SplitRun):
     hard = False
     acceleration: str | None = None
     m_step_settings: MStep
+
+    # The M-step's settings, read from the one place that keeps them.
+    @property
+    def optimizer(self) -> optax.GradientTransformationExtraArgs:
+        """The gradient path's optax optimizer."""
+        return self.m_step_settings.optimizer
+
+    @property
+    def m_step_iters(self) -> int:
+        """Optimizer steps per M-step of a gradient-path param."""
+        return self.m_step_settings.num_steps
+
+    @property
+    def reg_covar(self) -> float:
+        """Added to variances and covariance diagonals in closed-form M-steps."""
+        return self.m_step_settings.reg_covar
+
+    @property
+    def frozen(self) -> tuple:
+        """Names of the params kept at their initial values."""
+        return self.m_step_settings.frozen
 
     def __init__(self):
         base = Kernel(

@@ -239,28 +239,22 @@ class EM(Fitter):
             raise ValueError(
                 f"acceleration must be None, 'squarem' or 'anderson', got {acceleration!r}"
             )
-        if m_step_iters < 1:
-            raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
         # Built once: every trace of the model below comes from its cache.
         self.global_sites = tuple(global_sites)
         self.model = built_model(with_global_sites(model, self.global_sites))
         if self.global_sites:
             self.objective = "log posterior"  # in messages
         self.m_step = m_step
-        self.optimizer = optax.with_extra_args_support(optimizer or default_optimizer())
-        self.m_step_iters = int(m_step_iters)
         self.hard = bool(hard)
-        self.reg_covar = float(reg_covar)
-        self.frozen = tuple(frozen)
         self.parallel = chain_contraction == "parallel"
         self.acceleration = acceleration
         self.m_step_settings = MStep(
             self.model,
             mode=m_step,
-            optimizer=self.optimizer,
-            num_steps=self.m_step_iters,
-            reg_covar=self.reg_covar,
-            frozen=self.frozen,
+            optimizer=optimizer or default_optimizer(),
+            num_steps=m_step_iters,
+            reg_covar=reg_covar,
+            frozen=frozen,
         )
         super().__init__()
 

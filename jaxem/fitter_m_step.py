@@ -38,8 +38,8 @@ class MStep:
         model: the NumPyro model.
         mode: ``"auto"``, ``"gradient"`` or ``{param name: "gradient"}`` (see
             [`jaxem.EM`][jaxem.EM]).
-        optimizer: the optax optimizer of the gradient path (with extra-args
-            support).
+        optimizer: the optax optimizer of the gradient path (given extra-args
+            support here).
         num_steps: optimizer steps per update.
         reg_covar: added to variances and covariance diagonals.
         frozen: names of the params kept at their initial values.
@@ -55,9 +55,11 @@ class MStep:
         reg_covar: float,
         frozen: Sequence[str],
     ):
+        if num_steps < 1:
+            raise ValueError(f"m_step_iters must be at least 1, got {num_steps}")
         self.model = model
         self.mode = check_m_step(mode)
-        self.optimizer = optimizer
+        self.optimizer = optax.with_extra_args_support(optimizer)
         self.num_steps = int(num_steps)
         self.reg_covar = float(reg_covar)
         self.frozen = tuple(frozen)

@@ -261,22 +261,16 @@ class OnlineEM(Fitter):
     ):
         self.global_sites = tuple(global_sites)
         self.num_data = check_num_data(self.global_sites, num_data)
-        if m_step_iters < 1:
-            raise ValueError(f"m_step_iters must be at least 1, got {m_step_iters}")
         # Built once: every trace of the model below comes from its cache.
         self.model = built_model(with_global_sites(model, self.global_sites))
         self.step_size = step_size or power_decay(0.6)
-        self.optimizer = optax.with_extra_args_support(optimizer or optax.adam(1e-2))
-        self.m_step_iters = int(m_step_iters)
-        self.reg_covar = float(reg_covar)
-        self.frozen = tuple(frozen)
         self.m_step_settings = MStep(
             self.model,
             mode=m_step,
-            optimizer=self.optimizer,
-            num_steps=self.m_step_iters,
-            reg_covar=self.reg_covar,
-            frozen=self.frozen,
+            optimizer=optimizer or optax.adam(1e-2),
+            num_steps=m_step_iters,
+            reg_covar=reg_covar,
+            frozen=frozen,
         )
         super().__init__()
 

@@ -258,12 +258,11 @@ class VariationalEM(Fitter):
         self.e_step_iters = int(e_step_iters)
         self.guide_optimizer = optax.with_extra_args_support(guide_optimizer or default_optimizer())
         self.exact_log_likelihood = exact_log_likelihood
-        self.frozen = tuple(frozen)
         self.acceleration = acceleration
         self.m_step_settings = MStep(
             self.model,
             mode=m_step,
-            optimizer=optax.with_extra_args_support(optimizer or default_optimizer()),
+            optimizer=optimizer or default_optimizer(),
             num_steps=m_step_iters,
             reg_covar=reg_covar,
             frozen=frozen,

@@ -156,3 +156,13 @@ def test_bad_variational_acceleration_name():
         ValueError, match="acceleration must be None, 'squarem' or 'anderson', got 'nesterov'"
     ):
         VariationalEM(normal_mixture, acceleration="nesterov")
+
+
+@pytest.mark.parametrize("fitter", [jaxem.EM, VariationalEM, jaxem.OnlineEM])
+def test_every_fitter_refuses_m_step_iters_below_one_and_reads_its_settings_back(fitter):
+    with pytest.raises(ValueError, match="m_step_iters must be at least 1, got 0"):
+        fitter(normal_mixture, m_step_iters=0)
+    built = fitter(normal_mixture, m_step_iters=3, reg_covar=1e-4, frozen=["w"])
+    assert (built.m_step_iters, built.reg_covar, built.frozen) == (3, 1e-4, ("w",))
+    # The optimizer the M-step runs is the one the fitter reports.
+    assert built.optimizer is built.m_step_settings.optimizer
