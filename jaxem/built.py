@@ -357,7 +357,10 @@ class _Splitter:
                 raise _Unsupported(type(x).__name__)
             return _Static(x)
         node = self._keep(x, _Object(type(x)))
-        node.attrs = [(k, self.walk(v)) for k, v in vars(x).items()]
+        # In the order of the names, not of the __dict__: NumPyro's tree_unflatten sets
+        # a distribution's fields in the order of a set, which changes from one process
+        # to the next, and so would the jaxpr's outputs (see jaxem.sorted_fields).
+        node.attrs = [(k, self.walk(v)) for k, v in sorted(vars(x).items())]
         if all(isinstance(v, _Static) for _, v in node.attrs):
             return self._keep(x, _Static(x))
         return node

@@ -46,6 +46,7 @@ from jaxem.numpyro_internals import (
     subs_wrapper,
     time_dim_name,
 )
+from jaxem.sorted_fields import with_distributions, with_sorted_fields
 
 __all__ = ["enumerated_scan"]
 
@@ -329,7 +330,9 @@ def _scan_steps(body_fn, wrapped_carry, xs, length, reverse):
         (_, _, new_carry), (pytree_trace, y) = body_fn(
             (index, None, carry), jax.tree.unflatten(x_tree, x_step)
         )
-        parts = [jax.tree.flatten(part) for part in (new_carry, pytree_trace, y)]
+        # Distributions' fields in the order of their names: the same program in every
+        # process (see jaxem.sorted_fields).
+        parts = [jax.tree.flatten(p) for p in (new_carry, with_sorted_fields(pytree_trace), y)]
         trees.append([tree for _, tree in parts])
         return [leaf for leaves, _ in parts for leaf in leaves]
 
@@ -361,6 +364,8 @@ def _scan_steps(body_fn, wrapped_carry, xs, length, reverse):
             outputs.append(jnp.expand_dims(leaf, 0))  # one step, broadcast over time
         else:
             outputs.append(jnp.broadcast_to(leaf, (length,) + jnp.shape(leaf)))
-    pytree_trace = jax.tree.unflatten(trace_tree, outputs[num_carry : num_carry + num_trace])
+    pytree_trace = with_distributions(
+        jax.tree.unflatten(trace_tree, outputs[num_carry : num_carry + num_trace])
+    )
     ys = jax.tree.unflatten(y_tree, outputs[num_carry + num_trace :])
     return (i + length, rng_key, carry), (pytree_trace, ys)
